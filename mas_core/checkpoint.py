@@ -1,0 +1,97 @@
+"""Atomic, safe checkpoints and result files.
+
+Checkpoints hold state_dicts, plain values and the run's configuration only (never
+pickled modules), and are read back with ``torch.load(weights_only=True)``.
+Every write goes to a temporary file in the target folder and is renamed into
+place, so a crash or a kill leaves either the previous file or the new one,
+never half of one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointMismatchError
+
+
+def _atomic_write(path: Path, write) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file, fsync, rename)."""
+    _atomic_write(Path(path), lambda handle: handle.write(data))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Save ``state`` (tensors, state_dicts, plain values) atomically with ``torch.save``."""
+    _atomic_write(Path(path), lambda handle: torch.save(state, handle))
+
+
+def load_checkpoint(path: str | os.PathLike, *, expected_config: dict[str, Any] | None = None,
+                    map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``.
+
+    If ``expected_config`` is given, the checkpoint's ``"config"`` entry must equal it;
+    otherwise :class:`CheckpointMismatchError` names the first differing key.
+    """
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # corrupt file, not a torch file, unsafe pickle
+        raise CheckpointMismatchError(
+            f"cannot read checkpoint {path}: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; "
+            "delete it to start over"
+        ) from None
+    if expected_config is not None:
+        saved = state.get("config")
+        if saved != expected_config:
+            diff = _first_difference(saved, expected_config)
+            raise CheckpointMismatchError(
+                f"checkpoint {path} was written with another configuration ({diff}); "
+                "resume with the original config or use a new output folder"
+            )
+    return state
+
+
+def _first_difference(saved: Any, expected: Any, prefix: str = "") -> str:
+    if isinstance(saved, dict) and isinstance(expected, dict):
+        for key in sorted(set(saved) | set(expected), key=str):
+            if key not in saved:
+                return f"key {prefix + str(key)!r} missing in checkpoint"
+            if key not in expected:
+                return f"key {prefix + str(key)!r} not in current config"
+            if saved[key] != expected[key]:
+                return _first_difference(saved[key], expected[key], prefix + str(key) + ".")
+    return f"{prefix.rstrip('.') or 'config'}: checkpoint has {saved!r}, current is {expected!r}"

@@ -1,0 +1,42 @@
+"""Exception types of :mod:`mas_core`.
+
+Every error raised for bad input derives from :class:`MASCoreError`, so a caller
+(the ``mas-triplets`` CLI, a notebook) can catch one type and print its message.
+Messages say what was wrong *and* what to do about it.
+"""
+from __future__ import annotations
+
+
+class MASCoreError(Exception):
+    """Base class of every error :mod:`mas_core` raises for bad input or state."""
+
+
+class EmptyDataError(MASCoreError, ValueError):
+    """The data source yielded no samples."""
+
+
+class NoTrainableParametersError(MASCoreError, ValueError):
+    """The model has no parameter with ``requires_grad=True``."""
+
+
+class InvalidOutputError(MASCoreError, TypeError):
+    """``output_fn`` (or the model) returned something that is not a floating-point tensor."""
+
+
+class NonFiniteError(MASCoreError, FloatingPointError):
+    """A NaN or Inf appeared in an importance estimate, a penalty or a loss."""
+
+
+class DivergenceError(NonFiniteError):
+    """Training diverged (loss not finite); usually lambda times the learning rate is too large."""
+
+
+class CheckpointMismatchError(MASCoreError, ValueError):
+    """A checkpoint was written by a run with another configuration, or is corrupt."""
+
+
+class UnknownMethodError(MASCoreError, KeyError):
+    """A continual-learning method name that is not registered."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""

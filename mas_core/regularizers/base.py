@@ -1,0 +1,86 @@
+"""The protocol every continual-learning method shares.
+
+The training loop (:mod:`mas_core.sequence`, or an application's own loop) owns
+the model, the optimizer and the data. It calls, for each task ``t``::
+
+    reg.before_task(model, task)              # once, before the first step of task t
+    for batch in train_data:
+        loss = task_loss(model, batch) + reg.penalty(model, inputs)
+        loss.backward(); optimizer.step()
+        reg.after_step(model)                 # once per optimizer step
+    reg.after_task(model, data)               # once, after the last step of task t
+
+A method never reaches into the loop: it sees the model, the task description
+and the data it is handed. All state needed to resume lives in
+:meth:`Regularizer.state_dict` as tensors and plain Python values, so a checkpoint
+can be loaded with ``torch.load(weights_only=True)``.
+
+Fine-tuning is the empty method (:class:`Finetune`): zero penalty, no state.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """What a method may know about the task that is starting.
+
+    ``index`` counts from 0. ``head`` names the output head of a multi-head model
+    (``None`` for single-output models such as the triplet embedding).
+    ``num_samples`` is the number of training samples of the task, when known.
+    """
+
+    index: int
+    head: int | None = None
+    num_samples: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Regularizer:
+    """Base class: the empty method. Subclasses override what they need.
+
+    Class attribute ``name`` is the registry name used in configs.
+    """
+
+    name = "finetune"
+
+    def before_task(self, model: nn.Module, task: TaskInfo) -> None:
+        """Called once before training on ``task`` starts."""
+
+    def penalty(self, model: nn.Module, inputs: Any = None) -> Tensor:
+        """The term added to the task loss. ``inputs`` is the current batch's input
+        (used by data-dependent methods such as LwF and EBLL; ignored by MAS, EWC, SI)."""
+        return _zero_like_model(model)
+
+    def after_step(self, model: nn.Module) -> None:
+        """Called after every ``optimizer.step()`` (SI's path integral needs it)."""
+
+    def after_task(self, model: nn.Module, data: Iterable[Any]) -> None:
+        """Called once after training on a task, with a data source of that task."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume, as tensors and plain values."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class Finetune(Regularizer):
+    """Plain fine-tuning: no penalty. The lower bound of every comparison."""
+
+    name = "finetune"
+
+
+def _zero_like_model(model: nn.Module) -> Tensor:
+    for parameter in model.parameters():
+        return parameter.new_zeros(())
+    return torch.zeros(())
