@@ -1,0 +1,41 @@
+"""Turning relation datasets (Visual Genome, VG-SGG.h5) into the project's fact HDF5, and reading it back.
+
+Public entry points (imported lazily, so ``import data_prep`` stays light):
+
+* :func:`open_facts`, :func:`write_fact_file`, :class:`FactFile` (:mod:`data_prep.facts_h5`);
+* :func:`prepare_visual_genome`, :class:`PrepareReport` (:mod:`data_prep.visual_genome`);
+* :func:`prepare_sgg` (:mod:`data_prep.sgg_h5`);
+* :func:`random_split`, :func:`semantic_split`, :func:`task_statistics` (:mod:`data_prep.splits`).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "open_facts": "data_prep.facts_h5",
+    "write_fact_file": "data_prep.facts_h5",
+    "FactFile": "data_prep.facts_h5",
+    "FORMAT_VERSION": "data_prep.facts_h5",
+    "prepare_visual_genome": "data_prep.visual_genome",
+    "PrepareReport": "data_prep.visual_genome",
+    "prepare_sgg": "data_prep.sgg_h5",
+    "random_split": "data_prep.splits",
+    "semantic_split": "data_prep.splits",
+    "task_statistics": "data_prep.splits",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'data_prep' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

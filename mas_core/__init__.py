@@ -1,0 +1,61 @@
+"""mas_core: model-agnostic continual learning with Memory Aware Synapses (MAS) and its baselines.
+
+Public API (see ``../shared/MAS_SPEC.md`` for the formulas):
+
+* importance estimators: :func:`mas_importance`, :func:`hebbian_importance`, :func:`fisher_importance`;
+* methods with one protocol (:class:`Regularizer`): :class:`MAS`, :class:`EWC`, :class:`SI`,
+  :class:`LwF`, :class:`IMM`, :class:`EBLL`, :class:`Finetune`; by name through
+  :func:`make_regularizer` / :data:`METHODS`;
+* the task-sequence runner: :class:`MultiHeadNet`, :class:`Task`, :class:`TrainSettings`,
+  :func:`run_sequence` → :class:`SequenceResult`;
+* metrics on an accuracy matrix: :func:`average_accuracy`, :func:`average_forgetting`,
+  :func:`backward_transfer`, :func:`average_drop`;
+* atomic checkpoints: :func:`save_checkpoint`, :func:`load_checkpoint`.
+
+Importing the package has no side effects.
+"""
+from __future__ import annotations
+
+from .batches import batch_input, batch_target
+from .checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
+from .errors import (
+    CheckpointMismatchError,
+    DivergenceError,
+    EmptyDataError,
+    InvalidOutputError,
+    MASCoreError,
+    NonFiniteError,
+    NoTrainableParametersError,
+    UnknownMethodError,
+)
+from .importance import fisher_importance, hebbian_importance, mas_importance
+from .metrics import average_accuracy, average_drop, average_forgetting, backward_transfer
+from .regularizers import (
+    EBLL,
+    EWC,
+    IMM,
+    MAS,
+    METHODS,
+    SI,
+    Finetune,
+    LocalMAS,
+    LwF,
+    Regularizer,
+    TaskInfo,
+    UnknownOptionError,
+    make_regularizer,
+    method_options,
+)
+from .sequence import MultiHeadNet, SequenceResult, Task, TrainSettings, evaluate, run_sequence
+
+__all__ = [
+    "batch_input", "batch_target",
+    "atomic_write_json", "atomic_write_text", "load_checkpoint", "save_checkpoint",
+    "CheckpointMismatchError", "DivergenceError", "EmptyDataError", "InvalidOutputError", "MASCoreError",
+    "NonFiniteError", "NoTrainableParametersError", "UnknownMethodError", "UnknownOptionError",
+    "fisher_importance", "hebbian_importance", "mas_importance",
+    "average_accuracy", "average_drop", "average_forgetting", "backward_transfer",
+    "EBLL", "EWC", "IMM", "MAS", "METHODS", "SI", "Finetune", "LocalMAS", "LwF", "Regularizer", "TaskInfo",
+    "make_regularizer", "method_options",
+    "MultiHeadNet", "SequenceResult", "Task", "TrainSettings", "evaluate", "run_sequence",
+]

@@ -1,0 +1,277 @@
+"""VG-SGG.h5 + VG-SGG-dicts.json (the scene-graph community's format) -> fact HDF5 (:func:`prepare_sgg`).
+
+The conventions of the format (scene-graph-TF-release ``vg_to_imdb``/``vg_to_roidb``, read
+the same way by neural-motifs and Scene-Graph-Benchmark):
+
+* ``boxes_1024`` (or ``boxes_512``): int32 [B, 4] = (x_center, y_center, w, h) in an image
+  rescaled so that its long side is 1024 (512). Rescaled here to the real image:
+  ``factor = max(width, height) / 1024`` with width/height from ``image_data.json``;
+  ``x = (xc - w/2) * factor``, ``y = (yc - h/2) * factor``, ``w * factor``, ``h * factor``;
+  ``boxes_1024`` is used when both are present.
+* ``labels`` [B, 1] and ``predicates`` [R, 1]: 1-indexed into ``idx_to_label`` /
+  ``idx_to_predicate`` of the dicts file, whose keys are strings (``"1"``); 0 or an
+  unknown index drops the record (counted).
+* ``img_to_first_box``/``img_to_last_box`` and ``img_to_first_rel``/``img_to_last_rel``:
+  [I], inclusive ranges of rows, -1 when the image has none.
+* ``relationships`` [R, 2]: (subject row, object row) as *global* box rows.
+* ``split`` [I]: 0 train, 2 test (stored as 0 / 1 in the fact file); other values drop the image.
+* optional ``attributes`` [B, k]: 1-indexed into ``idx_to_attribute``, 0 = none (only the
+  "with attributes" variant of the file has them; without it there are no <S,P> facts).
+* ``active_object_mask`` is not used: every labelled box is a <S> sample.
+* Row i of the h5 is the i-th image of ``image_data.json``; when image_data.json lists
+  more images than the h5, the four images of the real dump that do not decode
+  (1592, 1722, 4616, 4617), which the h5 omits, are skipped first.
+
+Facts: <S> from each labelled box (its box), <S,A> from attributes, <S,P,O> from each
+relationship (union box). The file's split is kept as given.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import DataPrepError, MissingDatasetError
+from .text_clean import clean_phrase
+from .visual_genome import (
+    DEFAULT_MIN_FACT_COUNT,
+    EmbedFn,
+    FactCollector,
+    PrepareReport,
+    _check_options,
+    finish_prepare,
+    index_image_files,
+    stream_json_array,
+    _image_id,
+)
+
+CORRUPT_VG_IMAGE_IDS = (1592, 1722, 4616, 4617)
+BOX_SCALES = (1024, 512)
+
+
+def _read_dicts(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise MissingDatasetError(f"{path} not found; give the VG-SGG-dicts.json that goes with the h5 file")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            dicts = json.load(handle)
+    except json.JSONDecodeError as exc:
+        raise DataPrepError(f"{path} is malformed JSON (line {exc.lineno}: {exc.msg}); give the original dicts file") from None
+    except UnicodeDecodeError:
+        raise DataPrepError(f"{path} is not UTF-8 JSON; give the original dicts file") from None
+    if not isinstance(dicts, dict):
+        raise DataPrepError(f"{path} must hold a JSON object with idx_to_label and idx_to_predicate")
+    return dicts
+
+
+def _index_table(dicts: dict[str, Any], key: str, path: Path, required: bool) -> dict[int, str]:
+    """``{"1": "man", ...}`` -> {1: "man"} with cleaned names; string keys as in the community files."""
+    raw = dicts.get(key)
+    if raw is None:
+        if required:
+            raise DataPrepError(f"{path} has no '{key}'; give the VG-SGG-dicts.json that goes with the h5 file")
+        return {}
+    if not isinstance(raw, dict):
+        raise DataPrepError(f"{path}: '{key}' must map string indices to names")
+    table: dict[int, str] = {}
+    for index, name in raw.items():
+        try:
+            number = int(index)
+        except (TypeError, ValueError):
+            raise DataPrepError(f"{path}: '{key}' has the non-integer key {index!r}") from None
+        cleaned = clean_phrase(name)
+        if cleaned:
+            table[number] = cleaned
+    return table
+
+
+def _read_dataset(handle: Any, name: str, path: Path) -> np.ndarray:
+    if name not in handle:
+        raise DataPrepError(f"{path} has no dataset '{name}'; give a VG-SGG.h5 file (scene-graph-TF-release layout)")
+    try:
+        return np.asarray(handle[name][()])
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise DataPrepError(f"{path}: dataset '{name}' is unreadable ({str(exc).splitlines()[0]}); the file may be truncated") from None
+
+
+def _image_rows(image_records: list[tuple[int, int, int]], num_images: int, path: Path) -> list[tuple[int, int, int]]:
+    if len(image_records) == num_images:
+        return image_records
+    without_corrupt = [record for record in image_records if record[0] not in CORRUPT_VG_IMAGE_IDS]
+    if len(without_corrupt) == num_images:
+        return without_corrupt
+    raise DataPrepError(
+        f"{path} lists {len(image_records)} images but the h5 has {num_images}; give the image_data.json "
+        "the h5 was made from"
+    )
+
+
+def prepare_sgg(
+    h5_path: str | os.PathLike,
+    dicts_path: str | os.PathLike,
+    image_data_path: str | os.PathLike,
+    images_dir: str | os.PathLike | None,
+    out: str | os.PathLike,
+    *,
+    num_tasks: int = 4,
+    split: str = "random",
+    min_fact_count: int = DEFAULT_MIN_FACT_COUNT,
+    orders: Sequence[int] = (1, 2, 3),
+    image_size: int = 64,
+    seed: int = 0,
+    text_encoder: EmbedFn | None = None,
+    encoder_name: str | None = None,
+    no_images: bool = False,
+    progress: bool = True,
+    command_line: str | Sequence[str] | None = None,
+) -> PrepareReport:
+    """Build a fact file from VG-SGG.h5 (conventions in the module docstring); options as
+    :func:`data_prep.visual_genome.prepare_visual_genome`. ``images_dir`` may be None with ``no_images``.
+    """
+    import h5py
+
+    h5_path, dicts_path, image_data_path = Path(h5_path), Path(dicts_path), Path(image_data_path)
+    chosen_orders = _check_options(num_tasks, split, min_fact_count, orders, image_size, text_encoder)
+    if not h5_path.is_file():
+        raise MissingDatasetError(f"{h5_path} not found; give the VG-SGG.h5 file")
+    if not no_images:
+        if images_dir is None:
+            raise DataPrepError("give --images DIR (the Visual Genome images) or --no-images")
+        if not Path(images_dir).is_dir():
+            raise MissingDatasetError(f"image folder {images_dir} not found; give the folder of the VG images")
+    dicts = _read_dicts(dicts_path)
+    label_names = _index_table(dicts, "idx_to_label", dicts_path, required=True)
+    predicate_names = _index_table(dicts, "idx_to_predicate", dicts_path, required=3 in chosen_orders)
+    attribute_names = _index_table(dicts, "idx_to_attribute", dicts_path, required=False)
+
+    image_records: list[tuple[int, int, int]] = []
+    for record in stream_json_array(image_data_path, progress=progress, description="image_data.json"):
+        image_id = _image_id(record)
+        if image_id is None:
+            raise DataPrepError(f"{image_data_path}: an image record has no image_id; give the original image_data.json")
+        width, height = record.get("width"), record.get("height")
+        valid = isinstance(width, (int, float)) and isinstance(height, (int, float)) and width > 0 and height > 0
+        image_records.append((image_id, int(width) if valid else 0, int(height) if valid else 0))
+
+    collector = FactCollector()
+    drop = collector.dropped
+    try:
+        handle = h5py.File(h5_path, "r")
+    except OSError as exc:
+        raise DataPrepError(f"{h5_path} is not a readable HDF5 file ({str(exc).splitlines()[0]}); the file may be truncated") from None
+    with handle:
+        scale = next((s for s in BOX_SCALES if f"boxes_{s}" in handle), None)
+        if scale is None:
+            raise DataPrepError(f"{h5_path} has no dataset 'boxes_1024' or 'boxes_512'; give a VG-SGG.h5 file")
+        boxes = _read_dataset(handle, f"boxes_{scale}", h5_path).astype(np.float64).reshape(-1, 4)
+        labels = _read_dataset(handle, "labels", h5_path).reshape(-1).astype(np.int64)
+        first_box = _read_dataset(handle, "img_to_first_box", h5_path).reshape(-1).astype(np.int64)
+        last_box = _read_dataset(handle, "img_to_last_box", h5_path).reshape(-1).astype(np.int64)
+        image_split = _read_dataset(handle, "split", h5_path).reshape(-1).astype(np.int64)
+        use_relationships = 3 in chosen_orders
+        if use_relationships:
+            relationships = _read_dataset(handle, "relationships", h5_path).reshape(-1, 2).astype(np.int64)
+            predicates = _read_dataset(handle, "predicates", h5_path).reshape(-1).astype(np.int64)
+            first_rel = _read_dataset(handle, "img_to_first_rel", h5_path).reshape(-1).astype(np.int64)
+            last_rel = _read_dataset(handle, "img_to_last_rel", h5_path).reshape(-1).astype(np.int64)
+        use_attributes = 2 in chosen_orders and "attributes" in handle
+        if use_attributes:
+            attributes = _read_dataset(handle, "attributes", h5_path)
+            attributes = attributes.reshape(attributes.shape[0], -1).astype(np.int64)
+    num_images, num_boxes = len(first_box), len(boxes)
+    lengths = {"labels": len(labels), "img_to_last_box": len(last_box), "split": len(image_split)}
+    if use_relationships:
+        lengths.update({"predicates": len(predicates), "img_to_first_rel": len(first_rel), "img_to_last_rel": len(last_rel)})
+    if use_attributes:
+        lengths["attributes"] = len(attributes)
+    expected = {"labels": num_boxes, "img_to_last_box": num_images, "split": num_images,
+                "predicates": len(relationships) if use_relationships else 0,
+                "img_to_first_rel": num_images, "img_to_last_rel": num_images, "attributes": num_boxes}
+    for name, length in lengths.items():
+        if length != expected[name]:
+            raise DataPrepError(f"{h5_path}: '{name}' has {length} rows, expected {expected[name]}; the file is inconsistent")
+    rows = _image_rows(image_records, num_images, image_data_path)
+
+    for row, (image_id, width, height) in enumerate(rows):
+        split_code = {0: 0, 2: 1}.get(int(image_split[row]))
+        if split_code is None:
+            drop["images with a split other than 0 (train) or 2 (test)"] += 1
+            continue
+        if width <= 0 or height <= 0:
+            drop["images without width/height in image_data"] += 1
+            continue
+        factor = max(width, height) / float(scale)
+        start, stop = int(first_box[row]), int(last_box[row])
+        if start >= 0 and stop >= start:
+            if stop >= num_boxes:
+                drop["images whose box range exceeds the boxes"] += 1
+                continue
+            for box_row in range(start, stop + 1):
+                name = label_names.get(int(labels[box_row]))
+                if name is None:
+                    drop["boxes: unknown or zero label"] += 1
+                    continue
+                xc, yc, w, h = boxes[box_row]
+                x, y, w, h = (xc - w / 2.0) * factor, (yc - h / 2.0) * factor, w * factor, h * factor
+                if 1 in chosen_orders:
+                    collector.add((name, None, None), image_id, x, y, w, h, split_code)
+                if use_attributes:
+                    seen: set[str] = set()
+                    for index in attributes[box_row].tolist():
+                        if index == 0:
+                            continue
+                        attribute = attribute_names.get(index)
+                        if attribute is None:
+                            drop["attributes: unknown index"] += 1
+                        elif attribute not in seen:
+                            seen.add(attribute)
+                            collector.add((name, attribute, None), image_id, x, y, w, h, split_code)
+        if not use_relationships:
+            continue
+        start, stop = int(first_rel[row]), int(last_rel[row])
+        if start < 0 or stop < start:
+            continue
+        if stop >= len(relationships):
+            drop["images whose relationship range exceeds the relationships"] += 1
+            continue
+        for rel_row in range(start, stop + 1):
+            subject_row, object_row = (int(v) for v in relationships[rel_row])
+            if not (0 <= subject_row < num_boxes and 0 <= object_row < num_boxes):
+                drop["relationships: box row outside the boxes"] += 1
+                continue
+            predicate = predicate_names.get(int(predicates[rel_row]))
+            if predicate is None:
+                drop["relationships: unknown or zero predicate"] += 1
+                continue
+            subject_name = label_names.get(int(labels[subject_row]))
+            object_name = label_names.get(int(labels[object_row]))
+            if subject_name is None or object_name is None:
+                drop["relationships: subject or object with unknown label"] += 1
+                continue
+            (sxc, syc, sw, sh), (oxc, oyc, ow, oh) = boxes[subject_row], boxes[object_row]
+            x0 = min(sxc - sw / 2.0, oxc - ow / 2.0)
+            y0 = min(syc - sh / 2.0, oyc - oh / 2.0)
+            x1 = max(sxc + sw / 2.0, oxc + ow / 2.0)
+            y1 = max(syc + sh / 2.0, oyc + oh / 2.0)
+            collector.add((subject_name, predicate, object_name), image_id,
+                          x0 * factor, y0 * factor, (x1 - x0) * factor, (y1 - y0) * factor, split_code)
+
+    listed_sizes = {image_id: (width, height) for image_id, width, height in rows}
+    image_paths = None
+    if not no_images:
+        folder = Path(images_dir)  # type: ignore[arg-type]
+        image_paths = index_image_files([folder, folder / "VG_100K", folder / "VG_100K_2"])
+    extra = {"box_scale": scale, "h5_images": num_images, "h5_boxes": num_boxes,
+             "h5_relationships": int(len(relationships)) if use_relationships else 0,
+             "attributes_in_h5": "used" if use_attributes else "absent or not requested"}
+    return finish_prepare(
+        collector, out, source="vg_sgg_h5",
+        source_files={"h5": h5_path, "dicts": dicts_path, "image_data": image_data_path},
+        listed_sizes=listed_sizes, image_paths=image_paths, split_given=True, num_tasks=num_tasks, split=split,
+        min_fact_count=min_fact_count, orders=chosen_orders, image_size=image_size, seed=seed,
+        text_encoder=text_encoder, encoder_name=encoder_name, progress=progress, command_line=command_line,
+        extra_provenance=extra,
+    )

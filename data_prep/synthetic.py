@@ -1,0 +1,745 @@
+"""The embedded Visual-Genome-style synthetic world (``mas-triplets synth``).
+
+:func:`generate_world` renders small scenes of coloured, textured shapes placed in
+visible spatial relations and writes them in the *real* Visual Genome file format,
+so that ``prepare vg`` reads it exactly as it reads the real dumps::
+
+    OUT/image_data.json        [{"image_id"|"id", "width", "height", "url", "coco_id", "flickr_id"}]
+    OUT/objects.json           [{"image_id", "image_url", "objects": [{"object_id", "x", "y", "w", "h",
+                                  "names": [..], "synsets": [..], "merged_object_ids"?}]}]
+    OUT/relationships.json     [{"image_id", "relationships": [{"relationship_id", "predicate", "synsets",
+                                  "subject": {object fields, "name": str | "names": [str]},
+                                  "object": {...}}]}]
+    OUT/attributes.json        [{"image_id", "attributes": [{"object_id", "x", "y", "w", "h", "names",
+                                  "synsets", "attributes"?: [..]}]}]
+    OUT/object_alias.txt       one alias group per line, canonical term first
+    OUT/relationship_alias.txt
+    OUT/VG_100K/{image_id}.jpg
+
+Boxes are in pixels of the image, ``(x, y)`` the top-left corner, ``w``/``h`` the size.
+
+The world
+---------
+* Categories (subjects/objects), Zipf-distributed by rank: ``CATEGORIES``.
+* Attributes of an object: its colour (``COLOURS``, Zipf) always, and its texture
+  (``striped``/``dotted``) when it is not plain. Both are drawn inside the object's
+  box, so an <S,A> fact is visible in the object box alone.
+* Predicates (Zipf over ``PREDICATES``), each a distinct, visible geometric
+  configuration of the subject S and the object O inside their union box:
+
+  ================  ================================================================
+  ``on``            S rests on top of a wider O, touching it (no gap)
+  ``left of``       S and O of similar size side by side with a gap, S on the left
+  ``next to``       S and O of similar size side by side, touching (no gap)
+  ``above``         S and O of similar size stacked with a gap, S on top
+  ``inside``        a small S drawn in the centre of a large O
+  ``right of``      as ``left of``, S on the right
+  ``below``         as ``above``, S at the bottom
+  ``bigger than``   a large S and a small O (size ratio >= 1.8) side by side
+  ================  ================================================================
+
+  Which of the two shapes is the subject is decidable from the pixels: for ``on``,
+  ``inside`` and ``bigger than`` by its role (the top one, the inner one, the big
+  one); for the symmetric layouts (``left of``, ``right of``, ``above``, ``below``,
+  ``next to``) by the convention that the subject is the category of lower rank in
+  ``CATEGORIES`` (strictly lower for the four directional predicates, so that
+  "circle left of square" and "square right of circle" never both occur).
+
+Each image is split into two side-by-side cells; each cell holds either one
+relationship (a pair of objects) or one lone object, so a relationship's union box
+contains nothing but its two objects.
+
+Real-dump quirks are planted deterministically and sparingly (see ``SynthReport.quirks``):
+``id`` instead of ``image_id``; subject/object ``name`` (str) vs ``names`` (list);
+names with a capital and a trailing space, with an accent, with punctuation; alias
+names (``disc`` for ``circle``, ``beside`` for ``next to``); upper-case predicates;
+missing ``synsets``; ``merged_object_ids`` on some objects; attribute records
+without ``attributes``; relationships whose subject has no name; an image listed
+but absent on disk; an image whose JPEG does not decode (and the real dump's
+corrupt ids 1592, 1722, 4616, 4617 when the world is that large); an image whose
+``width``/``height`` in image_data.json are wrong. Every planted record maps, after
+the standard cleaning (strip, lowercase, fold accents, drop punctuation, aliases),
+to the canonical fact counted in ``SynthReport.fact_counts``.
+
+Output is deterministic for a given seed (identical bytes) and written atomically:
+everything goes into a hidden temporary sibling folder that is renamed to ``out_dir``
+at the end.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+from PIL import Image, ImageDraw
+
+from .errors import DataPrepError
+
+CATEGORIES: tuple[str, ...] = (
+    "circle", "square", "triangle", "star", "cross", "diamond", "ring", "hexagon",
+)
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (214, 39, 40),
+    "blue": (31, 90, 200),
+    "green": (44, 160, 44),
+    "yellow": (235, 200, 20),
+    "purple": (140, 60, 180),
+    "orange": (255, 127, 14),
+}
+TEXTURES: tuple[str, ...] = ("plain", "striped", "dotted")
+TEXTURE_PROBABILITIES: tuple[float, ...] = (0.6, 0.25, 0.15)
+PREDICATES: tuple[str, ...] = (
+    "on", "left of", "next to", "above", "inside", "right of", "below", "bigger than",
+)
+#: predicates whose subject is identified by the category-rank convention (strictly lower rank)
+DIRECTIONAL_PREDICATES = frozenset({"left of", "right of", "above", "below"})
+
+CATEGORY_SYNSETS = {
+    "circle": "circle.n.01", "square": "square.n.01", "triangle": "triangle.n.01",
+    "star": "star.n.03", "cross": "cross.n.01", "diamond": "diamond.n.02",
+    "ring": "ring.n.08", "hexagon": "hexagon.n.01",
+}
+PREDICATE_SYNSETS = {
+    "on": "along.r.01", "left of": "left.r.01", "next to": "next.r.01", "above": "above.r.01",
+    "inside": "inside.r.02", "right of": "right.r.04", "below": "below.r.01",
+    "bigger than": "big.a.01",
+}
+#: accented spellings that fold (NFKD, combining marks dropped) to the canonical name
+ACCENTED_NAMES = {
+    "circle": "círcle", "square": "squäre", "triangle": "triángle", "star": "stär",
+    "cross": "cröss", "diamond": "diamönd", "ring": "ríng", "hexagon": "hexagön",
+}
+OBJECT_ALIASES = (("circle", "disc"),)
+RELATIONSHIP_ALIASES = (("next to", "beside"),)
+#: ids of the real Visual Genome dump whose JPEG does not decode; planted when in range
+REAL_CORRUPT_IMAGE_IDS = (1592, 1722, 4616, 4617)
+
+ZIPF_EXPONENT_CATEGORIES = 1.0
+ZIPF_EXPONENT_COLOURS = 1.0
+ZIPF_EXPONENT_PREDICATES = 1.0
+PAIR_CELL_PROBABILITY = 0.8
+JPEG_QUALITY = 90
+MIN_IMAGE_SIZE = (96, 72)
+MIN_QUIRK_IMAGES = 10
+
+Fact = tuple[str, "str | None", "str | None"]
+
+
+@dataclass
+class SynthReport:
+    """What :func:`generate_world` wrote.
+
+    ``fact_counts`` maps each canonical fact ``(subject, predicate_or_attribute_or_None,
+    object_or_None)`` to its number of samples in the images that exist and decode:
+    one <S> sample per entry of objects.json, one <S,A> sample per (object, attribute)
+    of attributes.json, one <S,P,O> sample per named relationship. A correct reader
+    (cleaning + aliases, skipping the missing and corrupt images and nameless
+    relationships) recovers exactly these counts.
+    """
+
+    out_dir: Path
+    seed: int
+    num_images: int
+    image_size: tuple[int, int]
+    num_objects: int
+    num_relationships: int
+    num_attribute_records: int
+    fact_counts: dict[Fact, int]
+    missing_image_ids: list[int]
+    corrupt_image_ids: list[int]
+    wrong_size_image_ids: list[int]
+    quirks: dict[str, int]
+    seconds: float
+    files: list[str] = field(default_factory=list)
+
+    def facts_with_at_least(self, min_count: int) -> list[Fact]:
+        """The facts with ``>= min_count`` samples, most frequent first (ties by name)."""
+        kept = [(count, fact) for fact, count in self.fact_counts.items() if count >= min_count]
+        kept.sort(key=lambda item: (-item[0], _fact_sort_key(item[1])))
+        return [fact for _, fact in kept]
+
+    def order_counts(self) -> dict[int, int]:
+        """Number of distinct facts of order 1 (<S>), 2 (<S,A>) and 3 (<S,P,O>)."""
+        orders = Counter(_fact_order(fact) for fact in self.fact_counts)
+        return {order: orders.get(order, 0) for order in (1, 2, 3)}
+
+    def summary(self) -> str:
+        """A short multi-line human-readable summary."""
+        orders = self.order_counts()
+        lines = [
+            f"synthetic Visual Genome world in {self.out_dir}",
+            f"  images: {self.num_images} ({self.image_size[0]}x{self.image_size[1]} px), seed {self.seed}",
+            f"  objects: {self.num_objects}, relationships: {self.num_relationships}, "
+            f"attribute records: {self.num_attribute_records}",
+            f"  distinct facts: {len(self.fact_counts)} (<S> {orders[1]}, <S,A> {orders[2]}, "
+            f"<S,P,O> {orders[3]}); with >= 5 samples: {len(self.facts_with_at_least(5))}",
+            f"  planted quirks: " + ", ".join(f"{k}={v}" for k, v in sorted(self.quirks.items()) if v),
+            f"  written in {self.seconds:.1f} s",
+        ]
+        return "\n".join(lines)
+
+
+def _fact_order(fact: Fact) -> int:
+    return 1 + (fact[1] is not None) + (fact[2] is not None)
+
+
+def _fact_sort_key(fact: Fact) -> tuple[str, str, str]:
+    return (fact[0], fact[1] or "", fact[2] or "")
+
+
+def _zipf_weights(count: int, exponent: float) -> list[float]:
+    """Zipf weights ``w_r = 1 / r**exponent`` for ranks r = 1..count (unnormalised)."""
+    return [1.0 / (rank ** exponent) for rank in range(1, count + 1)]
+
+
+# --------------------------------------------------------------------------- drawing
+@dataclass
+class _Shape:
+    category: str
+    colour: str
+    texture: str
+    x: int
+    y: int
+    size: int
+
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        return (self.x, self.y, self.size, self.size)
+
+
+def _regular_polygon(cx: float, cy: float, radius: float, sides: int, start: float) -> list[tuple[float, float]]:
+    return [
+        (cx + radius * math.cos(start + 2 * math.pi * k / sides), cy + radius * math.sin(start + 2 * math.pi * k / sides))
+        for k in range(sides)
+    ]
+
+
+def _shape_mask(category: str, size: int) -> Image.Image:
+    """A ``size`` x ``size`` L-mode mask (255 inside the shape) of ``category``."""
+    mask = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(mask)
+    last = size - 1
+    centre = last / 2.0
+    if category == "circle":
+        draw.ellipse((0, 0, last, last), fill=255)
+    elif category == "square":
+        inset = max(1, round(size * 0.06))
+        draw.rectangle((inset, inset, last - inset, last - inset), fill=255)
+    elif category == "triangle":
+        draw.polygon([(centre, 0), (last, last), (0, last)], fill=255)
+    elif category == "star":
+        points = []
+        for k in range(10):
+            radius = centre if k % 2 == 0 else centre * 0.45
+            angle = -math.pi / 2 + math.pi * k / 5
+            points.append((centre + radius * math.cos(angle), centre + radius * math.sin(angle)))
+        draw.polygon(points, fill=255)
+    elif category == "cross":
+        arm = max(2, round(size / 3))
+        lo = (size - arm) // 2
+        draw.rectangle((lo, 0, lo + arm - 1, last), fill=255)
+        draw.rectangle((0, lo, last, lo + arm - 1), fill=255)
+    elif category == "diamond":
+        draw.polygon([(centre, 0), (last, centre), (centre, last), (0, centre)], fill=255)
+    elif category == "ring":
+        thickness = max(2, round(size * 0.2))
+        draw.ellipse((0, 0, last, last), fill=255)
+        draw.ellipse((thickness, thickness, last - thickness, last - thickness), fill=0)
+    elif category == "hexagon":
+        draw.polygon(_regular_polygon(centre, centre, centre, 6, 0.0), fill=255)
+    else:  # pragma: no cover - CATEGORIES is closed
+        raise DataPrepError(f"unknown synthetic category {category!r}; use one of {', '.join(CATEGORIES)}")
+    return mask
+
+
+def _texture_fill(colour: str, texture: str, size: int) -> Image.Image:
+    """The shape's fill: its colour, with light diagonal stripes or light dots when textured."""
+    base = COLOURS[colour]
+    fill = Image.new("RGB", (size, size), base)
+    if texture == "plain":
+        return fill
+    light = tuple(int(c + (255 - c) * 0.75) for c in base)
+    draw = ImageDraw.Draw(fill)
+    if texture == "striped":
+        for offset in range(-size, size, 6):
+            draw.line((offset, size, offset + size, 0), fill=light, width=2)
+    elif texture == "dotted":
+        for dy in range(2, size, 6):
+            for dx in range(2 + (dy // 6 % 2) * 3, size, 6):
+                draw.ellipse((dx - 1, dy - 1, dx + 2, dy + 2), fill=light)
+    return fill
+
+
+def _draw_shape(canvas: Image.Image, shape: _Shape) -> None:
+    mask = _shape_mask(shape.category, shape.size)
+    canvas.paste(_texture_fill(shape.colour, shape.texture, shape.size), (shape.x, shape.y), mask)
+
+
+# --------------------------------------------------------------------------- scene sampling
+class _SceneSampler:
+    """Draws the random choices of the world from one ``random.Random``."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        self.category_weights = _zipf_weights(len(CATEGORIES), ZIPF_EXPONENT_CATEGORIES)
+        self.colour_names = list(COLOURS)
+        self.colour_weights = _zipf_weights(len(COLOURS), ZIPF_EXPONENT_COLOURS)
+        self.predicate_weights = _zipf_weights(len(PREDICATES), ZIPF_EXPONENT_PREDICATES)
+
+    def category(self) -> str:
+        return self.rng.choices(CATEGORIES, self.category_weights)[0]
+
+    def colour(self, avoid: str | None = None) -> str:
+        while True:
+            colour = self.rng.choices(self.colour_names, self.colour_weights)[0]
+            if colour != avoid:
+                return colour
+
+    def texture(self, size: int) -> str:
+        if size < 16:
+            return "plain"
+        return self.rng.choices(TEXTURES, TEXTURE_PROBABILITIES)[0]
+
+    def predicate(self) -> str:
+        return self.rng.choices(PREDICATES, self.predicate_weights)[0]
+
+    def subject_object_categories(self, predicate: str) -> tuple[str, str]:
+        """Categories of (S, O) obeying the subject convention of the module docstring."""
+        first = self.category()
+        second = self.category()
+        if predicate in DIRECTIONAL_PREDICATES:
+            while second == first:
+                second = self.category()
+        if predicate in DIRECTIONAL_PREDICATES or predicate == "next to":
+            rank = CATEGORIES.index
+            if rank(second) < rank(first):
+                first, second = second, first
+        return first, second
+
+    def shape(self, category: str, size: int, x: int, y: int, avoid_colour: str | None = None) -> _Shape:
+        return _Shape(category, self.colour(avoid_colour), self.texture(size), x, y, size)
+
+
+def _layout_pair(predicate: str, rng: random.Random, cell_w: int, cell_h: int) -> tuple[tuple[int, int, int], tuple[int, int, int]] | None:
+    """Relative layout ``((sx, sy, s_size), (ox, oy, o_size))`` of S and O for ``predicate``.
+
+    Coordinates are relative to the pair's union box top-left; sizes in pixels. The
+    pair must fit in ``cell_w`` x ``cell_h`` minus a 2-pixel margin on each side.
+    """
+    room_w, room_h = cell_w - 4, cell_h - 4
+    unit = min(room_w, room_h)
+    if predicate in ("left of", "right of", "next to"):
+        gap = 0 if predicate == "next to" else rng.randint(max(5, unit // 10), max(6, unit // 6))
+        max_size = (room_w - gap) // 2
+        a = rng.randint(max(12, int(max_size * 0.6)), max_size)
+        b = max(12, min(max_size, round(a * rng.uniform(0.8, 1.0))))
+        left_size, right_size = (a, b) if rng.random() < 0.5 else (b, a)
+        height = max(left_size, right_size)
+        left = (0, (height - left_size) // 2, left_size)
+        right = (left_size + gap, (height - right_size) // 2, right_size)
+        if predicate == "right of":
+            return right, left
+        return (left, right) if rng.random() < 0.5 or predicate == "left of" else (right, left)
+    if predicate in ("above", "below"):
+        gap = rng.randint(max(5, unit // 10), max(6, unit // 6))
+        max_size = min(room_w, (room_h - gap) // 2)
+        a = rng.randint(max(12, int(max_size * 0.6)), max_size)
+        b = max(12, min(max_size, round(a * rng.uniform(0.8, 1.0))))
+        top_size, bottom_size = (a, b) if rng.random() < 0.5 else (b, a)
+        width = max(top_size, bottom_size)
+        top = ((width - top_size) // 2, 0, top_size)
+        bottom = ((width - bottom_size) // 2, top_size + gap, bottom_size)
+        return (top, bottom) if predicate == "above" else (bottom, top)
+    if predicate == "on":
+        max_base = min(room_w, int(room_h * 0.6))
+        base = rng.randint(max(18, int(max_base * 0.65)), max_base)
+        top_size = rng.randint(max(10, int(base * 0.4)), max(11, int(base * 0.7)))
+        top_size = min(top_size, room_h - base)
+        width = base
+        shift = rng.randint(-(base - top_size) // 4, (base - top_size) // 4)
+        top = ((width - top_size) // 2 + shift, 0, top_size)
+        bottom = (0, top_size, base)
+        return top, bottom
+    if predicate == "inside":
+        outer = rng.randint(max(30, int(unit * 0.7)), unit)
+        inner = max(10, round(outer * rng.uniform(0.32, 0.42)))
+        offset = (outer - inner) // 2
+        return (offset, offset, inner), (0, 0, outer)
+    if predicate == "bigger than":
+        gap = rng.randint(max(4, unit // 12), max(5, unit // 7))
+        big_max = min(room_h, int((room_w - gap) / 1.45))
+        big = rng.randint(max(24, int(big_max * 0.75)), big_max)
+        small = max(8, min(round(big * rng.uniform(0.35, 0.5)), room_w - gap - big))
+        height = big
+        big_shape = (0, 0, big)
+        small_shape = (big + gap, (height - small) // 2, small)
+        if rng.random() < 0.5:  # small one on the left
+            small_shape = (0, (height - small) // 2, small)
+            big_shape = (small + gap, 0, big)
+        return big_shape, small_shape
+    raise DataPrepError(f"unknown synthetic predicate {predicate!r}")  # pragma: no cover
+
+
+# --------------------------------------------------------------------------- JSON streaming
+class _JsonArrayWriter:
+    """Writes a JSON array one record at a time (bounded memory)."""
+
+    def __init__(self, handle: IO[str]) -> None:
+        self.handle = handle
+        self.count = 0
+        handle.write("[")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.count:
+            self.handle.write(", ")
+        self.handle.write(json.dumps(record, ensure_ascii=False, separators=(", ", ": ")))
+        self.count += 1
+
+    def close(self) -> None:
+        self.handle.write("]")
+
+
+# --------------------------------------------------------------------------- the world
+@dataclass
+class _Counters:
+    object_id: int = 1_000_000
+    relationship_id: int = 3_000_000
+    object_index: int = 0
+    relationship_index: int = 0
+    quirks: Counter = field(default_factory=Counter)
+
+
+def _image_url(image_id: int) -> str:
+    return f"https://cs.stanford.edu/people/rak248/VG_100K/{image_id}.jpg"
+
+
+def _written_name(category: str, index: int, counters: _Counters) -> str:
+    """The name as the dump spells it: mostly canonical, sometimes with a planted quirk."""
+    if index % 37 == 5:
+        counters.quirks["name_capital_trailing_space"] += 1
+        return category.capitalize() + " "
+    if index % 53 == 11:
+        counters.quirks["name_accent"] += 1
+        return ACCENTED_NAMES[category]
+    if index % 61 == 13:
+        counters.quirks["name_punctuation"] += 1
+        return category + "."
+    if category == "circle" and index % 17 == 2:
+        counters.quirks["name_alias"] += 1
+        return "disc"
+    return category
+
+
+def _written_predicate(predicate: str, index: int, counters: _Counters) -> str:
+    if predicate == "next to" and index % 7 == 1:
+        counters.quirks["predicate_alias"] += 1
+        return "beside"
+    if index % 23 == 4:
+        counters.quirks["predicate_upper_case"] += 1
+        return predicate.upper()
+    return predicate
+
+
+def _special_image_ids(image_ids: list[int]) -> tuple[set[int], set[int], set[int]]:
+    """(missing, corrupt, wrong-size) image ids, planted deterministically."""
+    n = len(image_ids)
+    if n < MIN_QUIRK_IMAGES:
+        return set(), set(), set()
+    missing = {image_ids[n // 3]}
+    corrupt = {image_ids[(2 * n) // 3]} | (set(REAL_CORRUPT_IMAGE_IDS) & set(image_ids))
+    corrupt -= missing
+    wrong_size = {image_ids[n // 2]} - missing - corrupt
+    return missing, corrupt, wrong_size
+
+
+def _object_record(shape: _Shape, object_id: int, written_name: str, counters: _Counters) -> dict[str, Any]:
+    index = counters.object_index
+    record: dict[str, Any] = {"object_id": object_id, "x": shape.x, "y": shape.y, "w": shape.size, "h": shape.size,
+                              "names": [written_name]}
+    if index % 29 == 3:
+        counters.quirks["missing_synsets"] += 1
+    else:
+        record["synsets"] = [CATEGORY_SYNSETS[shape.category]]
+    if index % 4 == 0:
+        record["merged_object_ids"] = [] if index % 8 == 0 else [object_id + 500_000]
+        counters.quirks["merged_object_ids"] += index % 8 != 0
+    return record
+
+
+def _relationship_end(obj: dict[str, Any], use_names_list: bool) -> dict[str, Any]:
+    end = {key: obj[key] for key in ("object_id", "x", "y", "w", "h")}
+    if "synsets" in obj:
+        end["synsets"] = obj["synsets"]
+    if use_names_list:
+        end["names"] = list(obj["names"])
+    else:
+        end["name"] = obj["names"][0]
+    return end
+
+
+def _attributes_of(shape: _Shape) -> list[str]:
+    return [shape.colour] if shape.texture == "plain" else [shape.colour, shape.texture]
+
+
+def _render_scene(rng: random.Random, sampler: _SceneSampler, width: int, height: int) -> tuple[Image.Image, list[_Shape], list[tuple[int, int, str]]]:
+    """Render one image: two cells, each a relationship pair or a lone object.
+
+    Returns the image, its shapes (drawing order) and the relationships as
+    ``(subject_index, object_index, predicate)`` into the shape list.
+    """
+    background = tuple(rng.randint(215, 245) for _ in range(3))
+    canvas = Image.new("RGB", (width, height), background)
+    shapes: list[_Shape] = []
+    relations: list[tuple[int, int, str]] = []
+    cell_w = width // 2
+    for cell in range(2):
+        cell_x = cell * cell_w
+        if rng.random() < PAIR_CELL_PROBABILITY:
+            predicate = sampler.predicate()
+            subject_category, object_category = sampler.subject_object_categories(predicate)
+            (sx, sy, s_size), (ox, oy, o_size) = _layout_pair(predicate, rng, cell_w, height)
+            union_w = max(sx + s_size, ox + o_size)
+            union_h = max(sy + s_size, oy + o_size)
+            left = cell_x + 2 + rng.randint(0, max(0, cell_w - 4 - union_w))
+            top = 2 + rng.randint(0, max(0, height - 4 - union_h))
+            obj = sampler.shape(object_category, o_size, left + ox, top + oy)
+            avoid = obj.colour if predicate in ("inside", "on") else None
+            subj = sampler.shape(subject_category, s_size, left + sx, top + sy, avoid_colour=avoid)
+            shapes.extend([obj, subj])  # the object first: an inner subject is drawn on top
+            relations.append((len(shapes) - 1, len(shapes) - 2, predicate))
+        else:
+            size = rng.randint(16, max(17, min(cell_w, height) - 16))
+            x = cell_x + 2 + rng.randint(0, cell_w - 4 - size)
+            y = 2 + rng.randint(0, height - 4 - size)
+            shapes.append(sampler.shape(sampler.category(), size, x, y))
+    for shape in shapes:
+        _draw_shape(canvas, shape)
+    return canvas, shapes, relations
+
+
+def _encode_jpeg(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=JPEG_QUALITY, optimize=False)
+    return buffer.getvalue()
+
+
+def _write_world(folder: Path, num_images: int, seed: int, width: int, height: int, progress: bool) -> dict[str, Any]:
+    image_dir = folder / "VG_100K"
+    image_dir.mkdir()
+    image_ids = list(range(1, num_images + 1))
+    missing, corrupt, wrong_size = _special_image_ids(image_ids)
+    counters = _Counters()
+    counters.quirks.update({"image_missing_on_disk": len(missing), "image_corrupt": len(corrupt),
+                            "image_data_wrong_size": len(wrong_size)})
+    fact_counts: Counter = Counter()
+    num_objects = num_relationships = num_attribute_records = 0
+
+    from tqdm import tqdm
+
+    with open(folder / "image_data.json", "w", encoding="utf-8") as image_file, \
+            open(folder / "objects.json", "w", encoding="utf-8") as objects_file, \
+            open(folder / "relationships.json", "w", encoding="utf-8") as relationships_file, \
+            open(folder / "attributes.json", "w", encoding="utf-8") as attributes_file:
+        image_writer = _JsonArrayWriter(image_file)
+        objects_writer = _JsonArrayWriter(objects_file)
+        relationships_writer = _JsonArrayWriter(relationships_file)
+        attributes_writer = _JsonArrayWriter(attributes_file)
+        for image_id in tqdm(image_ids, desc="synth images", unit="img", disable=not progress):
+            rng = random.Random(seed * 1_000_003 + image_id)
+            sampler = _SceneSampler(rng)
+            canvas, shapes, relations = _render_scene(rng, sampler, width, height)
+            usable = image_id not in missing and image_id not in corrupt
+
+            # image_data.json
+            image_record: dict[str, Any] = {}
+            if image_id % 10 == 3:
+                image_record["id"] = image_id
+                counters.quirks["image_data_id_key"] += 1
+            else:
+                image_record["image_id"] = image_id
+            image_record.update({"width": width, "height": height, "url": _image_url(image_id),
+                                 "coco_id": None, "flickr_id": None})
+            if image_id in wrong_size:
+                image_record["width"], image_record["height"] = height, width + 37
+            image_writer.write(image_record)
+
+            # objects.json and attributes.json
+            object_records = []
+            attribute_records = []
+            for shape in shapes:
+                counters.object_index += 1
+                counters.object_id += 1
+                written = _written_name(shape.category, counters.object_index, counters)
+                record = _object_record(shape, counters.object_id, written, counters)
+                object_records.append(record)
+                attribute_record = {key: record[key] for key in ("object_id", "x", "y", "w", "h", "names")}
+                if "synsets" in record:
+                    attribute_record["synsets"] = record["synsets"]
+                attributes = _attributes_of(shape)
+                if counters.object_index % 50 == 7:
+                    counters.quirks["attributes_key_missing"] += 1
+                    attributes = []
+                else:
+                    written_attributes = list(attributes)
+                    if counters.object_index % 43 == 9:
+                        written_attributes[0] = written_attributes[0].capitalize() + " "
+                        counters.quirks["attribute_capital_trailing_space"] += 1
+                    attribute_record["attributes"] = written_attributes
+                attribute_records.append(attribute_record)
+                num_attribute_records += 1
+                if usable:
+                    fact_counts[(shape.category, None, None)] += 1
+                    for attribute in attributes:
+                        fact_counts[(shape.category, attribute, None)] += 1
+            num_objects += len(object_records)
+            objects_writer.write({"image_id": image_id, "objects": object_records, "image_url": _image_url(image_id)})
+            attributes_writer.write({"image_id": image_id, "attributes": attribute_records})
+
+            # relationships.json
+            use_names_list = image_id % 3 == 0
+            relationship_records = []
+            for subject_index, object_index, predicate in relations:
+                counters.relationship_index += 1
+                counters.relationship_id += 1
+                relationship_records.append({
+                    "relationship_id": counters.relationship_id,
+                    "predicate": _written_predicate(predicate, counters.relationship_index, counters),
+                    "synsets": [PREDICATE_SYNSETS[predicate]],
+                    "subject": _relationship_end(object_records[subject_index], use_names_list),
+                    "object": _relationship_end(object_records[object_index], use_names_list),
+                })
+                if usable:
+                    fact_counts[(shapes[subject_index].category, predicate, shapes[object_index].category)] += 1
+            if relations and image_id % 97 == 5:
+                # a relationship whose subject has no name: the reader must skip and count it
+                counters.relationship_id += 1
+                nameless = _relationship_end(object_records[relations[0][0]], use_names_list)
+                if use_names_list:
+                    nameless["names"] = []
+                else:
+                    nameless["name"] = ""
+                relationship_records.append({
+                    "relationship_id": counters.relationship_id, "predicate": relations[0][2],
+                    "synsets": [], "subject": nameless,
+                    "object": _relationship_end(object_records[relations[0][1]], use_names_list),
+                })
+                counters.quirks["relationship_subject_without_name"] += 1
+            counters.quirks["relationship_names_list" if use_names_list else "relationship_name_str"] += len(relationship_records)
+            num_relationships += len(relationship_records)
+            relationships_writer.write({"image_id": image_id, "relationships": relationship_records})
+
+            # the image file
+            if image_id in missing:
+                continue
+            data = _encode_jpeg(canvas)
+            if image_id in corrupt:
+                data = data[:len(data) // 3]  # a truncated JPEG: the header parses, the pixels do not
+                data = data[:2] + b"\x00" * 16 + data[18:]
+            (image_dir / f"{image_id}.jpg").write_bytes(data)
+        for writer in (image_writer, objects_writer, relationships_writer, attributes_writer):
+            writer.close()
+
+    (folder / "object_alias.txt").write_text("".join(",".join(group) + "\n" for group in OBJECT_ALIASES), encoding="utf-8")
+    (folder / "relationship_alias.txt").write_text(
+        "".join(",".join(group) + "\n" for group in RELATIONSHIP_ALIASES), encoding="utf-8")
+    return {
+        "num_objects": num_objects,
+        "num_relationships": num_relationships,
+        "num_attribute_records": num_attribute_records,
+        "fact_counts": dict(fact_counts),
+        "missing": sorted(missing),
+        "corrupt": sorted(corrupt),
+        "wrong_size": sorted(wrong_size),
+        "quirks": dict(counters.quirks),
+    }
+
+
+def _check_arguments(num_images: int, image_size: tuple[int, int]) -> tuple[int, int]:
+    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+        raise DataPrepError(f"num_images must be a positive integer, got {num_images!r}")
+    try:
+        width, height = (int(v) for v in image_size)
+    except (TypeError, ValueError):
+        raise DataPrepError(f"image_size must be (width, height) in pixels, got {image_size!r}") from None
+    if width < MIN_IMAGE_SIZE[0] or height < MIN_IMAGE_SIZE[1]:
+        raise DataPrepError(
+            f"image_size {width}x{height} is too small; use at least {MIN_IMAGE_SIZE[0]}x{MIN_IMAGE_SIZE[1]} pixels")
+    return width, height
+
+
+def _prepare_destination(out_dir: Path, force: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataPrepError(f"{out_dir} exists and is not a folder; choose another --out")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise DataPrepError(f"{out_dir} exists and is not empty; choose another --out or pass --force to replace it")
+
+
+def generate_world(
+    out_dir: str | os.PathLike,
+    *,
+    num_images: int = 600,
+    seed: int = 0,
+    image_size: tuple[int, int] = (160, 120),
+    progress: bool = True,
+    force: bool = False,
+) -> SynthReport:
+    """Render ``num_images`` scenes and write them as a Visual Genome dump into ``out_dir``.
+
+    ``image_size`` is ``(width, height)`` in pixels. The folder is built in a hidden
+    temporary sibling and renamed to ``out_dir`` only when complete; an existing
+    non-empty ``out_dir`` is refused unless ``force`` (then it is replaced, the old
+    one removed only after the new one is in place). Same ``seed`` -> identical bytes.
+    Raises :class:`~data_prep.errors.DataPrepError` on bad arguments.
+    """
+    start = time.perf_counter()
+    width, height = _check_arguments(num_images, image_size)
+    out_dir = Path(out_dir)
+    _prepare_destination(out_dir, force)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        written = _write_world(staging, num_images, seed, width, height, progress)
+        _prepare_destination(out_dir, force)  # re-check: something may have appeared meanwhile
+        if out_dir.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, trash / "old")
+            os.replace(staging, out_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    files = sorted(str(p.relative_to(out_dir)) for p in out_dir.iterdir() if p.is_file())
+    return SynthReport(
+        out_dir=out_dir,
+        seed=seed,
+        num_images=num_images,
+        image_size=(width, height),
+        num_objects=written["num_objects"],
+        num_relationships=written["num_relationships"],
+        num_attribute_records=written["num_attribute_records"],
+        fact_counts=written["fact_counts"],
+        missing_image_ids=written["missing"],
+        corrupt_image_ids=written["corrupt"],
+        wrong_size_image_ids=written["wrong_size"],
+        quirks=written["quirks"],
+        seconds=time.perf_counter() - start,
+        files=files,
+    )
+
+
+def iter_fact_counts_table(report: SynthReport, limit: int = 20) -> Iterator[str]:
+    """Lines ``count  <S, P, O>`` of the ``limit`` most frequent facts, for printing."""
+    for fact in report.facts_with_at_least(1)[:limit]:
+        text = ", ".join(part for part in fact if part is not None)
+        yield f"{report.fact_counts[fact]:6d}  <{text}>"

@@ -1,0 +1,114 @@
+"""Continual-learning methods sharing the :class:`~mas_core.regularizers.base.Regularizer` protocol, and their registry.
+
+==========  ==========================================================  ==========================
+name        method                                                      file
+==========  ==========================================================  ==========================
+finetune    no penalty (lower bound)                                    base.py
+mas         Memory Aware Synapses, ``λ Σ Ω (θ − θ*)²``                   mas.py
+lmas        local (Hebbian) MAS: MAS with ``mode="hebbian"``             mas.py
+ewc         EWC / online EWC, ``λ Σ F (θ − θ*)²``                        ewc.py
+si          Synaptic Intelligence, path-integral Ω                      si.py
+lwf         Learning without Forgetting (distillation)                  lwf.py
+imm         Incremental Moment Matching, ``mode="mean"|"mode"``          imm.py
+ebll        Encoder Based Lifelong Learning (LwF + autoencoder codes)   ebll.py
+==========  ==========================================================  ==========================
+
+``"joint"`` (training on the union of all tasks so far) is the upper bound handled
+by :func:`mas_core.sequence.run_sequence`; it is not a regularizer.
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+from typing import Any
+
+from ..errors import MASCoreError, UnknownMethodError
+from .base import Finetune, Regularizer, TaskInfo
+from .ebll import EBLL
+from .ewc import EWC
+from .imm import IMM
+from .lwf import LwF
+from .mas import MAS
+from .si import SI
+
+
+class UnknownOptionError(MASCoreError, TypeError):
+    """An option that the chosen method does not take."""
+
+
+class LocalMAS(MAS):
+    """l-MAS: :class:`MAS` with the Hebbian (local) importance, ``mode="hebbian"`` (spec §3)."""
+
+    name = "lmas"
+
+    def __init__(self, lam: float = 1.0, **options: Any) -> None:
+        if "mode" in options:
+            raise UnknownOptionError("lmas fixes mode='hebbian'; use method 'mas' to choose another mode")
+        super().__init__(lam, mode="hebbian", **options)
+
+
+METHODS: dict[str, type[Regularizer]] = {
+    "finetune": Finetune,
+    "mas": MAS,
+    "lmas": LocalMAS,
+    "ewc": EWC,
+    "si": SI,
+    "lwf": LwF,
+    "imm": IMM,
+    "ebll": EBLL,
+}
+
+JOINT = "joint"
+
+
+def method_options(name: str) -> list[str]:
+    """The keyword options :func:`make_regularizer` accepts for method ``name``."""
+    cls = METHODS[_canonical(name)]
+    options = _signature_options(cls)
+    if cls is LocalMAS:
+        options = [option for option in _signature_options(MAS) if option != "mode"]
+    return options
+
+
+def _signature_options(cls: type) -> list[str]:
+    parameters = inspect.signature(cls.__init__).parameters.values()
+    return [p.name for p in parameters
+            if p.name != "self" and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+
+
+def _canonical(name: str) -> str:
+    if not isinstance(name, str):
+        raise UnknownMethodError(f"a method name must be a string, got {type(name).__name__}")
+    key = name.strip().lower().replace("-", "").replace("_", "")
+    if key == JOINT:
+        raise UnknownMethodError(
+            "'joint' is the joint-training upper bound, not a regularizer: pass method='joint' to run_sequence"
+        )
+    if key not in METHODS:
+        close = difflib.get_close_matches(key, list(METHODS) + [JOINT], n=1, cutoff=0.0)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise UnknownMethodError(f"unknown method {name!r}{hint} (valid: {', '.join(list(METHODS) + [JOINT])})")
+    return key
+
+
+def make_regularizer(name: str, **options: Any) -> Regularizer:
+    """Build the method registered as ``name`` (case-insensitive; ``l-mas`` = ``lmas``) with ``options``.
+
+    Unknown names raise :class:`~mas_core.errors.UnknownMethodError` naming the nearest
+    valid name; unknown options raise :class:`UnknownOptionError` naming the valid ones.
+    """
+    key = _canonical(name)
+    valid = method_options(key)
+    for option in options:
+        if option not in valid:
+            close = difflib.get_close_matches(option, valid, n=1, cutoff=0.0)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            listed = ", ".join(valid) if valid else "none"
+            raise UnknownOptionError(f"method {key!r} has no option {option!r}{hint} (valid options: {listed})")
+    return METHODS[key](**options)
+
+
+__all__ = [
+    "METHODS", "make_regularizer", "method_options", "UnknownOptionError",
+    "Regularizer", "TaskInfo", "Finetune", "MAS", "LocalMAS", "EWC", "SI", "LwF", "IMM", "EBLL",
+]

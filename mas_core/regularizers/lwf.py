@@ -1,0 +1,165 @@
+"""Learning without Forgetting (Li & Hoiem 2016).
+
+At the start of every task after the first, a frozen copy of the model is taken
+(``before_task``). While the new task is trained, the outputs of the old heads on
+the *new* task's inputs are kept close to the copy's:
+
+    L_LwF(θ) = λ Σ_{old heads j} T² · KL( softmax(z_j^old / T) ‖ softmax(z_j / T) )
+
+averaged over the batch (``T`` = ``temperature``; the T² factor keeps gradient
+magnitudes independent of T, Hinton et al. 2015). KL differs from the soft
+cross-entropy ``−Σ p_old log p_new`` by the constant entropy of ``p_old``: same
+gradient, and the penalty is exactly 0 when the model equals its snapshot.
+
+Multi-head models (with a ``heads`` attribute; the runner's
+:class:`~mas_core.sequence.MultiHeadNet`) distill every head except the one of the
+current task. A model without ``heads`` (a single-output model such as the triplet
+embedding) distills its whole output with the mean squared error
+``λ · mean((model(x) − old(x))²)``.
+
+The copy is rebuilt lazily from the stored ``state_dict`` of the old model and the
+current model's structure, so the regularizer's own ``state_dict`` holds tensors
+only and a resumed run distills from the same snapshot. The copy runs in eval mode.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import MASCoreError, NonFiniteError
+from .base import Regularizer, TaskInfo, _zero_like_model
+from .ewc import check_lambda
+
+
+def distillation_loss(new_logits: Tensor, old_logits: Tensor, temperature: float) -> Tensor:
+    """``T² · KL(softmax(old/T) ‖ softmax(new/T))`` averaged over the batch (0 when the logits agree)."""
+    return F.kl_div(
+        F.log_softmax(new_logits / temperature, dim=1),
+        F.log_softmax(old_logits.detach() / temperature, dim=1),
+        log_target=True,
+        reduction="batchmean",
+    ) * (temperature * temperature)
+
+
+class LwF(Regularizer):
+    """LwF: distillation of the old heads (or, for single-output models, MSE of the output)."""
+
+    name = "lwf"
+
+    def __init__(self, lam: float = 1.0, *, temperature: float = 2.0) -> None:
+        self.lam = check_lambda("lam", lam)
+        temperature = float(temperature)
+        if not temperature > 0:
+            raise MASCoreError(f"temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+        self.old_state: dict[str, Tensor] | None = None
+        self.old_heads: list[int] = []
+        self._old_model: nn.Module | None = None
+
+    def before_task(self, model: nn.Module, task: TaskInfo) -> None:
+        """Snapshot the model (its ``state_dict``) unless this is the first task."""
+        self._old_model = None
+        if task.index == 0:
+            self.old_state = None
+            self.old_heads = []
+            return
+        self.old_state = {name: value.detach().clone() for name, value in model.state_dict().items()}
+        heads = getattr(model, "heads", None)
+        self.old_heads = [j for j in range(len(heads)) if j != task.head] if heads is not None else []
+
+    def old_model(self, model: nn.Module) -> nn.Module | None:
+        """The frozen snapshot, rebuilt from the stored state and ``model``'s structure (``None`` before any)."""
+        if self.old_state is None:
+            return None
+        if self._old_model is None:
+            frozen = copy.deepcopy(model)
+            for parameter in frozen.parameters():
+                parameter.grad = None
+                parameter.requires_grad_(False)
+            missing, _ = frozen.load_state_dict(self.old_state, strict=False)
+            needed = [name for name in missing if not _belongs_to_other_head(name, self.old_heads, model)]
+            if needed:
+                raise MASCoreError(
+                    f"the LwF snapshot lacks {needed[:3]}: the model's structure changed since before_task; "
+                    "call before_task again after changing the model"
+                )
+            frozen.eval()
+            self._old_model = frozen
+        return self._old_model
+
+    def penalty(self, model: nn.Module, inputs: Any = None) -> Tensor:
+        """``λ Σ_j T² KL(old_j ‖ new_j)`` over the old heads (MSE for single-output models); 0 on the first task."""
+        if self.old_state is None:
+            return _zero_like_model(model)
+        if inputs is None:
+            raise MASCoreError(f"{type(self).__name__} needs the batch inputs: call penalty(model, inputs)")
+        value = self._penalty_terms(model, inputs)
+        if not torch.isfinite(value):
+            raise NonFiniteError(
+                f"the {type(self).__name__} penalty is {value.item()}; lower lam (now {self.lam}) or the learning rate"
+            )
+        return value
+
+    def _penalty_terms(self, model: nn.Module, inputs: Any) -> Tensor:
+        old = self.old_model(model)
+        assert old is not None
+        if getattr(model, "heads", None) is None:
+            with torch.no_grad():
+                target = old(inputs)
+            return self.lam * F.mse_loss(model(inputs), target)
+        if not self.old_heads:
+            return _zero_like_model(model)
+        new_features, old_features = self._features(model, old, inputs)
+        total = _zero_like_model(model)
+        for j in self.old_heads:
+            if new_features is None:
+                new_logits = model(inputs, head=j)
+                with torch.no_grad():
+                    old_logits = old(inputs, head=j)
+            else:
+                new_logits = model.heads[j](new_features)
+                with torch.no_grad():
+                    old_logits = old.heads[j](old_features)
+            total = total + distillation_loss(new_logits, old_logits, self.temperature)
+        total = self.lam * total
+        if new_features is not None:
+            total = total + self._feature_penalty(new_features, old_features)
+        return total
+
+    def _feature_penalty(self, new_features: Tensor, old_features: Tensor) -> Tensor:
+        """Extra penalty on the shared features (0 for LwF; EBLL's code preservation)."""
+        return new_features.new_zeros(())
+
+    @staticmethod
+    def _features(model: nn.Module, old: nn.Module, inputs: Any) -> tuple[Tensor | None, Tensor | None]:
+        """Shared features of the current and the old model (``(None, None)`` when the model has no ``features``)."""
+        if not callable(getattr(model, "features", None)):
+            return None, None
+        with torch.no_grad():
+            old_features = old.features(inputs)
+        return model.features(inputs), old_features
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"old_state": None if self.old_state is None else dict(self.old_state),
+                "old_heads": list(self.old_heads)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        old_state = state["old_state"]
+        self.old_state = None if old_state is None else {name: value.detach().clone() for name, value in old_state.items()}
+        self.old_heads = [int(j) for j in state["old_heads"]]
+        self._old_model = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(lam={self.lam}, temperature={self.temperature})"
+
+
+def _belongs_to_other_head(name: str, old_heads: list[int], model: nn.Module) -> bool:
+    """True for state keys of heads that are not distilled (added after the snapshot)."""
+    if getattr(model, "heads", None) is None or not name.startswith("heads."):
+        return False
+    index = name.split(".")[1]
+    return index.isdigit() and int(index) not in old_heads

@@ -1,0 +1,147 @@
+"""Split Fashion-MNIST, task-incremental: MAS against its baselines on real data.
+
+Protocol (issue 2, point 5): 5 tasks of class pairs (0,1) (2,3) (4,5) (6,7) (8,9),
+one 2-way head per task on a shared MLP trunk 784-256-256 (ReLU), 5 epochs per task,
+SGD lr 0.05 momentum 0.9, batch 128, pixels scaled to [0, 1]. Prints one row per
+method: λ, average accuracy and average forgetting (fractions, see
+:mod:`mas_core.metrics`) and wall time in seconds; ``--json`` writes every result
+(accuracy matrices included) atomically.
+
+    python scripts/split_fashion_mnist.py                       # the full table (a few minutes on 2 cores)
+    python scripts/split_fashion_mnist.py --methods finetune mas --tasks 3 --train-per-class 1000
+    python scripts/split_fashion_mnist.py --lam mas=0.5 --json runs/fmnist.json
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from data_prep.idx import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, load_fashion_mnist
+from mas_core import DivergenceError, MultiHeadNet, SequenceResult, Task, TrainSettings, atomic_write_json, run_sequence
+
+#: method -> (registry name, options). λ chosen by a sweep on this protocol (see the report / docs/results.md).
+DEFAULT_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "finetune": ("finetune", {}),
+    "ewc": ("ewc", {"lam": 100.0}),
+    "si": ("si", {"lam": 1.0}),
+    "lwf": ("lwf", {"lam": 1.0, "temperature": 2.0}),
+    "mas": ("mas", {"lam": 0.25}),
+    "lmas": ("lmas", {"lam": 0.25}),
+}
+ALL_PAIRS = [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]
+
+
+def split_tasks(root: str | Path = FASHION_MNIST_DIR, *, num_tasks: int = 5, train_per_class: int | None = None,
+                test_per_class: int | None = None, seed: int = 0) -> list[Task]:
+    """The first ``num_tasks`` class-pair tasks; labels ``2t, 2t+1`` become 0, 1; inputs ``[N, 784]`` in [0, 1].
+
+    ``train_per_class`` / ``test_per_class`` keep the first so many images of each class
+    after a seeded shuffle (``None``: all 6,000 / 1,000).
+    """
+    if not 1 <= num_tasks <= len(ALL_PAIRS):
+        raise SystemExit(f"--tasks must be between 1 and {len(ALL_PAIRS)}, got {num_tasks}")
+    splits = {split: load_fashion_mnist(root, split) for split in ("train", "test")}
+    rng = np.random.default_rng(seed)
+    tasks = []
+    for t, pair in enumerate(ALL_PAIRS[:num_tasks]):
+        datasets = {}
+        for split, limit in (("train", train_per_class), ("test", test_per_class)):
+            images, labels = splits[split]
+            chosen = []
+            for cls in pair:
+                index = np.flatnonzero(labels == cls)
+                index = rng.permutation(index) if limit is not None else index
+                chosen.append(index[:limit] if limit is not None else index)
+            index = np.sort(np.concatenate(chosen))
+            inputs = torch.from_numpy(images[index].reshape(len(index), -1).astype(np.float32) / 255.0)
+            targets = torch.from_numpy(labels[index] - pair[0])
+            datasets[split] = TensorDataset(inputs, targets)
+        name = f"{FASHION_MNIST_CLASSES[pair[0]]}/{FASHION_MNIST_CLASSES[pair[1]]}"
+        tasks.append(Task(name=name, train=datasets["train"], test=datasets["test"], num_classes=2))
+    return tasks
+
+
+def make_mlp() -> MultiHeadNet:
+    """The shared trunk 784-256-256 (ReLU); heads are added by the runner."""
+    trunk = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU())
+    return MultiHeadNet(trunk, 256)
+
+
+def run_methods(tasks: list[Task], methods: dict[str, tuple[str, dict[str, Any]]], settings: TrainSettings,
+                progress: bool = False) -> dict[str, SequenceResult | DivergenceError]:
+    """Run every method on the same tasks with the same settings and seed; a method whose
+    training diverges gets its :class:`DivergenceError` instead of a result."""
+    results: dict[str, SequenceResult | DivergenceError] = {}
+    for label, (name, options) in methods.items():
+        try:
+            results[label] = run_sequence(make_mlp, tasks, name, settings, method_options=options, progress=progress)
+        except DivergenceError as error:
+            results[label] = error
+    return results
+
+
+def format_table(results: dict[str, SequenceResult | DivergenceError], methods: dict[str, tuple[str, dict[str, Any]]]) -> str:
+    """A plain-text table: method, λ, average accuracy, average forgetting, wall time (s)."""
+    lines = [f"{'method':<10} {'lambda':>8} {'avg acc':>8} {'avg forget':>11} {'time (s)':>9}"]
+    for label, result in results.items():
+        lam = methods[label][1].get("lam")
+        lam_text = "-" if lam is None else f"{lam:g}"
+        if isinstance(result, DivergenceError):
+            lines.append(f"{label:<10} {lam_text:>8} diverged: {result}")
+            continue
+        lines.append(f"{label:<10} {lam_text:>8} {result.avg_acc:>8.4f} {result.avg_forgetting:>11.4f} "
+                     f"{result.wall_time_s:>9.1f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(FASHION_MNIST_DIR), help="folder with the Fashion-MNIST IDX files")
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(DEFAULT_METHODS) + ["joint"])
+    parser.add_argument("--lam", action="append", default=[], metavar="METHOD=VALUE", help="override a method's λ")
+    parser.add_argument("--tasks", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--train-per-class", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", type=Path, default=None, help="write all results here (atomically)")
+    parser.add_argument("--verbose", action="store_true", help="log every epoch")
+    args = parser.parse_args(argv)
+
+    catalogue = dict(DEFAULT_METHODS, joint=("joint", {}))
+    methods = {label: (catalogue[label][0], dict(catalogue[label][1])) for label in args.methods}
+    for item in args.lam:
+        label, _, value = item.partition("=")
+        if label not in methods or not value:
+            parser.error(f"--lam expects METHOD=VALUE with METHOD among {list(methods)}, got {item!r}")
+        methods[label][1]["lam"] = float(value)
+
+    tasks = split_tasks(args.data, num_tasks=args.tasks, train_per_class=args.train_per_class, seed=args.seed)
+    settings = TrainSettings(epochs=args.epochs, lr=args.lr, momentum=0.9, batch_size=args.batch_size,
+                             seed=args.seed, device=args.device)
+    results = run_methods(tasks, methods, settings, progress=args.verbose)
+    print(f"split Fashion-MNIST, {len(tasks)} tasks, {args.epochs} epochs/task, lr {args.lr}, batch {args.batch_size}, "
+          f"{len(tasks[0].train)} train images/task")
+    print(format_table(results, methods))
+    if args.json is not None:
+        atomic_write_json(args.json, {
+            "protocol": {"tasks": [task.name for task in tasks], "settings": vars(settings).copy(),
+                         "train_per_class": args.train_per_class},
+            "methods": {label: {"name": methods[label][0], "options": methods[label][1],
+                                **(result.to_dict() if isinstance(result, SequenceResult) else {"diverged": str(result)})}
+                        for label, result in results.items()},
+        })
+    return 1 if any(isinstance(result, DivergenceError) for result in results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

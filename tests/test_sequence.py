@@ -1,0 +1,188 @@
+"""The task-sequence runner on tiny synthetic data: resume, config checks, heads, joint, divergence, checkpoints."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+from mas_core.checkpoint import load_checkpoint
+from mas_core.errors import CheckpointMismatchError, DivergenceError
+from mas_core.regularizers import METHODS, TaskInfo, make_regularizer
+from mas_core.sequence import CHECKPOINT_NAME, MultiHeadNet, Task, TrainSettings, run_sequence
+
+IN_DIM = 8
+
+
+def _tasks(num_tasks: int = 3, train_size: int = 160, test_size: int = 60) -> list[Task]:
+    """Each task: two Gaussian blobs along a task-specific direction, labels 0/1."""
+    generator = torch.Generator().manual_seed(123)
+    tasks = []
+    for t in range(num_tasks):
+        direction = torch.randn(IN_DIM, generator=generator)
+        direction = 2.0 * direction / direction.norm()
+
+        def sample(n: int) -> TensorDataset:
+            labels = torch.randint(0, 2, (n,), generator=generator)
+            inputs = torch.randn(n, IN_DIM, generator=generator) + (2 * labels[:, None] - 1) * direction
+            return TensorDataset(inputs, labels)
+
+        tasks.append(Task(name=f"t{t}", train=sample(train_size), test=sample(test_size), num_classes=2))
+    return tasks
+
+
+def _make_model() -> MultiHeadNet:
+    return MultiHeadNet(nn.Sequential(nn.Linear(IN_DIM, 16), nn.ReLU()), 16)
+
+
+SETTINGS = TrainSettings(epochs=2, lr=0.05, momentum=0.9, batch_size=32, seed=7)
+
+
+class _Killed(Exception):
+    pass
+
+
+def _kill_during_task(task_number: int):
+    def log(message: str) -> None:
+        if message.startswith(f"[") and f"task {task_number} (" in message and "epoch 1/" in message:
+            raise _Killed(message)
+    return log
+
+
+@pytest.mark.parametrize("method, options", [("mas", {"lam": 1.0}), ("si", {"lam": 0.5}), ("ebll", {"code_dim": 4, "ae_epochs": 2})])
+def test_resumed_sequence_equals_uninterrupted_bitwise(tmp_path, method, options) -> None:
+    tasks = _tasks()
+    full = run_sequence(_make_model, tasks, method, SETTINGS, method_options=options,
+                        checkpoint_dir=tmp_path / "full", progress=False)
+    with pytest.raises(_Killed):
+        run_sequence(_make_model, tasks, method, SETTINGS, method_options=options,
+                     checkpoint_dir=tmp_path / "cut", log=_kill_during_task(3))
+    assert load_checkpoint(tmp_path / "cut" / CHECKPOINT_NAME)["completed_tasks"] == 2
+    torch.manual_seed(999)  # the caller's RNG state must not matter
+    resumed = run_sequence(_make_model, tasks, method, SETTINGS, method_options=options,
+                           checkpoint_dir=tmp_path / "cut", resume=True, progress=False)
+    assert resumed.accuracy == full.accuracy  # bitwise: floats compared with ==
+    assert full.accuracy[2][0] is not None and full.accuracy[0][1] is None
+    final_full = load_checkpoint(tmp_path / "full" / CHECKPOINT_NAME)["model"]
+    final_resumed = load_checkpoint(tmp_path / "cut" / CHECKPOINT_NAME)["model"]
+    for key in final_full:
+        assert torch.equal(final_full[key], final_resumed[key]), key
+
+
+def test_same_seed_same_result_and_resume_after_the_end(tmp_path) -> None:
+    tasks = _tasks(2)
+    first = run_sequence(_make_model, tasks, "ewc", SETTINGS, checkpoint_dir=tmp_path, progress=False)
+    second = run_sequence(_make_model, tasks, "ewc", SETTINGS, progress=False)
+    assert first.accuracy == second.accuracy
+    finished = run_sequence(_make_model, tasks, "ewc", SETTINGS, checkpoint_dir=tmp_path, resume=True, progress=False)
+    assert finished.accuracy == first.accuracy
+
+
+def test_resume_with_another_config_raises(tmp_path) -> None:
+    tasks = _tasks(2)
+    run_sequence(_make_model, tasks, "mas", SETTINGS, checkpoint_dir=tmp_path, progress=False)
+    other = TrainSettings(epochs=2, lr=0.01, momentum=0.9, batch_size=32, seed=7)
+    with pytest.raises(CheckpointMismatchError, match="lr"):
+        run_sequence(_make_model, tasks, "mas", other, checkpoint_dir=tmp_path, resume=True, progress=False)
+    with pytest.raises(CheckpointMismatchError, match="lam"):
+        run_sequence(_make_model, tasks, "mas", SETTINGS, method_options={"lam": 2.0}, checkpoint_dir=tmp_path,
+                     resume=True, progress=False)
+
+
+@pytest.mark.parametrize("method", ["mas", "lmas", "ewc", "si", "imm"])
+def test_the_new_head_is_not_regularized(method) -> None:
+    tasks = _tasks(1)
+    torch.manual_seed(0)
+    model = _make_model()
+    model.add_head(2)
+    regularizer = make_regularizer(method, **({"lam_l2": 1.0} if method == "imm" else {}))
+    regularizer.before_task(model, TaskInfo(index=0, head=0))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    inputs, targets = tasks[0].train.tensors
+    for _ in range(3):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(inputs), targets).backward()
+        optimizer.step()
+        regularizer.after_step(model)
+    regularizer.after_task(model, [(inputs[:80], targets[:80]), (inputs[80:], targets[80:])])
+    new_head = model.add_head(2)
+    model.active_head = new_head
+    regularizer.before_task(model, TaskInfo(index=1, head=new_head))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.1)
+    model.zero_grad()
+    regularizer.penalty(model, inputs).backward()
+    for name, parameter in model.named_parameters():
+        if name.startswith("heads.1."):
+            assert parameter.grad is None or float(parameter.grad.abs().max()) == 0.0, name
+    assert float(model.trunk[0].weight.grad.abs().sum()) > 0
+
+
+def test_joint_upper_bound_learns_every_task() -> None:
+    tasks = _tasks(3)
+    joint = run_sequence(_make_model, tasks, "joint", SETTINGS, progress=False)
+    assert joint.method == "joint"
+    assert len(joint.accuracy) == 3 and all(value is not None for value in joint.accuracy[2])
+    assert min(joint.accuracy[2]) >= 0.9
+    assert joint.avg_forgetting <= 0.05
+
+
+class _Wrapped(Dataset):
+    """A non-TensorDataset (exercises the DataLoader path) yielding dict items."""
+
+    def __init__(self, base: TensorDataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict:
+        x, y = self.base[index]
+        return {"input": x, "target": y}
+
+
+def test_generic_datasets_give_the_same_result_as_tensor_datasets() -> None:
+    tasks = _tasks(2)
+    wrapped = [Task(t.name, _Wrapped(t.train), _Wrapped(t.test), t.num_classes) for t in tasks]
+    for method in ("mas", "joint"):
+        direct = run_sequence(_make_model, tasks, method, SETTINGS, progress=False)
+        generic = run_sequence(_make_model, wrapped, method, SETTINGS, progress=False)
+        assert generic.accuracy == direct.accuracy, method
+
+
+def test_huge_lambda_with_large_lr_raises_divergence_naming_both() -> None:
+    tasks = _tasks(2)
+    settings = TrainSettings(epochs=2, lr=1.0, momentum=0.9, batch_size=32, seed=7)
+    with pytest.raises(DivergenceError, match=r"lambda=1000000000\.0, learning rate=1\.0.*lower"):
+        run_sequence(_make_model, tasks, "mas", settings, method_options={"lam": 1e9}, progress=False)
+
+
+def test_every_method_state_survives_weights_only_checkpoints(tmp_path) -> None:
+    tasks = _tasks(2, train_size=64, test_size=20)
+    settings = TrainSettings(epochs=1, lr=0.05, batch_size=32, seed=1)
+    cases = [(name, {}) for name in METHODS] + [("imm", {"mode": "mode"}), ("ewc", {"online": True, "gamma": 0.5})]
+    for name, options in cases:
+        if name == "ebll":
+            options = {"code_dim": 4, "ae_epochs": 1}
+        folder = tmp_path / f"{name}-{len(options)}"
+        run_sequence(_make_model, tasks, name, settings, method_options=options, checkpoint_dir=folder, progress=False)
+        state = torch.load(folder / CHECKPOINT_NAME, weights_only=True)
+        regularizer = make_regularizer(name, **options)
+        regularizer.load_state_dict(state["regularizer"])
+        _assert_same(regularizer.state_dict(), state["regularizer"], name)
+
+
+def _assert_same(left, right, where: str) -> None:
+    if isinstance(left, torch.Tensor):
+        assert torch.equal(left, right), where
+    elif isinstance(left, dict):
+        assert set(left) == set(right), where
+        for key in left:
+            _assert_same(left[key], right[key], f"{where}.{key}")
+    elif isinstance(left, (list, tuple)):
+        assert len(left) == len(right), where
+        for index, (a, b) in enumerate(zip(left, right)):
+            _assert_same(a, b, f"{where}[{index}]")
+    else:
+        assert left == right, where

@@ -1,0 +1,44 @@
+"""``mas-triplets train``: learn the fact embedding task by task with the methods of a config."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "train",
+        help="train the fact embedding task by task (finetune, joint, MAS, EWC, SI, LwF, ...)",
+        description="Train every method of a YAML config on the fact file's tasks, in order, into a run "
+        "folder (checkpoints after every task, results.json, results.md, plots, FAISS indexes).",
+    )
+    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/demo.yaml")
+    parser.add_argument("--out", required=True, help="run folder to create (or continue with --resume)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, dotted for sections (e.g. optim.lr=0.01); repeatable")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run after its last finished task (same config required)")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated method names (labels) of the config to train, e.g. finetune,mas")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars or per-task lines")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..train import load_train_config, select_methods, train_run
+
+    config = load_train_config(args.config, args.overrides)
+    if args.methods:
+        config = select_methods(config, [name.strip() for name in args.methods.split(",") if name.strip()])
+    results = train_run(config, args.out, resume=args.resume, progress=not args.no_progress)
+    print(format_summary(results))
+    print(f"run folder: {args.out} (results.json, results.md, plots/)")
+    return 0
+
+
+def format_summary(results: dict) -> str:
+    """A plain-text table: method, average top-5, forgetting, BWT (fractions shown as %)."""
+    lines = [f"{'method':<16} {'avg top-5':>10} {'forgetting':>11} {'BWT':>8}"]
+    for name, entry in results.get("methods", {}).items():
+        lines.append(f"{name:<16} {100 * entry['avg_top5']:>9.1f}% {100 * entry['forgetting']:>10.1f}% "
+                     f"{100 * entry['bwt']:>7.1f}%")
+    return "\n".join(lines)

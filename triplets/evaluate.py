@@ -1,0 +1,426 @@
+"""Evaluation of fact embeddings: image → fact accuracy (Sherlock's rule) and fact → image mAP.
+
+All scores are cosine similarities: image embeddings and fact (language) embeddings
+are L2-normalised here, then compared by inner product.
+
+Image → fact (``image_to_fact_metrics``). For a test image whose ground-truth fact is
+g, the candidate facts are ranked by cosine. The ground-truth *group* G depends on
+g's order (Sherlock, Elhoseiny et al. AAAI 2017):
+
+- <S>: every candidate with the same subject S;
+- <S,P>: every candidate with the same S and the same P;
+- <S,P,O>: the fact itself (every candidate with the same S, P and O).
+
+With r = the rank (from 1) of the best-ranked member of G,
+
+    hit@K  ⇔  r ≤ K + |G| − 1          top-K accuracy = mean over images of hit@K
+    MRR    = mean over images of 1 / max(1, r − (|G| − 1))
+
+Ties are broken against the ground truth: r = 1 + #{c ∉ G : score_c ≥ max_{g∈G} score_g},
+so a model whose scores are all equal scores no better than chance-worst.
+
+Fact → image (``fact_to_image_metrics``). For each fact f with at least one positive
+image (an image whose ground-truth fact is f), the images are ranked by cosine with f:
+
+    AP    = Σ_n (R_n − R_{n−1}) · P_n over the distinct score thresholds, highest first
+            (precision and recall at each threshold; identical to
+            sklearn.metrics.average_precision_score, ties grouped at one threshold)
+    AP@k  = (1 / min(k, #positives)) · Σ_{i ≤ k, image i positive} precision@i
+            (images sorted by score, ties broken against the positives)
+
+and ``map``, ``map_at_10``, ``map_at_100`` are their means over the facts with ≥ 1 positive.
+All metrics are fractions in [0, 1].
+
+Modes (``evaluate_task``): "standard" ranks the task's own facts; "generalized" ranks
+the facts of all tasks. The fact vectors are ``fact_file.fact_embeddings``.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Iterable, Literal, Sequence
+
+import numpy as np
+
+from .errors import RunFolderError, TripletsError
+
+Mode = Literal["standard", "generalized"]
+MODES = ("standard", "generalized")
+IMAGE_TO_FACT_KEYS = ("top1", "top5", "top10", "mrr")
+FACT_TO_IMAGE_KEYS = ("map", "map_at_10", "map_at_100")
+_CHUNK_ELEMENTS = 1 << 22  # score-matrix entries processed at once (~16 MB of float32)
+
+
+# ----------------------------------------------------------------------------- helpers
+def _unit_rows(array: np.ndarray, name: str) -> np.ndarray:
+    array = np.asarray(array)
+    if array.ndim != 2:
+        raise TripletsError(f"{name} must be a 2-D array [n, d], got shape {array.shape}")
+    out = np.array(array, dtype=np.float32, order="C", copy=True)
+    if not np.isfinite(out).all():
+        raise TripletsError(f"{name} contain NaN or infinite values; the model has diverged")
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    np.divide(out, norms, out=out, where=norms > 0)
+    return out
+
+
+def _slot(value: Any) -> str | None:
+    """A fact slot as a string, with None / "" meaning absent."""
+    if value is None:
+        return None
+    text = value.decode("utf-8") if isinstance(value, bytes) else str(value)
+    return text if text != "" else None
+
+
+def fact_order(fact: Sequence[Any]) -> int:
+    """1 for <S>, 2 for <S,P>, 3 for <S,P,O> (absent slots are None or "")."""
+    if len(fact) >= 3 and _slot(fact[2]) is not None:
+        return 3
+    if len(fact) >= 2 and _slot(fact[1]) is not None:
+        return 2
+    return 1
+
+
+def group_keys(facts: Sequence[Sequence[Any]]) -> tuple[np.ndarray, np.ndarray]:
+    """Integer keys per fact for Sherlock's groups, and each fact's order.
+
+    Returns ``(keys int64 [3, F], order int8 [F])``: ``keys[0]`` identifies the subject,
+    ``keys[1]`` the (subject, predicate) pair, ``keys[2]`` the whole (S, P, O) triple, so
+    candidate c is in the group of ground truth g exactly when
+    ``keys[order[g] − 1, c] == keys[order[g] − 1, g]``.
+    """
+    tables: list[dict[tuple, int]] = [{}, {}, {}]
+    keys = np.empty((3, len(facts)), dtype=np.int64)
+    order = np.empty(len(facts), dtype=np.int8)
+    for index, fact in enumerate(facts):
+        if not 1 <= len(fact) <= 3:
+            raise TripletsError(f"fact {index} must be a tuple (S, P, O) with 1 to 3 slots, got {fact!r}")
+        slots = tuple(_slot(v) for v in fact) + (None,) * (3 - len(fact))
+        if slots[0] is None:
+            raise TripletsError(f"fact {index} has no subject: {fact!r}")
+        for level in range(3):
+            key = slots[: level + 1]
+            keys[level, index] = tables[level].setdefault(key, len(tables[level]))
+        order[index] = fact_order(slots)
+    return keys, order
+
+
+def _check_ids(ids: np.ndarray, count: int, name: str) -> np.ndarray:
+    array = np.asarray(ids)
+    if array.ndim != 1 or not (array.size == 0 or np.issubdtype(array.dtype, np.integer)):
+        raise TripletsError(f"{name} must be a 1-D array of integer fact ids, got dtype {array.dtype} shape {array.shape}")
+    array = array.astype(np.int64)
+    if array.size and (array.min() < 0 or array.max() >= count):
+        raise TripletsError(f"{name} hold fact ids outside 0..{count - 1}; the data and the fact list disagree")
+    return array
+
+
+# ----------------------------------------------------------------------------- image → fact
+def image_to_fact_metrics(image_embeddings: np.ndarray, image_fact_ids: np.ndarray, fact_embeddings: np.ndarray,
+                          facts: Sequence[Sequence[Any]], candidate_fact_ids: Iterable[int] | np.ndarray,
+                          ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Top-K accuracy and MRR of ranking candidate facts for each image (see module docstring).
+
+    ``image_embeddings`` [n, D] and ``image_fact_ids`` [n] (ground-truth fact id per image);
+    ``fact_embeddings`` [F, D] and ``facts`` (F tuples) are indexed by fact id;
+    ``candidate_fact_ids`` the ids ranked (each image's ground truth must be among them).
+    Returns {"top{K}": fraction for K in ks, "mrr": fraction}.
+    """
+    images = _unit_rows(image_embeddings, "image embeddings")
+    fact_vectors = _unit_rows(fact_embeddings, "fact embeddings")
+    if len(facts) != len(fact_vectors):
+        raise TripletsError(f"{len(fact_vectors)} fact embeddings but {len(facts)} facts; pass both indexed by fact id")
+    if images.shape[1] != fact_vectors.shape[1]:
+        raise TripletsError(f"image embeddings are {images.shape[1]}-d but fact embeddings {fact_vectors.shape[1]}-d; "
+                            "the model's slot size must match the fact file's language vectors")
+    truth = _check_ids(image_fact_ids, len(facts), "image fact ids")
+    if len(truth) != len(images):
+        raise TripletsError(f"{len(images)} image embeddings but {len(truth)} fact ids")
+    if len(images) == 0:
+        raise TripletsError("no images to evaluate")
+    candidates = _check_ids(np.asarray(list(candidate_fact_ids) if not isinstance(candidate_fact_ids, np.ndarray)
+                                       else candidate_fact_ids), len(facts), "candidate fact ids")
+    candidates = np.unique(candidates)
+    if candidates.size == 0:
+        raise TripletsError("no candidate facts to rank")
+    missing = np.setdiff1d(np.unique(truth), candidates)
+    if missing.size:
+        raise TripletsError(f"{missing.size} ground-truth facts (e.g. fact {int(missing[0])}) are not among the "
+                            "candidates; use the task's facts or generalized mode")
+    ks = tuple(int(k) for k in ks)
+    if any(k < 1 for k in ks):
+        raise TripletsError(f"ks must be positive, got {ks}")
+    keys, order = group_keys(facts)
+    candidate_keys = keys[:, candidates]                       # [3, C]
+    candidate_vectors = fact_vectors[candidates]               # [C, D]
+    level = order[truth].astype(np.int64) - 1                  # [n]
+    truth_key = keys[level, truth]                             # [n]
+    hits = {k: 0 for k in ks}
+    reciprocal_sum = 0.0
+    chunk = max(1, _CHUNK_ELEMENTS // len(candidates))
+    for start in range(0, len(images), chunk):
+        stop = min(len(images), start + chunk)
+        scores = images[start:stop] @ candidate_vectors.T                     # [b, C]
+        member = candidate_keys[level[start:stop]] == truth_key[start:stop, None]  # [b, C]
+        group_size = member.sum(axis=1)
+        best = np.where(member, scores, -np.inf).max(axis=1)
+        rank = 1 + ((scores >= best[:, None]) & ~member).sum(axis=1)         # best rank of G, ties against G
+        for k in ks:
+            hits[k] += int((rank <= k + group_size - 1).sum())
+        reciprocal_sum += float((1.0 / np.maximum(1, rank - (group_size - 1))).sum())
+    result = {f"top{k}": hits[k] / len(images) for k in ks}
+    result["mrr"] = reciprocal_sum / len(images)
+    return result
+
+
+# ----------------------------------------------------------------------------- fact → image
+def fact_to_image_metrics(image_embeddings: np.ndarray, image_fact_ids: np.ndarray, fact_embeddings: np.ndarray,
+                          fact_ids: Iterable[int] | np.ndarray) -> dict[str, float]:
+    """mAP, mAP@10 and mAP@100 of ranking images for each fact (see module docstring).
+
+    ``fact_embeddings`` [F, D] is indexed by fact id; ``fact_ids`` the facts used as queries
+    (those with no positive image are skipped). Raises :class:`TripletsError` when no
+    queried fact has a positive image.
+    """
+    images = _unit_rows(image_embeddings, "image embeddings")
+    fact_vectors = _unit_rows(fact_embeddings, "fact embeddings")
+    if images.shape[1] != fact_vectors.shape[1]:
+        raise TripletsError(f"image embeddings are {images.shape[1]}-d but fact embeddings {fact_vectors.shape[1]}-d")
+    truth = _check_ids(image_fact_ids, len(fact_vectors), "image fact ids")
+    if len(truth) != len(images):
+        raise TripletsError(f"{len(images)} image embeddings but {len(truth)} fact ids")
+    queries = _check_ids(np.asarray(list(fact_ids) if not isinstance(fact_ids, np.ndarray) else fact_ids),
+                         len(fact_vectors), "fact ids")
+    queries = np.unique(queries)
+    queries = queries[np.isin(queries, truth)]
+    if queries.size == 0:
+        raise TripletsError("none of the facts has a positive image; evaluate on a split with images of these facts")
+    totals = {"map": 0.0, "map_at_10": 0.0, "map_at_100": 0.0}
+    count = len(images)
+    positions = np.arange(1, count + 1, dtype=np.float64)
+    chunk = max(1, _CHUNK_ELEMENTS // count)
+    for start in range(0, len(queries), chunk):
+        block = queries[start:start + chunk]
+        scores = fact_vectors[block] @ images.T                      # [b, n]
+        labels = truth[None, :] == block[:, None]                    # [b, n]
+        positives = labels.sum(axis=1).astype(np.float64)
+        totals["map"] += float(average_precision(scores, labels).sum())
+        for k, key in ((10, "map_at_10"), (100, "map_at_100")):
+            totals[key] += float(average_precision_at_k(scores, labels, k, positives, positions).sum())
+    return {key: value / len(queries) for key, value in totals.items()}
+
+
+def average_precision(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Row-wise AP = Σ_thresholds (R_n − R_{n−1}) P_n (sklearn's definition; ties share a threshold).
+
+    ``scores``, ``labels`` (bool): [q, n]. Rows without positives give 0.
+    """
+    scores = np.atleast_2d(scores)
+    labels = np.atleast_2d(labels).astype(bool)
+    count = scores.shape[1]
+    order = np.argsort(-scores, axis=1, kind="stable")
+    sorted_scores = np.take_along_axis(scores, order, axis=1)
+    sorted_labels = np.take_along_axis(labels, order, axis=1)
+    true_positives = np.cumsum(sorted_labels, axis=1)
+    is_group_end = np.ones_like(sorted_labels)
+    is_group_end[:, :-1] = sorted_scores[:, :-1] != sorted_scores[:, 1:]
+    column = np.broadcast_to(np.arange(count), sorted_scores.shape)
+    end_of_group = np.where(is_group_end, column, count)
+    end_of_group = np.minimum.accumulate(end_of_group[:, ::-1], axis=1)[:, ::-1]   # next group end at or after i
+    group_precision = np.take_along_axis(true_positives, end_of_group, axis=1) / (end_of_group + 1.0)
+    positives = sorted_labels.sum(axis=1)
+    summed = (sorted_labels * group_precision).sum(axis=1)
+    return np.divide(summed, positives, out=np.zeros(len(scores)), where=positives > 0)
+
+
+def average_precision_at_k(scores: np.ndarray, labels: np.ndarray, k: int, positives: np.ndarray | None = None,
+                           positions: np.ndarray | None = None) -> np.ndarray:
+    """Row-wise AP@k = (1 / min(k, #positives)) Σ_{i ≤ k, label_i} precision@i (ties against positives)."""
+    scores = np.atleast_2d(scores)
+    labels = np.atleast_2d(labels).astype(bool)
+    if positives is None:
+        positives = labels.sum(axis=1).astype(np.float64)
+    top = min(int(k), scores.shape[1])
+    if positions is None:
+        positions = np.arange(1, scores.shape[1] + 1, dtype=np.float64)
+    order = np.lexsort((labels, -scores), axis=1)[:, :top]     # primary: score desc; ties: negatives first
+    hits = np.take_along_axis(labels, order, axis=1)
+    precision = np.cumsum(hits, axis=1) / positions[:top]
+    denominator = np.minimum(float(k), positives)
+    summed = (hits * precision).sum(axis=1)
+    return np.divide(summed, denominator, out=np.zeros(len(scores)), where=denominator > 0)
+
+
+# ----------------------------------------------------------------------------- models and fact files
+def embed_images(model: Any, dataset: Any, *, batch_size: int = 256, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Embed every image of ``dataset`` (items ``(image tensor (3,S,S), fact_id)``) with ``model``.
+
+    Uses ``model.embed`` (the L2-normalised S‖P‖O embedding) when present, else
+    ``normalize(model(x))``; eval mode, no gradients, the model's previous train/eval mode
+    restored. Returns ``(embeddings float32 [n, D] with unit rows, fact ids int64 [n])``.
+    """
+    import torch  # noqa: PLC0415
+    import torch.nn.functional as F  # noqa: PLC0415
+    from torch.utils.data import DataLoader  # noqa: PLC0415
+
+    if batch_size < 1:
+        raise TripletsError(f"batch_size must be positive, got {batch_size}")
+    if len(dataset) == 0:
+        raise TripletsError("the dataset holds no images; check the task and split")
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    was_training = model.training
+    model.eval()
+    model.to(device)
+    embed = getattr(model, "embed", None)
+    vectors: list[np.ndarray] = []
+    fact_ids: list[np.ndarray] = []
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                    raise TripletsError("the dataset must yield (image, fact_id) pairs")
+                images, ids = batch[0].to(device), batch[1]
+                output = embed(images) if callable(embed) else F.normalize(model(images), dim=1)
+                vectors.append(F.normalize(output.float(), dim=1).cpu().numpy())
+                fact_ids.append(np.asarray(ids, dtype=np.int64).reshape(-1))
+    finally:
+        model.train(was_training)
+    return np.concatenate(vectors).astype(np.float32), np.concatenate(fact_ids)
+
+
+def _fact_vectors(fact_file: Any) -> np.ndarray:
+    vectors = getattr(fact_file, "fact_embeddings", None)
+    if vectors is None:
+        raise TripletsError(f"fact file {getattr(fact_file, 'path', '')} holds no language embeddings; "
+                            "prepare it with a text encoder")
+    return np.asarray(vectors, dtype=np.float32)
+
+
+def candidate_facts(fact_file: Any, task: int, mode: Mode) -> np.ndarray:
+    """The fact ids ranked for ``task``: its own facts ("standard") or every task's ("generalized")."""
+    if mode not in MODES:
+        raise TripletsError(f"unknown evaluation mode {mode!r}; use 'standard' or 'generalized'")
+    num_tasks = int(fact_file.num_tasks)
+    if not 0 <= int(task) < num_tasks:
+        raise TripletsError(f"task {task} does not exist; the fact file has tasks 0..{num_tasks - 1}")
+    if mode == "standard":
+        return np.unique(np.asarray(fact_file.facts_of_task(int(task)), dtype=np.int64))
+    return np.unique(np.concatenate([np.asarray(fact_file.facts_of_task(t), dtype=np.int64) for t in range(num_tasks)]))
+
+
+def evaluate_embeddings(image_embeddings: np.ndarray, image_fact_ids: np.ndarray, fact_file: Any, task: int, *,
+                        mode: Mode = "standard") -> dict[str, float]:
+    """All metrics of one task from already computed image embeddings (see :func:`evaluate_task`)."""
+    candidates = candidate_facts(fact_file, task, mode)
+    fact_vectors = _fact_vectors(fact_file)
+    metrics: dict[str, float] = image_to_fact_metrics(image_embeddings, image_fact_ids, fact_vectors,
+                                                      fact_file.facts, candidates)
+    metrics.update(fact_to_image_metrics(image_embeddings, image_fact_ids, fact_vectors, candidates))
+    metrics["num_images"] = int(len(image_fact_ids))
+    metrics["num_candidates"] = int(len(candidates))
+    return metrics
+
+
+def evaluate_task(model: Any, fact_file: Any, task: int, *, mode: Mode = "standard", split: int | str = "test",
+                  device: str = "cpu", batch_size: int = 256) -> dict[str, float]:
+    """Evaluate ``model`` on the ``split`` images of ``task``.
+
+    Returns {"top1", "top5", "top10", "mrr", "map", "map_at_10", "map_at_100"} (fractions)
+    plus "num_images" and "num_candidates". Candidates: the task's facts ("standard") or
+    the facts of all tasks ("generalized"); fact → image ranks the same images.
+    """
+    candidate_facts(fact_file, task, mode)  # validates task and mode before any work
+    image_embeddings, image_fact_ids = embed_images(model, fact_file.dataset(int(task), split),
+                                                    batch_size=batch_size, device=device)
+    return evaluate_embeddings(image_embeddings, image_fact_ids, fact_file, task, mode=mode)
+
+
+def final_metrics(model: Any, fact_file: Any, *, split: int | str = "test", device: str = "cpu",
+                  batch_size: int = 256) -> dict[str, list[dict[str, float]]]:
+    """The ``"final"`` entry of results.json: {"standard": [per task metrics], "generalized": [...]}.
+
+    Each task's images are embedded once and scored in both modes (see :func:`evaluate_task`).
+    """
+    final: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
+    for task in range(int(fact_file.num_tasks)):
+        image_embeddings, image_fact_ids = embed_images(model, fact_file.dataset(task, split),
+                                                        batch_size=batch_size, device=device)
+        for mode in MODES:
+            final[mode].append(evaluate_embeddings(image_embeddings, image_fact_ids, fact_file, task, mode=mode))
+    return final
+
+
+# ----------------------------------------------------------------------------- runs
+def check_run_matches_fact_file(run_dir: Path, method: str, fact_file: Any) -> None:
+    """Refuse a model trained on another fact vocabulary than ``fact_file`` (RunFolderError)."""
+    from mas_core.checkpoint import load_checkpoint  # noqa: PLC0415
+
+    model_path = Path(run_dir) / method / "model.pt"
+    if not model_path.is_file():
+        raise RunFolderError(f"run {run_dir} has no final model for method {method!r} ({model_path}); "
+                             "finish training with mas-triplets train --resume")
+    saved = load_checkpoint(model_path).get("fact_file_sha")
+    current = fact_vocabulary_fingerprint(fact_file)
+    if saved is not None and str(saved) != current:
+        raise RunFolderError(f"method {method!r} of run {run_dir} was trained on fact vocabulary {saved}, "
+                             f"but {getattr(fact_file, 'path', 'the fact file')} has vocabulary {current}; "
+                             "use the fact file the run was trained on")
+
+
+def fact_vocabulary_fingerprint(fact_file: Any) -> str:
+    """The fingerprint of a fact file's vocabulary, as training stores it in model.pt
+    (``triplets.train.fact_file_fingerprint``: SHA-256 of the fact list in id order)."""
+    from .train import fact_file_fingerprint  # noqa: PLC0415
+
+    return str(fact_file_fingerprint(fact_file))
+
+
+def load_results(run_dir: str | Path) -> dict[str, Any]:
+    """Read ``RUN/results.json`` (RunFolderError when absent or not valid JSON)."""
+    path = Path(run_dir) / "results.json"
+    if not path.is_file():
+        raise RunFolderError(f"{run_dir} has no results.json; train the run first (mas-triplets train)")
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RunFolderError(f"{path} is not valid JSON ({exc}); re-run training or restore the file") from None
+    if not isinstance(results, dict) or not isinstance(results.get("methods"), dict):
+        raise RunFolderError(f"{path} has no 'methods' mapping; it was not written by mas-triplets train")
+    return results
+
+
+def evaluate_run(run_dir: str | Path, *, device: str = "cpu", batch_size: int = 256) -> dict[str, Any]:
+    """Re-evaluate every trained method of a run on every task, in both modes.
+
+    Replaces each method's ``"final"`` entry of RUN/results.json (see :func:`final_metrics`),
+    then rewrites results.json, results.md and the plots. Everything is computed before
+    anything is written, so an error leaves the run folder unchanged. Returns the results.
+    """
+    from mas_core.checkpoint import atomic_write_json  # noqa: PLC0415
+
+    from .report import write_report  # noqa: PLC0415
+    from .train import load_run  # noqa: PLC0415
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunFolderError(f"no run folder at {run_dir}; train one with mas-triplets train --out {run_dir}")
+    run = load_run(run_dir)
+    results = load_results(run_dir)
+    fact_file = run.fact_file
+    finals: dict[str, Any] = {}
+    timings: dict[str, float] = {}
+    for method in run.methods:
+        check_run_matches_fact_file(run_dir, method, fact_file)
+    for method in run.methods:
+        started = time.perf_counter()
+        model = run.load_model(method)
+        finals[method] = final_metrics(model, fact_file, device=device, batch_size=batch_size)
+        timings[method] = time.perf_counter() - started
+    for method, final in finals.items():
+        entry = results["methods"].setdefault(method, {})
+        entry["final"] = final
+        entry["eval_time_s"] = timings[method]
+    atomic_write_json(run_dir / "results.json", results)
+    write_report(results, run_dir)
+    return results

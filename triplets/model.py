@@ -1,0 +1,329 @@
+"""The visual side of the fact embedding: a Sherlock-style two-branch network.
+
+An image region goes through a shared *trunk* and then two branches:
+
+* the **subject branch** maps it to ``S`` (``slot_dim`` numbers), the language vector of
+  the fact's subject;
+* the **predicate+object branch** maps it to ``P‖O`` (``2·slot_dim`` numbers).
+
+``FactEmbeddingNet.forward(images)`` returns the *pre-normalisation* embedding
+``S‖P‖O`` (shape ``[B, 3·slot_dim]``): that is what the regression loss is taken on
+and what MAS takes its importance on (``‖F‖²`` of an L2-normalised output is the
+constant 1, whose gradient, and therefore MAS's Ω, is zero).
+``FactEmbeddingNet.embed(images)`` is ``F.normalize(forward(images), dim=1)``, the
+vector used for cosine retrieval.
+
+Backbones (``ModelConfig.backbone``):
+
+* ``"small_cnn"`` (default, CPU demos): two conv/norm/ReLU/pool blocks shared, and per
+  branch one more conv block and two fully connected layers; trained end to end.
+* ``"resnet18"``: trunk = stem + layer1 + layer2, each branch = its own copy of layer3 +
+  layer4 + global pooling + an MLP projection.
+* ``"vgg16"`` (Sherlock's choice): trunk = conv1–conv3 (through pool3), each branch = its
+  own copy of conv4–conv5 + fc6–fc7 + a linear projection.
+* ``"alexnet"``: trunk = conv1–conv2 (through pool2), each branch = conv3–conv5 + fc6–fc7 +
+  a linear projection (needs images of at least 64 pixels).
+
+torchvision models are always built with ``weights=None``; pretrained weights are only
+read from a local file given as ``ModelConfig.weights`` (a torchvision ``state_dict`` of
+the full classification network), never downloaded.
+
+Losses (:func:`slot_loss`, :func:`contrastive_loss`) live here too, beside the model they
+train.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import ConfigError
+
+BACKBONES = ("small_cnn", "resnet18", "vgg16", "alexnet")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ModelConfig:
+    """How the visual network is built (the ``model:`` section of a training config).
+
+    ``slot_dim`` is the size of one language slot; ``None`` takes it from the fact file's
+    cached embeddings (``fact_embeddings.shape[1] // 3``), a number must match it.
+    ``trunk_channels``, ``branch_channels`` and ``hidden_dim`` size the ``small_cnn``;
+    ``hidden_dim`` is also the width of the projection MLP after a resnet18 branch.
+    ``norm`` is the normalisation layer of the small CNN (``"batch"``, ``"group"`` or
+    ``"none"``); ``dropout`` is applied before the last projection.
+    """
+
+    backbone: Literal["small_cnn", "resnet18", "vgg16", "alexnet"] = "small_cnn"
+    weights: str | None = None
+    slot_dim: int | None = None
+    trunk_channels: list[int] = field(default_factory=lambda: [32, 64])
+    branch_channels: int = 64
+    hidden_dim: int = 256
+    norm: Literal["batch", "group", "none"] = "batch"
+    dropout: float = 0.0
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` (turned into a ConfigError by the loader) for bad values."""
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"model.backbone must be one of {list(BACKBONES)}, got {self.backbone!r}")
+        if self.slot_dim is not None and self.slot_dim <= 0:
+            raise ValueError("model.slot_dim must be positive (or null to take it from the fact file)")
+        if not self.trunk_channels or any(c <= 0 for c in self.trunk_channels):
+            raise ValueError("model.trunk_channels must be a non-empty list of positive integers")
+        if self.branch_channels <= 0 or self.hidden_dim <= 0:
+            raise ValueError("model.branch_channels and model.hidden_dim must be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError("model.dropout must be in [0, 1)")
+        if self.weights is not None and self.backbone == "small_cnn":
+            raise ValueError("model.weights is for torchvision backbones; the small_cnn trains from scratch")
+
+
+class FactEmbeddingNet(nn.Module):
+    """Shared trunk, then a subject branch (→ S) and a predicate+object branch (→ P‖O).
+
+    Inputs are float images ``[B, 3, H, W]`` with values in ``[0, 1]``; a fixed per-channel
+    standardisation (``(x − mean) / std``, stored as buffers, not parameters) is applied first.
+    """
+
+    def __init__(self, trunk: nn.Module, subject_branch: nn.Module, predicate_object_branch: nn.Module,
+                 slot_dim: int, *, mean: tuple[float, float, float], std: tuple[float, float, float]):
+        super().__init__()
+        self.trunk = trunk
+        self.subject_branch = subject_branch
+        self.predicate_object_branch = predicate_object_branch
+        self.slot_dim = int(slot_dim)
+        self.register_buffer("input_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("input_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    @property
+    def embedding_dim(self) -> int:
+        """``3 · slot_dim``: the length of ``S‖P‖O``."""
+        return 3 * self.slot_dim
+
+    def forward(self, images: Tensor) -> Tensor:
+        """The pre-normalisation embedding ``S‖P‖O``, shape ``[B, 3·slot_dim]``."""
+        if images.dtype == torch.uint8:
+            images = images.float() / 255.0
+        x = (images - self.input_mean) / self.input_std
+        shared = self.trunk(x)
+        subject = self.subject_branch(shared)
+        predicate_object = self.predicate_object_branch(shared)
+        return torch.cat([subject, predicate_object], dim=1)
+
+    def embed(self, images: Tensor) -> Tensor:
+        """The retrieval embedding: ``F.normalize(forward(images), dim=1)`` (unit L2 norm)."""
+        return F.normalize(self.forward(images), dim=1)
+
+
+def _norm_layer(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(min(8, channels), channels)
+    return nn.Identity()
+
+
+def _conv_block(in_channels: int, out_channels: int, norm: str) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=norm == "none"),
+        _norm_layer(norm, out_channels),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+    )
+
+
+def _small_cnn(config: ModelConfig, slot_dim: int, image_size: int) -> FactEmbeddingNet:
+    layers: list[nn.Module] = []
+    channels = 3
+    for width in config.trunk_channels:
+        layers.append(_conv_block(channels, width, config.norm))
+        channels = width
+    trunk = nn.Sequential(*layers)
+    pooled = 4  # every branch ends in a 4×4 adaptive pool, whatever the image size
+
+    def branch(out_dim: int) -> nn.Sequential:
+        return nn.Sequential(
+            _conv_block(channels, config.branch_channels, config.norm),
+            nn.AdaptiveAvgPool2d(pooled),
+            nn.Flatten(),
+            nn.Linear(config.branch_channels * pooled * pooled, config.hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Dropout(config.dropout),
+            nn.Linear(config.hidden_dim, out_dim),
+        )
+
+    return FactEmbeddingNet(trunk, branch(slot_dim), branch(2 * slot_dim), slot_dim,
+                            mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+
+
+def _load_local_weights(network: nn.Module, config: ModelConfig) -> None:
+    if config.weights is None:
+        return
+    path = Path(config.weights).expanduser()
+    if not path.is_file():
+        raise ConfigError(
+            f"model.weights: no file {path}; give the path of a local torchvision {config.backbone} "
+            "state_dict (.pth) or set model.weights to null (nothing is downloaded)"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # not a torch file, corrupt, unsafe pickle
+        raise ConfigError(f"model.weights: cannot read {path} as a state_dict ({exc.__class__.__name__})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise ConfigError(f"model.weights: {path} is not a {config.backbone} state_dict ({first})") from None
+
+
+def _torchvision_backbone(config: ModelConfig, slot_dim: int) -> FactEmbeddingNet:
+    import torchvision.models as tvm
+
+    hidden = config.hidden_dim
+    if config.backbone == "resnet18":
+        net = tvm.resnet18(weights=None)
+        _load_local_weights(net, config)
+        trunk = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2)
+
+        def branch(out_dim: int) -> nn.Sequential:
+            return nn.Sequential(
+                copy.deepcopy(net.layer3), copy.deepcopy(net.layer4), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                nn.Linear(512, hidden), nn.ReLU(inplace=True), nn.Dropout(config.dropout), nn.Linear(hidden, out_dim),
+            )
+    elif config.backbone == "vgg16":
+        net = tvm.vgg16(weights=None)
+        _load_local_weights(net, config)
+        trunk = net.features[:17]  # conv1_1 … pool3
+
+        def branch(out_dim: int) -> nn.Sequential:
+            return nn.Sequential(
+                copy.deepcopy(net.features[17:]), nn.AdaptiveAvgPool2d((7, 7)), nn.Flatten(),
+                copy.deepcopy(net.classifier[:-1]), nn.Linear(4096, out_dim),  # fc6, fc7, projection
+            )
+    elif config.backbone == "alexnet":
+        net = tvm.alexnet(weights=None)
+        _load_local_weights(net, config)
+        trunk = net.features[:6]  # conv1 … pool2
+
+        def branch(out_dim: int) -> nn.Sequential:
+            return nn.Sequential(
+                copy.deepcopy(net.features[6:]), nn.AdaptiveAvgPool2d((6, 6)), nn.Flatten(),
+                copy.deepcopy(net.classifier[:-1]), nn.Linear(4096, out_dim),
+            )
+    else:  # pragma: no cover - validate() rejects other names
+        raise ConfigError(f"model.backbone: unknown backbone {config.backbone!r}; use one of {list(BACKBONES)}")
+    return FactEmbeddingNet(trunk, branch(slot_dim), branch(2 * slot_dim), slot_dim,
+                            mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+def build_model(config: ModelConfig, slot_dim: int, image_size: int) -> FactEmbeddingNet:
+    """Build the network for language slots of ``slot_dim`` numbers and square images of
+    ``image_size`` pixels. Raises :class:`~triplets.errors.ConfigError` for a slot size that
+    contradicts ``config.slot_dim``, a missing/unreadable weights file, or an image size the
+    backbone cannot take."""
+    config.validate()
+    if slot_dim <= 0:
+        raise ConfigError(f"slot_dim must be positive, got {slot_dim}")
+    if config.slot_dim is not None and config.slot_dim != slot_dim:
+        raise ConfigError(
+            f"model.slot_dim is {config.slot_dim} but the fact file's language vectors have {slot_dim} per slot; "
+            "set model.slot_dim to null or re-embed the facts"
+        )
+    if config.backbone == "small_cnn":
+        model = _small_cnn(config, slot_dim, image_size)
+    else:
+        model = _torchvision_backbone(config, slot_dim)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(1, 3, image_size, image_size))
+    except RuntimeError:
+        raise ConfigError(
+            f"backbone {config.backbone!r} cannot take {image_size}×{image_size} images; "
+            "prepare the facts with a larger image size or use model.backbone=small_cnn"
+        ) from None
+    model.train(was_training)
+    assert out.shape == (1, 3 * slot_dim)
+    return model
+
+
+# ----------------------------------------------------------------------------- losses
+def slot_targets(fact_embeddings: Tensor, *, unit_norm: bool = True) -> Tensor:
+    """The regression targets ``L = L_S‖L_P‖L_O`` from the cached language vectors ``[F, 3d]``.
+
+    With ``unit_norm`` each non-zero slot is scaled to unit L2 norm (a missing slot stays the
+    zero vector), so that the three slots weigh the same in the loss whatever the encoder's
+    scale (mean-pooled transformer states have norms far from 1; word2vec norms vary with
+    word frequency). Cosine retrieval of whole facts is unchanged for facts with one slot and
+    re-weights the slots equally for the others.
+    """
+    if fact_embeddings.dim() != 2 or fact_embeddings.shape[1] % 3:
+        raise ConfigError(f"fact embeddings must be [F, 3·d], got shape {tuple(fact_embeddings.shape)}")
+    targets = fact_embeddings.float()
+    if not unit_norm:
+        return targets.clone()
+    num_facts, width = targets.shape
+    slots = targets.view(num_facts, 3, width // 3)
+    norms = slots.norm(dim=2, keepdim=True)
+    return torch.where(norms > 0, slots / norms.clamp_min(1e-12), slots).reshape(num_facts, width)
+
+
+def slot_loss(pred: Tensor, target: Tensor, masks: Tensor, *, squared: bool = False,
+              reduction: Literal["mean", "none"] = "mean") -> Tensor:
+    """Sherlock's masked per-slot regression loss.
+
+    For each sample: ``Σ_{slot∈{S,P,O}} w_slot · ‖V_slot − L_slot‖₂`` (default, as the
+    PyTorch port of Sherlock), or with ``squared=True`` ``Σ w_slot · ½‖V_slot − L_slot‖₂²``
+    (as the Caffe original). ``pred`` and ``target`` are ``[B, 3d]``, ``masks`` ``[B, 3]``
+    (1 for a present slot, 0 for a missing one: a masked slot contributes exactly 0 and no
+    gradient). ``reduction="mean"`` averages over the batch (a scalar); ``"none"`` returns the
+    ``[B]`` per-sample losses (what EWC's Fisher needs). Units: distance in language-vector units.
+    """
+    if pred.shape != target.shape or pred.dim() != 2 or pred.shape[1] % 3:
+        raise ValueError(f"pred and target must both be [B, 3d]; got {tuple(pred.shape)} and {tuple(target.shape)}")
+    batch, width = pred.shape
+    if masks.shape != (batch, 3):
+        raise ValueError(f"masks must be [B, 3] = [{batch}, 3], got {tuple(masks.shape)}")
+    diff = (pred - target).view(batch, 3, width // 3)
+    masks = masks.to(pred.dtype)
+    if squared:
+        per_slot = 0.5 * diff.pow(2).sum(dim=2)
+    else:
+        squared_norm = diff.pow(2).sum(dim=2)
+        # sqrt has an infinite derivative at 0: evaluate it only where the slot counts and is non-zero
+        safe = (masks > 0) & (squared_norm > 0)
+        per_slot = torch.where(safe, squared_norm.where(safe, torch.ones_like(squared_norm)).sqrt(),
+                               torch.zeros_like(squared_norm))
+    per_sample = (per_slot * masks).sum(dim=1)
+    if reduction == "none":
+        return per_sample
+    if reduction == "mean":
+        return per_sample.mean()
+    raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+
+
+def contrastive_loss(pred: Tensor, fact_ids: Tensor, fact_targets: Tensor, *, temperature: float = 0.1) -> Tensor:
+    """In-batch InfoNCE between images and the facts present in the batch.
+
+    The candidates are the distinct facts of the batch, ``c_1..c_U`` (their target vectors
+    L2-normalised as whole facts); for sample ``b`` with fact ``f_b``:
+    ``−log softmax_u(cos(V_b, L_{c_u}) / τ)[f_b]``, averaged over the batch. A fact appearing
+    twice in a batch is one candidate, so duplicates are never pushed apart. Dimensionless.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    unique_ids, labels = torch.unique(fact_ids, return_inverse=True)
+    candidates = F.normalize(fact_targets[unique_ids], dim=1)
+    logits = F.normalize(pred, dim=1) @ candidates.t() / temperature
+    return F.cross_entropy(logits, labels)

@@ -1,0 +1,718 @@
+"""Task-by-task training of the fact embedding, one run folder per experiment.
+
+For every method of the config (finetune, joint, mas, lmas, ewc, si, lwf, …) a fresh
+model is built with the same seed and trained on the tasks in order. Per task ``t``::
+
+    reg.before_task(model, TaskInfo(t))
+    for epoch, batch (order from a torch.Generator seeded by (seed, t, epoch)):
+        loss = slot_loss(model(x), L[f], w[f]) [+ c · InfoNCE] + reg.penalty(model, x)
+        step; reg.after_step(model)
+    reg.after_task(model, images of task t)      # MAS: Ω on forward() = S‖P‖O, pre-normalisation
+    R[t][j] = standard top-5 of tasks j ≤ t      # triplets.evaluate.evaluate_task
+    checkpoint (atomic)                          # RUN/<method>/checkpoint.pt
+
+``joint`` is fine-tuning on the union of tasks 0..t at step t (the upper bound).
+A killed run continues with ``resume=True`` after its last finished task and gives the
+same result as an uninterrupted one; a finished method is skipped.
+
+Run folder::
+
+    RUN/config.yaml  RUN/versions.json  RUN/results.json  RUN/results.md  RUN/plots/*.png
+    RUN/<method>/checkpoint.pt  RUN/<method>/model.pt  RUN/<method>/log.txt
+    RUN/<method>/result.json    RUN/<method>/index/
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import numpy as np
+import torch
+import yaml
+from torch import Tensor
+
+from mas_core.checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
+from mas_core.errors import CheckpointMismatchError, DivergenceError
+
+from .config import from_dict, to_dict
+from .errors import ConfigError, RunFolderError
+from .model import FactEmbeddingNet, ModelConfig, build_model, contrastive_loss, slot_loss, slot_targets
+
+LOCAL_METHODS = ("joint",)  # methods the training loop implements itself (no regularizer of their own)
+LABELLED_IMPORTANCE_METHODS = ("ewc",)  # methods whose after_task needs (image, fact) batches and a loss
+
+
+# ----------------------------------------------------------------------------- configuration
+@dataclass
+class DataConfig:
+    """``data:``. ``fact_file``: the prepared fact HDF5. ``importance_data``: the images a
+    method's ``after_task`` estimates importance on: ``"train"`` (the task's training images),
+    ``"test"`` (the task's test images, unlabeled: the MAS paper's test-condition adaptation) or
+    the path of another fact file (its images of the same task index, all splits).
+    ``importance_max_samples`` caps that set (first N in file order). ``in_memory`` loads each
+    task's pixels once into RAM (fast for small images); false streams them from the HDF5."""
+
+    fact_file: str = ""
+    importance_data: str = "train"
+    importance_max_samples: int | None = None
+    in_memory: bool = True
+
+    def validate(self) -> None:
+        if not self.fact_file:
+            raise ValueError("data.fact_file is required: the path of a fact file made by `mas-triplets prepare`")
+        if self.importance_max_samples is not None and self.importance_max_samples <= 0:
+            raise ValueError("data.importance_max_samples must be positive or null")
+
+
+@dataclass
+class OptimConfig:
+    """``optim:`` plain SGD with momentum, a fresh optimizer per task. ``epochs`` per task
+    (``first_task_epochs`` overrides it for task 0 when set); ``lr`` learning rate;
+    ``weight_decay`` ordinary L2; ``clip_grad_norm`` caps the gradient's L2 norm (null: off)."""
+
+    epochs: int = 5
+    first_task_epochs: int | None = None
+    lr: float = 0.05
+    momentum: float = 0.9
+    batch_size: int = 64
+    weight_decay: float = 0.0
+    clip_grad_norm: float | None = None
+
+    def validate(self) -> None:
+        if self.epochs <= 0 or (self.first_task_epochs is not None and self.first_task_epochs <= 0):
+            raise ValueError("optim.epochs (and optim.first_task_epochs) must be positive")
+        if self.lr <= 0 or self.batch_size <= 0:
+            raise ValueError("optim.lr and optim.batch_size must be positive")
+        if not 0.0 <= self.momentum < 1.0 or self.weight_decay < 0:
+            raise ValueError("optim.momentum must be in [0, 1) and optim.weight_decay ≥ 0")
+
+
+@dataclass
+class LossConfig:
+    """``loss:`` ``squared``: Caffe's ½‖·‖² per slot instead of the plain distance;
+    ``contrastive_weight``: weight of the in-batch InfoNCE term (0: off) at ``temperature``;
+    ``unit_norm_targets``: scale every language slot to unit norm (see model.slot_targets)."""
+
+    squared: bool = False
+    contrastive_weight: float = 0.0
+    temperature: float = 0.1
+    unit_norm_targets: bool = True
+
+    def validate(self) -> None:
+        if self.contrastive_weight < 0 or self.temperature <= 0:
+            raise ValueError("loss.contrastive_weight must be ≥ 0 and loss.temperature > 0")
+
+
+@dataclass
+class MethodConfig:
+    """One entry of ``methods:``: a registered method ``name`` (finetune, joint, mas, lmas,
+    ewc, si, lwf, …) with its ``options`` (e.g. ``{lam: 1.0, mode: exact}``) and an optional
+    ``label`` naming it in the run folder (to compare two settings of one method)."""
+
+    name: str = "finetune"
+    options: dict[str, Any] = field(default_factory=dict)
+    label: str | None = None
+
+    @property
+    def key(self) -> str:
+        """The name of this method in the run folder and results: ``label`` or ``name``."""
+        return self.label or self.name
+
+
+@dataclass
+class EvalConfig:
+    """``eval:`` batch size of the evaluation passes and the kind of FAISS index saved with
+    each method (``"none"`` saves no index)."""
+
+    batch_size: int = 256
+    index: Literal["flat", "ivf", "hnsw", "none"] = "flat"
+
+
+@dataclass
+class TrainConfig:
+    """A training run: the fact data, the model, the optimizer, the loss, the methods compared."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    methods: list[MethodConfig] = field(default_factory=lambda: [MethodConfig("finetune"), MethodConfig("mas")])
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+    device: str = "auto"
+
+    def validate(self) -> None:
+        if not self.methods:
+            raise ValueError("methods: list at least one method (e.g. finetune, mas)")
+        keys = [method.key for method in self.methods]
+        duplicates = sorted({key for key in keys if keys.count(key) > 1})
+        if duplicates:
+            raise ValueError(f"methods: {duplicates} appear twice; give one of them a distinct label")
+        for key in keys:
+            if not key.replace("_", "").replace("-", "").isalnum():
+                raise ValueError(f"methods: {key!r} is not a folder-safe name; use letters, digits, '_' or '-'")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+
+
+def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML training config (``--set`` overrides applied) into a validated :class:`TrainConfig`."""
+    from .config import load_config
+
+    return load_config(path, TrainConfig, overrides)
+
+
+def select_methods(config: TrainConfig, names: list[str]) -> TrainConfig:
+    """A copy of ``config`` keeping only the methods whose key is in ``names`` (config order)."""
+    import difflib
+
+    keys = [method.key for method in config.methods]
+    for name in names:
+        if name not in keys:
+            close = difflib.get_close_matches(name, keys, n=1, cutoff=0.0)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"--methods: {name!r} is not a method of this config{hint} (methods: {', '.join(keys)})")
+    return dataclasses.replace(config, methods=[m for m in config.methods if m.key in names])
+
+
+# ----------------------------------------------------------------------------- helpers
+def vocabulary_fingerprint(facts: list[tuple[str, str | None, str | None]]) -> str:
+    """SHA-256 (hex) of the fact vocabulary in fact-id order: two fact files agree on what
+    fact id ``k`` means exactly when their fingerprints are equal."""
+    text = json.dumps([list(fact) for fact in facts], ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def fact_file_fingerprint(fact_file) -> str:
+    """:func:`vocabulary_fingerprint` of an opened fact file (what ``model.pt`` stores as ``fact_file_sha``)."""
+    return vocabulary_fingerprint(fact_file.facts)
+
+
+def package_versions() -> dict[str, str | None]:
+    """Versions of the packages a run depends on (None for one that is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found: dict[str, str | None] = {"python": platform.python_version()}
+    for name, distributions in (("torch", ["torch"]), ("torchvision", ["torchvision"]),
+                                ("transformers", ["transformers"]), ("faiss", ["faiss-cpu", "faiss-gpu", "faiss"]),
+                                ("numpy", ["numpy"]), ("h5py", ["h5py"]), ("mas-triplets", ["mas-triplets"])):
+        found[name] = None
+        for dist in distributions:
+            try:
+                found[name] = version(dist)
+                break
+            except PackageNotFoundError:
+                continue
+    return found
+
+
+def _derived_seed(*parts: Any) -> int:
+    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 62) - 1)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` → CUDA when available, else CPU; anything else as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available; use device=auto or cpu")
+    return torch.device(name)
+
+
+def _open_fact_file(path: str | Path):
+    from data_prep.facts_h5 import open_facts
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"data.fact_file: no file {path}; make one with `mas-triplets prepare` (or synth + prepare)")
+    return open_facts(path)
+
+
+def _check_fact_file(fact_file) -> None:
+    if fact_file.fact_embeddings is None:
+        raise ConfigError(f"{fact_file.path} has no cached fact embeddings; run `mas-triplets prepare` with an encoder")
+    if not fact_file.has_pixels:
+        raise ConfigError(f"{fact_file.path} holds no image pixels; prepare it with an image size (e.g. --image-size 32)")
+
+
+class _Samples:
+    """Images and fact ids of a set of samples of the fact file.
+
+    In memory: uint8 ``[n, 3, S, S]`` tensors (converted to float in ``[0, 1]`` per batch).
+    Streamed: a ConcatDataset of ``fact_file.dataset(task, split)`` parts read by a DataLoader.
+    """
+
+    def __init__(self, fact_file, parts: list[tuple[int, int | None]], *, in_memory: bool,
+                 max_samples: int | None = None):
+        indices = [fact_file.sample_indices(task=task, split=split) for task, split in parts]
+        self.indices = np.concatenate(indices) if indices else np.zeros(0, dtype=np.int64)
+        if max_samples is not None:
+            self.indices = self.indices[:max_samples]
+        self.fact_ids = torch.as_tensor(np.asarray(fact_file.sample_fact)[self.indices], dtype=torch.long)
+        self.in_memory = in_memory
+        self.pixels: Tensor | None = None
+        self.dataset = None
+        if in_memory:
+            if len(self.indices):
+                array = np.asarray(fact_file.pixels(self.indices))
+                self.pixels = torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+        else:
+            from torch.utils.data import ConcatDataset, Subset
+
+            datasets = [fact_file.dataset(task, split if split is not None else "train") for task, split in parts]
+            self.dataset = ConcatDataset(datasets)
+            if max_samples is not None:
+                self.dataset = Subset(self.dataset, range(min(max_samples, len(self.dataset))))
+
+    def __len__(self) -> int:
+        return int(len(self.indices))
+
+    def batches(self, batch_size: int, generator: torch.Generator | None = None, *,
+                with_labels: bool = True) -> Iterator[Any]:
+        """Yield ``(images float [b,3,S,S], fact_ids [b])`` (or images alone), shuffled by
+        ``generator`` when one is given, in file order otherwise."""
+        n = len(self)
+        if self.in_memory:
+            order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+            for start in range(0, n, batch_size):
+                chosen = order[start:start + batch_size]
+                images = self.pixels[chosen].float().div_(255.0)
+                yield (images, self.fact_ids[chosen]) if with_labels else images
+        else:
+            from torch.utils.data import DataLoader, RandomSampler
+
+            sampler = RandomSampler(self.dataset, generator=generator) if generator is not None else None
+            for images, fact_ids in DataLoader(self.dataset, batch_size=batch_size, sampler=sampler):
+                yield (images, fact_ids) if with_labels else images
+
+
+class _Reiterable:
+    """A data source that can be iterated several times (regularizers may loop over it twice)."""
+
+    def __init__(self, make):
+        self._make = make
+
+    def __iter__(self):
+        return iter(self._make())
+
+
+# ----------------------------------------------------------------------------- the run
+@dataclass
+class _Context:
+    config: TrainConfig
+    fact_file: Any
+    device: torch.device
+    targets: Tensor  # [F, 3d] regression targets, on device
+    masks: Tensor  # [F, 3] slot masks, on device
+    slot_dim: int
+    image_size: int
+    fingerprint: str
+    progress: bool
+    cache: dict = field(default_factory=dict)
+
+    def samples(self, key: tuple, parts: list[tuple[int, int | None]], max_samples: int | None = None) -> _Samples:
+        if key not in self.cache:
+            self.cache[key] = _Samples(self.fact_file, parts, in_memory=self.config.data.in_memory,
+                                       max_samples=max_samples)
+        return self.cache[key]
+
+
+def _method_state_config(config: TrainConfig, method: MethodConfig) -> dict[str, Any]:
+    """What a method's checkpoint must agree on to be resumed: everything that changes its
+    numbers (data, model, optimizer, loss, seed, the method itself), not device or evaluation."""
+    plain = to_dict(config)
+    return {"data": plain["data"], "model": plain["model"], "optim": plain["optim"], "loss": plain["loss"],
+            "seed": plain["seed"], "method": to_dict(method)}
+
+
+def _make_regularizer(method: MethodConfig, ctx: _Context | None):
+    """The mas_core regularizer of ``method`` (Finetune for ``joint``)."""
+    from mas_core.regularizers import make_regularizer
+
+    if method.name in LOCAL_METHODS:
+        if method.options:
+            raise ConfigError(f"method {method.key!r}: joint takes no options, got {sorted(method.options)}")
+        return make_regularizer("finetune")
+    from mas_core.regularizers import method_options
+
+    options = dict(method.options)
+    if method.name in LABELLED_IMPORTANCE_METHODS:
+        if "loss_fn" not in method_options(method.name):
+            raise ConfigError(f"method {method.key!r}: this mas_core's {method.name} takes no loss_fn, so it cannot "
+                              "be applied to the regression loss of the fact embedding; drop it from methods")
+    if method.name in LABELLED_IMPORTANCE_METHODS and ctx is not None:
+        targets, masks, squared = ctx.targets, ctx.masks, ctx.config.loss.squared
+
+        def per_sample_slot_loss(model, batch):
+            images, fact_ids = batch[0], batch[1]
+            fact_ids = fact_ids.to(targets.device)
+            return slot_loss(model(images), targets[fact_ids], masks[fact_ids], squared=squared, reduction="none")
+
+        options.setdefault("loss_fn", per_sample_slot_loss)
+    return make_regularizer(method.name, **options)
+
+
+def _task_epochs(config: TrainConfig, task: int) -> int:
+    if task == 0 and config.optim.first_task_epochs is not None:
+        return config.optim.first_task_epochs
+    return config.optim.epochs
+
+
+def _importance_source(ctx: _Context, method: MethodConfig, task: int):
+    """The data handed to ``after_task``: images only (MAS, l-MAS, SI, LwF …) or
+    ``(image, fact)`` batches for methods that need a loss (EWC)."""
+    data = ctx.config.data
+    batch_size = ctx.config.eval.batch_size
+    limit = data.importance_max_samples
+    if method.name in LABELLED_IMPORTANCE_METHODS:
+        samples = ctx.samples(("train", task, limit), [(task, 0)], limit)
+        return _Reiterable(lambda: ((x.to(ctx.device), y.to(ctx.device)) for x, y in samples.batches(batch_size)))
+    if data.importance_data in ("train", "test"):
+        split = 0 if data.importance_data == "train" else 1
+        samples = ctx.samples((data.importance_data, task, limit), [(task, split)], limit)
+    else:
+        key = ("external", task, limit)
+        if key not in ctx.cache:
+            other = _open_fact_file(data.importance_data)
+            if other.num_tasks <= task or not other.has_pixels or other.image_size != ctx.image_size:
+                raise ConfigError(
+                    f"data.importance_data: {data.importance_data} must hold pixels of size {ctx.image_size} "
+                    f"for task {task}; it has {other.num_tasks} tasks, image size {other.image_size}")
+            ctx.cache[key] = _Samples(other, [(task, None)], in_memory=data.in_memory, max_samples=limit)
+        samples = ctx.cache[key]
+    if len(samples) == 0:
+        raise ConfigError(f"data.importance_data={data.importance_data!r} has no images for task {task}")
+    return _Reiterable(lambda: (x.to(ctx.device) for x in samples.batches(batch_size, with_labels=False)))
+
+
+def _evaluate_top5(model: FactEmbeddingNet, ctx: _Context, task: int) -> float:
+    from .evaluate import evaluate_task
+
+    metrics = evaluate_task(model, ctx.fact_file, task, mode="standard", split="test", device=str(ctx.device),
+                            batch_size=ctx.config.eval.batch_size)
+    return float(metrics["top5"])
+
+
+def _final_metrics(model: FactEmbeddingNet, ctx: _Context) -> dict[str, Any]:
+    from .evaluate import final_metrics
+
+    return final_metrics(model, ctx.fact_file, split="test", device=str(ctx.device),
+                         batch_size=ctx.config.eval.batch_size)
+
+
+def _train_method(ctx: _Context, method: MethodConfig, method_dir: Path) -> dict[str, Any]:
+    """Train one method over all tasks (resuming from its checkpoint if there is one)."""
+    from mas_core.metrics import average_accuracy, average_forgetting, backward_transfer
+    from mas_core.regularizers.base import TaskInfo
+
+    config, device = ctx.config, ctx.device
+    num_tasks = ctx.fact_file.num_tasks
+    state_config = _method_state_config(config, method)
+    result_path = method_dir / "result.json"
+    checkpoint_path = method_dir / "checkpoint.pt"
+    log_path = method_dir / "log.txt"
+    method_dir.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, ctx.slot_dim, ctx.image_size).to(device)
+    reg = _make_regularizer(method, ctx)
+    accuracy_matrix: list[list[float | None]] = []
+    start_task, wall_time = 0, 0.0
+    log_lines: list[str] = []
+    if checkpoint_path.exists():
+        state = load_checkpoint(checkpoint_path, expected_config=state_config, map_location=device)
+        model.load_state_dict(state["model"])
+        reg.load_state_dict(state["regularizer"])
+        accuracy_matrix = [list(row) for row in state["accuracy_matrix"]]
+        start_task, wall_time = int(state["finished_tasks"]), float(state["wall_time_s"])
+        log_lines = list(state.get("log", []))
+        if result_path.exists() and start_task == num_tasks:
+            return json.loads(result_path.read_text(encoding="utf-8"))
+    elif result_path.exists():
+        raise RunFolderError(f"{method_dir} has a result but no checkpoint; delete the folder to retrain {method.key}")
+
+    from tqdm.auto import tqdm
+
+    show = ctx.progress and sys.stderr.isatty()
+    lam = method.options.get("lam", method.options.get("lambda"))
+    for task in range(start_task, num_tasks):
+        started = time.perf_counter()
+        torch.manual_seed(_derived_seed(config.seed, "task", task))  # dropout etc.: same stream on resume
+        parts = [(t, 0) for t in range(task + 1)] if method.name == "joint" else [(task, 0)]
+        train = ctx.samples(("train-parts", tuple(parts)), parts)
+        if len(train) == 0:
+            raise ConfigError(f"task {task} has no training samples in {ctx.fact_file.path}")
+        model.train()
+        reg.before_task(model, TaskInfo(index=task, num_samples=len(train)))
+        optimizer = torch.optim.SGD(model.parameters(), lr=config.optim.lr, momentum=config.optim.momentum,
+                                    weight_decay=config.optim.weight_decay)
+        epochs = _task_epochs(config, task)
+        steps_per_epoch = math.ceil(len(train) / config.optim.batch_size)
+        bar = tqdm(total=epochs * steps_per_epoch, desc=f"{method.key} task {task + 1}/{num_tasks}",
+                   disable=not show, leave=False)
+        loss_sum, loss_count = 0.0, 0
+        for epoch in range(epochs):
+            generator = torch.Generator().manual_seed(_derived_seed(config.seed, task, epoch))
+            for images, fact_ids in train.batches(config.optim.batch_size, generator):
+                images, fact_ids = images.to(device), fact_ids.to(device)
+                embedding = model(images)
+                loss = slot_loss(embedding, ctx.targets[fact_ids], ctx.masks[fact_ids], squared=config.loss.squared)
+                if config.loss.contrastive_weight > 0:
+                    loss = loss + config.loss.contrastive_weight * contrastive_loss(
+                        embedding, fact_ids, ctx.targets, temperature=config.loss.temperature)
+                loss = loss + reg.penalty(model, images)
+                if not torch.isfinite(loss):
+                    raise DivergenceError(
+                        f"method {method.key}, task {task}, epoch {epoch}: the loss became {loss.item()}; "
+                        f"lower optim.lr (now {config.optim.lr}) or the method's lam (now {lam})")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.optim.clip_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.clip_grad_norm)
+                optimizer.step()
+                reg.after_step(model)
+                loss_sum += float(loss.detach())
+                loss_count += 1
+                bar.update(1)
+        bar.close()
+        model.eval()
+        reg.after_task(model, _importance_source(ctx, method, task))
+        model.eval()
+        row: list[float | None] = [_evaluate_top5(model, ctx, j) for j in range(task + 1)]
+        row += [None] * (num_tasks - task - 1)
+        accuracy_matrix.append(row)
+        seconds = time.perf_counter() - started
+        wall_time += seconds
+        line = (f"[{method.key}] task {task + 1}/{num_tasks}: {len(train)} samples × {epochs} epochs, "
+                f"mean loss {loss_sum / max(loss_count, 1):.4f}, standard top-5 on tasks 1..{task + 1}: "
+                + " ".join(f"{value:.3f}" for value in row[:task + 1]) + f" ({seconds:.1f} s)")
+        log_lines.append(line)
+        atomic_write_text(log_path, "\n".join(log_lines) + "\n")
+        if ctx.progress:
+            print(line, file=sys.stderr if show else sys.stdout, flush=True)
+        save_checkpoint(checkpoint_path, {
+            "config": state_config, "finished_tasks": task + 1, "model": model.state_dict(),
+            "regularizer": reg.state_dict(), "accuracy_matrix": accuracy_matrix, "wall_time_s": wall_time,
+            "log": log_lines, "rng": torch.get_rng_state(),
+        })
+
+    model.eval()
+    save_checkpoint(method_dir / "model.pt", {
+        "model": model.state_dict(), "model_config": to_dict(config.model), "slot_dim": ctx.slot_dim,
+        "image_size": ctx.image_size, "encoder_name": ctx.fact_file.encoder_name, "fact_file_sha": ctx.fingerprint,
+    })
+    result = {
+        "accuracy_matrix": accuracy_matrix,
+        "avg_top5": average_accuracy(accuracy_matrix),
+        "forgetting": average_forgetting(accuracy_matrix),
+        "bwt": backward_transfer(accuracy_matrix),
+        "final": _final_metrics(model, ctx),
+        "wall_time_s": wall_time,
+    }
+    atomic_write_json(result_path, result)
+    return result
+
+
+def _prepare_folder(config: TrainConfig, out_dir: Path, resume: bool) -> TrainConfig:
+    """Create or check the run folder; return the config whose methods are recorded there."""
+    config_path = out_dir / "config.yaml"
+    if config_path.exists():
+        if not resume:
+            raise RunFolderError(f"{out_dir} already holds a run; pass --resume to continue it or choose a new --out")
+        try:
+            saved = from_dict(TrainConfig, yaml.safe_load(config_path.read_text(encoding="utf-8")), str(config_path))
+        except ConfigError as exc:
+            raise RunFolderError(f"{config_path} is not a readable run config ({exc}); use a new --out") from None
+        for section in ("data", "model", "optim", "loss", "seed"):
+            if to_dict(getattr(saved, section)) != to_dict(getattr(config, section)):
+                raise CheckpointMismatchError(
+                    f"{out_dir} was trained with another {section!r} section; resume with the original config "
+                    "or use a new --out")
+        methods = list(saved.methods) + [m for m in config.methods if m.key not in {s.key for s in saved.methods}]
+        for method in config.methods:
+            old = next(s for s in methods if s.key == method.key)
+            if to_dict(old) != to_dict(method):
+                raise CheckpointMismatchError(
+                    f"method {method.key!r} in {out_dir} was trained with options {old.options}; "
+                    "resume with the original config or give the new setting another label")
+        recorded = dataclasses.replace(config, methods=methods)
+    else:
+        if out_dir.exists() and any(out_dir.iterdir()) and not resume:
+            raise RunFolderError(f"{out_dir} exists and is not empty; choose a new --out (nothing was overwritten)")
+        recorded = config
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(config_path, yaml.safe_dump(to_dict(recorded), sort_keys=False))
+    atomic_write_json(out_dir / "versions.json", package_versions())
+    return recorded
+
+
+def train_run(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True) -> dict:
+    """Train every method of ``config`` task by task into the run folder ``out_dir``; return
+    the results dictionary also written to ``RUN/results.json`` (schema in the module docs of
+    :mod:`triplets.evaluate`: per method the accuracy matrix R, ``avg_top5``, ``forgetting``,
+    ``bwt``, ``final`` metrics and ``wall_time_s``; accuracies are fractions in [0, 1])."""
+    config = dataclasses.replace(config, data=dataclasses.replace(
+        config.data, fact_file=str(Path(config.data.fact_file).expanduser().resolve())))
+    config.validate()
+    out_dir = Path(out_dir)
+    fact_file = _open_fact_file(config.data.fact_file)
+    try:
+        _check_fact_file(fact_file)
+        embeddings = torch.as_tensor(np.asarray(fact_file.fact_embeddings), dtype=torch.float32)
+        slot_dim = embeddings.shape[1] // 3
+        device = resolve_device(config.device)
+        ctx = _Context(
+            config=config, fact_file=fact_file, device=device,
+            targets=slot_targets(embeddings, unit_norm=config.loss.unit_norm_targets).to(device),
+            masks=torch.as_tensor(np.asarray(fact_file.slot_masks), dtype=torch.float32).to(device),
+            slot_dim=slot_dim, image_size=int(fact_file.image_size),
+            fingerprint=fact_file_fingerprint(fact_file), progress=progress,
+        )
+        build_model(config.model, slot_dim, ctx.image_size)  # fail fast on a bad model config
+        for method in config.methods:
+            _make_regularizer(method, None)  # fail fast on an unknown method or bad options
+        recorded = _prepare_folder(config, out_dir, resume)
+        for method in config.methods:
+            _train_method(ctx, method, out_dir / method.key)
+        results = collect_results(out_dir, recorded, fact_file)
+        _write_index(out_dir, recorded, ctx)
+        return results
+    finally:
+        fact_file.close()
+
+
+def collect_results(out_dir: Path, config: TrainConfig, fact_file) -> dict:
+    """Gather every finished method's ``result.json`` into ``RUN/results.json`` and write the
+    Markdown table and plots (:func:`triplets.report.write_report`)."""
+    methods: dict[str, Any] = {}
+    for method in config.methods:
+        path = out_dir / method.key / "result.json"
+        if path.exists():
+            methods[method.key] = json.loads(path.read_text(encoding="utf-8"))
+    tasks = []
+    for task in range(fact_file.num_tasks):
+        tasks.append({
+            "index": task,
+            "num_facts": int(len(fact_file.facts_of_task(task))),
+            "num_train": int(len(fact_file.sample_indices(task=task, split=0))),
+            "num_test": int(len(fact_file.sample_indices(task=task, split=1))),
+        })
+    results = {"methods": methods, "tasks": tasks, "config": to_dict(config)}
+    atomic_write_json(out_dir / "results.json", results)
+    from .report import write_report
+
+    write_report(results, out_dir)
+    return results
+
+
+def _write_index(out_dir: Path, config: TrainConfig, ctx: _Context) -> None:
+    """Save the FAISS indexes of every finished method (see :func:`build_run_indexes`)."""
+    if config.eval.index == "none":
+        return
+    for method in config.methods:
+        model_path = out_dir / method.key / "model.pt"
+        if not model_path.exists():
+            continue
+        state = load_checkpoint(model_path, map_location="cpu")
+        model = build_model(config.model, ctx.slot_dim, ctx.image_size)
+        model.load_state_dict(state["model"])
+        build_run_indexes(out_dir / method.key / "index", model.eval(), ctx.fact_file, kind=config.eval.index,
+                          device=str(ctx.device), batch_size=config.eval.batch_size)
+
+
+def build_run_indexes(index_dir: str | Path, model: FactEmbeddingNet, fact_file, *, kind: str = "flat",
+                      device: str = "cpu", batch_size: int = 256) -> dict[str, Path]:
+    """Write ``index_dir/facts.faiss`` (the fact file's language vectors, ids = fact ids) and
+    ``index_dir/images.faiss`` (the model's embeddings of all test images, ids = sample
+    indices), each with its ``.json`` sidecar. Both carry ``model_fingerprint(model)``, so
+    :func:`triplets.index.load_index` with the fingerprint of another model refuses them.
+    Small sets fall back to a flat index (IVF needs ≥ 39 vectors per cell)."""
+    from .evaluate import embed_images
+    from .index import build_index, model_fingerprint
+
+    index_dir = Path(index_dir)
+    fingerprint = model_fingerprint(model)
+    fact_vectors = np.asarray(fact_file.fact_embeddings, dtype=np.float32)
+    test_indices = fact_file.sample_indices(None, "test")
+    image_vectors, _ = embed_images(model, fact_file.dataset(None, "test"), batch_size=batch_size, device=device)
+    written = {}
+    for name, vectors, ids in (("facts", fact_vectors, np.arange(len(fact_vectors))),
+                               ("images", image_vectors, test_indices)):
+        chosen = kind if kind == "flat" or len(vectors) >= 39 * 4 else "flat"
+        index = build_index(vectors, kind=chosen, ids=ids, fingerprint=fingerprint, use_gpu="auto",
+                            metadata={"contents": name, "encoder_name": fact_file.encoder_name,
+                                      "fact_file_sha": fact_file_fingerprint(fact_file)})
+        written[name] = index.save(index_dir / f"{name}.faiss")
+    return written
+
+
+# ----------------------------------------------------------------------------- reading a run back
+@dataclass
+class Run:
+    """A finished (or partly finished) run folder, opened for evaluation and queries."""
+
+    dir: Path
+    config: TrainConfig
+    methods: list[str]
+    fact_file: Any
+
+    def load_model(self, method: str, *, device: str | torch.device = "cpu") -> FactEmbeddingNet:
+        """The final model of ``method`` in eval mode. Raises RunFolderError if the method has
+        no final model or was trained on a fact file with another vocabulary."""
+        if method not in self.methods:
+            import difflib
+
+            close = difflib.get_close_matches(method, self.methods, n=1, cutoff=0.0)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise RunFolderError(f"{self.dir} has no trained method {method!r}{hint} (trained: {', '.join(self.methods)})")
+        path = self.dir / method / "model.pt"
+        try:
+            state = load_checkpoint(path, map_location=device)
+        except (CheckpointMismatchError, FileNotFoundError) as exc:
+            raise RunFolderError(f"cannot read {path} ({exc}); retrain with `mas-triplets train --resume`") from None
+        if state.get("fact_file_sha") != fact_file_fingerprint(self.fact_file):
+            raise RunFolderError(
+                f"{self.fact_file.path} has another fact vocabulary than the one {method!r} in {self.dir} was "
+                "trained on; use the run's own fact file")
+        model_config = from_dict(ModelConfig, state["model_config"], f"{path}: model_config")
+        model = build_model(model_config, int(state["slot_dim"]), int(state["image_size"]))
+        model.load_state_dict(state["model"])
+        return model.to(device).eval()
+
+    def close(self) -> None:
+        """Close the fact file."""
+        self.fact_file.close()
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """Open the run folder ``run_dir``. Raises RunFolderError for a folder that is not a run,
+    has no finished method, or whose fact file is gone."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise RunFolderError(f"{run_dir} is not a run folder (no config.yaml); train one with `mas-triplets train`")
+    try:
+        config = from_dict(TrainConfig, yaml.safe_load(config_path.read_text(encoding="utf-8")), str(config_path))
+    except (ConfigError, yaml.YAMLError) as exc:
+        raise RunFolderError(f"{config_path} is not a valid run config ({str(exc).splitlines()[0]})") from None
+    methods = [m.key for m in config.methods if (run_dir / m.key / "model.pt").is_file()]
+    if not methods:
+        raise RunFolderError(f"{run_dir} has no finished method yet; finish it with `mas-triplets train --resume`")
+    if not Path(config.data.fact_file).is_file():
+        raise RunFolderError(f"the run's fact file {config.data.fact_file} is gone; restore it to use {run_dir}")
+    return Run(dir=run_dir, config=config, methods=methods, fact_file=_open_fact_file(config.data.fact_file))
