@@ -124,7 +124,11 @@ def main() -> int:
     parser.add_argument("--cnn-samples", type=int, default=1000, help="samples for the CNN")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--no-vmap", action="store_true", help="skip the plain-vmap reference")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (default 1: on a shared 2-core machine, 2 OpenMP "
+                             "threads spin-wait on each other and small ops run ~10x slower)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     mlp_report = bench_model("mlp", make_mlp(), torch.randn(args.samples, 1, 28, 28), args.batch_size,
                              args.repeats, not args.no_vmap)

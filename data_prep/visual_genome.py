@@ -50,7 +50,7 @@ import numpy as np
 from .errors import DataPrepError, MissingDatasetError
 from .facts_h5 import FORMAT_VERSION, Fact, fact_order, write_fact_file
 from .splits import filter_rare_facts, format_task_table, random_split, semantic_split, task_statistics
-from .text_clean import AliasMap, clean_phrase
+from .text_clean import AliasMap
 
 EmbedFn = Callable[[list[Fact]], Any]
 
@@ -105,32 +105,87 @@ class PrepareReport:
 
 # ---------------------------------------------------------------------------- collecting samples
 class FactCollector:
-    """Interns facts and accumulates samples in compact arrays (fact, image id, box x,y,w,h)."""
+    """Accumulates samples in compact arrays while streaming.
+
+    A sample is three phrase ids (subject, predicate/attribute, object; -1 = absent slot),
+    an image id and a box x, y, w, h: 28 bytes. Facts are not interned one by one (a
+    Visual Genome dump holds about a million distinct facts, most of them seen once);
+    :meth:`fact_table` finds the distinct facts with numpy at the end. Phrase id 0 is
+    reserved for the empty phrase ("nothing left after cleaning").
+    """
 
     def __init__(self) -> None:
-        self.fact_ids: dict[Fact, int] = {}
-        self.facts: list[Fact] = []
-        self.sample_fact = array.array("i")
+        self.phrases: list[str] = [""]
+        self.phrase_ids: dict[str, int] = {"": 0}
+        self.sample_subject = array.array("i")
+        self.sample_predicate = array.array("i")
+        self.sample_object = array.array("i")
         self.sample_image = array.array("q")
         self.sample_box = array.array("f")
         self.sample_split = array.array("b")
         self.dropped: Counter[str] = Counter()
         self.notes: Counter[str] = Counter()
 
-    def add(self, fact: Fact, image_id: int, x: float, y: float, w: float, h: float, split: int = -1) -> None:
-        """Record one sample of ``fact`` in image ``image_id`` with region box x, y, w, h (pixels)."""
-        fact_id = self.fact_ids.get(fact)
-        if fact_id is None:
-            fact_id = len(self.facts)
-            self.fact_ids[fact] = fact_id
-            self.facts.append(fact)
-        self.sample_fact.append(fact_id)
+    def phrase_id(self, phrase: str) -> int:
+        """Id of the (cleaned) phrase, added to the table on first sight; 0 for ``""``."""
+        phrase_id = self.phrase_ids.get(phrase)
+        if phrase_id is None:
+            phrase_id = self.phrase_ids[phrase] = len(self.phrases)
+            self.phrases.append(phrase)
+        return phrase_id
+
+    def add_ids(self, subject: int, predicate: int, obj: int, image_id: int, x: float, y: float, w: float, h: float,
+                split: int = -1) -> None:
+        """Record one sample by phrase ids (-1 for an absent slot); ``split`` -1 means "decide later"."""
+        self.sample_subject.append(subject)
+        self.sample_predicate.append(predicate)
+        self.sample_object.append(obj)
         self.sample_image.append(image_id)
         self.sample_box.extend((x, y, w, h))
         self.sample_split.append(split)
 
+    def add(self, fact: Fact, image_id: int, x: float, y: float, w: float, h: float, split: int = -1) -> None:
+        """Record one sample of ``fact`` (cleaned strings) in image ``image_id`` with region box x, y, w, h."""
+        subject, predicate, obj = fact
+        self.add_ids(self.phrase_id(subject), -1 if predicate is None else self.phrase_id(predicate),
+                     -1 if obj is None else self.phrase_id(obj), image_id, x, y, w, h, split)
+
     def __len__(self) -> int:
-        return len(self.sample_fact)
+        return len(self.sample_subject)
+
+    def fact_table(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(slots int64 [U, 3], sample_fact int64 [N])``: the distinct (s, p, o) phrase-id triples and each sample's row."""
+        subjects = np.frombuffer(self.sample_subject, dtype=np.int32)
+        predicates = np.frombuffer(self.sample_predicate, dtype=np.int32)
+        objects = np.frombuffer(self.sample_object, dtype=np.int32)
+        if len(subjects) == 0:
+            return np.zeros((0, 3), dtype=np.int64), np.zeros(0, dtype=np.int64)
+        base = len(self.phrases) + 1
+        if base ** 3 < 2 ** 62:
+            # pack (s, p, o) into one int64 key; -1 (absent) becomes 0
+            keys = subjects.astype(np.int64)
+            keys += 1
+            keys *= base
+            keys += predicates
+            keys += 1
+            keys *= base
+            keys += objects
+            keys += 1
+            unique_keys, sample_fact = np.unique(keys, return_inverse=True)
+            del keys
+            unique = np.stack([unique_keys // (base * base) - 1, (unique_keys // base) % base - 1,
+                               unique_keys % base - 1], axis=1)
+        else:  # more than ~1.6M distinct phrases: compare rows instead of packed keys
+            slots = np.stack([subjects, predicates, objects], axis=1)
+            unique, sample_fact = np.unique(slots, axis=0, return_inverse=True)
+            unique = unique.astype(np.int64)
+        return unique, sample_fact.reshape(-1).astype(np.int64, copy=False)
+
+    def fact(self, slots: Sequence[int]) -> Fact:
+        """The fact tuple of one row of :meth:`fact_table`."""
+        subject, predicate, obj = (int(v) for v in slots)
+        phrases = self.phrases
+        return (phrases[subject], phrases[predicate] if predicate >= 0 else None, phrases[obj] if obj >= 0 else None)
 
 
 # ---------------------------------------------------------------------------- JSON streaming
@@ -213,38 +268,42 @@ def _box(record: dict[str, Any]) -> tuple[float, float, float, float] | None:
     return float(x), float(y), float(w), float(h)
 
 
-class _CachedCleaner:
-    """clean_phrase + alias mapping, memoised on the raw string (VG repeats its strings millions of times)."""
+class _PhraseIds:
+    """raw string -> phrase id of its cleaned, alias-mapped form (0: nothing left), memoised on the raw string.
 
-    def __init__(self, aliases: AliasMap) -> None:
+    Visual Genome repeats the same few hundred thousand strings millions of times, so
+    the cleaning rule runs once per distinct raw string.
+    """
+
+    def __init__(self, aliases: AliasMap, collector: FactCollector) -> None:
         self.aliases = aliases
-        self.cache: dict[str, str] = {}
+        self.collector = collector
+        self.cache: dict[str, int] = {}
 
-    def __call__(self, raw: object) -> str:
-        if not isinstance(raw, str):
-            return ""
-        cleaned = self.cache.get(raw)
-        if cleaned is None:
-            cleaned = self.aliases.clean(raw)
-            if len(self.cache) < 2_000_000:
-                self.cache[raw] = cleaned
-        return cleaned
+    def __call__(self, raw: object) -> int:
+        if raw.__class__ is not str:
+            return 0
+        phrase_id = self.cache.get(raw)  # type: ignore[arg-type]
+        if phrase_id is None:
+            phrase_id = self.collector.phrase_id(self.aliases.clean(raw))
+            if len(self.cache) < 4_000_000:
+                self.cache[raw] = phrase_id  # type: ignore[index]
+        return phrase_id
 
-
-def _object_name(obj: dict[str, Any], clean: _CachedCleaner) -> str:
-    """The cleaned name of an object record: ``name`` (string) or the first usable entry of ``names`` (list)."""
-    name = clean(obj.get("name"))
-    if name:
-        return name
-    names = obj.get("names")
-    if isinstance(names, str):
-        return clean(names)
-    if isinstance(names, list):
-        for candidate in names:
-            name = clean(candidate)
-            if name:
-                return name
-    return ""
+    def name_of(self, obj: dict[str, Any]) -> int:
+        """Phrase id of an object record's name: ``name`` (a string) or the first usable entry of ``names`` (a list)."""
+        phrase_id = self(obj.get("name"))
+        if phrase_id:
+            return phrase_id
+        names = obj.get("names")
+        if isinstance(names, str):
+            return self(names)
+        if isinstance(names, list):
+            for candidate in names:
+                phrase_id = self(candidate)
+                if phrase_id:
+                    return phrase_id
+        return 0
 
 
 def _merged_ids(objects: Iterable[Any]) -> set[int]:
@@ -280,7 +339,7 @@ def read_image_data(path: Path, *, progress: bool = False) -> dict[int, tuple[in
     return table
 
 
-def _collect_objects(path: Path, collector: FactCollector, clean: _CachedCleaner, progress: bool) -> None:
+def _collect_objects(path: Path, collector: FactCollector, names: _PhraseIds, progress: bool) -> None:
     drop = collector.dropped
     for record in stream_json_array(path, progress=progress, description="objects.json"):
         image_id = _image_id(record)
@@ -300,15 +359,15 @@ def _collect_objects(path: Path, collector: FactCollector, clean: _CachedCleaner
             if box is None:
                 drop["objects: missing or malformed box"] += 1
                 continue
-            name = _object_name(obj, clean)
+            name = names.name_of(obj)
             if not name:
                 drop["objects: no name"] += 1
                 continue
-            collector.add((name, None, None), image_id, *box)
+            collector.add_ids(name, -1, -1, image_id, *box)
 
 
-def _collect_attributes(path: Path, collector: FactCollector, clean_object: _CachedCleaner,
-                        clean_attribute: _CachedCleaner, progress: bool) -> None:
+def _collect_attributes(path: Path, collector: FactCollector, names: _PhraseIds, attributes: _PhraseIds,
+                        progress: bool) -> None:
     drop = collector.dropped
     for record in stream_json_array(path, progress=progress, description="attributes.json"):
         image_id = _image_id(record)
@@ -336,51 +395,35 @@ def _collect_attributes(path: Path, collector: FactCollector, clean_object: _Cac
             if box is None:
                 drop["attributes: missing or malformed box"] += len(raw_attributes)
                 continue
-            name = _object_name(obj, clean_object)
+            name = names.name_of(obj)
             if not name:
                 drop["attributes: object without name"] += len(raw_attributes)
                 continue
-            seen: set[str] = set()
+            seen: set[int] = set()
             for raw in raw_attributes:
-                attribute = clean_attribute(raw)
+                attribute = attributes(raw)
                 if not attribute:
                     drop["attributes: empty after cleaning"] += 1
                 elif attribute in seen:
                     drop["attributes: duplicate on the same object"] += 1
                 else:
                     seen.add(attribute)
-                    collector.add((name, attribute, None), image_id, *box)
+                    collector.add_ids(name, attribute, -1, image_id, *box)
 
 
-def _fast_name(end: dict[str, Any], cache: dict[str, str], clean: _CachedCleaner) -> str:
-    """Cleaned name of a subject/object: a memo lookup when ``name`` is a known string, else the full rule."""
-    raw = end.get("name")
-    if raw is None:
-        names = end.get("names")
-        if names.__class__ is list and names:
-            raw = names[0]
-    if raw.__class__ is str:
-        name = cache.get(raw)
-        if name is None:
-            name = clean(raw)
-        if name:
-            return name
-    return _object_name(end, clean)
-
-
-def _collect_relationships(path: Path, collector: FactCollector, clean_object: _CachedCleaner,
-                           clean_predicate: _CachedCleaner, progress: bool) -> int:
+def _collect_relationships(path: Path, collector: FactCollector, names: _PhraseIds, predicates: _PhraseIds,
+                           progress: bool) -> int:
     """Stream relationships.json into ``collector``; return the number of relationships read.
 
-    This is the hot loop of a 2.3M-relationship dump, so it inlines the box and name
-    rules of :func:`_box` / :func:`_object_name` (same results) and the collector's append.
+    This is the hot loop of a 2.3M-relationship dump, so it inlines the memo lookups of
+    :class:`_PhraseIds`, the box rule of :func:`_box` (same results) and the collector's appends.
     """
     drop = collector.dropped
     total = 0
-    fact_ids, facts = collector.fact_ids, collector.facts
-    append_fact, append_image = collector.sample_fact.append, collector.sample_image.append
+    append_subject, append_predicate = collector.sample_subject.append, collector.sample_predicate.append
+    append_object, append_image = collector.sample_object.append, collector.sample_image.append
     extend_box, append_split = collector.sample_box.extend, collector.sample_split.append
-    object_cache, predicate_cache = clean_object.cache, clean_predicate.cache
+    name_cache, predicate_cache = names.cache, predicates.cache
     for record in stream_json_array(path, progress=progress, description="relationships.json"):
         image_id = _image_id(record)
         relationships = record.get("relationships") if isinstance(record, dict) else None
@@ -392,47 +435,48 @@ def _collect_relationships(path: Path, collector: FactCollector, clean_object: _
             try:
                 subject = relationship["subject"]
                 obj = relationship["object"]
-                raw_predicate = relationship["predicate"]
+                raw = relationship["predicate"]
             except (KeyError, TypeError):
                 drop["relationships: malformed or missing subject, object or predicate"] += 1
                 continue
             if subject.__class__ is not dict or obj.__class__ is not dict:
                 drop["relationships: malformed or missing subject, object or predicate"] += 1
                 continue
-            predicate = predicate_cache.get(raw_predicate) if raw_predicate.__class__ is str else None
+            predicate = predicate_cache.get(raw) if raw.__class__ is str else None
             if predicate is None:
-                predicate = clean_predicate(raw_predicate)
+                predicate = predicates(raw)
             if not predicate:
                 drop["relationships: no predicate"] += 1
                 continue
-            subject_name = _fast_name(subject, object_cache, clean_object)
+            raw = subject.get("name")
+            subject_name = name_cache.get(raw) if raw.__class__ is str else None
             if not subject_name:
-                drop["relationships: subject without name"] += 1
-                continue
-            object_name = _fast_name(obj, object_cache, clean_object)
+                subject_name = names.name_of(subject)
+                if not subject_name:
+                    drop["relationships: subject without name"] += 1
+                    continue
+            raw = obj.get("name")
+            object_name = name_cache.get(raw) if raw.__class__ is str else None
             if not object_name:
-                drop["relationships: object without name"] += 1
-                continue
+                object_name = names.name_of(obj)
+                if not object_name:
+                    drop["relationships: object without name"] += 1
+                    continue
             try:
-                sx, sy = float(subject["x"]), float(subject["y"])
-                sx1, sy1 = sx + float(subject["w"]), sy + float(subject["h"])
-                ox, oy = float(obj["x"]), float(obj["y"])
-                ox1, oy1 = ox + float(obj["w"]), oy + float(obj["h"])
-            except (KeyError, TypeError, ValueError):
+                sx, sy, ox, oy = subject["x"], subject["y"], obj["x"], obj["y"]
+                sx1, sy1 = sx + subject["w"], sy + subject["h"]
+                ox1, oy1 = ox + obj["w"], oy + obj["h"]
+                x0 = sx if sx < ox else ox
+                y0 = sy if sy < oy else oy
+                box = (x0, y0, (sx1 if sx1 > ox1 else ox1) - x0, (sy1 if sy1 > oy1 else oy1) - y0)
+                extend_box(box)  # a non-numeric coordinate raised TypeError above, before anything is appended
+            except (KeyError, TypeError):
                 drop["relationships: missing or malformed box"] += 1
                 continue
-            x0 = sx if sx < ox else ox
-            y0 = sy if sy < oy else oy
-            x1 = sx1 if sx1 > ox1 else ox1
-            y1 = sy1 if sy1 > oy1 else oy1
-            fact = (subject_name, predicate, object_name)
-            fact_id = fact_ids.get(fact)
-            if fact_id is None:
-                fact_id = fact_ids[fact] = len(facts)
-                facts.append(fact)
-            append_fact(fact_id)
+            append_subject(subject_name)
+            append_predicate(predicate)
+            append_object(object_name)
             append_image(image_id)
-            extend_box((x0, y0, x1 - x0, y1 - y0))
             append_split(-1)
     return total
 
@@ -603,11 +647,12 @@ def finish_prepare(
     """
     dropped = collector.dropped
     notes = collector.notes
-    sample_fact = np.frombuffer(collector.sample_fact, dtype=np.int32).astype(np.int64)
-    sample_image = np.frombuffer(collector.sample_image, dtype=np.int64).copy()
-    sample_box = np.frombuffer(collector.sample_box, dtype=np.float32).reshape(-1, 4).copy()
-    sample_split = np.frombuffer(collector.sample_split, dtype=np.int8).copy()
-    num_raw_facts = len(collector.facts)
+    fact_slots, sample_fact = collector.fact_table()
+    num_raw_facts = len(fact_slots)
+    collector.sample_subject = collector.sample_predicate = collector.sample_object = array.array("i")
+    sample_image = np.frombuffer(collector.sample_image, dtype=np.int64)
+    sample_box = np.frombuffer(collector.sample_box, dtype=np.float32).reshape(-1, 4)
+    sample_split = np.frombuffer(collector.sample_split, dtype=np.int8)
     collected = len(sample_fact)
 
     # -- image sizes: decoded images (trusted) or image_data
@@ -627,23 +672,30 @@ def finish_prepare(
     if (~keep).sum():
         dropped[reason_unknown] += int((~keep).sum())
 
-    # -- clip boxes to the (decoded) image
-    width, height = width_of[position], height_of[position]
-    x0 = np.clip(sample_box[:, 0], 0, width)
-    y0 = np.clip(sample_box[:, 1], 0, height)
-    x1 = np.clip(sample_box[:, 0] + sample_box[:, 2], 0, width)
-    y1 = np.clip(sample_box[:, 1] + sample_box[:, 3], 0, height)
-    clipped_box = np.stack([x0, y0, x1 - x0, y1 - y0], axis=1).astype(np.float32)
-    was_clipped = keep & np.any(np.abs(clipped_box - sample_box) > 1e-3, axis=1)
+    # -- clip boxes to the (decoded) image, column by column (bounded temporaries)
+    clipped_box = np.empty_like(sample_box)
+    changed = np.zeros(len(sample_box), dtype=bool)
+    for start_column, size_column, limit in ((0, 2, width_of[position]), (1, 3, height_of[position])):
+        low = np.clip(sample_box[:, start_column], 0, limit)
+        high = np.clip(sample_box[:, start_column] + sample_box[:, size_column], 0, limit)
+        clipped_box[:, start_column] = low
+        clipped_box[:, size_column] = high - low
+        changed |= np.abs(low - sample_box[:, start_column]) > 1e-3
+        changed |= np.abs(clipped_box[:, size_column] - sample_box[:, size_column]) > 1e-3
+        del low, high, limit
+    del position
     empty = keep & ((clipped_box[:, 2] < 1) | (clipped_box[:, 3] < 1))
-    notes["boxes clipped to the image"] += int((was_clipped & ~empty).sum())
+    notes["boxes clipped to the image"] += int((keep & changed & ~empty).sum())
     if empty.sum():
         dropped["samples whose box is empty inside the image"] += int(empty.sum())
     keep &= ~empty
-    sample_box = clipped_box
+    del changed, empty
 
     sample_fact, sample_image, sample_box, sample_split = (
-        sample_fact[keep], sample_image[keep], sample_box[keep], sample_split[keep])
+        sample_fact[keep], sample_image[keep], clipped_box[keep], sample_split[keep])
+    del clipped_box, keep
+    collector.sample_image, collector.sample_box = array.array("q"), array.array("f")
+    collector.sample_split = array.array("b")
 
     # -- train/test split
     if not split_given:
@@ -665,13 +717,14 @@ def finish_prepare(
 
     # -- fact ids: sorted by (order, subject, predicate, object)
     kept_raw = np.flatnonzero(frequent & present)
-    sort_key = [(fact_order(collector.facts[i]), collector.facts[i][0], collector.facts[i][1] or "",
-                 collector.facts[i][2] or "") for i in kept_raw.tolist()]
-    ranked = kept_raw[sorted(range(len(kept_raw)), key=sort_key.__getitem__)] if len(kept_raw) else kept_raw
+    kept_facts = [collector.fact(fact_slots[i]) for i in kept_raw.tolist()]
+    sort_key = [(fact_order(fact), fact[0], fact[1] or "", fact[2] or "") for fact in kept_facts]
+    ranking = sorted(range(len(kept_raw)), key=sort_key.__getitem__)
     new_id = np.full(num_raw_facts, -1, dtype=np.int64)
-    new_id[ranked] = np.arange(len(ranked))
-    facts: list[Fact] = [collector.facts[i] for i in ranked.tolist()]
+    new_id[kept_raw[ranking]] = np.arange(len(ranking))
+    facts: list[Fact] = [kept_facts[i] for i in ranking]
     sample_fact = new_id[sample_fact]
+    del new_id, fact_slots
     if not facts:
         raise DataPrepError(
             f"no fact is left after filtering ({collected} samples collected); lower --min-fact-count or check "
@@ -787,20 +840,19 @@ def prepare_visual_genome(
     object_aliases = AliasMap.from_file(files["object_alias.txt"]) if files["object_alias.txt"].is_file() else AliasMap()
     predicate_aliases = (AliasMap.from_file(files["relationship_alias.txt"])
                          if files["relationship_alias.txt"].is_file() else AliasMap())
-    clean_object = _CachedCleaner(object_aliases)
-    clean_predicate = _CachedCleaner(predicate_aliases)
-    clean_attribute = _CachedCleaner(AliasMap())
-
     listed_sizes = read_image_data(files["image_data.json"], progress=progress)
     collector = FactCollector()
+    names = _PhraseIds(object_aliases, collector)
+    predicates = _PhraseIds(predicate_aliases, collector)
+    attributes = _PhraseIds(AliasMap(), collector)
     relationships_read = 0
     if 1 in chosen_orders:
-        _collect_objects(files["objects.json"], collector, clean_object, progress)
+        _collect_objects(files["objects.json"], collector, names, progress)
     if use_attributes:
-        _collect_attributes(files["attributes.json"], collector, clean_object, clean_attribute, progress)
+        _collect_attributes(files["attributes.json"], collector, names, attributes, progress)
     if 3 in chosen_orders:
-        relationships_read = _collect_relationships(files["relationships.json"], collector, clean_object,
-                                                    clean_predicate, progress)
+        relationships_read = _collect_relationships(files["relationships.json"], collector, names, predicates,
+                                                    progress)
     image_paths = None if no_images else index_image_files(vg_dir / folder for folder in IMAGE_FOLDERS)
     used = {name: path for name, path in files.items()
             if path.is_file() and (name != "attributes.json" or use_attributes)

@@ -37,9 +37,10 @@ standard layer does):
    are formed) gives ``Δ = ∂ Σ_k s_k / ∂Y`` whose row ``k`` is ``∂ s_k / ∂y_k``.
    Then, for a Linear applied once to a 2-D input,
    ``Σ_k |δ_k a_kᵀ| = |Δ|ᵀ |A|`` and the bias gets ``Σ_k |δ_k|``; for a Conv2d the
-   per-sample gradient ``δ_k U_kᵀ`` (``U_k`` = unfolded input patches) is formed for
-   a bounded chunk of samples at a time (``bmm``); for BatchNorm in eval mode the
-   per-sample gradients are ``Σ_positions δ·x̂`` and ``Σ_positions δ``.
+   per-sample weight gradients are formed for a bounded chunk of samples at a time by
+   one weight-gradient convolution that runs the samples as extra groups (much faster
+   than ``unfold`` on CPU); for BatchNorm in eval mode the per-sample gradients are
+   ``Σ_positions δ·x̂`` and ``Σ_positions δ``.
 2. A module qualifies only if it was called exactly once in the batch, its input
    has the batch as first dimension (2-D for Linear, 4-D for Conv2d), and each of
    its trainable parameters is used exactly once in the autograd graph (so weight
@@ -93,7 +94,7 @@ LossFn = Callable[[nn.Module, Any], Tensor]
 MAS_MODES = ("exact", "batch")
 
 # Upper bound on the number of tensor elements a chunk of per-sample work may
-# materialise (per-sample gradients in the fallback, unfolded patches for Conv2d).
+# materialise (per-sample gradients in the fallback and for Conv2d weights).
 _ELEMENT_BUDGET = 2**24
 
 _Elementwise = Callable[[Tensor], Tensor]
@@ -199,8 +200,8 @@ def hebbian_importance(
 
         Ω[W]_{o,c,u,v} = (2/N) Σ_k Σ_p |y_{o,p}^k x_{c,p+(u,v)}^k|     Ω[b]_o = (2/N) Σ_k Σ_p |y_{o,p}^k|
 
-    computed as ``|Y| @ |unfold(X)|ᵀ`` with samples and positions merged into one
-    matrix product. A Linear over a sequence sums over positions in the same way, and a
+    computed as the weight gradient of a convolution with input ``|X|`` (padded as the
+    layer pads it) and output gradient ``|Y|``, summed over samples and positions at once. A Linear over a sequence sums over positions in the same way, and a
     module applied several times per sample sums over its applications (each one is a
     co-activation event). Parameters of every other module type (BatchNorm, embeddings,
     free parameters) get zero importance; they are still present in the result.
@@ -208,7 +209,9 @@ def hebbian_importance(
     """
     trainable = _trainable_parameters(model)
     sums = {name: torch.zeros_like(parameter) for name, parameter in trainable.items()}
-    layers = [layer for layer in _discover_layers(model, trainable) if layer.kind in ("linear", "conv2d")]
+    layers = [
+        layer for layer in _discover_layers(model, trainable, exclusive=False) if layer.kind in ("linear", "conv2d")
+    ]
 
     def make_hook(layer: _Layer) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
@@ -414,7 +417,9 @@ def _layer_kind(module: nn.Module) -> str | None:
     return None
 
 
-def _discover_layers(model: nn.Module, trainable: dict[str, nn.Parameter]) -> list[_Layer]:
+def _discover_layers(model: nn.Module, trainable: dict[str, nn.Parameter], *, exclusive: bool = True) -> list[_Layer]:
+    """Linear/Conv2d/affine-BatchNorm modules with trainable parameters; with ``exclusive``,
+    only parameters owned by that one module are listed (shared ones need the fallback)."""
     name_of = {id(p): name for name, p in trainable.items()}
     owners: dict[int, int] = {}
     for module in model.modules():
@@ -428,7 +433,7 @@ def _discover_layers(model: nn.Module, trainable: dict[str, nn.Parameter]) -> li
         names = {}
         for attribute in ("weight", "bias"):
             parameter = getattr(module, attribute, None)
-            if isinstance(parameter, Tensor) and id(parameter) in name_of and owners[id(parameter)] == 1:
+            if isinstance(parameter, Tensor) and id(parameter) in name_of and (owners[id(parameter)] == 1 or not exclusive):
                 names[attribute] = name_of[id(parameter)]
         if names:
             layers.append(_Layer(module, kind, names))
@@ -456,9 +461,29 @@ def _count_parameter_uses(root: Tensor) -> dict[int, int]:
     return uses
 
 
-def _conv_unfold(module: nn.Conv2d, layer_input: Tensor) -> Tensor:
-    """Input patches of a Conv2d, ``[batch, in_channels·kh·kw, positions]``, padding
-    applied exactly as ``nn.Conv2d`` does (any ``padding_mode``, ``"same"``/``"valid"``)."""
+def _nearby_leaves(node: Any, depth: int = 2) -> set[int]:
+    """``id`` of the leaves within ``depth`` autograd edges of ``node`` (a layer's own
+    parameters: Conv/BatchNorm at 1, a Linear weight behind its transpose at 2)."""
+    found: set[int] = set()
+    frontier = [node]
+    for _ in range(depth):
+        following = []
+        for current in frontier:
+            for next_node, _ in getattr(current, "next_functions", ()):
+                if next_node is None:
+                    continue
+                variable = getattr(next_node, "variable", None)
+                if variable is not None:
+                    found.add(id(variable))
+                else:
+                    following.append(next_node)
+        frontier = following
+    return found
+
+
+def _conv_padded_input(module: nn.Conv2d, layer_input: Tensor) -> Tensor:
+    """The input of a Conv2d padded exactly as ``nn.Conv2d`` pads it (any ``padding_mode``,
+    ``"same"``/``"valid"``), so that the convolution itself runs with padding 0."""
     kernel = module.kernel_size
     if isinstance(module.padding, str):
         pads: list[int] = []
@@ -470,10 +495,28 @@ def _conv_unfold(module: nn.Conv2d, layer_input: Tensor) -> Tensor:
                 pads += [0, 0]
     else:
         pads = [module.padding[1], module.padding[1], module.padding[0], module.padding[0]]
-    if any(pads):
-        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        layer_input = F.pad(layer_input, pads, mode=mode)
-    return F.unfold(layer_input, kernel, dilation=module.dilation, padding=0, stride=module.stride)
+    if not any(pads):
+        return layer_input
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    return F.pad(layer_input, pads, mode=mode)
+
+
+def _conv_weight_gradient(module: nn.Conv2d, padded_input: Tensor, grad_output: Tensor, *, per_sample: bool) -> Tensor:
+    """``∂/∂W`` of ``⟨grad_output, conv(padded_input)⟩``: summed over the batch, or per sample
+    (``[batch, *weight.shape]``, by running the batch as extra convolution groups)."""
+    weight_shape = module.weight.shape
+    if not per_sample:
+        return torch.nn.grad.conv2d_weight(
+            padded_input, weight_shape, grad_output, module.stride, 0, module.dilation, module.groups
+        )
+    size = padded_input.shape[0]
+    grads = torch.nn.grad.conv2d_weight(
+        padded_input.reshape(1, -1, *padded_input.shape[2:]),
+        (size * weight_shape[0], *weight_shape[1:]),
+        grad_output.reshape(1, -1, *grad_output.shape[2:]),
+        module.stride, 0, module.dilation, module.groups * size,
+    )
+    return grads.reshape(size, *weight_shape)
 
 
 def _chunk(total: int, per_sample_elements: int, requested: int | None = None) -> int:
@@ -496,26 +539,17 @@ def _exact_accumulate(layer: _Layer, layer_input: Tensor, grad: Tensor, phi: _El
             sums[names["bias"]] += phi(grad).sum(dim=0)
         return
     if layer.kind == "conv2d":
-        out_channels, groups = module.out_channels, module.groups
-        grad = grad.reshape(size, out_channels, -1)
         if "bias" in names:
-            sums[names["bias"]] += phi(grad.sum(dim=2)).sum(dim=0)
+            sums[names["bias"]] += phi(grad.reshape(size, grad.shape[1], -1).sum(dim=2)).sum(dim=0)
         if "weight" in names:
-            weight = module.weight
-            patch = weight[0].numel()  # in_channels/groups · kh · kw
-            positions = grad.shape[2]
-            per_sample = patch * groups * positions + out_channels * patch
-            step = _chunk(size, per_sample)
-            total = grad.new_zeros(out_channels, patch)
+            padded = _conv_padded_input(module, layer_input)
+            step = _chunk(size, module.weight.numel())
+            total = sums[names["weight"]]
             for start in range(0, size, step):
-                stop = min(size, start + step)
-                patches = _conv_unfold(module, layer_input[start:stop])  # [b, groups·patch, L]
-                b = stop - start
-                per_sample_grad = grad[start:stop].reshape(b, groups, out_channels // groups, positions) @ (
-                    patches.reshape(b, groups, patch, positions).transpose(2, 3)
-                )  # [b, groups, out/groups, patch]
-                total += phi(per_sample_grad).sum(dim=0).reshape(out_channels, patch)
-            sums[names["weight"]] += total.reshape(weight.shape)
+                per_sample_grad = _conv_weight_gradient(
+                    module, padded[start:start + step], grad[start:start + step], per_sample=True
+                )
+                total += phi(per_sample_grad).sum(dim=0)
         return
     # batchnorm in eval mode: y = γ (x − μ)/√(σ² + ε) + β per channel (dimension 1)
     channels = layer_input.shape[1]
@@ -542,25 +576,12 @@ def _hebbian_accumulate(layer: _Layer, layer_input: Tensor, output: Tensor, sums
         return
     if layer_input.dim() == 3:  # unbatched Conv2d input [C, H, W]
         layer_input, output = layer_input.unsqueeze(0), output.unsqueeze(0)
-    size = layer_input.shape[0]
-    out_channels, groups = module.out_channels, module.groups
-    y = output.reshape(size, out_channels, -1).abs()
+    post = output.abs()
     if "bias" in names:
-        sums[names["bias"]] += y.sum(dim=(0, 2))
-    if "weight" not in names:
-        return
-    patch = module.weight[0].numel()
-    positions = y.shape[2]
-    step = _chunk(size, patch * groups * positions)
-    total = y.new_zeros(groups, out_channels // groups, patch)
-    for start in range(0, size, step):
-        stop = min(size, start + step)
-        b = stop - start
-        patches = _conv_unfold(module, layer_input[start:stop]).abs()  # [b, groups·patch, L]
-        post = y[start:stop].reshape(b, groups, out_channels // groups, positions).permute(1, 2, 0, 3)
-        pre = patches.reshape(b, groups, patch, positions).permute(1, 0, 3, 2)
-        total += post.reshape(groups, out_channels // groups, b * positions) @ pre.reshape(groups, b * positions, patch)
-    sums[names["weight"]] += total.reshape(module.weight.shape)
+        sums[names["bias"]] += post.sum(dim=(0, 2, 3))
+    if "weight" in names:
+        pre = _conv_padded_input(module, layer_input).abs()
+        sums[names["weight"]] += _conv_weight_gradient(module, pre, post, per_sample=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -618,10 +639,10 @@ def _accumulate_batch(
     try:
         with torch.enable_grad():
             per_sample = objective(model, batch)
+            total = per_sample.sum()
     finally:
         for handle in handles:
             handle.remove()
-    total = per_sample.sum()
     if not total.requires_grad:
         raise InvalidOutputError(
             "the output does not depend on any trainable parameter (is output_fn running under "
@@ -635,19 +656,22 @@ def _accumulate_batch(
         layer_input, edge = calls[0]
         if not layer.accepts(layer_input, size):
             continue
-        if any(uses.get(id(parameter), 0) > 1 for parameter in layer.parameters()):
-            continue
-        exact.append((layer, layer_input, edge))
+        parameters = layer.parameters()
+        counts = [uses.get(id(parameter), 0) for parameter in parameters]
+        if max(counts) == 0:
+            continue  # the output does not depend on this layer: its gradient is exactly 0
+        near = _nearby_leaves(edge.node)
+        if all(count == 1 and id(parameter) in near for parameter, count in zip(parameters, counts)):
+            exact.append((layer, layer_input, edge))
     covered = {id(parameter) for layer, _, _ in exact for parameter in layer.parameters()}
     fallback = [
         name for name, parameter in trainable.items()
         if uses.get(id(parameter), 0) > 0 and id(parameter) not in covered
     ]
     if exact:
-        grads = torch.autograd.grad(total, [edge for _, _, edge in exact], allow_unused=True)
+        grads = torch.autograd.grad(total, [edge for _, _, edge in exact])
         for (layer, layer_input, _), grad in zip(exact, grads):
-            if grad is not None:
-                _exact_accumulate(layer, layer_input, grad, phi, sums)
+            _exact_accumulate(layer, layer_input, grad, phi, sums)
     del total, per_sample, records, exact
     if fallback:
         _accumulate_vectorised(model, batch, size, objective, phi, sums, fallback, chunk_size)
@@ -697,7 +721,8 @@ def _accumulate_vectorised(
     step = _chunk(size, sum(t.numel() for t in differentiable.values()), chunk_size)
     for start in range(0, size, step):
         chunk = [leaves[i][start:start + step] for i in positions]
-        grads = per_sample_grads(differentiable, chunk)
+        with torch.enable_grad():
+            grads = per_sample_grads(differentiable, chunk)
         for name in names:
             sums[name] += phi(grads[name]).sum(dim=0)
 

@@ -385,3 +385,27 @@ def test_fisher_with_a_per_sample_loss_fn():
     assert_close(fisher_importance(model, data, loss_fn=loss_fn), expected)
     with pytest.raises(InvalidOutputError, match="per-sample losses"):
         fisher_importance(model, data, loss_fn=lambda m, batch: (m(batch[0]) - batch[1]).square().mean())
+
+
+class DiscardedCall(nn.Module):
+    """A Linear called once with its output thrown away, its weight used elsewhere once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        self.layer(x)  # discarded
+        return self.head(torch.tanh(x @ self.layer.weight.t()))
+
+
+def test_a_parameter_used_outside_its_module_is_detected_and_no_grad_context_is_ignored():
+    torch.manual_seed(6)
+    model = DiscardedCall().to(DTYPE)
+    x = torch.randn(9, 4, dtype=DTYPE)
+    expected = brute_mas(model, x)
+    assert_close(mas_importance(model, batches(x, 4)), expected)
+    assert torch.count_nonzero(expected["layer.bias"]) == 0
+    with torch.no_grad():
+        assert_close(mas_importance(model, batches(x, 4)), expected)

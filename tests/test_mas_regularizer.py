@@ -61,6 +61,22 @@ def test_penalty_and_gradient_match_the_formula():
         assert torch.allclose(p.grad, 2 * 0.7 * omega[name] * (p.detach() - anchors[name]), rtol=1e-12), name
 
 
+def test_gradient_scales_with_the_incoming_gradient_and_survives_retain_graph():
+    model, data = setup()
+    reg = MAS(lam=0.3)
+    reg.after_task(model, data)
+    perturb(model)
+    omega, anchors = reg.importance, reg.anchors
+    task_loss = model(data[0]).square().mean()
+    loss = task_loss + 3.0 * reg.penalty(model)
+    loss.backward(retain_graph=True)
+    loss.backward()  # second pass through the same graph: gradients double
+    task_grads = torch.autograd.grad(model(data[0]).square().mean(), list(model.parameters()))
+    for (name, p), task_grad in zip(model.named_parameters(), task_grads):
+        expected = 2 * (task_grad + 3.0 * 2 * 0.3 * omega[name] * (p.detach() - anchors[name]))
+        assert torch.allclose(p.grad, expected, rtol=1e-10, atol=1e-14), name
+
+
 def test_new_head_is_not_regularized_and_shape_changes_are_errors():
     model, data = setup()
     reg = MAS(lam=1.0)

@@ -65,3 +65,198 @@ def make_tiny_fact_file(path: Path, *, num_tasks: int = 4, facts_per_task: int =
         sample_pixels=np.stack(pixels), provenance={"source": "tests/test_train.py tiny world"},
         fact_embeddings=fact_embeddings, encoder_name="random-words",
     )
+
+
+from triplets.model import ModelConfig  # noqa: E402
+from triplets.train import (  # noqa: E402
+    DataConfig,
+    EvalConfig,
+    MethodConfig,
+    OptimConfig,
+    TrainConfig,
+    load_run,
+    load_train_config,
+    train_run,
+)
+
+SMALL_MODEL = ModelConfig(trunk_channels=[8, 16], branch_channels=16, hidden_dim=32)
+
+
+@pytest.fixture(scope="module")
+def small_facts(tmp_path_factory) -> Path:
+    """3 tasks × 6 facts, 4 training and 2 test images per fact: for the mechanics tests."""
+    return make_tiny_fact_file(tmp_path_factory.mktemp("small") / "facts.h5", num_tasks=3, facts_per_task=6,
+                               train_per_fact=4, test_per_fact=2)
+
+
+def _config(fact_file: Path, *, methods=None, epochs: int = 2, **optim) -> TrainConfig:
+    return TrainConfig(
+        data=DataConfig(fact_file=str(fact_file)), model=SMALL_MODEL,
+        optim=OptimConfig(epochs=epochs, batch_size=16, **optim),
+        methods=methods or [MethodConfig("finetune"), MethodConfig("mas", {"lam": 1.0})],
+        eval=EvalConfig(index="none"),
+    )
+
+
+def _final_state(run_dir: Path, method: str) -> dict:
+    return torch.load(run_dir / method / "model.pt", weights_only=True)["model"]
+
+
+def test_resume_after_a_kill_equals_the_uninterrupted_run(small_facts, tmp_path, monkeypatch):
+    import triplets.train as train_module
+
+    config = _config(small_facts)
+    reference = train_run(config, tmp_path / "whole", progress=False)
+
+    real_save = train_module.save_checkpoint
+
+    def save_then_die(path, state):  # the process dies right after MAS's first task is checkpointed
+        real_save(path, state)
+        if Path(path).parent.name == "mas" and state.get("finished_tasks") == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(config, tmp_path / "killed", progress=False)
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    assert (tmp_path / "killed" / "finetune" / "model.pt").is_file()
+    assert not (tmp_path / "killed" / "mas" / "model.pt").exists()
+    finetune_bytes = (tmp_path / "killed" / "finetune" / "model.pt").read_bytes()
+
+    resumed = train_run(config, tmp_path / "killed", resume=True, progress=False)
+    assert (tmp_path / "killed" / "finetune" / "model.pt").read_bytes() == finetune_bytes  # finished: skipped
+    for method in ("finetune", "mas"):
+        assert resumed["methods"][method]["accuracy_matrix"] == reference["methods"][method]["accuracy_matrix"]
+        whole, again = _final_state(tmp_path / "whole", method), _final_state(tmp_path / "killed", method)
+        assert whole.keys() == again.keys()
+        for name in whole:
+            assert torch.equal(whole[name], again[name]), f"{method}: {name} differs after resume"
+    log = (tmp_path / "killed" / "mas" / "log.txt").read_text().splitlines()
+    assert len(log) == 3 and log[0].startswith("[mas] task 1/3")
+    # the run folder holds what the contract says
+    for name in ("config.yaml", "versions.json", "results.json", "results.md"):
+        assert (tmp_path / "killed" / name).is_file()
+    versions = json.loads((tmp_path / "killed" / "versions.json").read_text())
+    assert versions["torch"] == torch.__version__.split("+")[0] or versions["torch"].startswith(torch.__version__[:4])
+
+
+def test_a_changed_config_cannot_resume_and_a_used_folder_is_not_overwritten(small_facts, tmp_path, monkeypatch):
+    import triplets.train as train_module
+
+    config = _config(small_facts, methods=[MethodConfig("mas", {"lam": 1.0})], epochs=1)
+    real_save = train_module.save_checkpoint
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(config, tmp_path / "run", progress=False)
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    checkpoint = (tmp_path / "run" / "mas" / "checkpoint.pt").read_bytes()
+
+    with pytest.raises(RunFolderError, match="--resume"):
+        train_run(config, tmp_path / "run", progress=False)
+    changed_lr = _config(small_facts, methods=[MethodConfig("mas", {"lam": 1.0})], epochs=1, lr=0.01)
+    with pytest.raises(CheckpointMismatchError, match="optim"):
+        train_run(changed_lr, tmp_path / "run", resume=True, progress=False)
+    changed_lam = _config(small_facts, methods=[MethodConfig("mas", {"lam": 2.0})], epochs=1)
+    with pytest.raises(CheckpointMismatchError, match="mas"):
+        train_run(changed_lam, tmp_path / "run", resume=True, progress=False)
+    # the method checkpoint itself also refuses another configuration
+    from mas_core.checkpoint import load_checkpoint
+    from triplets.train import _method_state_config
+
+    with pytest.raises(CheckpointMismatchError, match="lam"):
+        load_checkpoint(tmp_path / "run" / "mas" / "checkpoint.pt",
+                        expected_config=_method_state_config(changed_lam, changed_lam.methods[0]))
+    assert (tmp_path / "run" / "mas" / "checkpoint.pt").read_bytes() == checkpoint  # nothing overwritten
+
+
+def test_unknown_config_keys_name_the_nearest_valid_key(small_facts, tmp_path):
+    from triplets.cli import main
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"data": {"fact_file": str(small_facts)}, "optim": {"epoch": 3}}))
+    with pytest.raises(ConfigError, match="unknown key 'epoch'; did you mean 'epochs'"):
+        load_train_config(path)
+    path.write_text(yaml.safe_dump({"data": {"fact_file": str(small_facts)}, "method": []}))
+    with pytest.raises(ConfigError, match="did you mean 'methods'"):
+        load_train_config(path)
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump({"data": {"fact_file": str(small_facts)}}))
+    with pytest.raises(ConfigError, match="did you mean 'batch_size'"):
+        load_train_config(good, ["optim.batchsize=8"])
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "never")]) == 2
+    assert not (tmp_path / "never").exists()
+    assert main(["train", "--config", str(good), "--out", str(tmp_path / "never"), "--methods", "maz"]) == 2
+    assert not (tmp_path / "never").exists()
+
+
+def test_cli_train_joint_and_load_run(small_facts, tmp_path, capsys):
+    from triplets.cli import main
+
+    config_path = tmp_path / "run.yaml"
+    config_path.write_text(yaml.safe_dump({
+        "data": {"fact_file": str(small_facts)},
+        "model": {"trunk_channels": [8, 16], "branch_channels": 16, "hidden_dim": 32},
+        "optim": {"epochs": 1, "batch_size": 16},
+        "methods": [{"name": "finetune"}, {"name": "joint"}, {"name": "mas", "options": {"lam": 1.0}}],
+    }))
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(config_path), "--out", str(out), "--methods", "finetune,joint",
+                 "--no-progress"]) == 0
+    assert "finetune" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["methods"]) == ["finetune", "joint"]
+    for entry in results["methods"].values():
+        R = entry["accuracy_matrix"]
+        assert len(R) == 3 and R[0][1] is None and R[0][2] is None and R[1][2] is None
+        assert entry["forgetting"] == pytest.approx(((R[0][0] - R[2][0]) + (R[1][1] - R[2][1])) / 2)
+        assert entry["avg_top5"] == pytest.approx(sum(R[2]) / 3)
+        assert len(entry["final"]["standard"]) == 3 and len(entry["final"]["generalized"]) == 3
+    joint_log = (out / "joint" / "log.txt").read_text().splitlines()
+    # joint trains on the union of the tasks so far: 24, 48, 72 training samples
+    assert [line.split(": ")[1].split(" samples")[0] for line in joint_log] == ["24", "48", "72"]
+    assert (out / "finetune" / "index" / "facts.faiss").is_file()
+    assert (out / "finetune" / "index" / "images.faiss").is_file()
+
+    with load_run(out) as run:
+        assert run.methods == ["finetune", "joint"] and run.config.optim.epochs == 1
+        model = run.load_model("joint")
+        assert not model.training and model.slot_dim == 16
+        with pytest.raises(RunFolderError, match="did you mean 'joint'"):
+            run.load_model("jont")
+    # a run folder pointing at a fact file of another vocabulary is refused
+    other = make_tiny_fact_file(tmp_path / "other.h5", num_tasks=3, facts_per_task=3, train_per_fact=2,
+                                test_per_fact=1)
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    saved["data"]["fact_file"] = str(other)
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    with load_run(out) as run, pytest.raises(RunFolderError, match="another fact vocabulary"):
+        run.load_model("finetune")
+    with pytest.raises(RunFolderError, match="not a run folder"):
+        load_run(tmp_path / "nowhere")
+
+
+def test_divergence_names_the_learning_rate(small_facts, tmp_path):
+    from mas_core.errors import DivergenceError
+
+    config = _config(small_facts, methods=[MethodConfig("finetune")], epochs=3, lr=1e8, momentum=0.0)
+    with pytest.raises(DivergenceError, match="optim.lr"):
+        train_run(config, tmp_path / "run", progress=False)
+
+
+def test_mas_forgets_clearly_less_than_finetuning(tmp_path):
+    """Reduced run on the 4-task tiny world (12 facts per task, 8 training images per fact,
+    10 epochs per task, SGD 0.05 momentum 0.9). Measured on this machine: finetune forgets
+    0.204 of standard top-5, exact MAS (λ = 1) −0.019 (no forgetting), at higher average top-5
+    (0.542 against 0.465)."""
+    facts = make_tiny_fact_file(tmp_path / "facts.h5")
+    config = _config(facts, epochs=10, lr=0.05)
+    results = train_run(config, tmp_path / "run", progress=False)["methods"]
+    finetune, mas = results["finetune"], results["mas"]
+    assert finetune["forgetting"] > 0.1
+    assert mas["forgetting"] < finetune["forgetting"] - 0.1
+    assert mas["avg_top5"] > finetune["avg_top5"]

@@ -227,3 +227,28 @@ def test_malformed_json_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(DataPrepError, match="malformed JSON"):
         prepare_visual_genome(root, tmp_path / "out.h5", num_tasks=1, min_fact_count=1, progress=False)
     assert not (tmp_path / "out.h5").exists()
+
+
+def test_malformed_records_are_counted_not_fatal(tmp_path: Path) -> None:
+    root = write_vg_fixture(tmp_path / "vg")
+    relationships = json.loads((root / "relationships.json").read_text())
+    good = relationships[0]["relationships"][0]
+    relationships[0]["relationships"] += [
+        "not a relationship",
+        {**good, "subject": {**good["subject"], "x": "ten"}},  # non-numeric coordinate
+        {**good, "object": {k: v for k, v in good["object"].items() if k != "h"}},  # no height
+        {"predicate": "on", "subject": good["subject"]},  # no object
+        {**good, "predicate": "..."},  # no predicate left after cleaning
+    ]
+    relationships.append({"relationships": [good]})  # image record without any id
+    (root / "relationships.json").write_text(json.dumps(relationships))
+    report = prepare_visual_genome(root, tmp_path / "f.h5", num_tasks=1, min_fact_count=1, progress=False,
+                                   test_fraction=0.0, orders=(3,), no_images=True)
+    assert report.dropped["relationships: malformed or missing subject, object or predicate"] == 2
+    assert report.dropped["relationships: missing or malformed box"] == 2
+    assert report.dropped["relationships: no predicate"] == 1
+    assert report.dropped["relationships.json: image records without image id or relationships list"] == 1
+    with open_facts(tmp_path / "f.h5") as facts:
+        assert facts.facts == [("man", "on", "horse")]
+        np.testing.assert_allclose(facts.sample_box[facts.sample_image_id == 1], [[0, 0, 20, 20]])
+        assert len(facts.sample_fact) == len(facts.sample_box) == 2

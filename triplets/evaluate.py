@@ -33,6 +33,11 @@ All metrics are fractions in [0, 1].
 
 Modes (``evaluate_task``): "standard" ranks the task's own facts; "generalized" ranks
 the facts of all tasks. The fact vectors are ``fact_file.fact_embeddings``.
+
+In ``RUN/results.json`` each method's ``"final"`` entry (:func:`final_metrics`) is
+``{"standard": [m_0, …, m_{T−1}], "generalized": [m_0, …]}`` with, per task t,
+``m_t = {"top1", "top5", "top10", "mrr", "map", "map_at_10", "map_at_100", "num_images",
+"num_candidates"}`` measured on task t's test images after the last task.
 """
 from __future__ import annotations
 
@@ -399,28 +404,32 @@ def evaluate_run(run_dir: str | Path, *, device: str = "cpu", batch_size: int = 
     """
     from mas_core.checkpoint import atomic_write_json  # noqa: PLC0415
 
-    from .report import write_report  # noqa: PLC0415
+    from .report import render_markdown, write_report  # noqa: PLC0415
     from .train import load_run  # noqa: PLC0415
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunFolderError(f"no run folder at {run_dir}; train one with mas-triplets train --out {run_dir}")
-    run = load_run(run_dir)
-    results = load_results(run_dir)
-    fact_file = run.fact_file
-    finals: dict[str, Any] = {}
-    timings: dict[str, float] = {}
-    for method in run.methods:
-        check_run_matches_fact_file(run_dir, method, fact_file)
-    for method in run.methods:
-        started = time.perf_counter()
-        model = run.load_model(method)
-        finals[method] = final_metrics(model, fact_file, device=device, batch_size=batch_size)
-        timings[method] = time.perf_counter() - started
+    with load_run(run_dir) as run:
+        results = load_results(run_dir)
+        fact_file = run.fact_file
+        finals: dict[str, Any] = {}
+        timings: dict[str, float] = {}
+        for method in run.methods:
+            if method not in results["methods"]:
+                raise RunFolderError(f"{run_dir}/results.json has no entry for method {method!r}; finish the run "
+                                     "with mas-triplets train --resume")
+            check_run_matches_fact_file(run_dir, method, fact_file)
+        for method in run.methods:
+            started = time.perf_counter()
+            model = run.load_model(method, device=device)
+            finals[method] = final_metrics(model, fact_file, device=device, batch_size=batch_size)
+            timings[method] = time.perf_counter() - started
     for method, final in finals.items():
         entry = results["methods"].setdefault(method, {})
         entry["final"] = final
         entry["eval_time_s"] = timings[method]
+    render_markdown(results)  # validates the results before anything is written
     atomic_write_json(run_dir / "results.json", results)
     write_report(results, run_dir)
     return results

@@ -49,6 +49,7 @@ from .errors import RunFolderError, TripletsError
 INDEX_FORMAT = "mas-triplets-faiss-index"
 INDEX_FORMAT_VERSION = 1
 KINDS = ("flat", "ivf", "hnsw")
+GPU_MAX_K = 2048
 IndexKind = Literal["flat", "ivf", "hnsw"]
 
 
@@ -225,7 +226,9 @@ class FactIndex:
         k_eff = int(min(k, self.count))
         if k_eff == 0:
             return np.zeros((len(normalized), 0), np.float32), np.zeros((len(normalized), 0), np.int64)
-        scores, rows = self._search_index.search(normalized, k_eff)
+        # FAISS GPU indexes return at most 2048 neighbours; larger k searches the CPU copy
+        searcher = self._cpu_index if self.on_gpu and k_eff > GPU_MAX_K else self._search_index
+        scores, rows = searcher.search(normalized, k_eff)
         scores = np.asarray(scores, dtype=np.float32)
         rows = np.asarray(rows, dtype=np.int64)
         missing = rows < 0
@@ -296,13 +299,15 @@ def build_index(vectors: np.ndarray, *, kind: IndexKind = "flat", nlist: int | N
                 nprobe: int | None = None, hnsw_m: int = 32, ef_search: int = 128,
                 use_gpu: bool | str = "auto", ids: Iterable[int] | np.ndarray | None = None,
                 fingerprint: str | None = None, metadata: dict[str, Any] | None = None,
-                target_recall: float = 0.95, calibration_queries: int = 500, seed: int = 0) -> FactIndex:
+                target_recall: float = 0.95, calibration_queries: int = 500, seed: int = 0,
+                kmeans_iterations: int = 10, train_points_per_cell: int = 64) -> FactIndex:
     """Index ``vectors`` ([n, d], any scale: rows are L2-normalised here) for cosine search.
 
     ``kind``: "flat" (exact), "ivf" (``nlist`` cells, default :func:`default_nlist`; ``nprobe``
     default: calibrated to recall@10 ≥ ``target_recall`` on ``calibration_queries`` sampled
     indexed vectors) or "hnsw" (``hnsw_m`` links per node, ``ef_search``). ``ids``: optional
-    int ids returned by :meth:`FactIndex.search` instead of row numbers. ``fingerprint``:
+    int ids returned by :meth:`FactIndex.search` instead of row numbers. IVF k-means runs
+    ``kmeans_iterations`` iterations on at most ``train_points_per_cell · nlist`` sampled vectors. ``fingerprint``:
     identifies the model that produced the vectors (checked by :func:`load_index`).
     ``metadata``: extra JSON-serialisable facts saved with the index.
     """
@@ -336,9 +341,11 @@ def build_index(vectors: np.ndarray, *, kind: IndexKind = "flat", nlist: int | N
         quantizer = faiss.IndexFlatIP(dim)
         index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
         index.cp.seed = int(seed)
+        index.cp.niter = int(kmeans_iterations)
+        index.cp.max_points_per_centroid = int(train_points_per_cell)
         index.train(data)
         index.add(data)
-        meta.update(nlist=nlist)
+        meta.update(nlist=nlist, kmeans_iterations=int(kmeans_iterations), train_points_per_cell=int(train_points_per_cell))
         if nprobe is None:
             nprobe, recall = _calibrate_nprobe(index, data, nlist, target_recall, calibration_queries, seed)
             meta.update(nprobe=nprobe, calibrated_recall_at_10=recall, target_recall=target_recall)

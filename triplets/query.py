@@ -265,7 +265,7 @@ class QueryEngine:
         import torch  # noqa: PLC0415
         import torch.nn.functional as F  # noqa: PLC0415
 
-        batch = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).float().div_(255.0)
+        batch = torch.from_numpy(np.array(pixels, dtype=np.uint8, copy=True)).permute(0, 3, 1, 2).float().div_(255.0)
         with torch.no_grad():
             embed = getattr(self.model, "embed", None)
             output = embed(batch.to(self.device)) if callable(embed) else F.normalize(self.model(batch.to(self.device)), dim=1)

@@ -27,9 +27,9 @@ In every mode :attr:`MAS.importance` is the effective Ω and the penalty is
 shape changed, or that disappeared from the model, is an error.
 
 The penalty is one fused computation over all parameters: a custom autograd function
-whose forward takes ``d = θ − θ*`` and ``w = λΩ·d`` with multi-tensor
-(``torch._foreach_*``) kernels and sums ``⟨w, d⟩`` per tensor, and whose backward is
-``2·w`` (first-order differentiable only). ``benchmarks/bench_penalty.py`` compares it
+whose forward takes ``d = θ − θ*`` and ``g = 2λΩ·d`` with multi-tensor
+(``torch._foreach_*``) kernels and returns ``½ Σ ⟨g, d⟩``, and whose backward hands ``g``
+back as the gradient (first-order differentiable only). ``benchmarks/bench_penalty.py`` compares it
 with the plain per-tensor expression and the foreach-with-autograd version.
 
 Device handling: :meth:`state_dict` holds tensors where they live; after
@@ -59,25 +59,28 @@ class MASStateError(MASCoreError, ValueError):
 
 
 class _WeightedSquaredDistance(torch.autograd.Function):
-    """``Σ_i ⟨w_i (θ_i − a_i), θ_i − a_i⟩`` over lists of tensors; gradient ``2 w_i (θ_i − a_i)``."""
+    """``½ Σ_i ⟨s_i (θ_i − a_i), θ_i − a_i⟩`` over lists of tensors, with ``s_i = 2 λ Ω_i``;
+    gradient ``s_i (θ_i − a_i)`` (the product saved by the forward, returned as it is when the
+    incoming gradient is 1, so the backward costs no extra pass over the parameters)."""
 
     @staticmethod
-    def forward(ctx: Any, anchors: list[Tensor], weights: list[Tensor], *parameters: Tensor) -> Tensor:
+    def forward(ctx: Any, anchors: list[Tensor], gradient_scales: list[Tensor], *parameters: Tensor) -> Tensor:
         differences = torch._foreach_sub(list(parameters), anchors)
-        weighted = torch._foreach_mul(differences, weights)
-        dots = [torch.dot(w.reshape(-1), d.reshape(-1)) for w, d in zip(weighted, differences)]
+        gradients = torch._foreach_mul(differences, gradient_scales)
+        dots = [torch.dot(g.reshape(-1), d.reshape(-1)) for g, d in zip(gradients, differences)]
         del differences
-        ctx.save_for_backward(*weighted)
+        ctx.save_for_backward(*gradients)
         if all(dot.dtype == dots[0].dtype for dot in dots):
-            return torch.stack(dots).sum()
-        return sum(dots[1:], dots[0])
+            return torch.stack(dots).sum() * 0.5
+        return sum(dots[1:], dots[0]) * 0.5
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        weighted = ctx.saved_tensors
-        grads = torch._foreach_mul(list(weighted), grad_output * 2)
-        return (None, None, *grads)
+        gradients = list(ctx.saved_tensors)
+        if not (grad_output.device.type == "cpu" and float(grad_output) == 1.0):
+            gradients = torch._foreach_mul(gradients, grad_output)
+        return (None, None, *gradients)
 
 
 class MAS(Regularizer):
@@ -127,7 +130,7 @@ class MAS(Regularizer):
         self._accumulated: dict[str, Tensor] = {}  # Ω ("sum", "ema") or U ("alpha")
         self._inverse_mass_sum = 0.0  # Z of "alpha"
         self._anchors: dict[str, Tensor] = {}
-        self._weights: dict[str, Tensor] = {}  # λ · effective Ω, ready for the penalty
+        self._weights: dict[str, Tensor] = {}  # 2 λ · effective Ω: the penalty's gradient scale
 
     # ------------------------------------------------------------------ estimation and accumulation
 
@@ -182,7 +185,8 @@ class MAS(Regularizer):
 
     def _refresh_weights(self) -> None:
         importance = self.importance
-        self._weights = {name: self.lam * value for name, value in importance.items() if name in self._anchors}
+        scale = 2.0 * self.lam
+        self._weights = {name: scale * value for name, value in importance.items() if name in self._anchors}
 
     # ------------------------------------------------------------------ public state
 

@@ -1,0 +1,63 @@
+"""Query a trained run from Python: a worked example over ``triplets.query``.
+
+    python scripts/query.py runs/demo --text "man riding horse"
+    python scripts/query.py runs/demo --image photo.jpg --box 10,20,64,48
+    python scripts/query.py runs/demo --sample 0          # a test region stored in the fact file
+
+The same calls from your own code::
+
+    from triplets.query import open_query, query_image, query_text
+    facts = query_image("runs/demo", "photo.jpg", box=(10, 20, 64, 48), k=5)   # [(fact, score)]
+    found = query_text("runs/demo", "man riding horse", k=5)                    # {"images": [...], "facts": [...]}
+    with open_query("runs/demo", method="mas") as engine:                       # keep the model loaded
+        engine.text_to_images("dog|on|grass", k=3)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the text encoder is read from local files only
+
+
+def main(argv: list[str] | None = None) -> int:
+    from triplets.errors import TripletsError
+    from triplets.query import fact_text, open_query, parse_box
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", help="run folder written by mas-triplets train")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--text", help="a fact: 'S|P|O', '<S, P>' or a phrase")
+    what.add_argument("--image", help="an image file")
+    what.add_argument("--sample", type=int, help="position of a test region in the run's fact file")
+    parser.add_argument("--box", help="x,y,w,h of the region in --image (pixels)")
+    parser.add_argument("--k", type=int, default=5)
+    parser.add_argument("--method", help="trained method (default: mas if trained)")
+    args = parser.parse_args(argv)
+    try:
+        with open_query(args.run, method=args.method) as engine:
+            if args.text is not None:
+                print(f"{args.text!r} → {fact_text(engine.parse(args.text))}  (method {engine.method})")
+                for hit in engine.text_to_images(args.text, k=args.k):
+                    print(f"  image sample {hit['sample']:>6} (image {hit['image_id']}, {hit['fact_text']}): {hit['score']:.3f}")
+                for hit in engine.text_to_facts(args.text, k=args.k):
+                    print(f"  fact {hit['fact_text']}: {hit['score']:.3f}")
+            else:
+                if args.image is not None:
+                    hits = engine.image_to_facts(args.image, box=parse_box(args.box) if args.box else None, k=args.k)
+                else:
+                    sample = int(engine.fact_file.sample_indices(None, "test")[args.sample])
+                    true_fact = engine.facts[int(engine.fact_file.sample_fact[sample])]
+                    print(f"test sample {sample}, true fact {fact_text(true_fact)}")
+                    hits = engine.image_to_facts_by_sample(sample, k=args.k)
+                for rank, hit in enumerate(hits, start=1):
+                    print(f"  {rank}. {hit['fact_text']}: {hit['score']:.3f}")
+    except (TripletsError, IndexError) as exc:
+        print(f"query.py: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

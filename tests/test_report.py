@@ -1,0 +1,80 @@
+"""The run report: Markdown numbers, valid PNG plots, atomic writes."""
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+
+from triplets.errors import TripletsError
+from triplets.report import comparison_table, forgetting_and_bwt, matrix_table, summary_rows, write_report
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _results():
+    finetune = [[0.80, None, None], [0.60, 0.70, None], [0.50, 0.55, 0.75]]
+    mas = [[0.80, None, None], [0.75, 0.70, None], [0.70, 0.66, 0.72]]
+
+    def final(top5, gen_top5, map_value):
+        return {"standard": [{"top5": v, "map": map_value} for v in top5],
+                "generalized": [{"top5": v, "map": map_value} for v in gen_top5]}
+
+    return {"methods": {
+        "finetune": {"accuracy_matrix": finetune, "avg_top5": float(np.mean(finetune[-1])), "forgetting": 0.225,
+                     "bwt": -0.225, "final": final([0.5, 0.55, 0.75], [0.3, 0.35, 0.5], 0.25)},
+        "mas": {"accuracy_matrix": mas, "avg_top5": float(np.mean(mas[-1])), "forgetting": 0.07, "bwt": -0.07,
+                "final": final([0.7, 0.66, 0.72], [0.5, 0.45, 0.55], 0.4)},
+    }, "tasks": [{"index": t} for t in range(3)]}
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_forgetting_and_bwt_definitions():
+    forgetting, bwt = forgetting_and_bwt([[0.8, None, None], [0.6, 0.7, None], [0.5, 0.55, 0.75]])
+    assert forgetting == pytest.approx(((0.8 - 0.5) + (0.7 - 0.55)) / 2)
+    assert bwt == pytest.approx(-forgetting)
+    assert forgetting_and_bwt([[0.9]]) == (None, None)
+
+
+def test_table_numbers():
+    rows = {row["method"]: row for row in summary_rows(_results())}
+    assert rows["mas"]["generalized_top5"] == pytest.approx(0.5)
+    assert rows["finetune"]["map"] == pytest.approx(0.25)
+    table = comparison_table(_results())
+    assert "| finetune | 60.00 | 22.50 | -22.50 | 38.33 | 25.00 |" in table
+    assert "| mas | 69.33 | 7.00 | -7.00 | 50.00 | 40.00 |" in table
+    matrix = matrix_table([[0.8, None], [0.6, 0.7]])
+    assert "| 1 | 80.00 | — |" in matrix and "| 2 | 60.00 | 70.00 |" in matrix
+
+
+def test_write_report_files(tmp_path):
+    write_report(_results(), tmp_path)
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| mas | 69.33 | 7.00 | -7.00 | 50.00 | 40.00 |" in markdown
+    assert "## finetune: accuracy matrix" in markdown and "| 3 | 50.00 | 55.00 | 75.00 |" in markdown
+    names = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    assert names == ["accuracy_matrix_finetune.png", "accuracy_matrix_mas.png", "per_task_top5.png"]
+    for name in names:
+        width, height = _png_size((tmp_path / "plots" / name).read_bytes())
+        assert width > 200 and height > 200
+    assert not [p for p in tmp_path.rglob("*.tmp")]  # no temporary files left behind
+
+
+def test_bad_results_write_nothing(tmp_path):
+    with pytest.raises(TripletsError, match="no methods"):
+        write_report({"methods": {}}, tmp_path)
+    with pytest.raises(TripletsError, match="accuracy_matrix"):
+        write_report({"methods": {"mas": {"avg_top5": 0.5}}}, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_matplotlib_backend_untouched_at_import():
+    import subprocess
+    import sys
+
+    code = ("import sys, triplets.report; assert 'matplotlib' not in sys.modules, 'matplotlib imported at import'")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
