@@ -2,8 +2,9 @@
 
 Run:  .venv/bin/python benchmarks/bench_importance.py [--repeats 5] [--samples 3000]
 
-For two models (the 784-256-256 MLP with a 2-way head of the Fashion-MNIST demo, and a
-small CNN on 1×28×28 inputs) it times, side by side and interleaved in each repeat:
+For three models (the 784-256-256 MLP with a 2-way head of the Fashion-MNIST demo, a
+small CNN on 1×28×28 inputs with max-pooling, and the same CNN with stride-2
+convolutions instead of pooling) it times, side by side and interleaved in each repeat:
 
 * ``loop``: brute force, one autograd backward per sample (batch size 1), Σ|g_k|/N;
 * ``exact``: :func:`mas_core.importance.mas_importance` (``mode="exact"``);
@@ -42,6 +43,15 @@ def make_cnn() -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 7 * 7, 64), nn.ReLU(), nn.Linear(64, 10),
+    )
+
+
+def make_strided_cnn() -> nn.Module:
+    """The same CNN with stride-2 convolutions in place of max-pooling."""
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
         nn.Flatten(), nn.Linear(32 * 7 * 7, 64), nn.ReLU(), nn.Linear(64, 10),
     )
 
@@ -134,7 +144,9 @@ def main() -> int:
                              args.repeats, not args.no_vmap)
     cnn_report = bench_model("cnn", make_cnn(), torch.randn(args.cnn_samples, 1, 28, 28), args.batch_size,
                              args.repeats, not args.no_vmap)
-    reports = {"mlp": mlp_report, "cnn": cnn_report}
+    strided_report = bench_model("cnn_strided", make_strided_cnn(), torch.randn(args.cnn_samples, 1, 28, 28),
+                                 args.batch_size, args.repeats, not args.no_vmap)
+    reports = {"mlp": mlp_report, "cnn": cnn_report, "cnn_strided": strided_report}
     summary = {
         "benchmark": "importance",
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",

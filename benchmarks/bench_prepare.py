@@ -94,8 +94,22 @@ def generate(out_dir: Path, num_images: int, num_relationships: int, seed: int) 
             handle.write(("," if image else "") + json.dumps({"relationships": relationships, "image_id": image + 1}))
             written += len(relationships)
         handle.write("]")
-    return {"images": num_images, "relationships": written,
-            "relationships_json_bytes": (out_dir / "relationships.json").stat().st_size}
+    sizes = {"images": num_images, "relationships": written, "seed": seed,
+             "relationships_json_bytes": (out_dir / "relationships.json").stat().st_size}
+    (out_dir / "bench_meta.json").write_text(json.dumps(sizes))
+    return sizes
+
+
+def _reusable(out_dir: Path, num_images: int, num_relationships: int, seed: int) -> dict[str, int] | None:
+    """The sizes of data generated earlier in ``out_dir`` with the same arguments, else None."""
+    try:
+        sizes = json.loads((out_dir / "bench_meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    same = (sizes.get("images") == num_images and sizes.get("relationships") == num_relationships
+            and sizes.get("seed") == seed
+            and (out_dir / "relationships.json").stat().st_size == sizes.get("relationships_json_bytes"))
+    return sizes if same else None
 
 
 def _cumulative(weights: list[float]) -> list[float]:
@@ -138,14 +152,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=None, help="where to write the data (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the generated files")
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse data generated earlier in --workdir with the same sizes and seed")
     args = parser.parse_args(argv)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_prepare_"))
     vg_dir = workdir / "vg"
     try:
-        start = time.perf_counter()
-        sizes = generate(vg_dir, args.images, args.relationships, args.seed)
-        generate_seconds = time.perf_counter() - start
-        print(f"generated {sizes} in {generate_seconds:.1f} s", file=sys.stderr)
+        sizes = _reusable(vg_dir, args.images, args.relationships, args.seed) if args.reuse else None
+        if sizes is None:
+            start = time.perf_counter()
+            sizes = generate(vg_dir, args.images, args.relationships, args.seed)
+            print(f"generated {sizes} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        else:
+            print(f"reusing {sizes} from {vg_dir}", file=sys.stderr)
         import ijson
 
         backend = "yajl2_c"

@@ -449,6 +449,9 @@ def _collect_relationships(path: Path, collector: FactCollector, names: _PhraseI
                 drop["relationships: no predicate"] += 1
                 continue
             raw = subject.get("name")
+            if raw is None:  # the `names` (list) variant
+                raw = subject.get("names")
+                raw = raw[0] if raw.__class__ is list and raw else None
             subject_name = name_cache.get(raw) if raw.__class__ is str else None
             if not subject_name:
                 subject_name = names.name_of(subject)
@@ -456,6 +459,9 @@ def _collect_relationships(path: Path, collector: FactCollector, names: _PhraseI
                     drop["relationships: subject without name"] += 1
                     continue
             raw = obj.get("name")
+            if raw is None:  # the `names` (list) variant
+                raw = obj.get("names")
+                raw = raw[0] if raw.__class__ is list and raw else None
             object_name = name_cache.get(raw) if raw.__class__ is str else None
             if not object_name:
                 object_name = names.name_of(obj)

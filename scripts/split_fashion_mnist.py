@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-per-class", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (1 is fastest on a machine shared with other jobs)")
     parser.add_argument("--json", type=Path, default=None, help="write all results here (atomically)")
     parser.add_argument("--verbose", action="store_true", help="log every epoch")
     args = parser.parse_args(argv)
@@ -125,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--lam expects METHOD=VALUE with METHOD among {list(methods)}, got {item!r}")
         methods[label][1]["lam"] = float(value)
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     tasks = split_tasks(args.data, num_tasks=args.tasks, train_per_class=args.train_per_class, seed=args.seed)
     settings = TrainSettings(epochs=args.epochs, lr=args.lr, momentum=0.9, batch_size=args.batch_size,
                              seed=args.seed, device=args.device)

@@ -11,6 +11,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 from data_prep.idx import FASHION_MNIST_DIR, fashion_mnist_available
 from mas_core import TrainSettings
@@ -19,6 +20,16 @@ pytestmark = pytest.mark.skipif(
     not fashion_mnist_available(FASHION_MNIST_DIR),
     reason=f"Fashion-MNIST IDX files not in {FASHION_MNIST_DIR} (apt-get install dataset-fashion-mnist)",
 )
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models run fastest on one thread, and a machine shared with other jobs oversubscribes two."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "split_fashion_mnist.py"
 

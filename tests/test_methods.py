@@ -17,6 +17,15 @@ from mas_core.regularizers.ebll import train_autoencoder
 from mas_core.sequence import MultiHeadNet
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models run fastest on one thread, and a machine shared with other jobs oversubscribes two."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _multihead(seed: int = 0, heads: int = 1, in_dim: int = 6, width: int = 5) -> MultiHeadNet:
     torch.manual_seed(seed)
     model = MultiHeadNet(nn.Sequential(nn.Linear(in_dim, width), nn.Tanh()), width)

@@ -161,3 +161,62 @@ def test_provenance_records_drops(tmp_path: Path) -> None:
     assert provenance["source_files"]["relationships.json"]["size_bytes"] == (root / "relationships.json").stat().st_size
     assert len(provenance["task_statistics"]) == 2
     json.dumps(provenance)
+
+
+def test_synth_world_round_trip_recovers_exact_fact_counts(tmp_path: Path) -> None:
+    synthetic = pytest.importorskip("data_prep.synthetic")
+    world = synthetic.generate_world(tmp_path / "synth", num_images=24, seed=1, image_size=(96, 72), progress=False)
+    assert world.missing_image_ids and world.corrupt_image_ids and world.wrong_size_image_ids
+    out = tmp_path / "facts.h5"
+    report = visual_genome.prepare_visual_genome(tmp_path / "synth", out, num_tasks=2, min_fact_count=1,
+                                                 image_size=8, test_fraction=0.0, progress=False)
+    with open_facts(out) as facts:
+        counts = dict(zip(facts.facts, np.bincount(facts.sample_fact, minlength=len(facts.facts)).tolist()))
+        assert counts == world.fact_counts
+        assert not set(facts.sample_image_id.tolist()) & set(world.missing_image_ids + world.corrupt_image_ids)
+        assert facts.pixels(np.arange(len(facts.sample_fact))).shape == (len(facts.sample_fact), 8, 8, 3)
+    assert report.notes["images listed but missing on disk"] == len(world.missing_image_ids)
+    assert report.notes["images that do not decode"] == len(world.corrupt_image_ids)
+
+
+def test_text_encoder_is_composed_by_the_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command loads the encoder from triplets.language and hands data_prep an embed function."""
+    import types
+
+    calls: list[str] = []
+
+    class HashEncoder:
+        name = "hash-encoder"
+        dim = 4
+
+        def encode(self, texts):
+            return np.array([[hash(t) % 7, len(t), t.count("a"), 1.0] for t in texts], dtype=np.float32)
+
+    def load_text_encoder(spec: str = "minilm"):
+        calls.append(spec)
+        return HashEncoder()
+
+    def embed_facts(facts, encoder):
+        vectors = np.zeros((len(facts), 3 * encoder.dim), dtype=np.float32)
+        masks = np.zeros((len(facts), 3), dtype=np.float32)
+        for row, fact in enumerate(facts):
+            for slot, phrase in enumerate(fact):
+                if phrase is not None:
+                    vectors[row, slot * encoder.dim:(slot + 1) * encoder.dim] = encoder.encode([phrase])[0]
+                    masks[row, slot] = 1.0
+        return vectors, masks
+
+    fake = types.ModuleType("triplets.language")
+    fake.load_text_encoder, fake.embed_facts = load_text_encoder, embed_facts
+    monkeypatch.setitem(sys.modules, "triplets.language", fake)
+    root = write_vg_fixture(tmp_path / "vg")
+    out = tmp_path / "facts.h5"
+    args = ["prepare", "vg", "--vg-dir", str(root), "--out", str(out), "--no-progress", "--tasks", "2",
+            "--min-fact-count", "1", "--no-images", "--split", "semantic", "--text-encoder", "my-encoder"]
+    assert main(args) == 0
+    assert calls == ["my-encoder"]
+    with open_facts(out) as facts:
+        assert facts.encoder_name == "hash-encoder"
+        np.testing.assert_array_equal(facts.fact_embeddings, embed_facts(facts.facts, HashEncoder())[0])
+        assert sorted(set(facts.task_of_fact.tolist())) == [0, 1]
+        assert facts.provenance["options"]["split"] == "semantic"

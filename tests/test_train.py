@@ -94,7 +94,7 @@ def _config(fact_file: Path, *, methods=None, epochs: int = 2, **optim) -> Train
         data=DataConfig(fact_file=str(fact_file)), model=SMALL_MODEL,
         optim=OptimConfig(epochs=epochs, batch_size=16, **optim),
         methods=methods or [MethodConfig("finetune"), MethodConfig("mas", {"lam": 1.0})],
-        eval=EvalConfig(index="none"),
+        eval=EvalConfig(index="none"), num_threads=1,
     )
 
 
@@ -203,6 +203,7 @@ def test_cli_train_joint_and_load_run(small_facts, tmp_path, capsys):
         "model": {"trunk_channels": [8, 16], "branch_channels": 16, "hidden_dim": 32},
         "optim": {"epochs": 1, "batch_size": 16},
         "methods": [{"name": "finetune"}, {"name": "joint"}, {"name": "mas", "options": {"lam": 1.0}}],
+        "num_threads": 1,
     }))
     out = tmp_path / "run"
     assert main(["train", "--config", str(config_path), "--out", str(out), "--methods", "finetune,joint",

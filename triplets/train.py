@@ -138,7 +138,12 @@ class EvalConfig:
 
 @dataclass
 class TrainConfig:
-    """A training run: the fact data, the model, the optimizer, the loss, the methods compared."""
+    """A training run: the fact data, the model, the optimizer, the loss, the methods compared.
+
+    ``device``: ``auto`` (CUDA when available), ``cpu`` or ``cuda[:N]``. ``num_threads``: CPU
+    threads torch may use during the run (null: torch's default; 1 is much faster on a
+    machine whose cores are busy with other work). Neither changes what a checkpoint must
+    agree on to be resumed."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -148,8 +153,11 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
     device: str = "auto"
+    num_threads: int | None = None
 
     def validate(self) -> None:
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError("num_threads must be a positive integer or null (torch's default)")
         if not self.methods:
             raise ValueError("methods: list at least one method (e.g. finetune, mas)")
         keys = [method.key for method in self.methods]
@@ -565,6 +573,9 @@ def train_run(config: TrainConfig, out_dir: str | Path, *, resume: bool = False,
     config.validate()
     out_dir = Path(out_dir)
     fact_file = _open_fact_file(config.data.fact_file)
+    threads_before = torch.get_num_threads()
+    if config.num_threads is not None:  # CPU threads for this run only; restored below
+        torch.set_num_threads(config.num_threads)
     try:
         _check_fact_file(fact_file)
         embeddings = torch.as_tensor(np.asarray(fact_file.fact_embeddings), dtype=torch.float32)
@@ -587,6 +598,7 @@ def train_run(config: TrainConfig, out_dir: str | Path, *, resume: bool = False,
         _write_index(out_dir, recorded, ctx)
         return results
     finally:
+        torch.set_num_threads(threads_before)
         fact_file.close()
 
 
