@@ -127,14 +127,15 @@ def _draw(cumulative: list[float], rng: random.Random) -> int:
 
 
 def _measure(command: list[str]) -> dict[str, float]:
-    """Run ``command`` through a wrapper process; return its wall seconds and peak RSS (MiB)."""
+    """Run ``command`` through a wrapper process; return its wall seconds, CPU seconds (user + system) and peak RSS (MiB)."""
     wrapper = (
         "import json, resource, subprocess, sys, time\n"
         "start = time.perf_counter()\n"
         "code = subprocess.call(sys.argv[1:])\n"
         "seconds = time.perf_counter() - start\n"
-        "rss_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
-        "print(json.dumps({'returncode': code, 'seconds': seconds, 'peak_rss_mib': rss_kib / 1024}))\n"
+        "usage = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+        "print(json.dumps({'returncode': code, 'seconds': seconds, 'cpu_seconds': usage.ru_utime + usage.ru_stime,\n"
+        "                  'peak_rss_mib': usage.ru_maxrss / 1024}))\n"
     )
     result = subprocess.run([sys.executable, "-c", wrapper, *command], capture_output=True, text=True)
     if result.returncode != 0:
@@ -193,9 +194,13 @@ def main(argv: list[str] | None = None) -> int:
             "json_load_peak_rss_mb": round(load["peak_rss_mib"], 1),
             "json_load_relationships_per_s": round(sizes["relationships"] / load["seconds"]),
             "relationships_per_s": round(sizes["relationships"] / prepare["seconds"]),
+            "relationships_per_cpu_s": round(sizes["relationships"] / prepare["cpu_seconds"]),
+            "json_load_relationships_per_cpu_s": round(sizes["relationships"] / load["cpu_seconds"]),
+            "prepare_vs_json_load_speed": round(load["seconds"] / prepare["seconds"], 3),
             "peak_rss_vs_json_load": round(prepare["peak_rss_mib"] / load["peak_rss_mib"], 4),
             "goals": {"relationships_per_s": ">= 30000", "peak_rss_vs_json_load": "<= 0.1"},
             "cpu_count": os.cpu_count(),
+            "load_average_1min": round(os.getloadavg()[0], 2),
         }
         print(json.dumps(result))
     finally:

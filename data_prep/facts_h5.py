@@ -89,6 +89,12 @@ def _validate_facts(facts: Sequence[Sequence[str | None]]) -> list[Fact]:
     return checked
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _chunk_rows(row_bytes: int, num_rows: int, target_bytes: int = 1 << 16) -> int:
     return max(1, min(num_rows, target_bytes // max(1, row_bytes)))
 
@@ -241,6 +247,7 @@ def write_fact_file(
                             f"pixel blocks left {int((~covered).sum())} samples without pixels"
                         )
             handle.attrs["complete"] = True
+        os.chmod(tmp_name, 0o666 & ~_current_umask())  # mkstemp made it 0600; give it the usual mode
         os.replace(tmp_name, path)
     except BaseException:
         try:

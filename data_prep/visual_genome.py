@@ -10,7 +10,7 @@ Facts (MAS_SPEC section 5):
 
 The JSON files are streamed with ijson (its C backend ``yajl2_c`` when installed), one
 image record at a time: memory holds the image table, the fact table and the compact
-sample arrays (28 bytes a sample), never a whole file.
+sample arrays (37 bytes a sample), never a whole file.
 
 Quirks of the real dumps handled, each skipped record counted by reason in the
 report and the provenance (nothing stops on one bad record):
@@ -108,7 +108,7 @@ class FactCollector:
     """Accumulates samples in compact arrays while streaming.
 
     A sample is three phrase ids (subject, predicate/attribute, object; -1 = absent slot),
-    an image id and a box x, y, w, h: 28 bytes. Facts are not interned one by one (a
+    an image id, a box x, y, w, h and a split code: 37 bytes. Facts are not interned one by one (a
     Visual Genome dump holds about a million distinct facts, most of them seen once);
     :meth:`fact_table` finds the distinct facts with numpy at the end. Phrase id 0 is
     reserved for the empty phrase ("nothing left after cleaning").

@@ -37,9 +37,10 @@ standard layer does):
    are formed) gives ``Δ = ∂ Σ_k s_k / ∂Y`` whose row ``k`` is ``∂ s_k / ∂y_k``.
    Then, for a Linear applied once to a 2-D input,
    ``Σ_k |δ_k a_kᵀ| = |Δ|ᵀ |A|`` and the bias gets ``Σ_k |δ_k|``; for a Conv2d the
-   per-sample weight gradients are formed for a bounded chunk of samples at a time by
-   one weight-gradient convolution that runs the samples as extra groups (much faster
-   than ``unfold`` on CPU); for BatchNorm in eval mode the per-sample gradients are
+   per-sample weight gradients are formed for a bounded chunk of samples at a time,
+   by ``bmm`` over strided input patches (small layers) or by one weight-gradient
+   convolution that runs the samples as extra groups (both much faster than
+   ``unfold`` on CPU); for BatchNorm in eval mode the per-sample gradients are
    ``Σ_positions δ·x̂`` and ``Σ_positions δ``.
 2. A module qualifies only if it was called exactly once in the batch, its input
    has the batch as first dimension (2-D for Linear, 4-D for Conv2d), and each of
@@ -96,6 +97,10 @@ MAS_MODES = ("exact", "batch")
 # Upper bound on the number of tensor elements a chunk of per-sample work may
 # materialise (per-sample gradients in the fallback and for Conv2d weights).
 _ELEMENT_BUDGET = 2**24
+
+# Per-sample Conv2d weight gradients: patch matrices up to this many elements per sample
+# go through strided patches + bmm, larger ones through a grouped weight-gradient conv.
+_STRIDED_PATCH_LIMIT = 16384
 
 _Elementwise = Callable[[Tensor], Tensor]
 
@@ -503,13 +508,31 @@ def _conv_padded_input(module: nn.Conv2d, layer_input: Tensor) -> Tensor:
 
 def _conv_weight_gradient(module: nn.Conv2d, padded_input: Tensor, grad_output: Tensor, *, per_sample: bool) -> Tensor:
     """``∂/∂W`` of ``⟨grad_output, conv(padded_input)⟩``: summed over the batch, or per sample
-    (``[batch, *weight.shape]``, by running the batch as extra convolution groups)."""
+    (``[batch, *weight.shape]``).
+
+    Per sample, small patch matrices (``in_channels/groups · kh · kw · positions`` up to
+    ``_STRIDED_PATCH_LIMIT``) are gathered with a strided view and multiplied with ``bmm``;
+    larger ones run the batch as extra groups of one weight-gradient convolution. Both are
+    exact; the switch only picks the faster one on CPU (``benchmarks/bench_importance.py``)."""
     weight_shape = module.weight.shape
     if not per_sample:
         return torch.nn.grad.conv2d_weight(
             padded_input, weight_shape, grad_output, module.stride, 0, module.dilation, module.groups
         )
     size = padded_input.shape[0]
+    out_channels, group_in, kernel_h, kernel_w = weight_shape
+    groups = module.groups
+    positions = grad_output.shape[2] * grad_output.shape[3]
+    if group_in * kernel_h * kernel_w * positions <= _STRIDED_PATCH_LIMIT:
+        padded_input = padded_input.contiguous()
+        s_batch, s_channel, s_row, s_column = padded_input.stride()
+        patches = padded_input.as_strided(
+            (size, groups * group_in, kernel_h, kernel_w, grad_output.shape[2], grad_output.shape[3]),
+            (s_batch, s_channel, s_row * module.dilation[0], s_column * module.dilation[1],
+             s_row * module.stride[0], s_column * module.stride[1]),
+        ).reshape(size, groups, group_in * kernel_h * kernel_w, positions)
+        grads = grad_output.reshape(size, groups, out_channels // groups, positions) @ patches.transpose(2, 3)
+        return grads.reshape(size, *weight_shape)
     grads = torch.nn.grad.conv2d_weight(
         padded_input.reshape(1, -1, *padded_input.shape[2:]),
         (size * weight_shape[0], *weight_shape[1:]),
@@ -543,7 +566,8 @@ def _exact_accumulate(layer: _Layer, layer_input: Tensor, grad: Tensor, phi: _El
             sums[names["bias"]] += phi(grad.reshape(size, grad.shape[1], -1).sum(dim=2)).sum(dim=0)
         if "weight" in names:
             padded = _conv_padded_input(module, layer_input)
-            step = _chunk(size, module.weight.numel())
+            positions = grad.shape[2] * grad.shape[3]
+            step = _chunk(size, module.weight.numel() + module.weight[0].numel() * module.groups * positions)
             total = sums[names["weight"]]
             for start in range(0, size, step):
                 per_sample_grad = _conv_weight_gradient(

@@ -51,6 +51,7 @@ from . import metrics
 from .batches import batch_input, batch_target, move_to
 from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import DivergenceError, EmptyDataError, MASCoreError, NonFiniteError
+from .regularizers import make_regularizer
 from .regularizers.base import Finetune, Regularizer, TaskInfo
 
 CHECKPOINT_NAME = "sequence.pt"
@@ -525,8 +526,6 @@ def _make_method(method: str | Regularizer, options: dict[str, Any]) -> tuple[st
         if options:
             raise MASCoreError(f"the joint upper bound takes no method_options, got {sorted(options)}")
         return JOINT, Finetune()
-    from .regularizers import make_regularizer
-
     return method, make_regularizer(method, **options)
 
 

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from data_prep.idx import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, load_fashion_mnist
-from mas_core import DivergenceError, MultiHeadNet, SequenceResult, Task, TrainSettings, atomic_write_json, run_sequence
+from mas_core import DivergenceError, MASCoreError, MultiHeadNet, SequenceResult, Task, TrainSettings, atomic_write_json, run_sequence
 
 #: method -> (registry name, options). λ chosen by a sweep on this protocol (see the report / docs/results.md).
 DEFAULT_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -32,8 +32,14 @@ DEFAULT_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "ewc": ("ewc", {"lam": 100.0}),
     "si": ("si", {"lam": 1.0}),
     "lwf": ("lwf", {"lam": 1.0, "temperature": 2.0}),
-    "mas": ("mas", {"lam": 0.25}),
+    "mas": ("mas", {"lam": 0.5}),
     "lmas": ("lmas", {"lam": 0.25}),
+}
+#: further methods one may add with --methods (not in the default table).
+EXTRA_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "joint": ("joint", {}),
+    "imm": ("imm", {"mode": "mode"}),
+    "ebll": ("ebll", {"lam": 1.0, "code_dim": 100}),
 }
 ALL_PAIRS = [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]
 
@@ -104,7 +110,7 @@ def format_table(results: dict[str, SequenceResult | DivergenceError], methods: 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(FASHION_MNIST_DIR), help="folder with the Fashion-MNIST IDX files")
-    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(DEFAULT_METHODS) + ["joint"])
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(DEFAULT_METHODS) + list(EXTRA_METHODS))
     parser.add_argument("--lam", action="append", default=[], metavar="METHOD=VALUE", help="override a method's λ")
     parser.add_argument("--tasks", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=5)
@@ -119,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose", action="store_true", help="log every epoch")
     args = parser.parse_args(argv)
 
-    catalogue = dict(DEFAULT_METHODS, joint=("joint", {}))
+    catalogue = dict(DEFAULT_METHODS, **EXTRA_METHODS)
     methods = {label: (catalogue[label][0], dict(catalogue[label][1])) for label in args.methods}
     for item in args.lam:
         label, _, value = item.partition("=")
@@ -132,7 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     tasks = split_tasks(args.data, num_tasks=args.tasks, train_per_class=args.train_per_class, seed=args.seed)
     settings = TrainSettings(epochs=args.epochs, lr=args.lr, momentum=0.9, batch_size=args.batch_size,
                              seed=args.seed, device=args.device)
-    results = run_methods(tasks, methods, settings, progress=args.verbose)
+    try:
+        results = run_methods(tasks, methods, settings, progress=args.verbose)
+    except MASCoreError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(f"split Fashion-MNIST, {len(tasks)} tasks, {args.epochs} epochs/task, lr {args.lr}, batch {args.batch_size}, "
           f"{len(tasks[0].train)} train images/task")
     print(format_table(results, methods))

@@ -64,6 +64,11 @@ def test_round_trip_keeps_every_field(tmp_path: Path) -> None:
         assert fact_id == example["sample_fact"][expected[0]]
         loader = torch.utils.data.DataLoader(dataset, batch_size=4)
         assert sum(len(batch[1]) for batch in loader) == len(expected)
+        # picklable (DataLoader workers under spawn): each copy opens its own handle
+        import pickle
+
+        copy = pickle.loads(pickle.dumps(dataset))
+        assert torch.equal(copy[1][0], dataset[1][0]) and copy[1][1] == dataset[1][1]
 
 
 def test_pixel_blocks_equal_pixel_array(tmp_path: Path) -> None:

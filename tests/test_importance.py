@@ -156,6 +156,16 @@ def test_exact_equals_brute_force_loop(kind):
     assert all(v.abs().sum() > 0 for v in actual.values())
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("patch_limit", [0, 10**9])
+def test_both_per_sample_conv_paths_are_exact(monkeypatch, patch_limit):
+    monkeypatch.setattr(importance_module, "_STRIDED_PATCH_LIMIT", patch_limit)
+    model, x = model_and_data("cnn")
+    model.features[3] = nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2, padding_mode="reflect").to(DTYPE)
+    assert_close(mas_importance(model, batches(x, 5)), brute_mas(model, x))
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 def test_exact_path_handles_mlp_and_cnn_without_the_fallback(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("the vmap fallback should not be needed here")

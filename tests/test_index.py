@@ -64,6 +64,13 @@ def test_approximate_kinds_reach_recall(kind):
         assert index.metadata["calibrated_recall_at_10"] >= 0.95
 
 
+def test_ivf_on_structureless_vectors_warns():
+    rng = np.random.default_rng(6)
+    with pytest.warns(UserWarning, match="flat index will be faster"):
+        index = build_index(rng.normal(size=(4000, 64)), kind="ivf", calibration_queries=100)
+    assert index.nprobe > index.metadata["nlist"] // 4
+
+
 def test_default_nlist_rule():
     assert default_nlist(165_150) == round(4 * np.sqrt(165_150))
     assert default_nlist(100) == 2  # at least 39 training points per cell

@@ -220,3 +220,17 @@ def test_text_encoder_is_composed_by_the_command(tmp_path: Path, monkeypatch: py
         np.testing.assert_array_equal(facts.fact_embeddings, embed_facts(facts.facts, HashEncoder())[0])
         assert sorted(set(facts.task_of_fact.tolist())) == [0, 1]
         assert facts.provenance["options"]["split"] == "semantic"
+
+
+def test_benchmark_generator_schema_is_read_completely(tmp_path: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import bench_prepare
+
+    sizes = bench_prepare.generate(tmp_path / "vg", num_images=30, num_relationships=400, seed=0)
+    report = visual_genome.prepare_visual_genome(tmp_path / "vg", tmp_path / "f.h5", num_tasks=1, min_fact_count=1,
+                                                 orders=(3,), no_images=True, progress=False, test_fraction=0.0)
+    with open_facts(tmp_path / "f.h5") as facts:
+        assert facts.provenance["relationships_read"] == sizes["relationships"] == 400
+        # every generated relationship is well formed: all kept, none dropped
+        assert len(facts.sample_fact) + report.dropped.get("samples whose box is empty inside the image", 0) == 400
+        assert set(facts.sample_image_id.tolist()) <= set(range(1, 31))

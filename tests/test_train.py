@@ -17,8 +17,8 @@ from triplets.errors import ConfigError, RunFolderError
 
 def make_tiny_fact_file(path: Path, *, num_tasks: int = 4, facts_per_task: int = 12, train_per_fact: int = 8,
                         test_per_fact: int = 3, image_size: int = 16, slot_dim: int = 16, seed: int = 0) -> Path:
-    """A small fact world: every fact has its own smooth colour template (8×8 random colours
-    upsampled), every sample is that template plus noise; language vectors are random per word.
+    """A small fact world: every fact has its own colour with a faint 4×4 pattern, every
+    sample is that template plus noise; language vectors are random per word.
     Each task mixes <S>, <S,P> and <S,P,O> facts with task-specific subjects."""
     rng = np.random.default_rng(seed)
     predicates = [f"pred{i}" for i in range(4)]
@@ -47,8 +47,9 @@ def make_tiny_fact_file(path: Path, *, num_tasks: int = 4, facts_per_task: int =
         return words[word]
 
     fact_embeddings = np.stack([np.concatenate([vector(s), vector(p), vector(o)]) for s, p, o in facts])
-    templates = rng.uniform(0, 1, size=(len(facts), 8, 8, 3))
-    templates = templates.repeat(image_size // 8, axis=1).repeat(image_size // 8, axis=2)
+    colours = rng.uniform(0.1, 0.9, size=(len(facts), 1, 1, 3))
+    patterns = rng.uniform(-0.2, 0.2, size=(len(facts), 4, 4, 3))
+    templates = colours + patterns.repeat(image_size // 4, axis=1).repeat(image_size // 4, axis=2)
     sample_fact, sample_split, pixels = [], [], []
     for fact_id in range(len(facts)):
         for split, count in ((0, train_per_fact), (1, test_per_fact)):

@@ -39,6 +39,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
@@ -349,6 +350,10 @@ def build_index(vectors: np.ndarray, *, kind: IndexKind = "flat", nlist: int | N
         if nprobe is None:
             nprobe, recall = _calibrate_nprobe(index, data, nlist, target_recall, calibration_queries, seed)
             meta.update(nprobe=nprobe, calibrated_recall_at_10=recall, target_recall=target_recall)
+            if nprobe > max(1, nlist // 4):
+                warnings.warn(
+                    f"IVF needs nprobe={nprobe} of nlist={nlist} cells for recall@10 ≥ {target_recall}: these vectors "
+                    "have no cluster structure for IVF to use, and a flat index will be faster", stacklevel=2)
         else:
             if not 1 <= int(nprobe) <= nlist:
                 raise TripletsError(f"nprobe must be in 1..nlist={nlist}, got {nprobe}")
