@@ -10,7 +10,8 @@ optimizer step. Variants, timed interleaved round by round (drift hits all alike
 * ``fused``: :meth:`mas_core.regularizers.mas.MAS.penalty` (a custom autograd function over
   ``torch._foreach_*`` kernels; its backward returns the saved product ``2λΩ·(θ − θ*)``);
 * ``foreach``: the same formula with ``torch._foreach_sub/_foreach_mul`` under plain autograd;
-* ``loop``: the per-tensor expression ``Σ (λΩ · (θ − θ*)²).sum()`` under plain autograd.
+* ``loop``: the per-tensor expression ``Σ (λΩ · (θ − θ*)²).sum()`` under plain autograd;
+* ``flat``: one flattened concatenation of all parameters, ``⟨λΩ·d, d⟩`` on it, under autograd.
 
 Reports medians, ``penalty_step_overhead = step(fused) / step(none)`` (goal ≤ 1.10) and
 the same ratio for the other variants, plus the penalty's own forward+backward time.
@@ -47,6 +48,13 @@ def foreach_penalty(model: nn.Module, reg: MAS) -> Tensor:
     return torch.stack([w.sum() for w in weighted]).sum() * 0.5  # reg._weights holds 2λΩ
 
 
+def flat_penalty(model: nn.Module, reg: MAS, flat_anchors: Tensor, flat_weights: Tensor) -> Tensor:
+    parameters = dict(model.named_parameters())
+    flat = torch.cat([parameters[n].reshape(-1) for n in reg._weights])
+    difference = flat - flat_anchors
+    return 0.5 * torch.dot(flat_weights * difference, difference)
+
+
 def loop_penalty(model: nn.Module, reg: MAS) -> Tensor:
     parameters = dict(model.named_parameters())
     return 0.5 * sum((w * (parameters[n] - reg._anchors[n]).square()).sum() for n, w in reg._weights.items())
@@ -67,6 +75,8 @@ def main() -> int:
     targets = torch.randint(0, 10, (args.batch_size,))
     reg = MAS(lam=1.0)
     reg.after_task(model, [torch.randn(256, 1024)])  # real Ω and θ*
+    flat_anchors = torch.cat([reg._anchors[n].reshape(-1) for n in reg._weights])
+    flat_weights = torch.cat([w.reshape(-1) for w in reg._weights.values()])
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
     penalties: dict[str, Callable[[], Tensor] | None] = {
@@ -74,6 +84,7 @@ def main() -> int:
         "fused": lambda: reg.penalty(model),
         "foreach": lambda: foreach_penalty(model, reg),
         "loop": lambda: loop_penalty(model, reg),
+        "flat": lambda: flat_penalty(model, reg, flat_anchors, flat_weights),
     }
     # the three penalty implementations agree
     with torch.no_grad():

@@ -15,6 +15,7 @@ so that ``prepare vg`` reads it exactly as it reads the real dumps::
     OUT/object_alias.txt       one alias group per line, canonical term first
     OUT/relationship_alias.txt
     OUT/VG_100K/{image_id}.jpg
+    OUT/synth_manifest.json    seed, counts, planted quirks and the canonical fact counts
 
 Boxes are in pixels of the image, ``(x, y)`` the top-left corner, ``w``/``h`` the size.
 
@@ -130,6 +131,7 @@ PAIR_CELL_PROBABILITY = 0.8
 JPEG_QUALITY = 90
 MIN_IMAGE_SIZE = (96, 72)
 MIN_QUIRK_IMAGES = 10
+MANIFEST_NAME = "synth_manifest.json"
 
 Fact = tuple[str, "str | None", "str | None"]
 
@@ -663,6 +665,38 @@ def _write_world(folder: Path, num_images: int, seed: int, width: int, height: i
     }
 
 
+def _write_manifest(path: Path, seed: int, num_images: int, image_size: tuple[int, int], written: dict[str, Any]) -> None:
+    """Record what was generated (for provenance and round-trip tests) beside the dump."""
+    facts = sorted(written["fact_counts"].items(), key=lambda item: (-item[1], _fact_sort_key(item[0])))
+    manifest = {
+        "generator": "data_prep.synthetic.generate_world",
+        "seed": seed,
+        "num_images": num_images,
+        "image_size": list(image_size),
+        "num_objects": written["num_objects"],
+        "num_relationships": written["num_relationships"],
+        "num_attribute_records": written["num_attribute_records"],
+        "missing_image_ids": written["missing"],
+        "corrupt_image_ids": written["corrupt"],
+        "wrong_size_image_ids": written["wrong_size"],
+        "quirks": dict(sorted(written["quirks"].items())),
+        "fact_counts": [[s, p, o, count] for (s, p, o), count in facts],
+    }
+    path.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def load_manifest_fact_counts(dump_dir: str | os.PathLike) -> dict[Fact, int]:
+    """The canonical fact counts recorded in ``dump_dir/synth_manifest.json``."""
+    path = Path(dump_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise DataPrepError(f"{path} not found; {dump_dir} is not a folder written by `mas-triplets synth`")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        return {(s, p, o): int(count) for s, p, o, count in manifest["fact_counts"]}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataPrepError(f"{path} is malformed ({exc}); regenerate it with `mas-triplets synth --force`") from None
+
+
 def _check_arguments(num_images: int, image_size: tuple[int, int]) -> tuple[int, int]:
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
         raise DataPrepError(f"num_images must be a positive integer, got {num_images!r}")
@@ -708,6 +742,7 @@ def generate_world(
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
         written = _write_world(staging, num_images, seed, width, height, progress)
+        _write_manifest(staging / MANIFEST_NAME, seed, num_images, (width, height), written)
         _prepare_destination(out_dir, force)  # re-check: something may have appeared meanwhile
         if out_dir.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))

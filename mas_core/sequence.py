@@ -258,6 +258,8 @@ def run_sequence(make_model: Callable[[], MultiHeadNet], tasks: list[Task], meth
         for split in ("train", "test"):
             if len(getattr(task, split)) == 0:
                 raise EmptyDataError(f"task {index} ({task.name}) has an empty {split} set")
+    if resume and checkpoint_dir is None:
+        raise MASCoreError("resume=True needs checkpoint_dir (the folder the interrupted run wrote to)")
     options = dict(method_options or {})
     method_name, reg = _make_method(method, options)
     emit = _logger(progress, log)

@@ -77,6 +77,19 @@ def test_gradient_scales_with_the_incoming_gradient_and_survives_retain_graph():
         assert torch.allclose(p.grad, expected, rtol=1e-10, atol=1e-14), name
 
 
+def test_penalty_alone_backward_twice_with_retain_graph():
+    model, data = setup()
+    reg = MAS(lam=0.3)
+    reg.after_task(model, data)
+    perturb(model)
+    omega, anchors = reg.importance, reg.anchors
+    value = reg.penalty(model)
+    value.backward(retain_graph=True)
+    value.backward()
+    for name, p in model.named_parameters():
+        assert torch.allclose(p.grad, 2 * 2 * 0.3 * omega[name] * (p.detach() - anchors[name]), rtol=1e-12), name
+
+
 def test_new_head_is_not_regularized_and_shape_changes_are_errors():
     model, data = setup()
     reg = MAS(lam=1.0)

@@ -206,7 +206,9 @@ def test_query_bad_inputs_exit_2(run_dir, tmp_path, capsys):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     _one_line_error(capsys, ["query", "--run", str(run_dir), "--image", str(broken)], "cannot decode")
+    _one_line_error(capsys, ["query", "--run", str(run_dir), "--image", str(tmp_path / "absent.jpg")], "not found")
     _one_line_error(capsys, ["query", "--run", str(tmp_path / "nope"), "--text", "dog"], "no run folder")
+    _one_line_error(capsys, ["evaluate", "--run", str(tmp_path)], "not a run folder")
     _one_line_error(capsys, ["query", "--run", str(run_dir), "--text", "dog", "--method", "mas"], "no trained method")
     _one_line_error(capsys, ["query", "--run", str(run_dir), "--image", str(broken), "--box", "1,2"], "four numbers")
 

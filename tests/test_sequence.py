@@ -195,3 +195,22 @@ def _assert_same(left, right, where: str) -> None:
             _assert_same(a, b, f"{where}[{index}]")
     else:
         assert left == right, where
+
+
+def test_importance_data_is_what_mas_estimates_omega_on(tmp_path) -> None:
+    from mas_core.importance import mas_importance
+    from mas_core.regularizers import MAS
+
+    task = _tasks(1)[0]
+    unlabeled = TensorDataset(task.test.tensors[0])  # inputs only, as in the paper's Table 3
+    task = Task(task.name, task.train, task.test, task.num_classes, importance_data=unlabeled)
+    regularizer = MAS(lam=1.0)
+    run_sequence(_make_model, [task], regularizer, SETTINGS, checkpoint_dir=tmp_path, progress=False)
+    model = _make_model()
+    model.add_head(2)
+    model.load_state_dict(load_checkpoint(tmp_path / CHECKPOINT_NAME)["model"])
+    expected = mas_importance(model, [unlabeled.tensors[0]])
+    for name, value in expected.items():
+        torch.testing.assert_close(regularizer.importance[name], value, rtol=1e-5, atol=1e-7)
+    on_train = mas_importance(model, [task.train.tensors[0]])
+    assert not torch.allclose(on_train["trunk.0.weight"], expected["trunk.0.weight"])

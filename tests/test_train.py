@@ -251,14 +251,15 @@ def test_divergence_names_the_learning_rate(small_facts, tmp_path):
 
 
 def test_mas_forgets_clearly_less_than_finetuning(tmp_path):
-    """Reduced run on the 4-task tiny world (12 facts per task, 8 training images per fact,
-    10 epochs per task, SGD 0.05 momentum 0.9). Measured on this machine: finetune forgets
-    0.204 of standard top-5, exact MAS (λ = 1) −0.019 (no forgetting), at higher average top-5
-    (0.542 against 0.465)."""
-    facts = make_tiny_fact_file(tmp_path / "facts.h5")
-    config = _config(facts, epochs=10, lr=0.05)
+    """Reduced run on the 4-task tiny world (12 facts per task, 8 training and 6 test images
+    per fact, 10 epochs per task, SGD lr 0.01 momentum 0.9, batch 16, exact MAS λ = 5).
+    Measured here: finetune forgets 0.463 of standard top-5 (average top-5 0.375), MAS 0.199
+    (average 0.632); MAS λ = 1 forgets 0.370 (average 0.580)."""
+    facts = make_tiny_fact_file(tmp_path / "facts.h5", test_per_fact=6)
+    config = _config(facts, epochs=10, lr=0.01,
+                     methods=[MethodConfig("finetune"), MethodConfig("mas", {"lam": 5.0, "mode": "exact"})])
     results = train_run(config, tmp_path / "run", progress=False)["methods"]
     finetune, mas = results["finetune"], results["mas"]
-    assert finetune["forgetting"] > 0.1
-    assert mas["forgetting"] < finetune["forgetting"] - 0.1
-    assert mas["avg_top5"] > finetune["avg_top5"]
+    assert finetune["forgetting"] > 0.3
+    assert mas["forgetting"] < finetune["forgetting"] - 0.15
+    assert mas["avg_top5"] > finetune["avg_top5"] + 0.1

@@ -92,7 +92,7 @@ class EBLL(LwF):
 
     name = "ebll"
 
-    def __init__(self, lam: float = 1.0, *, code_dim: int = 100, ae_lam: float = 1.0, ae_epochs: int = 20,
+    def __init__(self, lam: float = 1.0, *, code_dim: int = 100, ae_lam: float = 1e-3, ae_epochs: int = 20,
                  ae_lr: float = 1e-3, ae_batch_size: int = 128, temperature: float = 2.0, seed: int = 0) -> None:
         super().__init__(lam, temperature=temperature)
         if int(code_dim) < 1 or int(ae_epochs) < 1 or int(ae_batch_size) < 1:

@@ -38,7 +38,11 @@ def _fact_rows(hits: list[dict]) -> list[list[str]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
+
     from ..errors import TripletsError
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a text encoder is only ever read from local files
     from ..query import open_query, parse_box
 
     if args.k < 1:
