@@ -145,7 +145,8 @@ class SynthReport:
     one <S> sample per entry of objects.json, one <S,A> sample per (object, attribute)
     of attributes.json, one <S,P,O> sample per named relationship. A correct reader
     (cleaning + aliases, skipping the missing and corrupt images and nameless
-    relationships) recovers exactly these counts.
+    relationships) recovers exactly these counts. ``num_relationships`` counts the
+    relationship records written, the planted nameless ones included.
     """
 
     out_dir: Path
@@ -472,7 +473,8 @@ def _object_record(shape: _Shape, object_id: int, written_name: str, counters: _
     else:
         record["synsets"] = [CATEGORY_SYNSETS[shape.category]]
     if index % 4 == 0:
-        record["merged_object_ids"] = [] if index % 8 == 0 else [object_id + 500_000]
+        # ids below 1_000_000: never those of a written object (which start at 1_000_001)
+        record["merged_object_ids"] = [] if index % 8 == 0 else [index % 1_000_000]
         counters.quirks["merged_object_ids"] += index % 8 != 0
     return record
 

@@ -168,7 +168,7 @@ def test_zero_shot_text_query_uses_the_text_encoder(run_dir):
         name = "test-words"
         dim = SLOT_DIM
 
-        def encode(self, texts):
+        def encode(self, texts, batch_size=64):
             encoder_calls.append(list(texts))
             return np.stack([words.get(t, np.ones(SLOT_DIM, np.float32)) for t in texts])
 
@@ -183,6 +183,14 @@ def test_zero_shot_text_query_uses_the_text_encoder(run_dir):
     assert [fact for fact, _ in result["facts"]] == [VOCABULARY[i] for i in order]
     np.testing.assert_allclose([s for _, s in result["facts"]], scores[order], atol=1e-5)
     assert len(result["images"]) == 3
+
+    class OtherEncoder(WordEncoder):
+        name = "another-model"
+
+    with pytest.raises(RunFolderError, match="another-model"):
+        query_text(run_dir, "woman|riding|horse", k=3, encoder=OtherEncoder())
+    with pytest.raises(RunFolderError, match="test-words"):
+        query_text(run_dir, "woman|riding|horse", k=3)  # not a MiniLM fact file: the encoder must be given
 
 
 def test_query_command_table_and_json(run_dir, capsys):

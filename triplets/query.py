@@ -244,19 +244,38 @@ class QueryEngine:
 
     @property
     def encoder(self) -> Any:
-        """The run's text encoder (``triplets.language.load_text_encoder``), loaded on first use."""
+        """The run's text encoder, loaded on first use and checked against the fact file's.
+
+        Default: ``"minilm"`` when the fact file was prepared with MiniLM (its
+        ``encoder_name`` starts with ``minilm:``); other encoders (a local model folder, a
+        word2vec file) must be given as ``encoder=`` (a spec for
+        ``triplets.language.load_text_encoder`` or an encoder object). The encoder's ``name``
+        (kind, model and a fingerprint of its files) must equal the fact file's
+        ``encoder_name``, else :class:`RunFolderError`: vectors of another encoder would not
+        live in the space the model was trained on.
+        """
         if self._encoder is None:
+            expected = self.fact_file.encoder_name
             spec = self._encoder_spec
-            if spec is None or isinstance(spec, (str, os.PathLike)):
+            if spec is None:
+                if not expected:
+                    raise RunFolderError(f"the fact file {self.fact_file.path} does not name its text encoder; "
+                                         "pass --encoder (the spec used by prepare)")
+                if not str(expected).startswith("minilm:"):
+                    raise RunFolderError(f"the fact file was embedded with {expected}; pass --encoder with that "
+                                         "model folder or word2vec file to embed unseen facts")
+                spec = "minilm"
+            if isinstance(spec, (str, os.PathLike)):
                 from .language import load_text_encoder  # noqa: PLC0415
 
-                spec = spec if spec is not None else self.fact_file.encoder_name
-                if not spec:
-                    raise RunFolderError(f"the fact file {self.fact_file.path} does not name its text encoder; "
-                                         "pass encoder= (the spec used by prepare)")
-                self._encoder = load_text_encoder(str(spec))
+                encoder = load_text_encoder(str(spec))
             else:
-                self._encoder = spec
+                encoder = spec
+            name = getattr(encoder, "name", None)
+            if expected and name != expected:
+                raise RunFolderError(f"the text encoder {name} is not the one that embedded the run's facts "
+                                     f"({expected}); pass the original encoder with --encoder")
+            self._encoder = encoder
         return self._encoder
 
     # -- embeddings --------------------------------------------------------------------------

@@ -276,7 +276,8 @@ class _Samples:
         else:
             from torch.utils.data import ConcatDataset, Subset
 
-            datasets = [fact_file.dataset(task, split if split is not None else "train") for task, split in parts]
+            datasets = [fact_file.dataset(task, one_split) for task, split in parts
+                        for one_split in ((split,) if split is not None else (0, 1))]
             self.dataset = ConcatDataset(datasets)
             if max_samples is not None:
                 self.dataset = Subset(self.dataset, range(min(max_samples, len(self.dataset))))
