@@ -185,7 +185,7 @@ class SynthReport:
             f"attribute records: {self.num_attribute_records}",
             f"  distinct facts: {len(self.fact_counts)} (<S> {orders[1]}, <S,A> {orders[2]}, "
             f"<S,P,O> {orders[3]}); with >= 5 samples: {len(self.facts_with_at_least(5))}",
-            f"  planted quirks: " + ", ".join(f"{k}={v}" for k, v in sorted(self.quirks.items()) if v),
+            "  planted quirks: " + ", ".join(f"{k}={v}" for k, v in sorted(self.quirks.items()) if v),
             f"  written in {self.seconds:.1f} s",
         ]
         return "\n".join(lines)

@@ -35,6 +35,18 @@ class CheckpointMismatchError(MASCoreError, ValueError):
     """A checkpoint was written by a run with another configuration, or is corrupt."""
 
 
+class InvalidArgumentError(MASCoreError, ValueError):
+    """An argument of an estimator or a regularizer has a value it does not accept."""
+
+
+class MASStateError(MASCoreError, ValueError):
+    """The model no longer matches the parameters a regularizer anchored (shape changed, parameter gone)."""
+
+
+class UnknownOptionError(MASCoreError, TypeError):
+    """An option that the chosen method does not take."""
+
+
 class UnknownMethodError(MASCoreError, KeyError):
     """A continual-learning method name that is not registered."""
 

@@ -71,9 +71,9 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from mas_core.batches import batch_input, batch_size, batch_target, move_to
 from mas_core.errors import (
+    InvalidArgumentError,
     EmptyDataError,
     InvalidOutputError,
-    MASCoreError,
     NoTrainableParametersError,
     NonFiniteError,
 )
@@ -103,10 +103,6 @@ _ELEMENT_BUDGET = 2**24
 _STRIDED_PATCH_LIMIT = 16384
 
 _Elementwise = Callable[[Tensor], Tensor]
-
-
-class InvalidArgumentError(MASCoreError, ValueError):
-    """An argument of an estimator or a regularizer has a value it does not accept."""
 
 
 # ----------------------------------------------------------------------------------------------

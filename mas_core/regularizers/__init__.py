@@ -22,7 +22,7 @@ import difflib
 import inspect
 from typing import Any
 
-from ..errors import MASCoreError, UnknownMethodError
+from ..errors import UnknownMethodError, UnknownOptionError
 from .base import Finetune, Regularizer, TaskInfo
 from .ebll import EBLL
 from .ewc import EWC
@@ -30,10 +30,6 @@ from .imm import IMM
 from .lwf import LwF
 from .mas import MAS
 from .si import SI
-
-
-class UnknownOptionError(MASCoreError, TypeError):
-    """An option that the chosen method does not take."""
 
 
 class LocalMAS(MAS):

@@ -45,17 +45,13 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ..errors import CheckpointMismatchError, MASCoreError, NonFiniteError
-from ..importance import InvalidArgumentError, OutputFn, hebbian_importance, mas_importance
+from ..errors import CheckpointMismatchError, InvalidArgumentError, MASStateError, NonFiniteError
+from ..importance import OutputFn, hebbian_importance, mas_importance
 from .base import Regularizer, _zero_like_model
 
 MODES = ("exact", "batch", "hebbian")
 ACCUMULATIONS = ("sum", "ema", "alpha")
 _STATE_VERSION = 1
-
-
-class MASStateError(MASCoreError, ValueError):
-    """The model no longer matches the parameters MAS anchored (shape changed, parameter gone)."""
 
 
 class _WeightedSquaredDistance(torch.autograd.Function):
