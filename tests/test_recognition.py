@@ -1,0 +1,192 @@
+"""The object-recognition sequence: the paper's claims on a reduced offline run, resume after
+kill -9, config validation, the paper-protocol configs failing only for want of data, and
+the prepare/recognition commands' error handling."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from data_prep.errors import MissingDatasetError
+from data_prep.idx import fashion_mnist_available
+from triplets.cli import main
+from triplets.errors import ConfigError
+from triplets.recognition import (build_tasks, comparable, load_recognition_config, results_markdown,
+                                  run_recognition)
+
+REPO = Path(__file__).resolve().parents[1]
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+PAPER_CONFIGS = ["recogseq8.yaml", "pair_birds_scenes.yaml", "pair_scenes_birds.yaml", "pair_flower_birds.yaml",
+                 "pair_flower_scenes.yaml"]
+needs_fmnist = pytest.mark.skipif(not fashion_mnist_available(FMNIST),
+                                  reason="Debian dataset-fashion-mnist not installed (make test-data)")
+
+
+def reduced_config(tmp: Path, data_dir: Path, methods: list[str]) -> Path:
+    """A 3-task cut of configs/recognition_offline.yaml: few samples, few epochs."""
+    config = {
+        "name": "reduced", "seed": 0, "data_dir": str(data_dir),
+        "tasks": [
+            {"name": "fmnist-tops", "dataset": "fashion_mnist", "classes": [0, 2, 4, 6],
+             "max_train_per_class": 100, "max_test_per_class": 100},
+            {"name": "letters", "dataset": "font_letters", "classes": list("ABCDEFGHIJ"),
+             "renders_per_class": [40, 30]},
+            {"name": "fmnist-rest", "dataset": "fashion_mnist", "classes": [1, 3, 5, 7, 8, 9],
+             "max_train_per_class": 70, "max_test_per_class": 100},
+        ],
+        "model": {"arch": "small_cnn", "input_size": 28, "channels": 1, "width": 8, "feature_dim": 32},
+        "train": {"epochs": 5, "lr": 0.05, "momentum": 0.9, "batch_size": 32},
+        "methods": methods,
+        "method_options": {"mas": {"lam": 1.0}, "lmas": {"lam": 0.002}},
+    }
+    path = tmp / "reduced.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def reduced_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    if not fashion_mnist_available(FMNIST):
+        pytest.skip("Debian dataset-fashion-mnist not installed (make test-data)")
+    tmp = tmp_path_factory.mktemp("reduced")
+    path = reduced_config(tmp, tmp / "data", ["finetune", "mas", "lmas", "mas@test", "joint"])
+    return run_recognition(load_recognition_config(path), tmp / "run", progress=False)
+
+
+def test_reduced_run_forgets_and_mas_forgets_least(reduced_results: dict) -> None:
+    methods = reduced_results["methods"]
+    drops = {name: m["avg_drop"] for name, m in methods.items()}
+    assert drops["finetune"] < -0.04, drops  # a sequence on which nothing forgets shows nothing
+    assert drops["mas"] > drops["finetune"] + 0.02, drops
+    assert drops["mas"] == max(drops[m] for m in ("finetune", "mas", "lmas")), drops
+
+
+def test_reduced_run_lmas_forgets_less_than_finetune(reduced_results: dict) -> None:
+    drops = {name: m["avg_drop"] for name, m in reduced_results["methods"].items()}
+    assert drops["finetune"] < drops["lmas"] <= drops["mas"], drops
+
+
+def test_importance_from_unlabeled_test_data_preserves_as_well(reduced_results: dict) -> None:
+    methods = reduced_results["methods"]
+    assert methods["mas@test"]["importance_data"] == "test" and methods["mas"]["importance_data"] == "train"
+    # Table 3: Ω on unlabeled test inputs keeps old tasks as well as Ω on training data (±3 points)
+    assert abs(methods["mas@test"]["avg_drop"] - methods["mas"]["avg_drop"]) <= 0.03
+    assert methods["mas@test"]["avg_drop"] > methods["finetune"]["avg_drop"] + 0.02
+
+
+def test_joint_is_the_upper_bound(reduced_results: dict) -> None:
+    methods = reduced_results["methods"]
+    best_other = max(m["avg_acc"] for name, m in methods.items() if name != "joint")
+    assert methods["joint"]["avg_acc"] >= best_other - 0.005, {n: m["avg_acc"] for n, m in methods.items()}
+
+
+def test_results_files_and_metrics_consistent(reduced_results: dict, tmp_path: Path) -> None:
+    for summary in reduced_results["methods"].values():
+        R = summary["accuracy"]
+        assert len(R) == 3 and all(R[i][j] is None for i in range(3) for j in range(i + 1, 3))
+        final = [R[2][j] for j in range(3)]
+        assert summary["avg_acc"] == pytest.approx(sum(final) / 3)
+        assert summary["avg_drop"] == pytest.approx(sum(R[2][j] - R[j][j] for j in range(3)) / 3)
+    assert reduced_results["complete"] is True
+    table = results_markdown(reduced_results)
+    assert "| mas@test |" in table and "avg drop" in table
+    two = json.loads(json.dumps(reduced_results))
+    two["tasks"] = two["tasks"][:2]
+    for summary in two["methods"].values():
+        summary["accuracy"] = [row[:2] for row in summary["accuracy"][:2]]
+    R = two["methods"]["finetune"]["accuracy"]
+    assert f"| finetune | {100 * R[1][0]:.2f} ({100 * (R[1][0] - R[0][0]):+.2f}) | {100 * R[1][1]:.2f} |" \
+        in results_markdown(two)
+
+
+@needs_fmnist
+def test_resume_after_kill_equals_uninterrupted(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    path = reduced_config(tmp_path, data_dir, ["finetune", "mas"])
+    config = load_recognition_config(path, ["train.epochs=3"])
+    reference = run_recognition(config, tmp_path / "uninterrupted", progress=False)
+    out = tmp_path / "killed"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "triplets.cli", "recognition", "--config", str(path), "--out", str(out),
+         "--set", "train.epochs=3", "--quiet"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = out / "mas" / "sequence.pt"
+    deadline = time.time() + 240
+    while not marker.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    killed_mid_run = process.poll() is None
+    if killed_mid_run:
+        os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert killed_mid_run, "the run finished before it could be killed"
+    assert (out / "finetune" / "result.json").is_file() and marker.is_file()
+    resumed = run_recognition(config, out, resume=True, progress=False)
+    assert comparable(resumed) == comparable(reference)
+    assert json.loads((out / "results.json").read_text())["complete"] is True
+
+
+def test_offline_config_loads_with_enough_tasks_and_sources() -> None:
+    config = load_recognition_config(REPO / "configs" / "recognition_offline.yaml")
+    assert len(config.tasks) >= 4 and len({task.dataset for task in config.tasks}) >= 2
+    assert config.model.arch == "small_cnn"
+    assert {"finetune", "mas", "lmas", "mas@test", "joint"} <= set(config.methods)
+
+
+@pytest.mark.parametrize("name", PAPER_CONFIGS)
+def test_paper_configs_load_and_fail_only_for_want_of_data(name: str, tmp_path: Path) -> None:
+    config = load_recognition_config(REPO / "configs" / name, [f"data_dir={tmp_path / 'cache'}"])
+    assert config.model.arch == "alexnet" and config.model.input_size == 224 and config.model.resize == 256
+    assert all(options.get("lam") == 1.0 for options in config.method_options.values())
+    with pytest.raises(MissingDatasetError) as info:
+        build_tasks(config)
+    message = str(info.value)
+    assert "\n" not in message and "expected layout" in message
+
+
+def test_cli_recognition_missing_data_exits_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code = main(["recognition", "--config", str(REPO / "configs" / "pair_flower_birds.yaml"), "--out",
+                 str(tmp_path / "run"), "--set", f"data_dir={tmp_path / 'cache'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "expected layout" in err
+
+
+def test_config_errors_name_the_nearest_key(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tasks: [{name: a, dataset: digits}]\nmodel: {arch: small_cnn, widht: 8}\n")
+    with pytest.raises(ConfigError, match="did you mean 'width'"):
+        load_recognition_config(bad)
+    bad.write_text("tasks: [{name: a, dataset: digit}]\n")
+    with pytest.raises(ConfigError, match="did you mean 'digits'"):
+        load_recognition_config(bad)
+    bad.write_text("tasks: [{name: a, dataset: digits}]\nmethods: [mas, ewc@test]\n")
+    with pytest.raises(ConfigError, match="without labels"):
+        load_recognition_config(bad)
+    bad.write_text("tasks: [{name: a, dataset: digits}]\nmethods: [maas]\n")
+    with pytest.raises(ConfigError, match="did you mean 'mas'"):
+        load_recognition_config(bad)
+
+
+def test_prepare_images_bad_input_exits_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code = main(["prepare", "images", "--dataset", "cub200", "--root", str(tmp_path / "nothing"),
+                 "--out", str(tmp_path / "cub.h5")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "CUB_200_2011" in err
+    code = main(["prepare", "images", "--dataset", "flowerz", "--out", str(tmp_path / "x.h5")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "did you mean 'flowers102'" in err
+    assert not (tmp_path / "cub.h5").exists()
+
+
+def test_prepare_images_command_writes_a_readable_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code = main(["prepare", "images", "--dataset", "digits", "--out", str(tmp_path / "d.h5"), "--image-size", "12"])
+    assert code == 0 and "10 classes" in capsys.readouterr().out
+    from data_prep.images import open_image_dataset
+
+    assert open_image_dataset(tmp_path / "d.h5").image_shape == (12, 12, 1)
