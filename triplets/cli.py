@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shlex
 import sys
 from typing import Sequence
 
@@ -56,7 +57,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.command_line = shlex.join(["mas-triplets", *argv])  # recorded in provenance and run folders
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 0 if args.command is None else 2

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 from typing import Any, Callable
 
 from ..errors import TripletsError
@@ -113,18 +112,13 @@ def _text_encoder(args: argparse.Namespace) -> tuple[Callable[[list], Any] | Non
     return embed, getattr(encoder, "name", str(args.text_encoder))
 
 
-def _command_line() -> str:
-    return " ".join(["mas-triplets", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("mas-triplets") else \
-        " ".join(sys.argv)
-
-
 def _common_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     text_encoder, encoder_name = _text_encoder(args)
     return {
         "num_tasks": args.tasks, "split": args.split, "min_fact_count": args.min_fact_count,
         "orders": args.orders, "image_size": args.image_size, "seed": args.seed,
         "text_encoder": text_encoder, "encoder_name": encoder_name, "no_images": args.no_images,
-        "progress": not args.no_progress, "command_line": _command_line(),
+        "progress": not args.no_progress, "command_line": args.command_line,
     }
 
 
