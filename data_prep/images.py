@@ -44,17 +44,23 @@ import json
 import os
 import re
 import tempfile
-import xml.etree.ElementTree as ElementTree
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
+from xml.etree import ElementTree
 
 import h5py
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import DataPrepError, MissingDatasetError
-from .idx import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, fashion_mnist_available, load_fashion_mnist
+from .idx import (
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_DIR,
+    fashion_mnist_available,
+    load_fashion_mnist,
+)
 
 FORMAT_NAME = "mas-triplets-images"
 FORMAT_VERSION = 1
@@ -186,7 +192,7 @@ def prepare_image_dataset(
     return out_path
 
 
-def open_image_dataset(path: str | os.PathLike) -> "ImageH5":
+def open_image_dataset(path: str | os.PathLike) -> ImageH5:
     """Open an HDF5 file written by :func:`prepare_image_dataset` (checks format and version)."""
     return ImageH5(path)
 
@@ -260,7 +266,7 @@ class ImageH5:
 
     def view(self, split: str, classes: Sequence[int | str] | None = None, *,
              max_per_class: int | None = None, seed: int = 0,
-             transform: Callable[[np.ndarray], Any] | None = None) -> "ImageSplitView":
+             transform: Callable[[np.ndarray], Any] | None = None) -> ImageSplitView:
         """A dataset over ``split`` restricted to ``classes`` (relabelled 0..k-1 in that order).
 
         ``max_per_class`` keeps at most that many samples of each class, chosen
@@ -462,7 +468,7 @@ def _stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tu
     train_rows, test_rows = [], []
     for label in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == label))
-        cut = int(round(members.size * test_fraction))
+        cut = round(members.size * test_fraction)
         test_rows.append(members[:cut])
         train_rows.append(members[cut:])
     return np.sort(np.concatenate(train_rows)), np.sort(np.concatenate(test_rows))

@@ -10,8 +10,13 @@ from PIL import Image
 
 from data_prep.errors import DataPrepError, MissingDatasetError
 from data_prep.idx import fashion_mnist_available, load_fashion_mnist
-from data_prep.images import (SOURCES, ImageFormatError, list_fonts, open_image_dataset,
-                              prepare_image_dataset)
+from data_prep.images import (
+    SOURCES,
+    ImageFormatError,
+    list_fonts,
+    open_image_dataset,
+    prepare_image_dataset,
+)
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 

@@ -18,8 +18,13 @@ from data_prep.errors import MissingDatasetError
 from data_prep.idx import fashion_mnist_available
 from triplets.cli import main
 from triplets.errors import ConfigError
-from triplets.recognition import (build_tasks, comparable, load_recognition_config, results_markdown,
-                                  run_recognition)
+from triplets.recognition import (
+    build_tasks,
+    comparable,
+    load_recognition_config,
+    results_markdown,
+    run_recognition,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -29,7 +34,7 @@ needs_fmnist = pytest.mark.skipif(not fashion_mnist_available(FMNIST),
                                   reason="Debian dataset-fashion-mnist not installed (make test-data)")
 
 
-def reduced_config(tmp: Path, data_dir: Path, methods: list[str]) -> Path:
+def reduced_config(tmp: Path, data_dir: Path, methods: list[str], num_tasks: int = 3) -> Path:
     """A 3-task cut of configs/recognition_offline.yaml: few samples, few epochs."""
     config = {
         "name": "reduced", "seed": 0, "data_dir": str(data_dir),
@@ -44,8 +49,9 @@ def reduced_config(tmp: Path, data_dir: Path, methods: list[str]) -> Path:
         "model": {"arch": "small_cnn", "input_size": 28, "channels": 1, "width": 8, "feature_dim": 32},
         "train": {"epochs": 5, "lr": 0.05, "momentum": 0.9, "batch_size": 32},
         "methods": methods,
-        "method_options": {"mas": {"lam": 1.0}, "lmas": {"lam": 0.002}},
+        "method_options": {"mas": {"lam": 0.1}, "lmas": {"lam": 0.0003}},
     }
+    config["tasks"] = config["tasks"][:num_tasks]
     path = tmp / "reduced.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -109,14 +115,14 @@ def test_results_files_and_metrics_consistent(reduced_results: dict, tmp_path: P
 @needs_fmnist
 def test_resume_after_kill_equals_uninterrupted(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
-    path = reduced_config(tmp_path, data_dir, ["finetune", "mas"])
-    config = load_recognition_config(path, ["train.epochs=3"])
+    path = reduced_config(tmp_path, data_dir, ["finetune", "mas"], num_tasks=2)
+    config = load_recognition_config(path, ["train.epochs=2"])
     reference = run_recognition(config, tmp_path / "uninterrupted", progress=False)
     out = tmp_path / "killed"
     env = dict(os.environ, PYTHONPATH=str(REPO))
     process = subprocess.Popen(
         [sys.executable, "-m", "triplets.cli", "recognition", "--config", str(path), "--out", str(out),
-         "--set", "train.epochs=3", "--quiet"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+         "--set", "train.epochs=2", "--quiet"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = out / "mas" / "sequence.pt"
     deadline = time.time() + 240
     while not marker.exists() and process.poll() is None and time.time() < deadline:
@@ -152,7 +158,7 @@ def test_paper_configs_load_and_fail_only_for_want_of_data(name: str, tmp_path: 
 
 def test_cli_recognition_missing_data_exits_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     code = main(["recognition", "--config", str(REPO / "configs" / "pair_flower_birds.yaml"), "--out",
-                 str(tmp_path / "run"), "--set", f"data_dir={tmp_path / 'cache'}"])
+                 str(tmp_path / "run"), "--set", f"data_dir={tmp_path / 'cache'}", "--quiet"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "expected layout" in err
 

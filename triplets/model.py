@@ -16,7 +16,8 @@ vector used for cosine retrieval.
 Backbones (``ModelConfig.backbone``):
 
 * ``"small_cnn"`` (default, CPU demos): two conv/norm/ReLU/pool blocks shared, and per
-  branch one more conv block and two fully connected layers; trained end to end.
+  branch one more conv block and two fully connected layers (the hidden one normalised too,
+  so that its ReLUs cannot all die); trained end to end.
 * ``"resnet18"``: trunk = stem + layer1 + layer2, each branch = its own copy of layer3 +
   layer4 + global pooling + an MLP projection.
 * ``"vgg16"`` (Sherlock's choice): trunk = conv1–conv3 (through pool3), each branch = its
@@ -131,6 +132,16 @@ def _norm_layer(kind: str, channels: int) -> nn.Module:
     return nn.Identity()
 
 
+def _hidden_norm(kind: str, width: int) -> nn.Module:
+    # Without it the hidden ReLU layer of a branch can die entirely at SGD learning rates of a
+    # few 1e-2 (measured: every unit negative for every image, a constant embedding).
+    if kind == "batch":
+        return nn.BatchNorm1d(width)
+    if kind == "group":
+        return nn.LayerNorm(width)
+    return nn.Identity()
+
+
 def _conv_block(in_channels: int, out_channels: int, norm: str) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=norm == "none"),
@@ -154,7 +165,8 @@ def _small_cnn(config: ModelConfig, slot_dim: int, image_size: int) -> FactEmbed
             _conv_block(channels, config.branch_channels, config.norm),
             nn.AdaptiveAvgPool2d(pooled),
             nn.Flatten(),
-            nn.Linear(config.branch_channels * pooled * pooled, config.hidden_dim),
+            nn.Linear(config.branch_channels * pooled * pooled, config.hidden_dim, bias=config.norm == "none"),
+            _hidden_norm(config.norm, config.hidden_dim),
             nn.ReLU(inplace=True),
             nn.Dropout(config.dropout),
             nn.Linear(config.hidden_dim, out_dim),
