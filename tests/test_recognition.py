@@ -196,3 +196,41 @@ def test_prepare_images_command_writes_a_readable_file(tmp_path: Path, capsys: p
     from data_prep.images import open_image_dataset
 
     assert open_image_dataset(tmp_path / "d.h5").image_shape == (12, 12, 1)
+
+
+def test_pretrained_trunk_loads_local_weights_only(tmp_path: Path) -> None:
+    import torch
+    import torchvision
+
+    from triplets.errors import RunFolderError
+    from triplets.recognition import ModelSpec, make_trunk
+
+    reference = torchvision.models.resnet18(weights=None)
+    torch.save(reference.state_dict(), tmp_path / "r18.pth")
+    spec = ModelSpec(arch="resnet18", input_size=32, channels=3, pretrained_weights=str(tmp_path / "r18.pth"))
+    trunk, feature_dim = make_trunk(spec)
+    assert feature_dim == 512
+    assert torch.equal(trunk.conv1.weight, reference.conv1.weight)
+    with pytest.raises(RunFolderError, match="nothing is downloaded"):
+        make_trunk(ModelSpec(arch="alexnet", input_size=224, channels=3, pretrained_weights=str(tmp_path / "no")))
+
+
+def test_resize_and_crop_inputs_like_the_paper(tmp_path: Path) -> None:
+    import torch
+
+    config_path = tmp_path / "crop.yaml"
+    config_path.write_text(yaml.safe_dump({
+        "data_dir": str(tmp_path / "data"),
+        "tasks": [{"name": "digits", "dataset": "digits", "classes": [0, 1], "max_train_per_class": 5,
+                   "max_test_per_class": 5}],
+        "model": {"arch": "small_cnn", "channels": 3, "input_size": 16, "resize": 20, "augment": True,
+                  "normalize": "imagenet"}}))
+    (task,) = build_tasks(load_recognition_config(config_path))
+    torch.manual_seed(0)
+    first = task.train[3][0]
+    torch.manual_seed(0)
+    assert torch.equal(first, task.train[3][0]) and first.shape == (3, 16, 16)
+    centre = task.test[0][0]
+    assert torch.equal(centre, task.test[0][0])  # test inputs: deterministic centre crop
+    # ImageNet normalisation: a black pixel maps to -mean/std
+    assert float(centre.min()) == pytest.approx(-0.485 / 0.229, abs=1e-4)

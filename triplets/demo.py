@@ -5,8 +5,8 @@
 1. **synth**: render the embedded Visual-Genome-style world (``data_prep.synthetic``) into
    ``DATA/synth`` (``DATA`` = ``--data-dir``, by default ``OUT`` + ``_data``).
 2. **prepare**: read it as Visual Genome, embed every fact's S, P, O with the text encoder
-   (MiniLM by default, ``triplets.language``), split the facts into tasks at random and store
-   32×32 region crops: ``DATA/facts.h5``.
+   (MiniLM by default, ``triplets.language``), split the facts into tasks (semantic by default:
+   configs/demo.yaml says why) and store 32×32 region crops: ``DATA/facts.h5``.
 3. **train**: every method of the config's ``train.methods`` (finetune and MAS) on the same
    tasks, in order, into the run folder ``OUT`` (``triplets.train.train_run``), which evaluates
    every task after every task (standard top-5) and writes ``OUT/results.json`` with, per

@@ -493,6 +493,12 @@ def _train_method(ctx: _Context, method: MethodConfig, method_dir: Path) -> dict
                 loss_count += 1
                 bar.update(1)
         bar.close()
+        broken = next((name for name, value in model.state_dict().items()
+                       if value.is_floating_point() and not torch.isfinite(value).all()), None)
+        if broken is not None:
+            raise DivergenceError(
+                f"method {method.key}, task {task}: {broken} holds NaN/Inf after training; "
+                f"lower optim.lr (now {config.optim.lr}) or the method's lam (now {lam})")
         model.eval()
         reg.after_task(model, _importance_source(ctx, method, task))
         model.eval()
