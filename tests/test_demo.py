@@ -16,6 +16,9 @@ REDUCED = [
     "train.model.trunk_channels=[8, 16]",
     "train.model.branch_channels=16",
     "train.model.hidden_dim=32",
+    # the tiny network is unstable at the demo's lr 0.03 (BatchNorm scales grow and MAS's Ω explodes)
+    "train.optim.lr=0.01",
+    "train.methods=[{name: finetune}, {name: mas, options: {lam: 1.0, mode: exact}}]",
 ]
 
 
