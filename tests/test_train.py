@@ -287,3 +287,19 @@ def test_importance_data_test_hands_the_tasks_unlabeled_test_images_to_after_tas
         expected = [len(facts.sample_indices(task, "test")) for task in range(3)]
     assert [count for count, _ in seen] == expected == [12, 12, 12]
     assert all(images_only for _, images_only in seen)  # no labels: images only
+
+
+def test_every_baseline_trains_the_triplet_model(small_facts, tmp_path):
+    """EWC (Fisher of the per-sample slot loss), SI, LwF (MSE on the embedding) and l-MAS run
+    through the same loop; each keeps a non-trivial importance state after the tasks."""
+    methods = [MethodConfig("ewc", {"lam": 1.0}), MethodConfig("si", {"lam": 0.1}),
+               MethodConfig("lwf", {"lam": 1.0}), MethodConfig("lmas", {"lam": 0.01})]
+    out = tmp_path / "run"
+    results = train_run(_config(small_facts, methods=methods, epochs=1), out, progress=False)
+    assert list(results["methods"]) == ["ewc", "si", "lwf", "lmas"]
+    for entry in results["methods"].values():
+        R = entry["accuracy_matrix"]
+        assert all(0.0 <= R[i][j] <= 1.0 for i in range(3) for j in range(i + 1))
+    ewc_state = torch.load(out / "ewc" / "checkpoint.pt", weights_only=True)["regularizer"]
+    fisher_total = sum(float(value.sum()) for value in ewc_state["fisher"].values())
+    assert ewc_state["tasks_seen"] == 3 and fisher_total > 0.0

@@ -84,7 +84,10 @@ class EWC(Regularizer):
     """EWC / online EWC: penalty ``λ Σ F (θ − θ*)²`` with the accumulated diagonal Fisher ``F``.
 
     ``output_fn(model, batch)`` gives the logits the Fisher is taken of (default
-    ``model(input)``: the active head); ``max_samples`` caps the samples used per task.
+    ``model(input)``: the active head), with the cross-entropy against the true labels as
+    the per-sample loss; ``loss_fn(model, batch) -> Tensor [B]`` replaces both with any
+    per-sample loss (e.g. the slot regression loss of an embedding model).
+    ``max_samples`` caps the samples used per task.
     ``gamma`` (online only) decays the previous Fisher: ``F ← γ F_prev + F_t``.
     """
 
@@ -92,7 +95,10 @@ class EWC(Regularizer):
 
     def __init__(self, lam: float = 1.0, *, online: bool = False, gamma: float = 1.0,
                  output_fn: Callable[[nn.Module, Any], Tensor] | None = None,
+                 loss_fn: Callable[[nn.Module, Any], Tensor] | None = None,
                  max_samples: int | None = None) -> None:
+        if output_fn is not None and loss_fn is not None:
+            raise MASCoreError("EWC takes output_fn (logits, cross-entropy) or loss_fn (per-sample losses), not both")
         self.lam = check_lambda("lam", lam)
         self.online = bool(online)
         gamma = float(gamma)
@@ -104,6 +110,7 @@ class EWC(Regularizer):
             raise MASCoreError(f"max_samples must be >= 1 or None, got {max_samples}")
         self.gamma = gamma
         self.output_fn = output_fn
+        self.loss_fn = loss_fn
         self.max_samples = max_samples
         self.fisher: dict[str, Tensor] = {}
         self.anchors: dict[str, Tensor] = {}
@@ -128,7 +135,8 @@ class EWC(Regularizer):
 
     def after_task(self, model: nn.Module, data: Iterable[Any]) -> None:
         """Estimate this task's Fisher on labelled ``data``, accumulate it, and anchor at the current θ."""
-        new = fisher_importance(model, data, output_fn=self.output_fn, max_samples=self.max_samples)
+        new = fisher_importance(model, data, output_fn=self.output_fn, loss_fn=self.loss_fn,
+                                max_samples=self.max_samples)
         check_finite("the Fisher", new, "check the data and the model's outputs")
         decay = self.gamma if self.online else 1.0
         accumulated: dict[str, Tensor] = {}
