@@ -18,7 +18,7 @@ def test_readme_python_example_runs_and_penalty_starts_at_zero():
     assert set(omega) == {name for name, _ in model.named_parameters()}
     assert all(bool((value >= 0).all()) for value in omega.values())
     # θ has not moved since after_task, so the penalty is exactly zero
-    assert float(mas.penalty(model)) == 0.0
+    assert float(mas.penalty(model).detach()) == 0.0
     for name, value in mas.importance.items():
         torch.testing.assert_close(value, omega[name], rtol=1e-5, atol=1e-12)
 
