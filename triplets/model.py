@@ -25,6 +25,15 @@ Backbones (``ModelConfig.backbone``):
 * ``"alexnet"``: trunk = conv1–conv2 (through pool2), each branch = conv3–conv5 + fc6–fc7 +
   a linear projection (needs images of at least 64 pixels).
 
+Frozen trunk and cached features (torchvision backbones only; ``small_cnn`` refuses both):
+``ModelConfig.freeze_trunk`` freezes the shared trunk (``requires_grad=False`` and always in
+eval mode, so its batch-norm statistics never move); ``ModelConfig.cache_features`` implies
+it and lets training compute the trunk's output once per sample and train the branches on
+those stored features (the fast path on CPU; see :mod:`triplets.train`). In both cases
+``forward(images) = forward_features(trunk_features(images))`` and only the branch
+parameters train (and carry importance: MAS's Ω covers the branches only).
+:meth:`FactEmbeddingNet.branch_head` is the branches alone as a module that takes features.
+
 torchvision models are always built with ``weights=None``; pretrained weights are only
 read from a local file given as ``ModelConfig.weights`` (a torchvision ``state_dict`` of
 the full classification network), never downloaded.
@@ -60,6 +69,12 @@ class ModelConfig:
     ``hidden_dim`` is also the width of the projection MLP after a resnet18 branch.
     ``norm`` is the normalisation layer of the small CNN (``"batch"``, ``"group"`` or
     ``"none"``); ``dropout`` is applied before the last projection.
+
+    ``freeze_trunk``: the shared trunk keeps its initial (or ``weights``) values and stays in
+    eval mode; only the two branches train. ``cache_features``: implies ``freeze_trunk`` and
+    trains the branches on the trunk's output computed once and stored in the run folder
+    (``RUN/features/<fingerprint>.h5``). Both need a torchvision backbone (resnet18, vgg16,
+    alexnet): the small_cnn has no pretrained trunk worth freezing.
     """
 
     backbone: Literal["small_cnn", "resnet18", "vgg16", "alexnet"] = "small_cnn"
@@ -70,6 +85,13 @@ class ModelConfig:
     hidden_dim: int = 256
     norm: Literal["batch", "group", "none"] = "batch"
     dropout: float = 0.0
+    freeze_trunk: bool = False
+    cache_features: bool = False
+
+    @property
+    def trunk_frozen(self) -> bool:
+        """True when the shared trunk does not train (``freeze_trunk`` or ``cache_features``)."""
+        return bool(self.freeze_trunk or self.cache_features)
 
     def validate(self) -> None:
         """Raise ``ValueError`` (turned into a ConfigError by the loader) for bad values."""
@@ -85,6 +107,11 @@ class ModelConfig:
             raise ValueError("model.dropout must be in [0, 1)")
         if self.weights is not None and self.backbone == "small_cnn":
             raise ValueError("model.weights is for torchvision backbones; the small_cnn trains from scratch")
+        if self.trunk_frozen and self.backbone == "small_cnn":
+            key = "model.cache_features" if self.cache_features else "model.freeze_trunk"
+            raise ConfigError(
+                f"{key} needs a torchvision backbone with a frozen shared trunk (resnet18, vgg16, alexnet); "
+                "the small_cnn trains end to end: set model.backbone=resnet18 or drop the key")
 
 
 class FactEmbeddingNet(nn.Module):
@@ -103,25 +130,80 @@ class FactEmbeddingNet(nn.Module):
         self.slot_dim = int(slot_dim)
         self.register_buffer("input_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("input_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.trunk_frozen = False
+
+    def freeze_trunk(self) -> FactEmbeddingNet:
+        """Freeze the shared trunk: its parameters get ``requires_grad=False`` and it stays in
+        eval mode whatever ``train()`` is called with (batch-norm running statistics fixed).
+        Returns ``self``."""
+        for parameter in self.trunk.parameters():
+            parameter.requires_grad_(False)
+        self.trunk_frozen = True
+        self.trunk.eval()
+        return self
+
+    def train(self, mode: bool = True) -> FactEmbeddingNet:
+        """``nn.Module.train``, except that a frozen trunk stays in eval mode."""
+        super().train(mode)
+        if self.trunk_frozen:
+            self.trunk.eval()
+        return self
 
     @property
     def embedding_dim(self) -> int:
         """``3 · slot_dim``: the length of ``S‖P‖O``."""
         return 3 * self.slot_dim
 
-    def forward(self, images: Tensor) -> Tensor:
-        """The pre-normalisation embedding ``S‖P‖O``, shape ``[B, 3·slot_dim]``."""
+    def trunk_features(self, images: Tensor) -> Tensor:
+        """The shared trunk's output for ``images`` (uint8 or float in ``[0, 1]``, ``[B, 3, H, W]``):
+        ``trunk((x − mean) / std)``, e.g. ``[B, 128, H/8, W/8]`` for resnet18."""
         if images.dtype == torch.uint8:
             images = images.float() / 255.0
         x = (images - self.input_mean) / self.input_std
-        shared = self.trunk(x)
-        subject = self.subject_branch(shared)
-        predicate_object = self.predicate_object_branch(shared)
-        return torch.cat([subject, predicate_object], dim=1)
+        return self.trunk(x)
+
+    def forward_features(self, features: Tensor) -> Tensor:
+        """The pre-normalisation embedding ``S‖P‖O`` from trunk features: ``[B, 3·slot_dim]``."""
+        return _branches_forward(self.subject_branch, self.predicate_object_branch, features)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """The pre-normalisation embedding ``S‖P‖O``, shape ``[B, 3·slot_dim]``:
+        ``forward_features(trunk_features(images))``."""
+        return self.forward_features(self.trunk_features(images))
+
+    def branch_head(self) -> BranchHead:
+        """The two branches as a module of their own that takes trunk features (sharing the
+        parameters, named as in this network: ``subject_branch.*``, ``predicate_object_branch.*``)."""
+        return BranchHead(self.subject_branch, self.predicate_object_branch, self.slot_dim)
 
     def embed(self, images: Tensor) -> Tensor:
         """The retrieval embedding: ``F.normalize(forward(images), dim=1)`` (unit L2 norm)."""
         return F.normalize(self.forward(images), dim=1)
+
+
+def _branches_forward(subject_branch: nn.Module, predicate_object_branch: nn.Module, features: Tensor) -> Tensor:
+    return torch.cat([subject_branch(features), predicate_object_branch(features)], dim=1)
+
+
+class BranchHead(nn.Module):
+    """The subject and predicate+object branches of a :class:`FactEmbeddingNet`, run on trunk
+    features: ``forward(features)`` is the pre-normalisation ``S‖P‖O`` ``[B, 3·slot_dim]``.
+    It shares its parameters with the network it came from, so training it (and MAS's Ω on
+    it: the branch parameters only) trains that network's branches."""
+
+    def __init__(self, subject_branch: nn.Module, predicate_object_branch: nn.Module, slot_dim: int):
+        super().__init__()
+        self.subject_branch = subject_branch
+        self.predicate_object_branch = predicate_object_branch
+        self.slot_dim = int(slot_dim)
+
+    def forward(self, features: Tensor) -> Tensor:
+        """``S‖P‖O`` before normalisation, ``[B, 3·slot_dim]``."""
+        return _branches_forward(self.subject_branch, self.predicate_object_branch, features)
+
+    def embed(self, features: Tensor) -> Tensor:
+        """``F.normalize(forward(features), dim=1)``: the retrieval embedding."""
+        return F.normalize(self.forward(features), dim=1)
 
 
 def _norm_layer(kind: str, channels: int) -> nn.Module:
@@ -240,9 +322,10 @@ def _torchvision_backbone(config: ModelConfig, slot_dim: int) -> FactEmbeddingNe
 
 def build_model(config: ModelConfig, slot_dim: int, image_size: int) -> FactEmbeddingNet:
     """Build the network for language slots of ``slot_dim`` numbers and square images of
-    ``image_size`` pixels. Raises :class:`~triplets.errors.ConfigError` for a slot size that
-    contradicts ``config.slot_dim``, a missing/unreadable weights file, or an image size the
-    backbone cannot take."""
+    ``image_size`` pixels, its trunk frozen when ``config.trunk_frozen``. Raises
+    :class:`~triplets.errors.ConfigError` for a slot size that contradicts ``config.slot_dim``,
+    a missing/unreadable weights file, an image size the backbone cannot take, or a frozen
+    trunk / feature cache asked of the small_cnn."""
     config.validate()
     if slot_dim <= 0:
         raise ConfigError(f"slot_dim must be positive, got {slot_dim}")
@@ -267,6 +350,8 @@ def build_model(config: ModelConfig, slot_dim: int, image_size: int) -> FactEmbe
         ) from None
     model.train(was_training)
     assert out.shape == (1, 3 * slot_dim)
+    if config.trunk_frozen:
+        model.freeze_trunk()
     return model
 
 

@@ -20,6 +20,25 @@ Run folder::
     RUN/config.yaml  RUN/versions.json  RUN/results.json  RUN/results.md  RUN/plots/*.png
     RUN/<method>/checkpoint.pt  RUN/<method>/model.pt  RUN/<method>/log.txt
     RUN/<method>/result.json    RUN/<method>/index/
+    RUN/features/<fingerprint>.h5            # only with model.cache_features
+
+Cached trunk features (``model.cache_features: true``, torchvision backbones only): the
+shared trunk is frozen (:meth:`FactEmbeddingNet.freeze_trunk`), its output for every sample
+of the fact file is computed once (eval mode, no gradients, ``eval.batch_size`` images at a
+time) and written atomically to ``RUN/features/<fingerprint>.h5`` (dataset ``features``,
+float32 ``[N, C, h, w]`` in sample-index order, chunked by whole samples; float32 so that
+training on the cache gives the same numbers as running the frozen trunk on the images).
+The fingerprint (:func:`feature_cache_fingerprint`) hashes the trunk's weights and input
+standardisation, the fact file (resolved path, size, modification time, fact vocabulary,
+sample count) and the image size, so a stale cache is never read; a matching file is reused
+by every method of the run and on ``--resume``. Training, importance (``after_task``) and the
+per-task evaluation then run the branches alone (:meth:`FactEmbeddingNet.branch_head`) on
+the cached features, so MAS's Ω (and every regularizer's state) covers the branch parameters
+only. Importance images from another fact file (``data.importance_data: PATH``) go through
+the frozen trunk on the fly. The saved ``model.pt`` is the full network (frozen trunk
+included), so :meth:`Run.load_model` and queries work on raw images as before. The cache
+holds ``N · C · h · w · 4`` bytes (resnet18 at 32 px: 8 KiB per sample; at 224 px: 392 KiB)
+and each task's features are read into memory for training.
 """
 from __future__ import annotations
 
@@ -27,6 +46,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -44,7 +64,7 @@ from mas_core.errors import CheckpointMismatchError, DivergenceError
 
 from .config import from_dict, to_dict
 from .errors import ConfigError, RunFolderError
-from .model import FactEmbeddingNet, ModelConfig, build_model, contrastive_loss, slot_loss, slot_targets
+from .model import BranchHead, FactEmbeddingNet, ModelConfig, build_model, contrastive_loss, slot_loss, slot_targets
 
 LOCAL_METHODS = ("joint",)  # methods the training loop implements itself (no regularizer of their own)
 LABELLED_IMPORTANCE_METHODS = ("ewc",)  # methods whose after_task needs (image, fact) batches and a loss
@@ -314,6 +334,157 @@ class _Reiterable:
         return iter(self._make())
 
 
+# ----------------------------------------------------------------------------- cached trunk features
+FEATURE_CACHE_DIR = "features"
+FEATURE_DATASET = "features"
+
+
+def trunk_fingerprint(model: FactEmbeddingNet) -> str:
+    """SHA-256 (hex) of the trunk's state (every parameter and buffer: name, dtype, shape,
+    bytes) and of the input standardisation: equal exactly when the trunk computes the same
+    function of the images."""
+    digest = hashlib.sha256()
+    tensors = [(f"trunk.{name}", value) for name, value in sorted(model.trunk.state_dict().items())]
+    tensors += [("input_mean", model.input_mean), ("input_std", model.input_std)]
+    for name, value in tensors:
+        value = value.detach().cpu().contiguous()
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}:".encode())
+        digest.update(value.numpy().tobytes() if value.dtype != torch.bfloat16 else value.float().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def feature_cache_fingerprint(model: FactEmbeddingNet, fact_file) -> str:
+    """The key of a feature cache: SHA-256 (hex) of :func:`trunk_fingerprint`, the fact
+    file's resolved path, byte size and modification time (ns), its fact vocabulary, sample
+    count and image size, and the stored dtype. Any change of the trunk or of the fact file
+    gives another key (a merely touched file is recomputed, never a stale one read)."""
+    path = Path(fact_file.path).resolve()
+    stat = path.stat()
+    parts = {
+        "trunk": trunk_fingerprint(model), "fact_file": str(path), "bytes": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns, "vocabulary": fact_file_fingerprint(fact_file),
+        "num_samples": int(fact_file.num_samples), "image_size": int(fact_file.image_size), "dtype": "float32",
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def feature_cache_path(run_dir: str | Path, fingerprint: str) -> Path:
+    """``RUN/features/<fingerprint>.h5``."""
+    return Path(run_dir) / FEATURE_CACHE_DIR / f"{fingerprint}.h5"
+
+
+def write_feature_cache(path: str | Path, model: FactEmbeddingNet, fact_file, *, fingerprint: str,
+                        batch_size: int = 256, device: str | torch.device = "cpu") -> Path:
+    """Compute ``model.trunk_features`` of every sample of ``fact_file`` (in sample-index
+    order, ``batch_size`` images at a time, eval mode, no gradients) and write them as the
+    float32 dataset ``features`` ``[N, C, h, w]`` of the HDF5 file ``path``, atomically
+    (a temporary file in the same folder, then a rename). Returns ``path``."""
+    import h5py
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    num_samples = int(fact_file.num_samples)
+    if num_samples == 0:
+        raise ConfigError(f"{fact_file.path} holds no samples; nothing to cache")
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    was_training = model.training
+    model.eval()
+    try:
+        with h5py.File(temporary, "w") as handle, torch.no_grad():
+            dataset = None
+            for start in range(0, num_samples, batch_size):
+                indices = np.arange(start, min(num_samples, start + batch_size))
+                pixels = torch.from_numpy(np.asarray(fact_file.pixels(indices))).permute(0, 3, 1, 2).contiguous()
+                features = model.trunk_features(pixels.to(device)).float().cpu().numpy()
+                if dataset is None:
+                    per_sample = int(np.prod(features.shape[1:])) * 4
+                    rows = max(1, min(num_samples, (1 << 20) // per_sample))  # chunks of about 1 MiB, whole samples
+                    dataset = handle.create_dataset(FEATURE_DATASET, shape=(num_samples, *features.shape[1:]),
+                                                    dtype="float32", chunks=(rows, *features.shape[1:]))
+                dataset[start:start + len(indices)] = features
+            handle.attrs["fingerprint"] = fingerprint
+            handle.attrs["fact_file"] = str(Path(fact_file.path).resolve())
+            handle.attrs["image_size"] = int(fact_file.image_size)
+        os.replace(temporary, path)
+    finally:
+        model.train(was_training)
+        if temporary.exists():
+            temporary.unlink()
+    return path
+
+
+def ensure_feature_cache(run_dir: str | Path, model: FactEmbeddingNet, fact_file, *, batch_size: int = 256,
+                         device: str | torch.device = "cpu") -> Path:
+    """The feature cache of ``model``'s trunk on ``fact_file`` in ``run_dir``: reused when
+    ``RUN/features/<fingerprint>.h5`` exists and agrees (fingerprint attribute, sample
+    count), computed by :func:`write_feature_cache` otherwise."""
+    import h5py
+
+    fingerprint = feature_cache_fingerprint(model, fact_file)
+    path = feature_cache_path(run_dir, fingerprint)
+    if path.is_file():
+        try:
+            with h5py.File(path, "r") as handle:
+                if (handle.attrs.get("fingerprint") == fingerprint
+                        and handle[FEATURE_DATASET].shape[0] == int(fact_file.num_samples)):
+                    return path
+        except (OSError, KeyError):
+            pass  # unreadable or foreign: recomputed below
+    return write_feature_cache(path, model, fact_file, fingerprint=fingerprint, batch_size=batch_size, device=device)
+
+
+class _FeatureSamples:
+    """Cached trunk features and fact ids of a set of samples (same ``batches`` API and
+    shuffling as the in-memory :class:`_Samples`, so a cached run sees the same batches)."""
+
+    def __init__(self, features_path: Path, fact_file, parts: list[tuple[int, int | None]], *,
+                 max_samples: int | None = None):
+        import h5py
+
+        indices = [fact_file.sample_indices(task=task, split=split) for task, split in parts]
+        self.indices = np.concatenate(indices) if indices else np.zeros(0, dtype=np.int64)
+        if max_samples is not None:
+            self.indices = self.indices[:max_samples]
+        self.fact_ids = torch.as_tensor(np.asarray(fact_file.sample_fact)[self.indices], dtype=torch.long)
+        self.features: Tensor | None = None
+        if len(self.indices):
+            unique, inverse = np.unique(self.indices, return_inverse=True)  # h5py wants increasing indices
+            with h5py.File(features_path, "r") as handle:
+                stored = np.asarray(handle[FEATURE_DATASET][unique])
+            self.features = torch.from_numpy(stored[inverse])
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def batches(self, batch_size: int, generator: torch.Generator | None = None, *,
+                with_labels: bool = True) -> Iterator[Any]:
+        """Yield ``(features float32 [b, C, h, w], fact_ids [b])`` (or features alone), shuffled
+        by ``generator`` when one is given, in file order otherwise."""
+        n = len(self)
+        order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+        for start in range(0, n, batch_size):
+            chosen = order[start:start + batch_size]
+            yield (self.features[chosen], self.fact_ids[chosen]) if with_labels else self.features[chosen]
+
+
+def _cached_embeddings(head: BranchHead, samples: _FeatureSamples, device: torch.device,
+                       batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Unit-norm embeddings of cached features, as ``evaluate.embed_images`` computes them."""
+    import torch.nn.functional as F
+
+    was_training = head.training
+    head.eval()
+    vectors = []
+    try:
+        with torch.no_grad():
+            for features in samples.batches(batch_size, with_labels=False):
+                output = head.embed(features.to(device))
+                vectors.append(F.normalize(output.float(), dim=1).cpu().numpy())
+    finally:
+        head.train(was_training)
+    return np.concatenate(vectors).astype(np.float32), samples.fact_ids.numpy().astype(np.int64)
+
+
 # ----------------------------------------------------------------------------- the run
 @dataclass
 class _Context:
@@ -326,10 +497,17 @@ class _Context:
     image_size: int
     fingerprint: str
     progress: bool
+    run_dir: Path | None = None
     cache: dict = field(default_factory=dict)
 
-    def samples(self, key: tuple, parts: list[tuple[int, int | None]], max_samples: int | None = None) -> _Samples:
-        if key not in self.cache:
+    def samples(self, key: tuple, parts: list[tuple[int, int | None]], max_samples: int | None = None,
+                features: Path | None = None) -> _Samples | _FeatureSamples:
+        """Images (``features`` None) or cached trunk features of the samples of ``parts``."""
+        if features is not None:
+            key = ("features", str(features)) + key
+            if key not in self.cache:
+                self.cache[key] = _FeatureSamples(features, self.fact_file, parts, max_samples=max_samples)
+        elif key not in self.cache:
             self.cache[key] = _Samples(self.fact_file, parts, in_memory=self.config.data.in_memory,
                                        max_samples=max_samples)
         return self.cache[key]
@@ -339,7 +517,9 @@ def _method_state_config(config: TrainConfig, method: MethodConfig) -> dict[str,
     """What a method's checkpoint must agree on to be resumed: everything that changes its
     numbers (data, model, optimizer, loss, seed, the method itself), not device or evaluation."""
     plain = to_dict(config)
-    return {"data": plain["data"], "model": plain["model"], "optim": plain["optim"], "loss": plain["loss"],
+    model = {key: value for key, value in plain["model"].items()  # checkpoints from before these keys still match
+             if not (key in ("freeze_trunk", "cache_features") and value is False)}
+    return {"data": plain["data"], "model": model, "optim": plain["optim"], "loss": plain["loss"],
             "seed": plain["seed"], "method": to_dict(method)}
 
 
@@ -376,18 +556,21 @@ def _task_epochs(config: TrainConfig, task: int) -> int:
     return config.optim.epochs
 
 
-def _importance_source(ctx: _Context, method: MethodConfig, task: int):
+def _importance_source(ctx: _Context, method: MethodConfig, task: int, features: Path | None = None,
+                       model: FactEmbeddingNet | None = None):
     """The data handed to ``after_task``: images only (MAS, l-MAS, SI, LwF …) or
-    ``(image, fact)`` batches for methods that need a loss (EWC)."""
+    ``(image, fact)`` batches for methods that need a loss (EWC). With a feature cache
+    (``features``), the cached trunk features instead of the images; images of another fact
+    file then go through ``model``'s frozen trunk on the fly."""
     data = ctx.config.data
     batch_size = ctx.config.eval.batch_size
     limit = data.importance_max_samples
     if method.name in LABELLED_IMPORTANCE_METHODS:
-        samples = ctx.samples(("train", task, limit), [(task, 0)], limit)
+        samples = ctx.samples(("train", task, limit), [(task, 0)], limit, features)
         return _Reiterable(lambda: ((x.to(ctx.device), y.to(ctx.device)) for x, y in samples.batches(batch_size)))
     if data.importance_data in ("train", "test"):
         split = 0 if data.importance_data == "train" else 1
-        samples = ctx.samples((data.importance_data, task, limit), [(task, split)], limit)
+        samples = ctx.samples((data.importance_data, task, limit), [(task, split)], limit, features)
     else:
         key = ("external", task, limit)
         if key not in ctx.cache:
@@ -400,22 +583,44 @@ def _importance_source(ctx: _Context, method: MethodConfig, task: int):
         samples = ctx.cache[key]
     if len(samples) == 0:
         raise ConfigError(f"data.importance_data={data.importance_data!r} has no images for task {task}")
+    if features is not None and isinstance(samples, _Samples):
+        assert model is not None
+
+        def through_trunk():
+            with torch.no_grad():
+                for x in samples.batches(batch_size, with_labels=False):
+                    yield model.trunk_features(x.to(ctx.device))
+
+        return _Reiterable(through_trunk)
     return _Reiterable(lambda: (x.to(ctx.device) for x in samples.batches(batch_size, with_labels=False)))
 
 
-def _evaluate_top5(model: FactEmbeddingNet, ctx: _Context, task: int) -> float:
-    from .evaluate import evaluate_task
+def _evaluate_top5(model: FactEmbeddingNet, ctx: _Context, task: int, features: Path | None = None) -> float:
+    from .evaluate import evaluate_embeddings, evaluate_task
 
+    if features is not None:
+        samples = ctx.samples(("test", task, None), [(task, 1)], None, features)
+        vectors, fact_ids = _cached_embeddings(model.branch_head(), samples, ctx.device, ctx.config.eval.batch_size)
+        return float(evaluate_embeddings(vectors, fact_ids, ctx.fact_file, task, mode="standard")["top5"])
     metrics = evaluate_task(model, ctx.fact_file, task, mode="standard", split="test", device=str(ctx.device),
                             batch_size=ctx.config.eval.batch_size)
     return float(metrics["top5"])
 
 
-def _final_metrics(model: FactEmbeddingNet, ctx: _Context) -> dict[str, Any]:
-    from .evaluate import final_metrics
+def _final_metrics(model: FactEmbeddingNet, ctx: _Context, features: Path | None = None) -> dict[str, Any]:
+    from .evaluate import MODES, evaluate_embeddings, final_metrics
 
-    return final_metrics(model, ctx.fact_file, split="test", device=str(ctx.device),
-                         batch_size=ctx.config.eval.batch_size)
+    if features is None:
+        return final_metrics(model, ctx.fact_file, split="test", device=str(ctx.device),
+                             batch_size=ctx.config.eval.batch_size)
+    final: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
+    head = model.branch_head()
+    for task in range(int(ctx.fact_file.num_tasks)):
+        samples = ctx.samples(("test", task, None), [(task, 1)], None, features)
+        vectors, fact_ids = _cached_embeddings(head, samples, ctx.device, ctx.config.eval.batch_size)
+        for mode in MODES:
+            final[mode].append(evaluate_embeddings(vectors, fact_ids, ctx.fact_file, task, mode=mode))
+    return final
 
 
 def _train_method(ctx: _Context, method: MethodConfig, method_dir: Path) -> dict[str, Any]:
@@ -433,6 +638,14 @@ def _train_method(ctx: _Context, method: MethodConfig, method_dir: Path) -> dict
 
     torch.manual_seed(config.seed)
     model = build_model(config.model, ctx.slot_dim, ctx.image_size).to(device)
+    features: Path | None = None
+    trained: FactEmbeddingNet | BranchHead = model  # what the optimizer and the regularizer see
+    if config.model.cache_features:
+        if ctx.run_dir is None:
+            raise ConfigError("model.cache_features needs a run folder to keep the features in")
+        features = ensure_feature_cache(ctx.run_dir, model, ctx.fact_file, batch_size=config.eval.batch_size,
+                                        device=device)
+        trained = model.branch_head()
     reg = _make_regularizer(method, ctx)
     accuracy_matrix: list[list[float | None]] = []
     start_task, wall_time = 0, 0.0
@@ -457,12 +670,13 @@ def _train_method(ctx: _Context, method: MethodConfig, method_dir: Path) -> dict
         started = time.perf_counter()
         torch.manual_seed(_derived_seed(config.seed, "task", task))  # dropout etc.: same stream on resume
         parts = [(t, 0) for t in range(task + 1)] if method.name == "joint" else [(task, 0)]
-        train = ctx.samples(("train-parts", tuple(parts)), parts)
+        train = ctx.samples(("train-parts", tuple(parts)), parts, None, features)
         if len(train) == 0:
             raise ConfigError(f"task {task} has no training samples in {ctx.fact_file.path}")
         model.train()
-        reg.before_task(model, TaskInfo(index=task, num_samples=len(train)))
-        optimizer = torch.optim.SGD(model.parameters(), lr=config.optim.lr, momentum=config.optim.momentum,
+        trained.train()
+        reg.before_task(trained, TaskInfo(index=task, num_samples=len(train)))
+        optimizer = torch.optim.SGD(trained.parameters(), lr=config.optim.lr, momentum=config.optim.momentum,
                                     weight_decay=config.optim.weight_decay)
         epochs = _task_epochs(config, task)
         steps_per_epoch = math.ceil(len(train) / config.optim.batch_size)
@@ -473,12 +687,12 @@ def _train_method(ctx: _Context, method: MethodConfig, method_dir: Path) -> dict
             generator = torch.Generator().manual_seed(_derived_seed(config.seed, task, epoch))
             for images, fact_ids in train.batches(config.optim.batch_size, generator):
                 images, fact_ids = images.to(device), fact_ids.to(device)
-                embedding = model(images)
+                embedding = trained(images)  # images, or cached trunk features
                 loss = slot_loss(embedding, ctx.targets[fact_ids], ctx.masks[fact_ids], squared=config.loss.squared)
                 if config.loss.contrastive_weight > 0:
                     loss = loss + config.loss.contrastive_weight * contrastive_loss(
                         embedding, fact_ids, ctx.targets, temperature=config.loss.temperature)
-                loss = loss + reg.penalty(model, images)
+                loss = loss + reg.penalty(trained, images)
                 if not torch.isfinite(loss):
                     raise DivergenceError(
                         f"method {method.key}, task {task}, epoch {epoch}: the loss became {loss.item()}; "
@@ -486,9 +700,9 @@ def _train_method(ctx: _Context, method: MethodConfig, method_dir: Path) -> dict
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if config.optim.clip_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.clip_grad_norm)
+                    torch.nn.utils.clip_grad_norm_(trained.parameters(), config.optim.clip_grad_norm)
                 optimizer.step()
-                reg.after_step(model)
+                reg.after_step(trained)
                 loss_sum += float(loss.detach())
                 loss_count += 1
                 bar.update(1)
@@ -500,9 +714,11 @@ def _train_method(ctx: _Context, method: MethodConfig, method_dir: Path) -> dict
                 f"method {method.key}, task {task}: {broken} holds NaN/Inf after training; "
                 f"lower optim.lr (now {config.optim.lr}) or the method's lam (now {lam})")
         model.eval()
-        reg.after_task(model, _importance_source(ctx, method, task))
+        trained.eval()
+        reg.after_task(trained, _importance_source(ctx, method, task, features, model))
         model.eval()
-        row: list[float | None] = [_evaluate_top5(model, ctx, j) for j in range(task + 1)]
+        trained.eval()
+        row: list[float | None] = [_evaluate_top5(model, ctx, j, features) for j in range(task + 1)]
         row += [None] * (num_tasks - task - 1)
         accuracy_matrix.append(row)
         seconds = time.perf_counter() - started
@@ -530,7 +746,7 @@ def _train_method(ctx: _Context, method: MethodConfig, method_dir: Path) -> dict
         "avg_top5": average_accuracy(accuracy_matrix),
         "forgetting": average_forgetting(accuracy_matrix),
         "bwt": backward_transfer(accuracy_matrix),
-        "final": _final_metrics(model, ctx),
+        "final": _final_metrics(model, ctx, features),
         "wall_time_s": wall_time,
     }
     atomic_write_json(result_path, result)
@@ -593,7 +809,7 @@ def train_run(config: TrainConfig, out_dir: str | Path, *, resume: bool = False,
             targets=slot_targets(embeddings, unit_norm=config.loss.unit_norm_targets).to(device),
             masks=torch.as_tensor(np.asarray(fact_file.slot_masks), dtype=torch.float32).to(device),
             slot_dim=slot_dim, image_size=int(fact_file.image_size),
-            fingerprint=fact_file_fingerprint(fact_file), progress=progress,
+            fingerprint=fact_file_fingerprint(fact_file), progress=progress, run_dir=out_dir,
         )
         build_model(config.model, slot_dim, ctx.image_size)  # fail fast on a bad model config
         for method in config.methods:
