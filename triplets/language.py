@@ -26,6 +26,8 @@ mode, no gradients) and return float32 arrays.
 """
 from __future__ import annotations
 
+import abc
+
 import gzip
 import hashlib
 import importlib.util
@@ -47,7 +49,7 @@ MAX_TOKENS = 128
 Fact = tuple[str, "str | None", "str | None"]
 
 
-class TextEncoder:
+class TextEncoder(abc.ABC):
     """A frozen phrase encoder: ``encode(phrases) -> float32 [n, dim]``.
 
     ``name`` identifies the model (kind, model name and a fingerprint of its files) so
@@ -60,9 +62,9 @@ class TextEncoder:
     def __init__(self) -> None:
         self.oov_phrases = 0
 
+    @abc.abstractmethod
     def encode(self, phrases: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """Embed each phrase; returns float32 ``[len(phrases), dim]``."""
-        raise NotImplementedError  # pragma: no cover - implemented by the subclasses below
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, dim={self.dim})"
