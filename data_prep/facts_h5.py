@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from .atomic import atomic_output
 from .errors import FactFileError
 
 FORMAT_VERSION = 1
@@ -88,11 +88,6 @@ def _validate_facts(facts: Sequence[Sequence[str | None]]) -> list[Fact]:
         checked.append((subject, predicate, obj))
     return checked
 
-
-def _current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def _chunk_rows(row_bytes: int, num_rows: int, target_bytes: int = 1 << 16) -> int:
@@ -180,12 +175,9 @@ def write_fact_file(
     ) if num_facts else np.zeros((0, 3), np.float32)
     vocabulary = sorted({slot for fact in checked_facts for slot in fact if slot is not None})
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     string_dtype = h5py.string_dtype(encoding="utf-8")
     compression = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
-    try:
+    with atomic_output(path) as tmp_name:
         with h5py.File(tmp_name, "w") as handle:
             def put(name: str, data: np.ndarray, **options: Any) -> None:
                 data = np.asarray(data)
@@ -247,14 +239,6 @@ def write_fact_file(
                             f"pixel blocks left {int((~covered).sum())} samples without pixels"
                         )
             handle.attrs["complete"] = True
-        os.chmod(tmp_name, 0o666 & ~_current_umask())  # mkstemp made it 0600; give it the usual mode
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
     return path
 
 

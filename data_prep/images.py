@@ -43,7 +43,6 @@ import datetime as _dt
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +53,7 @@ import h5py
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .atomic import atomic_output
 from .errors import DataPrepError, MissingDatasetError
 from .idx import (
     FASHION_MNIST_CLASSES,
@@ -337,9 +337,7 @@ def _write_h5(out: Path, name: str, loaded: _Loaded, provenance: dict[str, Any])
     if len(shapes) != 1:
         raise DataPrepError(f"{name}: splits have different image shapes {sorted(shapes)}; pass image_size")
     height, width, channels = next(iter(shapes))
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_output(out) as tmp_name:
         with h5py.File(tmp_name, "w") as handle:
             handle.attrs["format"] = FORMAT_NAME
             handle.attrs["format_version"] = FORMAT_VERSION
@@ -358,15 +356,6 @@ def _write_h5(out: Path, name: str, loaded: _Loaded, provenance: dict[str, Any])
                 group.create_dataset("images", data=part.images.astype(np.uint8, copy=False),
                                      chunks=chunk if count else None, compression="lzf" if count else None)
                 group.create_dataset("labels", data=part.labels.astype(np.int64, copy=False))
-        with open(tmp_name, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, out)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 # --------------------------------------------------------------------------- image helpers
