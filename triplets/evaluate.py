@@ -49,6 +49,7 @@ from typing import Any, Iterable, Literal, Sequence
 import numpy as np
 
 from .errors import RunFolderError, TripletsError
+from .index import normalize_rows
 
 Mode = Literal["standard", "generalized"]
 MODES = ("standard", "generalized")
@@ -58,18 +59,6 @@ _CHUNK_ELEMENTS = 1 << 22  # score-matrix entries processed at once (~16 MB of f
 
 
 # ----------------------------------------------------------------------------- helpers
-def _unit_rows(array: np.ndarray, name: str) -> np.ndarray:
-    array = np.asarray(array)
-    if array.ndim != 2:
-        raise TripletsError(f"{name} must be a 2-D array [n, d], got shape {array.shape}")
-    out = np.array(array, dtype=np.float32, order="C", copy=True)
-    if not np.isfinite(out).all():
-        raise TripletsError(f"{name} contain NaN or infinite values; the model has diverged")
-    norms = np.linalg.norm(out, axis=1, keepdims=True)
-    np.divide(out, norms, out=out, where=norms > 0)
-    return out
-
-
 def _slot(value: Any) -> str | None:
     """A fact slot as a string, with None / "" meaning absent."""
     if value is None:
@@ -132,8 +121,8 @@ def image_to_fact_metrics(image_embeddings: np.ndarray, image_fact_ids: np.ndarr
     ``candidate_fact_ids`` the ids ranked (each image's ground truth must be among them).
     Returns {"top{K}": fraction for K in ks, "mrr": fraction}.
     """
-    images = _unit_rows(image_embeddings, "image embeddings")
-    fact_vectors = _unit_rows(fact_embeddings, "fact embeddings")
+    images = normalize_rows(image_embeddings, name="image embeddings")
+    fact_vectors = normalize_rows(fact_embeddings, name="fact embeddings")
     if len(facts) != len(fact_vectors):
         raise TripletsError(f"{len(fact_vectors)} fact embeddings but {len(facts)} facts; pass both indexed by fact id")
     if images.shape[1] != fact_vectors.shape[1]:
@@ -188,8 +177,8 @@ def fact_to_image_metrics(image_embeddings: np.ndarray, image_fact_ids: np.ndarr
     (those with no positive image are skipped). Raises :class:`TripletsError` when no
     queried fact has a positive image.
     """
-    images = _unit_rows(image_embeddings, "image embeddings")
-    fact_vectors = _unit_rows(fact_embeddings, "fact embeddings")
+    images = normalize_rows(image_embeddings, name="image embeddings")
+    fact_vectors = normalize_rows(fact_embeddings, name="fact embeddings")
     if images.shape[1] != fact_vectors.shape[1]:
         raise TripletsError(f"image embeddings are {images.shape[1]}-d but fact embeddings {fact_vectors.shape[1]}-d")
     truth = _check_ids(image_fact_ids, len(fact_vectors), "image fact ids")
