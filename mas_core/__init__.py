@@ -10,7 +10,8 @@ Public API (see ``../shared/MAS_SPEC.md`` for the formulas):
   :func:`run_sequence` → :class:`SequenceResult`;
 * metrics on an accuracy matrix: :func:`average_accuracy`, :func:`average_forgetting`,
   :func:`backward_transfer`, :func:`average_drop`;
-* atomic checkpoints: :func:`save_checkpoint`, :func:`load_checkpoint`.
+* atomic checkpoints: :func:`save_checkpoint`, :func:`load_checkpoint`;
+* several processes (``torchrun``): :mod:`mas_core.distributed` (imported on demand).
 
 Importing the package has no side effects.
 """

@@ -56,6 +56,13 @@ standard layer does):
    depend on (e.g. other tasks' heads) get exactly zero without any work.
 
 ``φ`` is ``|·|`` for MAS and ``(·)²`` for Fisher; the machinery is shared.
+
+Several processes: when ``data`` is one rank's :class:`mas_core.distributed.RankShard`,
+each rank sums ``φ(g_k)`` over its own samples on the module it is given (pass the
+unwrapped model, never the DistributedDataParallel wrapper, whose backward averages
+gradients across ranks before ``φ`` could be applied), then the sums and the sample
+counts are all-reduced before dividing: ``Ω = Σ_r S_r / Σ_r N_r``, the single-process
+value, the same on every rank. ``max_samples`` then counts samples of the whole source.
 """
 from __future__ import annotations
 
@@ -70,6 +77,7 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from mas_core.batches import batch_input, batch_size, batch_target, move_to
+from mas_core.distributed import all_reduce_sums, spans_processes
 from mas_core.errors import (
     InvalidArgumentError,
     EmptyDataError,
@@ -233,7 +241,7 @@ def hebbian_importance(
         finally:
             for handle in handles:
                 handle.remove()
-    return _finish(sums, count, scale=2.0, estimator="l-MAS")
+    return _finish(sums, count, scale=2.0, estimator="l-MAS", data=data)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,6 +346,8 @@ def _limited_batches(data: Iterable[Any], max_samples: int | None) -> Iterator[t
             "data must be an iterable of batches (a DataLoader, a list of batches); wrap a single "
             "tensor batch as [tensor]"
         )
+    if max_samples is not None and hasattr(data, "first") and getattr(data, "spans_processes", False):
+        data, max_samples = data.first(max_samples), None  # a limit on the union of the ranks' shards
     seen = 0
     for batch in data:
         size = batch_size(batch_input(batch))
@@ -364,7 +374,12 @@ def _evaluation_mode(model: nn.Module) -> Iterator[None]:
             module.training = was_training
 
 
-def _finish(sums: dict[str, Tensor], count: int, *, scale: float, estimator: str) -> dict[str, Tensor]:
+def _finish(sums: dict[str, Tensor], count: int, *, scale: float, estimator: str,
+            data: Any = None) -> dict[str, Tensor]:
+    """``scale · sums / count``, checked; over all ranks when ``data`` is a rank's shard
+    (:class:`mas_core.distributed.RankShard`): ``Σ_r sums_r / Σ_r count_r``."""
+    if spans_processes(data):
+        sums, count = all_reduce_sums(sums, count)
     if count == 0:
         raise EmptyDataError(
             f"the data source yielded no samples; {estimator} importance needs at least one batch"
@@ -630,7 +645,7 @@ def _per_sample_gradient_statistic(
             batch = move_to(batch, device)
             _accumulate_batch(model, batch, size, objective, phi, sums, trainable, layers, chunk_size)
             count += size
-    return _finish(sums, count, scale=1.0, estimator=estimator)
+    return _finish(sums, count, scale=1.0, estimator=estimator, data=data)
 
 
 def _accumulate_batch(
@@ -776,4 +791,4 @@ def _batch_gradient_statistic(
                 if grad is not None:
                     sums[name] += phi(grad)
             count += size
-    return _finish(sums, count, scale=1.0, estimator=f"{estimator} (batch mode)")
+    return _finish(sums, count, scale=1.0, estimator=f"{estimator} (batch mode)", data=data)

@@ -29,6 +29,17 @@ resumed after task ``t`` gives a bitwise-identical accuracy matrix.
 
 In ``SequenceResult.accuracy`` the entries with ``j > i`` (tasks not yet trained)
 are ``None`` (JSON ``null``).
+
+Several processes (``torchrun``; :mod:`mas_core.distributed`): when a process group of
+2 or more is initialised, every rank runs :func:`run_sequence` with the same arguments.
+Each global batch (the same order as in one process) is split across the ranks and the
+step goes through DistributedDataParallel with the penalty inside the wrapped forward;
+``after_task`` gets this rank's :class:`~mas_core.distributed.RankShard` of the importance
+data, so Ω is the single-process Ω; the test sets are split across ranks and the correct
+counts summed; rank 0 alone writes the checkpoint and logs. The checkpoint holds the
+unwrapped model, so a run resumes on any number of processes. Ranks other than 0 reseed
+the global generator at every task from ``(seed, task, rank)``, so their dropout masks
+differ from rank 0's.
 """
 from __future__ import annotations
 
@@ -47,7 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from . import metrics
+from . import distributed, metrics
 from .batches import batch_input, batch_target, move_to
 from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import DivergenceError, EmptyDataError, MASCoreError, NonFiniteError
@@ -264,7 +275,10 @@ def run_sequence(make_model: Callable[[], MultiHeadNet], tasks: list[Task], meth
     method_name, reg = _make_method(method, options)
     emit = _logger(progress, log)
     config = _config(method_name, method, options, settings, tasks)
-    device = torch.device(settings.device)
+    info = distributed.current()
+    device = distributed.local_device(settings.device)
+    if info is not None and not info.is_main:
+        emit = lambda message: None  # noqa: E731 - rank 0 alone logs
 
     checkpoint_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     start = time.perf_counter()
@@ -295,6 +309,8 @@ def run_sequence(make_model: Callable[[], MultiHeadNet], tasks: list[Task], meth
 
     for t in range(first_task, len(tasks)):
         task = tasks[t]
+        if info is not None and not info.is_main:
+            torch.manual_seed(_derived_seed(settings.seed, t, info.rank))
         head = model.add_head(task.num_classes)
         model.active_head = head
         reg.before_task(model, TaskInfo(index=t, head=head, num_samples=len(task.train)))
@@ -306,18 +322,17 @@ def run_sequence(make_model: Callable[[], MultiHeadNet], tasks: list[Task], meth
             if len(source) == 0:
                 raise EmptyDataError(f"task {t} ({task.name}) has empty importance_data")
             model.active_head = head
-            reg.after_task(model, _batches(source, None, settings.batch_size, settings.num_workers))
+            reg.after_task(model, _importance_batches(source, settings, info))
         model.active_head = head
         row: list[float | None] = [
-            evaluate(model, tasks[j].test, j, batch_size=settings.eval_batch_size, device=device,
-                     num_workers=settings.num_workers)
+            _evaluate_on_ranks(model, tasks[j].test, j, settings, device, info)
             for j in range(t + 1)
         ]
         row.extend([None] * (len(tasks) - t - 1))
         accuracy.append(row)
         emit(f"[{method_name}] after task {t + 1}/{len(tasks)} ({task.name}): "
              + " ".join(f"{value:.4f}" for value in row if value is not None))
-        if checkpoint_path is not None:
+        if checkpoint_path is not None and (info is None or info.is_main):
             save_checkpoint(checkpoint_path, {
                 "format": CHECKPOINT_FORMAT,
                 "config": config,
@@ -330,6 +345,7 @@ def run_sequence(make_model: Callable[[], MultiHeadNet], tasks: list[Task], meth
                 "rng": _get_rng_states(),
                 "wall_time_s": previous_time + time.perf_counter() - start,
             })
+        distributed.barrier()  # the checkpoint is complete before any rank moves on
     return SequenceResult(
         method=method_name,
         task_names=[task.name for task in tasks],
@@ -343,6 +359,9 @@ def run_sequence(make_model: Callable[[], MultiHeadNet], tasks: list[Task], meth
 
 def _train_task(model: nn.Module, task: Task, t: int, head: int, reg: Regularizer, settings: TrainSettings,
                 method_name: str, emit: Callable[[str], None]) -> None:
+    if distributed.current() is not None:
+        _train_task_distributed(model, task, t, head, reg, settings, method_name, emit)
+        return
     device = torch.device(settings.device)
     optimizer = _optimizer(model, settings)
     model.train()
@@ -377,6 +396,9 @@ def _train_task(model: nn.Module, task: Task, t: int, head: int, reg: Regularize
 
 def _train_joint(model: nn.Module, tasks: Sequence[Task], t: int, settings: TrainSettings, method_name: str,
                  emit: Callable[[str], None]) -> None:
+    if distributed.current() is not None:
+        _train_joint_distributed(model, tasks, t, settings, method_name, emit)
+        return
     device = torch.device(settings.device)
     union = _tagged_union(tasks)
     optimizer = _optimizer(model, settings)
@@ -407,6 +429,138 @@ def _train_joint(model: nn.Module, tasks: Sequence[Task], t: int, settings: Trai
         _check_parameters(model, None, settings, method_name, t, tasks[-1].name, epoch)
         emit(f"[{method_name}] tasks 1..{t + 1} epoch {epoch + 1}/{settings.epochs}: "
              f"mean loss {total_loss / max(steps, 1):.4f}")
+
+
+# --------------------------------------------------------------------------- several processes
+
+def _train_task_distributed(model: nn.Module, task: Task, t: int, head: int, reg: Regularizer,
+                            settings: TrainSettings, method_name: str, emit: Callable[[str], None]) -> None:
+    """:func:`_train_task` on this rank's share of every global batch, through DDP."""
+
+    def step_loss(net: nn.Module, inputs: Any, targets: Tensor, weight: float) -> Tensor:
+        return weight * F.cross_entropy(net(inputs, head=head), targets, reduction="sum") + reg.penalty(net, inputs)
+
+    def unpack(batch: Any, device: torch.device) -> tuple[Any, ...]:
+        inputs = move_to(batch_input(batch), device)
+        targets = batch_target(batch).to(device)
+        _check_targets(targets, task.num_classes, t, task.name)
+        return inputs, targets
+
+    _distributed_epochs(model, task.train, t, reg, settings, method_name, task.name, emit, step_loss, unpack,
+                        f"task {t + 1} ({task.name})")
+
+
+def _train_joint_distributed(model: nn.Module, tasks: Sequence[Task], t: int, settings: TrainSettings,
+                             method_name: str, emit: Callable[[str], None]) -> None:
+    """:func:`_train_joint` on this rank's share of every global batch, through DDP."""
+    num_classes = [task.num_classes for task in tasks]
+
+    def step_loss(net: nn.Module, inputs: Any, targets: Tensor, task_ids: Tensor, weight: float) -> Tensor:
+        features = net.features(inputs)
+        loss = features.new_zeros(())
+        for task_id in torch.unique(task_ids).tolist():  # heads absent on every rank keep grad=None, as in one process
+            mask = task_ids == task_id
+            loss = loss + F.cross_entropy(net.heads[task_id](features[mask]), targets[mask], reduction="sum")
+        return weight * loss
+
+    def unpack(batch: Any, device: torch.device) -> tuple[Any, ...]:
+        inputs, targets, task_ids = move_to(batch[0], device), batch[1].to(device), batch[2].to(device)
+        for task_id in torch.unique(task_ids).tolist():
+            mask = task_ids == task_id
+            _check_targets(targets[mask], num_classes[task_id], task_id, tasks[task_id].name)
+        return inputs, targets, task_ids
+
+    _distributed_epochs(model, _tagged_union(tasks), t, None, settings, method_name, tasks[-1].name, emit,
+                        step_loss, unpack, f"tasks 1..{t + 1}")
+
+
+def _distributed_epochs(model: nn.Module, dataset: Dataset, t: int, reg: Regularizer | None,
+                        settings: TrainSettings, method_name: str, task_name: str, emit: Callable[[str], None],
+                        step_loss: Callable[..., Tensor], unpack: Callable[[Any, torch.device], tuple[Any, ...]],
+                        label: str) -> None:
+    """The epochs of one task on this rank: global batches from :func:`_epoch_order` (the
+    single-process order), this rank's share from :func:`distributed.rank_share`, one DDP
+    step per global batch. The loss is summed over ranks so every rank takes the same
+    divergence decision."""
+    info = distributed.current()
+    device = distributed.local_device(settings.device)
+    optimizer = _optimizer(model, settings)
+    wrapped = distributed.wrap_for_training(model, step_loss)
+    model.train()
+    n = len(dataset)
+    for epoch in range(settings.epochs):
+        order = torch.as_tensor(_epoch_order(n, settings.seed, t, epoch), dtype=torch.long)
+        shares = [distributed.rank_share(order[begin:begin + settings.batch_size], info)
+                  for begin in range(0, n, settings.batch_size)]
+        total_loss = 0.0
+        for step, (batch, (_, weight)) in enumerate(zip(_index_batches(dataset, [s for s, _ in shares],
+                                                                       settings.num_workers), shares)):
+            optimizer.zero_grad(set_to_none=True)
+            try:
+                loss = wrapped(*unpack(batch, device), weight)
+            except NonFiniteError as exc:
+                raise _divergence(reg, settings, method_name, t, task_name, epoch, step,
+                                  f"the penalty is not finite ({exc})") from None
+            loss.backward()
+            # Σ_r loss_r = N · (global mean loss + penalty): the same number, and decision, on every rank
+            summed = distributed.all_reduce_tensor(loss.detach().clone().to(torch.float64)).item() / info.world_size
+            if not math.isfinite(summed):
+                raise _divergence(reg, settings, method_name, t, task_name, epoch, step, f"the loss is {summed}")
+            optimizer.step()
+            if reg is not None:
+                reg.after_step(model)
+            total_loss += summed
+        _check_parameters(model, reg, settings, method_name, t, task_name, epoch)
+        emit(f"[{method_name}] {label} epoch {epoch + 1}/{settings.epochs}: "
+             f"mean loss {total_loss / max(len(shares), 1):.4f}")
+
+
+def _index_batches(dataset: Dataset, index_batches: Sequence[Tensor], num_workers: int) -> Iterable[Any]:
+    """The batches of ``dataset`` made of the given index lists, in that order."""
+    if isinstance(dataset, TensorDataset):
+        return (tuple(tensor[index] for tensor in dataset.tensors) for index in index_batches)
+    return DataLoader(dataset, batch_sampler=[index.tolist() for index in index_batches], num_workers=num_workers)
+
+
+def _importance_batches(source: Dataset, settings: TrainSettings, info: distributed.ProcessInfo | None) -> Iterable[Any]:
+    """The data for ``after_task``: the whole source in order, or this rank's
+    :class:`~mas_core.distributed.RankShard` of it."""
+    if info is None:
+        return _batches(source, None, settings.batch_size, settings.num_workers)
+
+    def make_batches(positions: list[int]) -> Iterable[Any]:
+        index = torch.as_tensor(positions, dtype=torch.long)
+        return _index_batches(source, list(index.split(settings.batch_size)), settings.num_workers)
+
+    return distributed.RankShard(make_batches, len(source), info)
+
+
+def _evaluate_on_ranks(model: nn.Module, dataset: Dataset, head: int, settings: TrainSettings,
+                       device: torch.device, info: distributed.ProcessInfo | None) -> float:
+    """:func:`evaluate`; with several ranks each scores its share of the test set and the
+    correct and total counts are summed."""
+    if info is None:
+        return evaluate(model, dataset, head, batch_size=settings.eval_batch_size, device=device,
+                        num_workers=settings.num_workers)
+    positions = distributed.shard_positions(len(dataset), info)
+    counts = torch.zeros(2, dtype=torch.float64)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            index = torch.as_tensor(positions, dtype=torch.long)
+            for batch in _index_batches(dataset, list(index.split(settings.eval_batch_size)), settings.num_workers):
+                inputs = move_to(batch_input(batch), device)
+                targets = batch_target(batch).to(device)
+                logits = model(inputs, head=head)
+                counts[0] += float((logits.argmax(dim=1) == targets).sum().item())
+                counts[1] += float(targets.shape[0])
+    finally:
+        model.train(was_training)
+    distributed.all_reduce_tensor(counts)
+    if counts[1] == 0:
+        raise EmptyDataError("the evaluation set is empty: give every task a non-empty test set")
+    return float(counts[0] / counts[1])
 
 
 def _optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
