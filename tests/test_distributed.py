@@ -128,3 +128,21 @@ def test_resume_on_another_number_of_processes(one_process_runs, tmp_path, crash
              "--resume", nproc=resume_on)
     assert torch.load(out, weights_only=True)["mas"] == expected["mas"]
     assert relative_error(final_weights(folder / "mas"), final_weights(one_folder / "mas")) <= 1e-5
+
+
+def test_worked_example_own_ddp_loop(tmp_path):
+    """scripts/ddp_own_loop.py on 2 processes: the RankShard Ω equals rank 0's one-process Ω of the
+    same weights, and |grad| after DDP's averaging is far smaller."""
+    import re
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "ddp_own_loop.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = re.findall(r"task (\d): 2 process\(es\).*this task's Ω total ([\d.]+), one-process Ω total ([\d.]+), "
+                      r"naive DDP Ω total ([\d.]+)", done.stdout)
+    assert [row[0] for row in rows] == ["0", "1"], done.stdout
+    for _, sharded, alone, naive in rows:
+        assert float(sharded) == pytest.approx(float(alone), rel=1e-5)
+        assert float(naive) < 0.6 * float(alone)
