@@ -40,7 +40,10 @@ and the rounding of sums.
 """
 from __future__ import annotations
 
+import contextlib
+import datetime
 import os
+import pickle
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -63,6 +66,8 @@ __all__ = [
     "is_main_process",
     "local_device",
     "rank_share",
+    "run_on_main_process",
+    "same_on_every_rank",
     "shard_positions",
     "spans_processes",
     "wrap_for_training",
@@ -93,13 +98,17 @@ def choose_backend(device: str | torch.device | None = None) -> str:
     return "nccl" if use_cuda and dist.is_nccl_available() else "gloo"
 
 
-def init_from_environment(device: str | torch.device | None = None, backend: str = "auto") -> ProcessInfo | None:
+def init_from_environment(device: str | torch.device | None = None, backend: str = "auto", *,
+                          timeout_minutes: float = 120.0) -> ProcessInfo | None:
     """Join the process group described by ``torchrun``'s environment variables.
 
     Returns ``None`` when ``WORLD_SIZE`` is absent or 1 (an ordinary single process; nothing
     is initialised). Otherwise initialises the default process group once (``backend``
     ``"auto"``: :func:`choose_backend` of ``device``), pins the GPU of ``LOCAL_RANK`` when the
     backend is ``nccl``, and returns this process's :class:`ProcessInfo`.
+    ``timeout_minutes`` bounds how long a rank waits in a collective, e.g. while rank 0
+    alone writes a feature cache (default 2 hours; torchrun still stops every rank at once
+    when one of them dies).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world_size <= 1 and not (dist.is_available() and dist.is_initialized()):
@@ -116,7 +125,7 @@ def init_from_environment(device: str | torch.device | None = None, backend: str
             raise MASCoreError(f"backend must be 'auto', 'gloo', 'nccl' or 'mpi', got {backend!r}")
         if chosen == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=chosen)
+        dist.init_process_group(backend=chosen, timeout=datetime.timedelta(minutes=timeout_minutes))
     return current()
 
 
@@ -284,12 +293,15 @@ class LossModule(nn.Module):
         return self._loss_fn(self.model, *args)
 
 
-def wrap_for_training(model: nn.Module, loss_fn: Callable[..., Tensor]) -> nn.Module:
+def wrap_for_training(model: nn.Module, loss_fn: Callable[..., Tensor], *,
+                      find_unused_parameters: bool = True) -> nn.Module:
     """The module whose ``forward(*args)`` the training loop calls for the loss.
 
     A single process: ``LossModule(model, loss_fn)`` itself. Distributed: that module
-    wrapped in DDP (``find_unused_parameters=True``: other tasks' heads take no part in a
-    step's graph; parameters unused on every rank keep ``grad=None`` as in one process).
+    wrapped in DDP. ``find_unused_parameters=True`` (the default) is needed when some
+    parameters may take no part in a step's graph (other tasks' heads of a multi-head
+    model); those unused on every rank keep ``grad=None`` as in one process. Pass ``False``
+    when every trainable parameter is used at every step: it saves a graph traversal.
     DDP broadcasts rank 0's parameters and buffers when it is built, so every rank starts
     the task from the same weights. Build a new wrapper whenever the set of parameters
     changes (a new head)."""
@@ -301,4 +313,51 @@ def wrap_for_training(model: nn.Module, loss_fn: Callable[..., Tensor]) -> nn.Mo
 
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     device_ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=True)
+    return DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
+
+
+# --------------------------------------------------------------------------- rank-0 work, errors
+
+@contextlib.contextmanager
+def same_on_every_rank() -> Iterator[None]:
+    """Mark the exceptions raised inside as raised alike by every rank
+    (``exc.same_on_every_rank = True``): config checks, a refused run folder, a diverged
+    all-reduced loss. A command line then reports such an error on rank 0 only."""
+    try:
+        yield
+    except Exception as exc:
+        try:
+            exc.same_on_every_rank = True  # type: ignore[attr-defined]
+        except AttributeError:  # an exception type that takes no attributes
+            pass
+        raise
+
+
+def run_on_main_process(function: Callable[[], Any]) -> Any:
+    """``function()`` on rank 0, its return value (or its exception) sent to every rank.
+
+    A single process: ``function()``. Distributed: rank 0 calls it while the others wait in a
+    broadcast; an exception on rank 0 is re-raised on every rank (marked
+    :func:`same_on_every_rank` on the others; a :class:`MASCoreError` naming it when it cannot
+    be pickled). The return value must be picklable."""
+    info = current()
+    if info is None:
+        return function()
+    outcome: list[Any] = [None]
+    if info.is_main:
+        try:
+            outcome[0] = (True, function())
+        except Exception as exc:
+            try:
+                pickle.dumps(exc)
+                outcome[0] = (False, exc)
+            except Exception:
+                outcome[0] = (False, MASCoreError(f"rank 0 failed: {type(exc).__name__}: {exc}"))
+            dist.broadcast_object_list(outcome, src=0)
+            raise
+    dist.broadcast_object_list(outcome, src=0)
+    succeeded, value = outcome[0]
+    if succeeded:
+        return value
+    with same_on_every_rank():
+        raise value

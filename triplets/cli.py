@@ -5,14 +5,26 @@ Each subcommand lives in :mod:`triplets.commands` as a module with two functions
 public functions. Errors raised for bad input by any of the three packages are
 printed as one line on stderr with a non-zero exit code (2); anything else is a bug
 and keeps its traceback.
+
+Several processes: ``torchrun --nproc_per_node=N -m triplets.cli train ...`` (or
+``recognition``) starts N copies of this script; the command joins their process group
+(:func:`distributed_session`) once its config is read. Rank 0 prints the results and the
+progress lines; the other ranks print nothing but their own errors (warnings silenced). An
+error that every rank raises alike (a bad config, a refused run folder, a diverged loss:
+marked by :func:`mas_core.distributed.same_on_every_rank`) is printed by rank 0 alone; every rank
+still exits with its code (2), so ``torchrun`` fails as a whole.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import io
+import os
 import shlex
 import sys
-from typing import Sequence
+import warnings
+from typing import Any, Iterator, Sequence
 
 COMMANDS = ("synth", "prepare", "train", "evaluate", "query", "recognition")
 
@@ -55,24 +67,77 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (MASCoreError, DataPrepError, TripletsError)
 
 
+def launched_rank() -> int:
+    """This process's rank as ``torchrun`` announces it (``RANK`` when ``WORLD_SIZE`` > 1), else 0.
+    Read from the environment, so it is known before (and whether or not) the group is joined."""
+    try:
+        if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+            return int(os.environ.get("RANK", "0") or 0)
+    except ValueError:
+        pass
+    return 0
+
+
+@contextlib.contextmanager
+def distributed_session(device: Any = None) -> Iterator[Any]:
+    """Join ``torchrun``'s process group for a command's work and leave it afterwards.
+
+    Yields :func:`mas_core.distributed.init_from_environment`'s answer: ``None`` in a plain
+    process (nothing happens), else this rank's ``ProcessInfo`` (backend ``gloo`` on a CPU
+    ``device``, ``nccl`` on a GPU). Ranks other than 0 run with Python warnings silenced. The
+    group is destroyed on the way out, error or not (unless it existed before)."""
+    import torch.distributed as dist
+
+    from mas_core.distributed import init_from_environment
+
+    from mas_core.distributed import same_on_every_rank
+
+    joined_before = dist.is_available() and dist.is_initialized()
+    with same_on_every_rank():
+        info = init_from_environment(device)
+    try:
+        with warnings.catch_warnings():
+            if info is not None and not info.is_main:
+                warnings.simplefilter("ignore")
+            yield info
+    finally:
+        if info is not None and not joined_before and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _report(command: str | None, message: str, exc: BaseException | None = None) -> None:
+    """Print ``mas-triplets COMMAND: MESSAGE`` on stderr; on a rank other than 0 only for an
+    error that is not raised alike by every rank (then naming the rank)."""
+    rank = launched_rank()
+    if rank == 0:
+        print(f"mas-triplets {command}: {message}", file=sys.stderr)
+    elif exc is not None and not getattr(exc, "same_on_every_rank", False):
+        print(f"mas-triplets {command} (rank {rank}): {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
+    if launched_rank() == 0:
+        args = parser.parse_args(argv)
+    else:  # usage errors, --help and --version are the same on every rank: rank 0 prints them
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            args = parser.parse_args(argv)
     args.command_line = shlex.join(["mas-triplets", *argv])  # recorded in provenance and run folders
     if getattr(args, "_run", None) is None:
-        parser.print_help()
+        if launched_rank() == 0:
+            parser.print_help()
         return 0 if args.command is None else 2
     try:
         return int(args._run(args) or 0)
     except _user_errors() as exc:
-        print(f"mas-triplets {args.command}: error: {exc}", file=sys.stderr)
+        _report(args.command, f"error: {exc}", exc)
         return 2
     except FileNotFoundError as exc:
-        print(f"mas-triplets {args.command}: error: file not found: {exc.filename or exc}", file=sys.stderr)
+        _report(args.command, f"error: file not found: {exc.filename or exc}", exc)
         return 2
     except KeyboardInterrupt:
-        print(f"mas-triplets {args.command}: interrupted; finished work is checkpointed", file=sys.stderr)
+        _report(args.command, "interrupted; finished work is checkpointed")
         return 130
 
 

@@ -20,6 +20,15 @@ All files are written atomically. A method finished earlier is loaded from
 last task checkpoint, so the final results equal those of an uninterrupted run
 (``wall_time_s`` aside).
 
+Several processes (``torchrun --nproc_per_node=N -m triplets.cli recognition ...``): every
+rank calls :func:`run_recognition` with the same arguments; the training itself is
+:func:`mas_core.sequence.run_sequence`'s (global batches split across ranks, DDP, Ω reduced
+across ranks, rank-0 checkpoints). Rank 0 alone converts the raw datasets (the others wait,
+then read its HDF5 files), and writes ``config.json``, the per-method ``result.json``,
+``results.json``, ``results.md`` and the plots; the other ranks return the same results
+dictionary without writing anything. ``data_dir`` and ``OUT`` must be on a file system every
+rank sees.
+
 Method names: ``finetune``, ``joint``, ``mas``, ``lmas``, ``ewc``, ``si``, ``lwf``,
 ``imm``, ``ebll`` (and any name :mod:`mas_core.regularizers` registers). A suffix
 ``@test`` or ``@train`` (e.g. ``mas@test``) overrides ``importance_data`` for that
@@ -435,24 +444,38 @@ def _importance_choice(config: RecognitionConfig, method: str) -> str:
 def run_recognition(config: RecognitionConfig, out: str | Path, *, methods: Sequence[str] | None = None,
                     resume: bool = False, progress: bool = True,
                     log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Train the sequence once per method, write results.json / results.md / plots; return the results dict."""
+    """Train the sequence once per method, write results.json / results.md / plots; return the results dict.
+
+    Under ``torchrun`` every rank calls it; rank 0 alone writes (see the module docs)."""
     from mas_core.checkpoint import atomic_write_json, atomic_write_text
+    from mas_core.distributed import is_main_process
     from mas_core.sequence import Task, TrainSettings, run_sequence
 
     from .config import to_dict
+    from mas_core.distributed import run_on_main_process, same_on_every_rank
 
-    try:
-        method_list = parse_methods(list(methods) if methods is not None else config.methods)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    with same_on_every_rank():
+        try:
+            method_list = parse_methods(list(methods) if methods is not None else config.methods)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    main = is_main_process()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     emit = log or ((lambda message: print(message, file=sys.stderr, flush=True)) if progress else (lambda m: None))
+    if not main:
+        emit = lambda message: None  # noqa: E731 - rank 0 alone logs
     config_dict = to_dict(config)
     results_path = out / "results.json"
-    if not resume and results_path.is_file():
-        results_path.unlink()
-    atomic_write_json(out / "config.json", config_dict)
+
+    def prepare_folder_and_data() -> list[Path]:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume and results_path.is_file():
+            results_path.unlink()
+        atomic_write_json(out / "config.json", config_dict)
+        return [ensure_prepared(spec, config.data_dir, config.seed, emit) for spec in config.tasks]
+
+    # rank 0 converts the datasets once; the others wait for it, then read the same files
+    run_on_main_process(prepare_folder_and_data)
     tasks = build_tasks(config, log=emit)
     test_inputs = [unlabeled_inputs(task.test) for task in tasks]
     settings = TrainSettings(epochs=config.train.epochs, lr=config.train.lr, momentum=config.train.momentum,
@@ -490,22 +513,25 @@ def run_recognition(config: RecognitionConfig, out: str | Path, *, methods: Sequ
             "importance_data": importance if base in LABEL_FREE_IMPORTANCE else None,
             "options": options,
         }
-        atomic_write_json(saved_path, {"identity": identity, "result": summary})
         per_method[method] = summary
-        _write_results(results_path, config, config_dict, per_method, complete=False)
-    results = _write_results(results_path, config, config_dict, per_method, complete=True)
-    atomic_write_text(out / "results.md", results_markdown(results))
-    write_plots(results, out / "plots")
+        if main:
+            atomic_write_json(saved_path, {"identity": identity, "result": summary})
+            _write_results(results_path, config, config_dict, per_method, complete=False)
+    results = _write_results(results_path, config, config_dict, per_method, complete=True, write=main)
+    if main:
+        atomic_write_text(out / "results.md", results_markdown(results))
+        write_plots(results, out / "plots")
     return results
 
 
 def _write_results(path: Path, config: RecognitionConfig, config_dict: dict[str, Any],
-                   per_method: dict[str, Any], complete: bool) -> dict[str, Any]:
+                   per_method: dict[str, Any], complete: bool, write: bool = True) -> dict[str, Any]:
     from mas_core.checkpoint import atomic_write_json
 
     results = {"name": config.name, "complete": complete, "tasks": [t.name for t in config.tasks],
                "methods": dict(per_method), "config": config_dict}
-    atomic_write_json(path, results)
+    if write:
+        atomic_write_json(path, results)
     return results
 
 

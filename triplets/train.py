@@ -39,6 +39,30 @@ the frozen trunk on the fly. The saved ``model.pt`` is the full network (frozen 
 included), so :meth:`Run.load_model` and queries work on raw images as before. The cache
 holds ``N · C · h · w · 4`` bytes (resnet18 at 32 px: 8 KiB per sample; at 224 px: 392 KiB)
 and each task's features are read into memory for training.
+
+Several processes (``torchrun --nproc_per_node=N -m triplets.cli train --config C --out RUN``;
+the rules are :mod:`mas_core.distributed`'s): the command joins the process group (gloo on
+a CPU, nccl on GPUs, every rank on ``cuda:LOCAL_RANK``) and every rank runs :func:`train_run`
+with the same config and seeds. Each global batch is the one-process batch (same
+generator-seeded order, whatever N); rank ``r`` trains on its positions ``r, r+N, …`` (in
+memory, streamed or cached features alike) through DistributedDataParallel, with the loss
+``N/|batch| · Σ ℓ_k`` plus the penalty inside the wrapped forward, so the averaged gradient
+is the one-process gradient. The logged loss and the divergence check use the all-reduced
+global-batch loss. ``after_task`` runs on the unwrapped model over this rank's share of the
+importance samples (:class:`~mas_core.distributed.RankShard`); the estimators sum across
+ranks, so Ω (Fisher, Hebbian sums) is the one-process value. Every rank evaluates (no
+collective); rank 0 alone writes ``config.yaml``, ``versions.json``, logs, checkpoints,
+``model.pt``, results, report, plots, indexes and the feature cache (the others wait for it,
+then read it). Checkpoints hold the unwrapped model, so a run checkpointed on N processes
+resumes on any number. The run folder (and the fact file) must be on a file system every rank
+sees. What differs from one process, beyond the rounding of sums (measured on the tests'
+tiny world, 2 processes: the same accuracy matrices and logged losses, weights within 2e-7,
+Ω within 5e-7 relative): the InfoNCE term
+(``loss.contrastive_weight``) takes its negatives among the facts of the rank's share, not of
+the whole batch; BatchNorm (``model.norm: batch``, the torchvision backbones) normalises
+with per-rank batch statistics and keeps rank 0's running statistics (``model.norm: group``
+has no batch statistics); dropout masks differ (ranks other than 0 draw from their own
+seed); LwF's distillation is averaged per rank.
 """
 from __future__ import annotations
 
@@ -60,6 +84,18 @@ import yaml
 from torch import Tensor
 
 from mas_core.checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
+from mas_core.distributed import (
+    ProcessInfo,
+    RankShard,
+    all_reduce_tensor,
+    current,
+    is_main_process,
+    local_device,
+    rank_share,
+    run_on_main_process,
+    same_on_every_rank,
+    wrap_for_training,
+)
 from mas_core.errors import CheckpointMismatchError, DivergenceError
 
 from .config import from_dict, to_dict
@@ -323,6 +359,44 @@ class _Samples:
             for images, fact_ids in DataLoader(self.dataset, batch_size=batch_size, sampler=sampler):
                 yield (images, fact_ids) if with_labels else images
 
+    def shared_batches(self, batch_size: int, generator: torch.Generator,
+                       info: ProcessInfo | None = None) -> Iterator[tuple[Tensor, Tensor, float]]:
+        """Several processes: this rank's share of every global batch, ``(images, fact_ids, weight)``.
+
+        The global batches are those :meth:`batches` yields for the same ``generator`` (the
+        same permutation, cut into ``batch_size`` pieces); each is split by
+        :func:`mas_core.distributed.rank_share`, whose ``weight`` (``N / |global batch|``, or 0
+        for a padded empty share) multiplies this rank's summed per-sample loss."""
+        n = len(self)
+        if self.in_memory:
+            order = torch.randperm(n, generator=generator)
+            for start in range(0, n, batch_size):
+                chosen, weight = rank_share(order[start:start + batch_size], info)
+                yield self.pixels[chosen].float().div_(255.0), self.fact_ids[chosen], weight
+        else:
+            from torch.utils.data import DataLoader, RandomSampler
+
+            order = torch.as_tensor(list(RandomSampler(self.dataset, generator=generator)), dtype=torch.long)
+            shares = [rank_share(order[start:start + batch_size], info) for start in range(0, n, batch_size)]
+            loader = DataLoader(self.dataset, batch_sampler=[chosen.tolist() for chosen, _ in shares])
+            for (images, fact_ids), (_, weight) in zip(loader, shares):
+                yield images, fact_ids, weight
+
+    def batches_at(self, positions: list[int], batch_size: int, *, with_labels: bool = True) -> Iterator[Any]:
+        """Like ``batches(batch_size)`` (file order, no shuffling) over the samples at ``positions``
+        only (positions in this set, increasing): one rank's share of an importance pass."""
+        if self.in_memory:
+            chosen_all = torch.as_tensor(positions, dtype=torch.long)
+            for start in range(0, len(chosen_all), batch_size):
+                chosen = chosen_all[start:start + batch_size]
+                images = self.pixels[chosen].float().div_(255.0)
+                yield (images, self.fact_ids[chosen]) if with_labels else images
+        else:
+            from torch.utils.data import DataLoader, Subset
+
+            for images, fact_ids in DataLoader(Subset(self.dataset, list(positions)), batch_size=batch_size):
+                yield (images, fact_ids) if with_labels else images
+
 
 class _Reiterable:
     """A data source that can be iterated several times (regularizers may loop over it twice)."""
@@ -466,6 +540,21 @@ class _FeatureSamples:
             chosen = order[start:start + batch_size]
             yield (self.features[chosen], self.fact_ids[chosen]) if with_labels else self.features[chosen]
 
+    def shared_batches(self, batch_size: int, generator: torch.Generator,
+                       info: ProcessInfo | None = None) -> Iterator[tuple[Tensor, Tensor, float]]:
+        """This rank's share of every global batch (see :meth:`_Samples.shared_batches`)."""
+        order = torch.randperm(len(self), generator=generator)
+        for start in range(0, len(self), batch_size):
+            chosen, weight = rank_share(order[start:start + batch_size], info)
+            yield self.features[chosen], self.fact_ids[chosen], weight
+
+    def batches_at(self, positions: list[int], batch_size: int, *, with_labels: bool = True) -> Iterator[Any]:
+        """The features (and fact ids) of the samples at ``positions``, ``batch_size`` at a time."""
+        chosen_all = torch.as_tensor(positions, dtype=torch.long)
+        for start in range(0, len(chosen_all), batch_size):
+            chosen = chosen_all[start:start + batch_size]
+            yield (self.features[chosen], self.fact_ids[chosen]) if with_labels else self.features[chosen]
+
 
 def _cached_embeddings(head: BranchHead, samples: _FeatureSamples, device: torch.device,
                        batch_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -561,12 +650,19 @@ def _importance_source(ctx: _Context, method: MethodConfig, task: int, features:
     """The data handed to ``after_task``: images only (MAS, l-MAS, SI, LwF …) or
     ``(image, fact)`` batches for methods that need a loss (EWC). With a feature cache
     (``features``), the cached trunk features instead of the images; images of another fact
-    file then go through ``model``'s frozen trunk on the fly."""
+    file then go through ``model``'s frozen trunk on the fly.
+
+    Several processes: a :class:`mas_core.distributed.RankShard` over the same samples, whose
+    batches hold this rank's positions ``r, r+N, …`` only (same batch layout); the
+    estimators all-reduce their sums and counts, so every rank gets the one-process estimate."""
     data = ctx.config.data
     batch_size = ctx.config.eval.batch_size
     limit = data.importance_max_samples
     if method.name in LABELLED_IMPORTANCE_METHODS:
         samples = ctx.samples(("train", task, limit), [(task, 0)], limit, features)
+        if current() is not None:
+            return RankShard(lambda positions: ((x.to(ctx.device), y.to(ctx.device))
+                                                for x, y in samples.batches_at(positions, batch_size)), len(samples))
         return _Reiterable(lambda: ((x.to(ctx.device), y.to(ctx.device)) for x, y in samples.batches(batch_size)))
     if data.importance_data in ("train", "test"):
         split = 0 if data.importance_data == "train" else 1
@@ -583,6 +679,17 @@ def _importance_source(ctx: _Context, method: MethodConfig, task: int, features:
         samples = ctx.cache[key]
     if len(samples) == 0:
         raise ConfigError(f"data.importance_data={data.importance_data!r} has no images for task {task}")
+    if current() is not None:
+        def shard_batches(positions: list[int]) -> Iterator[Tensor]:
+            for x in samples.batches_at(positions, batch_size, with_labels=False):
+                if features is not None and isinstance(samples, _Samples):
+                    assert model is not None
+                    with torch.no_grad():
+                        yield model.trunk_features(x.to(ctx.device))
+                else:
+                    yield x.to(ctx.device)
+
+        return RankShard(shard_batches, len(samples))
     if features is not None and isinstance(samples, _Samples):
         assert model is not None
 
@@ -624,17 +731,24 @@ def _final_metrics(model: FactEmbeddingNet, ctx: _Context, features: Path | None
 
 
 def _train_method(ctx: _Context, method: MethodConfig, method_dir: Path) -> dict[str, Any]:
-    """Train one method over all tasks (resuming from its checkpoint if there is one)."""
+    """Train one method over all tasks (resuming from its checkpoint if there is one).
+
+    Several processes (see the module docs): every rank builds the same model, trains on its
+    share of every global batch through DistributedDataParallel, evaluates (every rank, no
+    collective) and only rank 0 writes ``log.txt``, the checkpoints and ``result.json``."""
     from mas_core.metrics import average_accuracy, average_forgetting, backward_transfer
     from mas_core.regularizers.base import TaskInfo
 
     config, device = ctx.config, ctx.device
+    info = current()
+    main = info is None or info.is_main
     num_tasks = ctx.fact_file.num_tasks
     state_config = _method_state_config(config, method)
     result_path = method_dir / "result.json"
     checkpoint_path = method_dir / "checkpoint.pt"
     log_path = method_dir / "log.txt"
-    method_dir.mkdir(parents=True, exist_ok=True)
+    if main:
+        method_dir.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(config.seed)
     model = build_model(config.model, ctx.slot_dim, ctx.image_size).to(device)
@@ -643,32 +757,36 @@ def _train_method(ctx: _Context, method: MethodConfig, method_dir: Path) -> dict
     if config.model.cache_features:
         if ctx.run_dir is None:
             raise ConfigError("model.cache_features needs a run folder to keep the features in")
-        features = ensure_feature_cache(ctx.run_dir, model, ctx.fact_file, batch_size=config.eval.batch_size,
-                                        device=device)
+        features = _shared_feature_cache(ctx, model)
         trained = model.branch_head()
     reg = _make_regularizer(method, ctx)
     accuracy_matrix: list[list[float | None]] = []
     start_task, wall_time = 0, 0.0
     log_lines: list[str] = []
-    if checkpoint_path.exists():
-        state = load_checkpoint(checkpoint_path, expected_config=state_config, map_location=device)
-        model.load_state_dict(state["model"])
-        reg.load_state_dict(state["regularizer"])
-        accuracy_matrix = [list(row) for row in state["accuracy_matrix"]]
-        start_task, wall_time = int(state["finished_tasks"]), float(state["wall_time_s"])
-        log_lines = list(state.get("log", []))
-        if result_path.exists() and start_task == num_tasks:
-            return json.loads(result_path.read_text(encoding="utf-8"))
-    elif result_path.exists():
-        raise RunFolderError(f"{method_dir} has a result but no checkpoint; delete the folder to retrain {method.key}")
+    with same_on_every_rank():  # every rank reads the same files (written before this run)
+        if checkpoint_path.exists():
+            # the unwrapped model's state (no DDP "module." prefix): any number of processes resumes it
+            state = load_checkpoint(checkpoint_path, expected_config=state_config, map_location=device)
+            model.load_state_dict(state["model"])
+            reg.load_state_dict(state["regularizer"])
+            accuracy_matrix = [list(row) for row in state["accuracy_matrix"]]
+            start_task, wall_time = int(state["finished_tasks"]), float(state["wall_time_s"])
+            log_lines = list(state.get("log", []))
+            if result_path.exists() and start_task == num_tasks:
+                return json.loads(result_path.read_text(encoding="utf-8"))
+        elif result_path.exists():
+            raise RunFolderError(f"{method_dir} has a result but no checkpoint; delete the folder to retrain "
+                                 f"{method.key}")
 
     from tqdm.auto import tqdm
 
-    show = ctx.progress and sys.stderr.isatty()
+    show = ctx.progress and main and sys.stderr.isatty()
     lam = method.options.get("lam", method.options.get("lambda"))
     for task in range(start_task, num_tasks):
         started = time.perf_counter()
         torch.manual_seed(_derived_seed(config.seed, "task", task))  # dropout etc.: same stream on resume
+        if not main:  # other ranks draw other dropout masks (rank 0 keeps the one-process stream)
+            torch.manual_seed(_derived_seed(config.seed, "task", task, "rank", info.rank))
         parts = [(t, 0) for t in range(task + 1)] if method.name == "joint" else [(task, 0)]
         train = ctx.samples(("train-parts", tuple(parts)), parts, None, features)
         if len(train) == 0:
@@ -676,6 +794,8 @@ def _train_method(ctx: _Context, method: MethodConfig, method_dir: Path) -> dict
         model.train()
         trained.train()
         reg.before_task(trained, TaskInfo(index=task, num_samples=len(train)))
+        # several processes: DDP over the whole loss (penalty included), built anew for every task
+        wrapper = None if info is None else wrap_for_training(trained, _rank_loss(ctx, reg), find_unused_parameters=False)
         optimizer = torch.optim.SGD(trained.parameters(), lr=config.optim.lr, momentum=config.optim.momentum,
                                     weight_decay=config.optim.weight_decay)
         epochs = _task_epochs(config, task)
@@ -685,39 +805,57 @@ def _train_method(ctx: _Context, method: MethodConfig, method_dir: Path) -> dict
         loss_sum, loss_count = 0.0, 0
         for epoch in range(epochs):
             generator = torch.Generator().manual_seed(_derived_seed(config.seed, task, epoch))
-            for images, fact_ids in train.batches(config.optim.batch_size, generator):
+            if wrapper is None:
+                batches = ((images, fact_ids, None) for images, fact_ids
+                           in train.batches(config.optim.batch_size, generator))
+            else:
+                batches = train.shared_batches(config.optim.batch_size, generator, info)
+            for images, fact_ids, weight in batches:
                 images, fact_ids = images.to(device), fact_ids.to(device)
-                embedding = trained(images)  # images, or cached trunk features
-                loss = slot_loss(embedding, ctx.targets[fact_ids], ctx.masks[fact_ids], squared=config.loss.squared)
-                if config.loss.contrastive_weight > 0:
-                    loss = loss + config.loss.contrastive_weight * contrastive_loss(
-                        embedding, fact_ids, ctx.targets, temperature=config.loss.temperature)
-                loss = loss + reg.penalty(trained, images)
-                if not torch.isfinite(loss):
-                    raise DivergenceError(
-                        f"method {method.key}, task {task}, epoch {epoch}: the loss became {loss.item()}; "
-                        f"lower optim.lr (now {config.optim.lr}) or the method's lam (now {lam})")
+                if wrapper is None:
+                    embedding = trained(images)  # images, or cached trunk features
+                    loss = slot_loss(embedding, ctx.targets[fact_ids], ctx.masks[fact_ids],
+                                     squared=config.loss.squared)
+                    if config.loss.contrastive_weight > 0:
+                        loss = loss + config.loss.contrastive_weight * contrastive_loss(
+                            embedding, fact_ids, ctx.targets, temperature=config.loss.temperature)
+                    loss = loss + reg.penalty(trained, images)
+                    value = loss.detach()
+                else:
+                    loss = wrapper(images, fact_ids, weight)
+                    # the global-batch loss (mean of the ranks' losses), the same on every rank, so that
+                    # every rank takes the same divergence decision (none waits in a collective alone)
+                    value = all_reduce_tensor(loss.detach().reshape(1).clone())[0] / info.world_size
+                if not torch.isfinite(value):
+                    with same_on_every_rank():  # the all-reduced value: every rank stops here
+                        raise DivergenceError(
+                            f"method {method.key}, task {task}, epoch {epoch}: the loss became {value.item()}; "
+                            f"lower optim.lr (now {config.optim.lr}) or the method's lam (now {lam})")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if config.optim.clip_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(trained.parameters(), config.optim.clip_grad_norm)
                 optimizer.step()
                 reg.after_step(trained)
-                loss_sum += float(loss.detach())
+                loss_sum += float(value)
                 loss_count += 1
                 bar.update(1)
         bar.close()
+        del wrapper
         broken = next((name for name, value in model.state_dict().items()
                        if value.is_floating_point() and not torch.isfinite(value).all()), None)
         if broken is not None:
-            raise DivergenceError(
-                f"method {method.key}, task {task}: {broken} holds NaN/Inf after training; "
-                f"lower optim.lr (now {config.optim.lr}) or the method's lam (now {lam})")
+            with same_on_every_rank():  # the ranks hold the same weights
+                raise DivergenceError(
+                    f"method {method.key}, task {task}: {broken} holds NaN/Inf after training; "
+                    f"lower optim.lr (now {config.optim.lr}) or the method's lam (now {lam})")
         model.eval()
         trained.eval()
+        # the unwrapped module: estimators reduce |g_k| statistics across ranks themselves
         reg.after_task(trained, _importance_source(ctx, method, task, features, model))
         model.eval()
         trained.eval()
+        # evaluation runs on every rank (identical weights, no collective); rank 0 writes it
         row: list[float | None] = [_evaluate_top5(model, ctx, j, features) for j in range(task + 1)]
         row += [None] * (num_tasks - task - 1)
         accuracy_matrix.append(row)
@@ -727,6 +865,8 @@ def _train_method(ctx: _Context, method: MethodConfig, method_dir: Path) -> dict
                 f"mean loss {loss_sum / max(loss_count, 1):.4f}, standard top-5 on tasks 1..{task + 1}: "
                 + " ".join(f"{value:.3f}" for value in row[:task + 1]) + f" ({seconds:.1f} s)")
         log_lines.append(line)
+        if not main:
+            continue
         atomic_write_text(log_path, "\n".join(log_lines) + "\n")
         if ctx.progress:
             print(line, file=sys.stderr if show else sys.stdout, flush=True)
@@ -737,10 +877,11 @@ def _train_method(ctx: _Context, method: MethodConfig, method_dir: Path) -> dict
         })
 
     model.eval()
-    save_checkpoint(method_dir / "model.pt", {
-        "model": model.state_dict(), "model_config": to_dict(config.model), "slot_dim": ctx.slot_dim,
-        "image_size": ctx.image_size, "encoder_name": ctx.fact_file.encoder_name, "fact_file_sha": ctx.fingerprint,
-    })
+    if main:
+        save_checkpoint(method_dir / "model.pt", {
+            "model": model.state_dict(), "model_config": to_dict(config.model), "slot_dim": ctx.slot_dim,
+            "image_size": ctx.image_size, "encoder_name": ctx.fact_file.encoder_name, "fact_file_sha": ctx.fingerprint,
+        })
     result = {
         "accuracy_matrix": accuracy_matrix,
         "avg_top5": average_accuracy(accuracy_matrix),
@@ -749,8 +890,49 @@ def _train_method(ctx: _Context, method: MethodConfig, method_dir: Path) -> dict
         "final": _final_metrics(model, ctx, features),
         "wall_time_s": wall_time,
     }
-    atomic_write_json(result_path, result)
+    if main:
+        atomic_write_json(result_path, result)
     return result
+
+
+def _rank_loss(ctx: _Context, reg: Any):
+    """``loss_fn(model, images, fact_ids, weight)`` of one rank's share of a global batch (the
+    forward of :func:`mas_core.distributed.wrap_for_training`): ``weight · Σ_k ℓ_k`` over the
+    share (``ℓ_k`` the per-sample slot loss, ``weight = N / |global batch|``) plus ``c · weight
+    · |share| · InfoNCE(share)`` plus the regularizer's penalty. DDP's average over the ranks
+    is then the one-process loss: the slot-loss mean over the global batch, the penalty (the
+    same on every rank) once, and the InfoNCE term as the sample-weighted mean of per-rank
+    terms whose negatives are the facts of the rank's share (a difference from one process,
+    whose negatives are the facts of the whole global batch)."""
+    loss_config = ctx.config.loss
+
+    def loss_fn(model: torch.nn.Module, images: Tensor, fact_ids: Tensor, weight: float) -> Tensor:
+        embedding = model(images)
+        per_sample = slot_loss(embedding, ctx.targets[fact_ids], ctx.masks[fact_ids], squared=loss_config.squared,
+                               reduction="none")
+        loss = weight * per_sample.sum()
+        if loss_config.contrastive_weight > 0:
+            loss = loss + (loss_config.contrastive_weight * weight * images.shape[0]) * contrastive_loss(
+                embedding, fact_ids, ctx.targets, temperature=loss_config.temperature)
+        return loss + reg.penalty(model, images)
+
+    return loss_fn
+
+
+def _shared_feature_cache(ctx: _Context, model: FactEmbeddingNet) -> Path:
+    """:func:`ensure_feature_cache` written by rank 0 alone; the other ranks wait for it (in
+    :func:`mas_core.distributed.run_on_main_process`) and then only check that rank 0's file is the one they expect."""
+    assert ctx.run_dir is not None
+    batch_size = ctx.config.eval.batch_size
+    if current() is None:
+        return ensure_feature_cache(ctx.run_dir, model, ctx.fact_file, batch_size=batch_size, device=ctx.device)
+    written = run_on_main_process(lambda: ensure_feature_cache(ctx.run_dir, model, ctx.fact_file,
+                                                               batch_size=batch_size, device=ctx.device))
+    path = feature_cache_path(ctx.run_dir, feature_cache_fingerprint(model, ctx.fact_file))
+    if Path(written) != path or not path.is_file():
+        raise RunFolderError(f"this rank cannot read the feature cache {written} that rank 0 wrote; the run "
+                             "folder must be on a file system every process sees, with the same model on every rank")
+    return path
 
 
 def _prepare_folder(config: TrainConfig, out_dir: Path, resume: bool) -> TrainConfig:
@@ -790,33 +972,45 @@ def train_run(config: TrainConfig, out_dir: str | Path, *, resume: bool = False,
     """Train every method of ``config`` task by task into the run folder ``out_dir``; return
     the results dictionary also written to ``RUN/results.json`` (schema in the module docs of
     :mod:`triplets.evaluate`: per method the accuracy matrix R, ``avg_top5``, ``forgetting``,
-    ``bwt``, ``final`` metrics and ``wall_time_s``; accuracies are fractions in [0, 1])."""
-    config = dataclasses.replace(config, data=dataclasses.replace(
-        config.data, fact_file=str(Path(config.data.fact_file).expanduser().resolve())))
-    config.validate()
-    out_dir = Path(out_dir)
-    fact_file = _open_fact_file(config.data.fact_file)
+    ``bwt``, ``final`` metrics and ``wall_time_s``; accuracies are fractions in [0, 1]).
+
+    Under ``torchrun`` (a process group joined beforehand, as ``mas-triplets train`` does with
+    :func:`mas_core.distributed.init_from_environment`) every rank calls it with the same
+    arguments; rank 0 writes the run folder and the others return the same dictionary
+    without writing anything (see the module docs)."""
+    with same_on_every_rank():  # the checks before training fail alike on every rank
+        config = dataclasses.replace(config, data=dataclasses.replace(
+            config.data, fact_file=str(Path(config.data.fact_file).expanduser().resolve())))
+        config.validate()
+        out_dir = Path(out_dir)
+        fact_file = _open_fact_file(config.data.fact_file)
     threads_before = torch.get_num_threads()
     if config.num_threads is not None:  # CPU threads for this run only; restored below
         torch.set_num_threads(config.num_threads)
     try:
-        _check_fact_file(fact_file)
-        embeddings = torch.as_tensor(np.asarray(fact_file.fact_embeddings), dtype=torch.float32)
-        slot_dim = embeddings.shape[1] // 3
-        device = resolve_device(config.device)
-        ctx = _Context(
-            config=config, fact_file=fact_file, device=device,
-            targets=slot_targets(embeddings, unit_norm=config.loss.unit_norm_targets).to(device),
-            masks=torch.as_tensor(np.asarray(fact_file.slot_masks), dtype=torch.float32).to(device),
-            slot_dim=slot_dim, image_size=int(fact_file.image_size),
-            fingerprint=fact_file_fingerprint(fact_file), progress=progress, run_dir=out_dir,
-        )
-        build_model(config.model, slot_dim, ctx.image_size)  # fail fast on a bad model config
+        with same_on_every_rank():
+            _check_fact_file(fact_file)
+            embeddings = torch.as_tensor(np.asarray(fact_file.fact_embeddings), dtype=torch.float32)
+            slot_dim = embeddings.shape[1] // 3
+            device = local_device(resolve_device(config.device))  # several GPUs: cuda:LOCAL_RANK
+            _check_one_gpu_per_process(config.device, device)
+            ctx = _Context(
+                config=config, fact_file=fact_file, device=device,
+                targets=slot_targets(embeddings, unit_norm=config.loss.unit_norm_targets).to(device),
+                masks=torch.as_tensor(np.asarray(fact_file.slot_masks), dtype=torch.float32).to(device),
+                slot_dim=slot_dim, image_size=int(fact_file.image_size),
+                fingerprint=fact_file_fingerprint(fact_file), progress=progress, run_dir=out_dir,
+            )
+            build_model(config.model, slot_dim, ctx.image_size)  # fail fast on a bad model config
+            for method in config.methods:
+                _make_regularizer(method, None)  # fail fast on an unknown method or bad options
+        # rank 0 creates or checks the folder; its answer (or its error) reaches every rank
+        recorded = run_on_main_process(lambda: _prepare_folder(config, out_dir, resume))
+        finished: dict[str, Any] = {}
         for method in config.methods:
-            _make_regularizer(method, None)  # fail fast on an unknown method or bad options
-        recorded = _prepare_folder(config, out_dir, resume)
-        for method in config.methods:
-            _train_method(ctx, method, out_dir / method.key)
+            finished[method.key] = _train_method(ctx, method, out_dir / method.key)
+        if not is_main_process():  # rank 0 alone writes results, report, plots and indexes
+            return _results_dict(out_dir, recorded, fact_file, json.loads(json.dumps(finished)))
         results = collect_results(out_dir, recorded, fact_file)
         _write_index(out_dir, recorded, ctx)
         return results
@@ -825,13 +1019,36 @@ def train_run(config: TrainConfig, out_dir: str | Path, *, resume: bool = False,
         fact_file.close()
 
 
+def _check_one_gpu_per_process(name: str, device: torch.device) -> None:
+    """Under torchrun, refuse a device naming one GPU (``cuda:1``) for several processes of one
+    machine: each process must take its own ``cuda:LOCAL_RANK`` (``device: auto`` or ``cuda``)."""
+    processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    if current() is not None and device.type == "cuda" and name not in ("auto", "cuda") and processes_here > 1:
+        raise ConfigError(f"device {name!r} names one GPU for the {processes_here} processes on this machine; "
+                          "under torchrun use device=auto or device=cuda (each process takes cuda:LOCAL_RANK)")
+
+
 def collect_results(out_dir: Path, config: TrainConfig, fact_file) -> dict:
     """Gather every finished method's ``result.json`` into ``RUN/results.json`` and write the
     Markdown table and plots (:func:`triplets.report.write_report`)."""
+    results = _results_dict(out_dir, config, fact_file)
+    atomic_write_json(out_dir / "results.json", results)
+    from .report import write_report
+
+    write_report(results, out_dir)
+    return results
+
+
+def _results_dict(out_dir: Path, config: TrainConfig, fact_file, known: dict[str, Any] | None = None) -> dict:
+    """The contents of ``RUN/results.json``: the methods' results (``known`` ones as given, the
+    others from their ``result.json``), the tasks' sizes and the config."""
+    known = known or {}
     methods: dict[str, Any] = {}
     for method in config.methods:
         path = out_dir / method.key / "result.json"
-        if path.exists():
+        if method.key in known:
+            methods[method.key] = known[method.key]
+        elif path.exists():
             methods[method.key] = json.loads(path.read_text(encoding="utf-8"))
     tasks = []
     for task in range(fact_file.num_tasks):
@@ -841,12 +1058,7 @@ def collect_results(out_dir: Path, config: TrainConfig, fact_file) -> dict:
             "num_train": int(len(fact_file.sample_indices(task=task, split=0))),
             "num_test": int(len(fact_file.sample_indices(task=task, split=1))),
         })
-    results = {"methods": methods, "tasks": tasks, "config": to_dict(config)}
-    atomic_write_json(out_dir / "results.json", results)
-    from .report import write_report
-
-    write_report(results, out_dir)
-    return results
+    return {"methods": methods, "tasks": tasks, "config": to_dict(config)}
 
 
 def _write_index(out_dir: Path, config: TrainConfig, ctx: _Context) -> None:

@@ -29,13 +29,19 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Load the config, run every method, print the results table."""
+    from ..cli import distributed_session
     from ..recognition import load_recognition_config, results_markdown, run_recognition
+    from mas_core.distributed import same_on_every_rank
 
-    config = load_recognition_config(args.config, args.overrides)
+    with same_on_every_rank():  # read by every rank alike: rank 0 alone reports a bad config
+        config = load_recognition_config(args.config, args.overrides)
     methods = None
     if args.methods:
         methods = [item.strip() for item in args.methods.split(",") if item.strip()]
-    results = run_recognition(config, args.out, methods=methods, resume=args.resume, progress=not args.quiet)
-    print(results_markdown(results), end="")
-    print(f"\nwritten: {args.out}/results.json, {args.out}/results.md, {args.out}/plots/")
+    # under torchrun: gloo for a CPU train.device, nccl for cuda (every rank its LOCAL_RANK's GPU)
+    with distributed_session(config.train.device) as info:
+        results = run_recognition(config, args.out, methods=methods, resume=args.resume, progress=not args.quiet)
+    if info is None or info.is_main:
+        print(results_markdown(results), end="")
+        print(f"\nwritten: {args.out}/results.json, {args.out}/results.md, {args.out}/plots/")
     return 0

@@ -24,14 +24,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train import load_train_config, select_methods, train_run
+    """Read the config, join ``torchrun``'s process group when launched by it (the config's
+    device picks gloo or nccl), train, and print the summary (rank 0 only)."""
+    from ..cli import distributed_session
+    from mas_core.distributed import same_on_every_rank
 
-    config = load_train_config(args.config, args.overrides)
-    if args.methods:
-        config = select_methods(config, [name.strip() for name in args.methods.split(",") if name.strip()])
-    results = train_run(config, args.out, resume=args.resume, progress=not args.no_progress)
-    print(format_summary(results))
-    print(f"run folder: {args.out} (results.json, results.md, plots/)")
+    from ..train import load_train_config, resolve_device, select_methods, train_run
+
+    with same_on_every_rank():  # read by every rank alike: rank 0 alone reports a bad config
+        config = load_train_config(args.config, args.overrides)
+        if args.methods:
+            config = select_methods(config, [name.strip() for name in args.methods.split(",") if name.strip()])
+        device = resolve_device(config.device)
+    with distributed_session(device) as info:
+        results = train_run(config, args.out, resume=args.resume, progress=not args.no_progress)
+    if info is None or info.is_main:
+        print(format_summary(results))
+        print(f"run folder: {args.out} (results.json, results.md, plots/)")
     return 0
 
 
