@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from tests.test_train import make_tiny_fact_file
+from test_train import make_tiny_fact_file
 from triplets.errors import ConfigError
 from triplets.model import ModelConfig, build_model
 from triplets.train import (
