@@ -2,6 +2,7 @@
 
     python benchmarks/bench_retrieval.py                     # 165,150 × 1152, 10K queries, k = 10
     python benchmarks/bench_retrieval.py --facts 20000 --queries 1000 --repeats 1   # a quick look
+    python benchmarks/bench_retrieval.py --case million      # 1,000,000 × 384 IVF-PQ, sharded over files
 
 Vectors: ``--facts`` database vectors (default 165,150: the lifelong-fact-learning
 benchmarks' fact count) of ``--dim`` dimensions (default 1152 = 3 slots × 384, MiniLM) and
@@ -29,6 +30,22 @@ separately and not part of the speedups):
   the benchmark's queries), for each distribution; ``ivf_nprobe_sweep`` shows recall and
   speedup for other ``nprobe`` values.
 
+``--case million``: 1,000,000 clustered unit vectors (``--vectors``, ``--dim`` default 384:
+one MiniLM slot, a common image-embedding size; 1152 takes about three times as long to
+train and add on 2 cores) are written chunk by chunk to a float32 memmap in ``--workdir``
+(never held in RAM), indexed with :func:`triplets.index.build_sharded_index` (IVF-PQ, nlist
+= :func:`triplets.index.default_nlist`, ``--pq-m`` sub-quantizers of 8 bits, ``--shards``
+files, ``--refine-store`` also writes the vectors for re-ranking) and reopened memory-mapped
+with :func:`triplets.index.load_sharded_index`. The exact top 10 of ``--queries`` held-out
+queries comes from a chunked float32 matrix product re-scored in float64 (as above). Reported:
+recall@10 (ties within 1e-6 count) and search time per query at each nprobe of
+``--nprobes`` without re-ranking and, for ``--refine-factors``, with exact re-ranking of
+refine·10 candidates; build time (train + add + write + calibration); bytes per vector of
+the shard files (codes, ids, list headers, each shard's centroids and codebooks) against
+flat's 4·dim; peak memory: ``ru_maxrss`` (which counts the memory-mapped input's pages
+touched, reclaimable page cache) and the peak anonymous resident memory (``RssAnon``,
+sampled every 0.1 s: what the process really holds) of each phase.
+
 The last line printed is one JSON object with every figure.
 """
 from __future__ import annotations
@@ -37,9 +54,14 @@ import argparse
 import json
 import os
 import platform
+import resource
+import shutil
 import statistics
 import sys
+import tempfile
+import threading
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -107,11 +129,226 @@ def timed(function: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     return statistics.median(seconds), result
 
 
+def write_clustered_memmap(path: Path, count: int, queries: int, dim: int, clusters: int, spread: float, seed: int,
+                           chunk_rows: int = 65536, intrinsic_dim: int | None = None) -> tuple[np.memmap, np.ndarray]:
+    """(database float32 memmap [count, dim] at ``path``, queries [queries, dim]): unit vectors of the
+    ``clustered`` mixture (centre ~ N(0, I) of ``clusters``, plus ``spread``·N(0, I)), written one
+    chunk at a time; the queries are further draws from the same mixture (held out). With
+    ``intrinsic_dim`` r, the noise is ``spread``·z·B with z ~ N(0, I_r) and a fixed random
+    B [r, dim] of N(0, 1/r) entries (so each coordinate still has variance ``spread``², the
+    same noise power as the isotropic case): within a cluster the vectors vary along r
+    directions only, as real embeddings vary along few."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim), dtype=np.float32)
+    basis = None
+    if intrinsic_dim:
+        basis = rng.standard_normal((intrinsic_dim, dim), dtype=np.float32) / np.float32(np.sqrt(intrinsic_dim))
+
+    def draw(rows: int) -> np.ndarray:
+        block = centres[rng.integers(0, clusters, rows)]
+        if basis is None:
+            block += spread * rng.standard_normal((rows, dim), dtype=np.float32)
+        else:
+            block += spread * (rng.standard_normal((rows, len(basis)), dtype=np.float32) @ basis)
+        block /= np.linalg.norm(block, axis=1, keepdims=True)
+        return block
+
+    database = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(count, dim))
+    for start in range(0, count, chunk_rows):
+        stop = min(count, start + chunk_rows)
+        database[start:stop] = draw(stop - start)
+    database.flush()
+    del database
+    return np.load(path, mmap_mode="r"), np.ascontiguousarray(draw(queries))
+
+
+def exact_top_k_chunked(database: np.ndarray, queries: np.ndarray, k: int, chunk_rows: int = 16384,
+                        margin: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`exact_top_k` for a database read in row chunks (a memmap): the top k + ``margin``
+    candidates of float32 products kept over the chunks, then re-scored in float64."""
+    wide = min(len(database), k + margin)
+    best_scores = np.full((len(queries), wide), -np.inf, dtype=np.float32)
+    best_ids = np.full((len(queries), wide), -1, dtype=np.int64)
+    for start in range(0, len(database), chunk_rows):
+        chunk = np.asarray(database[start:start + chunk_rows], dtype=np.float32)
+        scores = np.concatenate([best_scores, queries @ chunk.T], axis=1)
+        ids = np.concatenate([best_ids, np.broadcast_to(np.arange(start, start + len(chunk)), (len(queries), len(chunk)))],
+                             axis=1)
+        keep = np.argpartition(-scores, wide - 1, axis=1)[:, :wide]
+        best_scores = np.take_along_axis(scores, keep, axis=1)
+        best_ids = np.take_along_axis(ids, keep, axis=1)
+    ids = np.empty((len(queries), k), dtype=np.int64)
+    kth = np.empty(len(queries), dtype=np.float64)
+    for row in range(len(queries)):
+        candidates = np.sort(best_ids[row])
+        exact = np.asarray(database[candidates], dtype=np.float64) @ queries[row].astype(np.float64)
+        order = np.argsort(-exact, kind="stable")[:k]
+        ids[row] = candidates[order]
+        kth[row] = exact[order][-1]
+    return ids, kth
+
+
+def release_freed_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``), so that the
+    next phase's RssAnon does not count what an earlier phase freed."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class AnonymousMemoryPeak:
+    """Peak of this process's anonymous resident memory (``RssAnon`` of /proc/self/status, bytes),
+    sampled every ``interval`` seconds in a thread between :meth:`start` and :meth:`stop`."""
+
+    def __init__(self, interval: float = 0.1) -> None:
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def current() -> int:
+        try:
+            with open("/proc/self/status", encoding="ascii") as handle:
+                for line in handle:
+                    if line.startswith("RssAnon:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 0
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.current())
+            self._stop.wait(self.interval)
+
+    def start(self) -> "AnonymousMemoryPeak":
+        self.peak = self.current()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> int:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.peak = max(self.peak, self.current())
+        return self.peak
+
+
+def run_million(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``--case million`` benchmark (module docstring); returns the report."""
+    import faiss
+
+    from triplets.index import build_sharded_index, default_nlist, default_pq_m, load_sharded_index
+
+    k = args.k
+    count, dim = args.vectors, args.dim
+    pq_m = args.pq_m or default_pq_m(dim)
+    report: dict[str, Any] = {
+        "case": "million", "vectors": count, "dim": dim, "queries": args.queries, "k": k, "repeats": args.repeats,
+        "clusters": args.clusters, "spread": args.spread, "shards": args.shards, "pq_m": pq_m, "pq_bits": 8,
+        "nlist": default_nlist(count), "faiss": faiss.__version__, "numpy": np.__version__,
+        "python": platform.python_version(), "cpu_count": os.cpu_count(), "faiss_threads": faiss.omp_get_max_threads(),
+        "flat_bytes_per_vector": 4 * dim, "intrinsic_dim": args.intrinsic_dim,
+    }
+    workdir = Path(tempfile.mkdtemp(prefix="bench-million-", dir=args.workdir))
+    memory = AnonymousMemoryPeak()
+    report["rss_anon_mb_baseline"] = memory.current() / 2**20  # interpreter + numpy + faiss + torch, before any data
+    try:
+        started = time.perf_counter()
+        memory.start()
+        database, queries = write_clustered_memmap(workdir / "input.npy", count, args.queries, dim, args.clusters,
+                                                   args.spread, args.seed, intrinsic_dim=args.intrinsic_dim)
+        report["generate_s"] = time.perf_counter() - started
+        started = time.perf_counter()
+        truth, kth = exact_top_k_chunked(database, queries, k)
+        report["exact_search_s"] = time.perf_counter() - started
+        report["exact_search_ms_per_query"] = 1000 * report["exact_search_s"] / len(queries)
+        report["peak_rss_anon_mb_generate_and_exact"] = memory.stop() / 2**20
+        print(f"[million] data {report['generate_s']:.0f} s, exact reference {report['exact_search_s']:.0f} s",
+              file=sys.stderr, flush=True)
+
+        release_freed_memory()
+        report["rss_anon_mb_before_build"] = memory.current() / 2**20
+        started = time.perf_counter()
+        memory.start()
+        manifest = build_sharded_index(database, workdir / "index", num_shards=args.shards, pq_m=pq_m,
+                                       refine_factor=max(args.refine_factors) if args.refine_store else None,
+                                       seed=args.seed)
+        report["build_s"] = time.perf_counter() - started
+        report["peak_rss_anon_mb_build"] = memory.stop() / 2**20
+        report["ru_maxrss_mb_after_build"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(f"[million] sharded build {report['build_s']:.0f} s", file=sys.stderr, flush=True)
+
+        release_freed_memory()
+        report["rss_anon_mb_before_load"] = memory.current() / 2**20
+        started = time.perf_counter()
+        memory.start()
+        index = load_sharded_index(manifest.parent, mmap=True, use_gpu=False, refine_factor=None)
+        report["load_s"] = time.perf_counter() - started
+        meta = index.metadata
+        report.update(calibrated_nprobe=meta["nprobe"], calibrated_cell_recall_at_10=meta["calibrated_cell_recall_at_10"],
+                      calibrated_recall_at_10=meta["calibrated_recall_at_10"], train_rows=meta["train_rows"],
+                      code_size=meta["code_size"], index_bytes=index.index_bytes,
+                      bytes_per_vector=index.bytes_per_vector, code_bytes_per_vector=index.code_bytes_per_vector,
+                      flat_over_ivfpq_memory=4 * dim / index.bytes_per_vector,
+                      shard_bytes=[shard["bytes"] for shard in index.manifest["shards"]])
+        sweep = []
+        refine_factors = [None] + (list(args.refine_factors) if args.refine_store else [])
+        for refine in refine_factors:
+            index.refine_factor = refine
+            for nprobe in args.nprobes:
+                if nprobe > meta["nlist"]:
+                    continue
+                index.nprobe = nprobe
+                seconds, (_, ids) = timed(lambda: index.search(queries, k), args.repeats)
+                sweep.append({"nprobe": nprobe, "refine_factor": refine,
+                              "recall_at_10": recall_with_ties(ids, truth, kth, database, queries),
+                              "ms_per_query": 1000 * seconds / len(queries)})
+                print(f"[million] nprobe {nprobe} refine {refine}: recall {sweep[-1]['recall_at_10']:.4f}, "
+                      f"{sweep[-1]['ms_per_query']:.3f} ms/query", file=sys.stderr, flush=True)
+        report["sweep"] = sweep
+        report["peak_rss_anon_mb_search"] = memory.stop() / 2**20
+        report["ru_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        at_calibrated = [row for row in sweep if row["nprobe"] == meta["nprobe"] and row["refine_factor"] is None]
+        if at_calibrated:
+            report["ivfpq_recall_at_10"] = at_calibrated[0]["recall_at_10"]
+        del index, database
+    finally:
+        if not args.keep_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(json.dumps(report, sort_keys=True))
+    return report
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description="FAISS vs scikit-learn retrieval benchmark")
+    parser.add_argument("--case", choices=("default", "million"), default="default",
+                        help="million: 1M-vector IVF-PQ sharded over files (see the module docstring)")
+    parser.add_argument("--vectors", type=int, default=1_000_000, help="--case million: database vectors")
+    parser.add_argument("--shards", type=int, default=4, help="--case million: shard files")
+    parser.add_argument("--pq-m", type=int, default=None, help="--case million: PQ sub-quantizers (default dim/8)")
+    parser.add_argument("--nprobes", type=lambda text: [int(v) for v in text.split(",")],
+                        default=[1, 2, 4, 8, 16, 32, 64], help="--case million: nprobe values, comma-separated")
+    parser.add_argument("--refine-factors", type=lambda text: [int(v) for v in text.split(",")], default=[4, 16, 64],
+                        help="--case million: exact re-ranking of refine·k candidates, comma-separated")
+    parser.add_argument("--refine-store", action=argparse.BooleanOptionalAction, default=True,
+                        help="--case million: store the vectors (4·dim bytes each on disk) for re-ranking")
+    parser.add_argument("--intrinsic-dim", type=int, default=None,
+                        help="--case million: within-cluster noise along this many random directions (default: all)")
+    parser.add_argument("--workdir", default=None, help="--case million: folder for the memmap and shards")
+    parser.add_argument("--keep-workdir", action="store_true")
     parser.add_argument("--facts", type=int, default=165_150)
-    parser.add_argument("--dim", type=int, default=1152, help="vector size (3 slots × 384 for MiniLM)")
-    parser.add_argument("--queries", type=int, default=10_000)
+    parser.add_argument("--dim", type=int, default=None,
+                        help="vector size (default 1152 = 3 slots × 384 for MiniLM; --case million: 384)")
+    parser.add_argument("--queries", type=int, default=None, help="default 10,000 (--case million: 1,000)")
     parser.add_argument("--uniform-queries", type=int, default=None,
                         help="queries for the uniform case (default: --queries); IVF there scans nearly every cell")
     parser.add_argument("--k", type=int, default=10)
@@ -122,6 +359,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--skip-sklearn", action="store_true")
     parser.add_argument("--skip-uniform", action="store_true")
     args = parser.parse_args(argv)
+    if args.case == "million":
+        args.dim = args.dim or 384
+        args.queries = args.queries or 1000
+        return run_million(args)
+    args.dim = args.dim or 1152
+    args.queries = args.queries or 10_000
 
     import faiss
     import sklearn

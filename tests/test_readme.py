@@ -12,8 +12,10 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def test_readme_python_example_runs_and_penalty_starts_at_zero():
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
     assert blocks, "README has no Python example"
+    block = next((text for text in blocks if "mas_importance" in text), None)
+    assert block is not None, "README has no MAS example"
     namespace: dict = {}
-    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    exec(compile(block, "README.md", "exec"), namespace)
     omega, mas, model = namespace["omega"], namespace["mas"], namespace["model"]
     assert set(omega) == {name for name, _ in model.named_parameters()}
     assert all(bool((value >= 0).all()) for value in omega.values())
@@ -26,3 +28,17 @@ def test_readme_python_example_runs_and_penalty_starts_at_zero():
 def test_readme_names_both_front_door_commands():
     text = README.read_text(encoding="utf-8")
     assert "make demo" in text and "make test" in text
+
+
+def test_readme_sharded_index_example_runs(tmp_path, monkeypatch):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+    block = next(text for text in blocks if "build_sharded_index" in text)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    ids, index = namespace["ids"], namespace["index"]
+    assert ids.shape == (5, 10) and ids[:, 0].tolist() == [0, 1, 2, 3, 4]
+    assert index.count == 20_000
+    written = sorted(path.name for path in (tmp_path / "indexes" / "images").iterdir())
+    assert written == ["manifest.json", "shard-00000-of-00004.faiss", "shard-00001-of-00004.faiss",
+                       "shard-00002-of-00004.faiss", "shard-00003-of-00004.faiss", "vectors.npy"]

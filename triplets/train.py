@@ -186,10 +186,12 @@ class MethodConfig:
 @dataclass
 class EvalConfig:
     """``eval:`` batch size of the evaluation passes and the kind of FAISS index saved with
-    each method (``"none"`` saves no index)."""
+    each method (``"none"`` saves no index; ``"ivfpq"``: compressed codes, for sets of
+    ≥ 16,384 vectors, smaller ones get a flat index; for millions of vectors past one
+    machine's memory see :func:`triplets.index.build_sharded_index`)."""
 
     batch_size: int = 256
-    index: Literal["flat", "ivf", "hnsw", "none"] = "flat"
+    index: Literal["flat", "ivf", "ivfpq", "hnsw", "none"] = "flat"
 
 
 @dataclass
@@ -1082,7 +1084,8 @@ def build_run_indexes(index_dir: str | Path, model: FactEmbeddingNet, fact_file,
     ``index_dir/images.faiss`` (the model's embeddings of all test images, ids = sample
     indices), each with its ``.json`` sidecar. Both carry ``model_fingerprint(model)``, so
     :func:`triplets.index.load_index` with the fingerprint of another model refuses them.
-    Small sets fall back to a flat index (IVF needs ≥ 39 vectors per cell)."""
+    Small sets fall back to a flat index (IVF needs ≥ 39 vectors per cell; IVF-PQ's
+    codebooks ≥ 64 per centroid, 16,384 vectors)."""
     from .evaluate import embed_images
     from .index import build_index, model_fingerprint
 
@@ -1094,7 +1097,8 @@ def build_run_indexes(index_dir: str | Path, model: FactEmbeddingNet, fact_file,
     written = {}
     for name, vectors, ids in (("facts", fact_vectors, np.arange(len(fact_vectors))),
                                ("images", image_vectors, test_indices)):
-        chosen = kind if kind == "flat" or len(vectors) >= 39 * 4 else "flat"
+        enough = 64 * 256 if kind == "ivfpq" else 39 * 4
+        chosen = kind if kind == "flat" or len(vectors) >= enough else "flat"
         index = build_index(vectors, kind=chosen, ids=ids, fingerprint=fingerprint, use_gpu="auto",
                             metadata={"contents": name, "encoder_name": fact_file.encoder_name,
                                       "fact_file_sha": fact_file_fingerprint(fact_file)})
