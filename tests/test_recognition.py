@@ -234,3 +234,27 @@ def test_resize_and_crop_inputs_like_the_paper(tmp_path: Path) -> None:
     assert torch.equal(centre, task.test[0][0])  # test inputs: deterministic centre crop
     # ImageNet normalisation: a black pixel maps to -mean/std
     assert float(centre.min()) == pytest.approx(-0.485 / 0.229, abs=1e-4)
+
+
+def test_two_processes_give_the_one_process_results(tmp_path: Path) -> None:
+    """`torchrun --nproc_per_node=2 -m triplets.cli recognition`: rank 0 alone writes, and the
+    results equal the one-process run's (small_cnn has no BatchNorm or dropout, so only the
+    order of floating-point sums differs: accuracies within one test image, 1/200)."""
+    if not fashion_mnist_available(FMNIST):
+        pytest.skip("Debian dataset-fashion-mnist not installed (make test-data)")
+    path = reduced_config(tmp_path, tmp_path / "data", ["finetune", "mas"], num_tasks=2)
+    reference = run_recognition(load_recognition_config(path, ["train.epochs=2"]), tmp_path / "one",
+                                progress=False)
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "triplets.cli",
+         "recognition", "--config", str(path), "--out", str(tmp_path / "two"), "--set", "train.epochs=2"],
+        env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    one = comparable(reference)
+    for name, summary in one["methods"].items():
+        for row_one, row_two in zip(summary["accuracy"], two["methods"][name]["accuracy"]):
+            assert row_two == pytest.approx(row_one, abs=1 / 200 + 1e-9), name
+    files = lambda root: sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    assert files(tmp_path / "two") == files(tmp_path / "one")
