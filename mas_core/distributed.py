@@ -65,6 +65,7 @@ __all__ = [
     "init_from_environment",
     "is_main_process",
     "local_device",
+    "parameters_in_graph",
     "rank_share",
     "run_on_main_process",
     "same_on_every_rank",
@@ -291,6 +292,23 @@ class LossModule(nn.Module):
 
     def forward(self, *args: Any) -> Tensor:
         return self._loss_fn(self.model, *args)
+
+
+def parameters_in_graph(output: Tensor) -> set[int]:
+    """``id`` of every leaf tensor that ``output``'s autograd graph accumulates a gradient into."""
+    reached: set[int] = set()
+    seen: set[int] = set()
+    stack = [output.grad_fn] if output.grad_fn is not None else []
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            reached.add(id(variable))
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return reached
 
 
 def wrap_for_training(model: nn.Module, loss_fn: Callable[..., Tensor], *,

@@ -447,7 +447,7 @@ def _train_task_distributed(model: nn.Module, task: Task, t: int, head: int, reg
         return inputs, targets
 
     _distributed_epochs(model, task.train, t, reg, settings, method_name, task.name, emit, step_loss, unpack,
-                        f"task {t + 1} ({task.name})")
+                        f"task {t + 1} ({task.name})", fixed_graph=True)
 
 
 def _train_joint_distributed(model: nn.Module, tasks: Sequence[Task], t: int, settings: TrainSettings,
@@ -477,17 +477,33 @@ def _train_joint_distributed(model: nn.Module, tasks: Sequence[Task], t: int, se
 def _distributed_epochs(model: nn.Module, dataset: Dataset, t: int, reg: Regularizer | None,
                         settings: TrainSettings, method_name: str, task_name: str, emit: Callable[[str], None],
                         step_loss: Callable[..., Tensor], unpack: Callable[[Any, torch.device], tuple[Any, ...]],
-                        label: str) -> None:
+                        label: str, *, fixed_graph: bool = False) -> None:
     """The epochs of one task on this rank: global batches from :func:`_epoch_order` (the
     single-process order), this rank's share from :func:`distributed.rank_share`, one DDP
-    step per global batch. The loss is summed over ranks so every rank takes the same
+    step per global batch. With ``fixed_graph`` (every step uses the same parameters: one
+    task's head plus the penalty's) one probe of the loss decides whether DDP must look
+    for unused parameters (old heads under fine-tuning) or can skip that graph traversal. The loss is summed over ranks so every rank takes the same
     divergence decision."""
     info = distributed.current()
     device = distributed.local_device(settings.device)
     optimizer = _optimizer(model, settings)
-    wrapped = distributed.wrap_for_training(model, step_loss)
-    model.train()
     n = len(dataset)
+    find_unused = True
+    if fixed_graph:  # probe once (eval mode: no BatchNorm update, no RNG draw) whether every parameter is used
+        first, weight = distributed.rank_share(
+            torch.as_tensor(_epoch_order(n, settings.seed, t, 0)[:settings.batch_size], dtype=torch.long), info)
+        probe_batch = next(iter(_index_batches(dataset, [first], settings.num_workers)))
+        was_training = model.training
+        model.eval()
+        try:
+            reached = distributed.parameters_in_graph(step_loss(model, *unpack(probe_batch, device), weight))
+        except NonFiniteError:
+            reached = set()
+        finally:
+            model.train(was_training)
+        find_unused = any(id(p) not in reached for p in model.parameters() if p.requires_grad)
+    wrapped = distributed.wrap_for_training(model, step_loss, find_unused_parameters=find_unused)
+    model.train()
     for epoch in range(settings.epochs):
         order = torch.as_tensor(_epoch_order(n, settings.seed, t, epoch), dtype=torch.long)
         shares = [distributed.rank_share(order[begin:begin + settings.batch_size], info)
