@@ -1123,14 +1123,14 @@ def _read_shard(path: Path, mmap: bool) -> Any:
 
 def load_sharded_index(path: str | os.PathLike, expected_fingerprint: str | None = None, *, mmap: bool = True,
                        use_gpu: bool | str = "auto", verify_checksums: bool = True,
-                       refine_factor: int | None = -1) -> ShardedFactIndex:
+                       refine_factor: int | None | Literal["manifest"] = "manifest") -> ShardedFactIndex:
     """Open the sharded index in folder ``path`` (or at its ``manifest.json``) for search.
 
     ``mmap``: open each shard with ``faiss.IO_FLAG_MMAP`` (the inverted lists are memory-mapped
     from the file, so they cost page cache, not process memory; falls back to reading into
     RAM, with a warning, where faiss cannot). ``verify_checksums`` streams every shard file
     through SHA-256 against the manifest (byte sizes are always checked). ``refine_factor``:
-    the manifest's value by default (−1), None/0 for PQ scores only, or N ≥ 1 to re-rank
+    the manifest's value by default (``"manifest"``), None/0 for PQ scores only, or N ≥ 1 to re-rank
     N·k candidates from ``vectors.npy``. ``use_gpu`` as for :class:`FactIndex`.
 
     Raises :class:`RunFolderError` (one line saying what to do) when the manifest is missing or
@@ -1189,7 +1189,10 @@ def load_sharded_index(path: str | os.PathLike, expected_fingerprint: str | None
             raise RunFolderError(f"{vectors_path} is not a readable .npy file ({exc}); rebuild the index") from None
         if vectors.shape != (count, dim):
             raise RunFolderError(f"{vectors_path} holds {vectors.shape}, the manifest says {(count, dim)}; rebuild the index")
-    if refine_factor == -1:
+    if refine_factor != "manifest" and refine_factor is not None and (
+            isinstance(refine_factor, bool) or not isinstance(refine_factor, (int, np.integer)) or refine_factor < 0):
+        raise TripletsError(f"refine_factor must be 'manifest', None or an integer ≥ 0, got {refine_factor!r}")
+    if refine_factor == "manifest":
         refine_factor = (manifest.get("metadata") or {}).get("refine_factor") if vectors is not None else None
     elif refine_factor and vectors is None:
         raise RunFolderError(f"refine_factor={refine_factor} needs the vectors file, and the index in {folder} has none; "
