@@ -28,9 +28,9 @@ import torch
 import yaml
 
 try:  # pytest puts tests/ on sys.path (rootdir-less test modules)
-    from test_train import make_tiny_fact_file
+    from test_train import die_after_first_mas_task, make_tiny_fact_file
 except ModuleNotFoundError:  # pragma: no cover - imported as a package module
-    from tests.test_train import make_tiny_fact_file
+    from tests.test_train import die_after_first_mas_task, make_tiny_fact_file
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("distributed_train_worker.py")
@@ -179,14 +179,7 @@ def test_killed_on_one_process_resumes_on_two(config_path, one_process, tmp_path
     import triplets.train as train_module
 
     out = tmp_path / "run"
-    real_save = train_module.save_checkpoint
-
-    def save_then_die(path, state):  # the process dies right after MAS's first task is checkpointed
-        real_save(path, state)
-        if Path(path).parent.name == "mas" and state.get("finished_tasks") == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    real_save = die_after_first_mas_task(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         _single_process(config_path, out)
     monkeypatch.setattr(train_module, "save_checkpoint", real_save)

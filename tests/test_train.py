@@ -103,20 +103,29 @@ def _final_state(run_dir: Path, method: str) -> dict:
     return torch.load(run_dir / method / "model.pt", weights_only=True)["model"]
 
 
+def die_after_first_mas_task(monkeypatch):
+    """Make ``triplets.train`` raise KeyboardInterrupt right after MAS's first task is
+    checkpointed (a kill at the worst moment); returns the real ``save_checkpoint``."""
+    import triplets.train as train_module
+
+    real_save = train_module.save_checkpoint
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        if Path(path).parent.name == "mas" and state.get("finished_tasks") == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    return real_save
+
+
 def test_resume_after_a_kill_equals_the_uninterrupted_run(small_facts, tmp_path, monkeypatch):
     import triplets.train as train_module
 
     config = _config(small_facts)
     reference = train_run(config, tmp_path / "whole", progress=False)
 
-    real_save = train_module.save_checkpoint
-
-    def save_then_die(path, state):  # the process dies right after MAS's first task is checkpointed
-        real_save(path, state)
-        if Path(path).parent.name == "mas" and state.get("finished_tasks") == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    real_save = die_after_first_mas_task(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train_run(config, tmp_path / "killed", progress=False)
     monkeypatch.setattr(train_module, "save_checkpoint", real_save)

@@ -697,16 +697,8 @@ def load_index(path: str | os.PathLike, expected_fingerprint: str | None = None,
         raise RunFolderError(f"no index at {path}; build it with triplets.index.build_index(...).save()")
     if not meta_path.is_file():
         raise RunFolderError(f"index {path} has no metadata file {meta_path.name}; rebuild the index")
-    try:
-        sidecar = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RunFolderError(f"index metadata {meta_path} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc}); rebuild the index") from None
-    if not isinstance(sidecar, dict) or sidecar.get("format") != INDEX_FORMAT:
-        raise RunFolderError(f"{meta_path} is not a mas-triplets index metadata file; rebuild the index")
-    if sidecar.get("format_version") != INDEX_FORMAT_VERSION:
-        raise RunFolderError(
-            f"index {path} has format version {sidecar.get('format_version')}, this code reads "
-            f"{INDEX_FORMAT_VERSION}; rebuild the index")
+    sidecar = _read_format_file(meta_path, INDEX_FORMAT, INDEX_FORMAT_VERSION, what="index metadata file",
+                                owner=f"index {path}")
     data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != sidecar.get("index_sha256"):
         raise RunFolderError(f"index {path} does not match its metadata checksum (interrupted save?); rebuild the index")
@@ -1121,6 +1113,22 @@ def _read_shard(path: Path, mmap: bool) -> Any:
     return faiss.read_index(str(path))
 
 
+def _read_format_file(path: Path, expected_format: str, expected_version: int, *, what: str,
+                      owner: str) -> dict[str, Any]:
+    """The JSON object in ``path`` whose ``format``/``format_version`` must be the given ones;
+    a :class:`RunFolderError` saying "rebuild the index" otherwise."""
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RunFolderError(f"{what} {path} is not valid JSON ({getattr(exc, 'msg', exc)}); rebuild the index") from None
+    if not isinstance(content, dict) or content.get("format") != expected_format:
+        raise RunFolderError(f"{path} is not a mas-triplets {what}; rebuild the index")
+    if content.get("format_version") != expected_version:
+        raise RunFolderError(f"{owner} has format version {content.get('format_version')}, this code reads "
+                             f"{expected_version}; rebuild the index")
+    return content
+
+
 def load_sharded_index(path: str | os.PathLike, expected_fingerprint: str | None = None, *, mmap: bool = True,
                        use_gpu: bool | str = "auto", verify_checksums: bool = True,
                        refine_factor: int | None | Literal["manifest"] = "manifest") -> ShardedFactIndex:
@@ -1143,15 +1151,8 @@ def load_sharded_index(path: str | os.PathLike, expected_fingerprint: str | None
     if not manifest_path.is_file():
         raise RunFolderError(f"no sharded index manifest at {manifest_path}; build the index with "
                              "triplets.index.build_sharded_index(vectors, folder)")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RunFolderError(f"sharded index manifest {manifest_path} is not valid JSON ({exc}); rebuild the index") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != SHARDED_FORMAT:
-        raise RunFolderError(f"{manifest_path} is not a mas-triplets sharded index manifest; rebuild the index")
-    if manifest.get("format_version") != SHARDED_FORMAT_VERSION:
-        raise RunFolderError(f"sharded index {folder} has format version {manifest.get('format_version')}, this code "
-                             f"reads {SHARDED_FORMAT_VERSION}; rebuild the index")
+    manifest = _read_format_file(manifest_path, SHARDED_FORMAT, SHARDED_FORMAT_VERSION,
+                                 what="sharded index manifest", owner=f"sharded index {folder}")
     if expected_fingerprint is not None and manifest.get("fingerprint") != expected_fingerprint:
         raise RunFolderError(
             f"sharded index {folder} was built from model {manifest.get('fingerprint')}, but the model in use is "
