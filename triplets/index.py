@@ -826,7 +826,7 @@ def build_sharded_index(vectors: Any, out_dir: str | os.PathLike, *, kind: str =
     (the same sample, seed and code as :func:`build_index`, so both give the same trained
     index); ``num_shards`` (default ⌈n / 1,000,000⌉) contiguous id ranges
     (:func:`shard_bounds`), each added ``chunk_rows`` rows at a time with its global ids
-    to a copy of the trained index and written atomically as ``shard-XXXXX-of-YYYYY.faiss``;
+    to a copy of the trained index and written atomically (``shard-00000-of-00004.faiss``, …);
     ``nprobe`` (when None) calibrated as in :func:`build_index` for "ivfpq" (the exact
     neighbours of the calibration queries are found in the same pass); with
     ``refine_factor`` the normalised vectors also go to ``vectors.npy`` (4·d bytes per
