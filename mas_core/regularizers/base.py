@@ -44,10 +44,38 @@ class TaskInfo:
 class Regularizer:
     """Base class: the empty method. Subclasses override what they need.
 
-    Class attribute ``name`` is the registry name used in configs.
+    A method declares what it needs from the training loop, so no loop keeps lists of
+    method names:
+
+    - ``name``: the registry name used in configs;
+    - ``after_task_data``: what :meth:`after_task` reads. ``"none"`` (nothing: the loop
+      may pass an empty iterable), ``"inputs"`` (unlabelled input batches: MAS, l-MAS,
+      EBLL; these may come from any unlabelled source such as test-condition data) or
+      ``"labelled"`` (``(inputs, targets)`` batches and a per-sample loss: EWC's Fisher);
+    - ``importance_from_inputs``: its importance Ω is estimated from unlabelled inputs
+      alone, so it may be computed on another data source than the training set (MAS,
+      l-MAS; the paper's test-condition experiment);
+    - ``uses_step_hook``: :meth:`after_step` must be called after every optimizer step
+      (SI's path integral); the loop may skip the call otherwise;
+    - :attr:`strength`: the hyperparameters that set the method's strength, for messages
+      such as "lower lam (now 5.0)".
     """
 
     name = "finetune"
+    after_task_data: str = "none"
+    importance_from_inputs: bool = False
+    uses_step_hook: bool = False
+
+    @property
+    def strength(self) -> dict[str, float]:
+        """The strength hyperparameters by name (``{"lam": 5.0}``); empty for fine-tuning."""
+        lam = getattr(self, "lam", None)
+        return {} if lam is None else {"lam": float(lam)}
+
+    def describe_strength(self) -> str:
+        """``"lam=5.0"`` (``"no strength hyperparameter"`` when :attr:`strength` is empty)."""
+        items = self.strength
+        return ", ".join(f"{key}={value:g}" for key, value in items.items()) or "no strength hyperparameter"
 
     def before_task(self, model: nn.Module, task: TaskInfo) -> None:
         """Called once before training on ``task`` starts."""

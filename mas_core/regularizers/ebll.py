@@ -91,6 +91,7 @@ class EBLL(LwF):
     """EBLL: LwF plus the preservation of per-task autoencoder codes of the shared features."""
 
     name = "ebll"
+    after_task_data = "inputs"
 
     def __init__(self, lam: float = 1.0, *, code_dim: int = 100, ae_lam: float = 1e-3, ae_epochs: int = 20,
                  ae_lr: float = 1e-3, ae_batch_size: int = 128, temperature: float = 2.0, seed: int = 0) -> None:

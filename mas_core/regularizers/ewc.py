@@ -92,6 +92,7 @@ class EWC(Regularizer):
     """
 
     name = "ewc"
+    after_task_data = "labelled"
 
     def __init__(self, lam: float = 1.0, *, online: bool = False, gamma: float = 1.0,
                  output_fn: Callable[[nn.Module, Any], Tensor] | None = None,

@@ -74,6 +74,7 @@ class IMM(Regularizer):
         if mode not in MODES:
             raise MASCoreError(f"IMM mode must be one of {MODES}, got {mode!r}")
         self.mode = mode
+        self.after_task_data = "inputs" if mode == "mode" else "none"  # mode-IMM's Fisher reads inputs
         self.lam_l2 = check_lambda("lam_l2", lam_l2)
         if max_samples is not None and int(max_samples) < 1:
             raise MASCoreError(f"max_samples must be >= 1 or None, got {max_samples}")
@@ -109,6 +110,11 @@ class IMM(Regularizer):
         if not torch.isfinite(value):
             raise NonFiniteError(f"the IMM L2-transfer penalty is {value.item()}; lower lam_l2 (now {self.lam_l2}) or the learning rate")
         return value
+
+    @property
+    def strength(self) -> dict[str, float]:
+        """``{"lam_l2": …}``: the L2-transfer penalty's weight."""
+        return {"lam_l2": float(self.lam_l2)}
 
     def after_task(self, model: nn.Module, data: Iterable[Any]) -> None:
         """Store ``θ_t`` (and ``F_t`` for mode-IMM), merge the shared parameters, load the merge into the model."""

@@ -95,6 +95,8 @@ class MAS(Regularizer):
     """
 
     name = "mas"
+    after_task_data = "inputs"
+    importance_from_inputs = True
 
     def __init__(
         self,

@@ -38,6 +38,7 @@ class SI(Regularizer):
     """Synaptic Intelligence: penalty ``λ Σ Ω (θ − θ*)²`` with the path-integral importance Ω."""
 
     name = "si"
+    uses_step_hook = True
 
     def __init__(self, lam: float = 1.0, *, damping: float = 0.1) -> None:
         self.lam = check_lambda("lam", lam)
