@@ -6,6 +6,9 @@ Messages say what was wrong *and* what to do about it.
 """
 from __future__ import annotations
 
+import difflib
+from typing import Iterable
+
 
 class MASCoreError(Exception):
     """Base class of every error :mod:`mas_core` raises for bad input or state."""
@@ -52,3 +55,13 @@ class UnknownMethodError(MASCoreError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+def did_you_mean(name: str, valid: Iterable[str]) -> str:
+    """``"; did you mean 'lr'?"`` for the valid name closest to ``name`` (``""`` when none is close).
+
+    The one place that phrases the hint every "unknown key / method / option" error carries.
+    """
+    candidates = [str(item) for item in valid]
+    close = difflib.get_close_matches(str(name), candidates, n=1, cutoff=0.0)
+    return f"; did you mean {close[0]!r}?" if close else ""
