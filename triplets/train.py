@@ -296,10 +296,12 @@ def resolve_device(name: str) -> torch.device:
 
 def _open_fact_file(path: str | Path):
     from data_prep.facts_h5 import open_facts
+    from data_prep.lll_benchmark import missing_fact_file_hint
 
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"data.fact_file: no file {path}; make one with `mas-triplets prepare` (or synth + prepare)")
+        raise ConfigError(missing_fact_file_hint(path)
+                          or f"data.fact_file: no file {path}; make one with `mas-triplets prepare` (or synth + prepare)")
     return open_facts(path)
 
 

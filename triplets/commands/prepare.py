@@ -11,6 +11,7 @@ import importlib
 from typing import Any, Callable
 
 from ..errors import TripletsError
+from . import prepare_lll
 
 
 def _orders(text: str) -> tuple[int, ...]:
@@ -55,7 +56,7 @@ def _add_common_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``prepare`` and its sub-subcommands ``vg``, ``sgg`` (and ``images`` when available)."""
+    """Register ``prepare`` and its sub-subcommands ``vg``, ``sgg``, ``lll`` (and ``images`` when available)."""
     parser = subparsers.add_parser("prepare", help="build the fact HDF5 file from Visual Genome or VG-SGG.h5",
                                    description="Build the fact HDF5 file from the raw Visual Genome dumps (vg), "
                                    "a VG-SGG.h5 file (sgg) or image folders (images).")
@@ -86,6 +87,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     else:
         images = prepare_images.add_parser(prepare_subparsers)
         images.set_defaults(_prepare_run=prepare_images.run)
+    lll = prepare_lll.add_parser(prepare_subparsers)
+    lll.set_defaults(_prepare_run=prepare_lll.run)
     parser.set_defaults(_prepare_parser=parser)
     return parser
 

@@ -1,0 +1,596 @@
+"""The lifelong-fact-learning benchmark's split files -> fact HDF5 (:func:`prepare_lll`).
+
+The benchmark of "Exploring the Challenges towards Lifelong Fact Learning" (mid-scale 6DS:
+4 tasks; large-scale Sherlock LSC: 8 tasks) is released as split files, read here as the
+authors' code reads them::
+
+    ROOT/splits/<T>tasks_<random|semantic>/B<k>_train.csv   k = 1..T
+    ROOT/splits/<T>tasks_<random|semantic>/B<k>_test.csv
+    ROOT/splits/<T>tasks_<random|semantic>/B<k>_facts.csv
+    ROOT/images/{train,test}/...                            image_links are relative to ROOT/images/
+    ROOT/NLP_feat/...                                       900 floats per fact (S, P, O: 300 each)
+
+``B<k>_train.csv`` / ``B<k>_test.csv`` columns: ``image_links``, ``NLP_links`` (a text file of
+900 numbers, looked up as ``ROOT/<link>`` then ``ROOT/NLP_feat/<link>``), ``SPO``, ``id`` (the
+fact id), ``w_s``, ``w_p``, ``w_o`` (0/1: the fact has that slot). ``B<k>_facts.csv``: ``id``,
+``type``, ``S``, ``P``, ``O``. Other columns (pandas' unnamed index column) are ignored. The
+large-scale semantic split's ``B<k>_BD_complete_{train,test,facts}.csv`` names are accepted
+when the plain names are absent.
+
+What the fact file keeps (``docs/data_format.md``, section "lifelong-fact-learning"):
+
+* tasks: task ``k - 1`` holds the facts of ``B<k>_facts.csv``; train/test: the rows of
+  ``B<k>_train.csv`` (split 0) and ``B<k>_test.csv`` (split 1), in file order;
+* facts: one per benchmark fact id that keeps a sample, in increasing benchmark id; the
+  benchmark ids are ``provenance["source_fact_ids"]`` (fact row ``i`` is benchmark id
+  ``source_fact_ids[i]``); a slot is present exactly when its ``w_`` flag is 1, so
+  ``/facts/slot_mask`` equals the flags;
+* samples: the kept rows in reading order (B1 train, B1 test, B2 train, ...); image id = the
+  position of the row's ``image_links`` among the distinct kept ones in that order; box =
+  the whole image; pixels = the whole image resized to S x S (bilinear);
+* language: ``text_encoder="native"`` keeps the benchmark's 900 numbers of each fact as
+  ``/facts/embedding`` (read from the ``NLP_links`` file of the fact's first row, float32);
+  otherwise ``text_encoder(facts) -> [F, 3d]`` re-embeds the S, P, O strings.
+
+Streaming: the CSVs are read row by row twice (pass 1 checks every row and collects ~20
+bytes per sample; pass 2, inside the writer, decodes and resizes the kept images block by
+block), so memory holds the fact table and the compact sample arrays, never the images.
+
+Quirks, counted (``dropped``/``notes`` of the report and the provenance), never fatal: an
+image file missing (``.jpg`` and ``.png`` are tried for each other, as the authors'
+loader does), an image that does not decode, a row repeating an earlier row's image and
+fact, a fact listed in ``B<k>_facts.csv`` without any kept sample. Fatal (:class:`DataPrepError`,
+one line naming the file and the line): a missing column, a bad id or flag, a fact id absent
+from its task's ``B<k>_facts.csv`` or listed twice, flags that contradict the fact's text or
+earlier rows, a native vector file missing, non-numeric or not 900 numbers long, a bad split
+name, a missing folder or file.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import hashlib
+import os
+import re
+import sys
+from array import array
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from .errors import DataPrepError, MissingDatasetError
+from .facts_h5 import FORMAT_VERSION, Fact, fact_order, write_fact_file
+from .splits import task_statistics
+from .visual_genome import PrepareReport
+
+EmbedFn = Callable[[list[Fact]], Any]
+
+NATIVE = "native"
+NATIVE_SLOT_DIM = 300
+NATIVE_ENCODER_NAME = "lll-native:word2vec-300x3"
+SOURCE = "lifelong_fact_learning"
+SPLIT_NAME = re.compile(r"^(\d+)tasks_(random|semantic)$")
+SAMPLE_COLUMNS = ("image_links", "NLP_links", "SPO", "id", "w_s", "w_p", "w_o")
+FACT_COLUMNS = ("id", "type", "S", "P", "O")
+FILE_PREFIXES = ("B{k}_", "B{k}_BD_complete_")
+IMAGE_SUFFIX_ALTERNATIVES = {".jpg": (".png",), ".jpeg": (".png",), ".png": (".jpg", ".jpeg")}
+PIXEL_BLOCK = 64
+# data/lll/<scale><T>_<random|semantic>.h5, the files the configs/lll_*.yaml presets train on
+FACT_FILE_NAME = re.compile(r"^(midscale|large)(\d+)_(random|semantic)\.h5$")
+SCALE_FOLDERS = {"midscale": "mid_scale", "large": "large_scale"}
+
+
+# ---------------------------------------------------------------------------- layout
+@dataclass(frozen=True)
+class TaskFiles:
+    """The three CSV files of benchmark task ``B<k>`` (``k`` 1-based)."""
+
+    k: int
+    train: Path
+    test: Path
+    facts: Path
+
+
+def parse_split_name(split: str) -> tuple[int, str]:
+    """``"4tasks_random"`` -> ``(4, "random")``; raises :class:`DataPrepError` for another form."""
+    match = SPLIT_NAME.match(str(split))
+    if match is None or int(match.group(1)) < 1:
+        raise DataPrepError(f"--split {split!r} is not a benchmark split name; give <T>tasks_random or "
+                            "<T>tasks_semantic (e.g. 4tasks_random for mid-scale, 8tasks_semantic for large-scale)")
+    return int(match.group(1)), match.group(2)
+
+
+def layout_text(root: str | os.PathLike, split: str) -> str:
+    """The expected layout in one line, for error messages."""
+    return (f"{Path(root) / 'splits' / split}/B<k>_train.csv, B<k>_test.csv, B<k>_facts.csv (k = 1..T), "
+            f"images under {Path(root) / 'images'}/, 900-float files under {Path(root) / 'NLP_feat'}/")
+
+
+def find_task_files(root: str | os.PathLike, split: str) -> list[TaskFiles]:
+    """The CSV files of every task of ``split`` under ``root`` (``data/<scale>``), checked to exist."""
+    root = Path(root)
+    num_tasks, _kind = parse_split_name(split)
+    if not root.is_dir():
+        raise MissingDatasetError(f"benchmark folder {root} not found; expected {layout_text(root, split)}")
+    splits_dir = root / "splits"
+    folder = splits_dir / split
+    if not folder.is_dir():
+        found = sorted(p.name for p in splits_dir.iterdir() if p.is_dir()) if splits_dir.is_dir() else []
+        where = f"split folders under {splits_dir}: {', '.join(found)}" if found else f"{splits_dir} holds no split folder"
+        raise MissingDatasetError(f"split folder {folder} not found ({where}); expected {layout_text(root, split)}")
+    tasks = []
+    for k in range(1, num_tasks + 1):
+        paths = {}
+        for part in ("train", "test", "facts"):
+            candidates = [folder / (prefix.format(k=k) + f"{part}.csv") for prefix in FILE_PREFIXES]
+            existing = [path for path in candidates if path.is_file()]
+            if not existing:
+                raise MissingDatasetError(f"{candidates[0]} not found; split {split} needs B1..B{num_tasks} "
+                                          f"train, test and facts files ({layout_text(root, split)})")
+            paths[part] = existing[0]
+        tasks.append(TaskFiles(k, paths["train"], paths["test"], paths["facts"]))
+    return tasks
+
+
+def missing_fact_file_hint(path: str | os.PathLike) -> str | None:
+    """For an absent ``.../lll/<midscale|large><T>_<random|semantic>.h5``: one line naming the
+    benchmark layout expected beside it and the ``prepare lll`` command that makes it; else None."""
+    path = Path(path)
+    match = FACT_FILE_NAME.match(path.name)
+    if match is None or path.parent.name != "lll":
+        return None
+    scale, num_tasks, kind = match.groups()
+    split = f"{num_tasks}tasks_{kind}"
+    root = path.parent.parent / SCALE_FOLDERS[scale]
+    return (f"data.fact_file: no file {path}; it is the lifelong-fact-learning benchmark ({SCALE_FOLDERS[scale]}, "
+            f"split {split}) prepared from {layout_text(root, split)}: run `mas-triplets prepare lll --root {root} "
+            f"--split {split} --out {path} --text-encoder native --image-size 224` first")
+
+
+# ---------------------------------------------------------------------------- CSV reading
+def _csv_rows(path: Path, required: Sequence[str]) -> Iterator[tuple[int, dict[str, str]]]:
+    """Yield ``(line number, row)`` of a CSV file, its header checked for ``required`` columns."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            header = reader.fieldnames or []
+            missing = [column for column in required if column not in header]
+            if missing:
+                raise DataPrepError(f"{path}, line 1: missing column(s) {', '.join(missing)} "
+                                    f"(the header has: {', '.join(h for h in header if h) or 'nothing'})")
+            for row in reader:
+                if None in row or any(row.get(column) is None for column in required):
+                    raise DataPrepError(f"{path}, line {reader.line_num}: the row has {len(row) - (None in row)} "
+                                        f"fields where the header names {len(header)}")
+                yield reader.line_num, row
+    except csv.Error as exc:
+        raise DataPrepError(f"{path}: not a readable CSV file ({exc})") from None
+    except UnicodeDecodeError:
+        raise DataPrepError(f"{path}: not UTF-8 text; give the benchmark's CSV file") from None
+
+
+def _integer(text: str, where: str, column: str) -> int:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value == value or value != int(value):
+        raise DataPrepError(f"{where}: column {column} holds {text!r}; expected an integer")
+    return int(value)
+
+
+def _flag(text: str, where: str, column: str) -> int:
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return int(lowered == "true")
+    value = _integer(text, where, column)
+    if value not in (0, 1):
+        raise DataPrepError(f"{where}: column {column} holds {text!r}; expected 0 or 1")
+    return value
+
+
+def read_native_vector(path: Path, where: str) -> np.ndarray:
+    """The 900 numbers of a benchmark ``NLP_feat`` file (whitespace- or comma-separated) as float32."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataPrepError(f"{where}: cannot read the language vector file {path} ({exc.__class__.__name__})") from None
+    parts = text.replace(",", " ").split()
+    try:
+        vector = np.array([float(part) for part in parts], dtype=np.float32)
+    except ValueError:
+        bad = next(part for part in parts if not _is_number(part))
+        raise DataPrepError(f"{where}: language vector file {path} holds the non-number {bad[:30]!r}") from None
+    if vector.shape != (3 * NATIVE_SLOT_DIM,):
+        raise DataPrepError(f"{where}: language vector file {path} holds {vector.size} numbers; expected "
+                            f"{3 * NATIVE_SLOT_DIM} (S, P, O: {NATIVE_SLOT_DIM} each)")
+    if not np.isfinite(vector).all():
+        raise DataPrepError(f"{where}: language vector file {path} holds nan or inf")
+    return vector
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _resolve_vector_file(root: Path, link: str) -> Path | None:
+    for base in (root, root / "NLP_feat"):
+        candidate = base / link
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _resolve_image(images_dir: Path, link: str) -> tuple[Path | None, bool]:
+    """``(path, found under another suffix)``; path None when no file exists."""
+    path = images_dir / link
+    if path.is_file():
+        return path, False
+    for suffix in IMAGE_SUFFIX_ALTERNATIVES.get(path.suffix.lower(), ()):
+        other = path.with_suffix(suffix)
+        if other.is_file():
+            return other, True
+    return None, False
+
+
+def _link_hash(link: str) -> int:
+    """A signed 64-bit hash of an image link (collisions: ~1e-8 for a million images)."""
+    return int.from_bytes(hashlib.blake2b(link.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
+
+
+def _clean_link(text: str) -> str:
+    return os.path.normpath(text.strip().strip("'\"")) if text.strip() else ""
+
+
+# ---------------------------------------------------------------------------- images
+def _decode_errors() -> tuple[type[BaseException], ...]:
+    from PIL import Image, UnidentifiedImageError
+
+    return (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError, EOFError)
+
+
+def _decode_rgb(path: Path) -> Any:
+    """Decode ``path`` fully to an RGB PIL image (raises PIL/OS errors)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.load()
+        return image.convert("RGB")
+
+
+def _image_size(path: Path, *, decode: bool) -> tuple[int, int]:
+    """(width, height) of the image at ``path``: decoded fully (``decode``) or from its header only."""
+    from PIL import Image
+
+    if decode:
+        return _decode_rgb(path).size
+    with Image.open(path) as image:
+        return image.size
+
+
+def _resized(path: Path, image_size: int) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(_decode_rgb(path).resize((image_size, image_size), Image.BILINEAR), dtype=np.uint8)
+
+
+def _progress_bar(enabled: bool, **options: Any) -> Any:
+    if not enabled or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(file=sys.stderr, leave=False, **options)
+
+
+# ---------------------------------------------------------------------------- pass 1
+@dataclass
+class _Fact:
+    source_id: int
+    task: int
+    subject: str
+    predicate: str
+    obj: str
+    where: str
+    flags: tuple[int, int, int] | None = None
+    vector: np.ndarray | None = None
+
+
+class _Collector:
+    """Pass 1: every row checked; the kept ones stored as compact arrays (row, fact, split, image hash)."""
+
+    def __init__(self, root: Path, native: bool, check_images: bool, progress: bool) -> None:
+        self.root = root
+        self.images_dir = root / "images"
+        self.native = native
+        self.check_images = check_images
+        self.facts: list[_Fact] = []
+        self.fact_of_id: dict[int, int] = {}
+        self.sample_row = array("q")
+        self.sample_fact = array("i")
+        self.sample_split = array("b")
+        self.sample_hash = array("q")
+        self.sample_size = array("f")
+        self.rows_read = 0
+        self.dropped: Counter[str] = Counter()
+        self.notes: Counter[str] = Counter()
+        self.decode_errors = _decode_errors()
+        self.bar = _progress_bar(progress, desc="reading split files", unit="row")
+
+    def read_facts(self, files: TaskFiles, task: int) -> dict[int, int]:
+        """Read ``B<k>_facts.csv``: benchmark id -> index into ``self.facts``."""
+        of_task: dict[int, int] = {}
+        for line, row in _csv_rows(files.facts, FACT_COLUMNS):
+            where = f"{files.facts}, line {line}"
+            source_id = _integer(row["id"], where, "id")
+            if source_id in self.fact_of_id:
+                first = self.facts[self.fact_of_id[source_id]]
+                raise DataPrepError(f"{where}: fact id {source_id} is listed twice (first at {first.where}); "
+                                    "a fact belongs to one task")
+            index = self.fact_of_id[source_id] = of_task[source_id] = len(self.facts)
+            self.facts.append(_Fact(source_id, task, row["S"].strip(), row["P"].strip(), row["O"].strip(), where))
+        return of_task
+
+    def _check_flags(self, fact: _Fact, flags: tuple[int, int, int], where: str) -> None:
+        if fact.flags is not None:
+            if flags != fact.flags:
+                raise DataPrepError(f"{where}: w_s, w_p, w_o = {flags} for fact {fact.source_id}, whose earlier rows "
+                                    f"give {fact.flags}")
+            return
+        w_s, w_p, w_o = flags
+        if not w_s:
+            raise DataPrepError(f"{where}: w_s = 0 for fact {fact.source_id}; every fact has a subject")
+        if w_o and not w_p:
+            raise DataPrepError(f"{where}: fact {fact.source_id} has w_o = 1 but w_p = 0; facts are <S>, <S,P> or <S,P,O>")
+        for name, flag, text in (("S", w_s, fact.subject), ("P", w_p, fact.predicate), ("O", w_o, fact.obj)):
+            if flag and not text:
+                raise DataPrepError(f"{where}: fact {fact.source_id} has w_{name.lower()} = 1 but its {name} is empty "
+                                    f"in {fact.where}")
+            if not flag and text:
+                self.notes[f"facts whose {name} text is ignored because w_{name.lower()} = 0"] += 1
+        fact.flags = flags
+
+    def read_samples(self, path: Path, split: int, of_task: dict[int, int], facts_path: Path) -> None:
+        for line, row in _csv_rows(path, SAMPLE_COLUMNS):
+            row_index = self.rows_read
+            self.rows_read += 1
+            if self.bar is not None and row_index % 256 == 0:
+                self.bar.update(256)
+            where = f"{path}, line {line}"
+            source_id = _integer(row["id"], where, "id")
+            if source_id not in of_task:
+                raise DataPrepError(f"{where}: fact id {source_id} is not listed in {facts_path}")
+            fact_index = of_task[source_id]
+            fact = self.facts[fact_index]
+            flags = (_flag(row["w_s"], where, "w_s"), _flag(row["w_p"], where, "w_p"), _flag(row["w_o"], where, "w_o"))
+            self._check_flags(fact, flags, where)
+            if self.native and fact.vector is None:
+                link = _clean_link(row["NLP_links"])
+                vector_path = _resolve_vector_file(self.root, link) if link else None
+                if vector_path is None:
+                    raise DataPrepError(f"{where}: language vector file {link!r} not found in {self.root} nor "
+                                        f"{self.root / 'NLP_feat'}")
+                fact.vector = read_native_vector(vector_path, where)
+            link = _clean_link(row["image_links"])
+            image_path, other_suffix = _resolve_image(self.images_dir, link) if link else (None, False)
+            if image_path is None:
+                self.dropped["rows whose image file is missing"] += 1
+                continue
+            if other_suffix:
+                self.notes["images found under the other suffix (.jpg/.png)"] += 1
+            try:
+                size = _image_size(image_path, decode=self.check_images)
+            except self.decode_errors:
+                self.dropped["rows whose image does not decode"] += 1
+                continue
+            self.sample_row.append(row_index)
+            self.sample_fact.append(fact_index)
+            self.sample_split.append(split)
+            self.sample_hash.append(_link_hash(link))
+            self.sample_size.extend(size)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _first_occurrences(hashes: np.ndarray, facts: np.ndarray) -> np.ndarray:
+    """Boolean mask of the samples that do not repeat an earlier sample's (image, fact)."""
+    keep = np.ones(len(hashes), dtype=bool)
+    if len(hashes) < 2:
+        return keep
+    order = np.lexsort((np.arange(len(hashes)), facts, hashes))
+    same = (hashes[order][1:] == hashes[order][:-1]) & (facts[order][1:] == facts[order][:-1])
+    keep[order[1:][same]] = False
+    return keep
+
+
+# ---------------------------------------------------------------------------- pass 2
+def _pixel_blocks(tasks: list[TaskFiles], root: Path, kept_rows: np.ndarray, kept_hashes: np.ndarray,
+                  image_size: int, progress: bool) -> Iterator[tuple[int, np.ndarray]]:
+    """Re-stream the CSVs and yield ``(first sample, uint8 (k, S, S, 3))`` blocks of the kept rows."""
+    images_dir = root / "images"
+    bar = _progress_bar(progress, total=len(kept_rows), desc="resizing images", unit="img")
+    block = np.empty((PIXEL_BLOCK, image_size, image_size, 3), dtype=np.uint8)
+    filled = first = sample = row_index = 0
+    errors = _decode_errors()
+    for files in tasks:
+        for path in (files.train, files.test):
+            for line, row in _csv_rows(path, SAMPLE_COLUMNS):
+                if sample < len(kept_rows) and row_index == kept_rows[sample]:
+                    link = _clean_link(row["image_links"])
+                    image_path, _ = _resolve_image(images_dir, link)
+                    if image_path is None or _link_hash(link) != kept_hashes[sample]:
+                        raise DataPrepError(f"{path}, line {line}: the row or its image changed while preparing; "
+                                            "run prepare lll again")
+                    try:
+                        block[filled] = _resized(image_path, image_size)
+                    except errors:
+                        raise DataPrepError(f"{path}, line {line}: image {image_path} stopped decoding while "
+                                            "preparing; run prepare lll again") from None
+                    filled += 1
+                    sample += 1
+                    if bar is not None:
+                        bar.update(1)
+                    if filled == PIXEL_BLOCK:
+                        yield first, block.copy()
+                        first, filled = sample, 0
+                row_index += 1
+    if filled:
+        yield first, block[:filled].copy()
+    if bar is not None:
+        bar.close()
+    if sample != len(kept_rows):
+        raise DataPrepError(f"the split files under {root / 'splits'} changed while preparing; run prepare lll again")
+
+
+# ---------------------------------------------------------------------------- entry point
+def prepare_lll(
+    root: str | os.PathLike,
+    split: str,
+    out: str | os.PathLike,
+    *,
+    text_encoder: EmbedFn | str = NATIVE,
+    encoder_name: str | None = None,
+    image_size: int = 224,
+    no_images: bool = False,
+    progress: bool = True,
+    command_line: str | Sequence[str] | None = None,
+) -> PrepareReport:
+    """Build a fact file from the benchmark's split ``split`` (``<T>tasks_<random|semantic>``) under
+    ``root`` (``data/mid_scale``, ``data/large_scale``); see the module docstring for what is kept.
+
+    ``text_encoder``: ``"native"`` keeps the benchmark's 900-d vectors, a callable
+    ``(facts) -> float32 [F, 3d]`` re-embeds S, P, O (``encoder_name`` is stored beside).
+    ``no_images`` stores no pixels (images are then only checked to exist, not decoded).
+    Raises :class:`DataPrepError` (one line naming the file and line) for malformed input;
+    nothing is left at ``out`` then.
+    """
+    root = Path(root)
+    native = isinstance(text_encoder, str)
+    if native and text_encoder != NATIVE:
+        raise DataPrepError(f"text_encoder must be {NATIVE!r} or an embedding function, got {text_encoder!r}")
+    if image_size < 1:
+        raise DataPrepError(f"--image-size must be at least 1, got {image_size}")
+    tasks = find_task_files(root, split)
+    collector = _Collector(root, native, check_images=not no_images, progress=progress)
+    try:
+        for task, files in enumerate(tasks):
+            of_task = collector.read_facts(files, task)
+            collector.read_samples(files.train, 0, of_task, files.facts)
+            collector.read_samples(files.test, 1, of_task, files.facts)
+    finally:
+        collector.close()
+
+    rows = np.frombuffer(collector.sample_row, dtype=np.int64)
+    fact_index = np.frombuffer(collector.sample_fact, dtype=np.int32).astype(np.int64)
+    sample_split = np.frombuffer(collector.sample_split, dtype=np.int8)
+    hashes = np.frombuffer(collector.sample_hash, dtype=np.int64)
+    sizes = np.frombuffer(collector.sample_size, dtype=np.float32).reshape(-1, 2)
+    unique = _first_occurrences(hashes, fact_index)
+    if (~unique).any():
+        collector.dropped["rows repeating an earlier row's image and fact"] += int((~unique).sum())
+    rows, fact_index, sample_split, hashes, sizes = (
+        rows[unique], fact_index[unique], sample_split[unique], hashes[unique], sizes[unique])
+    sample_box = np.concatenate([np.zeros_like(sizes), sizes], axis=1)  # the whole image: 0, 0, width, height
+
+    # facts: those with a kept sample, in increasing benchmark id
+    samples_per_fact = np.bincount(fact_index, minlength=len(collector.facts))
+    for index, fact in enumerate(collector.facts):
+        if samples_per_fact[index] == 0:
+            reason = "without any sample row" if fact.flags is None else "whose every sample row was dropped"
+            collector.dropped[f"facts listed in B<k>_facts.csv {reason}"] += 1
+    kept_facts = sorted((i for i in range(len(collector.facts)) if samples_per_fact[i]),
+                        key=lambda i: collector.facts[i].source_id)
+    new_id = np.full(len(collector.facts), -1, dtype=np.int64)
+    new_id[kept_facts] = np.arange(len(kept_facts))
+    sample_fact = new_id[fact_index]
+    records = [collector.facts[i] for i in kept_facts]
+    facts: list[Fact] = []
+    for record in records:
+        _, w_p, w_o = record.flags  # type: ignore[misc]
+        facts.append((record.subject, record.predicate if w_p else None, record.obj if w_o else None))
+    task_of_fact = np.array([record.task for record in records], dtype=np.int64)
+    empty_tasks = [files.k for task, files in enumerate(tasks) if not (task_of_fact == task).any()]
+    if empty_tasks:
+        raise DataPrepError(f"task(s) B{', B'.join(map(str, empty_tasks))} of {root / 'splits' / split} keep no "
+                            "sample (every image missing or undecodable?); check the images folder "
+                            f"{root / 'images'}")
+    seen_text: Counter[Fact] = Counter(facts)
+    repeated = sum(count - 1 for count in seen_text.values() if count > 1)
+    if repeated:
+        collector.notes["facts whose S, P, O text repeats another fact id's"] += repeated
+
+    # image ids: position among the distinct kept image links, in reading order
+    distinct, first_seen, inverse = np.unique(hashes, return_index=True, return_inverse=True)
+    rank = np.empty(len(distinct), dtype=np.int64)
+    rank[np.argsort(first_seen, kind="stable")] = np.arange(len(distinct))
+    sample_image = rank[inverse.reshape(-1)] if len(hashes) else np.zeros(0, dtype=np.int64)
+
+    if native:
+        fact_embeddings = np.stack([record.vector for record in records]).astype(np.float32)  # type: ignore[misc]
+        encoder_name = NATIVE_ENCODER_NAME
+        masks = np.array([record.flags for record in records], dtype=np.float32)
+        stray = (np.abs(fact_embeddings.reshape(-1, 3, NATIVE_SLOT_DIM)).sum(axis=2) > 0) & (masks == 0)
+        if stray.any():
+            collector.notes["native vectors non-zero in a slot whose w_ flag is 0 (kept as given)"] += int(stray.sum())
+    else:
+        embedded = text_encoder(facts)  # type: ignore[operator]
+        fact_embeddings = np.asarray(embedded[0] if isinstance(embedded, tuple) else embedded, dtype=np.float32)
+        if fact_embeddings.ndim != 2 or fact_embeddings.shape[0] != len(facts) or fact_embeddings.shape[1] % 3:
+            raise DataPrepError(f"the text encoder returned shape {fact_embeddings.shape} for {len(facts)} facts; "
+                                "expected [F, 3*d]")
+
+    orders = np.array([fact_order(fact) for fact in facts], dtype=np.int8)
+    statistics = task_statistics(task_of_fact, orders, sample_fact, sample_split, facts)
+    kept = {
+        "facts": len(facts),
+        "facts_by_order": {str(order): int((orders == order).sum()) for order in (1, 2, 3)},
+        "samples": int(len(sample_fact)),
+        "train_samples": int((sample_split == 0).sum()),
+        "test_samples": int((sample_split == 1).sum()),
+        "images": int(len(distinct)),
+        "tasks": len(tasks),
+    }
+    out = Path(out)
+    report = PrepareReport(out_path=out, source=SOURCE, kept=kept, dropped=dict(sorted(collector.dropped.items())),
+                           notes=dict(sorted(collector.notes.items())), task_statistics=statistics)
+    if isinstance(command_line, (list, tuple)):
+        command_line = " ".join(command_line)
+    csv_files = {f"{path.parent.name}/{path.name}": path for files in tasks for path in (files.train, files.test, files.facts)}
+    provenance = {
+        "source": SOURCE,
+        "source_files": {name: {"path": str(path.resolve()), "size_bytes": path.stat().st_size}
+                         for name, path in csv_files.items()},
+        "command_line": command_line,
+        "options": {"root": str(root.resolve()), "split": split, "num_tasks": len(tasks),
+                    "image_size": None if no_images else image_size, "images": not no_images,
+                    "encoder_name": encoder_name, "language": NATIVE if native else "re-embedded S, P, O",
+                    "train_test": "as given by B<k>_train.csv / B<k>_test.csv",
+                    "tasks": "task k-1 = the facts of B<k>_facts.csv"},
+        "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "format_version": FORMAT_VERSION,
+        "samples_collected": collector.rows_read,
+        "kept": kept,
+        "dropped": report.dropped,
+        "notes": report.notes,
+        "task_statistics": statistics,
+        "source_fact_ids": [record.source_id for record in records],
+        "benchmark_tasks": [f"B{files.k}" for files in tasks],
+        "image_ids": "position of the row's image_links among the distinct kept ones, reading B1 train, B1 test, "
+                     "B2 train, ...",
+    }
+    pixels = None if no_images else _pixel_blocks(tasks, root, rows, hashes, image_size, progress)
+    write_fact_file(
+        out, facts=facts, sample_fact=sample_fact, sample_image_id=sample_image,
+        sample_box=sample_box, sample_split=sample_split,
+        task_of_fact=task_of_fact, sample_pixels=pixels, provenance=provenance, fact_embeddings=fact_embeddings,
+        encoder_name=encoder_name, image_size=None if no_images else image_size,
+    )
+    return report
