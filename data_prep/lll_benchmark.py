@@ -163,8 +163,8 @@ def _csv_rows(path: Path, required: Sequence[str]) -> Iterator[tuple[int, dict[s
                                     f"(the header has: {', '.join(h for h in header if h) or 'nothing'})")
             for row in reader:
                 if None in row or any(row.get(column) is None for column in required):
-                    raise DataPrepError(f"{path}, line {reader.line_num}: the row has {len(row) - (None in row)} "
-                                        f"fields where the header names {len(header)}")
+                    raise DataPrepError(f"{path}, line {reader.line_num}: the row's number of fields differs from "
+                                        f"the header's ({len(header)})")
                 yield reader.line_num, row
     except csv.Error as exc:
         raise DataPrepError(f"{path}: not a readable CSV file ({exc})") from None
@@ -177,7 +177,7 @@ def _integer(text: str, where: str, column: str) -> int:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not value == value or value != int(value):
+    if not np.isfinite(value) or value != int(value):
         raise DataPrepError(f"{where}: column {column} holds {text!r}; expected an integer")
     return int(value)
 

@@ -151,6 +151,28 @@ def test_prepare_lll_native_keeps_tasks_splits_ids_masks_and_vectors(
         assert [row["facts"] for row in provenance["task_statistics"]] == [3, 2]
 
 
+def test_pixels_stream_in_blocks_across_boundaries(lll_root: Path, tmp_path: Path, monkeypatch) -> None:
+    from data_prep import lll_benchmark
+
+    monkeypatch.setattr(lll_benchmark, "PIXEL_BLOCK", 4)  # 13 samples: blocks of 4, 4, 4, 1
+    blocks: list[tuple[int, int]] = []
+    original = lll_benchmark._pixel_blocks
+
+    def recording(*args, **kwargs):
+        for first, block in original(*args, **kwargs):
+            blocks.append((first, len(block)))
+            yield first, block
+
+    monkeypatch.setattr(lll_benchmark, "_pixel_blocks", recording)
+    out = tmp_path / "blocks.h5"
+    prepare_lll(lll_root, SPLIT, out, image_size=8, progress=False)
+    assert blocks == [(0, 4), (4, 4), (8, 4), (12, 1)]
+    with open_facts(out) as facts:
+        pixels = facts.pixels(np.arange(facts.num_samples))
+        for index, (_f, _s, _i, colour) in enumerate(EXPECTED_SAMPLES):
+            assert (pixels[index] == np.array(COLOURS[colour], dtype=np.uint8)).all(), index
+
+
 def test_native_vector_reader_takes_both_layouts(lll_root: Path) -> None:
     for fact_id in (11, 12):
         vector = read_native_vector(lll_root / "NLP_feat" / "unique_facts" / f"f{fact_id}.txt", "here")
@@ -236,10 +258,24 @@ def test_bad_flag_and_contradicting_flags_are_one_line_exit_2(lll_root: Path, tm
     original = train.read_text()
     _rewrite(train, "man,10,1,0,0", "man,10,1,2,0")
     out = tmp_path / "o.h5"
-    _fails_cleanly(capsys, out, _prepare(lll_root, out), "B1_train.csv, line 2", "column w_p holds '2'")
+    _fails_cleanly(capsys, out, _prepare(lll_root, out, "--text-encoder", "native"), "B1_train.csv, line 2",
+                   "column w_p holds '2'")
     train.write_text(original.replace("train/img8.jpg,NLP_feat/unique_facts/f10.txt,man,10,1,0,0",
                                       "train/img8.jpg,NLP_feat/unique_facts/f10.txt,man,10,1,1,0"))
-    _fails_cleanly(capsys, out, _prepare(lll_root, out), "B1_train.csv, line 9", "earlier rows give (1, 0, 0)")
+    _fails_cleanly(capsys, out, _prepare(lll_root, out, "--text-encoder", "native"), "B1_train.csv, line 9",
+                   "earlier rows give (1, 0, 0)")
+
+
+def test_short_row_and_bad_id_are_one_line_exit_2(lll_root: Path, tmp_path: Path, capsys) -> None:
+    test = lll_root / "splits" / SPLIT / "B1_test.csv"
+    original = test.read_text()
+    test.write_text(original.rstrip("\n") + "\ntest/img5.png,NLP_feat/unique_facts/f10.txt\n")
+    out = tmp_path / "o.h5"
+    _fails_cleanly(capsys, out, _prepare(lll_root, out, "--text-encoder", "native"), "B1_test.csv, line 5",
+                   "number of fields")
+    test.write_text(original.replace("man,10,1,0,0", "man,ten,1,0,0"))
+    _fails_cleanly(capsys, out, _prepare(lll_root, out, "--text-encoder", "native"), "B1_test.csv, line 2",
+                   "column id holds 'ten'")
 
 
 def test_bad_split_name_and_missing_split_folder(lll_root: Path, tmp_path: Path, capsys) -> None:
@@ -292,3 +328,27 @@ def test_missing_fact_file_hint_only_for_lll_names(tmp_path: Path) -> None:
     assert missing_fact_file_hint(tmp_path / "lll" / "large8_semantic.h5") is not None
     assert missing_fact_file_hint(tmp_path / "other" / "large8_semantic.h5") is None
     assert missing_fact_file_hint(tmp_path / "lll" / "facts.h5") is None
+
+
+def test_paper_config_trains_on_the_prepared_fixture(lll_root: Path, tmp_path: Path, capsys) -> None:
+    """The benchmark's tasks reach training and evaluation: config lll_midscale4_random.yaml with a CPU-sized model."""
+    import json
+
+    facts_path = tmp_path / "lll" / "fixture.h5"
+    assert _prepare(lll_root, facts_path, "--text-encoder", "native") == 0
+    run = tmp_path / "run"
+    code = main(["train", "--config", str(CONFIG_DIR / "lll_midscale4_random.yaml"), "--out", str(run),
+                 "--no-progress", "--set", f"data.fact_file={facts_path}", "--set", "model.backbone=small_cnn",
+                 "--set", "model.weights=null", "--set", "model.norm=group", "--set", "optim.epochs=1",
+                 "--set", "optim.batch_size=4",
+                 "--set", "data.in_memory=true", "--set", "device=cpu", "--set", "num_threads=1",
+                 "--set", "eval.index=none"])
+    assert code == 0, capsys.readouterr().err
+    results = json.loads((run / "results.json").read_text())
+    assert sorted(results["methods"]) == ["finetune", "mas"]
+    for entry in results["methods"].values():
+        assert len(entry["accuracy_matrix"]) == 2
+        assert [m["num_candidates"] for m in entry["final"]["standard"]] == [3, 2]
+        assert [m["num_candidates"] for m in entry["final"]["generalized"]] == [5, 5]
+        assert [m["num_images"] for m in entry["final"]["standard"]] == [3, 2]
+        assert 0.0 <= entry["avg_top5"] <= 1.0
