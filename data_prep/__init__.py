@@ -5,6 +5,7 @@ Public entry points (imported lazily, so ``import data_prep`` stays light):
 * :func:`open_facts`, :func:`write_fact_file`, :class:`FactFile` (:mod:`data_prep.facts_h5`);
 * :func:`prepare_visual_genome`, :class:`PrepareReport` (:mod:`data_prep.visual_genome`);
 * :func:`prepare_sgg` (:mod:`data_prep.sgg_h5`);
+* :func:`prepare_lll` (:mod:`data_prep.lll_benchmark`: the lifelong-fact-learning benchmark's split files);
 * :func:`random_split`, :func:`semantic_split`, :func:`task_statistics` (:mod:`data_prep.splits`).
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ _EXPORTS = {
     "prepare_visual_genome": "data_prep.visual_genome",
     "PrepareReport": "data_prep.visual_genome",
     "prepare_sgg": "data_prep.sgg_h5",
+    "prepare_lll": "data_prep.lll_benchmark",
     "random_split": "data_prep.splits",
     "semantic_split": "data_prep.splits",
     "task_statistics": "data_prep.splits",

@@ -59,7 +59,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``prepare`` and its sub-subcommands ``vg``, ``sgg``, ``lll`` (and ``images`` when available)."""
     parser = subparsers.add_parser("prepare", help="build the fact HDF5 file from Visual Genome or VG-SGG.h5",
                                    description="Build the fact HDF5 file from the raw Visual Genome dumps (vg), "
-                                   "a VG-SGG.h5 file (sgg) or image folders (images).")
+                                   "a VG-SGG.h5 file (sgg), the lifelong-fact-learning benchmark's split files "
+                                   "(lll) or image folders (images).")
     prepare_subparsers = parser.add_subparsers(dest="prepare_command", metavar="SOURCE")
 
     vg = prepare_subparsers.add_parser("vg", help="from the raw Visual Genome JSON dumps",
