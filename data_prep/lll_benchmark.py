@@ -10,40 +10,22 @@ authors' code reads them::
     ROOT/images/{train,test}/...                            image_links are relative to ROOT/images/
     ROOT/NLP_feat/...                                       900 floats per fact (S, P, O: 300 each)
 
-``B<k>_train.csv`` / ``B<k>_test.csv`` columns: ``image_links``, ``NLP_links`` (a text file of
-900 numbers, looked up as ``ROOT/<link>`` then ``ROOT/NLP_feat/<link>``), ``SPO``, ``id`` (the
-fact id), ``w_s``, ``w_p``, ``w_o`` (0/1: the fact has that slot). ``B<k>_facts.csv``: ``id``,
-``type``, ``S``, ``P``, ``O``. Other columns (pandas' unnamed index column) are ignored. The
-large-scale semantic split's ``B<k>_BD_complete_{train,test,facts}.csv`` names are accepted
-when the plain names are absent.
+Columns: ``B<k>_train.csv`` / ``B<k>_test.csv``: ``image_links``, ``NLP_links`` (900 numbers,
+looked up as ``ROOT/<link>`` then ``ROOT/NLP_feat/<link>``), ``SPO``, ``id``, ``w_s``, ``w_p``,
+``w_o``; ``B<k>_facts.csv``: ``id``, ``type``, ``S``, ``P``, ``O`` (other columns are ignored;
+``B<k>_BD_complete_*.csv`` are read when the plain names are absent).
 
-What the fact file keeps (``docs/data_format.md``, section "lifelong-fact-learning"):
+Kept: task ``k - 1`` = the facts of ``B<k>_facts.csv``; train/test = the rows of ``B<k>_train.csv``
+/ ``B<k>_test.csv``; facts in increasing benchmark id (``provenance["source_fact_ids"][i]`` is the
+benchmark id of fact row ``i``), a slot present exactly when its ``w_`` flag is 1; samples in
+reading order, box and pixels = the whole image (resized to S x S); language: the benchmark's 900
+numbers (``text_encoder="native"``) or ``text_encoder(facts) -> [F, 3d]``.
 
-* tasks: task ``k - 1`` holds the facts of ``B<k>_facts.csv``; train/test: the rows of
-  ``B<k>_train.csv`` (split 0) and ``B<k>_test.csv`` (split 1), in file order;
-* facts: one per benchmark fact id that keeps a sample, in increasing benchmark id; the
-  benchmark ids are ``provenance["source_fact_ids"]`` (fact row ``i`` is benchmark id
-  ``source_fact_ids[i]``); a slot is present exactly when its ``w_`` flag is 1, so
-  ``/facts/slot_mask`` equals the flags;
-* samples: the kept rows in reading order (B1 train, B1 test, B2 train, ...); image id = the
-  position of the row's ``image_links`` among the distinct kept ones in that order; box =
-  the whole image; pixels = the whole image resized to S x S (bilinear);
-* language: ``text_encoder="native"`` keeps the benchmark's 900 numbers of each fact as
-  ``/facts/embedding`` (read from the ``NLP_links`` file of the fact's first row, float32);
-  otherwise ``text_encoder(facts) -> [F, 3d]`` re-embeds the S, P, O strings.
-
-Streaming: the CSVs are read row by row twice (pass 1 checks every row and collects ~20
-bytes per sample; pass 2, inside the writer, decodes and resizes the kept images block by
-block), so memory holds the fact table and the compact sample arrays, never the images.
-
-Quirks, counted (``dropped``/``notes`` of the report and the provenance), never fatal: an
-image file missing (``.jpg`` and ``.png`` are tried for each other, as the authors'
-loader does), an image that does not decode, a row repeating an earlier row's image and
-fact, a fact listed in ``B<k>_facts.csv`` without any kept sample. Fatal (:class:`DataPrepError`,
-one line naming the file and the line): a missing column, a bad id or flag, a fact id absent
-from its task's ``B<k>_facts.csv`` or listed twice, flags that contradict the fact's text or
-earlier rows, a native vector file missing, non-numeric or not 900 numbers long, a bad split
-name, a missing folder or file.
+Streaming: the CSVs are read row by row twice (pass 1 checks every row, ~30 bytes kept per
+sample; pass 2, inside the writer, decodes and resizes the kept images block by block): memory
+never holds the images. Missing or undecodable images, repeated rows and facts without samples
+are counted drops; malformed files raise :class:`DataPrepError` naming the file and the line.
+Every rule is in ``docs/data_format.md`` ("The lifelong-fact-learning benchmark").
 """
 from __future__ import annotations
 
@@ -360,7 +342,7 @@ class _Collector:
         for line, row in _csv_rows(path, SAMPLE_COLUMNS):
             row_index = self.rows_read
             self.rows_read += 1
-            if self.bar is not None and row_index % 256 == 0:
+            if self.bar is not None and self.rows_read % 256 == 0:
                 self.bar.update(256)
             where = f"{path}, line {line}"
             source_id = _integer(row["id"], where, "id")
@@ -397,6 +379,7 @@ class _Collector:
 
     def close(self) -> None:
         if self.bar is not None:
+            self.bar.update(self.rows_read % 256)
             self.bar.close()
 
 
