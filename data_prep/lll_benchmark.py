@@ -87,7 +87,9 @@ def parse_split_name(split: str) -> tuple[int, str]:
 
 def layout_text(root: str | os.PathLike, split: str) -> str:
     """The expected layout in one line, for error messages."""
-    return (f"{Path(root) / 'splits' / split}/B<k>_train.csv, B<k>_test.csv, B<k>_facts.csv (k = 1..T), "
+    match = SPLIT_NAME.match(str(split))
+    tasks = match.group(1) if match else "T"
+    return (f"{Path(root) / 'splits' / split}/B<k>_train.csv, B<k>_test.csv, B<k>_facts.csv (k = 1..{tasks}), "
             f"images under {Path(root) / 'images'}/, 900-float files under {Path(root) / 'NLP_feat'}/")
 
 
