@@ -3,8 +3,9 @@
 Public entry points (imported lazily, so ``import data_prep`` stays light):
 
 * :func:`open_facts`, :func:`write_fact_file`, :class:`FactFile` (:mod:`data_prep.facts_h5`);
-* :func:`prepare_visual_genome`, :class:`PrepareReport` (:mod:`data_prep.visual_genome`);
-* :func:`prepare_sgg` (:mod:`data_prep.sgg_h5`);
+* :func:`prepare_visual_genome` (:mod:`data_prep.visual_genome`), :func:`prepare_sgg` (:mod:`data_prep.sgg_h5`),
+  both taking one :class:`PrepareOptions` (:mod:`data_prep.prepare_options`) and returning a
+  :class:`PrepareReport` (:mod:`data_prep.fact_pipeline`);
 * :func:`random_split`, :func:`semantic_split`, :func:`task_statistics` (:mod:`data_prep.splits`).
 """
 from __future__ import annotations
@@ -18,7 +19,8 @@ _EXPORTS = {
     "FactFile": "data_prep.facts_h5",
     "FORMAT_VERSION": "data_prep.facts_h5",
     "prepare_visual_genome": "data_prep.visual_genome",
-    "PrepareReport": "data_prep.visual_genome",
+    "PrepareReport": "data_prep.fact_pipeline",
+    "PrepareOptions": "data_prep.prepare_options",
     "prepare_sgg": "data_prep.sgg_h5",
     "random_split": "data_prep.splits",
     "semantic_split": "data_prep.splits",

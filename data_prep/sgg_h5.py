@@ -30,23 +30,19 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
+import h5py
 import numpy as np
 
 from .errors import DataPrepError, MissingDatasetError
+from .fact_collector import FactCollector
+from .fact_pipeline import CollectedSource, PrepareReport, finish_prepare
+from .json_stream import stream_json_array
+from .prepare_options import PrepareOptions
+from .region_images import index_image_files
 from .text_clean import clean_phrase
-from .visual_genome import (
-    DEFAULT_MIN_FACT_COUNT,
-    EmbedFn,
-    FactCollector,
-    PrepareReport,
-    _check_options,
-    finish_prepare,
-    index_image_files,
-    stream_json_array,
-    _image_id,
-)
+from .visual_genome import image_id_of
 
 CORRUPT_VG_IMAGE_IDS = (1592, 1722, 4616, 4617)
 BOX_SCALES = (1024, 512)
@@ -109,32 +105,16 @@ def _image_rows(image_records: list[tuple[int, int, int]], num_images: int, path
     )
 
 
-def prepare_sgg(
-    h5_path: str | os.PathLike,
-    dicts_path: str | os.PathLike,
-    image_data_path: str | os.PathLike,
-    images_dir: str | os.PathLike | None,
-    out: str | os.PathLike,
-    *,
-    num_tasks: int = 4,
-    split: str = "random",
-    min_fact_count: int = DEFAULT_MIN_FACT_COUNT,
-    orders: Sequence[int] = (1, 2, 3),
-    image_size: int = 64,
-    seed: int = 0,
-    text_encoder: EmbedFn | None = None,
-    encoder_name: str | None = None,
-    no_images: bool = False,
-    progress: bool = True,
-    command_line: str | Sequence[str] | None = None,
-) -> PrepareReport:
-    """Build a fact file from VG-SGG.h5 (conventions in the module docstring); options as
-    :func:`data_prep.visual_genome.prepare_visual_genome`. ``images_dir`` may be None with ``no_images``.
+def prepare_sgg(h5_path: str | os.PathLike, dicts_path: str | os.PathLike, image_data_path: str | os.PathLike,
+                images_dir: str | os.PathLike | None, out: str | os.PathLike, options: PrepareOptions | None = None,
+                **option_fields: Any) -> PrepareReport:
+    """Build a fact file from VG-SGG.h5 (conventions in the module docstring). ``options`` and
+    ``option_fields`` as :func:`data_prep.visual_genome.prepare_visual_genome`; the file's own
+    train/test split is kept (``test_fraction`` is not used). ``images_dir`` may be None with ``no_images``.
     """
-    import h5py
-
+    options = PrepareOptions.build(options, option_fields)
+    chosen_orders, no_images, progress = options.orders, options.no_images, options.progress
     h5_path, dicts_path, image_data_path = Path(h5_path), Path(dicts_path), Path(image_data_path)
-    chosen_orders = _check_options(num_tasks, split, min_fact_count, orders, image_size, text_encoder)
     if not h5_path.is_file():
         raise MissingDatasetError(f"{h5_path} not found; give the VG-SGG.h5 file")
     if not no_images:
@@ -149,7 +129,7 @@ def prepare_sgg(
 
     image_records: list[tuple[int, int, int]] = []
     for record in stream_json_array(image_data_path, progress=progress, description="image_data.json"):
-        image_id = _image_id(record)
+        image_id = image_id_of(record)
         if image_id is None:
             raise DataPrepError(f"{image_data_path}: an image record has no image_id; give the original image_data.json")
         width, height = record.get("width"), record.get("height")
@@ -267,11 +247,8 @@ def prepare_sgg(
     extra = {"box_scale": scale, "h5_images": num_images, "h5_boxes": num_boxes,
              "h5_relationships": int(len(relationships)) if use_relationships else 0,
              "attributes_in_h5": "used" if use_attributes else "absent or not requested"}
-    return finish_prepare(
-        collector, out, source="vg_sgg_h5",
-        source_files={"h5": h5_path, "dicts": dicts_path, "image_data": image_data_path},
-        listed_sizes=listed_sizes, image_paths=image_paths, split_given=True, num_tasks=num_tasks, split=split,
-        min_fact_count=min_fact_count, orders=chosen_orders, image_size=image_size, seed=seed,
-        text_encoder=text_encoder, encoder_name=encoder_name, progress=progress, command_line=command_line,
-        extra_provenance=extra,
-    )
+    source = CollectedSource(name="vg_sgg_h5",
+                             files={"h5": h5_path, "dicts": dicts_path, "image_data": image_data_path},
+                             listed_sizes=listed_sizes, image_paths=image_paths, split_given=True,
+                             extra_provenance=extra)
+    return finish_prepare(collector, source, out, options)
