@@ -58,12 +58,15 @@ _REQUIRED_DATASETS = (
 _SPLIT_NAMES = {"train": 0, "test": 1}
 
 
-def fact_order(fact: Sequence[str | None]) -> int:
-    """Order of a fact: 1 for <S>, 2 for <S,P>, 3 for <S,P,O>."""
-    subject, predicate, obj = fact
-    if obj is not None:
+def fact_order(fact: Sequence[str | bytes | None]) -> int:
+    """Order of a fact (S, P, O): 1 for <S>, 2 for <S,P>, 3 for <S,P,O>.
+
+    A slot is absent when it is None or empty (``""``, as the file stores it) or left out
+    (``fact`` may hold 1 to 3 slots).
+    """
+    if len(fact) >= 3 and fact[2]:
         return 3
-    if predicate is not None:
+    if len(fact) >= 2 and fact[1]:
         return 2
     return 1
 
