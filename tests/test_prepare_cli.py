@@ -14,7 +14,7 @@ from test_sgg_h5 import write_sgg_fixture  # noqa: E402
 from test_visual_genome import EXPECTED_FACTS, write_vg_fixture  # noqa: E402
 
 from data_prep import open_facts  # noqa: E402
-from data_prep import fact_pipeline, visual_genome  # noqa: E402
+from data_prep import fact_pipeline, synthetic, visual_genome  # noqa: E402
 from triplets import language  # noqa: E402
 from triplets.cli import main  # noqa: E402
 
@@ -165,7 +165,6 @@ def test_provenance_records_drops(tmp_path: Path) -> None:
 
 
 def test_synth_world_round_trip_recovers_exact_fact_counts(tmp_path: Path) -> None:
-    synthetic = pytest.importorskip("data_prep.synthetic")
     world = synthetic.generate_world(tmp_path / "synth", num_images=24, seed=1, image_size=(96, 72), progress=False)
     assert world.missing_image_ids and world.corrupt_image_ids and world.wrong_size_image_ids
     out = tmp_path / "facts.h5"
