@@ -37,8 +37,9 @@ Facts with fewer than ``min_fact_count`` training samples are dropped.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from .errors import MissingDatasetError
 from .fact_collector import FactCollector
@@ -161,14 +162,21 @@ def read_image_data(path: Path, *, progress: bool = False) -> dict[int, tuple[in
     return table
 
 
+def _image_records(path: Path, key: str, drop: Counter[str], progress: bool) -> Iterator[tuple[int, list[Any]]]:
+    """``(image id, record[key])`` of each per-image record of the dump ``path``; a record without
+    an image id or without a ``key`` list is counted in ``drop`` and skipped."""
+    for record in stream_json_array(path, progress=progress, description=path.name):
+        image_id = image_id_of(record)
+        entries = record.get(key) if isinstance(record, dict) else None
+        if image_id is None or not isinstance(entries, list):
+            drop[f"{path.name}: image records without image id or {key} list"] += 1
+            continue
+        yield image_id, entries
+
+
 def _collect_objects(path: Path, collector: FactCollector, names: _PhraseIds, progress: bool) -> None:
     drop = collector.dropped
-    for record in stream_json_array(path, progress=progress, description="objects.json"):
-        image_id = image_id_of(record)
-        objects = record.get("objects") if isinstance(record, dict) else None
-        if image_id is None or not isinstance(objects, list):
-            drop["objects.json: image records without image id or objects list"] += 1
-            continue
+    for image_id, objects in _image_records(path, "objects", drop, progress):
         merged = _merged_ids(objects)
         for obj in objects:
             if not isinstance(obj, dict):
@@ -191,12 +199,7 @@ def _collect_objects(path: Path, collector: FactCollector, names: _PhraseIds, pr
 def _collect_attributes(path: Path, collector: FactCollector, names: _PhraseIds, attributes: _PhraseIds,
                         progress: bool) -> None:
     drop = collector.dropped
-    for record in stream_json_array(path, progress=progress, description="attributes.json"):
-        image_id = image_id_of(record)
-        objects = record.get("attributes") if isinstance(record, dict) else None
-        if image_id is None or not isinstance(objects, list):
-            drop["attributes.json: image records without image id or attributes list"] += 1
-            continue
+    for image_id, objects in _image_records(path, "attributes", drop, progress):
         merged = _merged_ids(objects)
         for obj in objects:
             if not isinstance(obj, dict):
@@ -246,12 +249,7 @@ def _collect_relationships(path: Path, collector: FactCollector, names: _PhraseI
     append_object, append_image = collector.sample_object.append, collector.sample_image.append
     extend_box, append_split = collector.sample_box.extend, collector.sample_split.append
     name_of_end, predicate_cache = names.name_of_end, predicates.cache
-    for record in stream_json_array(path, progress=progress, description="relationships.json"):
-        image_id = image_id_of(record)
-        relationships = record.get("relationships") if isinstance(record, dict) else None
-        if image_id is None or not isinstance(relationships, list):
-            drop["relationships.json: image records without image id or relationships list"] += 1
-            continue
+    for image_id, relationships in _image_records(path, "relationships", drop, progress):
         total += len(relationships)
         for relationship in relationships:
             try:
