@@ -30,9 +30,12 @@ report and the provenance (nothing stops on one bad record):
   clipped ones counted, the empty ones dropped.
 
 Train/test: raw VG has no split, so images are split 80/20 with the seed
-(:func:`split_by_image`); a fact with at least two samples that all fell on one side
-gets one sample moved to the other side, so that facts appear in both where possible.
-Facts with fewer than ``min_fact_count`` training samples are dropped.
+(:func:`data_prep.splits.split_by_image`); a fact with at least two samples that all fell
+on one side gets one sample moved to the other side, so that facts appear in both where
+possible. Facts with fewer than ``min_fact_count`` training samples are dropped. These
+steps, the image checks, the crops and the write are shared with the other sources
+(:func:`data_prep.fact_pipeline.finish_prepare`); the options are one
+:class:`~data_prep.prepare_options.PrepareOptions`.
 """
 from __future__ import annotations
 
@@ -45,13 +48,9 @@ from .errors import MissingDatasetError
 from .fact_collector import FactCollector
 from .fact_pipeline import CollectedSource, PrepareReport, finish_prepare
 from .json_stream import stream_json_array
-from .prepare_options import DEFAULT_MIN_FACT_COUNT, PrepareOptions
+from .prepare_options import PrepareOptions
 from .region_images import index_image_files
-from .splits import split_by_image
 from .text_clean import AliasMap
-
-__all__ = ["DEFAULT_MIN_FACT_COUNT", "IMAGE_FOLDERS", "PrepareOptions", "PrepareReport", "image_id_of",
-           "prepare_visual_genome", "read_image_data", "split_by_image"]
 
 IMAGE_FOLDERS = ("VG_100K", "VG_100K_2", "images", ".")
 
@@ -175,6 +174,7 @@ def _image_records(path: Path, key: str, drop: Counter[str], progress: bool) -> 
 
 
 def _collect_objects(path: Path, collector: FactCollector, names: _PhraseIds, progress: bool) -> None:
+    """Stream objects.json into ``collector``: one <S> sample per named object, region = its box."""
     drop = collector.dropped
     for image_id, objects in _image_records(path, "objects", drop, progress):
         merged = _merged_ids(objects)
@@ -198,6 +198,7 @@ def _collect_objects(path: Path, collector: FactCollector, names: _PhraseIds, pr
 
 def _collect_attributes(path: Path, collector: FactCollector, names: _PhraseIds, attributes: _PhraseIds,
                         progress: bool) -> None:
+    """Stream attributes.json into ``collector``: one <S,A> sample per distinct (object, attribute), region = the object box."""
     drop = collector.dropped
     for image_id, objects in _image_records(path, "attributes", drop, progress):
         merged = _merged_ids(objects)
