@@ -1,12 +1,22 @@
-"""Turning relation datasets (Visual Genome, VG-SGG.h5) into the project's fact HDF5, and reading it back.
+"""Turning relation datasets (Visual Genome, VG-SGG.h5) into the project's fact HDF5, and reading it back;
+image-classification datasets into image HDF5; the synthetic Visual-Genome-style world.
 
 Public entry points (imported lazily, so ``import data_prep`` stays light):
 
 * :func:`open_facts`, :func:`write_fact_file`, :class:`FactFile` (:mod:`data_prep.facts_h5`);
-* :func:`prepare_visual_genome`, :class:`PrepareReport` (:mod:`data_prep.visual_genome`);
-* :func:`prepare_sgg` (:mod:`data_prep.sgg_h5`);
+* :func:`prepare_visual_genome` (:mod:`data_prep.visual_genome`), :func:`prepare_sgg` (:mod:`data_prep.sgg_h5`),
+  both taking one :class:`PrepareOptions` (:mod:`data_prep.prepare_options`) and returning a
+  :class:`PrepareReport` (:mod:`data_prep.fact_pipeline`);
 * :func:`prepare_lll` (:mod:`data_prep.lll_benchmark`: the lifelong-fact-learning benchmark's split files);
 * :func:`random_split`, :func:`semantic_split`, :func:`task_statistics` (:mod:`data_prep.splits`).
+
+Where each step lives, for the fact file: a source reader (``visual_genome``, ``sgg_h5``;
+JSON streamed by ``json_stream``) fills a ``fact_collector.FactCollector``;
+``fact_pipeline.finish_prepare`` checks the images and crops the regions (``region_images``),
+splits train/test and tasks (``splits``) and writes the file (``facts_h5``, atomically via
+``atomic``). Images: ``images.prepare_image_dataset`` reads a source (``image_sources``, ``idx``)
+and writes ``image_h5``. The synthetic world: ``synthetic`` writes the dump of the scenes
+``synthetic_scenes`` renders.
 """
 from __future__ import annotations
 
@@ -19,7 +29,8 @@ _EXPORTS = {
     "FactFile": "data_prep.facts_h5",
     "FORMAT_VERSION": "data_prep.facts_h5",
     "prepare_visual_genome": "data_prep.visual_genome",
-    "PrepareReport": "data_prep.visual_genome",
+    "PrepareReport": "data_prep.fact_pipeline",
+    "PrepareOptions": "data_prep.prepare_options",
     "prepare_sgg": "data_prep.sgg_h5",
     "prepare_lll": "data_prep.lll_benchmark",
     "random_split": "data_prep.splits",

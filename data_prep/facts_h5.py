@@ -31,6 +31,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import h5py
 import numpy as np
 
 from .atomic import atomic_output
@@ -58,12 +59,15 @@ _REQUIRED_DATASETS = (
 _SPLIT_NAMES = {"train": 0, "test": 1}
 
 
-def fact_order(fact: Sequence[str | None]) -> int:
-    """Order of a fact: 1 for <S>, 2 for <S,P>, 3 for <S,P,O>."""
-    subject, predicate, obj = fact
-    if obj is not None:
+def fact_order(fact: Sequence[str | bytes | None]) -> int:
+    """Order of a fact (S, P, O): 1 for <S>, 2 for <S,P>, 3 for <S,P,O>.
+
+    A slot is absent when it is None or empty (``""``, as the file stores it) or left out
+    (``fact`` may hold 1 to 3 slots).
+    """
+    if len(fact) >= 3 and fact[2]:
         return 3
-    if predicate is not None:
+    if len(fact) >= 2 and fact[1]:
         return 2
     return 1
 
@@ -118,8 +122,6 @@ def write_fact_file(
     Raises :class:`FactFileError` for inconsistent inputs; nothing is left at ``path``
     (nor a temporary file) if anything fails.
     """
-    import h5py
-
     path = Path(path)
     checked_facts = _validate_facts(facts)
     num_facts = len(checked_facts)
@@ -250,8 +252,6 @@ class FactFile:
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
-        import h5py
-
         self.path = Path(path)
         if not self.path.is_file():
             raise FactFileError(f"fact file {self.path} does not exist; run `mas-triplets prepare` first")
@@ -456,8 +456,6 @@ def _dataset_class() -> type:
             return int(self.sample_indices.shape[0])
 
         def _pixels(self) -> Any:
-            import h5py
-
             if self._handle is None or self._pid != os.getpid():
                 self._handle = h5py.File(self.path, "r")
                 self._pid = os.getpid()

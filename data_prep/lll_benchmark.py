@@ -46,7 +46,7 @@ import numpy as np
 from .errors import DataPrepError, MissingDatasetError
 from .facts_h5 import FORMAT_VERSION, Fact, fact_order, write_fact_file
 from .splits import task_statistics
-from .visual_genome import PrepareReport
+from .fact_pipeline import PrepareReport
 
 EmbedFn = Callable[[list[Fact]], Any]
 

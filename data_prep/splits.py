@@ -1,4 +1,7 @@
-"""Dividing facts into tasks, and the per-task statistics of a division.
+"""Dividing samples into train/test by image, facts into tasks, and the per-task statistics of a division.
+
+* :func:`split_by_image`: whole images (seeded) to the test split, then
+  :func:`cover_both_splits` moves one sample of each fact seen on one side only.
 
 Every fact goes to exactly one task, so all its samples stay together; no fact is
 dropped here (the long tail is kept; :func:`filter_rare_facts` is the one place that
@@ -17,8 +20,41 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import DataPrepError
+from .facts_h5 import fact_to_string
 
 KMEANS_N_INIT = 10
+#: default fraction of the images whose samples go to the test split (sources without a split of their own)
+TEST_FRACTION = 0.2
+
+
+def split_by_image(sample_image_id: np.ndarray, seed: int, test_fraction: float = TEST_FRACTION) -> np.ndarray:
+    """Split (int8 [N], 0 train / 1 test) putting ``round(test_fraction * images)`` whole images, chosen with ``seed``, in test."""
+    images = np.unique(sample_image_id)
+    if not 0.0 <= test_fraction < 1.0:
+        raise DataPrepError(f"test_fraction must lie in [0, 1), got {test_fraction}")
+    num_test = int(round(test_fraction * len(images)))
+    if len(images) >= 2 and test_fraction > 0:
+        num_test = min(max(num_test, 1), len(images) - 1)
+    test_images = np.random.default_rng(seed).permutation(images)[:num_test]
+    return np.isin(sample_image_id, test_images).astype(np.int8)
+
+
+def cover_both_splits(sample_fact: np.ndarray, sample_split: np.ndarray, num_facts: int) -> int:
+    """Move one sample of every fact with >= 2 samples all on one side to the other side (in place);
+    return how many moved."""
+    order = np.argsort(sample_fact, kind="stable")
+    counts = np.bincount(sample_fact, minlength=num_facts)
+    train_counts = np.bincount(sample_fact[sample_split == 0], minlength=num_facts)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    moved = 0
+    for fact in np.flatnonzero(counts >= 2).tolist():
+        if train_counts[fact] == counts[fact]:
+            sample_split[order[starts[fact] + counts[fact] - 1]] = 1  # last sample of the fact -> test
+            moved += 1
+        elif train_counts[fact] == 0:
+            sample_split[order[starts[fact]]] = 0  # first sample of the fact -> train
+            moved += 1
+    return moved
 
 
 def _check_task_count(num_facts: int, num_tasks: int) -> None:
@@ -58,7 +94,7 @@ def semantic_split(fact_embeddings: np.ndarray, num_tasks: int, seed: int) -> np
         raise DataPrepError(
             f"only {distinct} distinct fact embeddings for {num_tasks} tasks; lower --tasks or use --split random"
         )
-    from sklearn.cluster import KMeans
+    from sklearn.cluster import KMeans  # heavy (1.5 s to import): only the semantic split needs it
 
     labels = KMeans(n_clusters=num_tasks, n_init=KMEANS_N_INIT, random_state=seed).fit_predict(embeddings)
     first_fact = {int(label): int(np.flatnonzero(labels == label)[0]) for label in np.unique(labels)}
@@ -89,8 +125,6 @@ def task_statistics(
     "facts_by_order": {"1","2","3"}, "top_facts": [[fact string, samples], ...]}``
     (top facts by their number of samples, ties by fact id).
     """
-    from .facts_h5 import fact_to_string
-
     task_of_fact = np.asarray(task_of_fact)
     fact_order = np.asarray(fact_order)
     sample_fact = np.asarray(sample_fact)

@@ -14,7 +14,8 @@ from test_sgg_h5 import write_sgg_fixture  # noqa: E402
 from test_visual_genome import EXPECTED_FACTS, write_vg_fixture  # noqa: E402
 
 from data_prep import open_facts  # noqa: E402
-from data_prep import visual_genome  # noqa: E402
+from data_prep import fact_pipeline, synthetic, visual_genome  # noqa: E402
+from triplets import language  # noqa: E402
 from triplets.cli import main  # noqa: E402
 
 COMMON = ["--no-text", "--no-progress", "--tasks", "2", "--min-fact-count", "1", "--image-size", "8"]
@@ -133,14 +134,14 @@ def test_interrupted_prepare_leaves_no_file(tmp_path: Path, monkeypatch: pytest.
                                             progress=False)
     assert not out.exists()
 
-    real_crops = visual_genome._crop_blocks
+    real_crops = fact_pipeline.region_images.crop_blocks
 
     def crops_then_interrupt(*args, **kwargs):
         blocks = real_crops(*args, **kwargs)
         yield next(blocks)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(visual_genome, "_crop_blocks", crops_then_interrupt)
+    monkeypatch.setattr(fact_pipeline.region_images, "crop_blocks", crops_then_interrupt)
     code = main(["prepare", "vg", "--vg-dir", str(root), "--out", str(out), *COMMON])
     assert code == 130
     assert not out.exists() and list(out.parent.iterdir()) == []
@@ -164,7 +165,6 @@ def test_provenance_records_drops(tmp_path: Path) -> None:
 
 
 def test_synth_world_round_trip_recovers_exact_fact_counts(tmp_path: Path) -> None:
-    synthetic = pytest.importorskip("data_prep.synthetic")
     world = synthetic.generate_world(tmp_path / "synth", num_images=24, seed=1, image_size=(96, 72), progress=False)
     assert world.missing_image_ids and world.corrupt_image_ids and world.wrong_size_image_ids
     out = tmp_path / "facts.h5"
@@ -181,8 +181,6 @@ def test_synth_world_round_trip_recovers_exact_fact_counts(tmp_path: Path) -> No
 
 def test_text_encoder_is_composed_by_the_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The command loads the encoder from triplets.language and hands data_prep an embed function."""
-    import types
-
     calls: list[str] = []
 
     class HashEncoder:
@@ -206,9 +204,8 @@ def test_text_encoder_is_composed_by_the_command(tmp_path: Path, monkeypatch: py
                     masks[row, slot] = 1.0
         return vectors, masks
 
-    fake = types.ModuleType("triplets.language")
-    fake.load_text_encoder, fake.embed_facts = load_text_encoder, embed_facts
-    monkeypatch.setitem(sys.modules, "triplets.language", fake)
+    monkeypatch.setattr(language, "load_text_encoder", load_text_encoder)
+    monkeypatch.setattr(language, "embed_facts", embed_facts)
     root = write_vg_fixture(tmp_path / "vg")
     out = tmp_path / "facts.h5"
     args = ["prepare", "vg", "--vg-dir", str(root), "--out", str(out), "--no-progress", "--tasks", "2",

@@ -48,6 +48,8 @@ from typing import Any, Iterable, Literal, Sequence
 
 import numpy as np
 
+from data_prep.facts_h5 import fact_order
+
 from .errors import RunFolderError, TripletsError
 from .index import normalize_rows
 
@@ -65,15 +67,6 @@ def _slot(value: Any) -> str | None:
         return None
     text = value.decode("utf-8") if isinstance(value, bytes) else str(value)
     return text if text != "" else None
-
-
-def fact_order(fact: Sequence[Any]) -> int:
-    """1 for <S>, 2 for <S,P>, 3 for <S,P,O> (absent slots are None or "")."""
-    if len(fact) >= 3 and _slot(fact[2]) is not None:
-        return 3
-    if len(fact) >= 2 and _slot(fact[1]) is not None:
-        return 2
-    return 1
 
 
 def group_keys(facts: Sequence[Sequence[Any]]) -> tuple[np.ndarray, np.ndarray]:

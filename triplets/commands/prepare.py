@@ -7,11 +7,15 @@ passed to data_prep as a callable so that data_prep never imports the model side
 from __future__ import annotations
 
 import argparse
-import importlib
 from typing import Any, Callable
 
+from data_prep.prepare_options import DEFAULT_MIN_FACT_COUNT, PrepareOptions
+from data_prep.sgg_h5 import prepare_sgg
+from data_prep.visual_genome import prepare_visual_genome
+
+from .. import language
 from ..errors import TripletsError
-from . import prepare_lll
+from . import prepare_images, prepare_lll
 
 
 def _orders(text: str) -> tuple[int, ...]:
@@ -35,8 +39,6 @@ def _positive(text: str) -> int:
 
 
 def _add_common_options(parser: argparse.ArgumentParser) -> None:
-    from data_prep.visual_genome import DEFAULT_MIN_FACT_COUNT
-
     parser.add_argument("--out", required=True, help="output fact file (.h5); written atomically")
     parser.add_argument("--tasks", type=_positive, default=4, help="number of tasks T (default 4)")
     parser.add_argument("--split", choices=("random", "semantic"), default="random",
@@ -56,7 +58,7 @@ def _add_common_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``prepare`` and its sub-subcommands ``vg``, ``sgg``, ``lll`` (and ``images`` when available)."""
+    """Register ``prepare`` and its sub-subcommands ``vg``, ``sgg``, ``lll`` and ``images``."""
     parser = subparsers.add_parser("prepare", help="build the fact HDF5 file from Visual Genome or VG-SGG.h5",
                                    description="Build the fact HDF5 file from the raw Visual Genome dumps (vg), "
                                    "a VG-SGG.h5 file (sgg), the lifelong-fact-learning benchmark's split files "
@@ -80,14 +82,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     _add_common_options(sgg)
     sgg.set_defaults(_prepare_run=_run_sgg)
 
-    try:
-        prepare_images = importlib.import_module("triplets.commands.prepare_images")
-    except ModuleNotFoundError as exc:
-        if exc.name != "triplets.commands.prepare_images":
-            raise
-    else:
-        images = prepare_images.add_parser(prepare_subparsers)
-        images.set_defaults(_prepare_run=prepare_images.run)
+    images = prepare_images.add_parser(prepare_subparsers)
+    images.set_defaults(_prepare_run=prepare_images.run)
     lll = prepare_lll.add_parser(prepare_subparsers)
     lll.set_defaults(_prepare_run=prepare_lll.run)
     parser.set_defaults(_prepare_parser=parser)
@@ -100,44 +96,33 @@ def _text_encoder(args: argparse.Namespace) -> tuple[Callable[[list], Any] | Non
         if args.split == "semantic":
             raise TripletsError("--split semantic needs fact embeddings; drop --no-text or use --split random")
         return None, None
-    try:
-        from ..language import embed_facts, load_text_encoder
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("triplets.language",):
-            raise
-        raise TripletsError("the text encoder module triplets.language is not available; use --no-text "
-                            "(with --split random)") from None
-    encoder = load_text_encoder(args.text_encoder)
+    encoder = language.load_text_encoder(args.text_encoder)
 
     def embed(facts: list) -> Any:
-        embeddings, _masks = embed_facts(facts, encoder)
+        embeddings, _masks = language.embed_facts(facts, encoder)
         return embeddings
 
     return embed, getattr(encoder, "name", str(args.text_encoder))
 
 
-def _common_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+def _prepare_options(args: argparse.Namespace) -> PrepareOptions:
+    """The common options of ``prepare vg`` and ``prepare sgg`` as one validated :class:`PrepareOptions`."""
     text_encoder, encoder_name = _text_encoder(args)
-    return {
-        "num_tasks": args.tasks, "split": args.split, "min_fact_count": args.min_fact_count,
-        "orders": args.orders, "image_size": args.image_size, "seed": args.seed,
-        "text_encoder": text_encoder, "encoder_name": encoder_name, "no_images": args.no_images,
-        "progress": not args.no_progress, "command_line": args.command_line,
-    }
+    return PrepareOptions(
+        num_tasks=args.tasks, split=args.split, min_fact_count=args.min_fact_count, orders=args.orders,
+        image_size=args.image_size, seed=args.seed, text_encoder=text_encoder, encoder_name=encoder_name,
+        no_images=args.no_images, progress=not args.no_progress, command_line=args.command_line,
+    )
 
 
 def _run_vg(args: argparse.Namespace) -> int:
-    from data_prep.visual_genome import prepare_visual_genome
-
-    report = prepare_visual_genome(args.vg_dir, args.out, **_common_kwargs(args))
+    report = prepare_visual_genome(args.vg_dir, args.out, _prepare_options(args))
     print(report)
     return 0
 
 
 def _run_sgg(args: argparse.Namespace) -> int:
-    from data_prep.sgg_h5 import prepare_sgg
-
-    report = prepare_sgg(args.h5, args.dicts, args.image_data, args.images, args.out, **_common_kwargs(args))
+    report = prepare_sgg(args.h5, args.dicts, args.image_data, args.images, args.out, _prepare_options(args))
     print(report)
     return 0
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from data_prep.errors import DataPrepError
+from data_prep.images import SOURCES, open_image_dataset, prepare_image_dataset
+
 
 def add_parser(prepare_subparsers: Any) -> argparse.ArgumentParser:
     """Register ``images`` under ``prepare``."""
-    from data_prep.images import SOURCES
-
     parser = prepare_subparsers.add_parser(
         "images", help="an image-classification dataset → HDF5 (for `mas-triplets recognition`)",
         description="Convert one classification dataset to the project's image HDF5 (uint8 images, labels, "
@@ -30,9 +31,6 @@ def add_parser(prepare_subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Convert and print a one-line summary."""
-    from data_prep.errors import DataPrepError
-    from data_prep.images import open_image_dataset, prepare_image_dataset
-
     try:
         renders = tuple(int(part) for part in str(args.renders_per_class).split(","))
     except ValueError:

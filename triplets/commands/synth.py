@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from data_prep.synthetic import generate_world, iter_fact_counts_table
+
 
 def _image_size(text: str) -> tuple[int, int]:
     try:
@@ -39,8 +41,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     """Generate the world and print its summary; returns the exit code."""
-    from data_prep.synthetic import generate_world, iter_fact_counts_table
-
     report = generate_world(
         args.out,
         num_images=args.images,
