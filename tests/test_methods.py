@@ -298,3 +298,48 @@ def test_registry_builds_every_method_and_rejects_bad_names_and_options() -> Non
     assert "mode" not in method_options("lmas") and "lam" in method_options("lmas")
     with pytest.raises(UnknownOptionError, match="valid options: none"):
         make_regularizer("finetune", lam=1.0)
+
+
+# --------------------------------------------------------------------------- declared needs
+
+def test_each_method_declares_what_it_needs_and_its_strength_by_name() -> None:
+    expected = {  # name: (after_task_data, importance_from_inputs, uses_step_hook, strength)
+        "finetune": ("none", False, False, {}),
+        "mas": ("inputs", True, False, {"lam": 5.0}),
+        "lmas": ("inputs", True, False, {"lam": 5.0}),
+        "ewc": ("labelled", False, False, {"lam": 5.0}),
+        "si": ("none", False, True, {"lam": 5.0}),
+        "lwf": ("none", False, False, {"lam": 5.0}),
+        "ebll": ("inputs", False, False, {"lam": 5.0}),
+        "imm": ("none", False, False, {"lam_l2": 5.0}),
+    }
+    assert set(expected) == set(METHODS)
+    for name, (data, from_inputs, step_hook, strength) in expected.items():
+        options = {} if name == "finetune" else {"lam_l2": 5.0} if name == "imm" else {"lam": 5.0}
+        method = make_regularizer(name, **options)
+        assert (method.after_task_data, method.importance_from_inputs, method.uses_step_hook) == (data, from_inputs,
+                                                                                                   step_hook), name
+        assert method.strength == strength, name
+    assert make_regularizer("imm", mode="mode").after_task_data == "labelled"  # its Fisher reads the labels
+    assert make_regularizer("mas", lam=5.0).describe_strength() == "lam=5"
+    assert make_regularizer("imm", lam_l2=1e-4).describe_strength() == "lam_l2=0.0001"
+    assert make_regularizer("finetune").describe_strength() == "no strength hyperparameter"
+
+
+def test_states_written_before_the_version_field_load_and_other_versions_are_refused() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    anchors = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+    fisher = {name: torch.rand_like(value) for name, value in anchors.items()}
+    _perturb(model, 0.2)
+    expected = 0.5 * sum((fisher[n] * (p.detach() - anchors[n]) ** 2).sum() for n, p in model.named_parameters())
+    ewc = EWC(lam=0.5)
+    ewc.load_state_dict({"fisher": fisher, "anchors": anchors, "tasks_seen": 1})  # the layout of earlier releases
+    torch.testing.assert_close(ewc.penalty(model), expected)
+    si = SI(lam=0.5)
+    si.load_state_dict({"importance": fisher, "anchors": anchors, "path": {}, "start": {}, "previous": {}})
+    torch.testing.assert_close(si.penalty(model), expected)
+    with pytest.raises(Exception, match="EWC state version 2 is not 1"):
+        EWC().load_state_dict({**ewc.state_dict(), "version": 2})
+    with pytest.raises(Exception, match="not a SI state: missing"):
+        SI().load_state_dict(ewc.state_dict())
