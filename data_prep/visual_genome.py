@@ -1,6 +1,6 @@
 """Visual Genome dumps -> fact HDF5 (:func:`prepare_visual_genome`), and the pipeline shared with VG-SGG.h5.
 
-Facts (MAS_SPEC section 5):
+Facts (docs/method.md §11):
 
 * ``<S>``     one per object instance of ``objects.json``; region = the object box;
 * ``<S,A>``   one per (object, attribute) of ``attributes.json``; the attribute fills the

@@ -1,6 +1,6 @@
 """mas_core: model-agnostic continual learning with Memory Aware Synapses (MAS) and its baselines.
 
-Public API (see ``../shared/MAS_SPEC.md`` for the formulas):
+Public API (the formulas are in ``docs/method.md``):
 
 * importance estimators: :func:`mas_importance`, :func:`hebbian_importance`, :func:`fisher_importance`;
 * methods with one protocol (:class:`Regularizer`): :class:`MAS`, :class:`EWC`, :class:`SI`,

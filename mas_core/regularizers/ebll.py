@@ -1,4 +1,4 @@
-"""Encoder Based Lifelong Learning (Rannen, Aljundi, Blaschko & Tuytelaars, ICCV 2017).
+"""Encoder Based Lifelong Learning (Rannen, Aljundi, Blaschko & Tuytelaars, ICCV 2017; ``docs/method.md`` §9).
 
 After task ``t`` an undercomplete autoencoder is trained on the shared features
 ``f(x) = model.features(x)`` of the task's data (model in eval mode):

@@ -1,7 +1,7 @@
 """Elastic Weight Consolidation (Kirkpatrick et al., PNAS 2017), diagonal Fisher, and online EWC.
 
 After task ``t`` the diagonal empirical Fisher of the task is estimated per sample from the
-true labels (:func:`mas_core.importance.fisher_importance`, ``docs/method.md`` §4)::
+true labels (:func:`mas_core.importance.fisher_importance`, ``docs/method.md`` §5)::
 
     F_t = (1/N) Σ_n (∂ CE(F(x_n), y_n) / ∂θ)²
 

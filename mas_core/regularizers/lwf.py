@@ -1,4 +1,4 @@
-"""Learning without Forgetting (Li & Hoiem 2016).
+"""Learning without Forgetting (Li & Hoiem 2016; ``docs/method.md`` §8).
 
 At the start of every task after the first, a frozen copy of the model is taken
 (``before_task``). While the new task is trained, the outputs of the old heads on

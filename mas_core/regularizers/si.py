@@ -15,7 +15,7 @@ At the end of the task
 
 and θ* ← θ^end. While training later tasks the penalty is
 
-    L_SI(θ) = λ Σ_i Ω_i (θ_i − θ*_i)²        (no 1/2, as MAS and EWC here; ``docs/method.md`` §5)
+    L_SI(θ) = λ Σ_i Ω_i (θ_i − θ*_i)²        (no 1/2, as MAS and EWC here; ``docs/method.md`` §6)
 
 inherited from :class:`~mas_core.regularizers.quadratic.QuadraticAnchorRegularizer`.
 
