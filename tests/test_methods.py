@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from mas_core.errors import UnknownMethodError
+from mas_core.errors import MASStateError, UnknownMethodError
 from mas_core.importance import fisher_importance
 from mas_core.regularizers import (
     EBLL, EWC, IMM, MAS, METHODS, SI, LocalMAS, LwF, TaskInfo, UnknownOptionError, make_regularizer,
@@ -343,3 +343,44 @@ def test_states_written_before_the_version_field_load_and_other_versions_are_ref
         EWC().load_state_dict({**ewc.state_dict(), "version": 2})
     with pytest.raises(Exception, match="not a SI state: missing"):
         SI().load_state_dict(ewc.state_dict())
+
+
+@pytest.mark.parametrize("name", ["mas", "lmas", "ewc", "si", "imm"])
+def test_quadratic_anchor_methods_share_one_penalty_with_free_new_heads(name: str) -> None:
+    """Every quadratic-anchor method: penalty λ Σ Ω (θ − θ*)², gradient 2λΩ(θ − θ*), a head added
+    after the anchoring is free, a resumed state gives the same penalty, a rebuilt layer is an error."""
+    model = _multihead(heads=1)
+    x, y = torch.randn(10, 6), torch.randint(0, 3, (10,))
+    method = make_regularizer(name, **({"lam_l2": 0.3} if name == "imm" else {"lam": 0.3}))
+    method.before_task(model, TaskInfo(index=0, head=0))
+    if name == "si":
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(3):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            method.after_step(model)
+    method.after_task(model, [(x, y)] if method.after_task_data == "labelled" else [x])
+    model.add_head(3)
+    _perturb(model, 0.2)
+    anchors = method.anchors
+    importance = ({n: torch.ones_like(a) for n, a in anchors.items()} if name == "imm" else method.importance)
+    assert anchors and "heads.1.weight" not in anchors
+    parameters = dict(model.named_parameters())
+    expected = 0.3 * sum((importance[n] * (parameters[n].detach() - anchors[n]) ** 2).sum() for n in anchors)
+    model.zero_grad(set_to_none=True)
+    penalty = method.penalty(model)
+    torch.testing.assert_close(penalty, expected, rtol=1e-5, atol=1e-9)
+    penalty.backward()
+    for n, parameter in parameters.items():
+        if n in anchors:
+            torch.testing.assert_close(parameter.grad, 2 * 0.3 * importance[n] * (parameter.detach() - anchors[n]),
+                                       rtol=1e-5, atol=1e-9)
+        else:
+            assert parameter.grad is None, n  # the new head is free
+    restored = make_regularizer(name, **({"lam_l2": 0.3} if name == "imm" else {"lam": 0.3}))
+    restored.load_state_dict(_roundtrip(method.state_dict()))
+    assert torch.equal(restored.penalty(model), method.penalty(model))
+    model.trunk[0] = nn.Linear(6, 4)
+    with pytest.raises(MASStateError, match="trunk.0.weight"):
+        method.penalty(model)
