@@ -29,7 +29,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from mas_core import importance as importance_module
+from mas_core.importance import mas as importance_mas
+from mas_core.importance import per_sample as importance_per_sample
 from mas_core.importance import mas_importance
 
 
@@ -72,10 +73,10 @@ def vmap_importance(model: nn.Module, batches: list[Tensor]) -> dict[str, Tensor
     """Per-sample gradients of every parameter by vmap (the fallback forced everywhere)."""
     model.eval()
     sums = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
-    objective = importance_module._SquaredNormObjective(None)
+    objective = importance_mas.SquaredNormObjective(None)
     count = 0
     for batch in batches:
-        importance_module._accumulate_vectorised(
+        importance_per_sample._accumulate_vectorised(
             model, batch, batch.shape[0], objective, torch.abs, sums, list(sums), None
         )
         count += batch.shape[0]

@@ -42,22 +42,22 @@ def make_model() -> nn.Module:
 
 def foreach_penalty(model: nn.Module, reg: MAS) -> Tensor:
     parameters = dict(model.named_parameters())
-    names = list(reg._weights)
+    names = list(reg._gradient_scales)
     differences = torch._foreach_sub([parameters[n] for n in names], [reg._anchors[n] for n in names])
-    weighted = torch._foreach_mul(torch._foreach_mul(differences, differences), [reg._weights[n] for n in names])
-    return torch.stack([w.sum() for w in weighted]).sum() * 0.5  # reg._weights holds 2λΩ
+    weighted = torch._foreach_mul(torch._foreach_mul(differences, differences), [reg._gradient_scales[n] for n in names])
+    return torch.stack([w.sum() for w in weighted]).sum() * 0.5  # reg._gradient_scales holds 2λΩ
 
 
 def flat_penalty(model: nn.Module, reg: MAS, flat_anchors: Tensor, flat_weights: Tensor) -> Tensor:
     parameters = dict(model.named_parameters())
-    flat = torch.cat([parameters[n].reshape(-1) for n in reg._weights])
+    flat = torch.cat([parameters[n].reshape(-1) for n in reg._gradient_scales])
     difference = flat - flat_anchors
     return 0.5 * torch.dot(flat_weights * difference, difference)
 
 
 def loop_penalty(model: nn.Module, reg: MAS) -> Tensor:
     parameters = dict(model.named_parameters())
-    return 0.5 * sum((w * (parameters[n] - reg._anchors[n]).square()).sum() for n, w in reg._weights.items())
+    return 0.5 * sum((w * (parameters[n] - reg._anchors[n]).square()).sum() for n, w in reg._gradient_scales.items())
 
 
 def main() -> int:
@@ -75,8 +75,8 @@ def main() -> int:
     targets = torch.randint(0, 10, (args.batch_size,))
     reg = MAS(lam=1.0)
     reg.after_task(model, [torch.randn(256, 1024)])  # real Ω and θ*
-    flat_anchors = torch.cat([reg._anchors[n].reshape(-1) for n in reg._weights])
-    flat_weights = torch.cat([w.reshape(-1) for w in reg._weights.values()])
+    flat_anchors = torch.cat([reg._anchors[n].reshape(-1) for n in reg._gradient_scales])
+    flat_weights = torch.cat([w.reshape(-1) for w in reg._gradient_scales.values()])
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
     penalties: dict[str, Callable[[], Tensor] | None] = {

@@ -1,6 +1,6 @@
 """Visual Genome dumps -> fact HDF5 (:func:`prepare_visual_genome`): reading the JSON dumps into samples.
 
-Facts (the three orders of the fact file, :mod:`data_prep.facts_h5`):
+Facts (docs/method.md §11):
 
 * ``<S>``     one per object instance of ``objects.json``; region = the object box;
 * ``<S,A>``   one per (object, attribute) of ``attributes.json``; the attribute fills the

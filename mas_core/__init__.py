@@ -1,11 +1,12 @@
 """mas_core: model-agnostic continual learning with Memory Aware Synapses (MAS) and its baselines.
 
-Public API (see ``../shared/MAS_SPEC.md`` for the formulas):
+Public API (the formulas are in ``docs/method.md``):
 
 * importance estimators: :func:`mas_importance`, :func:`hebbian_importance`, :func:`fisher_importance`;
-* methods with one protocol (:class:`Regularizer`): :class:`MAS`, :class:`EWC`, :class:`SI`,
-  :class:`LwF`, :class:`IMM`, :class:`EBLL`, :class:`Finetune`; by name through
-  :func:`make_regularizer` / :data:`METHODS`;
+* methods with one protocol (:class:`Regularizer`): :class:`MAS`, :class:`LocalMAS`, :class:`EWC`,
+  :class:`SI`, :class:`LwF`, :class:`IMM`, :class:`EBLL`, :class:`Finetune`; by name through
+  :func:`make_regularizer` / :data:`METHODS`; the quadratic-anchor methods share
+  :class:`QuadraticAnchorRegularizer` (Ω, θ*, the penalty ``λ Σ Ω (θ − θ*)²``);
 * the task-sequence runner: :class:`MultiHeadNet`, :class:`Task`, :class:`TrainSettings`,
   :func:`run_sequence` → :class:`SequenceResult`;
 * metrics on an accuracy matrix: :func:`average_accuracy`, :func:`average_forgetting`,
@@ -41,6 +42,7 @@ from .regularizers import (
     Finetune,
     LocalMAS,
     LwF,
+    QuadraticAnchorRegularizer,
     Regularizer,
     TaskInfo,
     UnknownOptionError,
@@ -56,7 +58,8 @@ __all__ = [
     "NonFiniteError", "NoTrainableParametersError", "UnknownMethodError", "UnknownOptionError",
     "fisher_importance", "hebbian_importance", "mas_importance",
     "average_accuracy", "average_drop", "average_forgetting", "backward_transfer",
-    "EBLL", "EWC", "IMM", "MAS", "METHODS", "SI", "Finetune", "LocalMAS", "LwF", "Regularizer", "TaskInfo",
+    "EBLL", "EWC", "IMM", "MAS", "METHODS", "SI", "Finetune", "LocalMAS", "LwF", "QuadraticAnchorRegularizer", "Regularizer",
+    "TaskInfo",
     "make_regularizer", "method_options",
     "MultiHeadNet", "SequenceResult", "Task", "TrainSettings", "evaluate", "run_sequence",
 ]

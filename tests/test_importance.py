@@ -1,4 +1,4 @@
-"""The importance estimators against brute-force definitions (MAS_SPEC §1, §3; EWC Fisher)."""
+"""The importance estimators against brute-force definitions (docs/method.md §1, §4, §5: MAS, l-MAS, EWC Fisher)."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-import mas_core.importance as importance_module
+import mas_core.importance.layers as importance_layers
+import mas_core.importance.per_sample as importance_per_sample
 from mas_core.errors import EmptyDataError, InvalidOutputError, NoTrainableParametersError, NonFiniteError
 from mas_core.importance import InvalidArgumentError, fisher_importance, hebbian_importance, mas_importance
 
@@ -159,7 +160,7 @@ def test_exact_equals_brute_force_loop(kind):
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 @pytest.mark.parametrize("patch_limit", [0, 10**9])
 def test_both_per_sample_conv_paths_are_exact(monkeypatch, patch_limit):
-    monkeypatch.setattr(importance_module, "_STRIDED_PATCH_LIMIT", patch_limit)
+    monkeypatch.setattr(importance_layers, "_STRIDED_PATCH_LIMIT", patch_limit)
     model, x = model_and_data("cnn")
     model.features[3] = nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2, padding_mode="reflect").to(DTYPE)
     assert_close(mas_importance(model, batches(x, 5)), brute_mas(model, x))
@@ -170,7 +171,7 @@ def test_exact_path_handles_mlp_and_cnn_without_the_fallback(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("the vmap fallback should not be needed here")
 
-    monkeypatch.setattr(importance_module, "_accumulate_vectorised", forbidden)
+    monkeypatch.setattr(importance_per_sample, "_accumulate_vectorised", forbidden)
     for kind in ("mlp", "cnn"):
         model, x = model_and_data(kind)
         assert_close(mas_importance(model, batches(x, 4)), brute_mas(model, x))

@@ -1,4 +1,4 @@
-"""The MAS regularizer: penalty, gradient, accumulation rules, new heads, checkpoints (MAS_SPEC §2, §4)."""
+"""The MAS regularizer: penalty, gradient, accumulation rules, new heads, checkpoints (docs/method.md §2, §3)."""
 from __future__ import annotations
 
 import io

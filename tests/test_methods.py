@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from mas_core.errors import UnknownMethodError
+from mas_core.errors import MASStateError, UnknownMethodError
 from mas_core.importance import fisher_importance
 from mas_core.regularizers import (
     EBLL, EWC, IMM, MAS, METHODS, SI, LocalMAS, LwF, TaskInfo, UnknownOptionError, make_regularizer,
@@ -298,3 +298,89 @@ def test_registry_builds_every_method_and_rejects_bad_names_and_options() -> Non
     assert "mode" not in method_options("lmas") and "lam" in method_options("lmas")
     with pytest.raises(UnknownOptionError, match="valid options: none"):
         make_regularizer("finetune", lam=1.0)
+
+
+# --------------------------------------------------------------------------- declared needs
+
+def test_each_method_declares_what_it_needs_and_its_strength_by_name() -> None:
+    expected = {  # name: (after_task_data, importance_from_inputs, uses_step_hook, strength)
+        "finetune": ("none", False, False, {}),
+        "mas": ("inputs", True, False, {"lam": 5.0}),
+        "lmas": ("inputs", True, False, {"lam": 5.0}),
+        "ewc": ("labelled", False, False, {"lam": 5.0}),
+        "si": ("none", False, True, {"lam": 5.0}),
+        "lwf": ("none", False, False, {"lam": 5.0}),
+        "ebll": ("inputs", False, False, {"lam": 5.0}),
+        "imm": ("none", False, False, {"lam_l2": 5.0}),
+    }
+    assert set(expected) == set(METHODS)
+    for name, (data, from_inputs, step_hook, strength) in expected.items():
+        options = {} if name == "finetune" else {"lam_l2": 5.0} if name == "imm" else {"lam": 5.0}
+        method = make_regularizer(name, **options)
+        assert (method.after_task_data, method.importance_from_inputs, method.uses_step_hook) == (data, from_inputs,
+                                                                                                   step_hook), name
+        assert method.strength == strength, name
+    assert make_regularizer("imm", mode="mode").after_task_data == "labelled"  # its Fisher reads the labels
+    assert make_regularizer("mas", lam=5.0).describe_strength() == "lam=5"
+    assert make_regularizer("imm", lam_l2=1e-4).describe_strength() == "lam_l2=0.0001"
+    assert make_regularizer("finetune").describe_strength() == "no strength hyperparameter"
+
+
+def test_states_written_before_the_version_field_load_and_other_versions_are_refused() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    anchors = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+    fisher = {name: torch.rand_like(value) for name, value in anchors.items()}
+    _perturb(model, 0.2)
+    expected = 0.5 * sum((fisher[n] * (p.detach() - anchors[n]) ** 2).sum() for n, p in model.named_parameters())
+    ewc = EWC(lam=0.5)
+    ewc.load_state_dict({"fisher": fisher, "anchors": anchors, "tasks_seen": 1})  # the layout of earlier releases
+    torch.testing.assert_close(ewc.penalty(model), expected)
+    si = SI(lam=0.5)
+    si.load_state_dict({"importance": fisher, "anchors": anchors, "path": {}, "start": {}, "previous": {}})
+    torch.testing.assert_close(si.penalty(model), expected)
+    with pytest.raises(Exception, match="EWC state version 2 is not 1"):
+        EWC().load_state_dict({**ewc.state_dict(), "version": 2})
+    with pytest.raises(Exception, match="not a SI state: missing"):
+        SI().load_state_dict(ewc.state_dict())
+
+
+@pytest.mark.parametrize("name", ["mas", "lmas", "ewc", "si", "imm"])
+def test_quadratic_anchor_methods_share_one_penalty_with_free_new_heads(name: str) -> None:
+    """Every quadratic-anchor method: penalty λ Σ Ω (θ − θ*)², gradient 2λΩ(θ − θ*), a head added
+    after the anchoring is free, a resumed state gives the same penalty, a rebuilt layer is an error."""
+    model = _multihead(heads=1)
+    x, y = torch.randn(10, 6), torch.randint(0, 3, (10,))
+    method = make_regularizer(name, **({"lam_l2": 0.3} if name == "imm" else {"lam": 0.3}))
+    method.before_task(model, TaskInfo(index=0, head=0))
+    if name == "si":
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(3):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            method.after_step(model)
+    method.after_task(model, [(x, y)] if method.after_task_data == "labelled" else [x])
+    model.add_head(3)
+    _perturb(model, 0.2)
+    anchors = method.anchors
+    importance = ({n: torch.ones_like(a) for n, a in anchors.items()} if name == "imm" else method.importance)
+    assert anchors and "heads.1.weight" not in anchors
+    parameters = dict(model.named_parameters())
+    expected = 0.3 * sum((importance[n] * (parameters[n].detach() - anchors[n]) ** 2).sum() for n in anchors)
+    model.zero_grad(set_to_none=True)
+    penalty = method.penalty(model)
+    torch.testing.assert_close(penalty, expected, rtol=1e-5, atol=1e-9)
+    penalty.backward()
+    for n, parameter in parameters.items():
+        if n in anchors:
+            torch.testing.assert_close(parameter.grad, 2 * 0.3 * importance[n] * (parameter.detach() - anchors[n]),
+                                       rtol=1e-5, atol=1e-9)
+        else:
+            assert parameter.grad is None, n  # the new head is free
+    restored = make_regularizer(name, **({"lam_l2": 0.3} if name == "imm" else {"lam": 0.3}))
+    restored.load_state_dict(_roundtrip(method.state_dict()))
+    assert torch.equal(restored.penalty(model), method.penalty(model))
+    model.trunk[0] = nn.Linear(6, 4)
+    with pytest.raises(MASStateError, match="trunk.0.weight"):
+        method.penalty(model)

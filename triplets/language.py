@@ -1,6 +1,6 @@
 """The language side of the fact embedding: a frozen text encoder and per-slot fact vectors.
 
-A fact <S, P, O> is embedded slot by slot (Sherlock; ../shared/MAS_SPEC.md §5)::
+A fact <S, P, O> is embedded slot by slot (Sherlock; docs/method.md §11)::
 
     L(fact) = [ E(S) ‖ E(P) ‖ E(O) ]  in R^{3·dim},     mask = (w_S, w_P, w_O) ∈ {0, 1}^3
 

@@ -13,34 +13,27 @@ imm         Incremental Moment Matching, ``mode="mean"|"mode"``          imm.py
 ebll        Encoder Based Lifelong Learning (LwF + autoencoder codes)   ebll.py
 ==========  ==========================================================  ==========================
 
+MAS, l-MAS, EWC, SI and IMM's L2 transfer share the quadratic-anchor base of
+``quadratic.py`` (Ω, θ*, the fused penalty ``λ Σ Ω (θ − θ*)²``, its checks and state);
+``common.py`` holds the helpers every method uses. The formulas are in ``docs/method.md``.
+
 ``"joint"`` (training on the union of all tasks so far) is the upper bound handled
 by :func:`mas_core.sequence.run_sequence`; it is not a regularizer.
 """
 from __future__ import annotations
 
-import difflib
 import inspect
 from typing import Any
 
-from ..errors import UnknownMethodError, UnknownOptionError
+from ..errors import UnknownMethodError, UnknownOptionError, did_you_mean
 from .base import Finetune, Regularizer, TaskInfo
 from .ebll import EBLL
 from .ewc import EWC
 from .imm import IMM
 from .lwf import LwF
-from .mas import MAS
+from .mas import MAS, LocalMAS
+from .quadratic import QuadraticAnchorRegularizer
 from .si import SI
-
-
-class LocalMAS(MAS):
-    """l-MAS: :class:`MAS` with the Hebbian (local) importance, ``mode="hebbian"`` (spec §3)."""
-
-    name = "lmas"
-
-    def __init__(self, lam: float = 1.0, **options: Any) -> None:
-        if "mode" in options:
-            raise UnknownOptionError("lmas fixes mode='hebbian'; use method 'mas' to choose another mode")
-        super().__init__(lam, mode="hebbian", **options)
 
 
 METHODS: dict[str, type[Regularizer]] = {
@@ -59,15 +52,7 @@ JOINT = "joint"
 
 def method_options(name: str) -> list[str]:
     """The keyword options :func:`make_regularizer` accepts for method ``name``."""
-    cls = METHODS[_canonical(name)]
-    options = _signature_options(cls)
-    if cls is LocalMAS:
-        options = [option for option in _signature_options(MAS) if option != "mode"]
-    return options
-
-
-def _signature_options(cls: type) -> list[str]:
-    parameters = inspect.signature(cls.__init__).parameters.values()
+    parameters = inspect.signature(METHODS[_canonical(name)].__init__).parameters.values()
     return [p.name for p in parameters
             if p.name != "self" and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
 
@@ -81,8 +66,7 @@ def _canonical(name: str) -> str:
             "'joint' is the joint-training upper bound, not a regularizer: pass method='joint' to run_sequence"
         )
     if key not in METHODS:
-        close = difflib.get_close_matches(key, list(METHODS) + [JOINT], n=1, cutoff=0.0)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        hint = did_you_mean(key, list(METHODS) + [JOINT])
         raise UnknownMethodError(f"unknown method {name!r}{hint} (valid: {', '.join(list(METHODS) + [JOINT])})")
     return key
 
@@ -97,8 +81,7 @@ def make_regularizer(name: str, **options: Any) -> Regularizer:
     valid = method_options(key)
     for option in options:
         if option not in valid:
-            close = difflib.get_close_matches(option, valid, n=1, cutoff=0.0)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            hint = did_you_mean(option, valid)
             listed = ", ".join(valid) if valid else "none"
             raise UnknownOptionError(f"method {key!r} has no option {option!r}{hint} (valid options: {listed})")
     return METHODS[key](**options)
@@ -106,5 +89,5 @@ def make_regularizer(name: str, **options: Any) -> Regularizer:
 
 __all__ = [
     "METHODS", "make_regularizer", "method_options", "UnknownOptionError",
-    "Regularizer", "TaskInfo", "Finetune", "MAS", "LocalMAS", "EWC", "SI", "LwF", "IMM", "EBLL",
+    "Regularizer", "QuadraticAnchorRegularizer", "TaskInfo", "Finetune", "MAS", "LocalMAS", "EWC", "SI", "LwF", "IMM", "EBLL",
 ]

@@ -22,8 +22,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-import torch
 from torch import Tensor, nn
+
+from .common import zero_penalty
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ class Regularizer:
     def penalty(self, model: nn.Module, inputs: Any = None) -> Tensor:
         """The term added to the task loss. ``inputs`` is the current batch's input
         (used by data-dependent methods such as LwF and EBLL; ignored by MAS, EWC, SI)."""
-        return _zero_like_model(model)
+        return zero_penalty(model)
 
     def after_step(self, model: nn.Module) -> None:
         """Called after every ``optimizer.step()`` (SI's path integral needs it)."""
@@ -106,9 +107,3 @@ class Finetune(Regularizer):
     """Plain fine-tuning: no penalty. The lower bound of every comparison."""
 
     name = "finetune"
-
-
-def _zero_like_model(model: nn.Module) -> Tensor:
-    for parameter in model.parameters():
-        return parameter.new_zeros(())
-    return torch.zeros(())

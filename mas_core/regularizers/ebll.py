@@ -1,4 +1,4 @@
-"""Encoder Based Lifelong Learning (Rannen, Aljundi, Blaschko & Tuytelaars, ICCV 2017).
+"""Encoder Based Lifelong Learning (Rannen, Aljundi, Blaschko & Tuytelaars, ICCV 2017; ``docs/method.md`` §9).
 
 After task ``t`` an undercomplete autoencoder is trained on the shared features
 ``f(x) = model.features(x)`` of the task's data (model in eval mode):
@@ -19,9 +19,9 @@ The model must expose ``features(x)`` (as :class:`~mas_core.sequence.MultiHeadNe
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -82,7 +82,7 @@ def train_autoencoder(features: Tensor, code_dim: int, *, epochs: int = 20, lr: 
             loss.backward()
             optimizer.step()
         errors.append(reconstruction_error())
-    if not np.isfinite(errors[-1]):
+    if not math.isfinite(errors[-1]):
         raise NonFiniteError(f"the autoencoder's reconstruction error is {errors[-1]}; lower ae_lr (now {lr})")
     return autoencoder, errors
 

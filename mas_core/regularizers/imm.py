@@ -5,9 +5,12 @@ Tasks are trained sequentially with weight transfer (task ``t`` starts from
 
     L_L2(θ) = lam_l2 Σ_i (θ_i − θ_{t−1,i})²
 
+the quadratic-anchor penalty with Ω ≡ 1 and θ* = θ_{t−1} (inherited from
+:class:`~mas_core.regularizers.quadratic.QuadraticAnchorRegularizer`; ``docs/method.md`` §7).
+
 After task ``t`` its parameters ``θ_t`` (and, for mode-IMM, its diagonal Fisher
 ``F_t`` from :func:`mas_core.importance.fisher_importance` on the task's labelled
-data) are stored, and the shared parameters are merged over the ``T`` tasks so
+data, or of ``loss_fn`` as for EWC) are stored, and the shared parameters are merged over the ``T`` tasks so
 far, with ``α_t = 1/T``:
 
     mean-IMM:  θ = Σ_t α_t θ_t
@@ -29,20 +32,20 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from ..errors import MASCoreError, NonFiniteError
+from ..errors import InvalidArgumentError, MASCoreError
 from ..importance import fisher_importance
-from .base import Regularizer, TaskInfo, _zero_like_model
-from .ewc import check_finite, check_lambda, first_parameter_device, move_state
+from .base import TaskInfo
+from .common import (
+    check_finite,
+    check_max_samples,
+    detached_copies,
+    first_parameter_device,
+    move_state,
+    shared_parameter_names,
+)
+from .quadratic import QuadraticAnchorRegularizer
 
 MODES = ("mean", "mode")
-
-
-def shared_parameter_names(model: nn.Module) -> list[str]:
-    """Names of the trainable parameters that do not belong to ``model.heads`` (all of them if it has none)."""
-    heads = getattr(model, "heads", None)
-    head_ids = {id(parameter) for parameter in heads.parameters()} if isinstance(heads, nn.Module) else set()
-    return [name for name, parameter in model.named_parameters()
-            if parameter.requires_grad and id(parameter) not in head_ids]
 
 
 def merge_mean(task_parameters: list[dict[str, Tensor]], names: Iterable[str]) -> dict[str, Tensor]:
@@ -64,25 +67,39 @@ def merge_mode(task_parameters: list[dict[str, Tensor]], task_fishers: list[dict
     return merged
 
 
-class IMM(Regularizer):
-    """Mean-IMM or mode-IMM with weight transfer and the L2-transfer penalty ``lam_l2 Σ (θ − θ_{t−1})²``."""
+class IMM(QuadraticAnchorRegularizer):
+    """Mean-IMM or mode-IMM with weight transfer and the L2-transfer penalty ``lam_l2 Σ (θ − θ_{t−1})²``.
+
+    Mode-IMM's Fisher is EWC's: the cross-entropy of ``output_fn``'s logits (default the model's
+    output) against the true labels, or any per-sample ``loss_fn(model, batch) -> Tensor [B]``.
+    """
 
     name = "imm"
+    display_name = "IMM L2-transfer"
+    strength_name = "lam_l2"
+    uniform_importance = True
 
     def __init__(self, mode: str = "mean", *, lam_l2: float = 1e-4, max_samples: int | None = None,
-                 output_fn: Callable[[nn.Module, Any], Tensor] | None = None, eps: float = 1e-8) -> None:
+                 output_fn: Callable[[nn.Module, Any], Tensor] | None = None,
+                 loss_fn: Callable[[nn.Module, Any], Tensor] | None = None, eps: float = 1e-8) -> None:
+        super().__init__(lam_l2)
         if mode not in MODES:
-            raise MASCoreError(f"IMM mode must be one of {MODES}, got {mode!r}")
+            raise InvalidArgumentError(f"IMM mode must be one of {MODES}, got {mode!r}")
+        if output_fn is not None and loss_fn is not None:
+            raise InvalidArgumentError("IMM takes output_fn (logits, cross-entropy) or loss_fn (per-sample losses), not both")
         self.mode = mode
-        self.after_task_data = "inputs" if mode == "mode" else "none"  # mode-IMM's Fisher reads inputs
-        self.lam_l2 = check_lambda("lam_l2", lam_l2)
-        if max_samples is not None and int(max_samples) < 1:
-            raise MASCoreError(f"max_samples must be >= 1 or None, got {max_samples}")
-        self.max_samples = max_samples
+        self.after_task_data = "labelled" if mode == "mode" else "none"  # mode-IMM's Fisher reads the labels
+        self.max_samples = check_max_samples(max_samples)
         self.output_fn = output_fn
+        self.loss_fn = loss_fn
         self.eps = float(eps)
         self.task_parameters: list[dict[str, Tensor]] = []
         self.task_fishers: list[dict[str, Tensor]] = []
+
+    @property
+    def lam_l2(self) -> float:
+        """The L2-transfer penalty's weight (λ of the base class)."""
+        return self.lam
 
     def before_task(self, model: nn.Module, task: TaskInfo) -> None:
         """Weight transfer: load the previous task's (unmerged) parameters ``θ_{t−1}`` into the model."""
@@ -94,28 +111,6 @@ class IMM(Regularizer):
                 if name in previous:
                     parameter.copy_(previous[name].to(parameter.device))
 
-    def penalty(self, model: nn.Module, inputs: Any = None) -> Tensor:
-        """``lam_l2 Σ_i (θ_i − θ_{t−1,i})²`` over the stored shared parameters (0 on the first task)."""
-        if not self.task_parameters or self.lam_l2 == 0:
-            return _zero_like_model(model)
-        device = first_parameter_device(model)
-        self.task_parameters[-1] = move_state(self.task_parameters[-1], device)
-        previous = self.task_parameters[-1]
-        total = _zero_like_model(model)
-        for name, parameter in model.named_parameters():
-            anchor = previous.get(name)
-            if anchor is not None:
-                total = total + (parameter - anchor).pow(2).sum()
-        value = self.lam_l2 * total
-        if not torch.isfinite(value):
-            raise NonFiniteError(f"the IMM L2-transfer penalty is {value.item()}; lower lam_l2 (now {self.lam_l2}) or the learning rate")
-        return value
-
-    @property
-    def strength(self) -> dict[str, float]:
-        """``{"lam_l2": …}``: the L2-transfer penalty's weight."""
-        return {"lam_l2": float(self.lam_l2)}
-
     def after_task(self, model: nn.Module, data: Iterable[Any]) -> None:
         """Store ``θ_t`` (and ``F_t`` for mode-IMM), merge the shared parameters, load the merge into the model."""
         names = shared_parameter_names(model)
@@ -123,8 +118,10 @@ class IMM(Regularizer):
             raise MASCoreError("IMM found no shared (non-head) trainable parameters to merge")
         parameters = dict(model.named_parameters())
         self.task_parameters.append({name: parameters[name].detach().clone() for name in names})
+        self._anchors = self.task_parameters[-1]  # θ* of the L2 transfer: θ_t, unmerged
         if self.mode == "mode":
-            fisher = fisher_importance(model, data, output_fn=self.output_fn, max_samples=self.max_samples)
+            fisher = fisher_importance(model, data, output_fn=self.output_fn, loss_fn=self.loss_fn,
+                                       max_samples=self.max_samples)
             missing = [name for name in names if name not in fisher]
             if missing:
                 raise MASCoreError(f"fisher_importance returned no entry for {missing[:3]}; IMM cannot merge them")
@@ -149,10 +146,9 @@ class IMM(Regularizer):
                 "task_fishers": [dict(fisher) for fisher in self.task_fishers]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.task_parameters = [{name: value.detach().clone() for name, value in params.items()}
-                                for params in state["task_parameters"]]
-        self.task_fishers = [{name: value.detach().clone() for name, value in fisher.items()}
-                             for fisher in state["task_fishers"]]
+        self.task_parameters = [detached_copies(params) for params in state["task_parameters"]]
+        self.task_fishers = [detached_copies(fisher) for fisher in state["task_fishers"]]
+        self._anchors = self.task_parameters[-1] if self.task_parameters else {}
 
     def __repr__(self) -> str:
         return f"IMM(mode={self.mode!r}, lam_l2={self.lam_l2}, max_samples={self.max_samples})"

@@ -1,4 +1,4 @@
-"""Learning without Forgetting (Li & Hoiem 2016).
+"""Learning without Forgetting (Li & Hoiem 2016; ``docs/method.md`` §8).
 
 At the start of every task after the first, a frozen copy of the model is taken
 (``before_task``). While the new task is trained, the outputs of the old heads on
@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import MASCoreError, NonFiniteError
-from .base import Regularizer, TaskInfo, _zero_like_model
-from .ewc import check_lambda
+from .base import Regularizer, TaskInfo
+from .common import check_lambda, zero_penalty
 
 
 def distillation_loss(new_logits: Tensor, old_logits: Tensor, temperature: float) -> Tensor:
@@ -94,7 +94,7 @@ class LwF(Regularizer):
     def penalty(self, model: nn.Module, inputs: Any = None) -> Tensor:
         """``λ Σ_j T² KL(old_j ‖ new_j)`` over the old heads (MSE for single-output models); 0 on the first task."""
         if self.old_state is None:
-            return _zero_like_model(model)
+            return zero_penalty(model)
         if inputs is None:
             raise MASCoreError(f"{type(self).__name__} needs the batch inputs: call penalty(model, inputs)")
         value = self._penalty_terms(model, inputs)
@@ -112,9 +112,9 @@ class LwF(Regularizer):
                 target = old(inputs)
             return self.lam * F.mse_loss(model(inputs), target)
         if not self.old_heads:
-            return _zero_like_model(model)
+            return zero_penalty(model)
         new_features, old_features = self._features(model, old, inputs)
-        total = _zero_like_model(model)
+        total = zero_penalty(model)
         for j in self.old_heads:
             if new_features is None:
                 new_logits = model(inputs, head=j)

@@ -1,4 +1,4 @@
-"""Synaptic Intelligence (Zenke, Poole & Ganguli 2017).
+"""Synaptic Intelligence (Zenke, Poole & Ganguli, ICML 2017).
 
 During task ``t`` every optimizer step ``s`` adds to the path integral
 
@@ -15,7 +15,9 @@ At the end of the task
 
 and θ* ← θ^end. While training later tasks the penalty is
 
-    L_SI(θ) = λ Σ_i Ω_i (θ_i − θ*_i)²        (no 1/2, as MAS and EWC here)
+    L_SI(θ) = λ Σ_i Ω_i (θ_i − θ*_i)²        (no 1/2, as MAS and EWC here; ``docs/method.md`` §6)
+
+inherited from :class:`~mas_core.regularizers.quadratic.QuadraticAnchorRegularizer`.
 
 Ω is not clipped at 0 (as in the reference implementation). Parameters that
 appear during a task (a head added after ``before_task``) start their path
@@ -29,28 +31,29 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor, nn
 
-from ..errors import MASCoreError, NonFiniteError
-from .base import Regularizer, TaskInfo, _zero_like_model
-from .ewc import check_finite, check_lambda, first_parameter_device, move_state, weighted_squared_distance
+from ..errors import InvalidArgumentError, MASCoreError
+from .base import TaskInfo
+from .common import check_finite, detached_copies
+from .quadratic import QuadraticAnchorRegularizer
 
 
-class SI(Regularizer):
+class SI(QuadraticAnchorRegularizer):
     """Synaptic Intelligence: penalty ``λ Σ Ω (θ − θ*)²`` with the path-integral importance Ω."""
 
     name = "si"
+    display_name = "SI"
     uses_step_hook = True
+    required_extra_keys = ("path", "start", "previous")
 
     def __init__(self, lam: float = 1.0, *, damping: float = 0.1) -> None:
-        self.lam = check_lambda("lam", lam)
+        super().__init__(lam)
         damping = float(damping)
         if not damping > 0:
-            raise MASCoreError(f"damping (xi) must be > 0 to keep Ω finite, got {damping}")
+            raise InvalidArgumentError(f"damping (xi) must be > 0 to keep Ω finite, got {damping}")
         self.damping = damping
-        self.importance: dict[str, Tensor] = {}
-        self.anchors: dict[str, Tensor] = {}
-        self.path: dict[str, Tensor] = {}
-        self.start: dict[str, Tensor] = {}
-        self.previous: dict[str, Tensor] = {}
+        self.path: dict[str, Tensor] = {}  # ω of the current task
+        self.start: dict[str, Tensor] = {}  # θ at the task start
+        self.previous: dict[str, Tensor] = {}  # θ before the last step
 
     def before_task(self, model: nn.Module, task: TaskInfo) -> None:
         """Start a new path integral at the current parameters."""
@@ -85,43 +88,27 @@ class SI(Regularizer):
         """``Ω += ω / ((θ_end − θ_start)² + ξ)``; anchor θ* at the current parameters."""
         if not self.path:
             raise MASCoreError("SI.after_task was called without before_task: call before_task at every task start")
+        contributions = {}
         with torch.no_grad():
             for name, parameter in model.named_parameters():
                 path = self.path.get(name)
-                if path is None:
-                    continue
-                change = parameter.detach() - self.start[name]
-                contribution = path / (change.pow(2) + self.damping)
-                previous = self.importance.get(name)
-                self.importance[name] = contribution if previous is None else previous.to(contribution.device) + contribution
-        check_finite("SI importance", self.importance, "lower the learning rate or raise damping")
-        self.anchors = {name: parameter.detach().clone() for name, parameter in model.named_parameters()
-                        if name in self.importance}
+                if path is not None:
+                    contributions[name] = path / ((parameter.detach() - self.start[name]).pow(2) + self.damping)
+        self.check_shapes(contributions)
+        importance = dict(self._importance)
+        for name, contribution in contributions.items():
+            previous = importance.get(name)
+            importance[name] = contribution if previous is None else previous.to(contribution.device) + contribution
+        check_finite("SI importance", importance, "lower the learning rate or raise damping")
+        self.consolidate(model, importance)
 
-    def penalty(self, model: nn.Module, inputs: Any = None) -> Tensor:
-        """``λ Σ_i Ω_i (θ_i − θ*_i)²`` (0 before the first task has ended)."""
-        if not self.anchors:
-            return _zero_like_model(model)
-        device = first_parameter_device(model)
-        self.importance = move_state(self.importance, device)
-        self.anchors = move_state(self.anchors, device)
-        value = self.lam * weighted_squared_distance(model, self.importance, self.anchors)
-        if not torch.isfinite(value):
-            raise NonFiniteError(f"the SI penalty is {value.item()}; lower lam (now {self.lam}) or the learning rate")
-        return value
+    def extra_state(self) -> dict[str, Any]:
+        return {"path": dict(self.path), "start": dict(self.start), "previous": dict(self.previous)}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "importance": dict(self.importance),
-            "anchors": dict(self.anchors),
-            "path": dict(self.path),
-            "start": dict(self.start),
-            "previous": dict(self.previous),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("importance", "anchors", "path", "start", "previous"):
-            setattr(self, key, {name: value.detach().clone() for name, value in state[key].items()})
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.path = detached_copies(state["path"])
+        self.start = detached_copies(state["start"])
+        self.previous = detached_copies(state["previous"])
 
     def __repr__(self) -> str:
         return f"SI(lam={self.lam}, damping={self.damping})"

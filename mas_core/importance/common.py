@@ -1,0 +1,132 @@
+"""Plumbing shared by the importance estimators: the function F, batches, eval mode, the final average.
+
+* :data:`OutputFn` / :data:`LossFn`: the callables a caller passes (``docs/method.md`` §1);
+* :func:`model_output`: F(batch), validated (a float tensor with the batch first);
+* :func:`limited_batches`: ``(batch, size)`` pairs, truncated at exactly ``max_samples``;
+* :func:`evaluation_mode`: eval mode for the estimate, each module's own flag restored after;
+* :func:`finish`: ``scale · Σ / N``, checked for NaN/Inf; with several processes (``data`` a
+  :class:`mas_core.distributed.RankShard`) the sums and counts of all ranks are all-reduced
+  first, so ``Ω = Σ_r S_r / Σ_r N_r`` is the one-process value on every rank.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from ..batches import batch_input, batch_size
+from ..distributed import all_reduce_sums, spans_processes
+from ..errors import EmptyDataError, InvalidArgumentError, InvalidOutputError, NonFiniteError, NoTrainableParametersError
+
+OutputFn = Callable[[nn.Module, Any], Tensor]
+"""``output_fn(model, batch) -> Tensor [batch, ...]``: the function F whose norm MAS protects."""
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+"""``loss_fn(model, batch) -> Tensor [batch]``: per-sample losses for the Fisher estimator."""
+
+Elementwise = Callable[[Tensor], Tensor]
+"""φ, applied to each per-sample gradient: ``torch.abs`` for MAS, ``torch.square`` for Fisher."""
+
+
+def model_output(model: nn.Module, batch: Any, output_fn: OutputFn | None) -> Tensor:
+    """F(batch), validated: a floating-point tensor with the batch as first dimension."""
+    source = "output_fn" if output_fn is not None else "the model"
+    output = output_fn(model, batch) if output_fn is not None else model(batch_input(batch))
+    if not isinstance(output, Tensor):
+        raise InvalidOutputError(
+            f"{source} returned {type(output).__name__}, not a tensor; pass "
+            "output_fn=lambda model, batch: ... returning the float tensor F(x) of shape [batch, ...]"
+        )
+    if not output.is_floating_point():
+        raise InvalidOutputError(
+            f"{source} returned a {output.dtype} tensor; importance needs a floating-point output F(x)"
+        )
+    expected = batch_size(batch_input(batch))
+    if output.dim() == 0 or output.shape[0] != expected:
+        raise InvalidOutputError(
+            f"{source} returned shape {tuple(output.shape)} for a batch of {expected} samples; "
+            "F(x) must have the batch as its first dimension"
+        )
+    return output
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if not trainable:
+        raise NoTrainableParametersError(
+            f"{type(model).__name__} has no parameter with requires_grad=True; unfreeze the "
+            "parameters whose importance you want"
+        )
+    return trainable
+
+
+def is_batched(leaf: Any, size: int) -> bool:
+    return isinstance(leaf, Tensor) and leaf.dim() >= 1 and leaf.shape[0] == size
+
+
+def _slice_batch(batch: Any, size: int, keep: int) -> Any:
+    """The first ``keep`` samples of ``batch`` (every tensor whose first dimension is ``size``)."""
+    leaves, spec = tree_flatten(batch)
+    return tree_unflatten([leaf[:keep] if is_batched(leaf, size) else leaf for leaf in leaves], spec)
+
+
+def limited_batches(data: Iterable[Any], max_samples: int | None) -> Iterator[tuple[Any, int]]:
+    """Yield ``(batch, number of samples)``, truncated to ``max_samples`` in total."""
+    if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1):
+        raise InvalidArgumentError(f"max_samples must be a positive integer or None, got {max_samples!r}")
+    if isinstance(data, Tensor):
+        raise InvalidArgumentError(
+            "data must be an iterable of batches (a DataLoader, a list of batches); wrap a single "
+            "tensor batch as [tensor]"
+        )
+    if max_samples is not None and hasattr(data, "first") and getattr(data, "spans_processes", False):
+        data, max_samples = data.first(max_samples), None  # a limit on the union of the ranks' shards
+    seen = 0
+    for batch in data:
+        size = batch_size(batch_input(batch))
+        if size == 0:
+            continue
+        if max_samples is not None and seen + size > max_samples:
+            batch = _slice_batch(batch, size, max_samples - seen)
+            size = max_samples - seen
+        yield batch, size
+        seen += size
+        if max_samples is not None and seen >= max_samples:
+            return
+
+
+@contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the duration; each module's own ``training`` flag is restored after."""
+    previous = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, was_training in previous:
+            module.training = was_training
+
+
+def finish(sums: dict[str, Tensor], count: int, *, scale: float, estimator: str,
+            data: Any = None) -> dict[str, Tensor]:
+    """``scale · sums / count``, checked; over all ranks when ``data`` is a rank's shard
+    (:class:`mas_core.distributed.RankShard`): ``Σ_r sums_r / Σ_r count_r``."""
+    if spans_processes(data):
+        sums, count = all_reduce_sums(sums, count)
+    if count == 0:
+        raise EmptyDataError(
+            f"the data source yielded no samples; {estimator} importance needs at least one batch"
+        )
+    result = {}
+    for name, total in sums.items():
+        value = total * (scale / count)
+        if not bool(torch.isfinite(value).all()):
+            raise NonFiniteError(
+                f"{estimator} importance of parameter {name!r} contains NaN or Inf; check the model "
+                "and the data for NaN/overflow (a diverged model, a bad input)"
+            )
+        result[name] = value
+    return result

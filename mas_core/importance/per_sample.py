@@ -1,0 +1,173 @@
+"""The exact per-sample engine: ``(1/N) Σ_n φ(∂s_n/∂θ)`` without one backward pass per sample.
+
+``s_n`` is the per-sample objective (``‖F(x_n)‖₂²`` for MAS, the loss ``ℓ_n`` for Fisher) and φ is
+``|·|`` (MAS) or ``(·)²`` (Fisher); ``docs/method.md`` §1 gives the definition. The model must treat
+samples independently in eval mode, as every standard layer does.
+
+1. One ordinary forward pass of the whole batch records, for every Linear, Conv2d and affine
+   BatchNorm module (:mod:`mas_core.importance.layers`), its input and the autograd edge of its
+   output; one backward pass to those edges only (no weight gradients are formed) gives
+   ``Δ = ∂ Σ_n s_n / ∂Y`` whose row ``n`` is ``∂s_n/∂y_n``; the layer's closed form does the rest.
+2. A module qualifies only if it was called exactly once in the batch, its input has the batch as
+   first dimension (2-D for Linear, 4-D for Conv2d), and each of its trainable parameters is used
+   exactly once in the autograd graph (weight tying, a module applied twice per sample, or a
+   parameter also used outside its module are all detected).
+3. Every other parameter the output depends on (Linear over sequences, embeddings, LayerNorm, free
+   ``nn.Parameter`` s, …) goes through the general fallback :func:`_accumulate_vectorised`:
+   :func:`torch.func.vmap` over :func:`torch.func.grad` with :func:`torch.func.functional_call`
+   (buffers passed as they are), in chunks of samples so that at most about ``2**24`` per-sample
+   gradient elements exist at once (or ``chunk_size`` samples). Parameters the output does not
+   depend on (e.g. other tasks' heads) get exactly zero without any work.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from ..batches import move_to
+from ..errors import InvalidArgumentError, InvalidOutputError
+from .common import Elementwise, evaluation_mode, finish, is_batched, limited_batches, trainable_parameters
+from .layers import Layer, chunk_samples, count_parameter_uses, discover_layers, exact_accumulate, nearby_leaves
+
+
+def per_sample_gradient_statistic(
+    model: nn.Module,
+    data: Iterable[Any],
+    objective: Callable[[nn.Module, Any], Tensor],
+    phi: Elementwise,
+    max_samples: int | None,
+    chunk_size: int | None,
+    estimator: str,
+) -> dict[str, Tensor]:
+    """``(1/N) Σ_k φ(∂ s_k/∂θ)`` for every trainable θ, exactly, per sample (see module docs)."""
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise InvalidArgumentError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+    trainable = trainable_parameters(model)
+    sums = {name: torch.zeros_like(parameter) for name, parameter in trainable.items()}
+    layers = discover_layers(model, trainable)
+    device = next(iter(trainable.values())).device
+    count = 0
+    with evaluation_mode(model):
+        for batch, size in limited_batches(data, max_samples):
+            batch = move_to(batch, device)
+            _accumulate_batch(model, batch, size, objective, phi, sums, trainable, layers, chunk_size)
+            count += size
+    return finish(sums, count, scale=1.0, estimator=estimator, data=data)
+
+
+def _accumulate_batch(
+    model: nn.Module,
+    batch: Any,
+    size: int,
+    objective: Callable[[nn.Module, Any], Tensor],
+    phi: Elementwise,
+    sums: dict[str, Tensor],
+    trainable: dict[str, nn.Parameter],
+    layers: list[Layer],
+    chunk_size: int | None,
+) -> None:
+    records: list[list[tuple[Tensor, GradientEdge] | None]] = [[] for _ in layers]
+
+    def make_hook(index: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if args and isinstance(args[0], Tensor) and isinstance(output, Tensor) and output.requires_grad:
+                records[index].append((args[0].detach(), get_gradient_edge(output)))
+            else:
+                records[index].append(None)
+
+        return hook
+
+    handles = [layer.module.register_forward_hook(make_hook(i)) for i, layer in enumerate(layers)]
+    try:
+        with torch.enable_grad():
+            per_sample = objective(model, batch)
+            total = per_sample.sum()
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not total.requires_grad:
+        raise InvalidOutputError(
+            "the output does not depend on any trainable parameter (is output_fn running under "
+            "torch.no_grad() or detaching?)"
+        )
+    uses = count_parameter_uses(total)
+    exact: list[tuple[Layer, Tensor, GradientEdge]] = []
+    for layer, calls in zip(layers, records):
+        if len(calls) != 1 or calls[0] is None:
+            continue
+        layer_input, edge = calls[0]
+        if not layer.accepts(layer_input, size):
+            continue
+        parameters = layer.parameters()
+        counts = [uses.get(id(parameter), 0) for parameter in parameters]
+        if max(counts) == 0:
+            continue  # the output does not depend on this layer: its gradient is exactly 0
+        near = nearby_leaves(edge.node)
+        if all(count == 1 and id(parameter) in near for parameter, count in zip(parameters, counts)):
+            exact.append((layer, layer_input, edge))
+    covered = {id(parameter) for layer, _, _ in exact for parameter in layer.parameters()}
+    fallback = [
+        name for name, parameter in trainable.items()
+        if uses.get(id(parameter), 0) > 0 and id(parameter) not in covered
+    ]
+    if exact:
+        grads = torch.autograd.grad(total, [edge for _, _, edge in exact])
+        for (layer, layer_input, _), grad in zip(exact, grads):
+            exact_accumulate(layer, layer_input, grad, phi, sums)
+    del total, per_sample, records, exact
+    if fallback:
+        _accumulate_vectorised(model, batch, size, objective, phi, sums, fallback, chunk_size)
+
+
+class _ObjectiveModule(nn.Module):
+    """Wraps ``objective(model, batch)`` so :func:`torch.func.functional_call` can swap the
+    parameters of ``model`` (keys ``"model.<name>"``) while ``output_fn`` sees the model."""
+
+    def __init__(self, model: nn.Module, objective: Callable[[nn.Module, Any], Tensor]) -> None:
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(self, batch: Any) -> Tensor:
+        return self.objective(self.model, batch)
+
+
+def _accumulate_vectorised(
+    model: nn.Module,
+    batch: Any,
+    size: int,
+    objective: Callable[[nn.Module, Any], Tensor],
+    phi: Elementwise,
+    sums: dict[str, Tensor],
+    names: list[str],
+    chunk_size: int | None,
+) -> None:
+    """The general fallback: per-sample gradients of ``names`` by vmap over grad, chunked."""
+    wrapper = _ObjectiveModule(model, objective)
+    parameters = dict(model.named_parameters())
+    differentiable = {name: parameters[name].detach() for name in names}
+    constants = {f"model.{name}": p.detach() for name, p in parameters.items() if name not in differentiable}
+    constants.update({f"model.{name}": buffer for name, buffer in model.named_buffers()})
+    leaves, spec = tree_flatten(batch)
+    positions = [i for i, leaf in enumerate(leaves) if is_batched(leaf, size)]
+
+    def sample_objective(weights: dict[str, Tensor], sample_leaves: list[Tensor]) -> Tensor:
+        rebuilt = list(leaves)
+        for position, leaf in zip(positions, sample_leaves):
+            rebuilt[position] = leaf.unsqueeze(0)
+        state = dict(constants)
+        state.update({f"model.{name}": tensor for name, tensor in weights.items()})
+        return torch.func.functional_call(wrapper, state, (tree_unflatten(rebuilt, spec),)).sum()
+
+    per_sample_grads = torch.func.vmap(torch.func.grad(sample_objective), in_dims=(None, 0))
+    step = chunk_samples(size, sum(t.numel() for t in differentiable.values()), chunk_size)
+    for start in range(0, size, step):
+        chunk = [leaves[i][start:start + step] for i in positions]
+        with torch.enable_grad():
+            grads = per_sample_grads(differentiable, chunk)
+        for name in names:
+            sums[name] += phi(grads[name]).sum(dim=0)

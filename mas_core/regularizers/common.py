@@ -1,0 +1,76 @@
+"""Small helpers shared by the regularizers: argument checks, finite checks, devices, shared parameters."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import InvalidArgumentError, NonFiniteError
+
+
+def check_lambda(name: str, value: Any) -> float:
+    """Validate a penalty weight (finite, ``>= 0``) and return it as a float.
+
+    Raises :class:`~mas_core.errors.InvalidArgumentError` naming the option otherwise.
+    """
+    if isinstance(value, bool):
+        raise InvalidArgumentError(f"{name} must be a finite number >= 0, got {value!r}")
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(f"{name} must be a number, got {value!r}") from None
+    if not (value >= 0 and math.isfinite(value)):
+        raise InvalidArgumentError(f"{name} must be a finite number >= 0, got {value}")
+    return value
+
+
+def check_max_samples(value: Any) -> int | None:
+    """``None`` or a positive integer: the cap on samples an estimator reads after a task."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidArgumentError(f"max_samples must be a positive integer or None, got {value!r}")
+    return value
+
+
+def check_finite(kind: str, tensors: dict[str, Tensor], what_to_do: str) -> None:
+    """Raise :class:`NonFiniteError` naming the first entry of ``tensors`` holding a NaN or Inf."""
+    for name, value in tensors.items():
+        if not torch.isfinite(value).all():
+            raise NonFiniteError(f"{kind} of parameter {name} has NaN or Inf entries; {what_to_do}")
+
+
+def detached_copies(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``{name: value.detach().clone()}``: the form in which state is stored and restored."""
+    return {name: value.detach().clone() for name, value in tensors.items()}
+
+
+def move_state(tensors: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    """The same dict with every tensor on ``device`` (the dict itself when already there)."""
+    if all(value.device == device for value in tensors.values()):
+        return tensors
+    return {name: value.to(device) for name, value in tensors.items()}
+
+
+def first_parameter_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter (CPU for a model without parameters)."""
+    for parameter in model.parameters():
+        return parameter.device
+    return torch.device("cpu")
+
+
+def zero_penalty(model: nn.Module) -> Tensor:
+    """A 0-d zero on the model's first parameter's device and dtype (the penalty of no method)."""
+    for parameter in model.parameters():
+        return parameter.new_zeros(())
+    return torch.zeros(())
+
+
+def shared_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the trainable parameters that do not belong to ``model.heads`` (all of them if it has none)."""
+    heads = getattr(model, "heads", None)
+    head_ids = {id(parameter) for parameter in heads.parameters()} if isinstance(heads, nn.Module) else set()
+    return [name for name, parameter in model.named_parameters()
+            if parameter.requires_grad and id(parameter) not in head_ids]
