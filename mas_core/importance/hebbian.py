@@ -40,9 +40,26 @@ def hebbian_importance(
     """
     trainable = trainable_parameters(model)
     sums = {name: torch.zeros_like(parameter) for name, parameter in trainable.items()}
-    layers = [
-        layer for layer in discover_layers(model, trainable, exclusive=False) if layer.kind in ("linear", "conv2d")
-    ]
+    layers = hebbian_layers(model, trainable)
+    device = next(iter(trainable.values())).device
+    count = 0
+    with evaluation_mode(model):
+        for batch, size in limited_batches(data, max_samples):
+            batch = move_to(batch, device)
+            accumulate_hebbian_batch(model, batch, layers, sums, output_fn)
+            count += size
+    return finish(sums, count, scale=2.0, estimator="l-MAS", data=data)
+
+
+def hebbian_layers(model: nn.Module, trainable: dict[str, nn.Parameter]) -> list[Layer]:
+    """The Linear and Conv2d modules holding trainable parameters (the layers l-MAS measures)."""
+    return [layer for layer in discover_layers(model, trainable, exclusive=False) if layer.kind in ("linear", "conv2d")]
+
+
+def accumulate_hebbian_batch(model: nn.Module, batch: Any, layers: list[Layer], sums: dict[str, Tensor],
+                             output_fn: OutputFn | None) -> None:
+    """Add the raw co-activation sums ``Σ_{n∈batch} |y x|`` of one batch to ``sums`` (no ``2/N``):
+    one forward pass under ``torch.no_grad``; the caller puts the model in eval mode."""
 
     def make_hook(layer: Layer) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
@@ -51,19 +68,13 @@ def hebbian_importance(
 
         return hook
 
-    device = next(iter(trainable.values())).device
-    count = 0
-    with evaluation_mode(model), torch.no_grad():
-        handles = [layer.module.register_forward_hook(make_hook(layer)) for layer in layers]
-        try:
-            for batch, size in limited_batches(data, max_samples):
-                batch = move_to(batch, device)
-                model_output(model, batch, output_fn)
-                count += size
-        finally:
-            for handle in handles:
-                handle.remove()
-    return finish(sums, count, scale=2.0, estimator="l-MAS", data=data)
+    handles = [layer.module.register_forward_hook(make_hook(layer)) for layer in layers]
+    try:
+        with torch.no_grad():
+            model_output(model, batch, output_fn)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _hebbian_accumulate(layer: Layer, layer_input: Tensor, output: Tensor, sums: dict[str, Tensor]) -> None:

@@ -54,12 +54,12 @@ def per_sample_gradient_statistic(
     with evaluation_mode(model):
         for batch, size in limited_batches(data, max_samples):
             batch = move_to(batch, device)
-            _accumulate_batch(model, batch, size, objective, phi, sums, trainable, layers, chunk_size)
+            accumulate_batch(model, batch, size, objective, phi, sums, trainable, layers, chunk_size)
             count += size
     return finish(sums, count, scale=1.0, estimator=estimator, data=data)
 
 
-def _accumulate_batch(
+def accumulate_batch(
     model: nn.Module,
     batch: Any,
     size: int,
@@ -70,6 +70,8 @@ def _accumulate_batch(
     layers: list[Layer],
     chunk_size: int | None,
 ) -> None:
+    """Add ``Σ_{n∈batch} φ(∂s_n/∂θ)`` of one batch of ``size`` samples to ``sums`` (no division).
+    The caller puts the model in eval mode; ``layers`` is :func:`discover_layers` of ``trainable``."""
     records: list[list[tuple[Tensor, GradientEdge] | None]] = [[] for _ in layers]
 
     def make_hook(index: int) -> Callable[..., None]:
