@@ -3,6 +3,8 @@
 Public API (the formulas are in ``docs/method.md``):
 
 * importance estimators: :func:`mas_importance`, :func:`hebbian_importance`, :func:`fisher_importance`;
+  online importance from a deployed model's unlabelled inputs: :class:`OnlineImportance` (streaming,
+  savable, mergeable; ``MAS.after_task(model, accumulator)``) and :func:`mix_importance`;
 * methods with one protocol (:class:`Regularizer`): :class:`MAS`, :class:`LocalMAS`, :class:`EWC`,
   :class:`SI`, :class:`LwF`, :class:`IMM`, :class:`EBLL`, :class:`Finetune`; by name through
   :func:`make_regularizer` / :data:`METHODS`; the quadratic-anchor methods share
@@ -30,7 +32,7 @@ from .errors import (
     NoTrainableParametersError,
     UnknownMethodError,
 )
-from .importance import fisher_importance, hebbian_importance, mas_importance
+from .importance import OnlineImportance, fisher_importance, hebbian_importance, mas_importance, mix_importance
 from .metrics import average_accuracy, average_drop, average_forgetting, backward_transfer
 from .regularizers import (
     EBLL,
@@ -56,7 +58,7 @@ __all__ = [
     "atomic_write_json", "atomic_write_text", "load_checkpoint", "save_checkpoint",
     "CheckpointMismatchError", "DivergenceError", "EmptyDataError", "InvalidOutputError", "MASCoreError",
     "NonFiniteError", "NoTrainableParametersError", "UnknownMethodError", "UnknownOptionError",
-    "fisher_importance", "hebbian_importance", "mas_importance",
+    "fisher_importance", "hebbian_importance", "mas_importance", "OnlineImportance", "mix_importance",
     "average_accuracy", "average_drop", "average_forgetting", "backward_transfer",
     "EBLL", "EWC", "IMM", "MAS", "METHODS", "SI", "Finetune", "LocalMAS", "LwF", "QuadraticAnchorRegularizer", "Regularizer",
     "TaskInfo",

@@ -10,7 +10,10 @@ The definitions are in ``docs/method.md`` (N = number of samples actually seen):
 * :func:`mas_importance`, ``mode="batch"`` (§1.2), the estimator of the original code, Avalanche
   and FACIL, **for comparison only**: ``Ω_batch = (1/N) Σ_batches |∂ Σ_{n∈batch} ‖F(x_n)‖₂²/∂θ|``;
 * :func:`hebbian_importance` (l-MAS, §4), forward passes only;
-* :func:`fisher_importance` (§5): the diagonal empirical Fisher ``(1/N) Σ_n (∂ℓ_n/∂θ)²``, per sample.
+* :func:`fisher_importance` (§5): the diagonal empirical Fisher ``(1/N) Σ_n (∂ℓ_n/∂θ)²``, per sample;
+* :class:`OnlineImportance` (§12): MAS or l-MAS accumulated from a stream of unlabelled batches
+  (the inputs a deployed model answers) in constant memory; savable, resumable, mergeable;
+  :func:`mix_importance` (§12): ``(1 − ρ) Ω_a + ρ Ω_b``.
 
 ``F(x)`` is ``output_fn(model, batch)`` when given, else ``model(batch_input(batch))``
 (:mod:`mas_core.batches` lists the batch layouts). The model is put in eval mode while
@@ -21,7 +24,8 @@ label-free estimators never read labels.
 Where things are: ``mas.py``, ``fisher.py``, ``hebbian.py`` (the three public estimators);
 ``per_sample.py`` (the exact per-sample engine, shared by MAS and Fisher, and its vmap fallback);
 ``layers.py`` (closed-form per-sample gradients of Linear, Conv2d, BatchNorm); ``batch.py`` (the
-batch-level estimate); ``common.py`` (F, batches, eval mode, the final average).
+batch-level estimate); ``common.py`` (F, batches, eval mode, the final average); ``online.py`` (the
+streaming accumulator); ``mixing.py`` (mixing two estimates).
 
 Several processes: when ``data`` is one rank's :class:`mas_core.distributed.RankShard`, each
 rank sums ``φ(g_n)`` over its own samples on the module it is given (pass the unwrapped model,
@@ -37,13 +41,20 @@ from .common import LossFn, OutputFn
 from .fisher import fisher_importance
 from .hebbian import hebbian_importance
 from .mas import MAS_MODES, mas_importance
+from .mixing import mix_importance
+from .online import ESTIMATORS as ONLINE_ESTIMATORS
+from .online import OnlineImportance, parameter_fingerprint
 
 __all__ = [
     "InvalidArgumentError",
     "LossFn",
     "MAS_MODES",
+    "ONLINE_ESTIMATORS",
+    "OnlineImportance",
     "OutputFn",
     "fisher_importance",
     "hebbian_importance",
     "mas_importance",
+    "mix_importance",
+    "parameter_fingerprint",
 ]

@@ -13,6 +13,9 @@ unlabelled data, a mix; labels are never read) — ``docs/method.md`` §1:
 * ``mode="hebbian"`` (l-MAS, :class:`LocalMAS`): ``Ω_new[W]_ij = (2/N) Σ_n |y_i x_j|``
   (:func:`~mas_core.importance.hebbian_importance`);
 
+or taken from an :class:`~mas_core.importance.OnlineImportance` that accumulated it from the
+inputs a deployed model answered (§12; ``after_task(model, accumulator)``), or given directly
+(:meth:`MAS.add_task_importance`, e.g. a :func:`~mas_core.importance.mix_importance` of both),
 then accumulated (``docs/method.md`` §3) with ``accumulate``:
 
 * ``"sum"`` (paper and original code; default): ``Ω ← Ω + Ω_new``;
@@ -33,7 +36,7 @@ from typing import Any, Iterable
 from torch import Tensor, nn
 
 from ..errors import CheckpointMismatchError, InvalidArgumentError, MASStateError, NonFiniteError
-from ..importance import OutputFn, hebbian_importance, mas_importance
+from ..importance import OnlineImportance, OutputFn, hebbian_importance, mas_importance
 from .common import check_max_samples
 from .quadratic import QuadraticAnchorRegularizer
 
@@ -88,9 +91,52 @@ class MAS(QuadraticAnchorRegularizer):
             return hebbian_importance(model, data, output_fn=self.output_fn, max_samples=self.max_samples)
         return mas_importance(model, data, output_fn=self.output_fn, mode=self.mode, max_samples=self.max_samples)
 
-    def after_task(self, model: nn.Module, data: Iterable[Any]) -> None:
-        """Estimate Ω_new on ``data``, accumulate it, and anchor θ* = the current parameters."""
-        new = {name: value.detach() for name, value in self.estimate(model, data).items()}
+    def after_task(self, model: nn.Module, data: Iterable[Any] | OnlineImportance) -> None:
+        """Estimate Ω_new on ``data``, accumulate it, and anchor θ* = the current parameters.
+
+        ``data`` may also be an :class:`~mas_core.importance.OnlineImportance` that has
+        accumulated Ω_new from a stream (the inputs the deployed model answered,
+        ``docs/method.md`` §12): its Ω is used as it is (this regularizer's ``max_samples``
+        does not apply; the accumulator has its own)."""
+        if isinstance(data, OnlineImportance):
+            new = self.importance_from_accumulator(model, data)
+        else:
+            new = self.estimate(model, data)
+        self.add_task_importance(model, new)
+
+    def importance_from_accumulator(self, model: nn.Module, accumulator: OnlineImportance) -> dict[str, Tensor]:
+        """Ω_new of an :class:`~mas_core.importance.OnlineImportance`, checked against this
+        regularizer (its estimator must be this ``mode``'s) and the model (the same θ)."""
+        if self.mode == "batch":
+            raise InvalidArgumentError(
+                "MAS(mode='batch') cannot take an online accumulator: the batch estimate depends on the batch "
+                "boundaries; use mode='exact'"
+            )
+        expected = "hebbian" if self.mode == "hebbian" else "mas"
+        if accumulator.estimator != expected:
+            raise InvalidArgumentError(
+                f"{self.display_name} (mode={self.mode!r}) needs an accumulator with estimator={expected!r}, "
+                f"got {accumulator.estimator!r}"
+            )
+        accumulator.check_model(model)
+        return accumulator.importance()
+
+    def add_task_importance(self, model: nn.Module, task_importance: dict[str, Tensor]) -> None:
+        """Accumulate a given Ω_new of the task that just ended with this regularizer's rule
+        (``accumulate``: sum, ema or alpha; ``docs/method.md`` §3) and anchor θ* = the current
+        parameters: what :meth:`after_task` does once it has estimated Ω_new.
+
+        ``task_importance`` maps parameter names of ``model`` to tensors of their shapes, finite
+        and ≥ 0 (e.g. an :class:`~mas_core.importance.OnlineImportance`'s Ω, or
+        :func:`~mas_core.importance.mix_importance` of a training-data and a query Ω); a subset
+        of the parameters is allowed (the others count as 0 for this task)."""
+        new = {name: value.detach() for name, value in task_importance.items()}
+        self.check_task_importance(model, new)
+        for name, value in new.items():
+            if bool((value < 0).any()):
+                raise InvalidArgumentError(
+                    f"{self.display_name} importance must be ≥ 0, but parameter {name!r} has a negative value"
+                )
         self.check_shapes(new)
         stored = self._importance
         if self.accumulate == "sum":  # Ω ← Ω + Ω_new

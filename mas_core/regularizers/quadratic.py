@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ..errors import CheckpointMismatchError, MASStateError, NonFiniteError
+from ..errors import CheckpointMismatchError, MASStateError, NonFiniteError, did_you_mean
 from .base import Regularizer
 from .common import check_lambda, detached_copies, zero_penalty
 
@@ -139,6 +139,25 @@ class QuadraticAnchorRegularizer(Regularizer):
                     f"since the last task; {self.display_name} cannot carry its importance over "
                     "(give the new layer another name)"
                 )
+
+    def check_task_importance(self, model: nn.Module, importance: dict[str, Tensor]) -> None:
+        """Refuse a task's Ω given from outside that does not fit ``model``: a name that is not one
+        of its parameters, another shape, not a tensor, or NaN/Inf."""
+        parameters = dict(model.named_parameters())
+        for name, value in importance.items():
+            parameter = parameters.get(name)
+            if parameter is None:
+                raise MASStateError(
+                    f"the importance names parameter {name!r}, which the model does not have"
+                    f"{did_you_mean(name, parameters)}"
+                )
+            if not isinstance(value, Tensor) or value.shape != parameter.shape:
+                shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise MASStateError(
+                    f"the importance of parameter {name!r} has shape {shape}, the parameter {tuple(parameter.shape)}"
+                )
+            if not bool(torch.isfinite(value).all()):
+                raise NonFiniteError(f"the importance of parameter {name!r} contains NaN or Inf")
 
     def consolidate(self, model: nn.Module, importance: dict[str, Tensor]) -> None:
         """Store the accumulated ``importance`` and anchor θ* at the model's current parameters,
