@@ -62,7 +62,9 @@ def fingerprint_difference(expected: dict[str, list[float]], actual: dict[str, l
     """The first parameter whose fingerprint differs (names, or values beyond rounding), else ``None``."""
     if list(expected) != list(actual):
         missing = sorted(set(expected) ^ set(actual))
-        return f"the parameter names differ ({missing[0]!r} is on one side only)" if missing else "the parameter order differs"
+        if missing:
+            return f"the parameter names differ ({missing[0]!r} is on one side only)"
+        return "the parameter order differs"
     for name, (a0, b0) in expected.items():
         a1, b1 = actual[name]
         for x, y in ((a0, a1), (b0, b1)):
@@ -301,12 +303,14 @@ class OnlineImportance:
             raise CheckpointMismatchError(f"not an OnlineImportance state: missing {missing}")
         if state["version"] != STATE_VERSION:
             raise CheckpointMismatchError(
-                f"OnlineImportance state version {state['version']} is not {STATE_VERSION}, the version this release reads"
+                f"OnlineImportance state version {state['version']} is not {STATE_VERSION}, "
+                "the version this release reads"
             )
         options = {"estimator": state["estimator"], "output_label": state["output_label"]}
         if options != self._options():
             raise CheckpointMismatchError(
-                f"the saved accumulator has options {options} but this one {self._options()}; build it with the saved ones"
+                f"the saved accumulator has options {options} but this one {self._options()}; "
+                "build it with the saved ones"
             )
         problem = _shape_difference(_shapes(self._sums), _shapes(state["sums"])) or fingerprint_difference(
             state["fingerprint"], parameter_fingerprint(self.model))
