@@ -105,7 +105,8 @@ class OnlineImportance:
     The model's ``training`` flags, parameters, buffers and ``.grad`` are left as they were.
     Gradients are formed internally (under ``torch.enable_grad``), so :meth:`update` may be
     called inside ``torch.no_grad()`` (e.g. right where the query is answered), but not under
-    ``torch.inference_mode()``.
+    ``torch.inference_mode()``. One accumulator is not thread-safe: give each serving thread or
+    process its own and :meth:`merge` them.
     """
 
     def __init__(self, model: nn.Module, *, estimator: str = "mas", output_fn: OutputFn | None = None,
@@ -296,7 +297,8 @@ class OnlineImportance:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from :meth:`state_dict`: the accumulator then continues exactly as the saved one
         would have. Refuses (:class:`~mas_core.errors.CheckpointMismatchError`) a state of another
-        layout, estimator, output label, parameter set or θ."""
+        layout, estimator, output label, parameter set or θ. ``max_samples`` and ``chunk_size``
+        stay this accumulator's own (the saved ``max_samples`` is a record)."""
         required = ("version", "estimator", "output_label", "max_samples", "count", "sums", "fingerprint")
         missing = [key for key in required if key not in state]
         if missing:
