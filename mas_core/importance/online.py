@@ -208,7 +208,9 @@ class OnlineImportance:
                                  self._trainable, self._layers, self.chunk_size)
             else:
                 accumulate_hebbian_batch(self.model, batch, self._layers, batch_sums, self.output_fn)
-        finite = torch.stack([torch.isfinite(value).all() for value in batch_sums.values()])
+        # the terms are ≥ 0, so a float64 total is finite exactly when every term is (one sync)
+        totals = torch.stack([value.sum(dtype=torch.float64).to(self._device) for value in batch_sums.values()])
+        finite = torch.isfinite(totals)
         if not bool(finite.all()):
             name = list(batch_sums)[int((~finite).nonzero()[0])]
             raise NonFiniteError(
