@@ -209,7 +209,8 @@ class OnlineImportance:
             else:
                 accumulate_hebbian_batch(self.model, batch, self._layers, batch_sums, self.output_fn)
         # the terms are ≥ 0, so a float64 total is finite exactly when every term is (one sync)
-        totals = torch.stack([value.sum(dtype=torch.float64).to(self._device) for value in batch_sums.values()])
+        totals = torch.stack([value.sum(dtype=_sum_dtype(value.device)).to(self._device, torch.float64)
+                              for value in batch_sums.values()])
         finite = torch.isfinite(totals)
         if not bool(finite.all()):
             name = list(batch_sums)[int((~finite).nonzero()[0])]
