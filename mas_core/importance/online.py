@@ -208,8 +208,8 @@ class OnlineImportance:
                                  self._trainable, self._layers, self.chunk_size)
             else:
                 accumulate_hebbian_batch(self.model, batch, self._layers, batch_sums, self.output_fn)
-        # the terms are ≥ 0, so a float64 total is finite exactly when every term is (one sync)
-        totals = torch.stack([value.sum(dtype=_sum_dtype(value.device)).to(self._device, torch.float64)
+        # the terms are ≥ 0, so their float64 total is finite exactly when every term is (one sync)
+        totals = torch.stack([value.sum(dtype=_sum_dtype(value.device)).to(self._device, _sum_dtype(self._device))
                               for value in batch_sums.values()])
         finite = torch.isfinite(totals)
         if not bool(finite.all()):
