@@ -6,8 +6,9 @@ Public API (see ``../shared/MAS_SPEC.md`` for the formulas):
 * methods with one protocol (:class:`Regularizer`): :class:`MAS`, :class:`EWC`, :class:`SI`,
   :class:`LwF`, :class:`IMM`, :class:`EBLL`, :class:`Finetune`; by name through
   :func:`make_regularizer` / :data:`METHODS`;
-* the task-sequence runner: :class:`MultiHeadNet`, :class:`Task`, :class:`TrainSettings`,
-  :func:`run_sequence` → :class:`SequenceResult`;
+* the task loop (:mod:`mas_core.loop`): :func:`train_tasks` on any :class:`Experiment`, with
+  :class:`OptimSettings` → :class:`SequenceResult`; the multi-head classification sequence on it:
+  :class:`MultiHeadNet`, :class:`Task`, :func:`run_sequence`;
 * metrics on an accuracy matrix: :func:`average_accuracy`, :func:`average_forgetting`,
   :func:`backward_transfer`, :func:`average_drop`;
 * atomic checkpoints: :func:`save_checkpoint`, :func:`load_checkpoint`;
@@ -47,7 +48,8 @@ from .regularizers import (
     make_regularizer,
     method_options,
 )
-from .sequence import MultiHeadNet, SequenceResult, Task, TrainSettings, evaluate, run_sequence
+from .loop import Experiment, ImportanceSource, OptimSettings, SequenceResult, TrainData, train_tasks
+from .sequence import MultiHeadNet, Task, evaluate, run_sequence
 
 __all__ = [
     "batch_input", "batch_target",
@@ -58,5 +60,6 @@ __all__ = [
     "average_accuracy", "average_drop", "average_forgetting", "backward_transfer",
     "EBLL", "EWC", "IMM", "MAS", "METHODS", "SI", "Finetune", "LocalMAS", "LwF", "Regularizer", "TaskInfo",
     "make_regularizer", "method_options",
-    "MultiHeadNet", "SequenceResult", "Task", "TrainSettings", "evaluate", "run_sequence",
+    "Experiment", "ImportanceSource", "OptimSettings", "SequenceResult", "TrainData", "train_tasks",
+    "MultiHeadNet", "Task", "evaluate", "run_sequence",
 ]

@@ -49,7 +49,7 @@ def reduced_config(tmp: Path, data_dir: Path, methods: list[str], num_tasks: int
         "model": {"arch": "small_cnn", "input_size": 28, "channels": 1, "width": 8, "feature_dim": 32},
         "train": {"epochs": 5, "lr": 0.05, "momentum": 0.9, "batch_size": 32},
         "methods": methods,
-        "method_options": {"mas": {"lam": 0.1}, "lmas": {"lam": 0.0003}},
+        "method_options": {"mas": {"lam": 0.1}, "lmas": {"lam": 0.001}},
     }
     config["tasks"] = config["tasks"][:num_tasks]
     path = tmp / "reduced.yaml"
@@ -123,7 +123,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path: Path) -> None:
     process = subprocess.Popen(
         [sys.executable, "-m", "triplets.cli", "recognition", "--config", str(path), "--out", str(out),
          "--set", "train.epochs=2", "--quiet"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = out / "mas" / "sequence.pt"
+    marker = out / "mas" / "checkpoint.pt"
     deadline = time.time() + 240
     while not marker.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)

@@ -73,7 +73,7 @@ from triplets.train import (  # noqa: E402
     DataConfig,
     EvalConfig,
     MethodConfig,
-    OptimConfig,
+    OptimSettings,
     TrainConfig,
     load_run,
     load_train_config,
@@ -93,7 +93,7 @@ def small_facts(tmp_path_factory) -> Path:
 def _config(fact_file: Path, *, methods=None, epochs: int = 2, **optim) -> TrainConfig:
     return TrainConfig(
         data=DataConfig(fact_file=str(fact_file)), model=SMALL_MODEL,
-        optim=OptimConfig(epochs=epochs, batch_size=16, **optim),
+        optim=OptimSettings(epochs=epochs, batch_size=16, **optim),
         methods=methods or [MethodConfig("finetune"), MethodConfig("mas", {"lam": 1.0})],
         eval=EvalConfig(index="none"), num_threads=1,
     )
@@ -104,15 +104,15 @@ def _final_state(run_dir: Path, method: str) -> dict:
 
 
 def die_after_first_mas_task(monkeypatch):
-    """Make ``triplets.train`` raise KeyboardInterrupt right after MAS's first task is
+    """Make the task loop (``mas_core.loop``) raise KeyboardInterrupt right after MAS's first task is
     checkpointed (a kill at the worst moment); returns the real ``save_checkpoint``."""
-    import triplets.train as train_module
+    import mas_core.loop as train_module
 
     real_save = train_module.save_checkpoint
 
     def save_then_die(path, state):
         real_save(path, state)
-        if Path(path).parent.name == "mas" and state.get("finished_tasks") == 1:
+        if Path(path).parent.name == "mas" and state.get("completed_tasks") == 1:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
@@ -120,7 +120,7 @@ def die_after_first_mas_task(monkeypatch):
 
 
 def test_resume_after_a_kill_equals_the_uninterrupted_run(small_facts, tmp_path, monkeypatch):
-    import triplets.train as train_module
+    import mas_core.loop as train_module
 
     config = _config(small_facts)
     reference = train_run(config, tmp_path / "whole", progress=False)
@@ -151,7 +151,7 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(small_facts, tmp_path,
 
 
 def test_a_changed_config_cannot_resume_and_a_used_folder_is_not_overwritten(small_facts, tmp_path, monkeypatch):
-    import triplets.train as train_module
+    import mas_core.loop as train_module
 
     config = _config(small_facts, methods=[MethodConfig("mas", {"lam": 1.0})], epochs=1)
     real_save = train_module.save_checkpoint
@@ -176,11 +176,11 @@ def test_a_changed_config_cannot_resume_and_a_used_folder_is_not_overwritten(sma
         train_run(changed_lam, tmp_path / "run", resume=True, progress=False)
     # the method checkpoint itself also refuses another configuration
     from mas_core.checkpoint import load_checkpoint
-    from triplets.train import _method_state_config
+    from triplets.train import method_checkpoint_config
 
     with pytest.raises(CheckpointMismatchError, match="lam"):
         load_checkpoint(tmp_path / "run" / "mas" / "checkpoint.pt",
-                        expected_config=_method_state_config(changed_lam, changed_lam.methods[0]))
+                        expected_config=method_checkpoint_config(changed_lam, changed_lam.methods[0]))
     assert (tmp_path / "run" / "mas" / "checkpoint.pt").read_bytes() == checkpoint  # nothing overwritten
 
 

@@ -37,6 +37,7 @@ paper's Table 3). Only label-free importance methods (mas, lmas) accept ``@test`
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import sys
@@ -45,10 +46,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from mas_core.errors import did_you_mean
+from mas_core.loop import JOINT, OptimSettings
+from mas_core.regularizers import METHODS
+
 from .errors import ConfigError, RunFolderError
 
-ALL_METHODS = ("finetune", "lwf", "ebll", "imm", "ewc", "si", "mas", "lmas", "joint")
-LABEL_FREE_IMPORTANCE = ("mas", "lmas")
+ALL_METHODS = ("finetune", "lwf", "ebll", "imm", "ewc", "si", "mas", "lmas", JOINT)  # the paper's comparison
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -87,11 +91,8 @@ class TaskSpec:
             from data_prep.images import SOURCES
 
             if self.dataset not in SOURCES:
-                import difflib
-
-                close = difflib.get_close_matches(self.dataset, list(SOURCES), n=1, cutoff=0.0)
                 raise ValueError(f"task {self.name!r}: unknown dataset {self.dataset!r}"
-                                 f"{f'; did you mean {close[0]!r}?' if close else ''}")
+                                 f"{did_you_mean(self.dataset, SOURCES)}")
         for key in ("max_train_per_class", "max_test_per_class", "image_size"):
             value = getattr(self, key)
             if value is not None and value < 1:
@@ -139,14 +140,12 @@ class ModelSpec:
 
 
 @dataclass
-class OptimSpec:
-    """SGD settings shared by all tasks and methods (``lr`` per step; ``epochs`` per task)."""
+class OptimSpec(OptimSettings):
+    """``train:`` the optimizer of every task and method (:class:`mas_core.loop.OptimSettings`:
+    SGD, ``lr`` per step, ``epochs`` per task) and where the sequence runs: ``eval_batch_size``
+    test images per evaluation batch, ``num_workers`` DataLoader workers, ``device``."""
 
-    epochs: int = 5
-    lr: float = 0.05
-    momentum: float = 0.9
     batch_size: int = 128
-    weight_decay: float = 0.0
     eval_batch_size: int = 512
     num_workers: int = 0
     device: str = "cpu"
@@ -178,29 +177,24 @@ class RecognitionConfig:
         names = [task.name for task in self.tasks]
         if len(set(names)) != len(names):
             raise ValueError(f"tasks: names must be distinct, got {names}")
-        if self.train.epochs < 1 or self.train.lr <= 0 or self.train.batch_size < 1:
-            raise ValueError("train: epochs and batch_size must be >= 1 and lr > 0")
+        self.train.validate()
         parse_methods(self.methods)
         known = set(known_methods())
         for key in self.method_options:
             if key.split("@")[0] not in known:
-                import difflib
-
-                close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.0)
-                raise ValueError(f"method_options: unknown method {key!r}"
-                                 f"{f'; did you mean {close[0]!r}?' if close else ''}")
+                raise ValueError(f"method_options: unknown method {key!r}{did_you_mean(key, sorted(known))}")
 
 
 def known_methods() -> list[str]:
     """The method names accepted: the paper's set plus what :mod:`mas_core.regularizers` registers."""
-    names = list(ALL_METHODS)
-    try:
-        from mas_core.regularizers import METHODS  # type: ignore[attr-defined]
+    return list(ALL_METHODS) + [name for name in METHODS if name not in ALL_METHODS]
 
-        names += [name for name in METHODS if name not in names]
-    except ImportError:
-        pass
-    return names
+
+def importance_from_inputs(method: str) -> bool:
+    """Whether ``method`` (a name, optionally ``name@variant``) estimates importance from
+    unlabelled inputs alone (its regularizer's ``importance_from_inputs``: MAS, l-MAS)."""
+    base = method.split("@")[0]
+    return base in METHODS and bool(METHODS[base].importance_from_inputs)
 
 
 def parse_methods(methods: Sequence[str] | str) -> list[str]:
@@ -213,15 +207,13 @@ def parse_methods(methods: Sequence[str] | str) -> list[str]:
     for item in items:
         base, _, variant = item.partition("@")
         if base not in known:
-            import difflib
-
-            close = difflib.get_close_matches(base, known, n=1, cutoff=0.0)
-            raise ValueError(f"unknown method {base!r}{f'; did you mean {close[0]!r}?' if close else ''} "
+            raise ValueError(f"unknown method {base!r}{did_you_mean(base, known)} "
                              f"(known: {', '.join(known)})")
         if variant and variant not in ("train", "test"):
             raise ValueError(f"method {item!r}: the suffix after @ must be 'train' or 'test'")
-        if variant == "test" and base not in LABEL_FREE_IMPORTANCE:
-            raise ValueError(f"method {item!r}: only {list(LABEL_FREE_IMPORTANCE)} estimate importance "
+        if variant == "test" and not importance_from_inputs(base):
+            label_free = [name for name in METHODS if importance_from_inputs(name)]
+            raise ValueError(f"method {item!r}: only {label_free} estimate importance "
                              "without labels; drop '@test'")
     if len(set(items)) != len(items):
         raise ValueError(f"methods: {items} names a method twice")
@@ -438,7 +430,7 @@ def _importance_choice(config: RecognitionConfig, method: str) -> str:
     base, _, variant = method.partition("@")
     if variant:
         return variant
-    return config.importance_data if base in LABEL_FREE_IMPORTANCE else "train"
+    return config.importance_data if importance_from_inputs(base) else "train"
 
 
 def run_recognition(config: RecognitionConfig, out: str | Path, *, methods: Sequence[str] | None = None,
@@ -449,7 +441,7 @@ def run_recognition(config: RecognitionConfig, out: str | Path, *, methods: Sequ
     Under ``torchrun`` every rank calls it; rank 0 alone writes (see the module docs)."""
     from mas_core.checkpoint import atomic_write_json, atomic_write_text
     from mas_core.distributed import is_main_process
-    from mas_core.sequence import Task, TrainSettings, run_sequence
+    from mas_core.sequence import Task, run_sequence
 
     from .config import to_dict
     from mas_core.distributed import run_on_main_process, same_on_every_rank
@@ -478,10 +470,7 @@ def run_recognition(config: RecognitionConfig, out: str | Path, *, methods: Sequ
     run_on_main_process(prepare_folder_and_data)
     tasks = build_tasks(config, log=emit)
     test_inputs = [unlabeled_inputs(task.test) for task in tasks]
-    settings = TrainSettings(epochs=config.train.epochs, lr=config.train.lr, momentum=config.train.momentum,
-                             batch_size=config.train.batch_size, weight_decay=config.train.weight_decay,
-                             seed=config.seed, eval_batch_size=config.train.eval_batch_size,
-                             num_workers=config.train.num_workers, device=config.train.device)
+    optim = OptimSettings(**{f.name: getattr(config.train, f.name) for f in dataclasses.fields(OptimSettings)})
     make_model = model_factory(config.model)
     per_method: dict[str, Any] = {}
     for method in method_list:
@@ -501,7 +490,9 @@ def run_recognition(config: RecognitionConfig, out: str | Path, *, methods: Sequ
                           importance_data=test_inputs[i] if importance == "test" else None)
                      for i, t in enumerate(tasks)]
         base = method.split("@")[0]
-        sequence_result = run_sequence(make_model, run_tasks, base, settings, method_options=options or None,
+        sequence_result = run_sequence(make_model, run_tasks, base, optim, seed=config.seed,
+                                       device=config.train.device, eval_batch_size=config.train.eval_batch_size,
+                                       num_workers=config.train.num_workers, method_options=options or None,
                                        checkpoint_dir=method_dir, resume=resume, progress=progress, log=log)
         summary = {
             "accuracy": sequence_result.accuracy,
@@ -510,7 +501,7 @@ def run_recognition(config: RecognitionConfig, out: str | Path, *, methods: Sequ
             "avg_forgetting": sequence_result.avg_forgetting,
             "bwt": sequence_result.bwt,
             "wall_time_s": sequence_result.wall_time_s,
-            "importance_data": importance if base in LABEL_FREE_IMPORTANCE else None,
+            "importance_data": importance if importance_from_inputs(base) else None,
             "options": options,
         }
         per_method[method] = summary
