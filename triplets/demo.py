@@ -10,7 +10,7 @@
 3. **train**: every method of the config's ``train.methods`` (finetune and MAS) on the same
    tasks, in order, into the run folder ``OUT`` (``triplets.train.train_run``), which evaluates
    every task after every task (standard top-5) and writes ``OUT/results.json`` with, per
-   method, ``avg_top5`` and ``forgetting`` (fractions), ``results.md`` and plots.
+   method, ``avg_acc`` (average standard top-5) and ``forgetting`` (fractions), ``results.md`` and plots.
 4. **query**: the trained MAS model answers one image → facts and one text → images query.
 5. Prints the comparison table.
 
@@ -185,7 +185,7 @@ def format_table(results: dict[str, Any]) -> str:
     for name, entry in results["methods"].items():
         generalized = entry.get("final", {}).get("generalized") or []
         gen = sum(task["top5"] for task in generalized) / len(generalized) if generalized else float("nan")
-        lines.append(f"{name:<14} {100 * entry['avg_top5']:>9.1f}% {100 * entry['forgetting']:>10.1f}% "
+        lines.append(f"{name:<14} {100 * entry['avg_acc']:>9.1f}% {100 * entry['forgetting']:>10.1f}% "
                      f"{100 * entry['bwt']:>7.1f}% {100 * gen:>10.1f}%")
     return "\n".join(lines)
 

@@ -27,6 +27,7 @@ from .errors import ConfigError, RunFolderError
 from .fact_data import fact_file_fingerprint, open_fact_file
 from .model import FactEmbeddingNet, ModelConfig, build_model
 from .report import write_report
+from .results_schema import results_document
 from .train_config import TrainConfig
 
 
@@ -89,8 +90,8 @@ def collect_results(out_dir: Path, config: TrainConfig, fact_file) -> dict:
 
 
 def results_dict(out_dir: Path, config: TrainConfig, fact_file, known: dict[str, Any] | None = None) -> dict:
-    """The contents of ``RUN/results.json``: the methods' results (``known`` ones as given, the
-    others from their ``result.json``), the tasks' sizes and the config."""
+    """The contents of ``RUN/results.json`` (:mod:`triplets.results_schema`): the methods' results
+    (``known`` ones as given, the others from their ``result.json``), the tasks' sizes and the config."""
     known = known or {}
     methods: dict[str, Any] = {}
     for method in config.methods:
@@ -99,15 +100,15 @@ def results_dict(out_dir: Path, config: TrainConfig, fact_file, known: dict[str,
             methods[method.key] = known[method.key]
         elif path.exists():
             methods[method.key] = json.loads(path.read_text(encoding="utf-8"))
-    tasks = []
-    for task in range(fact_file.num_tasks):
-        tasks.append({
-            "index": task,
-            "num_facts": int(len(fact_file.facts_of_task(task))),
-            "num_train": int(len(fact_file.sample_indices(task=task, split=0))),
-            "num_test": int(len(fact_file.sample_indices(task=task, split=1))),
-        })
-    return {"methods": methods, "tasks": tasks, "config": to_dict(config)}
+    tasks = [{
+        "index": task, "name": f"t{task + 1}",
+        "num_facts": int(len(fact_file.facts_of_task(task))),
+        "num_train": int(len(fact_file.sample_indices(task=task, split=0))),
+        "num_test": int(len(fact_file.sample_indices(task=task, split=1))),
+    } for task in range(fact_file.num_tasks)]
+    return results_document(experiment="facts", name=out_dir.name, metric="standard top-5",
+                            complete=len(methods) == len(config.methods), tasks=tasks, methods=methods,
+                            config=to_dict(config))
 
 
 @dataclass

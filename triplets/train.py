@@ -70,6 +70,7 @@ from .feature_cache import FEATURE_DATASET, feature_cache_fingerprint, write_fea
 from .index import build_index, model_fingerprint
 from .model import FactEmbeddingNet, build_model, slot_targets
 from .run_folder import Run, collect_results, load_run, package_versions, prepare_run_folder, results_dict
+from .results_schema import method_summary
 from .train_config import (
     DataConfig,
     EvalConfig,
@@ -109,7 +110,8 @@ def method_checkpoint_config(config: TrainConfig, method: MethodConfig) -> dict[
 
 def train_run(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True) -> dict:
     """Train every method of ``config`` task by task into the run folder ``out_dir``; return
-    the results dictionary also written to ``RUN/results.json`` (schema in ``docs/run_folder.md``: per method the accuracy matrix R, ``avg_top5``, ``forgetting``,
+    the results dictionary also written to ``RUN/results.json`` (schema in ``docs/run_folder.md``:
+    per method the accuracy matrix R, ``avg_acc``, ``forgetting``,
     ``bwt``, ``final`` metrics and ``wall_time_s``; accuracies are fractions in [0, 1]).
 
     Under ``torchrun`` (a process group joined beforehand, as ``mas-triplets train`` does with
@@ -183,14 +185,7 @@ def train_method(ctx: FactContext, method: MethodConfig, method_dir: Path, *, pr
             "model": model.state_dict(), "model_config": to_dict(ctx.config.model), "slot_dim": ctx.slot_dim,
             "image_size": ctx.image_size, "encoder_name": ctx.fact_file.encoder_name, "fact_file_sha": ctx.fingerprint,
         })
-    result = {
-        "accuracy_matrix": outcome.accuracy,
-        "avg_top5": outcome.avg_acc,
-        "forgetting": outcome.avg_forgetting,
-        "bwt": outcome.bwt,
-        "final": experiment.final_metrics(model),
-        "wall_time_s": outcome.wall_time_s,
-    }
+    result = method_summary(outcome, method.name, method.options, final=experiment.final_metrics(model))
     if main:
         atomic_write_json(result_path, result)
     return result
