@@ -53,35 +53,7 @@ def _run(*args, **kwargs):
     return run_sequence(*args, seed=SEED, **kwargs)
 
 
-class _Killed(Exception):
-    pass
-
-
-def _kill_during_task(task_number: int):
-    def log(message: str) -> None:
-        if message.startswith(f"[") and f"task {task_number} (" in message and "epoch 1/" in message:
-            raise _Killed(message)
-    return log
-
-
-@pytest.mark.parametrize("method, options", [("mas", {"lam": 1.0}), ("si", {"lam": 0.5}), ("ebll", {"code_dim": 4, "ae_epochs": 2})])
-def test_resumed_sequence_equals_uninterrupted_bitwise(tmp_path, method, options) -> None:
-    tasks = _tasks()
-    full = _run(_make_model, tasks, method, SETTINGS, method_options=options,
-                        checkpoint_dir=tmp_path / "full", progress=False)
-    with pytest.raises(_Killed):
-        _run(_make_model, tasks, method, SETTINGS, method_options=options,
-                     checkpoint_dir=tmp_path / "cut", log=_kill_during_task(3))
-    assert load_checkpoint(tmp_path / "cut" / CHECKPOINT_NAME)["completed_tasks"] == 2
-    torch.manual_seed(999)  # the caller's RNG state must not matter
-    resumed = _run(_make_model, tasks, method, SETTINGS, method_options=options,
-                           checkpoint_dir=tmp_path / "cut", resume=True, progress=False)
-    assert resumed.accuracy == full.accuracy  # bitwise: floats compared with ==
-    assert full.accuracy[2][0] is not None and full.accuracy[0][1] is None
-    final_full = load_checkpoint(tmp_path / "full" / CHECKPOINT_NAME)["model"]
-    final_resumed = load_checkpoint(tmp_path / "cut" / CHECKPOINT_NAME)["model"]
-    for key in final_full:
-        assert torch.equal(final_full[key], final_resumed[key]), key
+# resumed == uninterrupted, bit for bit: tests/test_loop.py (one test over both experiments)
 
 
 def test_same_seed_same_result_and_resume_after_the_end(tmp_path) -> None:

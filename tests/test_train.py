@@ -119,35 +119,7 @@ def die_after_first_mas_task(monkeypatch):
     return real_save
 
 
-def test_resume_after_a_kill_equals_the_uninterrupted_run(small_facts, tmp_path, monkeypatch):
-    import mas_core.loop as train_module
-
-    config = _config(small_facts)
-    reference = train_run(config, tmp_path / "whole", progress=False)
-
-    real_save = die_after_first_mas_task(monkeypatch)
-    with pytest.raises(KeyboardInterrupt):
-        train_run(config, tmp_path / "killed", progress=False)
-    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
-    assert (tmp_path / "killed" / "finetune" / "model.pt").is_file()
-    assert not (tmp_path / "killed" / "mas" / "model.pt").exists()
-    finetune_bytes = (tmp_path / "killed" / "finetune" / "model.pt").read_bytes()
-
-    resumed = train_run(config, tmp_path / "killed", resume=True, progress=False)
-    assert (tmp_path / "killed" / "finetune" / "model.pt").read_bytes() == finetune_bytes  # finished: skipped
-    for method in ("finetune", "mas"):
-        assert resumed["methods"][method]["accuracy_matrix"] == reference["methods"][method]["accuracy_matrix"]
-        whole, again = _final_state(tmp_path / "whole", method), _final_state(tmp_path / "killed", method)
-        assert whole.keys() == again.keys()
-        for name in whole:
-            assert torch.equal(whole[name], again[name]), f"{method}: {name} differs after resume"
-    log = (tmp_path / "killed" / "mas" / "log.txt").read_text().splitlines()
-    assert len(log) == 3 and log[0].startswith("[mas] task 1/3")
-    # the run folder holds what the contract says
-    for name in ("config.yaml", "versions.json", "results.json", "results.md"):
-        assert (tmp_path / "killed" / name).is_file()
-    versions = json.loads((tmp_path / "killed" / "versions.json").read_text())
-    assert versions["torch"] == torch.__version__.split("+")[0] or versions["torch"].startswith(torch.__version__[:4])
+# resumed == uninterrupted and the run folder's contents: tests/test_loop.py
 
 
 def test_a_changed_config_cannot_resume_and_a_used_folder_is_not_overwritten(small_facts, tmp_path, monkeypatch):
