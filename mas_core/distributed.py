@@ -50,6 +50,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from mas_core.errors import MASCoreError
 
@@ -327,8 +328,6 @@ def wrap_for_training(model: nn.Module, loss_fn: Callable[..., Tensor], *,
     info = current()
     if info is None:
         return module
-    from torch.nn.parallel import DistributedDataParallel
-
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     device_ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=find_unused_parameters)

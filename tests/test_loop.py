@@ -128,3 +128,63 @@ def test_the_facts_run_folder_holds_what_the_contract_says(tmp_path_factory, tmp
         assert entry["avg_drop"] == pytest.approx(sum(R[2][j] - R[j][j] for j in range(3)) / 3)
         for name in ("checkpoint.pt", "log.txt", "model.pt", "result.json"):
             assert (tmp_path / "run" / key / name).is_file()
+
+
+class _Recorder:
+    """A regularizer that records what the loop hands it (no penalty)."""
+
+    def __init__(self, after_task_data: str, uses_step_hook: bool) -> None:
+        from mas_core.regularizers.base import Regularizer
+
+        class Recording(Regularizer):
+            name = "recording"
+
+        Recording.after_task_data = after_task_data
+        Recording.uses_step_hook = uses_step_hook
+        self.reg = Recording()
+        self.steps = 0
+        self.batches: list = []
+        self.reg.after_step = self._after_step
+        self.reg.after_task = self._after_task
+
+    def _after_step(self, model) -> None:
+        self.steps += 1
+
+    def _after_task(self, model, data) -> None:
+        self.batches.append(list(data))
+
+
+@pytest.mark.parametrize("after_task_data, uses_step_hook", [("none", False), ("inputs", True), ("labelled", False)])
+def test_the_loop_follows_what_the_method_declares(after_task_data, uses_step_hook):
+    """after_step only for a method that uses the step hook; after_task gets nothing, the
+    importance inputs (the task's importance_data) or labelled training batches, as declared."""
+    from torch.utils.data import TensorDataset
+
+    from mas_core.sequence import Task
+
+    tasks = _tasks(2, train_size=64, test_size=20)
+    unlabeled = [TensorDataset(task.test.tensors[0]) for task in tasks]
+    tasks = [Task(t.name, t.train, t.test, t.num_classes, importance_data=u) for t, u in zip(tasks, unlabeled)]
+    recorder = _Recorder(after_task_data, uses_step_hook)
+    _run(_make_model, tasks, recorder.reg, SETTINGS, progress=False)
+    steps_per_task = SETTINGS.epochs * (64 // SETTINGS.batch_size)
+    assert recorder.steps == (2 * steps_per_task if uses_step_hook else 0)
+    assert len(recorder.batches) == 2
+    for task, batches in enumerate(recorder.batches):
+        if after_task_data == "none":
+            assert batches == []
+        elif after_task_data == "inputs":  # the unlabelled importance data, in order
+            inputs = torch.cat([batch[0] for batch in batches])
+            assert torch.equal(inputs, unlabeled[task].tensors[0])
+        else:  # labelled: the training set with its labels
+            assert torch.equal(torch.cat([batch[1] for batch in batches]), tasks[task].train.tensors[1])
+
+
+def test_divergence_names_the_methods_declared_strength_and_the_learning_rate():
+    from mas_core.errors import DivergenceError
+    from mas_core.loop import OptimSettings
+
+    tasks = _tasks(2)
+    with pytest.raises(DivergenceError, match=r"optim\.lr, now 5\.0\) or the method's strength \(lam_l2=1e\+20\)"):
+        _run(_make_model, tasks, "imm", OptimSettings(epochs=2, lr=5.0, batch_size=32), method_options={"lam_l2": 1e20},
+             progress=False)
