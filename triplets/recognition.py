@@ -3,17 +3,16 @@ network learns a sequence of classification datasets, every method from the same
 
 :func:`run_recognition` builds the tasks of a :class:`RecognitionConfig` (converting
 each raw dataset once to HDF5 with :func:`data_prep.images.prepare_image_dataset`),
-trains the sequence once per method with :func:`mas_core.sequence.run_sequence`
-(checkpoints in ``OUT/<method>/``), and writes
+trains the sequence once per method with :func:`mas_core.sequence.run_sequence` (the task
+loop; checkpoints in ``OUT/<method>/``), and writes
 
-* ``OUT/results.json``: per method the accuracy matrix ``R[i][j]`` (fraction of the
-  test set of task ``j`` classified correctly after training task ``i``), ``avg_acc``
-  (mean final accuracy), ``avg_drop`` (mean over tasks of final minus just-after
-  accuracy; negative = forgetting), ``avg_forgetting``, ``bwt``, ``wall_time_s``;
-* ``OUT/results.md``: the paper's Table 2 layout for two tasks (first-task accuracy
-  with its drop in parentheses, second-task accuracy; percentages), else a table of
-  average accuracy and drop per method, and per-task final accuracies;
-* ``OUT/plots/accuracy.png`` and ``OUT/plots/drop.png``: per-task bars per method.
+* ``OUT/results.json`` (schema version 1, :mod:`triplets.results_schema`): per method the
+  accuracy matrix ``R[i][j]`` (fraction of the test set of task ``j`` classified correctly
+  after training task ``i``), ``avg_acc`` (mean final accuracy), ``avg_drop`` (mean over
+  tasks of final minus just-after accuracy; negative = forgetting), ``forgetting``, ``bwt``,
+  ``wall_time_s``;
+* ``OUT/results.md`` and ``OUT/plots/accuracy.png``, ``OUT/plots/drop.png``
+  (:func:`triplets.report.recognition_markdown`, :func:`triplets.report.write_recognition_plots`).
 
 All files are written atomically. A method finished earlier is loaded from
 ``OUT/<method>/result.json`` on ``resume``; an interrupted one continues from its
