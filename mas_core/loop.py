@@ -217,14 +217,17 @@ class SequenceResult:
         """The paper's average drop: mean over all tasks of ``R[T-1][j] - R[j][j]`` (negative = forgetting)."""
         return metrics.average_drop(self.accuracy)
 
+    def summary(self) -> dict[str, Any]:
+        """The metrics of the results schema (``docs/run_folder.md``): ``accuracy_matrix``,
+        ``avg_acc``, ``forgetting``, ``bwt``, ``avg_drop``, ``wall_time_s``."""
+        return {"accuracy_matrix": [list(row) for row in self.accuracy], "avg_acc": self.avg_acc,
+                "forgetting": self.avg_forgetting, "bwt": self.bwt, "avg_drop": self.avg_drop,
+                "wall_time_s": self.wall_time_s}
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly summary (``None`` for undefined entries of the matrix)."""
-        return {
-            "method": self.method, "task_names": list(self.task_names),
-            "accuracy": [list(row) for row in self.accuracy], "avg_acc": self.avg_acc,
-            "avg_forgetting": self.avg_forgetting, "bwt": self.bwt, "avg_drop": self.avg_drop,
-            "wall_time_s": self.wall_time_s, "config": self.config,
-        }
+        """JSON-friendly: ``method``, ``task_names``, :meth:`summary` and ``config`` (``None``
+        for undefined entries of the matrix)."""
+        return {"method": self.method, "task_names": list(self.task_names), **self.summary(), "config": self.config}
 
 
 # --------------------------------------------------------------------------- the loop

@@ -27,9 +27,7 @@ SCHEMA_VERSION = 1
 
 def method_summary(outcome: SequenceResult, method: str, options: dict[str, Any], **extras: Any) -> dict[str, Any]:
     """The ``methods[key]`` entry of a results document for a finished sequence."""
-    return {"method": method, "options": dict(options), "accuracy_matrix": outcome.accuracy,
-            "avg_acc": outcome.avg_acc, "forgetting": outcome.avg_forgetting, "bwt": outcome.bwt,
-            "avg_drop": outcome.avg_drop, "wall_time_s": outcome.wall_time_s, **extras}
+    return {"method": method, "options": dict(options), **outcome.summary(), **extras}
 
 
 def results_document(*, experiment: str, name: str, metric: str, complete: bool, tasks: list[dict[str, Any]],
