@@ -3,14 +3,15 @@
 Public API (the formulas are in ``docs/method.md``):
 
 * importance estimators: :func:`mas_importance`, :func:`hebbian_importance`, :func:`fisher_importance`;
-  online importance from a deployed model's unlabelled inputs: :class:`OnlineImportance` (streaming,
+* online importance from a deployed model's unlabelled inputs: :class:`OnlineImportance` (streaming,
   savable, mergeable; ``MAS.after_task(model, accumulator)``) and :func:`mix_importance`;
 * methods with one protocol (:class:`Regularizer`): :class:`MAS`, :class:`LocalMAS`, :class:`EWC`,
   :class:`SI`, :class:`LwF`, :class:`IMM`, :class:`EBLL`, :class:`Finetune`; by name through
   :func:`make_regularizer` / :data:`METHODS`; the quadratic-anchor methods share
   :class:`QuadraticAnchorRegularizer` (Ω, θ*, the penalty ``λ Σ Ω (θ − θ*)²``);
-* the task-sequence runner: :class:`MultiHeadNet`, :class:`Task`, :class:`TrainSettings`,
-  :func:`run_sequence` → :class:`SequenceResult`;
+* the task loop (:mod:`mas_core.loop`): :func:`train_tasks` on any :class:`Experiment`, with
+  :class:`OptimSettings` → :class:`SequenceResult`; the multi-head classification sequence on it:
+  :class:`MultiHeadNet`, :class:`Task`, :func:`run_sequence`;
 * metrics on an accuracy matrix: :func:`average_accuracy`, :func:`average_forgetting`,
   :func:`backward_transfer`, :func:`average_drop`;
 * atomic checkpoints: :func:`save_checkpoint`, :func:`load_checkpoint`;
@@ -51,7 +52,8 @@ from .regularizers import (
     make_regularizer,
     method_options,
 )
-from .sequence import MultiHeadNet, SequenceResult, Task, TrainSettings, evaluate, run_sequence
+from .loop import Experiment, ImportanceSource, OptimSettings, SequenceResult, TrainData, train_tasks
+from .sequence import MultiHeadNet, Task, evaluate, run_sequence
 
 __all__ = [
     "batch_input", "batch_target",
@@ -63,5 +65,6 @@ __all__ = [
     "EBLL", "EWC", "IMM", "MAS", "METHODS", "SI", "Finetune", "LocalMAS", "LwF", "QuadraticAnchorRegularizer", "Regularizer",
     "TaskInfo",
     "make_regularizer", "method_options",
-    "MultiHeadNet", "SequenceResult", "Task", "TrainSettings", "evaluate", "run_sequence",
+    "Experiment", "ImportanceSource", "OptimSettings", "SequenceResult", "TrainData", "train_tasks",
+    "MultiHeadNet", "Task", "evaluate", "run_sequence",
 ]

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .errors import CheckpointMismatchError
@@ -83,14 +85,20 @@ def load_checkpoint(path: str | os.PathLike, *, expected_config: dict[str, Any] 
             "delete it to start over"
         ) from None
     if expected_config is not None:
-        saved = state.get("config")
-        if saved != expected_config:
-            diff = _first_difference(saved, expected_config)
-            raise CheckpointMismatchError(
-                f"checkpoint {path} was written with another configuration ({diff}); "
-                "resume with the original config or use a new output folder"
-            )
+        check_config(state, expected_config, path)
     return state
+
+
+def check_config(state: dict[str, Any], expected_config: dict[str, Any], path: str | os.PathLike) -> None:
+    """Raise :class:`CheckpointMismatchError` naming the first key where ``state["config"]``
+    differs from ``expected_config``."""
+    saved = state.get("config")
+    if saved != expected_config:
+        diff = _first_difference(saved, expected_config)
+        raise CheckpointMismatchError(
+            f"checkpoint {path} was written with another configuration ({diff}); "
+            "resume with the original config or use a new output folder"
+        )
 
 
 def _first_difference(saved: Any, expected: Any, prefix: str = "") -> str:
@@ -103,3 +111,46 @@ def _first_difference(saved: Any, expected: Any, prefix: str = "") -> str:
             if saved[key] != expected[key]:
                 return _first_difference(saved[key], expected[key], prefix + str(key) + ".")
     return f"{prefix.rstrip('.') or 'config'}: checkpoint has {saved!r}, current is {expected!r}"
+
+
+# --------------------------------------------------------------------------- random number generators
+
+def seed_everything(seed: int) -> None:
+    """Seed torch's, numpy's and Python's global generators with ``seed``."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    random.seed(seed)
+
+
+def get_rng_states() -> dict[str, Any]:
+    """The global generators' states (torch, numpy, Python, CUDA when initialised) as tensors and
+    plain values, loadable with ``weights_only=True``."""
+    numpy_state = np.random.get_state()
+    python_state = random.getstate()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "name": str(numpy_state[0]),
+            "keys": torch.from_numpy(np.asarray(numpy_state[1], dtype=np.int64)),
+            "pos": int(numpy_state[2]),
+            "has_gauss": int(numpy_state[3]),
+            "cached_gaussian": float(numpy_state[4]),
+        },
+        "python": {"version": int(python_state[0]), "internal": list(python_state[1]),
+                   "gauss_next": python_state[2]},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore what :func:`get_rng_states` returned."""
+    torch.set_rng_state(states["torch"].cpu())
+    numpy_state = states["numpy"]
+    np.random.set_state((numpy_state["name"], numpy_state["keys"].cpu().numpy().astype(np.uint32),
+                         numpy_state["pos"], numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    python_state = states["python"]
+    random.setstate((python_state["version"], tuple(python_state["internal"]), python_state["gauss_next"]))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"]])

@@ -15,10 +15,13 @@ config (up to the order of floating-point sums):
    ``b`` is ``order[b·B:(b+1)·B]``, exactly as in one process; rank ``r`` trains on
    positions ``r, r+N, r+2N, …`` of it. No sample is padded in or dropped (unlike
    :class:`torch.utils.data.DistributedSampler`, which repeats samples to even out the
-   ranks). Each rank's loss is its *sum* of per-sample losses times ``N / |batch|``, so that
+   ranks). Each rank's loss is the *mean* of its share's per-sample losses times
+   ``N·|share| / |batch|`` (the task loop, :func:`mas_core.loop.epoch_shares`; equivalently
+   the share's sum times the :func:`rank_share` weight ``N / |batch|``), so that
    DistributedDataParallel's average over ranks is ``(1/|batch|) Σ_{k∈batch} ℓ_k``: the
-   one-process gradient. A rank whose share is empty (a last batch smaller than N) runs
-   one sample with weight 0 so that every rank takes part in the all-reduce.
+   one-process gradient (in one process the factor is exactly 1). A rank whose share is
+   empty (a last batch smaller than N) runs one sample with weight 0 so that every rank
+   takes part in the all-reduce.
 2. **Penalties inside the DDP forward** (:class:`LossModule`). The regularizer's penalty is
    computed in the wrapped module's forward, so that DDP sees every parameter it touches
    (old heads included) and reduces each gradient exactly once.
@@ -50,6 +53,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from mas_core.errors import MASCoreError
 
@@ -327,8 +331,6 @@ def wrap_for_training(model: nn.Module, loss_fn: Callable[..., Tensor], *,
     info = current()
     if info is None:
         return module
-    from torch.nn.parallel import DistributedDataParallel
-
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     device_ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=find_unused_parameters)

@@ -17,8 +17,9 @@ What the worked example shows (see :mod:`mas_core.distributed`):
 
 Here the loop uses :class:`torch.utils.data.DistributedSampler` (which pads with repeated
 samples so every rank has as many): the trained weights depend on the number of processes.
-:func:`mas_core.run_sequence` and ``mas-triplets train`` split global batches instead and
-give the one-process result.
+The project's task loop (:func:`mas_core.loop.train_tasks`, behind :func:`mas_core.run_sequence`,
+``mas-triplets train`` and ``mas-triplets recognition``) splits global batches instead and gives
+the one-process result.
 """
 from __future__ import annotations
 

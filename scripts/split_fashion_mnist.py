@@ -24,7 +24,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from data_prep.idx import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, load_fashion_mnist
-from mas_core import DivergenceError, MASCoreError, MultiHeadNet, SequenceResult, Task, TrainSettings, atomic_write_json, run_sequence
+from mas_core import (DivergenceError, MASCoreError, MultiHeadNet, OptimSettings, SequenceResult, Task, atomic_write_json,
+                      run_sequence)
 
 #: method -> (registry name, options). Each λ is the best of a sweep on this full protocol (seed 0, one thread):
 #: MAS 0.1/0.25/0.5 (forgetting 0.027/0.017/0.0015), 1 diverges; l-MAS 0.25/0.5/1 (0.023/0.000/-0.0004);
@@ -82,14 +83,15 @@ def make_mlp() -> MultiHeadNet:
     return MultiHeadNet(trunk, 256)
 
 
-def run_methods(tasks: list[Task], methods: dict[str, tuple[str, dict[str, Any]]], settings: TrainSettings,
-                progress: bool = False) -> dict[str, SequenceResult | DivergenceError]:
+def run_methods(tasks: list[Task], methods: dict[str, tuple[str, dict[str, Any]]], settings: OptimSettings,
+                progress: bool = False, *, seed: int = 0, device: str = "cpu") -> dict[str, SequenceResult | DivergenceError]:
     """Run every method on the same tasks with the same settings and seed; a method whose
     training diverges gets its :class:`DivergenceError` instead of a result."""
     results: dict[str, SequenceResult | DivergenceError] = {}
     for label, (name, options) in methods.items():
         try:
-            results[label] = run_sequence(make_mlp, tasks, name, settings, method_options=options, progress=progress)
+            results[label] = run_sequence(make_mlp, tasks, name, settings, seed=seed, device=device,
+                                          method_options=options, progress=progress)
         except DivergenceError as error:
             results[label] = error
     return results
@@ -138,10 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     tasks = split_tasks(args.data, num_tasks=args.tasks, train_per_class=args.train_per_class, seed=args.seed)
-    settings = TrainSettings(epochs=args.epochs, lr=args.lr, momentum=0.9, batch_size=args.batch_size,
-                             seed=args.seed, device=args.device)
+    settings = OptimSettings(epochs=args.epochs, lr=args.lr, momentum=0.9, batch_size=args.batch_size)
     try:
-        results = run_methods(tasks, methods, settings, progress=args.verbose)
+        results = run_methods(tasks, methods, settings, progress=args.verbose, seed=args.seed, device=args.device)
     except MASCoreError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(results, methods))
     if args.json is not None:
         atomic_write_json(args.json, {
-            "protocol": {"tasks": [task.name for task in tasks], "settings": vars(settings).copy(),
+            "protocol": {"tasks": [task.name for task in tasks], "settings": dict(vars(settings), seed=args.seed, device=args.device),
                          "train_per_class": args.train_per_class},
             "methods": {label: {"name": methods[label][0], "options": methods[label][1],
                                 **(result.to_dict() if isinstance(result, SequenceResult) else {"diverged": str(result)})}

@@ -2,7 +2,7 @@
 
 Launched by tests/test_distributed_train.py as
 ``python -m torch.distributed.run --nproc_per_node=2 tests/distributed_train_worker.py METHOD:TASKS train ...``:
-the process that writes ``RUN/METHOD/checkpoint.pt`` with ``finished_tasks == TASKS`` leaves
+the process that writes ``RUN/METHOD/checkpoint.pt`` with ``completed_tasks == TASKS`` leaves
 at once with ``os._exit(137)`` (no cleanup, like ``kill -9``); ``torchrun`` then stops the
 other ranks and fails. Everything else is the ordinary command line (:func:`triplets.cli.main`).
 """
@@ -14,13 +14,13 @@ from pathlib import Path
 
 
 def _die_after(method: str, finished_tasks: int) -> None:
-    import triplets.train as train_module
+    import mas_core.loop as train_module
 
     real_save = train_module.save_checkpoint
 
     def save_then_die(path, state):
         real_save(path, state)
-        if Path(path).parent.name == method and state.get("finished_tasks") == finished_tasks:
+        if Path(path).parent.name == method and state.get("completed_tasks") == finished_tasks:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(137)

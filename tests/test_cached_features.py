@@ -19,7 +19,7 @@ from triplets.train import (
     DataConfig,
     EvalConfig,
     MethodConfig,
-    OptimConfig,
+    OptimSettings,
     TrainConfig,
     feature_cache_fingerprint,
     load_run,
@@ -42,7 +42,7 @@ def _config(fact_file: Path, *, methods, cache: bool) -> TrainConfig:
     model = ModelConfig(backbone="resnet18", hidden_dim=16, cache_features=cache, freeze_trunk=not cache)
     return TrainConfig(
         data=DataConfig(fact_file=str(fact_file)), model=model,
-        optim=OptimConfig(epochs=1, batch_size=8, lr=0.01),
+        optim=OptimSettings(epochs=1, batch_size=8, lr=0.01),
         methods=methods, eval=EvalConfig(index="none", batch_size=16), num_threads=1,
     )
 
@@ -62,7 +62,7 @@ def _tensors(state, prefix=""):
 
 
 def test_cached_run_equals_frozen_trunk_run_and_the_cache_is_reused(facts, tmp_path, monkeypatch):
-    import triplets.train as train_module
+    import triplets.feature_cache as train_module
 
     finetune, mas = MethodConfig("finetune"), MethodConfig("mas", {"lam": 1.0, "mode": "exact"})
     frozen = train_run(_config(facts, methods=[finetune, mas], cache=False), tmp_path / "frozen", progress=False)

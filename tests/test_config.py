@@ -86,3 +86,50 @@ def test_missing_and_malformed_files(tmp_path):
     top.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(top, Experiment)
+
+
+def test_extends_merges_mappings_deeply_and_the_child_wins(tmp_path):
+    (tmp_path / "presets").mkdir()
+    (tmp_path / "presets" / "base.yaml").write_text(
+        "seed: 1\nbackbone: resnet18\noptim: {lr: 0.1, epochs: 7}\nmethods:\n  - name: finetune\n  - name: mas\n"
+        "tags: [a, b]\n")
+    (tmp_path / "presets" / "middle.yaml").write_text("extends: base.yaml\noptim: {epochs: 3}\ntags: [c]\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: presets/middle.yaml\nseed: 4\noptim: {momentum: 0.5}\nmethods:\n  - name: ewc\n")
+    config = load_config(child, Experiment, ["optim.lr=0.2"])
+    assert config.seed == 4 and config.backbone == "resnet18"  # the child wins; untouched keys are inherited
+    assert (config.optim.lr, config.optim.epochs, config.optim.momentum) == (0.2, 3, 0.5)  # merged key by key
+    assert [m.name for m in config.methods] == ["ewc"] and config.tags == ["c"]  # lists are replaced, not merged
+
+
+def test_extends_refuses_cycles_and_missing_bases_with_one_line(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\nseed: 1\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\nseed: 2\n")
+    with pytest.raises(ConfigError, match="cycle") as caught:
+        load_config(tmp_path / "a.yaml", Experiment)
+    assert "\n" not in str(caught.value)
+    (tmp_path / "self.yaml").write_text("extends: self.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "self.yaml", Experiment)
+    (tmp_path / "orphan.yaml").write_text("extends: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="not found.*nowhere.yaml"):
+        load_config(tmp_path / "orphan.yaml", Experiment)
+    (tmp_path / "bad.yaml").write_text("extends: [x]\n")
+    with pytest.raises(ConfigError, match="extends must be"):
+        load_config(tmp_path / "bad.yaml", Experiment)
+
+
+def test_the_paper_presets_extend_one_base():
+    from pathlib import Path
+
+    from triplets.config import read_preset
+    from triplets.train import load_train_config
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    for name, fact_file, epochs in (("vg_random8", "data/vg_random8.h5", 5), ("vg_semantic8", "data/vg_semantic8.h5", 5),
+                                    ("midscale4", "data/midscale4.h5", 10)):
+        assert "extends" in (configs / f"{name}.yaml").read_text()
+        config = load_train_config(configs / f"{name}.yaml")
+        assert config.data.fact_file == fact_file and config.optim.epochs == epochs
+        assert config.model.backbone == "vgg16" and config.loss.contrastive_weight == 1.0
+        assert read_preset(configs / f"{name}.yaml")["methods"][1]["options"] == {"lam": 5.0, "mode": "exact"}

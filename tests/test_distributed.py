@@ -87,7 +87,7 @@ METHODS = ["mas", "ewc", "si", "joint"]
 def one_process_runs(tmp_path_factory) -> tuple[dict, Path]:
     torch.set_num_threads(1)
     folder = tmp_path_factory.mktemp("one")
-    results = {method: run_sequence(worker.make_model, worker.make_tasks(), method, worker.SETTINGS,
+    results = {method: run_sequence(worker.make_model, worker.make_tasks(), method, worker.SETTINGS, seed=worker.SEED,
                                     method_options=worker.METHOD_OPTIONS[method], checkpoint_dir=folder / method,
                                     progress=False).accuracy
                for method in METHODS}
@@ -95,7 +95,7 @@ def one_process_runs(tmp_path_factory) -> tuple[dict, Path]:
 
 
 def final_weights(folder: Path) -> dict[str, torch.Tensor]:
-    return torch.load(folder / "sequence.pt", weights_only=True)["model"]
+    return torch.load(folder / "checkpoint.pt", weights_only=True)["model"]
 
 
 def test_two_process_sequence_equals_one_process(one_process_runs, tmp_path):
@@ -121,7 +121,7 @@ def test_resume_on_another_number_of_processes(one_process_runs, tmp_path, crash
     crashed = torchrun("--mode", "sequence", "--methods", "mas", "--out", str(tmp_path / "never.pt"),
                        "--checkpoint-dir", str(folder), "--crash-in-task", "2", nproc=crash_on, check=False)
     assert crashed.returncode != 0 and not (tmp_path / "never.pt").exists()
-    state = torch.load(folder / "mas" / "sequence.pt", weights_only=True)
+    state = torch.load(folder / "mas" / "checkpoint.pt", weights_only=True)
     assert state["completed_tasks"] == 1
     out = tmp_path / "resumed.pt"
     torchrun("--mode", "sequence", "--methods", "mas", "--out", str(out), "--checkpoint-dir", str(folder),

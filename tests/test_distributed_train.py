@@ -166,7 +166,7 @@ def test_killed_on_two_processes_resumes_on_one(config_path, one_process, tmp_pa
                       script=[str(WORKER)])
     assert killed.returncode != 0, killed.stderr[-3000:]
     state = torch.load(out / "mas" / "checkpoint.pt", weights_only=True)
-    assert state["finished_tasks"] == 1 and not (out / "mas" / "model.pt").exists()
+    assert state["completed_tasks"] == 1 and not (out / "mas" / "model.pt").exists()
     assert (out / "finetune" / "model.pt").is_file()
     finetune_bytes = (out / "finetune" / "model.pt").read_bytes()
 
@@ -176,7 +176,7 @@ def test_killed_on_two_processes_resumes_on_one(config_path, one_process, tmp_pa
 
 
 def test_killed_on_one_process_resumes_on_two(config_path, one_process, tmp_path, monkeypatch):
-    import triplets.train as train_module
+    import mas_core.loop as train_module
 
     out = tmp_path / "run"
     real_save = die_after_first_mas_task(monkeypatch)
@@ -193,37 +193,53 @@ def test_killed_on_one_process_resumes_on_two(config_path, one_process, tmp_path
 
 # ----------------------------------------------------------------------------- the split, without processes
 def _shares(samples, batch_size: int, seed: int, world_size: int = 2):
+    """Per rank, the loop's ``(batch, scale)`` of every global batch of epoch 0 of task 0."""
     from mas_core.distributed import ProcessInfo
+    from mas_core.loop import epoch_shares
 
     ranks = [ProcessInfo(rank=r, world_size=world_size, local_rank=r, backend="gloo") for r in range(world_size)]
-    return [list(samples.shared_batches(batch_size, torch.Generator().manual_seed(seed), info)) for info in ranks]
+    out = []
+    for info in ranks:
+        shares = epoch_shares(len(samples), batch_size, seed, 0, 0, info)
+        out.append([(*batch, scale) for batch, (_, scale) in zip(samples.batches([i for i, _ in shares]), shares)])
+    return out
+
+
+def _whole(samples, batch_size: int, seed: int):
+    from mas_core.loop import epoch_shares
+
+    shares = epoch_shares(len(samples), batch_size, seed, 0, 0, None)
+    assert all(scale == 1.0 for _, scale in shares)  # one process: the plain mean loss
+    return list(samples.batches([index for index, _ in shares]))
 
 
 @pytest.mark.parametrize("in_memory", [True, False], ids=["in_memory", "streamed"])
 def test_every_global_batch_is_split_across_ranks_without_loss_or_padding(facts, in_memory):
     from data_prep.facts_h5 import open_facts
-    from triplets.train import _Samples
+    from triplets.fact_data import FactSamples
 
     with open_facts(facts) as fact_file:
-        samples = _Samples(fact_file, [(0, 0)], in_memory=in_memory)
-        whole = list(samples.batches(10, torch.Generator().manual_seed(3)))  # 24 samples: 10, 10, 4
+        samples = FactSamples(fact_file, [(0, 0)], in_memory=in_memory)
+        whole = _whole(samples, 10, seed=3)  # 24 samples: 10, 10, 4
         shares = _shares(samples, 10, seed=3, world_size=3)
         assert [len(rank) for rank in shares] == [3, 3, 3]
         for b, (images, fact_ids) in enumerate(whole):
             parts = [shares[r][b] for r in range(3)]
-            assert [part[2] for part in parts] == pytest.approx([3 / len(fact_ids)] * 3)
+            # scale N·|share|/|batch|: the DDP average of the ranks' scaled means is the batch mean
+            assert [part[2] for part in parts] == pytest.approx([3 * len(part[1]) / len(fact_ids) for part in parts])
             # rank r holds positions r, r+3, … of the global batch, with their images
             for r, (rank_images, rank_ids, _) in enumerate(parts):
                 assert torch.equal(rank_ids, fact_ids[r::3])
                 assert torch.allclose(rank_images, images[r::3])
-        # a global batch smaller than the number of ranks: the empty share gets one sample at weight 0
+        # a global batch smaller than the number of ranks: the empty share gets one sample at scale 0
         tail = _shares(samples, 23, seed=3)
         assert [len(batch[1]) for batch in tail[0]] == [12, 1] and [len(batch[1]) for batch in tail[1]] == [11, 1]
         assert tail[0][1][2] == pytest.approx(2.0) and tail[1][1][2] == 0.0
         # an importance shard: positions r, r+N, … in file order, every sample exactly once
-        everything = torch.cat([ids for _, ids in samples.batches(5, with_labels=True)])
+        everything = torch.cat([ids for _, ids in samples.in_order(5)])
         for r in range(2):
-            ids = torch.cat([ids for _, ids in samples.batches_at(list(range(r, len(samples), 2)), 5)])
+            index = torch.arange(r, len(samples), 2)
+            ids = torch.cat([ids for _, ids in samples.batches(list(index.split(5)))])
             assert torch.equal(ids, everything[r::2])
 
 
@@ -232,18 +248,18 @@ def test_cached_features_are_split_like_images(tmp_path, facts):
     import numpy as np
 
     from data_prep.facts_h5 import open_facts
-    from triplets.train import FEATURE_DATASET, _FeatureSamples
+    from triplets.feature_cache import FEATURE_DATASET, FeatureSamples
 
     with open_facts(facts) as fact_file:
         stored = np.random.default_rng(0).normal(size=(int(fact_file.num_samples), 2, 1, 1)).astype(np.float32)
         with h5py.File(tmp_path / "features.h5", "w") as handle:
             handle[FEATURE_DATASET] = stored
-        samples = _FeatureSamples(tmp_path / "features.h5", fact_file, [(1, 0)])
-        whole = list(samples.batches(7, torch.Generator().manual_seed(5)))
+        samples = FeatureSamples(tmp_path / "features.h5", fact_file, [(1, 0)])
+        whole = _whole(samples, 7, seed=5)
         shares = _shares(samples, 7, seed=5)
         for b, (features, fact_ids) in enumerate(whole):
             for r in range(2):
                 assert torch.equal(shares[r][b][0], features[r::2]) and torch.equal(shares[r][b][1], fact_ids[r::2])
         positions = [1, 4, 5, 9]
-        (chosen, ids), = list(samples.batches_at(positions, 8))
+        (chosen, ids), = list(samples.batches([torch.tensor(positions)]))
         assert torch.equal(chosen, samples.features[positions]) and torch.equal(ids, samples.fact_ids[positions])

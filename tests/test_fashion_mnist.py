@@ -18,7 +18,7 @@ import torch
 
 from data_prep.errors import MissingDatasetError
 from data_prep.idx import FASHION_MNIST_DIR, IDXFormatError, fashion_mnist_available, load_fashion_mnist, read_idx
-from mas_core import TrainSettings
+from mas_core import OptimSettings
 
 needs_fashion_mnist = pytest.mark.skipif(
     not fashion_mnist_available(FASHION_MNIST_DIR),
@@ -51,9 +51,9 @@ def test_mas_forgets_at_most_a_fifth_of_finetuning_on_split_fashion_mnist() -> N
     script = _script()
     tasks = script.split_tasks(FASHION_MNIST_DIR, num_tasks=NUM_TASKS, train_per_class=TRAIN_PER_CLASS,
                                test_per_class=TEST_PER_CLASS, seed=0)
-    settings = TrainSettings(epochs=5, lr=0.05, momentum=0.9, batch_size=128, seed=0)
+    settings = OptimSettings(epochs=5, lr=0.05, momentum=0.9, batch_size=128)
     methods = {"finetune": ("finetune", {}), "mas": ("mas", {"lam": MAS_LAMBDA})}
-    results = script.run_methods(tasks, methods, settings)
+    results = script.run_methods(tasks, methods, settings, seed=0)
     finetune, mas = results["finetune"], results["mas"]
     assert finetune.avg_forgetting >= 0.10, f"fine-tuning should forget clearly here: {finetune.accuracy}"
     assert mas.avg_forgetting <= finetune.avg_forgetting / 5, (mas.accuracy, finetune.accuracy)

@@ -60,5 +60,6 @@ def test_sequence_result_properties_and_json() -> None:
     assert result.bwt == pytest.approx(-0.125)
     assert result.avg_drop == pytest.approx(-0.25 / 3)
     decoded = json.loads(json.dumps(result.to_dict()))
-    assert decoded["accuracy"][0][1] is None
-    assert decoded["avg_forgetting"] == pytest.approx(0.125)
+    assert decoded["accuracy_matrix"][0][1] is None
+    assert decoded["forgetting"] == pytest.approx(0.125)
+    assert decoded["avg_drop"] == pytest.approx(-0.25 / 3) and decoded["method"] == "mas"

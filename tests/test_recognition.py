@@ -18,11 +18,11 @@ from data_prep.errors import MissingDatasetError
 from data_prep.idx import fashion_mnist_available
 from triplets.cli import main
 from triplets.errors import ConfigError
+from triplets.report import recognition_markdown as results_markdown
 from triplets.recognition import (
     build_tasks,
     comparable,
     load_recognition_config,
-    results_markdown,
     run_recognition,
 )
 
@@ -49,7 +49,7 @@ def reduced_config(tmp: Path, data_dir: Path, methods: list[str], num_tasks: int
         "model": {"arch": "small_cnn", "input_size": 28, "channels": 1, "width": 8, "feature_dim": 32},
         "train": {"epochs": 5, "lr": 0.05, "momentum": 0.9, "batch_size": 32},
         "methods": methods,
-        "method_options": {"mas": {"lam": 0.1}, "lmas": {"lam": 0.0003}},
+        "method_options": {"mas": {"lam": 0.1}, "lmas": {"lam": 0.001}},
     }
     config["tasks"] = config["tasks"][:num_tasks]
     path = tmp / "reduced.yaml"
@@ -95,7 +95,7 @@ def test_joint_is_the_upper_bound(reduced_results: dict) -> None:
 
 def test_results_files_and_metrics_consistent(reduced_results: dict, tmp_path: Path) -> None:
     for summary in reduced_results["methods"].values():
-        R = summary["accuracy"]
+        R = summary["accuracy_matrix"]
         assert len(R) == 3 and all(R[i][j] is None for i in range(3) for j in range(i + 1, 3))
         final = [R[2][j] for j in range(3)]
         assert summary["avg_acc"] == pytest.approx(sum(final) / 3)
@@ -106,8 +106,8 @@ def test_results_files_and_metrics_consistent(reduced_results: dict, tmp_path: P
     two = json.loads(json.dumps(reduced_results))
     two["tasks"] = two["tasks"][:2]
     for summary in two["methods"].values():
-        summary["accuracy"] = [row[:2] for row in summary["accuracy"][:2]]
-    R = two["methods"]["finetune"]["accuracy"]
+        summary["accuracy_matrix"] = [row[:2] for row in summary["accuracy_matrix"][:2]]
+    R = two["methods"]["finetune"]["accuracy_matrix"]
     assert f"| finetune | {100 * R[1][0]:.2f} ({100 * (R[1][0] - R[0][0]):+.2f}) | {100 * R[1][1]:.2f} |" \
         in results_markdown(two)
 
@@ -123,7 +123,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path: Path) -> None:
     process = subprocess.Popen(
         [sys.executable, "-m", "triplets.cli", "recognition", "--config", str(path), "--out", str(out),
          "--set", "train.epochs=2", "--quiet"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = out / "mas" / "sequence.pt"
+    marker = out / "mas" / "checkpoint.pt"
     deadline = time.time() + 240
     while not marker.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -211,7 +211,7 @@ def test_pretrained_trunk_loads_local_weights_only(tmp_path: Path) -> None:
     trunk, feature_dim = make_trunk(spec)
     assert feature_dim == 512
     assert torch.equal(trunk.conv1.weight, reference.conv1.weight)
-    with pytest.raises(RunFolderError, match="nothing is downloaded"):
+    with pytest.raises(ConfigError, match="nothing is downloaded"):
         make_trunk(ModelSpec(arch="alexnet", input_size=224, channels=3, pretrained_weights=str(tmp_path / "no")))
 
 
@@ -254,7 +254,7 @@ def test_two_processes_give_the_one_process_results(tmp_path: Path) -> None:
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     one = comparable(reference)
     for name, summary in one["methods"].items():
-        for row_one, row_two in zip(summary["accuracy"], two["methods"][name]["accuracy"]):
+        for row_one, row_two in zip(summary["accuracy_matrix"], two["methods"][name]["accuracy_matrix"]):
             assert row_two == pytest.approx(row_one, abs=1 / 200 + 1e-9), name
     files = lambda root: sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
     assert files(tmp_path / "two") == files(tmp_path / "one")

@@ -21,9 +21,9 @@ def _results():
                 "generalized": [{"top5": v, "map": map_value} for v in gen_top5]}
 
     return {"methods": {
-        "finetune": {"accuracy_matrix": finetune, "avg_top5": float(np.mean(finetune[-1])), "forgetting": 0.225,
+        "finetune": {"accuracy_matrix": finetune, "avg_acc": float(np.mean(finetune[-1])), "forgetting": 0.225,
                      "bwt": -0.225, "final": final([0.5, 0.55, 0.75], [0.3, 0.35, 0.5], 0.25)},
-        "mas": {"accuracy_matrix": mas, "avg_top5": float(np.mean(mas[-1])), "forgetting": 0.07, "bwt": -0.07,
+        "mas": {"accuracy_matrix": mas, "avg_acc": float(np.mean(mas[-1])), "forgetting": 0.07, "bwt": -0.07,
                 "final": final([0.7, 0.66, 0.72], [0.5, 0.45, 0.55], 0.4)},
     }, "tasks": [{"index": t} for t in range(3)]}
 
@@ -68,7 +68,7 @@ def test_bad_results_write_nothing(tmp_path):
     with pytest.raises(TripletsError, match="no methods"):
         write_report({"methods": {}}, tmp_path)
     with pytest.raises(TripletsError, match="accuracy_matrix"):
-        write_report({"methods": {"mas": {"avg_top5": 0.5}}}, tmp_path)
+        write_report({"methods": {"mas": {"avg_acc": 0.5}}}, tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 

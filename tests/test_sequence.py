@@ -9,7 +9,7 @@ from torch.utils.data import Dataset, TensorDataset
 from mas_core.checkpoint import load_checkpoint
 from mas_core.errors import CheckpointMismatchError, DivergenceError
 from mas_core.regularizers import METHODS, TaskInfo, make_regularizer
-from mas_core.sequence import CHECKPOINT_NAME, MultiHeadNet, Task, TrainSettings, run_sequence
+from mas_core.sequence import CHECKPOINT_NAME, MultiHeadNet, OptimSettings, Task, run_sequence
 
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
@@ -44,57 +44,35 @@ def _make_model() -> MultiHeadNet:
     return MultiHeadNet(nn.Sequential(nn.Linear(IN_DIM, 16), nn.ReLU()), 16)
 
 
-SETTINGS = TrainSettings(epochs=2, lr=0.05, momentum=0.9, batch_size=32, seed=7)
+SETTINGS = OptimSettings(epochs=2, lr=0.05, momentum=0.9, batch_size=32)
+SEED = 7
 
 
-class _Killed(Exception):
-    pass
+def _run(*args, **kwargs):
+    """run_sequence with the tests' seed."""
+    return run_sequence(*args, seed=SEED, **kwargs)
 
 
-def _kill_during_task(task_number: int):
-    def log(message: str) -> None:
-        if message.startswith(f"[") and f"task {task_number} (" in message and "epoch 1/" in message:
-            raise _Killed(message)
-    return log
-
-
-@pytest.mark.parametrize("method, options", [("mas", {"lam": 1.0}), ("si", {"lam": 0.5}), ("ebll", {"code_dim": 4, "ae_epochs": 2})])
-def test_resumed_sequence_equals_uninterrupted_bitwise(tmp_path, method, options) -> None:
-    tasks = _tasks()
-    full = run_sequence(_make_model, tasks, method, SETTINGS, method_options=options,
-                        checkpoint_dir=tmp_path / "full", progress=False)
-    with pytest.raises(_Killed):
-        run_sequence(_make_model, tasks, method, SETTINGS, method_options=options,
-                     checkpoint_dir=tmp_path / "cut", log=_kill_during_task(3))
-    assert load_checkpoint(tmp_path / "cut" / CHECKPOINT_NAME)["completed_tasks"] == 2
-    torch.manual_seed(999)  # the caller's RNG state must not matter
-    resumed = run_sequence(_make_model, tasks, method, SETTINGS, method_options=options,
-                           checkpoint_dir=tmp_path / "cut", resume=True, progress=False)
-    assert resumed.accuracy == full.accuracy  # bitwise: floats compared with ==
-    assert full.accuracy[2][0] is not None and full.accuracy[0][1] is None
-    final_full = load_checkpoint(tmp_path / "full" / CHECKPOINT_NAME)["model"]
-    final_resumed = load_checkpoint(tmp_path / "cut" / CHECKPOINT_NAME)["model"]
-    for key in final_full:
-        assert torch.equal(final_full[key], final_resumed[key]), key
+# resumed == uninterrupted, bit for bit: tests/test_loop.py (one test over both experiments)
 
 
 def test_same_seed_same_result_and_resume_after_the_end(tmp_path) -> None:
     tasks = _tasks(2)
-    first = run_sequence(_make_model, tasks, "ewc", SETTINGS, checkpoint_dir=tmp_path, progress=False)
-    second = run_sequence(_make_model, tasks, "ewc", SETTINGS, progress=False)
+    first = _run(_make_model, tasks, "ewc", SETTINGS, checkpoint_dir=tmp_path, progress=False)
+    second = _run(_make_model, tasks, "ewc", SETTINGS, progress=False)
     assert first.accuracy == second.accuracy
-    finished = run_sequence(_make_model, tasks, "ewc", SETTINGS, checkpoint_dir=tmp_path, resume=True, progress=False)
+    finished = _run(_make_model, tasks, "ewc", SETTINGS, checkpoint_dir=tmp_path, resume=True, progress=False)
     assert finished.accuracy == first.accuracy
 
 
 def test_resume_with_another_config_raises(tmp_path) -> None:
     tasks = _tasks(2)
-    run_sequence(_make_model, tasks, "mas", SETTINGS, checkpoint_dir=tmp_path, progress=False)
-    other = TrainSettings(epochs=2, lr=0.01, momentum=0.9, batch_size=32, seed=7)
+    _run(_make_model, tasks, "mas", SETTINGS, checkpoint_dir=tmp_path, progress=False)
+    other = OptimSettings(epochs=2, lr=0.01, momentum=0.9, batch_size=32)
     with pytest.raises(CheckpointMismatchError, match="lr"):
-        run_sequence(_make_model, tasks, "mas", other, checkpoint_dir=tmp_path, resume=True, progress=False)
+        _run(_make_model, tasks, "mas", other, checkpoint_dir=tmp_path, resume=True, progress=False)
     with pytest.raises(CheckpointMismatchError, match="lam"):
-        run_sequence(_make_model, tasks, "mas", SETTINGS, method_options={"lam": 2.0}, checkpoint_dir=tmp_path,
+        _run(_make_model, tasks, "mas", SETTINGS, method_options={"lam": 2.0}, checkpoint_dir=tmp_path,
                      resume=True, progress=False)
 
 
@@ -130,7 +108,7 @@ def test_the_new_head_is_not_regularized(method) -> None:
 
 def test_joint_upper_bound_learns_every_task() -> None:
     tasks = _tasks(3)
-    joint = run_sequence(_make_model, tasks, "joint", SETTINGS, progress=False)
+    joint = _run(_make_model, tasks, "joint", SETTINGS, progress=False)
     assert joint.method == "joint"
     assert len(joint.accuracy) == 3 and all(value is not None for value in joint.accuracy[2])
     assert min(joint.accuracy[2]) >= 0.9
@@ -155,27 +133,27 @@ def test_generic_datasets_give_the_same_result_as_tensor_datasets() -> None:
     tasks = _tasks(2)
     wrapped = [Task(t.name, _Wrapped(t.train), _Wrapped(t.test), t.num_classes) for t in tasks]
     for method in ("mas", "joint"):
-        direct = run_sequence(_make_model, tasks, method, SETTINGS, progress=False)
-        generic = run_sequence(_make_model, wrapped, method, SETTINGS, progress=False)
+        direct = _run(_make_model, tasks, method, SETTINGS, progress=False)
+        generic = _run(_make_model, wrapped, method, SETTINGS, progress=False)
         assert generic.accuracy == direct.accuracy, method
 
 
 def test_huge_lambda_with_large_lr_raises_divergence_naming_both() -> None:
     tasks = _tasks(2)
-    settings = TrainSettings(epochs=2, lr=1.0, momentum=0.9, batch_size=32, seed=7)
-    with pytest.raises(DivergenceError, match=r"lambda=1000000000\.0, learning rate=1\.0.*lower"):
-        run_sequence(_make_model, tasks, "mas", settings, method_options={"lam": 1e9}, progress=False)
+    settings = OptimSettings(epochs=2, lr=1.0, momentum=0.9, batch_size=32)
+    with pytest.raises(DivergenceError, match=r"lower the learning rate \(optim\.lr, now 1\.0\) or the method's strength \(lam=1000000000\.0\)"):
+        _run(_make_model, tasks, "mas", settings, method_options={"lam": 1e9}, progress=False)
 
 
 def test_every_method_state_survives_weights_only_checkpoints(tmp_path) -> None:
     tasks = _tasks(2, train_size=64, test_size=20)
-    settings = TrainSettings(epochs=1, lr=0.05, batch_size=32, seed=1)
+    settings = OptimSettings(epochs=1, lr=0.05, batch_size=32)
     cases = [(name, {}) for name in METHODS] + [("imm", {"mode": "mode"}), ("ewc", {"online": True, "gamma": 0.5})]
     for name, options in cases:
         if name == "ebll":
             options = {"code_dim": 4, "ae_epochs": 1}
         folder = tmp_path / f"{name}-{len(options)}"
-        run_sequence(_make_model, tasks, name, settings, method_options=options, checkpoint_dir=folder, progress=False)
+        _run(_make_model, tasks, name, settings, method_options=options, checkpoint_dir=folder, progress=False)
         state = torch.load(folder / CHECKPOINT_NAME, weights_only=True)
         regularizer = make_regularizer(name, **options)
         regularizer.load_state_dict(state["regularizer"])
@@ -205,7 +183,7 @@ def test_importance_data_is_what_mas_estimates_omega_on(tmp_path) -> None:
     unlabeled = TensorDataset(task.test.tensors[0])  # inputs only, as in the paper's Table 3
     task = Task(task.name, task.train, task.test, task.num_classes, importance_data=unlabeled)
     regularizer = MAS(lam=1.0)
-    run_sequence(_make_model, [task], regularizer, SETTINGS, checkpoint_dir=tmp_path, progress=False)
+    _run(_make_model, [task], regularizer, SETTINGS, checkpoint_dir=tmp_path, progress=False)
     model = _make_model()
     model.add_head(2)
     model.load_state_dict(load_checkpoint(tmp_path / CHECKPOINT_NAME)["model"])

@@ -73,7 +73,7 @@ from triplets.train import (  # noqa: E402
     DataConfig,
     EvalConfig,
     MethodConfig,
-    OptimConfig,
+    OptimSettings,
     TrainConfig,
     load_run,
     load_train_config,
@@ -93,7 +93,7 @@ def small_facts(tmp_path_factory) -> Path:
 def _config(fact_file: Path, *, methods=None, epochs: int = 2, **optim) -> TrainConfig:
     return TrainConfig(
         data=DataConfig(fact_file=str(fact_file)), model=SMALL_MODEL,
-        optim=OptimConfig(epochs=epochs, batch_size=16, **optim),
+        optim=OptimSettings(epochs=epochs, batch_size=16, **optim),
         methods=methods or [MethodConfig("finetune"), MethodConfig("mas", {"lam": 1.0})],
         eval=EvalConfig(index="none"), num_threads=1,
     )
@@ -104,54 +104,26 @@ def _final_state(run_dir: Path, method: str) -> dict:
 
 
 def die_after_first_mas_task(monkeypatch):
-    """Make ``triplets.train`` raise KeyboardInterrupt right after MAS's first task is
+    """Make the task loop (``mas_core.loop``) raise KeyboardInterrupt right after MAS's first task is
     checkpointed (a kill at the worst moment); returns the real ``save_checkpoint``."""
-    import triplets.train as train_module
+    import mas_core.loop as train_module
 
     real_save = train_module.save_checkpoint
 
     def save_then_die(path, state):
         real_save(path, state)
-        if Path(path).parent.name == "mas" and state.get("finished_tasks") == 1:
+        if Path(path).parent.name == "mas" and state.get("completed_tasks") == 1:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
     return real_save
 
 
-def test_resume_after_a_kill_equals_the_uninterrupted_run(small_facts, tmp_path, monkeypatch):
-    import triplets.train as train_module
-
-    config = _config(small_facts)
-    reference = train_run(config, tmp_path / "whole", progress=False)
-
-    real_save = die_after_first_mas_task(monkeypatch)
-    with pytest.raises(KeyboardInterrupt):
-        train_run(config, tmp_path / "killed", progress=False)
-    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
-    assert (tmp_path / "killed" / "finetune" / "model.pt").is_file()
-    assert not (tmp_path / "killed" / "mas" / "model.pt").exists()
-    finetune_bytes = (tmp_path / "killed" / "finetune" / "model.pt").read_bytes()
-
-    resumed = train_run(config, tmp_path / "killed", resume=True, progress=False)
-    assert (tmp_path / "killed" / "finetune" / "model.pt").read_bytes() == finetune_bytes  # finished: skipped
-    for method in ("finetune", "mas"):
-        assert resumed["methods"][method]["accuracy_matrix"] == reference["methods"][method]["accuracy_matrix"]
-        whole, again = _final_state(tmp_path / "whole", method), _final_state(tmp_path / "killed", method)
-        assert whole.keys() == again.keys()
-        for name in whole:
-            assert torch.equal(whole[name], again[name]), f"{method}: {name} differs after resume"
-    log = (tmp_path / "killed" / "mas" / "log.txt").read_text().splitlines()
-    assert len(log) == 3 and log[0].startswith("[mas] task 1/3")
-    # the run folder holds what the contract says
-    for name in ("config.yaml", "versions.json", "results.json", "results.md"):
-        assert (tmp_path / "killed" / name).is_file()
-    versions = json.loads((tmp_path / "killed" / "versions.json").read_text())
-    assert versions["torch"] == torch.__version__.split("+")[0] or versions["torch"].startswith(torch.__version__[:4])
+# resumed == uninterrupted and the run folder's contents: tests/test_loop.py
 
 
 def test_a_changed_config_cannot_resume_and_a_used_folder_is_not_overwritten(small_facts, tmp_path, monkeypatch):
-    import triplets.train as train_module
+    import mas_core.loop as train_module
 
     config = _config(small_facts, methods=[MethodConfig("mas", {"lam": 1.0})], epochs=1)
     real_save = train_module.save_checkpoint
@@ -176,11 +148,11 @@ def test_a_changed_config_cannot_resume_and_a_used_folder_is_not_overwritten(sma
         train_run(changed_lam, tmp_path / "run", resume=True, progress=False)
     # the method checkpoint itself also refuses another configuration
     from mas_core.checkpoint import load_checkpoint
-    from triplets.train import _method_state_config
+    from triplets.train import method_checkpoint_config
 
     with pytest.raises(CheckpointMismatchError, match="lam"):
         load_checkpoint(tmp_path / "run" / "mas" / "checkpoint.pt",
-                        expected_config=_method_state_config(changed_lam, changed_lam.methods[0]))
+                        expected_config=method_checkpoint_config(changed_lam, changed_lam.methods[0]))
     assert (tmp_path / "run" / "mas" / "checkpoint.pt").read_bytes() == checkpoint  # nothing overwritten
 
 
@@ -225,7 +197,7 @@ def test_cli_train_joint_and_load_run(small_facts, tmp_path, capsys):
         R = entry["accuracy_matrix"]
         assert len(R) == 3 and R[0][1] is None and R[0][2] is None and R[1][2] is None
         assert entry["forgetting"] == pytest.approx(((R[0][0] - R[2][0]) + (R[1][1] - R[2][1])) / 2)
-        assert entry["avg_top5"] == pytest.approx(sum(R[2]) / 3)
+        assert entry["avg_acc"] == pytest.approx(sum(R[2]) / 3)
         assert len(entry["final"]["standard"]) == 3 and len(entry["final"]["generalized"]) == 3
     joint_log = (out / "joint" / "log.txt").read_text().splitlines()
     # joint trains on the union of the tasks so far: 24, 48, 72 training samples
@@ -271,7 +243,7 @@ def test_mas_forgets_clearly_less_than_finetuning(tmp_path):
     finetune, mas = results["finetune"], results["mas"]
     assert finetune["forgetting"] > 0.3
     assert mas["forgetting"] < finetune["forgetting"] - 0.15
-    assert mas["avg_top5"] > finetune["avg_top5"] + 0.1
+    assert mas["avg_acc"] > finetune["avg_acc"] + 0.1
 
 
 def test_importance_data_test_hands_the_tasks_unlabeled_test_images_to_after_task(small_facts, tmp_path, monkeypatch):

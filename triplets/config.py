@@ -5,11 +5,16 @@
 is checked: an unknown key raises :class:`~triplets.errors.ConfigError` naming the
 nearest valid key; a value of the wrong type raises naming the key and the type
 expected. Nested dataclass fields are built recursively.
+
+Presets: a file may start from another with ``extends: base.yaml`` (a path relative to
+the file itself). The base is read first (it may extend another in turn) and the file's
+keys are merged into it: mappings are merged key by key, recursively; any other value
+(a number, a string, a list such as ``methods``) of the file replaces the base's. A chain
+that comes back to a file it already read is refused.
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from pathlib import Path
@@ -17,16 +22,36 @@ from typing import Any, TypeVar
 
 import yaml
 
+from mas_core.errors import did_you_mean
+
 from .errors import ConfigError
 
 T = TypeVar("T")
 
 
+EXTENDS_KEY = "extends"
+
+
 def load_config(path: str | Path, cls: type[T], overrides: list[str] | None = None) -> T:
-    """Read the YAML file ``path``, apply ``overrides`` (``"a.b=value"`` strings) and build ``cls``."""
+    """Read the YAML file ``path`` (with its ``extends:`` chain), apply ``overrides``
+    (``"a.b=value"`` strings) and build ``cls``."""
+    raw = read_preset(path)
+    for item in overrides or []:
+        apply_override(raw, item)
+    return from_dict(cls, raw, where=str(path))
+
+
+def read_preset(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The mapping of the YAML file ``path`` merged over the preset it ``extends`` (see the
+    module docs); :class:`ConfigError` for a missing file, invalid YAML or a cycle."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        where = f" (extended by {_chain[-1]})" if _chain else ""
+        raise ConfigError(f"config file not found: {path}{where}")
+    resolved = path.resolve()
+    if resolved in _chain:
+        cycle = " -> ".join(str(item) for item in (*_chain[_chain.index(resolved):], resolved))
+        raise ConfigError(f"{path}: 'extends' goes round in a cycle ({cycle}); remove one of the extends keys")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
@@ -35,9 +60,23 @@ def load_config(path: str | Path, cls: type[T], overrides: list[str] | None = No
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
-    for item in overrides or []:
-        apply_override(raw, item)
-    return from_dict(cls, raw, where=str(path))
+    base = raw.pop(EXTENDS_KEY, None)
+    if base is None:
+        return raw
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{path}: extends must be the path of a YAML preset (relative to this file), got {base!r}")
+    return merge_presets(read_preset(resolved.parent / base, (*_chain, resolved)), raw)
+
+
+def merge_presets(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """``child`` merged over ``base``: mappings key by key (recursively), anything else replaced."""
+    merged = dict(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_presets(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -72,9 +111,8 @@ def from_dict(cls: type[T], raw: Any, where: str = "config") -> T:
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.0)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"{where}: unknown key {key!r}{hint} (valid keys: {', '.join(fields)})")
+            raise ConfigError(f"{where}: unknown key {key!r}{did_you_mean(str(key), fields)} "
+                              f"(valid keys: {', '.join(fields)})")
         kwargs[key] = _coerce(hints[key], value, f"{where}: {key}")
     try:
         obj = cls(**kwargs)
@@ -119,9 +157,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
     if origin is typing.Literal:
         if value not in args:
-            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1, cutoff=0.0)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}{hint}")
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}{did_you_mean(str(value), args)}")
         return value
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value if value is not None else {}, where)

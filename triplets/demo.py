@@ -10,7 +10,7 @@
 3. **train**: every method of the config's ``train.methods`` (finetune and MAS) on the same
    tasks, in order, into the run folder ``OUT`` (``triplets.train.train_run``), which evaluates
    every task after every task (standard top-5) and writes ``OUT/results.json`` with, per
-   method, ``avg_top5`` and ``forgetting`` (fractions), ``results.md`` and plots.
+   method, ``avg_acc`` (average standard top-5) and ``forgetting`` (fractions), ``results.md`` and plots.
 4. **query**: the trained MAS model answers one image → facts and one text → images query.
 5. Prints the comparison table.
 
@@ -31,8 +31,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
+import yaml
+
+from data_prep.facts_h5 import open_facts
+from data_prep.synthetic import generate_world
+from data_prep.visual_genome import prepare_visual_genome
+from mas_core.checkpoint import atomic_write_json
+
+from . import query
+from .cli import _user_errors
 from .config import load_config, to_dict
-from .train import TrainConfig
+from .language import embed_facts, load_text_encoder
+from .train import TrainConfig, train_run
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -87,14 +97,10 @@ def _file_sha256(path: Path) -> str:
 def ensure_world(settings: SynthSettings, folder: Path, *, progress: bool = True) -> tuple[Path, bool]:
     """Render the synthetic world into ``folder`` unless a stamp says it is already there
     with the same settings. Returns ``(folder, reused)``."""
-    from mas_core.checkpoint import atomic_write_json
-
     stamp = folder.parent / f"{folder.name}.json"
     wanted = to_dict(settings)
     if folder.is_dir() and (folder / "image_data.json").is_file() and _stamp_matches(stamp, wanted):
         return folder, True
-    from data_prep.synthetic import generate_world
-
     generate_world(folder, num_images=settings.num_images, seed=settings.seed,
                    image_size=(settings.width, settings.height), progress=progress, force=True)
     atomic_write_json(stamp, wanted)
@@ -105,19 +111,11 @@ def ensure_fact_file(settings: PrepareSettings, world: Path, world_settings: Syn
                      progress: bool = True) -> tuple[Path, bool]:
     """Prepare the fact file ``path`` from ``world`` unless a stamp (settings + the file's
     SHA-256) says the same file is already there. Returns ``(path, reused)``."""
-    from mas_core.checkpoint import atomic_write_json
-
     stamp = path.parent / f"{path.name}.json"
     wanted = {"prepare": to_dict(settings), "synth": to_dict(world_settings)}
     if path.is_file() and _stamp_matches(stamp, {**wanted, "sha256": _file_sha256(path)}):
-        from data_prep.facts_h5 import open_facts
-
         with open_facts(path):  # raises FactFileError for a damaged file
             return path, True
-    from data_prep.visual_genome import prepare_visual_genome
-
-    from .language import embed_facts, load_text_encoder
-
     encoder = load_text_encoder(settings.text_encoder)
 
     def embed(facts: list) -> Any:
@@ -139,8 +137,6 @@ def ensure_fact_file(settings: PrepareSettings, world: Path, world_settings: Syn
 def _reusable_run(out_dir: Path, config: TrainConfig) -> bool:
     """True when ``out_dir`` holds a run of the same settings (it is then resumed; finished
     methods are skipped). A run of other settings is the demo's own stale output: removed."""
-    import yaml
-
     config_path = out_dir / "config.yaml"
     if not out_dir.exists():
         return False
@@ -161,8 +157,6 @@ def _reusable_run(out_dir: Path, config: TrainConfig) -> bool:
 def example_queries(out_dir: Path, method: str, *, k: int = 5) -> str:
     """One image → facts query (the first test image) and one text → images query (the
     first test image's fact, as text), answered by ``method``'s model; returned as text."""
-    from . import query
-
     lines: list[str] = []
     with query.open_query(out_dir, method=method) as engine:
         image_index = int(engine.fact_file.sample_indices(None, "test")[0])
@@ -185,7 +179,7 @@ def format_table(results: dict[str, Any]) -> str:
     for name, entry in results["methods"].items():
         generalized = entry.get("final", {}).get("generalized") or []
         gen = sum(task["top5"] for task in generalized) / len(generalized) if generalized else float("nan")
-        lines.append(f"{name:<14} {100 * entry['avg_top5']:>9.1f}% {100 * entry['forgetting']:>10.1f}% "
+        lines.append(f"{name:<14} {100 * entry['avg_acc']:>9.1f}% {100 * entry['forgetting']:>10.1f}% "
                      f"{100 * entry['bwt']:>7.1f}% {100 * gen:>10.1f}%")
     return "\n".join(lines)
 
@@ -193,8 +187,6 @@ def format_table(results: dict[str, Any]) -> str:
 def run_demo(out_dir: str | Path, *, config_path: str | Path = DEFAULT_CONFIG, data_dir: str | Path | None = None,
              overrides: Sequence[str] = (), progress: bool = True, query_example: bool = True) -> dict[str, Any]:
     """The whole demo; returns the results dictionary (also in ``OUT/results.json``)."""
-    from .train import train_run
-
     out_dir = Path(out_dir)
     data_dir = Path(data_dir) if data_dir is not None else out_dir.with_name(out_dir.name + "_data")
     fact_path = data_dir / "facts.h5"
@@ -209,8 +201,6 @@ def run_demo(out_dir: str | Path, *, config_path: str | Path = DEFAULT_CONFIG, d
     started = time.perf_counter()
     fact_path, reused = ensure_fact_file(config.prepare, world, config.synth, fact_path, progress=progress)
     timings["prepare"] = time.perf_counter() - started
-    from data_prep.facts_h5 import open_facts
-
     with open_facts(fact_path) as fact_file:
         sizes = [len(fact_file.facts_of_task(t)) for t in range(fact_file.num_tasks)]
         counts = len(fact_file.sample_fact)
@@ -254,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-query", action="store_true", help="skip the example query")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    from .cli import _user_errors
+
 
     try:
         run_demo(args.out, config_path=args.config, data_dir=args.data_dir, overrides=args.overrides,

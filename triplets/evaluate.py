@@ -49,9 +49,13 @@ from typing import Any, Iterable, Literal, Sequence
 import numpy as np
 
 from data_prep.facts_h5 import fact_order
+from mas_core.checkpoint import atomic_write_json
 
 from .errors import RunFolderError, TripletsError
+from .fact_data import fact_file_fingerprint
 from .index import normalize_rows
+from .report import render_markdown, write_report
+from .run_folder import load_run
 
 Mode = Literal["standard", "generalized"]
 MODES = ("standard", "generalized")
@@ -358,8 +362,6 @@ def check_run_matches_fact_file(run_dir: Path, method: str, fact_file: Any) -> N
 def fact_vocabulary_fingerprint(fact_file: Any) -> str:
     """The fingerprint of a fact file's vocabulary, as training stores it in model.pt
     (``triplets.train.fact_file_fingerprint``: SHA-256 of the fact list in id order)."""
-    from .train import fact_file_fingerprint  # noqa: PLC0415
-
     return str(fact_file_fingerprint(fact_file))
 
 
@@ -384,11 +386,6 @@ def evaluate_run(run_dir: str | Path, *, device: str = "cpu", batch_size: int = 
     then rewrites results.json, results.md and the plots. Everything is computed before
     anything is written, so an error leaves the run folder unchanged. Returns the results.
     """
-    from mas_core.checkpoint import atomic_write_json  # noqa: PLC0415
-
-    from .report import render_markdown, write_report  # noqa: PLC0415
-    from .train import load_run  # noqa: PLC0415
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunFolderError(f"no run folder at {run_dir}; train one with mas-triplets train --out {run_dir}")

@@ -1,6 +1,7 @@
-"""The run report: a Markdown comparison table and PNG plots from ``results.json``.
+"""The run reports of both experiments: Markdown tables and PNG plots from a results document
+(:mod:`triplets.results_schema`).
 
-``write_report(results, out_dir)`` writes
+Fact embedding, ``write_report(results, out_dir)`` writes
 
 - ``out_dir/results.md``: one row per method with average top-5 (mean of the last row of
   the accuracy matrix R, standard mode), forgetting (mean over j < T−1 of R[j][j] − R[T−1][j]),
@@ -12,8 +13,13 @@
   the standard top-5 on each task after the last task (the last row of R), as in the
   lifelong-fact-learning paper's figure.
 
-Accuracies in ``results.json`` are fractions; the report shows percentages (points for
-forgetting and BWT). Every file is written atomically. Plots use matplotlib's Agg canvas
+Recognition sequence: :func:`recognition_markdown` (the paper's Table 2 layout for two tasks,
+else average accuracy, drop and forgetting per method; then per-task final accuracies with their
+drops) and :func:`write_recognition_plots` (``plots/accuracy.png``, ``plots/drop.png``: per task,
+one bar per method).
+
+Accuracies in ``results.json`` are fractions; the reports show percentages (points for
+forgetting, BWT and drops). Every file is written atomically. Plots use matplotlib's Agg canvas
 directly (``matplotlib.figure.Figure`` + ``FigureCanvasAgg``), so no global backend is set
 and nothing happens at import time.
 """
@@ -24,6 +30,10 @@ import math
 import re
 from pathlib import Path
 from typing import Any, Sequence
+
+import numpy as np
+
+from mas_core.checkpoint import atomic_write_bytes, atomic_write_text
 
 from .errors import TripletsError
 
@@ -61,7 +71,7 @@ def final_mean(entry: dict[str, Any], mode: str, key: str) -> float | None:
 
 
 def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per method: name, avg_top5, forgetting, bwt, final generalized top-5 and mAP (fractions or None)."""
+    """Per method: name, avg_acc, forgetting, bwt, final generalized top-5 and mAP (fractions or None)."""
     methods = results.get("methods") if isinstance(results, dict) else None
     if not isinstance(methods, dict) or not methods:
         raise TripletsError("results hold no methods; train a run first (mas-triplets train)")
@@ -71,7 +81,7 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         forgetting, bwt = forgetting_and_bwt(matrix)
         rows.append({
             "method": name,
-            "avg_top5": entry.get("avg_top5", _mean(matrix[-1])),
+            "avg_acc": entry.get("avg_acc", _mean(matrix[-1])),
             "forgetting": entry.get("forgetting", forgetting),
             "bwt": entry.get("bwt", bwt),
             "generalized_top5": final_mean(entry, "generalized", "top5"),
@@ -89,7 +99,7 @@ def comparison_table(results: dict[str, Any]) -> str:
     lines = ["| method | avg top-5 (%) | forgetting (pts) | BWT (pts) | final generalized top-5 (%) | mAP (%) |",
              "|---|---:|---:|---:|---:|---:|"]
     for row in summary_rows(results):
-        lines.append(f"| {row['method']} | {_percent(row['avg_top5'])} | {_percent(row['forgetting'])} | "
+        lines.append(f"| {row['method']} | {_percent(row['avg_acc'])} | {_percent(row['forgetting'])} | "
                      f"{_percent(row['bwt'])} | {_percent(row['generalized_top5'])} | {_percent(row['map'])} |")
     return "\n".join(lines)
 
@@ -122,10 +132,18 @@ def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "method"
 
 
-def _png_bytes(figure: Any) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
+def _new_figure(width: float, height: float) -> Any:
+    """A matplotlib ``Figure`` on its own Agg canvas (matplotlib is imported here, on first use,
+    so importing this module sets no backend and stays light)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415 - heavy, first use only
+    from matplotlib.figure import Figure  # noqa: PLC0415
 
+    figure = Figure(figsize=(width, height))
     FigureCanvasAgg(figure)
+    return figure
+
+
+def _png_bytes(figure: Any) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     return buffer.getvalue()
@@ -133,16 +151,13 @@ def _png_bytes(figure: Any) -> bytes:
 
 def heatmap_png(matrix: list[list[float | None]], title: str) -> bytes:
     """PNG bytes of R as an annotated heatmap (percent), blank where R is undefined."""
-    import numpy as np  # noqa: PLC0415
-    from matplotlib.figure import Figure  # noqa: PLC0415
-
     width = max(len(row) for row in matrix)
     values = np.full((len(matrix), width), np.nan)
     for i, row in enumerate(matrix):
         for j, value in enumerate(row):
             if value is not None:
                 values[i, j] = 100.0 * value
-    figure = Figure(figsize=(1.1 * width + 2.2, 1.0 * len(matrix) + 1.6))
+    figure = _new_figure(1.1 * width + 2.2, 1.0 * len(matrix) + 1.6)
     axes = figure.add_subplot(1, 1, 1)
     image = axes.imshow(np.ma.masked_invalid(values), vmin=0.0, vmax=100.0, cmap="viridis")
     for i in range(values.shape[0]):
@@ -159,29 +174,38 @@ def heatmap_png(matrix: list[list[float | None]], title: str) -> bytes:
     return _png_bytes(figure)
 
 
-def per_task_bars_png(results: dict[str, Any]) -> bytes:
-    """PNG bytes of grouped bars: per task, one bar per method, the top-5 after the last task."""
-    import numpy as np  # noqa: PLC0415
-    from matplotlib.figure import Figure  # noqa: PLC0415
-
-    names = list(results["methods"])
-    last_rows = {name: _matrix(results["methods"][name], name)[-1] for name in names}
-    num_tasks = max(len(row) for row in last_rows.values())
-    figure = Figure(figsize=(max(5.0, 1.3 * num_tasks + 2.0), 4.0))
+def grouped_bars_png(groups: Sequence[str], series: dict[str, Sequence[float]], *, ylabel: str, title: str,
+                     ylim: tuple[float, float] | None = None) -> bytes:
+    """PNG bytes of grouped bars: one group per entry of ``groups``, one bar per series (its
+    values in the units shown), the legend beside the bars, a line at 0."""
+    names = list(series)
+    figure = _new_figure(max(5.0, 1.3 * len(groups) + 2.0), 4.0)
     axes = figure.add_subplot(1, 1, 1)
     width = 0.8 / max(1, len(names))
-    positions = np.arange(num_tasks)
+    positions = np.arange(len(groups))
     for offset, name in enumerate(names):
-        row = last_rows[name]
-        heights = [100.0 * row[j] if j < len(row) and row[j] is not None else 0.0 for j in range(num_tasks)]
-        axes.bar(positions - 0.4 + width * (offset + 0.5), heights, width, label=name)
-    axes.set_xticks(positions, [f"task {j + 1}" for j in range(num_tasks)])
-    axes.set_ylabel("top-5 accuracy after the last task (%)")
-    axes.set_ylim(0.0, 100.0)
-    axes.set_title("Per-task top-5 accuracy at the end of the sequence")
+        axes.bar(positions - 0.4 + width * (offset + 0.5), list(series[name]), width, label=name)
+    axes.set_xticks(positions, list(groups), rotation=20 if max(map(len, groups), default=0) > 8 else 0)
+    axes.set_ylabel(ylabel)
+    if ylim is not None:
+        axes.set_ylim(*ylim)
+    axes.axhline(0.0, color="black", linewidth=0.5)
+    axes.set_title(title)
     axes.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)  # beside, not over, the bars
     axes.grid(axis="y", alpha=0.3)
     return _png_bytes(figure)
+
+
+def per_task_bars_png(results: dict[str, Any]) -> bytes:
+    """PNG bytes of grouped bars: per task, one bar per method, the top-5 after the last task."""
+    names = list(results["methods"])
+    last_rows = {name: _matrix(results["methods"][name], name)[-1] for name in names}
+    num_tasks = max(len(row) for row in last_rows.values())
+    series = {name: [100.0 * row[j] if j < len(row) and row[j] is not None else 0.0 for j in range(num_tasks)]
+              for name, row in last_rows.items()}
+    return grouped_bars_png([f"task {j + 1}" for j in range(num_tasks)], series,
+                            ylabel="top-5 accuracy after the last task (%)", ylim=(0.0, 100.0),
+                            title="Per-task top-5 accuracy at the end of the sequence")
 
 
 def write_report(results: dict[str, Any], out_dir: str | Path) -> None:
@@ -189,8 +213,6 @@ def write_report(results: dict[str, Any], out_dir: str | Path) -> None:
 
     Everything is rendered first and then written atomically, so a failure writes nothing.
     """
-    from mas_core.checkpoint import atomic_write_bytes, atomic_write_text  # noqa: PLC0415
-
     out_dir = Path(out_dir)
     markdown = render_markdown(results)
     files: dict[Path, bytes] = {}
@@ -201,3 +223,53 @@ def write_report(results: dict[str, Any], out_dir: str | Path) -> None:
     atomic_write_text(out_dir / "results.md", markdown + "\n")
     for path, data in files.items():
         atomic_write_bytes(path, data)
+
+
+# ----------------------------------------------------------------------------- the recognition sequence
+
+def _task_names(results: dict[str, Any]) -> list[str]:
+    return [str(task["name"]) if isinstance(task, dict) else str(task) for task in results["tasks"]]
+
+
+def recognition_markdown(results: dict[str, Any]) -> str:
+    """Markdown tables of a recognition results document (accuracies and drops in percent)."""
+    tasks = _task_names(results)
+    methods = results["methods"]
+    lines = [f"# {results['name']}: {' → '.join(tasks)}", ""]
+    if len(tasks) == 2:
+        lines += [f"| method | {tasks[0]} (drop) | {tasks[1]} |", "|---|---|---|"]
+        for name, entry in methods.items():
+            R = _matrix(entry, name)
+            lines.append(f"| {name} | {_percent(R[1][0])} ({100.0 * (R[1][0] - R[0][0]):+.2f}) | {_percent(R[1][1])} |")
+        lines += ["", "First-task accuracy after learning the second task, with its drop from the accuracy right "
+                  "after learning it (Table 2 layout); second-task accuracy. Percent."]
+    else:
+        lines += ["| method | avg acc | avg drop | avg forgetting | wall time (s) |", "|---|---|---|---|---|"]
+        for name, entry in methods.items():
+            lines.append(f"| {name} | {_percent(entry['avg_acc'])} | {100.0 * entry['avg_drop']:+.2f} | "
+                         f"{_percent(entry['forgetting'])} | {entry['wall_time_s']:.1f} |")
+        lines += ["", "avg acc: mean final test accuracy over tasks; avg drop: mean over tasks of final minus "
+                  "just-after accuracy (negative = forgetting). Percent."]
+    lines += ["", "Final accuracy per task (drop from just after learning it):", "",
+              "| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for name, entry in methods.items():
+        R = _matrix(entry, name)
+        cells = [f"{_percent(R[-1][j])} ({100.0 * (R[-1][j] - R[j][j]):+.1f})" for j in range(len(tasks))]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_recognition_plots(results: dict[str, Any], folder: str | Path) -> list[Path]:
+    """``folder/accuracy.png`` and ``folder/drop.png``: per task, one bar per method, the final
+    accuracy and its drop from just after learning the task (PNGs written atomically)."""
+    tasks = _task_names(results)
+    matrices = {name: _matrix(entry, name) for name, entry in results["methods"].items()}
+    written = []
+    for kind, ylabel in (("accuracy", "final test accuracy (%)"), ("drop", "drop: final − just after (points)")):
+        series = {name: [100.0 * (R[-1][j] if kind == "accuracy" else R[-1][j] - R[j][j]) for j in range(len(tasks))]
+                  for name, R in matrices.items()}
+        data = grouped_bars_png(tasks, series, ylabel=ylabel, title=f"{results['name']}: per-task {kind}")
+        path = Path(folder) / f"{kind}.png"
+        atomic_write_bytes(path, data)
+        written.append(path)
+    return written

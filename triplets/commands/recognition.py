@@ -6,6 +6,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from mas_core.distributed import same_on_every_rank
+
+from ..recognition import load_recognition_config, run_recognition
+from ..report import recognition_markdown
+
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the ``recognition`` subcommand."""
@@ -29,9 +34,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Load the config, run every method, print the results table."""
-    from ..cli import distributed_session
-    from ..recognition import load_recognition_config, results_markdown, run_recognition
-    from mas_core.distributed import same_on_every_rank
+    from ..cli import distributed_session  # noqa: PLC0415 - cli imports this module to register it
 
     with same_on_every_rank():  # read by every rank alike: rank 0 alone reports a bad config
         config = load_recognition_config(args.config, args.overrides)
@@ -42,6 +45,6 @@ def run(args: argparse.Namespace) -> int:
     with distributed_session(config.train.device) as info:
         results = run_recognition(config, args.out, methods=methods, resume=args.resume, progress=not args.quiet)
     if info is None or info.is_main:
-        print(results_markdown(results), end="")
+        print(recognition_markdown(results), end="")
         print(f"\nwritten: {args.out}/results.json, {args.out}/results.md, {args.out}/plots/")
     return 0

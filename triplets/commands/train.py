@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import argparse
 
+from mas_core.distributed import same_on_every_rank
+
+from ..train import load_train_config, resolve_device, select_methods, train_run
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
@@ -26,10 +30,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Read the config, join ``torchrun``'s process group when launched by it (the config's
     device picks gloo or nccl), train, and print the summary (rank 0 only)."""
-    from ..cli import distributed_session
-    from mas_core.distributed import same_on_every_rank
-
-    from ..train import load_train_config, resolve_device, select_methods, train_run
+    from ..cli import distributed_session  # noqa: PLC0415 - cli imports this module to register it
 
     with same_on_every_rank():  # read by every rank alike: rank 0 alone reports a bad config
         config = load_train_config(args.config, args.overrides)
@@ -48,6 +49,6 @@ def format_summary(results: dict) -> str:
     """A plain-text table: method, average top-5, forgetting, BWT (fractions shown as %)."""
     lines = [f"{'method':<16} {'avg top-5':>10} {'forgetting':>11} {'BWT':>8}"]
     for name, entry in results.get("methods", {}).items():
-        lines.append(f"{name:<16} {100 * entry['avg_top5']:>9.1f}% {100 * entry['forgetting']:>10.1f}% "
+        lines.append(f"{name:<16} {100 * entry['avg_acc']:>9.1f}% {100 * entry['forgetting']:>10.1f}% "
                      f"{100 * entry['bwt']:>7.1f}%")
     return "\n".join(lines)

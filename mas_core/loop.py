@@ -1,0 +1,526 @@
+"""The task loop: the one place that trains a model task by task.
+
+An experiment (the fact embedding, the recognition sequence, a user's own) plugs in through
+the small :class:`Experiment` protocol; :func:`train_tasks` owns everything else: seeding,
+the sample order, the optimizer, several processes, the regularizer's hooks, the divergence
+check, the accuracy matrix, checkpoints and resume. For each task ``t``::
+
+    torch.manual_seed(derived_seed(seed, "task", t))     # dropout, new heads: the same on resume
+    info = experiment.begin_task(model, t)               # e.g. add and activate head t
+    reg.before_task(trained, info)
+    for epoch e < optim.epochs_of(t):                    # a fresh SGD optimizer per task
+        order = randperm(n, Generator(derived_seed(seed, t, e)))
+        for every global batch b = order[k·B:(k+1)·B]:  # this rank's share of it, see below
+            loss = scale · experiment.loss(trained, batch, t) + reg.penalty(trained, inputs)
+            backward; clip_grad_norm (optional); step; reg.after_step(trained) if reg.uses_step_hook
+    reg.after_task(trained, experiment.importance_data(...))   # what reg.after_task_data asks for
+    R[t][j] = experiment.evaluate(model, t)[j], j ≤ t
+    checkpoint (atomic, rank 0)                                # CHECKPOINT_NAME, with RNG states
+
+``joint`` is a mode of the loop, not a regularizer: at task ``t`` it trains, from the current
+model and with no regularizer, on the union of tasks ``0..t`` (``experiment.train_data([0..t])``).
+
+One code path for one process and for N (``torchrun``; :mod:`mas_core.distributed`): the loss
+goes through :func:`~mas_core.distributed.wrap_for_training` (DDP when N > 1) with the penalty
+inside the wrapped forward. Rank ``r`` of ``N`` trains on positions ``r, r+N, …`` of every global
+batch, and ``experiment.loss`` returns the *mean* loss over the samples it is given, so the loop
+scales it by ``scale = N·|share| / |batch|``; DDP's average over ranks is then the global-batch
+mean loss (one process: ``scale = 1`` exactly, so N = 1 computes the plain mean loss). The loss
+that is logged and checked for divergence is all-reduced, so every rank takes the same decision.
+Importance data reaches ``after_task`` as a :class:`~mas_core.distributed.RankShard` (the
+estimators reduce across ranks). Rank 0 alone writes the checkpoint and the log; ranks other
+than 0 draw their dropout from ``derived_seed(seed, "task", t, "rank", r)``.
+
+Resume: the checkpoint holds the model (unwrapped), the regularizer's state, the rows of the
+accuracy matrix, the log and the RNG states; the per-task seed and the per-epoch order depend
+only on ``(seed, t, e)``, so a resumed run equals an uninterrupted one bit for bit, on any
+number of processes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Protocol, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import distributed, metrics
+from .batches import batch_input, move_to
+from .checkpoint import (
+    atomic_write_text,
+    check_config,
+    get_rng_states,
+    load_checkpoint,
+    save_checkpoint,
+    seed_everything,
+    set_rng_states,
+)
+from .errors import DivergenceError, EmptyDataError, MASCoreError, NonFiniteError
+from .regularizers import make_regularizer, method_options
+from .regularizers.base import Finetune, Regularizer, TaskInfo
+
+CHECKPOINT_NAME = "checkpoint.pt"
+LOG_NAME = "log.txt"
+CHECKPOINT_FORMAT = 2
+JOINT = "joint"
+
+
+# --------------------------------------------------------------------------- settings
+
+@dataclass
+class OptimSettings:
+    """The optimizer of every task: plain SGD with momentum, a fresh optimizer per task.
+
+    ``epochs`` per task (``first_task_epochs`` overrides it for task 0 when set); ``lr`` the
+    learning rate per step; ``momentum`` in [0, 1); ``batch_size`` samples per global batch (the
+    same whatever the number of processes); ``weight_decay`` ordinary L2 (``λ_wd·θ`` added to the
+    gradient); ``clip_grad_norm`` caps the L2 norm of the gradient of all trained parameters
+    (``null``: off)."""
+
+    epochs: int = 5
+    first_task_epochs: int | None = None
+    lr: float = 0.05
+    momentum: float = 0.9
+    batch_size: int = 64
+    weight_decay: float = 0.0
+    clip_grad_norm: float | None = None
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first invalid setting."""
+        if self.epochs <= 0 or (self.first_task_epochs is not None and self.first_task_epochs <= 0):
+            raise ValueError("optim.epochs (and optim.first_task_epochs) must be positive")
+        if not (self.lr > 0 and math.isfinite(self.lr)) or self.batch_size <= 0:
+            raise ValueError(f"optim.lr and optim.batch_size must be positive, got lr={self.lr}, "
+                             f"batch_size={self.batch_size}")
+        if not 0.0 <= self.momentum < 1.0 or self.weight_decay < 0:
+            raise ValueError("optim.momentum must be in [0, 1) and optim.weight_decay ≥ 0")
+        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
+            raise ValueError(f"optim.clip_grad_norm must be positive or null, got {self.clip_grad_norm}")
+
+    def epochs_of(self, task: int) -> int:
+        """The number of epochs of task ``task`` (``first_task_epochs`` for task 0 when set)."""
+        if task == 0 and self.first_task_epochs is not None:
+            return self.first_task_epochs
+        return self.epochs
+
+
+# --------------------------------------------------------------------------- the protocol
+
+class TrainData(Protocol):
+    """A task's samples, addressed by position ``0..len-1``.
+
+    ``batches(index_batches)`` yields one batch per index tensor, in that order (a batch as
+    :mod:`mas_core.batches` reads it: a tensor, a tuple ``(inputs, targets, ...)`` or a dict).
+    The loop chooses the positions (its seeded order, this rank's share); the experiment only
+    reads them."""
+
+    def __len__(self) -> int: ...
+
+    def batches(self, index_batches: Sequence[Tensor]) -> Iterable[Any]: ...
+
+
+@dataclass
+class ImportanceSource:
+    """What ``after_task`` estimates on: ``data`` read ``batch_size`` samples at a time, in order."""
+
+    data: TrainData
+    batch_size: int
+
+
+class Experiment(Protocol):
+    """What an experiment gives the loop (see the module docs for when each is called).
+
+    - ``task_names``: one name per task, in training order.
+    - ``identity()``: a JSON-like dict of everything that changes the experiment's numbers
+      (data, model, loss); a checkpoint is resumed only when it equals the saved one.
+    - ``build_model()``: a fresh model, called right after seeding (deterministic init).
+    - ``trained_module(model)``: the module the optimizer and the regularizer see (``model``
+      itself, or e.g. the branches on cached trunk features); called once after ``build_model``.
+    - ``begin_task(model, task) -> int | None``: prepare ``model`` for ``task`` (e.g. add and
+      activate its head) and return the head index for :class:`TaskInfo` (``None``: single
+      output). Replayed on resume for the finished tasks before the weights are loaded.
+    - ``train_data(tasks) -> TrainData``: the training samples of the union of ``tasks`` (one
+      task, or ``0..t`` in joint mode).
+    - ``loss(module, batch, task) -> Tensor``: the *mean* task loss over the batch's samples
+      (a scalar); in joint mode the batch may mix tasks.
+    - ``importance_data(model, task, kind) -> ImportanceSource``: the data for ``after_task``,
+      ``kind`` being the regularizer's ``after_task_data`` (``"inputs"``: batches whose input is
+      what the trained module reads; ``"labelled"``: ``(inputs, targets)`` batches).
+    - ``importance_loss``: the per-sample loss ``f(module, batch) -> Tensor[B]`` a labelled
+      estimator (EWC) uses, or ``None`` for the regularizer's default.
+    - ``evaluate(model, task) -> list[float]``: the row ``R[task][0..task]`` of the accuracy
+      matrix (every rank calls it; an experiment that shards its test sets reduces itself).
+    - ``metric_name``: what ``evaluate`` measures, for the log (e.g. ``"accuracy"``).
+    """
+
+    task_names: list[str]
+    metric_name: str
+    importance_loss: Callable[[nn.Module, Any], Tensor] | None
+
+    def identity(self) -> dict[str, Any]: ...
+
+    def build_model(self) -> nn.Module: ...
+
+    def trained_module(self, model: nn.Module) -> nn.Module: ...
+
+    def begin_task(self, model: nn.Module, task: int) -> int | None: ...
+
+    def train_data(self, tasks: Sequence[int]) -> TrainData: ...
+
+    def loss(self, module: nn.Module, batch: Any, task: int) -> Tensor: ...
+
+    def importance_data(self, model: nn.Module, task: int, kind: str) -> ImportanceSource: ...
+
+    def evaluate(self, model: nn.Module, task: int) -> list[float]: ...
+
+
+@dataclass
+class SequenceResult:
+    """Outcome of :func:`train_tasks`.
+
+    ``accuracy[i][j]``: the experiment's metric (a fraction) on task ``j`` after training task
+    ``i``; ``None`` for ``j > i``. ``wall_time_s``: seconds of training and evaluation, summed
+    over resumed segments. ``log``: the per-task log lines. ``trained_tasks``: tasks trained by
+    this call (0 when a finished checkpoint was resumed). ``model``: the final model."""
+
+    method: str
+    task_names: list[str]
+    accuracy: list[list[float | None]]
+    wall_time_s: float
+    config: dict[str, Any] = field(default_factory=dict)
+    log: list[str] = field(default_factory=list)
+    trained_tasks: int = 0
+    model: nn.Module | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def avg_acc(self) -> float:
+        """Mean of the last row of ``accuracy`` (:func:`mas_core.metrics.average_accuracy`)."""
+        return metrics.average_accuracy(self.accuracy)
+
+    @property
+    def avg_forgetting(self) -> float:
+        """Mean over ``j < T-1`` of ``R[j][j] - R[T-1][j]``."""
+        return metrics.average_forgetting(self.accuracy)
+
+    @property
+    def bwt(self) -> float:
+        """Backward transfer: mean over ``j < T-1`` of ``R[T-1][j] - R[j][j]``."""
+        return metrics.backward_transfer(self.accuracy)
+
+    @property
+    def avg_drop(self) -> float:
+        """The paper's average drop: mean over all tasks of ``R[T-1][j] - R[j][j]`` (negative = forgetting)."""
+        return metrics.average_drop(self.accuracy)
+
+    def summary(self) -> dict[str, Any]:
+        """The metrics of the results schema (``docs/run_folder.md``): ``accuracy_matrix``,
+        ``avg_acc``, ``forgetting``, ``bwt``, ``avg_drop``, ``wall_time_s``."""
+        return {"accuracy_matrix": [list(row) for row in self.accuracy], "avg_acc": self.avg_acc,
+                "forgetting": self.avg_forgetting, "bwt": self.bwt, "avg_drop": self.avg_drop,
+                "wall_time_s": self.wall_time_s}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly: ``method``, ``task_names``, :meth:`summary` and ``config`` (``None``
+        for undefined entries of the matrix)."""
+        return {"method": self.method, "task_names": list(self.task_names), **self.summary(), "config": self.config}
+
+
+# --------------------------------------------------------------------------- the loop
+
+def train_tasks(experiment: Experiment, method: str | Regularizer, optim: OptimSettings, *, seed: int = 0,
+                device: str | torch.device = "cpu", method_options: dict[str, Any] | None = None,
+                label: str | None = None, checkpoint_dir: str | Path | None = None, resume: bool = False,
+                log: Callable[[str], None] | None = None, log_epochs: bool = True) -> SequenceResult:
+    """Train ``experiment``'s tasks in order with ``method``; return the accuracy matrix and the model.
+
+    ``method``: ``"joint"`` (the loop's joint mode), a registry name of
+    :mod:`mas_core.regularizers` (built with ``method_options``; a labelled estimator gets
+    ``experiment.importance_loss`` as its ``loss_fn`` unless one is given) or a
+    :class:`Regularizer` instance. ``label`` names the method in messages (default: its name).
+    With ``checkpoint_dir`` the checkpoint ``CHECKPOINT_NAME`` and ``log.txt`` are written
+    there after every task; ``resume=True`` continues after the last finished task (a fresh run
+    when there is none) and raises :class:`~mas_core.errors.CheckpointMismatchError` for a
+    checkpoint of another configuration; ``resume=False`` starts over. A non-finite loss,
+    penalty or weight raises :class:`~mas_core.errors.DivergenceError` naming the method's
+    strength and the learning rate. ``log`` receives the progress lines (rank 0 only): one per task,
+    and one per epoch when ``log_epochs``.
+    """
+    try:
+        optim.validate()
+    except ValueError as exc:
+        raise MASCoreError(f"invalid optimizer settings: {exc}") from None
+    num_tasks = len(experiment.task_names)
+    if num_tasks == 0:
+        raise EmptyDataError("the experiment has no tasks: give it at least one")
+    if resume and checkpoint_dir is None:
+        raise MASCoreError("resume=True needs checkpoint_dir (the folder the interrupted run wrote to)")
+    joint, name, reg, options = _make_method(method, dict(method_options or {}), experiment)
+    label = label or name
+    info = distributed.current()
+    main = info is None or info.is_main
+    emit = (log or (lambda message: None)) if main else (lambda message: None)
+    device = distributed.local_device(device)
+    config = checkpoint_config(experiment.identity(), name, joint, options, optim, seed)
+    folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    checkpoint_path = folder / CHECKPOINT_NAME if folder is not None else None
+
+    start = time.perf_counter()
+    seed_everything(seed)
+    model = experiment.build_model().to(device)
+    trained = experiment.trained_module(model)
+    accuracy: list[list[float | None]] = []
+    log_lines: list[str] = []
+    first_task, previous_time = 0, 0.0
+    if resume and checkpoint_path is not None and checkpoint_path.is_file():
+        state = _read_checkpoint(checkpoint_path, config, device)
+        first_task = int(state["completed_tasks"])
+        for task in range(first_task):
+            experiment.begin_task(model, task)
+        model.load_state_dict(state["model"])
+        reg.load_state_dict(state["regularizer"])
+        accuracy = [list(row) for row in state["accuracy"]]
+        log_lines = list(state["log"])
+        previous_time = float(state["wall_time_s"])
+        set_rng_states(state["rng"])
+        emit(f"[{label}] resumed from {checkpoint_path} after task {first_task}/{num_tasks}")
+
+    for task in range(first_task, num_tasks):
+        started = time.perf_counter()
+        torch.manual_seed(derived_seed(seed, "task", task))
+        if not main:  # other ranks draw their own dropout (rank 0 keeps the one-process stream)
+            torch.manual_seed(derived_seed(seed, "task", task, "rank", info.rank))
+        head = experiment.begin_task(model, task)
+        data = experiment.train_data(list(range(task + 1)) if joint else [task])
+        if len(data) == 0:
+            raise EmptyDataError(f"task {task} ({experiment.task_names[task]}) has no training samples")
+        model.train()
+        trained.train()
+        reg.before_task(trained, TaskInfo(index=task, head=head, num_samples=len(data)))
+        epochs = optim.epochs_of(task)
+        mean_loss = _train_epochs(experiment, trained, model, data, task, reg, optim, seed, device, joint,
+                                  label, emit if log_epochs else (lambda message: None))
+        model.eval()
+        trained.eval()
+        _after_task(experiment, model, trained, reg, task, device)
+        model.eval()
+        trained.eval()
+        row: list[float | None] = [float(value) for value in experiment.evaluate(model, task)][:task + 1]
+        row += [None] * (num_tasks - task - 1)
+        accuracy.append(row)
+        seconds = time.perf_counter() - started
+        line = (f"[{label}] task {task + 1}/{num_tasks} ({experiment.task_names[task]}): {len(data)} samples × "
+                f"{epochs} epochs, mean loss {mean_loss:.4f}, {experiment.metric_name} on tasks 1..{task + 1}: "
+                + " ".join(f"{value:.3f}" for value in row[:task + 1]) + f" ({seconds:.1f} s)")
+        log_lines.append(line)
+        emit(line)
+        if folder is not None and main:
+            atomic_write_text(folder / LOG_NAME, "\n".join(log_lines) + "\n")
+            save_checkpoint(checkpoint_path, {
+                "format": CHECKPOINT_FORMAT, "config": config, "completed_tasks": task + 1,
+                "model": model.state_dict(), "regularizer": reg.state_dict(), "accuracy": accuracy,
+                "log": log_lines, "rng": get_rng_states(),
+                "wall_time_s": previous_time + time.perf_counter() - start,
+            })
+        distributed.barrier()  # the checkpoint is complete before any rank moves on
+    model.eval()
+    return SequenceResult(method=label, task_names=list(experiment.task_names), accuracy=accuracy,
+                          wall_time_s=previous_time + time.perf_counter() - start, config=config, log=log_lines,
+                          trained_tasks=num_tasks - first_task, model=model)
+
+
+def _train_epochs(experiment: Experiment, trained: nn.Module, model: nn.Module, data: TrainData, task: int,
+                  reg: Regularizer, optim: OptimSettings, seed: int, device: torch.device, joint: bool,
+                  label: str, emit: Callable[[str], None]) -> float:
+    """The epochs of one task on this rank; returns the mean (global-batch) loss over all steps."""
+    info = distributed.current()
+    world_size = 1 if info is None else info.world_size
+    name = experiment.task_names[task]
+    parameters = [p for p in trained.parameters() if p.requires_grad]
+    if not parameters:
+        raise MASCoreError("the model has no trainable parameters (requires_grad=True); nothing to train")
+    optimizer = torch.optim.SGD(parameters, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+
+    def step_loss(module: nn.Module, batch: Any, scale: float) -> Tensor:
+        return scale * experiment.loss(module, batch, task) + reg.penalty(module, batch_input(batch))
+
+    n = len(data)
+    find_unused = True
+    if info is not None and not joint:  # probe once whether every trained parameter takes part in a step
+        find_unused = _some_parameter_unused(trained, parameters, data, step_loss, seed, task, optim, device)
+    wrapped = distributed.wrap_for_training(trained, step_loss, find_unused_parameters=find_unused)
+    epochs = optim.epochs_of(task)
+    total, steps = 0.0, 0
+    for epoch in range(epochs):
+        shares = epoch_shares(n, optim.batch_size, seed, task, epoch, info)
+        epoch_total = 0.0
+        for step, (batch, (_, scale)) in enumerate(zip(data.batches([index for index, _ in shares]), shares)):
+            batch = move_to(batch, device)
+            optimizer.zero_grad(set_to_none=True)
+            try:
+                loss = wrapped(batch, scale)
+            except NonFiniteError as exc:
+                raise _divergence(reg, optim, label, task, name, epoch, step, f"the penalty is not finite ({exc})") from None
+            # Σ_r loss_r / N: the global-batch loss, the same number (and decision) on every rank
+            value = distributed.all_reduce_tensor(loss.detach().to(torch.float64).reshape(1).clone())
+            value = float(value[0]) / world_size
+            if not math.isfinite(value):
+                raise _divergence(reg, optim, label, task, name, epoch, step, f"the loss is {value}")
+            loss.backward()
+            if optim.clip_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(parameters, optim.clip_grad_norm)
+            optimizer.step()
+            if reg.uses_step_hook:
+                reg.after_step(trained)
+            epoch_total += value
+        broken = next((key for key, value in model.state_dict().items()
+                       if value.is_floating_point() and not torch.isfinite(value).all()), None)
+        if broken is not None:
+            raise _divergence(reg, optim, label, task, name, epoch, None, f"{broken} holds NaN/Inf")
+        emit(f"[{label}] task {task + 1} ({name}) epoch {epoch + 1}/{epochs}: "
+             f"mean loss {epoch_total / max(len(shares), 1):.4f}")
+        total += epoch_total
+        steps += len(shares)
+    return total / max(steps, 1)
+
+
+def epoch_shares(n: int, batch_size: int, seed: int, task: int, epoch: int,
+                 info: distributed.ProcessInfo | None) -> list[tuple[Tensor, float]]:
+    """This rank's ``(positions, scale)`` of every global batch of epoch ``epoch`` of task ``task``.
+
+    The global order is ``randperm(n)`` drawn from a generator seeded with
+    ``derived_seed(seed, task, epoch)`` (independent of the number of processes), cut into
+    batches of ``batch_size``; rank ``r`` of ``N`` keeps positions ``r, r+N, …`` of each and
+    ``scale = N·|share| / |batch|`` (exactly 1 in one process; 0 for the one padded sample of a
+    rank whose share is empty)."""
+    generator = torch.Generator().manual_seed(derived_seed(seed, task, epoch))
+    order = torch.randperm(n, generator=generator)
+    shares = []
+    for begin in range(0, n, batch_size):
+        global_batch = order[begin:begin + batch_size]
+        share, weight = distributed.rank_share(global_batch, info)
+        world_size = 1 if info is None else info.world_size
+        scale = 0.0 if weight == 0.0 else len(share) * world_size / len(global_batch)
+        shares.append((share, scale))
+    return shares
+
+
+def _some_parameter_unused(trained: nn.Module, parameters: list[Tensor], data: TrainData,
+                           step_loss: Callable[..., Tensor], seed: int, task: int, optim: OptimSettings,
+                           device: torch.device) -> bool:
+    """Whether some trained parameter takes no part in the first step's loss (then DDP must look
+    for unused parameters at every step, e.g. old heads under fine-tuning). Eval mode: no
+    BatchNorm update, no dropout draw."""
+    index, scale = epoch_shares(len(data), optim.batch_size, seed, task, 0, distributed.current())[0]
+    batch = move_to(next(iter(data.batches([index]))), device)
+    was_training = trained.training
+    trained.eval()
+    try:
+        reached = distributed.parameters_in_graph(step_loss(trained, batch, scale))
+    except NonFiniteError:
+        reached = set()
+    finally:
+        trained.train(was_training)
+    return any(id(p) not in reached for p in parameters)
+
+
+def _after_task(experiment: Experiment, model: nn.Module, trained: nn.Module, reg: Regularizer, task: int,
+                device: torch.device) -> None:
+    """``reg.after_task`` on what it declares it reads: this rank's share of the experiment's
+    importance source (``"inputs"`` / ``"labelled"``) or nothing (``"none"``)."""
+    kind = reg.after_task_data
+    if kind == "none":
+        reg.after_task(trained, ())
+        return
+    source = experiment.importance_data(model, task, kind)
+    if len(source.data) == 0:
+        raise EmptyDataError(f"task {task} ({experiment.task_names[task]}) has no importance data")
+
+    def make_batches(positions: list[int]) -> Iterable[Any]:
+        index = torch.as_tensor(positions, dtype=torch.long)
+        return (move_to(batch, device) for batch in source.data.batches(list(index.split(source.batch_size))))
+
+    reg.after_task(trained, distributed.RankShard(make_batches, len(source.data)))
+
+
+# --------------------------------------------------------------------------- helpers
+
+def checkpoint_config(identity: dict[str, Any], method: str, joint: bool, options: Any, optim: OptimSettings,
+                      seed: int) -> dict[str, Any]:
+    """What a checkpoint must agree on to be resumed: the experiment's ``identity``, the method
+    and its options, the optimizer settings and the seed (not the device or the log)."""
+    return {"format": CHECKPOINT_FORMAT, "method": method, "joint": joint, "method_options": _plain(options),
+            "optim": dataclasses.asdict(optim), "seed": int(seed), "experiment": identity}
+
+
+def derived_seed(*parts: Any) -> int:
+    """A 62-bit seed from ``parts``: the first 8 bytes (little-endian) of SHA-256 of their
+    ``str`` joined by ``":"``. Independent streams for (seed, task), (seed, task, epoch), …"""
+    digest = hashlib.sha256(":".join(str(part) for part in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 62) - 1)
+
+
+def _make_method(method: str | Regularizer, options: dict[str, Any],
+                 experiment: Experiment) -> tuple[bool, str, Regularizer, dict[str, Any]]:
+    """``(joint, name, regularizer, options)`` of ``method``."""
+    if isinstance(method, Regularizer):
+        if options:
+            raise MASCoreError("method_options are only used with a method name; configure the Regularizer "
+                               "instance instead")
+        described = {"class": f"{type(method).__module__}.{type(method).__qualname__}", "repr": repr(method)}
+        return False, str(getattr(method, "name", type(method).__name__)), method, described
+    if not isinstance(method, str):
+        raise MASCoreError(f"method must be a name or a Regularizer instance, got {type(method).__name__}")
+    if method == JOINT:
+        if options:
+            raise MASCoreError(f"the joint upper bound takes no method options, got {sorted(options)}")
+        return True, JOINT, Finetune(), options
+    reg = make_regularizer(method, **options)
+    loss_fn = getattr(experiment, "importance_loss", None)
+    if reg.after_task_data == "labelled" and loss_fn is not None and "loss_fn" not in options:
+        if "loss_fn" not in method_options(method):
+            raise MASCoreError(f"method {method!r} takes no loss_fn, so it cannot estimate importance on this "
+                               "experiment's loss; choose another method")
+        reg = make_regularizer(method, **options, loss_fn=loss_fn)
+    return False, method, reg, options
+
+
+def _read_checkpoint(path: Path, config: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    state = load_checkpoint(path, map_location=device)
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise MASCoreError(f"{path} has checkpoint format {state.get('format')!r} (written by an older version); "
+                           f"this version reads format {CHECKPOINT_FORMAT}: delete it or use a new output folder")
+    check_config(state, config, path)
+    return state
+
+
+def _divergence(reg: Regularizer, optim: OptimSettings, label: str, task: int, name: str, epoch: int,
+                step: int | None, what: str) -> DivergenceError:
+    where = f"method {label}, task {task + 1} ({name}), epoch {epoch + 1}" + (
+        f", step {step}" if step is not None else "")
+    strength = ", ".join(f"{key}={value}" for key, value in reg.strength.items())
+    advice = f"lower the learning rate (optim.lr, now {optim.lr})"
+    if strength:
+        advice += f" or the method's strength ({strength})"
+    return DivergenceError(f"training diverged at {where}: {what}; {advice}")
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-like, comparable rendering of an option value (callables by qualified name)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if callable(value):
+        return f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', type(value).__name__)}"
+    return repr(value)
+
+
+__all__ = ["CHECKPOINT_NAME", "Experiment", "ImportanceSource", "JOINT", "OptimSettings", "SequenceResult",
+           "TrainData", "checkpoint_config", "derived_seed", "epoch_shares", "train_tasks"]

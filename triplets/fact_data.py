@@ -1,0 +1,112 @@
+"""Reading a fact file for training: its fingerprint, and the samples of some tasks and splits
+as batches addressed by position (what :class:`mas_core.loop.TrainData` asks for)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import ConcatDataset, DataLoader, Subset
+
+from data_prep.facts_h5 import open_facts
+from data_prep.lll_benchmark import missing_fact_file_hint
+
+from .errors import ConfigError
+
+
+def vocabulary_fingerprint(facts: list[tuple[str, str | None, str | None]]) -> str:
+    """SHA-256 (hex) of the fact vocabulary in fact-id order: two fact files agree on what
+    fact id ``k`` means exactly when their fingerprints are equal."""
+    text = json.dumps([list(fact) for fact in facts], ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def fact_file_fingerprint(fact_file: Any) -> str:
+    """:func:`vocabulary_fingerprint` of an opened fact file (what ``model.pt`` stores as ``fact_file_sha``)."""
+    return vocabulary_fingerprint(fact_file.facts)
+
+
+def open_fact_file(path: str | Path) -> Any:
+    """The fact file at ``path`` (:func:`data_prep.facts_h5.open_facts`); a missing file is a
+    :class:`~triplets.errors.ConfigError` saying how to make one."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(missing_fact_file_hint(path)
+                          or f"data.fact_file: no file {path}; make one with `mas-triplets prepare` (or synth + prepare)")
+    return open_facts(path)
+
+
+def check_fact_file(fact_file: Any) -> None:
+    """Refuse a fact file without cached fact embeddings or pixels (training needs both)."""
+    if fact_file.fact_embeddings is None:
+        raise ConfigError(f"{fact_file.path} has no cached fact embeddings; run `mas-triplets prepare` with an encoder")
+    if not fact_file.has_pixels:
+        raise ConfigError(f"{fact_file.path} holds no image pixels; prepare it with an image size (e.g. --image-size 32)")
+
+
+def sample_indices(fact_file: Any, parts: Sequence[tuple[int, int | None]], max_samples: int | None) -> np.ndarray:
+    """The sample indices of ``parts`` (``(task, split)``; split ``None``: both), in that order,
+    the first ``max_samples`` of them when given."""
+    indices = [fact_file.sample_indices(task=task, split=split) for task, split in parts]
+    chosen = np.concatenate(indices) if indices else np.zeros(0, dtype=np.int64)
+    return chosen[:max_samples] if max_samples is not None else chosen
+
+
+class FactSamples:
+    """Images and fact ids of the samples of ``parts`` of a fact file.
+
+    In memory: uint8 ``[n, 3, S, S]`` pixels, converted to float in ``[0, 1]`` per batch.
+    Streamed: a ConcatDataset of ``fact_file.dataset(task, split)`` parts read by a DataLoader.
+    ``batches(index_batches)`` yields ``(images float [b, 3, S, S], fact_ids [b])`` per index
+    tensor (positions in this set); ``with_labels=False`` yields the images alone.
+    """
+
+    def __init__(self, fact_file: Any, parts: Sequence[tuple[int, int | None]], *, in_memory: bool,
+                 max_samples: int | None = None, with_labels: bool = True) -> None:
+        self.indices = sample_indices(fact_file, parts, max_samples)
+        self.fact_ids = torch.as_tensor(np.asarray(fact_file.sample_fact)[self.indices], dtype=torch.long)
+        self.in_memory = in_memory
+        self.with_labels = with_labels
+        self.pixels: Tensor | None = None
+        self.dataset: Any = None
+        if in_memory:
+            if len(self.indices):
+                array = np.asarray(fact_file.pixels(self.indices))
+                self.pixels = torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+        else:
+            datasets = [fact_file.dataset(task, one_split) for task, split in parts
+                        for one_split in ((split,) if split is not None else (0, 1))]
+            self.dataset = ConcatDataset(datasets)
+            if max_samples is not None:
+                self.dataset = Subset(self.dataset, range(min(max_samples, len(self.dataset))))
+
+    def __len__(self) -> int:
+        return int(len(self.indices))
+
+    def inputs_only(self) -> "FactSamples":
+        """The same samples, batches holding the images alone."""
+        view = object.__new__(FactSamples)
+        view.__dict__.update(self.__dict__, with_labels=False)
+        return view
+
+    def batches(self, index_batches: Sequence[Tensor]) -> Iterator[Any]:
+        if self.in_memory:
+            for chosen in index_batches:
+                images = self.pixels[chosen].float().div_(255.0)
+                yield (images, self.fact_ids[chosen]) if self.with_labels else images
+            return
+        loader = DataLoader(self.dataset, batch_sampler=[chosen.tolist() for chosen in index_batches])
+        for images, fact_ids in loader:
+            yield (images, fact_ids) if self.with_labels else images
+
+    def in_order(self, batch_size: int) -> Iterator[Any]:
+        """All samples in file order, ``batch_size`` at a time."""
+        return self.batches(list(torch.arange(len(self)).split(batch_size)))
+
+
+__all__ = ["FactSamples", "check_fact_file", "fact_file_fingerprint", "open_fact_file", "sample_indices",
+           "vocabulary_fingerprint"]

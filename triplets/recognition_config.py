@@ -1,0 +1,191 @@
+"""The configuration of the object-recognition sequence (``mas-triplets recognition --config``):
+tasks, the shared trunk, the optimizer, the methods and their options.
+
+Method names: ``finetune``, ``joint``, ``mas``, ``lmas``, ``ewc``, ``si``, ``lwf``, ``imm``,
+``ebll`` (and any name :mod:`mas_core.regularizers` registers). A suffix ``@test`` or
+``@train`` (e.g. ``mas@test``) overrides ``importance_data`` for that run: ``test`` estimates
+importance on the unlabelled test inputs of each task (the paper's Table 3); only methods whose
+regularizer declares ``importance_from_inputs`` (mas, lmas) accept ``@test``.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from data_prep.images import SOURCES
+from mas_core.errors import did_you_mean
+from mas_core.loop import JOINT, OptimSettings
+from mas_core.regularizers import METHODS
+
+from .config import load_config
+
+ALL_METHODS = ("finetune", "lwf", "ebll", "imm", "ewc", "si", "mas", "lmas", JOINT)  # the paper's comparison
+
+
+@dataclass
+class TaskSpec:
+    """One task: a dataset (raw ``dataset`` under ``root``, or a prepared ``h5`` file) and a class subset.
+
+    ``classes``: names or indices (default: all), relabelled 0..k-1 in the order given.
+    ``max_train_per_class`` / ``max_test_per_class``: per-class subsampling (seeded).
+    ``image_size`` (pixels): the size ``prepare`` stores (photographs: shorter side then
+    centre crop; default 256 for photographs, native for fixed-size sources).
+    ``renders_per_class`` ([train, test]) applies to ``font_letters`` only.
+    """
+
+    name: str = ""
+    dataset: str | None = None
+    root: str | None = None
+    h5: str | None = None
+    classes: list[int | str] | None = None
+    max_train_per_class: int | None = None
+    max_test_per_class: int | None = None
+    image_size: int | None = None
+    renders_per_class: list[int] | None = None
+
+    def validate(self) -> None:
+        if not self.name:
+            raise ValueError("every task needs a name")
+        if (self.dataset is None) == (self.h5 is None):
+            raise ValueError(f"task {self.name!r}: give exactly one of 'dataset' (a source name) or 'h5' "
+                             "(a file from `mas-triplets prepare images`)")
+        if self.dataset is not None:
+            if self.dataset not in SOURCES:
+                raise ValueError(f"task {self.name!r}: unknown dataset {self.dataset!r}"
+                                 f"{did_you_mean(self.dataset, SOURCES)}")
+        for key in ("max_train_per_class", "max_test_per_class", "image_size"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"task {self.name!r}: {key} must be >= 1, got {value}")
+        if self.renders_per_class is not None and (len(self.renders_per_class) != 2
+                                                   or min(self.renders_per_class) < 1):
+            raise ValueError(f"task {self.name!r}: renders_per_class must be [train, test] positive counts")
+
+
+@dataclass
+class ModelSpec:
+    """The shared trunk. ``small_cnn``: two conv(3x3)+ReLU+maxpool(2) blocks of ``width`` and
+    ``2*width`` channels and a ``feature_dim`` fully connected ReLU layer. ``alexnet`` /
+    ``resnet18``: torchvision architectures with ImageNet weights read from the local file
+    ``pretrained_weights`` (a state_dict; never downloaded); ``null`` trains from scratch.
+
+    Inputs are ``channels`` x ``input_size`` x ``input_size``. With ``resize`` set, images are
+    first resized to ``resize`` and cropped to ``input_size`` (random crop + horizontal flip
+    for training when ``augment``, centre crop for testing): the paper's 256 → 224.
+    ``normalize``: ``imagenet`` (mean/std of ImageNet) or ``unit`` ((x/255 − 0.5)/0.5);
+    ``auto`` picks imagenet for the pretrained architectures.
+    """
+
+    arch: Literal["small_cnn", "alexnet", "resnet18"] = "small_cnn"
+    input_size: int = 28
+    channels: int = 1
+    width: int = 32
+    feature_dim: int = 128
+    pretrained_weights: str | None = None
+    resize: int | None = None
+    augment: bool = False
+    normalize: Literal["auto", "imagenet", "unit"] = "auto"
+
+    def validate(self) -> None:
+        if self.channels not in (1, 3):
+            raise ValueError(f"model.channels must be 1 or 3, got {self.channels}")
+        if self.input_size < 8:
+            raise ValueError(f"model.input_size must be >= 8, got {self.input_size}")
+        if self.resize is not None and self.resize < self.input_size:
+            raise ValueError(f"model.resize ({self.resize}) must be >= input_size ({self.input_size})")
+        if self.arch != "small_cnn" and self.channels != 3:
+            raise ValueError(f"model.arch {self.arch} needs channels: 3")
+        if self.width < 1 or self.feature_dim < 1:
+            raise ValueError("model.width and model.feature_dim must be positive")
+
+
+@dataclass
+class OptimSpec(OptimSettings):
+    """``train:`` the optimizer of every task and method (:class:`mas_core.loop.OptimSettings`:
+    SGD, ``lr`` per step, ``epochs`` per task) and where the sequence runs: ``eval_batch_size``
+    test images per evaluation batch, ``num_workers`` DataLoader workers, ``device``."""
+
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    num_workers: int = 0
+    device: str = "cpu"
+
+
+@dataclass
+class RecognitionConfig:
+    """A recognition experiment: tasks, model, optimisation, methods and their options.
+
+    ``method_options`` maps a method name (or ``name@variant``) to its keyword options,
+    e.g. ``{"mas": {"lam": 1.0}}``. ``importance_data``: ``train`` or ``test`` (unlabeled
+    test inputs, for mas/lmas). ``data_dir``: where raw datasets are converted to HDF5
+    once (relative paths are relative to the working directory).
+    """
+
+    name: str = "recognition"
+    tasks: list[TaskSpec] = field(default_factory=list)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    train: OptimSpec = field(default_factory=OptimSpec)
+    methods: list[str] = field(default_factory=lambda: list(ALL_METHODS))
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    importance_data: Literal["train", "test"] = "train"
+    seed: int = 0
+    data_dir: str = "data_cache"
+
+    def validate(self) -> None:
+        if not self.tasks:
+            raise ValueError("tasks: give at least one task")
+        names = [task.name for task in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tasks: names must be distinct, got {names}")
+        self.train.validate()
+        parse_methods(self.methods)
+        known = set(known_methods())
+        for key in self.method_options:
+            if key.split("@")[0] not in known:
+                raise ValueError(f"method_options: unknown method {key!r}{did_you_mean(key, sorted(known))}")
+
+
+def known_methods() -> list[str]:
+    """The method names accepted: the paper's set plus what :mod:`mas_core.regularizers` registers."""
+    return list(ALL_METHODS) + [name for name in METHODS if name not in ALL_METHODS]
+
+
+def importance_from_inputs(method: str) -> bool:
+    """Whether ``method`` (a name, optionally ``name@variant``) estimates importance from
+    unlabelled inputs alone (its regularizer's ``importance_from_inputs``: MAS, l-MAS)."""
+    base = method.split("@")[0]
+    return base in METHODS and bool(METHODS[base].importance_from_inputs)
+
+
+def parse_methods(methods: Sequence[str] | str) -> list[str]:
+    """Validate a method list (``"a,b"`` or a list); ``name@test``/``name@train`` allowed for mas/lmas."""
+    items = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else [m.strip() for m in methods]
+    items = [m for m in items if m]
+    if not items:
+        raise ValueError("methods: give at least one method")
+    known = known_methods()
+    for item in items:
+        base, _, variant = item.partition("@")
+        if base not in known:
+            raise ValueError(f"unknown method {base!r}{did_you_mean(base, known)} "
+                             f"(known: {', '.join(known)})")
+        if variant and variant not in ("train", "test"):
+            raise ValueError(f"method {item!r}: the suffix after @ must be 'train' or 'test'")
+        if variant == "test" and not importance_from_inputs(base):
+            label_free = [name for name in METHODS if importance_from_inputs(name)]
+            raise ValueError(f"method {item!r}: only {label_free} estimate importance "
+                             "without labels; drop '@test'")
+    if len(set(items)) != len(items):
+        raise ValueError(f"methods: {items} names a method twice")
+    return items
+
+
+def load_recognition_config(path: str | Path, overrides: list[str] | None = None) -> RecognitionConfig:
+    """Read and validate a recognition YAML config (unknown keys rejected with the nearest name)."""
+    return load_config(path, RecognitionConfig, overrides)
+
+
+__all__ = ["ALL_METHODS", "ModelSpec", "OptimSpec", "RecognitionConfig", "TaskSpec", "importance_from_inputs",
+           "known_methods", "load_recognition_config", "parse_methods"]

@@ -1,0 +1,40 @@
+"""The one results schema of both experiments (``RUN/results.json``; ``docs/run_folder.md``).
+
+Version 1::
+
+    {"schema_version": 1, "experiment": "facts" | "recognition", "name": str,
+     "metric": what R measures ("standard top-5" | "top-1 accuracy"), "complete": bool,
+     "tasks": [{"index": t, "name": str, ...sizes}],
+     "methods": {key: {"method": registry name or "joint", "options": {...},
+                       "accuracy_matrix": R, "avg_acc": A, "forgetting": F, "bwt": BWT,
+                       "avg_drop": D, "wall_time_s": s, ...experiment extras}},
+     "config": the experiment's config as a plain mapping}
+
+``R[i][j]`` is the metric (a fraction in [0, 1]) on task ``j`` after training task ``i``, ``null``
+for ``j > i``; ``A``, ``F``, ``BWT`` and ``D`` are :mod:`mas_core.metrics`' average accuracy,
+average forgetting, backward transfer and the MAS paper's average drop of R. Extras: the fact
+embedding's ``final`` (per mode and task the final retrieval metrics), the recognition
+sequence's ``importance_data``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from mas_core.loop import SequenceResult
+
+SCHEMA_VERSION = 1
+
+
+def method_summary(outcome: SequenceResult, method: str, options: dict[str, Any], **extras: Any) -> dict[str, Any]:
+    """The ``methods[key]`` entry of a results document for a finished sequence."""
+    return {"method": method, "options": dict(options), **outcome.summary(), **extras}
+
+
+def results_document(*, experiment: str, name: str, metric: str, complete: bool, tasks: list[dict[str, Any]],
+                     methods: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """A results document of :data:`SCHEMA_VERSION` (see the module docs)."""
+    return {"schema_version": SCHEMA_VERSION, "experiment": experiment, "name": name, "metric": metric,
+            "complete": complete, "tasks": tasks, "methods": methods, "config": config}
+
+
+__all__ = ["SCHEMA_VERSION", "method_summary", "results_document"]
