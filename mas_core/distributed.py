@@ -155,6 +155,21 @@ def barrier() -> None:
         dist.barrier()
 
 
+def leave_process_group(*, wait: bool = True) -> None:
+    """Destroy the default process group (nothing when none is joined).
+
+    With ``wait`` (the normal way out) every rank first meets in a barrier: a rank that
+    destroys its group and exits while another rank still works (rank 0 writing a checkpoint,
+    say) tears the shared gloo connections down under it, and the slower process aborts with
+    "terminate called without an active exception". ``wait=False`` is for leaving on an error,
+    when the other ranks may never reach the barrier.
+    """
+    if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def local_device(device: str | torch.device) -> torch.device:
     """``device``, with a bare ``"cuda"`` turned into this rank's ``cuda:LOCAL_RANK``."""
     device = torch.device(device)

@@ -79,8 +79,7 @@ def main() -> None:
             line = (f"task {t}: {world} process(es), train accuracy on tasks 0..{t}: {accuracy}; this task's Ω total {total:.6f}, "
                     f"one-process Ω total {sum(float(v.sum()) for v in alone.values()):.6f}")
             print(line + (f", naive DDP Ω total {naive:.6f}" if info is not None else ""), flush=True)
-    if info is not None:
-        torch.distributed.destroy_process_group()
+    distributed.leave_process_group()  # a barrier first: no rank exits while another still works
 
 
 if __name__ == "__main__":

@@ -138,8 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             result[method] = sequence.accuracy
     if main_process:
         torch.save(result, args.out)
-    if info is not None:
-        torch.distributed.destroy_process_group()
+    distributed.leave_process_group()
     return 0
 
 

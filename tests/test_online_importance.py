@@ -15,6 +15,7 @@ from torch import nn
 
 from mas_core import MAS, LocalMAS, OnlineImportance, batch_input, hebbian_importance, mas_importance, mix_importance
 from mas_core.errors import CheckpointMismatchError, EmptyDataError, InvalidArgumentError, MASStateError, NonFiniteError
+from mas_core.distributed import leave_process_group
 
 DTYPE = torch.float64
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -382,8 +383,10 @@ def _all_reduce_worker(rank: int, world: int, store_path: str, result_path: str)
         online.all_reduce()
         if rank == 0:
             torch.save({"count": online.count, "omega": online.importance()}, result_path)
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        leave_process_group(wait=False)
+        raise
+    leave_process_group()  # a barrier first: rank 1 does not tear the group down while rank 0 saves
 
 
 def test_all_reduce_over_two_processes_equals_one_process(tmp_path):

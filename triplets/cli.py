@@ -88,21 +88,23 @@ def distributed_session(device: Any = None) -> Iterator[Any]:
     group is destroyed on the way out, error or not (unless it existed before)."""
     import torch.distributed as dist
 
-    from mas_core.distributed import init_from_environment
-
-    from mas_core.distributed import same_on_every_rank
+    from mas_core.distributed import init_from_environment, leave_process_group, same_on_every_rank
 
     joined_before = dist.is_available() and dist.is_initialized()
     with same_on_every_rank():
         info = init_from_environment(device)
+    leave = info is not None and not joined_before
     try:
         with warnings.catch_warnings():
             if info is not None and not info.is_main:
                 warnings.simplefilter("ignore")
             yield info
-    finally:
-        if info is not None and not joined_before and dist.is_initialized():
-            dist.destroy_process_group()
+    except BaseException:
+        if leave:
+            leave_process_group(wait=False)  # the other ranks may never reach a barrier
+        raise
+    if leave:
+        leave_process_group()  # every rank done before any tears the connections down
 
 
 def _report(command: str | None, message: str, exc: BaseException | None = None) -> None:
