@@ -15,8 +15,8 @@ Conversion rules (value ranges are scaled, never clipped):
 * ``F`` (32-bit float): values in ``[0, 1]`` are multiplied by 255; any other range is scaled
   linearly from the image's own ``[min, max]`` to ``[0, 255]`` (a constant image gives 0);
   NaN or infinity is refused;
-* alpha (``LA``, ``La``, ``PA``, ``RGBA``, ``RGBa``, or a ``transparency`` entry of ``P``, ``L``,
-  ``RGB``): composited over :data:`ALPHA_BACKGROUND` (white), then dropped.
+* alpha (``LA``, ``PA``, ``RGBA``, premultiplied ``La``, ``RGBa``, or a ``transparency`` entry of
+  ``P``, ``L``, ``RGB``): composited over :data:`ALPHA_BACKGROUND` (white), then dropped.
 
 Values are rounded to the nearest integer. ``LAB`` and other modes are refused as undecodable.
 """
@@ -136,7 +136,17 @@ def to_rgb8(image: Image.Image, *, keep_grayscale: bool = False) -> Image.Image:
         grey = Image.fromarray(_scaled_to_uint8(image), mode="L")
         return grey if keep_grayscale else grey.convert("RGB")
     grey_source = mode in ("1", "L", "LA", "La")
-    if mode in ("LA", "La", "PA", "RGBA", "RGBa") or (mode in ("P", "L", "RGB") and "transparency" in image.info):
+    if mode in ("La", "RGBa"):  # premultiplied alpha: out = c + background * (255 - a) / 255
+        values = np.asarray(image).astype(np.float32)
+        colour, alpha = values[..., :-1], values[..., -1:]
+        background = np.array(ALPHA_BACKGROUND[:colour.shape[-1]] if mode == "RGBa" else ALPHA_BACKGROUND[:1],
+                              dtype=np.float32)
+        out = np.rint(np.clip(colour + background * (255.0 - alpha) / 255.0, 0, 255)).astype(np.uint8)
+        composed = Image.fromarray(out[..., 0], mode="L") if mode == "La" else Image.fromarray(out, mode="RGB")
+        if mode == "La" and not keep_grayscale:
+            return composed.convert("RGB")
+        return composed
+    if mode in ("LA", "PA", "RGBA") or (mode in ("P", "L", "RGB") and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (*ALPHA_BACKGROUND, 255))
         rgb = Image.alpha_composite(background, rgba).convert("RGB")
