@@ -24,6 +24,9 @@ DEFAULT_MAX_JSON_DEPTH = 64
 _BRACKET_STEP = np.zeros(256, dtype=np.int8)
 _BRACKET_STEP[[ord("["), ord("{")]] = 1
 _BRACKET_STEP[[ord("]"), ord("}")]] = -1
+_IS_BRACKET = _BRACKET_STEP != 0
+_QUOTE, _BACKSLASH = ord('"'), ord("\\")
+_EMPTY = np.zeros(0, dtype=np.int64)
 
 
 class DepthLimitedReader:
@@ -48,31 +51,43 @@ class DepthLimitedReader:
         return data
 
     def check(self, data: bytes) -> None:
-        """Advance the depth over ``data`` (the next bytes of the file); raise past ``max_depth``."""
+        """Advance the depth over ``data`` (the next bytes of the file); raise past ``max_depth``.
+
+        Vectorised over the sparse positions only: backslash runs (an odd run escapes the next
+        byte), unescaped quotes (their running count says inside or outside a string) and brackets.
+        """
         chars = np.frombuffer(data, dtype=np.uint8)
-        quotes = chars == ord('"')
-        backslashes = np.flatnonzero(chars == ord("\\"))
-        if len(backslashes) or self.escape_next:
-            escaped: list[int] = [0] if self.escape_next else []
-            for position in backslashes.tolist():
-                if escaped and escaped[-1] == position:
-                    continue  # an escaped backslash escapes nothing
-                escaped.append(position + 1)
-            self.escape_next = bool(escaped) and escaped[-1] == len(chars)
-            inside = [position for position in escaped if position < len(chars)]
-            quotes[inside] = False
-        quote_count = np.cumsum(quotes, dtype=np.int64)
-        outside = (quote_count + self.in_string) % 2 == 0
-        steps = _BRACKET_STEP[chars] * outside
-        depths = self.depth + np.cumsum(steps, dtype=np.int64)
-        deepest = int(depths.max())
-        if deepest > self.max_depth:
-            where = self.offset + int(np.argmax(depths > self.max_depth))
-            raise DataPrepError(
-                f"{self.path} nests JSON deeper than {self.max_depth} levels (at byte {where:,}); Visual Genome's "
-                "dumps nest 6 deep, so the file is corrupt or hostile; raise --max-json-depth if it is genuine")
-        self.depth = int(depths[-1])
-        self.in_string = bool((int(quote_count[-1]) + self.in_string) % 2)
+        backslashes = np.flatnonzero(chars == _BACKSLASH)
+        escaped_first = self.escape_next
+        if escaped_first and len(backslashes) and backslashes[0] == 0:
+            backslashes = backslashes[1:]  # escaped by the run that ended the previous chunk
+        escaped = _EMPTY
+        if len(backslashes):
+            breaks = np.flatnonzero(np.diff(backslashes) != 1)
+            starts = np.concatenate(([0], breaks + 1))
+            ends = np.concatenate((breaks, [len(backslashes) - 1]))
+            escaped = backslashes[ends[(ends - starts) % 2 == 0]] + 1  # runs of odd length escape the next byte
+        self.escape_next = bool(len(escaped)) and int(escaped[-1]) == len(chars)
+        quotes = np.flatnonzero(chars == _QUOTE)
+        if len(escaped) and len(quotes):
+            nearest = escaped[np.minimum(np.searchsorted(escaped, quotes), len(escaped) - 1)]
+            quotes = quotes[nearest != quotes]
+        if escaped_first and len(quotes) and quotes[0] == 0:
+            quotes = quotes[1:]
+        brackets = np.flatnonzero(_IS_BRACKET.take(chars))  # take: ~3x faster than fancy indexing
+        if len(brackets):
+            outside = (np.searchsorted(quotes, brackets) + self.in_string) % 2 == 0
+            brackets = brackets[outside]
+            depths = self.depth + np.cumsum(_BRACKET_STEP[chars[brackets]], dtype=np.int64)
+            if len(depths) and int(depths.max()) > self.max_depth:
+                where = self.offset + int(brackets[np.argmax(depths > self.max_depth)])
+                raise DataPrepError(
+                    f"{self.path} nests JSON deeper than {self.max_depth} levels (at byte {where:,}); Visual "
+                    "Genome's dumps nest 6 deep, so the file is corrupt or hostile; raise --max-json-depth if it "
+                    "is genuine")
+            if len(depths):
+                self.depth = int(depths[-1])
+        self.in_string = bool((len(quotes) + self.in_string) % 2)
         self.offset += len(chars)
 
 
