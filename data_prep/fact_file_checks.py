@@ -49,13 +49,22 @@ def _fail(path: Path, message: str) -> FactFileError:
     return FactFileError(f"fact file {path}: {message}; prepare it again")
 
 
+def _show(value: object) -> str:
+    """A short rendering of an attribute value: numpy scalars as Python values, arrays as lists."""
+    if isinstance(value, np.ndarray):
+        return f"the array {value.tolist()!r:.60}"
+    if isinstance(value, np.generic):
+        return repr(value.item())
+    return f"{value!r:.60}"
+
+
 def _integer_attribute(attrs: Mapping[str, Any], name: str, path: Path) -> int | None:
     """The root attribute ``name`` as an int (None when absent); anything but an integer scalar is refused."""
     if name not in attrs:
         return None
     value = attrs[name]
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Integral, np.integer)):
-        raise _fail(path, f"attribute '{name}' is {value!r} ({type(value).__name__}); expected an integer")
+        raise _fail(path, f"attribute '{name}' is {_show(value)} ({type(value).__name__}); expected an integer")
     return int(value)
 
 
@@ -65,7 +74,7 @@ def check_attributes(attrs: Mapping[str, Any], path: Path, supported_version: in
         raise FactFileError(f"{path} has no 'format_version' attribute; it is not a mas-triplets fact file")
     version = attrs["format_version"]
     if isinstance(version, (bool, np.bool_)) or not isinstance(version, (numbers.Integral, np.integer)):
-        raise FactFileError(f"fact file {path} has format_version {version!r} ({type(version).__name__}); "
+        raise FactFileError(f"fact file {path} has format_version {_show(version)} ({type(version).__name__}); "
                             f"expected the integer {supported_version}: prepare it again with this version")
     if int(version) != supported_version:
         raise FactFileError(
