@@ -35,6 +35,8 @@ from .errors import DataPrepError
 #: default largest ``width * height`` (pixels) an image may declare in its header; 100 million
 #: pixels is about 300 MB once decoded to RGB (Visual Genome's largest images hold ~1 million)
 DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
+#: largest side S (pixels) of the stored S x S images: one is S * S * 3 bytes (3 MB at 1024)
+MAX_STORED_IMAGE_SIZE = 1024
 #: RGB colour that transparent pixels are composited over
 ALPHA_BACKGROUND = (255, 255, 255)
 #: the modes :func:`to_rgb8` converts
@@ -55,6 +57,18 @@ def check_max_pixels(max_pixels: object) -> int:
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer)) or max_pixels < 1:
         raise DataPrepError(f"max_image_pixels must be a positive integer, got {max_pixels!r}")
     return int(max_pixels)
+
+
+def check_stored_image_size(image_size: object, option: str = "--image-size", smallest: int = 1) -> int:
+    """``image_size`` as an int in ``smallest..MAX_STORED_IMAGE_SIZE``; raises :class:`DataPrepError` otherwise."""
+    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)):
+        raise DataPrepError(f"{option} must be an integer, got {image_size!r}")
+    if image_size < smallest:
+        raise DataPrepError(f"{option} must be at least {smallest}, got {image_size}")
+    if image_size > MAX_STORED_IMAGE_SIZE:
+        raise DataPrepError(f"{option} must be at most {MAX_STORED_IMAGE_SIZE} pixels (each stored image is "
+                            f"S x S x 3 bytes), got {image_size}")
+    return int(image_size)
 
 
 @contextmanager

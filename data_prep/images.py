@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import DataPrepError, MissingDatasetError
-from .image_decode import DEFAULT_MAX_IMAGE_PIXELS, check_max_pixels
+from .image_decode import DEFAULT_MAX_IMAGE_PIXELS, check_max_pixels, check_stored_image_size
 from .image_h5 import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -89,8 +89,8 @@ def prepare_image_dataset(
     bad = [s for s in splits if s not in SPLITS]
     if bad or not splits:
         raise DataPrepError(f"split must name one or both of {list(SPLITS)}, got {list(splits)}")
-    if image_size is not None and (not isinstance(image_size, int) or image_size < 4):
-        raise DataPrepError(f"image_size must be an integer of at least 4 pixels, got {image_size!r}")
+    if image_size is not None:
+        check_stored_image_size(image_size, "image_size", smallest=4)
     if spec.needs_root and root is None:
         raise MissingDatasetError(f"dataset {name!r} needs --root; expected layout: {spec.layout}")
     size = image_size if image_size is not None else (PHOTO_DEFAULT_SIZE if spec.variable_size else None)

@@ -44,7 +44,8 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from .errors import DataPrepError, MissingDatasetError
-from .image_decode import DECODE_ERRORS, DEFAULT_MAX_IMAGE_PIXELS, check_image, check_max_pixels, decode_rgb, open_checked
+from .image_decode import (DECODE_ERRORS, DEFAULT_MAX_IMAGE_PIXELS, check_image, check_max_pixels,
+                           check_stored_image_size, decode_rgb, open_checked)
 from .facts_h5 import FORMAT_VERSION, Fact, fact_order, write_fact_file
 from .splits import task_statistics
 from .fact_pipeline import PrepareReport
@@ -448,8 +449,7 @@ def prepare_lll(
     native = isinstance(text_encoder, str)
     if native and text_encoder != NATIVE:
         raise DataPrepError(f"text_encoder must be {NATIVE!r} or an embedding function, got {text_encoder!r}")
-    if image_size < 1:
-        raise DataPrepError(f"--image-size must be at least 1, got {image_size}")
+    check_stored_image_size(image_size)
     tasks = find_task_files(root, split)
     max_image_pixels = check_max_pixels(max_image_pixels)
     collector = _Collector(root, native, None if no_images else max_image_pixels, progress)

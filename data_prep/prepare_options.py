@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from .errors import DataPrepError
 from .facts_h5 import Fact
-from .image_decode import DEFAULT_MAX_IMAGE_PIXELS, check_max_pixels
+from .image_decode import DEFAULT_MAX_IMAGE_PIXELS, check_max_pixels, check_stored_image_size
 from .json_stream import DEFAULT_MAX_JSON_DEPTH
 from .splits import TEST_FRACTION
 
@@ -38,7 +38,7 @@ class PrepareOptions:
     orders: tuple[int, ...] = (1, 2, 3)
     """Fact orders kept: 1 <S>, 2 <S,P>, 3 <S,P,O>; stored sorted and without repeats."""
     image_size: int = 64
-    """Side S in pixels of the stored S x S region crops (at least 1)."""
+    """Side S in pixels of the stored S x S region crops (1 to ``MAX_STORED_IMAGE_SIZE`` = 1024)."""
     seed: int = 0
     """Seed of the train/test split by image and of the task split."""
     text_encoder: EmbedFn | None = None
@@ -76,8 +76,7 @@ class PrepareOptions:
             raise DataPrepError(f"--tasks must be at least 1, got {self.num_tasks}")
         if self.min_fact_count < 1:
             raise DataPrepError(f"--min-fact-count must be at least 1, got {self.min_fact_count}")
-        if self.image_size < 1:
-            raise DataPrepError(f"--image-size must be at least 1, got {self.image_size}")
+        check_stored_image_size(self.image_size)
         if self.max_json_depth < 2:
             raise DataPrepError(f"max_json_depth must be at least 2, got {self.max_json_depth}")
         check_max_pixels(self.max_image_pixels)

@@ -259,3 +259,14 @@ def test_vg_corrupt_image_found_by_the_check_is_dropped_not_fatal(tmp_path: Path
 
     with open_facts(tmp_path / "f.h5") as facts:
         assert set(facts.sample_image_id.tolist()) == {1}
+
+
+def test_huge_image_size_is_one_line_before_any_work(tmp_path: Path, out_dir: Path) -> None:
+    root = write_vg_fixture(tmp_path / "vg")
+    folder = _image_folder(tmp_path / "folder")
+    before = folder_digest(out_dir)
+    for command in (["prepare", "vg", "--vg-dir", str(root), "--no-text", "--no-progress", "--image-size", "100000"],
+                    ["prepare", "images", "--dataset", "image_folder", "--root", str(folder),
+                     "--image-size", "100000"]):
+        result = run_cli(*command, "--out", str(out_dir / "facts.h5"))
+        assert_refused(result, out_dir, before, "must be at most 1024", "100000")
