@@ -270,3 +270,25 @@ def test_huge_image_size_is_one_line_before_any_work(tmp_path: Path, out_dir: Pa
                      "--image-size", "100000"]):
         result = run_cli(*command, "--out", str(out_dir / "facts.h5"))
         assert_refused(result, out_dir, before, "must be at most 1024", "100000")
+
+
+def test_images_of_16_bit_grey_pngs_are_stored_as_a_gradient(tmp_path: Path) -> None:
+    """`prepare images` used to clip 16-bit PNGs to all-white; the values are now scaled (÷ 257)."""
+    import h5py
+
+    gradient = np.tile(np.linspace(0, 65535, 64).round().astype(np.uint16), (16, 1))  # 64 x 16, left to right
+    root = tmp_path / "folder"
+    for split in ("train", "test"):
+        for label in ("a", "b"):
+            (root / split / label).mkdir(parents=True)
+            Image.fromarray(gradient).save(root / split / label / "0.png")
+    out = tmp_path / "grey16.h5"
+    result = run_cli("prepare", "images", "--dataset", "image_folder", "--root", str(root), "--out", str(out),
+                     "--image-size", "16")
+    assert result.returncode == 0, result.stderr
+    with h5py.File(out, "r") as handle:
+        images = handle["train"]["images"][()]
+    assert images.shape[1:] == (16, 16, 1)  # grey stays one channel
+    expected = ((gradient[:, 24:40].astype(np.uint32) + 128) // 257).astype(np.uint8)  # the centre crop
+    np.testing.assert_array_equal(images[0, :, :, 0], expected)
+    assert images.max() < 255 and len(np.unique(images)) == 16
