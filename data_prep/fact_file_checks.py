@@ -168,15 +168,17 @@ def check_values(raw: Mapping[str, np.ndarray], attrs: Mapping[str, Any], path: 
     _check_range(path, "samples/split", raw["samples/split"], 0, 1, "split codes (0 train, 1 test)")
     _check_range(path, "samples/image_id", raw["samples/image_id"], 0, np.iinfo(np.int64).max, "image ids")
     box = raw["samples/box"]
-    if box.size and not (np.isfinite(box).all() and (box.astype(np.float64) >= 0).all()
-                         and np.isfinite(box.astype(np.float32)).all()):
+    within_float32 = box.dtype.itemsize <= 4 or not box.size or float(np.abs(box).max()) <= np.finfo(np.float32).max
+    if box.size and not (np.isfinite(box).all() and (box >= 0).all() and within_float32):
         raise _fail(path, "dataset 'samples/box' holds a negative, NaN or infinite value; expected x, y, w, h >= 0 "
                     "in pixels")
     mask = raw["facts/slot_mask"]
     if mask.size and not np.isin(mask, (0.0, 1.0)).all():
         raise _fail(path, "dataset 'facts/slot_mask' holds a value other than 0 and 1")
     embedding = raw.get("facts/embedding")
-    if embedding is not None and embedding.size and not np.isfinite(embedding.astype(np.float32)).all():
+    if embedding is not None and embedding.size and not (
+            np.isfinite(embedding).all() and (embedding.dtype.itemsize <= 4
+                                              or float(np.abs(embedding).max()) <= np.finfo(np.float32).max)):
         raise _fail(path, "dataset 'facts/embedding' holds a NaN or infinite value (or one beyond float32)")
     return num_tasks
 
