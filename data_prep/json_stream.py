@@ -56,6 +56,8 @@ class DepthLimitedReader:
         Vectorised over the sparse positions only: backslash runs (an odd run escapes the next
         byte), unescaped quotes (their running count says inside or outside a string) and brackets.
         """
+        if not data:
+            return
         chars = np.frombuffer(data, dtype=np.uint8)
         backslashes = np.flatnonzero(chars == _BACKSLASH)
         escaped_first = self.escape_next

@@ -292,3 +292,43 @@ def test_images_of_16_bit_grey_pngs_are_stored_as_a_gradient(tmp_path: Path) -> 
     expected = ((gradient[:, 24:40].astype(np.uint32) + 128) // 257).astype(np.uint8)  # the centre crop
     np.testing.assert_array_equal(images[0, :, :, 0], expected)
     assert images.max() < 255 and len(np.unique(images)) == 16
+
+
+def _depth(value: object) -> int:
+    if isinstance(value, list):
+        return 1 + max((_depth(item) for item in value), default=0)
+    if isinstance(value, dict):
+        return 1 + max((_depth(item) for item in value.values()), default=0)
+    return 0
+
+
+def test_depth_reader_agrees_with_the_parsed_depth_for_random_documents(tmp_path: Path) -> None:
+    """Random documents with strings full of quotes, backslashes and brackets, cut at random points."""
+    rng = np.random.default_rng(7)
+    alphabet = list('[]{}"\\\\ab ,:\\u00e9')
+
+    def document(level: int) -> object:
+        kind = rng.integers(0, 4 if level < 9 else 1)
+        if kind == 0:
+            return "".join(rng.choice(alphabet, rng.integers(0, 12)))
+        if kind == 1:
+            return [document(level + 1) for _ in range(rng.integers(0, 4))]
+        if kind == 2:
+            return {"".join(rng.choice(alphabet, 3)): document(level + 1) for _ in range(rng.integers(0, 3))}
+        return float(rng.normal())
+
+    for _ in range(300):
+        value = [document(1)]
+        data = json.dumps(value, ensure_ascii=bool(rng.integers(0, 2))).encode()
+        true_depth = _depth(value)
+        cuts = np.sort(rng.integers(0, len(data) + 1, rng.integers(0, 6)))
+        pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)])]
+        for limit, refused in ((true_depth, False), (true_depth - 1, True)):
+            reader = DepthLimitedReader(None, tmp_path / "r.json", limit)
+            try:
+                for piece in pieces:
+                    reader.check(piece)
+                assert not refused, (data, limit)
+                assert reader.depth == 0 and not reader.in_string
+            except DataPrepError:
+                assert refused, (data, limit)
