@@ -116,7 +116,7 @@ def check_image(path: str | os.PathLike, max_pixels: int) -> tuple[int, int]:
     """
     with open_checked(path, max_pixels) as image:
         size = image.size
-        if image.format == "JPEG":
+        if image.format in ("JPEG", "MPO"):  # MPO: a camera JPEG holding several frames
             image.draft(None, (max(1, size[0] // 8), max(1, size[1] // 8)))
             with _pillow_limit_off():
                 image.load()
