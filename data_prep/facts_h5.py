@@ -295,7 +295,8 @@ class FactFile:
                 return [value.decode("utf-8") if isinstance(value, bytes) else str(value)
                         for value in self._read(name)]
             except UnicodeDecodeError:
-                raise FactFileError(f"fact file {self.path}: dataset '{name}' is not UTF-8 text; prepare it again") from None
+                raise FactFileError(
+                    f"fact file {self.path}: dataset '{name}' is not UTF-8 text; prepare it again") from None
 
         subjects = strings("facts/subject")
         predicates = strings("facts/predicate")

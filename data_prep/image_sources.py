@@ -293,8 +293,8 @@ def _torchvision_reader(name: str, class_name: str, split_args: dict[str, list[d
                     try:
                         image, label = dataset[index]
                     except DECODE_ERRORS as exc:
-                        raise MissingDatasetError(f"dataset {name!r}: sample {index} unreadable "
-                                                  f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); the "
+                        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                        raise MissingDatasetError(f"dataset {name!r}: sample {index} unreadable ({reason}); the "
                                                   f"download may be incomplete; expected layout: "
                                                   f"{SOURCES[name].layout}") from None
                     arrays.append(_pil_to_array(image, size))

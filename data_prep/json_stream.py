@@ -3,8 +3,8 @@ under a nesting-depth limit checked on every chunk before ijson parses it (:clas
 
 Why the limit: ijson's memory grows with the square of the nesting depth (a 40 KB file of
 nested brackets takes about 1 GB, 400 KB exhausts 24 GB), so a hostile or corrupt file must be
-refused before the parser sees it. Visual Genome's dumps nest 5 deep (array, image record,
-relationship list, relationship, subject with its ``names`` list is 6).
+refused before the parser sees it. Visual Genome's dumps nest 6 deep (the array, an image record,
+its relationship list, a relationship, its subject, the subject's ``names`` list).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ _EMPTY = np.zeros(0, dtype=np.int64)
 
 class DepthLimitedReader:
     """A binary file wrapper whose :meth:`read` raises :class:`DataPrepError` (naming ``path``, the
-    depth and the byte offset) as soon as the bytes read so far nest deeper than ``max_depth``.
+    limit and the byte offset) as soon as the bytes read so far nest deeper than ``max_depth``.
 
     Brackets inside strings are not counted: the reader tracks strings and backslash escapes
     across chunks. Cost: a few vectorised passes over each chunk.

@@ -23,8 +23,9 @@ numbers (``text_encoder="native"``) or ``text_encoder(facts) -> [F, 3d]``.
 
 Streaming: the CSVs are read row by row twice (pass 1 checks every row and image without a
 full-size decode, ~30 bytes kept per sample; pass 2, inside the writer, decodes each kept image
-once and resizes it, block by block): memory never holds the images. Missing or undecodable images, repeated rows and facts without samples
-are counted drops; malformed files raise :class:`DataPrepError` naming the file and the line.
+once and resizes it, block by block): memory never holds the images. Missing or undecodable
+images, repeated rows and facts without samples are counted drops; malformed files raise
+:class:`DataPrepError` naming the file and the line.
 Every rule is in ``docs/data_format.md`` ("The lifelong-fact-learning benchmark").
 """
 from __future__ import annotations
@@ -402,9 +403,9 @@ def _pixel_blocks(tasks: list[TaskFiles], root: Path, kept_rows: np.ndarray, kep
                     try:
                         block[filled] = _resized(image_path, image_size, max_pixels)
                     except DECODE_ERRORS as exc:
+                        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                         raise DataPrepError(f"{path}, line {line}: image {image_path} passed the image check but "
-                                            f"does not decode ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
-                                            "replace or remove it") from None
+                                            f"does not decode ({reason}); replace or remove it") from None
                     filled += 1
                     sample += 1
                     if bar is not None:

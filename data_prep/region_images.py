@@ -83,8 +83,9 @@ def crop_blocks(image_ids: np.ndarray, boxes: np.ndarray, image_paths: dict[int,
     """Yield ``(first_sample, uint8 [k, S, S, 3])`` per image, S = ``image_size``; samples must be sorted by image id.
 
     Each image is decoded once (:func:`~data_prep.image_decode.decode_rgb`); one that passed
-    :func:`checked_image_sizes` but fails now raises :class:`DataPrepError` naming it. Each region ``(x, y, w, h)`` (pixels) is cropped to ``floor(x), floor(y), ceil(x + w), ceil(y + h)``
-    and resized to S x S (bilinear).
+    :func:`checked_image_sizes` but fails now raises :class:`DataPrepError` naming it. Each region
+    ``(x, y, w, h)`` (pixels) is cropped to ``floor(x), floor(y), ceil(x + w), ceil(y + h)`` and
+    resized to S x S (bilinear).
     """
     boundaries = np.flatnonzero(np.diff(image_ids)) + 1
     starts = np.concatenate([[0], boundaries]).astype(np.int64) if len(image_ids) else np.zeros(0, np.int64)

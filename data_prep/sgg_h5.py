@@ -52,7 +52,10 @@ BOX_SCALES = (1024, 512)
 def _read_dicts(path: Path, max_depth: int) -> dict[str, Any]:
     if not path.is_file():
         raise MissingDatasetError(f"{path} not found; give the VG-SGG-dicts.json that goes with the h5 file")
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataPrepError(f"{path} is unreadable ({exc.strerror or exc}); check its permissions") from None
     check_json_depth(raw, path, max_depth)
     try:
         dicts = json.loads(raw.decode("utf-8"))

@@ -99,7 +99,7 @@ def test_deep_json_refused_by_the_reader_with_small_peak_memory(tmp_path: Path) 
             "except DataPrepError as exc:\n"
             "    print('refused:', exc)\n"
             "peak = [line for line in open('/proc/self/status') if line.startswith('VmHWM')][0]\n"
-            "print('peak_mb', int(peak.split()[1]) // 1024)\n")  # this process's own peak (ru_maxrss keeps the forking parent's)
+            "print('peak_mb', int(peak.split()[1]) // 1024)\n")  # VmHWM: ru_maxrss keeps the forking parent's
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO,
                             env={**os.environ, "PYTHONPATH": str(REPO)},
                             preexec_fn=lambda: _limit_memory(3 << 29))
