@@ -14,9 +14,12 @@ Where each step lives, for the fact file: a source reader (``visual_genome``, ``
 JSON streamed by ``json_stream``) fills a ``fact_collector.FactCollector``;
 ``fact_pipeline.finish_prepare`` checks the images and crops the regions (``region_images``),
 splits train/test and tasks (``splits``) and writes the file (``facts_h5``, atomically via
-``atomic``). Images: ``images.prepare_image_dataset`` reads a source (``image_sources``, ``idx``)
-and writes ``image_h5``. The synthetic world: ``synthetic`` writes the dump of the scenes
-``synthetic_scenes`` renders.
+``atomic``); ``open_facts`` checks what it reads (``fact_file_checks``). Every image file any
+command reads is opened by ``image_decode`` (the pixel limit from the header, every mode to
+8-bit by scaling); JSON is streamed under a nesting-depth limit (``json_stream``). Images:
+``images.prepare_image_dataset`` reads a source (``image_sources``, ``idx``) and writes
+``image_h5``. The synthetic world: ``synthetic`` writes the dump of the scenes ``synthetic_scenes``
+renders.
 """
 from __future__ import annotations
 

@@ -129,7 +129,13 @@ def finish_prepare(collector: FactCollector, source: CollectedSource, out: str |
                        np.frombuffer(collector.sample_split, dtype=np.int8))
     collected = len(sample_fact)
     del sample_fact
-    samples = _keep_samples_in_readable_images(samples, collector, source, options.progress)
+    if not collected:
+        reasons = "; ".join(f"{reason}: {count}" for reason, count in collector.dropped.most_common(2))
+        raise DataPrepError(f"the input files gave no sample ({reasons or 'they hold no record'}); check the "
+                            "files and --orders")
+    samples = _keep_samples_in_readable_images(samples, collector, source, options)
+    if not len(samples.fact):
+        raise DataPrepError(_no_sample_in_images_message(collected, collector.notes, source))
     collector.sample_image, collector.sample_box = array.array("q"), array.array("f")
     collector.sample_split = array.array("b")
 
@@ -164,7 +170,7 @@ def finish_prepare(collector: FactCollector, source: CollectedSource, out: str |
     pixels = None
     if source.image_paths is not None:
         pixels = region_images.crop_blocks(samples.image, samples.box, source.image_paths, options.image_size,
-                                           options.progress)
+                                           options.max_image_pixels, options.progress)
     write_fact_file(
         out, facts=facts, sample_fact=samples.fact, sample_image_id=samples.image, sample_box=samples.box,
         sample_split=samples.split, task_of_fact=task_of_fact, sample_pixels=pixels,
@@ -174,15 +180,27 @@ def finish_prepare(collector: FactCollector, source: CollectedSource, out: str |
     return report
 
 
+def _no_sample_in_images_message(collected: int, notes: Counter[str], source: CollectedSource) -> str:
+    """Why none of the ``collected`` samples lies in a usable image, for the one-line error."""
+    if source.image_paths is None:
+        return (f"none of the {collected} samples collected lies in an image that image_data lists with a "
+                "width and height; check image_data.json")
+    missing, broken = notes["images listed but missing on disk"], notes["images that do not decode"]
+    folders = sorted({str(path.parent) for path in list(source.image_paths.values())[:1000]})
+    return (f"none of the {collected} samples collected lies in an image found on disk and decodable "
+            f"({missing} images missing, {broken} that do not decode; {len(source.image_paths)} image files "
+            f"found in {', '.join(folders[:3])}); check that the images belong to these annotation files")
+
+
 def _keep_samples_in_readable_images(samples: _Samples, collector: FactCollector, source: CollectedSource,
-                                     progress: bool) -> _Samples:
+                                     options: PrepareOptions) -> _Samples:
     """Drop the samples of images of unknown size and those whose box is empty inside the image;
     clip the other boxes to the image (the decoded image's size when there are images)."""
     dropped, notes = collector.dropped, collector.notes
     image_ids = np.unique(samples.image)
     if source.image_paths is not None:
-        sizes = region_images.decoded_image_sizes(image_ids, source.image_paths, notes, source.listed_sizes,
-                                                  progress)
+        sizes = region_images.checked_image_sizes(image_ids, source.image_paths, notes, source.listed_sizes,
+                                                  options.max_image_pixels, options.progress)
         reason_unknown = "samples in images missing on disk or that do not decode"
     else:
         sizes = {image_id: size for image_id in image_ids.tolist()

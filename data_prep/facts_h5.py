@@ -34,6 +34,7 @@ from typing import Any, Iterable, Sequence
 import h5py
 import numpy as np
 
+from . import fact_file_checks
 from .atomic import atomic_output
 from .errors import FactFileError
 
@@ -55,6 +56,9 @@ _REQUIRED_DATASETS = (
     "vocabulary",
     "provenance",
 )
+
+_NUMERIC_DATASETS = ("facts/order", "facts/slot_mask", "facts/task", "facts/embedding", "samples/fact",
+                     "samples/image_id", "samples/box", "samples/split")
 
 _SPLIT_NAMES = {"train": 0, "test": 1}
 
@@ -280,22 +284,19 @@ class FactFile:
 
     def _load(self) -> None:
         attrs = self._handle.attrs
-        if "format_version" not in attrs:
-            raise FactFileError(f"{self.path} has no 'format_version' attribute; it is not a mas-triplets fact file")
-        version = int(attrs["format_version"])
-        if version != FORMAT_VERSION:
-            raise FactFileError(
-                f"fact file {self.path} has format_version {version}; this reader reads version {FORMAT_VERSION}: "
-                "prepare it again with this version"
-            )
-        if not bool(attrs.get("complete", False)):
-            raise FactFileError(f"fact file {self.path} is incomplete (its write did not finish); prepare it again")
+        fact_file_checks.check_attributes(attrs, self.path, FORMAT_VERSION)
         for name in _REQUIRED_DATASETS:
             if name not in self._handle:
                 raise FactFileError(f"fact file {self.path} is missing the dataset '{name}'; prepare it again")
+        layout = fact_file_checks.check_layout(self._handle, self.path)
 
         def strings(name: str) -> list[str]:
-            return [value.decode("utf-8") if isinstance(value, bytes) else str(value) for value in self._read(name)]
+            try:
+                return [value.decode("utf-8") if isinstance(value, bytes) else str(value)
+                        for value in self._read(name)]
+            except UnicodeDecodeError:
+                raise FactFileError(
+                    f"fact file {self.path}: dataset '{name}' is not UTF-8 text; prepare it again") from None
 
         subjects = strings("facts/subject")
         predicates = strings("facts/predicate")
@@ -303,42 +304,37 @@ class FactFile:
         self.facts: list[Fact] = [
             (subject, predicate or None, obj or None) for subject, predicate, obj in zip(subjects, predicates, objects)
         ]
-        self.fact_order: np.ndarray = self._read("facts/order").astype(np.int8)
-        self.slot_masks: np.ndarray = self._read("facts/slot_mask").astype(np.float32)
-        self.task_of_fact: np.ndarray = self._read("facts/task").astype(np.int64)
-        self.sample_fact: np.ndarray = self._read("samples/fact").astype(np.int64)
-        self.sample_image_id: np.ndarray = self._read("samples/image_id").astype(np.int64)
-        self.sample_box: np.ndarray = self._read("samples/box").astype(np.float32).reshape(-1, 4)
-        self.sample_split: np.ndarray = self._read("samples/split").astype(np.int8)
+        if any(not subject for subject in subjects):
+            raise FactFileError(f"fact file {self.path}: 'facts/subject' holds an empty subject; prepare it again")
+        raw = {name: self._read(name) for name in _NUMERIC_DATASETS if name != "facts/embedding"}
+        if "facts/embedding" in self._handle:
+            raw["facts/embedding"] = self._read("facts/embedding")
+        self.num_tasks: int = fact_file_checks.check_values(raw, attrs, self.path, layout)
+        fact_file_checks.check_orders(raw["facts/order"], np.array([fact_order(f) for f in self.facts], np.int64),
+                                      self.path)
+        self.fact_order: np.ndarray = raw["facts/order"].astype(np.int8)
+        self.slot_masks: np.ndarray = raw["facts/slot_mask"].astype(np.float32)
+        self.task_of_fact: np.ndarray = raw["facts/task"].astype(np.int64)
+        self.sample_fact: np.ndarray = raw["samples/fact"].astype(np.int64)
+        self.sample_image_id: np.ndarray = raw["samples/image_id"].astype(np.int64)
+        self.sample_box: np.ndarray = raw["samples/box"].astype(np.float32).reshape(-1, 4)
+        self.sample_split: np.ndarray = raw["samples/split"].astype(np.int8)
         self.vocabulary: list[str] = strings("vocabulary")
         provenance_raw = self._read("provenance")
         if isinstance(provenance_raw, bytes):
-            provenance_raw = provenance_raw.decode("utf-8")
+            provenance_raw = provenance_raw.decode("utf-8", errors="replace")
         try:
             self.provenance: dict[str, Any] = json.loads(provenance_raw)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RecursionError):
             raise FactFileError(f"fact file {self.path}: 'provenance' is not valid JSON; prepare it again") from None
+        if not isinstance(self.provenance, dict):
+            raise FactFileError(f"fact file {self.path}: 'provenance' is not a JSON object; prepare it again")
         self.fact_embeddings: np.ndarray | None = (
-            self._read("facts/embedding").astype(np.float32) if "facts/embedding" in self._handle else None
+            raw["facts/embedding"].astype(np.float32) if "facts/embedding" in raw else None
         )
         self.encoder_name: str | None = str(attrs.get("encoder_name", "")) or None
-        num_facts = len(self.facts)
-        num_samples = len(self.sample_fact)
-        for name, array, expected in (
-            ("facts/order", self.fact_order, num_facts),
-            ("facts/slot_mask", self.slot_masks, num_facts),
-            ("facts/task", self.task_of_fact, num_facts),
-            ("samples/image_id", self.sample_image_id, num_samples),
-            ("samples/box", self.sample_box, num_samples),
-            ("samples/split", self.sample_split, num_samples),
-        ):
-            if array.shape[0] != expected:
-                raise FactFileError(
-                    f"fact file {self.path}: '{name}' has {array.shape[0]} rows, expected {expected}; prepare it again"
-                )
-        self.num_tasks: int = int(attrs.get("num_tasks", int(self.task_of_fact.max()) + 1 if num_facts else 0))
-        self.has_pixels: bool = "samples/pixels" in self._handle
-        self.image_size: int | None = int(self._handle["samples/pixels"].shape[1]) if self.has_pixels else None
+        self.has_pixels: bool = layout.image_size is not None
+        self.image_size: int | None = layout.image_size
 
     # ------------------------------------------------------------------ queries
     @property
@@ -489,5 +485,6 @@ def __getattr__(name: str) -> Any:
 
 
 def open_facts(path: str | os.PathLike) -> FactFile:
-    """Open a fact file; raises :class:`FactFileError` naming what is wrong (version, truncation, missing dataset)."""
+    """Open a fact file; raises :class:`FactFileError` naming what is wrong: version, truncation, a missing
+    dataset, a dtype or shape other than the layout's, an id out of range (:mod:`data_prep.fact_file_checks`)."""
     return FactFile(path)

@@ -8,6 +8,7 @@ Variable-size photographs are resized (shorter side to ``size``) and centre-crop
 from __future__ import annotations
 
 import difflib
+import inspect
 import os
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -20,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import DataPrepError, MissingDatasetError
+from .image_decode import DECODE_ERRORS, decode_rgb, to_rgb8
 from .idx import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, fashion_mnist_available, load_fashion_mnist
 from .image_h5 import SPLITS
 
@@ -85,9 +87,10 @@ SOURCES: dict[str, SourceSpec] = {
 
 
 def _pil_to_array(image: Image.Image, size: int | None) -> np.ndarray:
-    """RGB/L image → (H, W, C) uint8; with ``size``: shorter side to ``size``, centre crop."""
+    """Image → (H, W, C) uint8, C = 1 for one-channel modes, else 3 (converted by
+    :func:`~data_prep.image_decode.to_rgb8`); with ``size``: shorter side to ``size``, centre crop."""
     if image.mode not in ("L", "RGB"):
-        image = image.convert("RGB")
+        image = to_rgb8(image, keep_grayscale=True)
     if size is not None:
         image = _resize_shorter_and_crop(image, size)
     array = np.asarray(image, dtype=np.uint8)
@@ -121,16 +124,17 @@ def _stack(arrays: list[np.ndarray], labels: list[int], what: str) -> ImageSplit
     return ImageSplit(np.stack(arrays).astype(np.uint8), np.asarray(labels, dtype=np.int64))
 
 
-def _open_image(path: Path, layout: str, name: str) -> Image.Image:
+def _open_image(path: Path, layout: str, name: str, max_pixels: int) -> Image.Image:
+    """Decode ``path`` once (:func:`~data_prep.image_decode.decode_rgb`: the pixel limit checked from
+    the header; ``L`` for one-channel images, else ``RGB``); one-line errors for a missing or bad file."""
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image.copy()
+        return decode_rgb(path, max_pixels, keep_grayscale=True)
     except FileNotFoundError:
         raise MissingDatasetError(f"{name}: image {path} is missing (dataset incomplete?); "
                                   f"expected layout: {layout}") from None
-    except OSError as exc:
-        raise MissingDatasetError(f"{name}: image {path} is unreadable ({exc}); the download may be "
+    except DECODE_ERRORS as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise MissingDatasetError(f"{name}: image {path} is unreadable ({reason}); the download may be "
                                   f"incomplete; expected layout: {layout}") from None
 
 
@@ -267,6 +271,10 @@ def _torchvision_reader(name: str, class_name: str, split_args: dict[str, list[d
         import torchvision.datasets as tv_datasets
 
         cls = getattr(tv_datasets, class_name)
+        max_pixels = int(options["max_image_pixels"])
+        # the classes that read image files take a loader: ours applies the pixel limit and the mode conversion
+        loader = ({"loader": lambda path: decode_rgb(path, max_pixels)}
+                  if "loader" in inspect.signature(cls).parameters else {})
         result: dict[str, ImageSplit] = {}
         class_names: list[str] | None = None
         for split_name in splits:
@@ -274,7 +282,7 @@ def _torchvision_reader(name: str, class_name: str, split_args: dict[str, list[d
             labels: list[int] = []
             for kwargs in split_args[split_name]:
                 try:
-                    dataset = cls(str(root), download=False, **kwargs)
+                    dataset = cls(str(root), download=False, **kwargs, **loader)
                 except (RuntimeError, FileNotFoundError, OSError, ValueError) as exc:
                     reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                     raise MissingDatasetError(f"dataset {name!r} not found or incomplete under {root} ({reason}); "
@@ -284,8 +292,9 @@ def _torchvision_reader(name: str, class_name: str, split_args: dict[str, list[d
                 for index in range(len(dataset)):
                     try:
                         image, label = dataset[index]
-                    except (OSError, FileNotFoundError) as exc:
-                        raise MissingDatasetError(f"dataset {name!r}: sample {index} unreadable ({exc}); the "
+                    except DECODE_ERRORS as exc:
+                        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                        raise MissingDatasetError(f"dataset {name!r}: sample {index} unreadable ({reason}); the "
                                                   f"download may be incomplete; expected layout: "
                                                   f"{SOURCES[name].layout}") from None
                     arrays.append(_pil_to_array(image, size))
@@ -309,10 +318,10 @@ def _torchvision_class_names(dataset: Any) -> list[str] | None:
 # --------------------------------------------------------------------------- image-folder sources
 
 
-def _read_listed(paths_labels: list[tuple[Path, int]], size: int | None, name: str) -> ImageSplit:
+def _read_listed(paths_labels: list[tuple[Path, int]], size: int | None, name: str, max_pixels: int) -> ImageSplit:
     arrays, labels = [], []
     for path, label in paths_labels:
-        arrays.append(_pil_to_array(_open_image(path, SOURCES[name].layout, name), size))
+        arrays.append(_pil_to_array(_open_image(path, SOURCES[name].layout, name, max_pixels), size))
         labels.append(label)
     return _stack(arrays, labels, name)
 
@@ -341,7 +350,7 @@ def _read_cub200(root: Path | None, size: int | None, splits: Sequence[str], opt
     for split_name in splits:
         wanted = "1" if split_name == "train" else "0"
         listed = [(base / "images" / images[i], int(labels[i]) - 1) for i in sorted(images) if is_train[i] == wanted]
-        result[split_name] = _read_listed(listed, size, "cub200")
+        result[split_name] = _read_listed(listed, size, "cub200", options["max_image_pixels"])
     return LoadedImages(class_names, result, [str(base / n) for n in names])
 
 
@@ -363,7 +372,7 @@ def _read_mit_indoor67(root: Path | None, size: int | None, splits: Sequence[str
                     raise MissingDatasetError(f"mit_indoor67: {lists[split_name].name} names class {class_name!r} "
                                               f"with no folder; expected layout: {SOURCES['mit_indoor67'].layout}")
                 listed.append((root / "Images" / relative, lookup[class_name]))
-        result[split_name] = _read_listed(listed, size, "mit_indoor67")
+        result[split_name] = _read_listed(listed, size, "mit_indoor67", options["max_image_pixels"])
     return LoadedImages(class_names, result, [str(lists[s]) for s in splits])
 
 
@@ -396,7 +405,7 @@ def _read_voc_actions(root: Path | None, size: int | None, splits: Sequence[str]
                     continue
                 if photo is None:
                     photo = _open_image(base / "JPEGImages" / f"{image_id}.jpg", SOURCES["voc_actions"].layout,
-                                        "voc_actions")
+                                        "voc_actions", options["max_image_pixels"])
                 coords = [int(float(box.findtext(k) or 0)) for k in ("xmin", "ymin", "xmax", "ymax")]
                 crop = photo.crop((max(0, coords[0] - 1), max(0, coords[1] - 1), coords[2], coords[3]))
                 arrays.append(_pil_to_array(crop, size))
@@ -421,7 +430,8 @@ def _read_chars74k(root: Path | None, size: int | None, splits: Sequence[str], o
     result = {}
     for split_name in splits:
         listed = [paths_labels[i] for i in rows[split_name]]
-        arrays = [_pil_to_array(_open_image(p, SOURCES["chars74k"].layout, "chars74k").convert("L"), out_size)
+        arrays = [_pil_to_array(_open_image(p, SOURCES["chars74k"].layout, "chars74k",
+                                               options["max_image_pixels"]).convert("L"), out_size)
                   for p, _ in listed]
         result[split_name] = _stack(arrays, [label for _, label in listed], "chars74k")
     return LoadedImages(list(CHARS74K_CLASSES), result, [str(base)])
@@ -444,7 +454,7 @@ def _read_image_folder(root: Path | None, size: int | None, splits: Sequence[str
     for split_name in splits:
         listed = [(p, lookup[c.name]) for c in sorted((root / split_name).iterdir()) if c.is_dir()
                   for p in sorted(c.iterdir()) if p.suffix.lower() in _IMAGE_SUFFIXES]
-        result[split_name] = _read_listed(listed, size, "image_folder")
+        result[split_name] = _read_listed(listed, size, "image_folder", options["max_image_pixels"])
     return LoadedImages(class_names, result, [str(root)])
 
 

@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import DataPrepError, MissingDatasetError
+from .image_decode import DEFAULT_MAX_IMAGE_PIXELS, check_max_pixels, check_stored_image_size
 from .image_h5 import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -68,6 +69,7 @@ def prepare_image_dataset(
     characters: str = "ABCDEFGHIJKLMNOPQRSTUVWXYZ",
     renders_per_class: tuple[int, int] = (200, 60),
     render_canvas: int = 64,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> Path:
     """Convert dataset ``name`` read under ``root`` to the HDF5 file ``out`` and return its path.
 
@@ -76,7 +78,9 @@ def prepare_image_dataset(
     when given. ``split`` lists the splits to write (``"train"``, ``"test"``). ``seed`` makes
     random splits and the letter renderings reproducible. ``characters``,
     ``renders_per_class`` (train, test) and ``render_canvas`` (pixels) configure
-    ``font_letters`` only. The write is atomic; an existing ``out`` is replaced.
+    ``font_letters`` only. ``max_image_pixels``: an image file declaring more pixels (width x
+    height) stops the run before it is decoded, naming the file. Every image file is decoded once,
+    to 8-bit by :mod:`data_prep.image_decode`. The write is atomic; an existing ``out`` is replaced.
     """
     if name not in SOURCES:
         raise DataPrepError(unknown_source_message(name))
@@ -85,8 +89,8 @@ def prepare_image_dataset(
     bad = [s for s in splits if s not in SPLITS]
     if bad or not splits:
         raise DataPrepError(f"split must name one or both of {list(SPLITS)}, got {list(splits)}")
-    if image_size is not None and (not isinstance(image_size, int) or image_size < 4):
-        raise DataPrepError(f"image_size must be an integer of at least 4 pixels, got {image_size!r}")
+    if image_size is not None:
+        check_stored_image_size(image_size, "image_size", smallest=4)
     if spec.needs_root and root is None:
         raise MissingDatasetError(f"dataset {name!r} needs --root; expected layout: {spec.layout}")
     size = image_size if image_size is not None else (PHOTO_DEFAULT_SIZE if spec.variable_size else None)
@@ -94,7 +98,8 @@ def prepare_image_dataset(
     reader = READERS[name]
     options = {"seed": seed, "characters": characters, "renders_per_class": list(renders_per_class),
                "render_canvas": render_canvas}
-    loaded = reader(root_path, size, splits, options)
+    max_image_pixels = check_max_pixels(max_image_pixels)
+    loaded = reader(root_path, size, splits, {**options, "max_image_pixels": max_image_pixels})
     if size is not None:
         for part in loaded.splits.values():
             if part.images.shape[1:3] != (size, size):

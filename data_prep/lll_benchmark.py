@@ -21,10 +21,11 @@ benchmark id of fact row ``i``), a slot present exactly when its ``w_`` flag is 
 reading order, box and pixels = the whole image (resized to S x S); language: the benchmark's 900
 numbers (``text_encoder="native"``) or ``text_encoder(facts) -> [F, 3d]``.
 
-Streaming: the CSVs are read row by row twice (pass 1 checks every row, ~30 bytes kept per
-sample; pass 2, inside the writer, decodes and resizes the kept images block by block): memory
-never holds the images. Missing or undecodable images, repeated rows and facts without samples
-are counted drops; malformed files raise :class:`DataPrepError` naming the file and the line.
+Streaming: the CSVs are read row by row twice (pass 1 checks every row and image without a
+full-size decode, ~30 bytes kept per sample; pass 2, inside the writer, decodes each kept image
+once and resizes it, block by block): memory never holds the images. Missing or undecodable
+images, repeated rows and facts without samples are counted drops; malformed files raise
+:class:`DataPrepError` naming the file and the line.
 Every rule is in ``docs/data_format.md`` ("The lifelong-fact-learning benchmark").
 """
 from __future__ import annotations
@@ -44,6 +45,8 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from .errors import DataPrepError, MissingDatasetError
+from .image_decode import (DECODE_ERRORS, DEFAULT_MAX_IMAGE_PIXELS, check_image, check_max_pixels,
+                           check_stored_image_size, decode_rgb, open_checked)
 from .facts_h5 import FORMAT_VERSION, Fact, fact_order, write_fact_file
 from .splits import task_statistics
 from .fact_pipeline import PrepareReport
@@ -234,35 +237,20 @@ def _clean_link(text: str) -> str:
 
 
 # ---------------------------------------------------------------------------- images
-def _decode_errors() -> tuple[type[BaseException], ...]:
-    from PIL import Image, UnidentifiedImageError
+def _image_size(path: Path, max_pixels: int | None) -> tuple[int, int]:
+    """(width, height) of the image at ``path``: checked without a full-size decode under the pixel
+    limit (:func:`~data_prep.image_decode.check_image`), or from its header alone when ``max_pixels``
+    is None (no pixels are stored, nothing is decoded)."""
+    if max_pixels is None:
+        with open_checked(path, sys.maxsize) as image:
+            return image.size
+    return check_image(path, max_pixels)
 
-    return (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError, EOFError)
 
-
-def _decode_rgb(path: Path) -> Any:
-    """Decode ``path`` fully to an RGB PIL image (raises PIL/OS errors)."""
+def _resized(path: Path, image_size: int, max_pixels: int) -> np.ndarray:
     from PIL import Image
 
-    with Image.open(path) as image:
-        image.load()
-        return image.convert("RGB")
-
-
-def _image_size(path: Path, *, decode: bool) -> tuple[int, int]:
-    """(width, height) of the image at ``path``: decoded fully (``decode``) or from its header only."""
-    from PIL import Image
-
-    if decode:
-        return _decode_rgb(path).size
-    with Image.open(path) as image:
-        return image.size
-
-
-def _resized(path: Path, image_size: int) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(_decode_rgb(path).resize((image_size, image_size), Image.BILINEAR), dtype=np.uint8)
+    return np.asarray(decode_rgb(path, max_pixels).resize((image_size, image_size), Image.BILINEAR), dtype=np.uint8)
 
 
 def _progress_bar(enabled: bool, **options: Any) -> Any:
@@ -289,11 +277,11 @@ class _Fact:
 class _Collector:
     """Pass 1: every row checked; the kept ones stored as compact arrays (row, fact, split, image hash)."""
 
-    def __init__(self, root: Path, native: bool, check_images: bool, progress: bool) -> None:
+    def __init__(self, root: Path, native: bool, max_pixels: int | None, progress: bool) -> None:
         self.root = root
         self.images_dir = root / "images"
         self.native = native
-        self.check_images = check_images
+        self.max_pixels = max_pixels
         self.facts: list[_Fact] = []
         self.fact_of_id: dict[int, int] = {}
         self.sample_row = array("q")
@@ -304,7 +292,6 @@ class _Collector:
         self.rows_read = 0
         self.dropped: Counter[str] = Counter()
         self.notes: Counter[str] = Counter()
-        self.decode_errors = _decode_errors()
         self.bar = _progress_bar(progress, desc="reading split files", unit="row")
 
     def read_facts(self, files: TaskFiles, task: int) -> dict[int, int]:
@@ -369,8 +356,8 @@ class _Collector:
             if other_suffix:
                 self.notes["images found under the other suffix (.jpg/.png)"] += 1
             try:
-                size = _image_size(image_path, decode=self.check_images)
-            except self.decode_errors:
+                size = _image_size(image_path, self.max_pixels)
+            except DECODE_ERRORS:
                 self.dropped["rows whose image does not decode"] += 1
                 continue
             self.sample_row.append(row_index)
@@ -398,13 +385,12 @@ def _first_occurrences(hashes: np.ndarray, facts: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------------------- pass 2
 def _pixel_blocks(tasks: list[TaskFiles], root: Path, kept_rows: np.ndarray, kept_hashes: np.ndarray,
-                  image_size: int, progress: bool) -> Iterator[tuple[int, np.ndarray]]:
+                  image_size: int, max_pixels: int, progress: bool) -> Iterator[tuple[int, np.ndarray]]:
     """Re-stream the CSVs and yield ``(first sample, uint8 (k, S, S, 3))`` blocks of the kept rows."""
     images_dir = root / "images"
     bar = _progress_bar(progress, total=len(kept_rows), desc="resizing images", unit="img")
     block = np.empty((PIXEL_BLOCK, image_size, image_size, 3), dtype=np.uint8)
     filled = first = sample = row_index = 0
-    errors = _decode_errors()
     for files in tasks:
         for path in (files.train, files.test):
             for line, row in _csv_rows(path, SAMPLE_COLUMNS):
@@ -415,10 +401,11 @@ def _pixel_blocks(tasks: list[TaskFiles], root: Path, kept_rows: np.ndarray, kep
                         raise DataPrepError(f"{path}, line {line}: the row or its image changed while preparing; "
                                             "run prepare lll again")
                     try:
-                        block[filled] = _resized(image_path, image_size)
-                    except errors:
-                        raise DataPrepError(f"{path}, line {line}: image {image_path} stopped decoding while "
-                                            "preparing; run prepare lll again") from None
+                        block[filled] = _resized(image_path, image_size, max_pixels)
+                    except DECODE_ERRORS as exc:
+                        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                        raise DataPrepError(f"{path}, line {line}: image {image_path} passed the image check but "
+                                            f"does not decode ({reason}); replace or remove it") from None
                     filled += 1
                     sample += 1
                     if bar is not None:
@@ -444,6 +431,7 @@ def prepare_lll(
     text_encoder: EmbedFn | str = NATIVE,
     encoder_name: str | None = None,
     image_size: int = 224,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     no_images: bool = False,
     progress: bool = True,
     command_line: str | Sequence[str] | None = None,
@@ -454,6 +442,7 @@ def prepare_lll(
     ``text_encoder``: ``"native"`` keeps the benchmark's 900-d vectors, a callable
     ``(facts) -> float32 [F, 3d]`` re-embeds S, P, O (``encoder_name`` is stored beside).
     ``no_images`` stores no pixels (images are then only checked to exist, not decoded).
+    ``max_image_pixels``: an image declaring more pixels (width x height) stops the run, naming it.
     Raises :class:`DataPrepError` (one line naming the file and line) for malformed input;
     nothing is left at ``out`` then.
     """
@@ -461,10 +450,10 @@ def prepare_lll(
     native = isinstance(text_encoder, str)
     if native and text_encoder != NATIVE:
         raise DataPrepError(f"text_encoder must be {NATIVE!r} or an embedding function, got {text_encoder!r}")
-    if image_size < 1:
-        raise DataPrepError(f"--image-size must be at least 1, got {image_size}")
+    check_stored_image_size(image_size)
     tasks = find_task_files(root, split)
-    collector = _Collector(root, native, check_images=not no_images, progress=progress)
+    max_image_pixels = check_max_pixels(max_image_pixels)
+    collector = _Collector(root, native, None if no_images else max_image_pixels, progress)
     try:
         for task, files in enumerate(tasks):
             of_task = collector.read_facts(files, task)
@@ -571,7 +560,7 @@ def prepare_lll(
         "image_ids": "position of the row's image_links among the distinct kept ones, reading B1 train, B1 test, "
                      "B2 train, ...",
     }
-    pixels = None if no_images else _pixel_blocks(tasks, root, rows, hashes, image_size, progress)
+    pixels = None if no_images else _pixel_blocks(tasks, root, rows, hashes, image_size, max_image_pixels, progress)
     write_fact_file(
         out, facts=facts, sample_fact=sample_fact, sample_image_id=sample_image,
         sample_box=sample_box, sample_split=sample_split,

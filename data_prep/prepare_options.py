@@ -13,6 +13,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from .errors import DataPrepError
 from .facts_h5 import Fact
+from .image_decode import DEFAULT_MAX_IMAGE_PIXELS, check_max_pixels, check_stored_image_size
+from .json_stream import DEFAULT_MAX_JSON_DEPTH
 from .splits import TEST_FRACTION
 
 #: ``text_encoder(facts) -> float32 [F, 3*d]`` (or a tuple whose first item is that array)
@@ -36,7 +38,7 @@ class PrepareOptions:
     orders: tuple[int, ...] = (1, 2, 3)
     """Fact orders kept: 1 <S>, 2 <S,P>, 3 <S,P,O>; stored sorted and without repeats."""
     image_size: int = 64
-    """Side S in pixels of the stored S x S region crops (at least 1)."""
+    """Side S in pixels of the stored S x S region crops (1 to ``MAX_STORED_IMAGE_SIZE`` = 1024)."""
     seed: int = 0
     """Seed of the train/test split by image and of the task split."""
     text_encoder: EmbedFn | None = None
@@ -53,9 +55,15 @@ class PrepareOptions:
     test_fraction: float = TEST_FRACTION
     """Fraction of the images, chosen with ``seed``, whose samples go to the test split, in [0, 1)
     (sources without their own train/test split only)."""
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    """Largest ``width * height`` an image may declare in its header; a larger one stops the run
+    before it is decoded (a decompression bomb), naming the file."""
+    max_json_depth: int = DEFAULT_MAX_JSON_DEPTH
+    """Deepest nesting of ``[`` / ``{`` a JSON dump may hold (Visual Genome's reach 5); a deeper
+    file is refused while it streams, naming the file and the depth."""
 
     def __post_init__(self) -> None:
-        for name in ("num_tasks", "min_fact_count", "image_size", "seed"):
+        for name in ("num_tasks", "min_fact_count", "image_size", "seed", "max_json_depth"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise DataPrepError(f"{name} must be an integer, got {value!r}")
@@ -68,8 +76,10 @@ class PrepareOptions:
             raise DataPrepError(f"--tasks must be at least 1, got {self.num_tasks}")
         if self.min_fact_count < 1:
             raise DataPrepError(f"--min-fact-count must be at least 1, got {self.min_fact_count}")
-        if self.image_size < 1:
-            raise DataPrepError(f"--image-size must be at least 1, got {self.image_size}")
+        check_stored_image_size(self.image_size)
+        if self.max_json_depth < 2:
+            raise DataPrepError(f"max_json_depth must be at least 2, got {self.max_json_depth}")
+        check_max_pixels(self.max_image_pixels)
         object.__setattr__(self, "orders", _checked_orders(self.orders))
         if self.text_encoder is not None and not callable(self.text_encoder):
             raise DataPrepError(f"text_encoder must be a function of the facts, got {self.text_encoder!r}")

@@ -1,5 +1,7 @@
-"""The images behind a source's samples: finding them on disk, checking that they decode,
-and cropping each sample's region (:func:`crop_blocks`)."""
+"""The images behind a source's samples: finding them on disk, checking that they decode
+(:func:`checked_image_sizes`, without a full-size decode) and cropping each sample's region
+(:func:`crop_blocks`, one full decode per image). Every image goes through
+:mod:`data_prep.image_decode`: the pixel limit from the header, the conversion to 8-bit RGB."""
 from __future__ import annotations
 
 import os
@@ -8,14 +10,13 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from .errors import DataPrepError
+from .image_decode import DECODE_ERRORS, check_image, decode_rgb
 from .progress import progress_bar
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-#: what PIL raises for a file that is not a decodable image
-DECODE_ERRORS: tuple[type[BaseException], ...] = (
-    OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError, EOFError)
 
 
 def index_image_files(folders: Iterable[Path]) -> dict[int, Path]:
@@ -33,19 +34,26 @@ def index_image_files(folders: Iterable[Path]) -> dict[int, Path]:
     return paths
 
 
-def open_rgb(path: Path) -> Image.Image:
-    """Decode ``path`` fully to an RGB PIL image; raises one of :data:`DECODE_ERRORS` if it does not decode."""
-    with Image.open(path) as image:
-        image.load()
-        return image.convert("RGB")
+def find_image_files(folders: Iterable[Path]) -> dict[int, Path]:
+    """:func:`index_image_files`, raising :class:`DataPrepError` naming the folders when none holds an image."""
+    folders = [Path(folder) for folder in folders]
+    paths = index_image_files(folders)
+    if not paths:
+        looked = ", ".join(str(folder) for folder in folders)
+        raise DataPrepError(f"no image file (<image id>{'|'.join(IMAGE_SUFFIXES)}) found in {looked}; put the "
+                            "images there or use --no-images")
+    return paths
 
 
-def decoded_image_sizes(image_ids: np.ndarray, image_paths: dict[int, Path], notes: Counter[str],
-                        listed_sizes: dict[int, tuple[int, int]], progress: bool) -> dict[int, tuple[int, int]]:
-    """Decode every image in ``image_ids``; return id -> (width, height) in pixels of those that decode.
+def checked_image_sizes(image_ids: np.ndarray, image_paths: dict[int, Path], notes: Counter[str],
+                        listed_sizes: dict[int, tuple[int, int]], max_pixels: int,
+                        progress: bool) -> dict[int, tuple[int, int]]:
+    """Check every image in ``image_ids`` (:func:`~data_prep.image_decode.check_image`: header, pixel
+    limit, data, no full-size decode); return id -> (width, height) in pixels of those that decode.
 
     Counts in ``notes`` the images missing on disk, those that do not decode, and those
-    whose decoded size differs from ``listed_sizes`` (image_data.json; (0, 0) = unknown).
+    whose size differs from ``listed_sizes`` (image_data.json; (0, 0) = unknown). An image
+    above ``max_pixels`` raises :class:`~data_prep.image_decode.ImageTooLargeError`.
     """
     sizes: dict[int, tuple[int, int]] = {}
     bar = progress_bar(progress, total=len(image_ids), desc="checking images", unit="img")
@@ -57,13 +65,13 @@ def decoded_image_sizes(image_ids: np.ndarray, image_paths: dict[int, Path], not
             notes["images listed but missing on disk"] += 1
             continue
         try:
-            image = open_rgb(path)
+            size = check_image(path, max_pixels)
         except DECODE_ERRORS:
             notes["images that do not decode"] += 1
             continue
-        sizes[image_id] = image.size
+        sizes[image_id] = size
         listed = listed_sizes.get(image_id)
-        if listed is not None and listed != (0, 0) and listed != image.size:
+        if listed is not None and listed != (0, 0) and listed != size:
             notes["images whose decoded size differs from image_data"] += 1
     if bar is not None:
         bar.close()
@@ -71,18 +79,26 @@ def decoded_image_sizes(image_ids: np.ndarray, image_paths: dict[int, Path], not
 
 
 def crop_blocks(image_ids: np.ndarray, boxes: np.ndarray, image_paths: dict[int, Path], image_size: int,
-                progress: bool) -> Iterator[tuple[int, np.ndarray]]:
+                max_pixels: int, progress: bool) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(first_sample, uint8 [k, S, S, 3])`` per image, S = ``image_size``; samples must be sorted by image id.
 
-    Each region ``(x, y, w, h)`` (pixels) is cropped to ``floor(x), floor(y), ceil(x + w), ceil(y + h)``
-    and resized to S x S (bilinear).
+    Each image is decoded once (:func:`~data_prep.image_decode.decode_rgb`); one that passed
+    :func:`checked_image_sizes` but fails now raises :class:`DataPrepError` naming it. Each region
+    ``(x, y, w, h)`` (pixels) is cropped to ``floor(x), floor(y), ceil(x + w), ceil(y + h)`` and
+    resized to S x S (bilinear).
     """
     boundaries = np.flatnonzero(np.diff(image_ids)) + 1
     starts = np.concatenate([[0], boundaries]).astype(np.int64) if len(image_ids) else np.zeros(0, np.int64)
     stops = np.concatenate([boundaries, [len(image_ids)]]).astype(np.int64) if len(image_ids) else np.zeros(0, np.int64)
     bar = progress_bar(progress, total=len(starts), desc="cropping regions", unit="img")
     for start, stop in zip(starts.tolist(), stops.tolist()):
-        image = open_rgb(image_paths[int(image_ids[start])])
+        path = image_paths[int(image_ids[start])]
+        try:
+            image = decode_rgb(path, max_pixels)
+        except DECODE_ERRORS as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise DataPrepError(f"{path} passed the image check but does not decode ({reason}); replace or remove "
+                                "it (the samples of an image missing on disk are dropped)") from None
         block = np.empty((stop - start, image_size, image_size, 3), dtype=np.uint8)
         for row, (x, y, w, h) in enumerate(boxes[start:stop].tolist()):
             region = image.crop((int(np.floor(x)), int(np.floor(y)), int(np.ceil(x + w)), int(np.ceil(y + h))))

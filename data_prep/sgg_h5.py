@@ -39,9 +39,9 @@ import numpy as np
 from .errors import DataPrepError, MissingDatasetError
 from .fact_collector import FactCollector
 from .fact_pipeline import CollectedSource, PrepareReport, finish_prepare
-from .json_stream import stream_json_array
+from .json_stream import check_json_depth, stream_json_array
 from .prepare_options import PrepareOptions
-from .region_images import index_image_files
+from .region_images import find_image_files
 from .text_clean import clean_phrase
 from .visual_genome import image_id_of
 
@@ -49,12 +49,16 @@ CORRUPT_VG_IMAGE_IDS = (1592, 1722, 4616, 4617)
 BOX_SCALES = (1024, 512)
 
 
-def _read_dicts(path: Path) -> dict[str, Any]:
+def _read_dicts(path: Path, max_depth: int) -> dict[str, Any]:
     if not path.is_file():
         raise MissingDatasetError(f"{path} not found; give the VG-SGG-dicts.json that goes with the h5 file")
     try:
-        with open(path, encoding="utf-8") as handle:
-            dicts = json.load(handle)
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataPrepError(f"{path} is unreadable ({exc.strerror or exc}); check its permissions") from None
+    check_json_depth(raw, path, max_depth)
+    try:
+        dicts = json.loads(raw.decode("utf-8"))
     except json.JSONDecodeError as exc:
         raise DataPrepError(f"{path} is malformed JSON (line {exc.lineno}: {exc.msg}); give the original dicts file") from None
     except UnicodeDecodeError:
@@ -177,10 +181,10 @@ def _read_tables(h5_path: Path, orders: tuple[int, ...]) -> _SggTables:
     return tables
 
 
-def _read_image_records(path: Path, progress: bool) -> list[tuple[int, int, int]]:
+def _read_image_records(path: Path, progress: bool, max_depth: int) -> list[tuple[int, int, int]]:
     """``(image id, width, height)`` of each record of image_data.json, in file order; 0 x 0 when unknown."""
     records: list[tuple[int, int, int]] = []
-    for record in stream_json_array(path, progress=progress, description="image_data.json"):
+    for record in stream_json_array(path, progress=progress, description="image_data.json", max_depth=max_depth):
         image_id = image_id_of(record)
         if image_id is None:
             raise DataPrepError(f"{path}: an image record has no image_id; give the original image_data.json")
@@ -276,11 +280,15 @@ def prepare_sgg(h5_path: str | os.PathLike, dicts_path: str | os.PathLike, image
             raise DataPrepError("give --images DIR (the Visual Genome images) or --no-images")
         if not Path(images_dir).is_dir():
             raise MissingDatasetError(f"image folder {images_dir} not found; give the folder of the VG images")
-    dicts = _read_dicts(dicts_path)
+    image_paths = None
+    if not options.no_images:
+        folder = Path(images_dir)  # type: ignore[arg-type]
+        image_paths = find_image_files([folder, folder / "VG_100K", folder / "VG_100K_2"])
+    dicts = _read_dicts(dicts_path, options.max_json_depth)
     label_names = _index_table(dicts, "idx_to_label", dicts_path, required=True)
     predicate_names = _index_table(dicts, "idx_to_predicate", dicts_path, required=3 in orders)
     attribute_names = _index_table(dicts, "idx_to_attribute", dicts_path, required=False)
-    image_records = _read_image_records(image_data_path, options.progress)
+    image_records = _read_image_records(image_data_path, options.progress, options.max_json_depth)
     tables = _read_tables(h5_path, orders)
     rows = _image_rows(image_records, len(tables.first_box), image_data_path)
 
@@ -303,10 +311,6 @@ def prepare_sgg(h5_path: str | os.PathLike, dicts_path: str | os.PathLike, image
                                    predicate_names)
 
     listed_sizes = {image_id: (width, height) for image_id, width, height in rows}
-    image_paths = None
-    if not options.no_images:
-        folder = Path(images_dir)  # type: ignore[arg-type]
-        image_paths = index_image_files([folder, folder / "VG_100K", folder / "VG_100K_2"])
     extra = {"box_scale": tables.scale, "h5_images": len(tables.first_box), "h5_boxes": len(tables.boxes),
              "h5_relationships": int(len(tables.relationships)) if tables.relationships is not None else 0,
              "attributes_in_h5": "used" if tables.attributes is not None else "absent or not requested"}

@@ -44,12 +44,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .errors import MissingDatasetError
+from .errors import DataPrepError, MissingDatasetError
 from .fact_collector import FactCollector
 from .fact_pipeline import CollectedSource, PrepareReport, finish_prepare
-from .json_stream import stream_json_array
+from .json_stream import DEFAULT_MAX_JSON_DEPTH, stream_json_array
 from .prepare_options import PrepareOptions
-from .region_images import index_image_files
+from .region_images import find_image_files
 from .text_clean import AliasMap
 
 IMAGE_FOLDERS = ("VG_100K", "VG_100K_2", "images", ".")
@@ -143,13 +143,14 @@ def _is_merged_duplicate(obj: dict[str, Any], merged: set[int]) -> bool:
     return isinstance(object_id, (int, float)) and int(object_id) in merged
 
 
-def read_image_data(path: Path, *, progress: bool = False) -> dict[int, tuple[int, int]]:
+def read_image_data(path: Path, *, progress: bool = False,
+                    max_depth: int = DEFAULT_MAX_JSON_DEPTH) -> dict[int, tuple[int, int]]:
     """image id -> (width, height) from image_data.json (``image_id`` or ``id``); bad records skipped.
 
     Returns the table; (0, 0) marks an image whose width/height is missing.
     """
     table: dict[int, tuple[int, int]] = {}
-    for record in stream_json_array(path, progress=progress, description="image_data.json"):
+    for record in stream_json_array(path, progress=progress, description="image_data.json", max_depth=max_depth):
         image_id = image_id_of(record)
         if image_id is None:
             continue
@@ -161,22 +162,32 @@ def read_image_data(path: Path, *, progress: bool = False) -> dict[int, tuple[in
     return table
 
 
-def _image_records(path: Path, key: str, drop: Counter[str], progress: bool) -> Iterator[tuple[int, list[Any]]]:
+def _image_records(path: Path, key: str, drop: Counter[str],
+                   options: PrepareOptions) -> Iterator[tuple[int, list[Any]]]:
     """``(image id, record[key])`` of each per-image record of the dump ``path``; a record without
-    an image id or without a ``key`` list is counted in ``drop`` and skipped."""
-    for record in stream_json_array(path, progress=progress, description=path.name):
+    an image id or without a ``key`` list is counted in ``drop`` and skipped. A dump where no
+    record has both raises :class:`DataPrepError` (another file under this name, or a broken one)."""
+    records = usable = 0
+    for record in stream_json_array(path, progress=options.progress, description=path.name,
+                                    max_depth=options.max_json_depth):
+        records += 1
         image_id = image_id_of(record)
         entries = record.get(key) if isinstance(record, dict) else None
         if image_id is None or not isinstance(entries, list):
             drop[f"{path.name}: image records without image id or {key} list"] += 1
             continue
+        usable += 1
         yield image_id, entries
+    if not usable:
+        what = f"none of its {records:,} records has" if records else "it holds no record with"
+        raise DataPrepError(f"{path}: {what} an image id and a '{key}' list, so it gives no fact; give the "
+                            f"Visual Genome {path.name} (or leave its fact order out of --orders)")
 
 
-def _collect_objects(path: Path, collector: FactCollector, names: _PhraseIds, progress: bool) -> None:
+def _collect_objects(path: Path, collector: FactCollector, names: _PhraseIds, options: PrepareOptions) -> None:
     """Stream objects.json into ``collector``: one <S> sample per named object, region = its box."""
     drop = collector.dropped
-    for image_id, objects in _image_records(path, "objects", drop, progress):
+    for image_id, objects in _image_records(path, "objects", drop, options):
         merged = _merged_ids(objects)
         for obj in objects:
             if not isinstance(obj, dict):
@@ -197,10 +208,10 @@ def _collect_objects(path: Path, collector: FactCollector, names: _PhraseIds, pr
 
 
 def _collect_attributes(path: Path, collector: FactCollector, names: _PhraseIds, attributes: _PhraseIds,
-                        progress: bool) -> None:
+                        options: PrepareOptions) -> None:
     """Stream attributes.json into ``collector``: one <S,A> sample per distinct (object, attribute), region = the object box."""
     drop = collector.dropped
-    for image_id, objects in _image_records(path, "attributes", drop, progress):
+    for image_id, objects in _image_records(path, "attributes", drop, options):
         merged = _merged_ids(objects)
         for obj in objects:
             if not isinstance(obj, dict):
@@ -238,7 +249,7 @@ def _collect_attributes(path: Path, collector: FactCollector, names: _PhraseIds,
 
 
 def _collect_relationships(path: Path, collector: FactCollector, names: _PhraseIds, predicates: _PhraseIds,
-                           progress: bool) -> int:
+                           options: PrepareOptions) -> int:
     """Stream relationships.json into ``collector``; return the number of relationships read.
 
     This is the hot loop of a 2.3M-relationship dump, so it inlines the predicate memo lookup of
@@ -250,7 +261,7 @@ def _collect_relationships(path: Path, collector: FactCollector, names: _PhraseI
     append_object, append_image = collector.sample_object.append, collector.sample_image.append
     extend_box, append_split = collector.sample_box.extend, collector.sample_split.append
     name_of_end, predicate_cache = names.name_of_end, predicates.cache
-    for image_id, relationships in _image_records(path, "relationships", drop, progress):
+    for image_id, relationships in _image_records(path, "relationships", drop, options):
         total += len(relationships)
         for relationship in relationships:
             try:
@@ -324,20 +335,21 @@ def prepare_visual_genome(vg_dir: str | os.PathLike, out: str | os.PathLike, opt
     object_aliases = AliasMap.from_file(files["object_alias.txt"]) if files["object_alias.txt"].is_file() else AliasMap()
     predicate_aliases = (AliasMap.from_file(files["relationship_alias.txt"])
                          if files["relationship_alias.txt"].is_file() else AliasMap())
-    listed_sizes = read_image_data(files["image_data.json"], progress=options.progress)
+    image_paths = None if options.no_images else find_image_files(vg_dir / folder for folder in IMAGE_FOLDERS)
+    listed_sizes = read_image_data(files["image_data.json"], progress=options.progress,
+                                   max_depth=options.max_json_depth)
     collector = FactCollector()
     names = _PhraseIds(object_aliases, collector)
     predicates = _PhraseIds(predicate_aliases, collector)
     attributes = _PhraseIds(AliasMap(), collector)
     relationships_read = 0
     if 1 in orders:
-        _collect_objects(files["objects.json"], collector, names, options.progress)
+        _collect_objects(files["objects.json"], collector, names, options)
     if use_attributes:
-        _collect_attributes(files["attributes.json"], collector, names, attributes, options.progress)
+        _collect_attributes(files["attributes.json"], collector, names, attributes, options)
     if 3 in orders:
         relationships_read = _collect_relationships(files["relationships.json"], collector, names, predicates,
-                                                    options.progress)
-    image_paths = None if options.no_images else index_image_files(vg_dir / folder for folder in IMAGE_FOLDERS)
+                                                    options)
     used = {name: path for name, path in files.items()
             if path.is_file() and (name != "attributes.json" or use_attributes)
             and (name != "objects.json" or 1 in orders)

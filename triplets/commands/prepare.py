@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from typing import Any, Callable
 
+from data_prep.image_decode import DEFAULT_MAX_IMAGE_PIXELS
+from data_prep.json_stream import DEFAULT_MAX_JSON_DEPTH
 from data_prep.prepare_options import DEFAULT_MIN_FACT_COUNT, PrepareOptions
 from data_prep.sgg_h5 import prepare_sgg
 from data_prep.visual_genome import prepare_visual_genome
@@ -55,6 +57,17 @@ def _add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-text", action="store_true", help="store no fact embeddings (random split only)")
     parser.add_argument("--no-images", action="store_true", help="store facts and boxes only, no region pixels")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_max_image_pixels(parser)
+    parser.add_argument("--max-json-depth", type=_positive, default=DEFAULT_MAX_JSON_DEPTH,
+                        help="refuse a JSON file nesting [ and { deeper than this while it streams (default "
+                        f"{DEFAULT_MAX_JSON_DEPTH}; Visual Genome's dumps nest 6)")
+
+
+def add_max_image_pixels(parser: argparse.ArgumentParser) -> None:
+    """``--max-image-pixels``, the same limit for every command that decodes images through data_prep."""
+    parser.add_argument("--max-image-pixels", type=_positive, default=DEFAULT_MAX_IMAGE_PIXELS,
+                        help="refuse an image whose header declares more than this many pixels (width x height) "
+                        f"before decoding it (default {DEFAULT_MAX_IMAGE_PIXELS:,})")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -112,6 +125,7 @@ def _prepare_options(args: argparse.Namespace) -> PrepareOptions:
         num_tasks=args.tasks, split=args.split, min_fact_count=args.min_fact_count, orders=args.orders,
         image_size=args.image_size, seed=args.seed, text_encoder=text_encoder, encoder_name=encoder_name,
         no_images=args.no_images, progress=not args.no_progress, command_line=args.command_line,
+        max_image_pixels=args.max_image_pixels, max_json_depth=args.max_json_depth,
     )
 
 

@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from data_prep.errors import DataPrepError
+from data_prep.image_decode import DEFAULT_MAX_IMAGE_PIXELS
 from data_prep.images import SOURCES, open_image_dataset, prepare_image_dataset
 
 
@@ -26,6 +27,9 @@ def add_parser(prepare_subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of random splits and letter renderings")
     parser.add_argument("--renders-per-class", default="200,60",
                         help="font_letters only: TRAIN,TEST renderings per character")
+    parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                        help="refuse an image whose header declares more than this many pixels (width x height) "
+                        f"before decoding it (default {DEFAULT_MAX_IMAGE_PIXELS:,})")
     return parser
 
 
@@ -39,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
         raise DataPrepError(f"--renders-per-class expects TRAIN,TEST integers, got {args.renders_per_class!r}")
     splits = [part.strip() for part in str(args.split).split(",") if part.strip()]
     path = prepare_image_dataset(args.dataset, args.root, args.out, image_size=args.image_size, split=splits,
-                                 seed=args.seed, renders_per_class=renders)  # type: ignore[arg-type]
+                                 seed=args.seed, renders_per_class=renders,  # type: ignore[arg-type]
+                                 max_image_pixels=args.max_image_pixels)
     data = open_image_dataset(path)
     sizes = ", ".join(f"{split} {data.labels(split).size}" for split in data.splits)
     print(f"wrote {path}: {data.name}, {data.num_classes} classes, {sizes} images of "

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from typing import Any, Callable
 
+from data_prep.image_decode import DEFAULT_MAX_IMAGE_PIXELS
+
 
 def _positive(text: str) -> int:
     try:
@@ -39,6 +41,9 @@ def add_parser(prepare_subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--no-images", action="store_true",
                         help="store facts only, no pixels (images are checked to exist, not decoded)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--max-image-pixels", type=_positive, default=DEFAULT_MAX_IMAGE_PIXELS,
+                        help="refuse an image whose header declares more than this many pixels (width x height) "
+                        f"before decoding it (default {DEFAULT_MAX_IMAGE_PIXELS:,})")
     return parser
 
 
@@ -67,6 +72,6 @@ def run(args: argparse.Namespace) -> int:
     text_encoder, encoder_name = _embedder(args.text_encoder)
     report = prepare_lll(args.root, args.split, args.out, text_encoder=text_encoder, encoder_name=encoder_name,
                          image_size=args.image_size, no_images=args.no_images, progress=not args.no_progress,
-                         command_line=args.command_line)
+                         command_line=args.command_line, max_image_pixels=args.max_image_pixels)
     print(report)
     return 0
