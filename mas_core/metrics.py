@@ -3,7 +3,7 @@
 ``R[i][j]`` is the accuracy (a fraction in [0, 1], or any consistent unit) on task
 ``j`` measured right after training task ``i``. Only the lower triangle
 (``j <= i``) is defined; entries with ``j > i`` are ignored and may be ``None`` or
-``NaN`` (:func:`mas_core.sequence.run_sequence` writes ``None`` so that the matrix
+``NaN`` (the task loop, :func:`mas_core.loop.train_tasks`, writes ``None`` so that the matrix
 is valid JSON). ``T`` is the number of rows (tasks trained so far); the matrix may
 also have more columns than rows (the accuracy of tasks not yet trained is ignored).
 

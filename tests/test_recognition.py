@@ -100,7 +100,13 @@ def test_results_files_and_metrics_consistent(reduced_results: dict, tmp_path: P
         final = [R[2][j] for j in range(3)]
         assert summary["avg_acc"] == pytest.approx(sum(final) / 3)
         assert summary["avg_drop"] == pytest.approx(sum(R[2][j] - R[j][j] for j in range(3)) / 3)
+        assert summary["forgetting"] == pytest.approx(sum(R[j][j] - R[2][j] for j in range(2)) / 2)
     assert reduced_results["complete"] is True
+    # the one results schema (docs/run_folder.md), shared with the fact embedding
+    assert reduced_results["schema_version"] == 1 and reduced_results["experiment"] == "recognition"
+    assert [task["name"] for task in reduced_results["tasks"]] == ["fmnist-tops", "letters", "fmnist-rest"]
+    assert reduced_results["methods"]["mas@test"]["importance_data"] == "test"
+    assert reduced_results["methods"]["mas@test"]["method"] == "mas"
     table = results_markdown(reduced_results)
     assert "| mas@test |" in table and "avg drop" in table
     two = json.loads(json.dumps(reduced_results))

@@ -23,7 +23,7 @@ Several processes (``torchrun --nproc_per_node=N -m triplets.cli recognition ...
 rank calls :func:`run_recognition` with the same arguments; the training itself is
 :func:`mas_core.sequence.run_sequence`'s (global batches split across ranks, DDP, Ω reduced
 across ranks, rank-0 checkpoints). Rank 0 alone converts the raw datasets (the others wait,
-then read its HDF5 files), and writes ``config.json``, the per-method ``result.json``,
+then read its HDF5 files), and writes ``config.json``, ``versions.json``, the per-method ``result.json``,
 ``results.json``, ``results.md`` and the plots; the other ranks return the same results
 dictionary without writing anything. ``data_dir`` and ``OUT`` must be on a file system every
 rank sees.
@@ -61,6 +61,7 @@ from .recognition_config import (
 from .recognition_data import build_tasks, ensure_prepared, make_trunk, model_factory, prepared_path, unlabeled_inputs
 from .report import recognition_markdown, write_recognition_plots
 from .results_schema import method_summary, results_document
+from .run_folder import package_versions
 
 
 def method_dir_name(method: str) -> str:
@@ -106,6 +107,7 @@ def run_recognition(config: RecognitionConfig, out: str | Path, *, methods: Sequ
         if not resume and results_path.is_file():
             results_path.unlink()
         atomic_write_json(out / "config.json", config_dict)
+        atomic_write_json(out / "versions.json", package_versions())
         return [ensure_prepared(spec, config.data_dir, config.seed, emit) for spec in config.tasks]
 
     # rank 0 converts the datasets once; the others wait for it, then read the same files
