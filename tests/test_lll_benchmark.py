@@ -351,4 +351,4 @@ def test_paper_config_trains_on_the_prepared_fixture(lll_root: Path, tmp_path: P
         assert [m["num_candidates"] for m in entry["final"]["standard"]] == [3, 2]
         assert [m["num_candidates"] for m in entry["final"]["generalized"]] == [5, 5]
         assert [m["num_images"] for m in entry["final"]["standard"]] == [3, 2]
-        assert 0.0 <= entry["avg_top5"] <= 1.0
+        assert 0.0 <= entry["avg_acc"] <= 1.0
