@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 from typing import Any, Callable
 
-from data_prep.image_decode import DEFAULT_MAX_IMAGE_PIXELS
 from data_prep.json_stream import DEFAULT_MAX_JSON_DEPTH
 from data_prep.prepare_options import DEFAULT_MIN_FACT_COUNT, PrepareOptions
 from data_prep.sgg_h5 import prepare_sgg
@@ -18,6 +17,7 @@ from data_prep.visual_genome import prepare_visual_genome
 from .. import language
 from ..errors import TripletsError
 from . import prepare_images, prepare_lll
+from .arguments import add_max_image_pixels, positive_int
 
 
 def _orders(text: str) -> tuple[int, ...]:
@@ -30,26 +30,16 @@ def _orders(text: str) -> tuple[int, ...]:
     return orders
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def _add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output fact file (.h5); written atomically")
-    parser.add_argument("--tasks", type=_positive, default=4, help="number of tasks T (default 4)")
+    parser.add_argument("--tasks", type=positive_int, default=4, help="number of tasks T (default 4)")
     parser.add_argument("--split", choices=("random", "semantic"), default="random",
                         help="how facts are divided into tasks: random, or k-means on their language embeddings")
-    parser.add_argument("--min-fact-count", type=_positive, default=DEFAULT_MIN_FACT_COUNT,
+    parser.add_argument("--min-fact-count", type=positive_int, default=DEFAULT_MIN_FACT_COUNT,
                         help=f"drop facts with fewer training samples (default {DEFAULT_MIN_FACT_COUNT})")
     parser.add_argument("--orders", type=_orders, default=(1, 2, 3),
                         help="fact orders to keep: 1 <S>, 2 <S,P>, 3 <S,P,O> (default 1,2,3)")
-    parser.add_argument("--image-size", type=_positive, default=64, help="side S of the stored region crops (default 64)")
+    parser.add_argument("--image-size", type=positive_int, default=64, help="side S of the stored region crops (default 64)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/test and task splits (default 0)")
     parser.add_argument("--text-encoder", default="minilm",
                         help="text encoder spec for the fact embeddings: minilm (default), a local transformers "
@@ -58,16 +48,9 @@ def _add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-images", action="store_true", help="store facts and boxes only, no region pixels")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_max_image_pixels(parser)
-    parser.add_argument("--max-json-depth", type=_positive, default=DEFAULT_MAX_JSON_DEPTH,
+    parser.add_argument("--max-json-depth", type=positive_int, default=DEFAULT_MAX_JSON_DEPTH,
                         help="refuse a JSON file nesting [ and { deeper than this while it streams (default "
                         f"{DEFAULT_MAX_JSON_DEPTH}; Visual Genome's dumps nest 6)")
-
-
-def add_max_image_pixels(parser: argparse.ArgumentParser) -> None:
-    """``--max-image-pixels``, the same limit for every command that decodes images through data_prep."""
-    parser.add_argument("--max-image-pixels", type=_positive, default=DEFAULT_MAX_IMAGE_PIXELS,
-                        help="refuse an image whose header declares more than this many pixels (width x height) "
-                        f"before decoding it (default {DEFAULT_MAX_IMAGE_PIXELS:,})")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

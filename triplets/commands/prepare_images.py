@@ -6,8 +6,9 @@ import argparse
 from typing import Any
 
 from data_prep.errors import DataPrepError
-from data_prep.image_decode import DEFAULT_MAX_IMAGE_PIXELS
 from data_prep.images import SOURCES, open_image_dataset, prepare_image_dataset
+
+from .arguments import add_max_image_pixels
 
 
 def add_parser(prepare_subparsers: Any) -> argparse.ArgumentParser:
@@ -27,9 +28,7 @@ def add_parser(prepare_subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of random splits and letter renderings")
     parser.add_argument("--renders-per-class", default="200,60",
                         help="font_letters only: TRAIN,TEST renderings per character")
-    parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
-                        help="refuse an image whose header declares more than this many pixels (width x height) "
-                        f"before decoding it (default {DEFAULT_MAX_IMAGE_PIXELS:,})")
+    add_max_image_pixels(parser)
     return parser
 
 

@@ -10,17 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Callable
 
-from data_prep.image_decode import DEFAULT_MAX_IMAGE_PIXELS
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+from .arguments import add_max_image_pixels, positive_int
 
 
 def add_parser(prepare_subparsers: Any) -> argparse.ArgumentParser:
@@ -33,7 +23,7 @@ def add_parser(prepare_subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--root", required=True, help="the benchmark's scale folder, e.g. data/mid_scale or data/large_scale")
     parser.add_argument("--split", required=True, help="<T>tasks_random or <T>tasks_semantic (a folder of ROOT/splits/)")
     parser.add_argument("--out", required=True, help="output fact file (.h5); written atomically")
-    parser.add_argument("--image-size", type=_positive, default=224,
+    parser.add_argument("--image-size", type=positive_int, default=224,
                         help="side S of the stored images, resized whole (default 224, the paper's input)")
     parser.add_argument("--text-encoder", default="minilm",
                         help="native (the benchmark's 300-d word2vec per slot, the paper's setting), minilm "
@@ -41,9 +31,7 @@ def add_parser(prepare_subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--no-images", action="store_true",
                         help="store facts only, no pixels (images are checked to exist, not decoded)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--max-image-pixels", type=_positive, default=DEFAULT_MAX_IMAGE_PIXELS,
-                        help="refuse an image whose header declares more than this many pixels (width x height) "
-                        f"before decoding it (default {DEFAULT_MAX_IMAGE_PIXELS:,})")
+    add_max_image_pixels(parser)
     return parser
 
 

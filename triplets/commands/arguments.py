@@ -1,0 +1,24 @@
+"""Argument types and options shared by several subcommands of ``mas-triplets``."""
+from __future__ import annotations
+
+import argparse
+
+from data_prep.image_decode import DEFAULT_MAX_IMAGE_PIXELS
+
+
+def positive_int(text: str) -> int:
+    """An ``argparse`` type: an integer >= 1 (else argparse's one-line usage error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def add_max_image_pixels(parser: argparse.ArgumentParser) -> None:
+    """``--max-image-pixels``, the same limit for every command that decodes images through data_prep."""
+    parser.add_argument("--max-image-pixels", type=positive_int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                        help="refuse an image whose header declares more than this many pixels (width x height) "
+                        f"before decoding it (default {DEFAULT_MAX_IMAGE_PIXELS:,})")
