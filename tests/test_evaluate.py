@@ -313,3 +313,37 @@ def test_evaluate_task_standard_and_generalized():
         evaluate_task(model, fact_file, 5)
     with pytest.raises(TripletsError, match="mode"):
         evaluate_task(model, fact_file, 0, mode="other")
+
+
+def test_blocked_rankings_equal_dense_float64_reference_with_exact_ties():
+    """Vectors of 0 / 0.5 entries (4 non-zero: unit norm) make every float32 product exact, so many
+    images and facts tie exactly; both rankings equal the dense float64 definitions, across
+    score blocks of a few rows."""
+    import triplets.evaluate as evaluate_module
+
+    rng = np.random.default_rng(8)
+    patterns = np.zeros((6, 8))
+    for row in range(6):
+        patterns[row, rng.choice(8, 4, replace=False)] = 0.5
+    facts = [(f"s{i % 4}", f"p{i % 3}" if i % 2 else None, None) for i in range(12)]
+    facts = list(dict.fromkeys(facts))
+    fact_vectors = patterns[rng.integers(0, 6, len(facts))]
+    truth = rng.integers(0, len(facts), 90)
+    images = patterns[rng.integers(0, 6, 90)]
+    expected_i2f = _brute_force_image_to_fact(images, truth, fact_vectors, facts, np.arange(len(facts)), (1, 5, 10))
+    scores = images @ fact_vectors.T
+    queries = np.unique(truth)
+    expected_ap = average_precision(scores.T[queries], truth[None, :] == queries[:, None]).mean()
+    expected_ap10 = average_precision_at_k(scores.T[queries], truth[None, :] == queries[:, None], 10).mean()
+    for block_bytes in (1 << 27, 4 * 3 * len(facts)):
+        old = evaluate_module.SCORE_BLOCK_BYTES, evaluate_module.SORT_BLOCK_BYTES
+        evaluate_module.SCORE_BLOCK_BYTES = evaluate_module.SORT_BLOCK_BYTES = block_bytes
+        try:
+            i2f = image_to_fact_metrics(images, truth, fact_vectors, facts, range(len(facts)), ks=(1, 5, 10))
+            f2i = fact_to_image_metrics(images, truth, fact_vectors, range(len(facts)))
+        finally:
+            evaluate_module.SCORE_BLOCK_BYTES, evaluate_module.SORT_BLOCK_BYTES = old
+        for key, value in expected_i2f.items():
+            assert i2f[key] == pytest.approx(value, abs=1e-12), key
+        assert f2i["map"] == pytest.approx(expected_ap, abs=1e-12)
+        assert f2i["map_at_10"] == pytest.approx(expected_ap10, abs=1e-12)
