@@ -202,8 +202,16 @@ def exact_search(queries: np.ndarray, database: np.ndarray, k: int, *, normalize
     if query_rows.shape[1] != rows.shape[1]:
         raise TripletsError(f"queries are {query_rows.shape[1]}-dimensional but the database is "
                             f"{rows.shape[1]}-dimensional; embed both with the same model")
+    return search_unit_rows(query_rows, rows, k, block_bytes=block_bytes, query_block=query_block, margin=margin)
+
+
+def search_unit_rows(query_rows: np.ndarray, rows: np.ndarray, k: int, *, block_bytes: int = SCORE_BLOCK_BYTES,
+                     query_block: int = QUERY_BLOCK, margin: int = RESCORE_MARGIN) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`exact_search` without the checks: ``query_rows`` [q, d] and ``rows`` [n, d] must be
+    finite float32 C-contiguous unit rows (q, n ≥ 1) and ``k`` ≥ 1 (what a :class:`FactIndex`
+    already guarantees for its normalised queries and stored vectors)."""
     count = len(rows)
-    k_eff = min(k, count)
+    k_eff = min(int(k), count)
     keep = min(count, k_eff + int(margin))
     q_all, x_all = torch.from_numpy(query_rows), torch.from_numpy(rows)
     block_q = min(len(query_rows), int(query_block))

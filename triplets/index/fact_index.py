@@ -17,7 +17,7 @@ from .common import (
     checked_nlist, checked_nprobe, checked_pq, checked_refine_factor, flat_vectors, gpu_available, jsonable,
     normalize_rows,
 )
-from .exact import choose_exact_backend, exact_search
+from .exact import choose_exact_backend, search_unit_rows
 from .ivf import (
     calibrate_ivf, calibration_neighbours, calibration_rows, ivf_metadata, rerank_exact, trained_ivf, training_rows,
     warn_unclustered,
@@ -153,7 +153,7 @@ class FactIndex:
         if k_eff == 0 or len(normalized) == 0:
             return np.zeros((len(normalized), k_eff), np.float32), np.zeros((len(normalized), k_eff), np.int64)
         if self._flat_vectors is not None:
-            scores, rows = exact_search(normalized, self._flat_vectors, k_eff, normalized=True)
+            scores, rows = search_unit_rows(normalized, self._flat_vectors, k_eff)
         elif self._refine_factor:
             wide = int(min(self.count, k_eff * self._refine_factor))
             searcher = self._candidate_index if self._candidate_index is not None else self._searcher(wide)
