@@ -402,17 +402,17 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {"case": "evaluate", "facts": args.facts, "dim": args.dim, "tasks": args.tasks,
                               "images_per_task": args.eval_images, "spread": args.eval_spread, "repeats": args.repeats,
                               "cpu_count": os.cpu_count()}
-    started = time.perf_counter()
-    facts, embeddings, task_facts, images = synthetic_evaluation(  # --facts 0: the run onlyargs.facts, args.tasks, args.eval_images, args.dim,
-                                                                 args.eval_spread, args.seed)
-    print(f"[evaluate] synthetic world: {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+    if args.facts > 0:  # --facts 0: the run only
+        started = time.perf_counter()
+        facts, embeddings, task_facts, images = synthetic_evaluation(args.facts, args.tasks, args.eval_images, args.dim,
+                                                                     args.eval_spread, args.seed)
+        print(f"[evaluate] synthetic world: {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
 
-    def evaluation() -> list[dict[str, float]]:
-        fact_file = SyntheticFactFile(facts, embeddings, task_facts)  # a fresh file: nothing cached
-        return [evaluate_embeddings(vectors, truth, fact_file, task, mode=mode)
-                for task, (vectors, truth) in enumerate(images) for mode in MODES]
+        def evaluation() -> list[dict[str, float]]:
+            fact_file = SyntheticFactFile(facts, embeddings, task_facts)  # a fresh file: nothing cached
+            return [evaluate_embeddings(vectors, truth, fact_file, task, mode=mode)
+                    for task, (vectors, truth) in enumerate(images) for mode in MODES]
 
-    if args.facts > 0:
         seconds, metrics = timed(evaluation, args.repeats)
         report["synthetic_evaluate_s"] = seconds
         report["synthetic_metrics"] = metrics
