@@ -149,6 +149,23 @@ def timed(function: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     return statistics.median(seconds), result
 
 
+def round_robin(functions: dict[str, Callable[[], Any]], repeats: int) -> tuple[dict[str, float], dict[str, Any]]:
+    """({name: median seconds}, {name: last result}) over ``repeats`` rounds, each calling every
+    function once, the order rotated by one place per round."""
+    names = list(functions)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    results: dict[str, Any] = {}
+    for round_number in range(repeats):
+        shift = round_number % len(names)
+        for name in names[shift:] + names[:shift]:
+            started = time.perf_counter()
+            results[name] = functions[name]()
+            seconds[name].append(time.perf_counter() - started)
+        print(f"  round {round_number + 1}: " + ", ".join(f"{n} {seconds[n][-1]:.2f} s" for n in names),
+              file=sys.stderr, flush=True)
+    return {name: statistics.median(values) for name, values in seconds.items()}, results
+
+
 def write_clustered_memmap(path: Path, count: int, queries: int, dim: int, clusters: int, spread: float, seed: int,
                            chunk_rows: int = 65536, intrinsic_dim: int | None = None) -> tuple[np.memmap, np.ndarray]:
     """(database float32 memmap [count, dim] at ``path``, queries [queries, dim]): unit vectors of the
@@ -501,87 +518,74 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         truth, kth = exact_top_k(database, queries, k)
         print(f"[{kind}] data + exact numpy reference: {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
         flops = 2.0 * num_queries * args.facts * args.dim
-        exact_seconds: dict[str, float] = {}
 
-        # the exact backends: a flat index searched by the blocked torch GEMM and by FAISS
-        for backend in ("torch", "faiss"):
+        # every search is built first, then timed round-robin (one call of each per round, the
+        # order rotating), so that a change of load on the shared machine hits all of them alike
+        searches: dict[str, Callable[[], Any]] = {}
+        for backend, name in (("torch", "exact"), ("faiss", "faiss_flat")):
             started = time.perf_counter()
             flat = build_index(database, kind="flat", use_gpu=False, exact_backend=backend)
             report[f"{kind}_flat_{backend}_build_s"] = time.perf_counter() - started
-            seconds, (_, ids) = timed(lambda: flat.search(queries, k), args.repeats)
-            name = "exact" if backend == "torch" else "faiss_flat"
-            exact_seconds[name] = seconds
-            report[f"{kind}_{name}_search_s"] = seconds
-            report[f"{kind}_{name}_gflops"] = flops / seconds / 1e9
-            report[f"{kind}_{name}_recall_at_10"] = recall_with_ties(ids, truth, kth, database, queries)
-            if backend == "torch":
-                report[f"{kind}_exact_same_ids_as_float64_reference"] = float((ids == truth).all(axis=1).mean())
-            print(f"[{kind}] flat ({backend}): {seconds:.2f} s, recall {report[f'{kind}_{name}_recall_at_10']:.4f}",
-                  file=sys.stderr, flush=True)
-            del flat
-
+            searches[name] = (lambda index: lambda: index.search(queries, k)[1])(flat)
         if kind == "clustered":
-            gemm_seconds = timed(lambda: bare_gemm(queries, database), args.repeats)[0]
-            report["gemm_s"] = gemm_seconds
-            report["gemm_gflops"] = flops / gemm_seconds / 1e9
-            report["exact_vs_gemm_throughput"] = gemm_seconds / exact_seconds["exact"]
-            report["exact_vs_faiss_flat_speedup"] = exact_seconds["faiss_flat"] / exact_seconds["exact"]
-            print(f"[{kind}] bare torch.mm: {gemm_seconds:.2f} s ({report['gemm_gflops']:.0f} GFLOP/s)",
-                  file=sys.stderr, flush=True)
+            searches["gemm"] = lambda: bare_gemm(queries, database)
             if not args.skip_sklearn:
                 neighbours = NearestNeighbors(n_neighbors=k, algorithm="brute", metric="cosine").fit(database)
-                sk_seconds, (_, sk_ids) = timed(lambda: neighbours.kneighbors(queries, k), args.repeats)
-                exact_seconds["sklearn"] = sk_seconds
-                report["sklearn_search_s"] = sk_seconds
-                report["sklearn_recall_at_10"] = recall_with_ties(np.asarray(sk_ids), truth, kth, database, queries)
-                report["exact_vs_sklearn_speedup"] = sk_seconds / exact_seconds["exact"]
-                report["faiss_vs_sklearn_speedup"] = sk_seconds / exact_seconds["faiss_flat"]
-                print(f"[{kind}] sklearn brute: {sk_seconds:.2f} s", file=sys.stderr, flush=True)
-                del neighbours
-        fastest = min(exact_seconds, key=exact_seconds.__getitem__)
-        report[f"{kind}_fastest_exact"] = fastest
-        fastest_seconds = exact_seconds[fastest]
-
+                searches["sklearn"] = lambda: np.asarray(neighbours.kneighbors(queries, k)[1])
         started = time.perf_counter()
         ivf = build_index(database, kind="ivf", use_gpu=False, seed=args.seed)
         report[f"{kind}_ivf_build_s"] = time.perf_counter() - started
         calibrated = ivf.nprobe
         report[f"{kind}_ivf_nprobe"] = calibrated
         report[f"{kind}_ivf_calibration_recall"] = ivf.metadata["calibrated_recall_at_10"]
-        ivf_seconds, (_, ivf_ids) = timed(lambda: ivf.search(queries, k), args.repeats)
-        report[f"{kind}_ivf_search_s"] = ivf_seconds
-        report[f"{kind}_ivf_recall_at_10"] = recall_with_ties(ivf_ids, truth, kth, database, queries)
-        report[f"{kind}_ivf_vs_fastest_exact_speedup"] = fastest_seconds / ivf_seconds
-        print(f"[{kind}] ivf nprobe {calibrated}: {ivf_seconds:.2f} s, recall "
-              f"{report[f'{kind}_ivf_recall_at_10']:.4f}", file=sys.stderr, flush=True)
+        searches["ivf"] = lambda: ivf.search(queries, k)[1]
+        print(f"[{kind}] ivf built: {report[f'{kind}_ivf_build_s']:.1f} s, nprobe {calibrated}", file=sys.stderr,
+              flush=True)
+        if kind == "clustered" and not args.skip_hnsw:
+            started = time.perf_counter()
+            hnsw = build_index(database, kind="hnsw", use_gpu=False)
+            report["hnsw_build_s"] = time.perf_counter() - started
+            report["hnsw_ef_search"] = hnsw.metadata["ef_search"]
+            searches["hnsw"] = lambda: hnsw.search(queries, k)[1]
+            print(f"[{kind}] hnsw built: {report['hnsw_build_s']:.1f} s", file=sys.stderr, flush=True)
+
+        seconds, found = round_robin(searches, args.repeats)
+        for name, ids in found.items():
+            prefix = {"gemm": "", "sklearn": ""}.get(name, f"{kind}_")
+            report[f"{prefix}{name}_search_s" if name != "gemm" else "gemm_s"] = seconds[name]
+            report[f"{prefix}{name}_gflops" if name != "gemm" else "gemm_gflops"] = flops / seconds[name] / 1e9
+            if name != "gemm":
+                report[f"{prefix}{name}_recall_at_10"] = recall_with_ties(ids, truth, kth, database, queries)
+            print(f"[{kind}] {name}: {seconds[name]:.2f} s", file=sys.stderr, flush=True)
+        report[f"{kind}_exact_same_ids_as_float64_reference"] = float((found["exact"] == truth).all(axis=1).mean())
+        exact_names = [name for name in ("exact", "faiss_flat", "sklearn") if name in seconds]
+        fastest = min(exact_names, key=seconds.__getitem__)
+        report[f"{kind}_fastest_exact"] = fastest
+        report[f"{kind}_exact_vs_faiss_flat_speedup"] = seconds["faiss_flat"] / seconds["exact"]
+        report[f"{kind}_ivf_vs_fastest_exact_speedup"] = seconds[fastest] / seconds["ivf"]
+        if "gemm" in seconds:
+            report["exact_vs_gemm_throughput"] = seconds["gemm"] / seconds["exact"]
+        if "sklearn" in seconds:
+            report["exact_vs_sklearn_speedup"] = seconds["sklearn"] / seconds["exact"]
+            report["faiss_vs_sklearn_speedup"] = seconds["sklearn"] / seconds["faiss_flat"]
+        if "hnsw" in seconds:
+            report["hnsw_vs_fastest_exact_speedup"] = seconds[fastest] / seconds["hnsw"]
         sweep = []
         for nprobe in sorted({max(1, calibrated // 2), calibrated * 2} - {calibrated}):
             if nprobe > ivf.metadata["nlist"]:
                 continue
             ivf.nprobe = nprobe
-            seconds, (_, ids) = timed(lambda: ivf.search(queries, k), 1)
+            sweep_seconds, (_, ids) = timed(lambda: ivf.search(queries, k), 1)
             sweep.append({"nprobe": nprobe, "recall_at_10": recall_with_ties(ids, truth, kth, database, queries),
-                          "speedup_vs_fastest_exact": fastest_seconds / seconds})
+                          "speedup_vs_fastest_exact": seconds[fastest] / sweep_seconds})
         report[f"{kind}_ivf_nprobe_sweep"] = sweep
-        del ivf
-
-        if kind == "clustered" and not args.skip_hnsw:
-            started = time.perf_counter()
-            hnsw = build_index(database, kind="hnsw", use_gpu=False)
-            report["hnsw_build_s"] = time.perf_counter() - started
-            hnsw_seconds, (_, hnsw_ids) = timed(lambda: hnsw.search(queries, k), args.repeats)
-            report["hnsw_search_s"] = hnsw_seconds
-            report["hnsw_recall_at_10"] = recall_with_ties(hnsw_ids, truth, kth, database, queries)
-            report["hnsw_vs_fastest_exact_speedup"] = fastest_seconds / hnsw_seconds
-            report["hnsw_ef_search"] = hnsw.metadata["ef_search"]
-            print(f"[{kind}] hnsw: build {report['hnsw_build_s']:.1f} s, search {hnsw_seconds:.2f} s, recall "
-                  f"{report['hnsw_recall_at_10']:.4f}", file=sys.stderr, flush=True)
-            del hnsw
-        del database, queries
+        searches.clear()
+        del flat, ivf, database, queries
 
     # the headline figures: clustered data (the uniform case is reported beside them)
     report["flat_recall_at_10"] = report["clustered_exact_recall_at_10"]
     report["faiss_flat_recall_at_10"] = report["clustered_faiss_flat_recall_at_10"]
+    report["exact_vs_faiss_flat_speedup"] = report["clustered_exact_vs_faiss_flat_speedup"]
     report["fastest_exact"] = report["clustered_fastest_exact"]
     report["ivf_recall_at_10"] = report["clustered_ivf_recall_at_10"]
     report["ivf_vs_fastest_exact_speedup"] = report["clustered_ivf_vs_fastest_exact_speedup"]

@@ -53,19 +53,22 @@ def test_k_equal_to_or_above_the_database_size_returns_every_row_ranked(k):
 def test_ties_come_out_in_ascending_id_order_across_block_boundaries():
     """Copies of one vector at rows 3, 40, 41, 77 and 99 (in different database blocks of 10 rows)
     tie exactly in float64; a query equal to it gets them first, lowest id first, and with k = 3
-    only the three lowest of the five tied rows (the cut falls inside the tie). (Their float32
-    scores may differ in the last bit with the row's place in a block: the margin of float32
-    candidates re-scored in float64 is what makes the cut exact.)"""
+    only the three lowest of the five tied rows (the cut falls inside the tie). Their float32
+    scores may differ in the last bit with the row's place in a block; with no margin at all,
+    the completeness check widens the search until the float64 re-scoring sees every tied row."""
     rng = np.random.default_rng(11)
     database = rng.normal(size=(100, 16)).astype(np.float32)
     copies = [3, 40, 41, 77, 99]
     database[copies] = database[77]
     query = database[77:78] * 2.5
     for block_bytes in (4 * 10, 4 * 1000):
-        _, ids = exact_search(query, database, 3, block_bytes=block_bytes, query_block=1)
+        _, ids = exact_search(query, database, 3, block_bytes=block_bytes, query_block=1, margin=0)
         assert ids[0].tolist() == [3, 40, 41]
-        _, ids = exact_search(query, database, 7, block_bytes=block_bytes, query_block=1)
+        _, ids = exact_search(query, database, 7, block_bytes=block_bytes, query_block=1, margin=0)
         assert ids[0, :5].tolist() == copies
+    many = np.repeat(database[:1], 60, axis=0)  # 60 equal rows, far more than margin + k
+    _, ids = exact_search(many[:1], many, 4, block_bytes=4 * 7, query_block=1, margin=1)
+    assert ids[0].tolist() == [0, 1, 2, 3]
     zeros = np.zeros((6, 4), dtype=np.float32)  # every score 0: all tied, ids ascending
     _, ids = exact_search(np.ones((2, 4)), zeros, 4, block_bytes=8, query_block=1)
     assert ids.tolist() == [[0, 1, 2, 3], [0, 1, 2, 3]]
@@ -79,7 +82,7 @@ def test_property_equals_float64_brute_force(count, queries, dim, k, block, quer
     rng = np.random.default_rng(seed)
     database = rng.normal(size=(count, dim))
     if duplicates and count > 2:
-        database[rng.integers(0, count, min(8, count // 2))] = database[0]  # fewer copies than the margin (16)
+        database[rng.integers(0, count, count // 2)] = database[0]  # often more copies than the margin
     query_rows = rng.normal(size=(queries, dim))
     _, ids = exact_search(query_rows, database, k, block_bytes=4 * block * query_block, query_block=query_block)
     np.testing.assert_array_equal(ids, _reference(query_rows, database, k)[1])
@@ -154,3 +157,16 @@ def test_eval_config_exact_backend_is_validated():
     assert config.eval.exact_backend == "faiss" and TrainConfig().eval.exact_backend == "auto"
     with pytest.raises(ConfigError, match="did you mean 'torch'"):
         from_dict(TrainConfig, {"eval": {"exact_backend": "torhc"}})
+
+
+def test_near_ties_below_float32_resolution_are_ranked_as_in_float64():
+    """40 vectors within 10⁻⁶ of each other (closer than float32 products can tell apart, further
+    than float64's rounding): with no margin the completeness check widens the search, and the
+    order is the float64 one."""
+    rng = np.random.default_rng(21)
+    base = rng.normal(size=256)
+    database = np.concatenate([rng.normal(size=(500, 256)), base + 1e-6 * rng.normal(size=(40, 256))])
+    query = (base + 0.01 * rng.normal(size=256))[None, :]
+    for margin in (0, 8):
+        _, ids = exact_search(query, database, 10, margin=margin, block_bytes=4 * 64)
+        np.testing.assert_array_equal(ids, _reference(query, database, 10)[1])

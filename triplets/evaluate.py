@@ -31,6 +31,15 @@ image (an image whose ground-truth fact is f), the images are ranked by cosine w
 and ``map``, ``map_at_10``, ``map_at_100`` are their means over the facts with ≥ 1 positive.
 All metrics are fractions in [0, 1].
 
+Computation. Scores are float32 matrix products computed block by block by the exact search
+backend's :func:`triplets.index.score_blocks` (``torch.mm``, at most 128 MiB of scores at a
+time for image → fact, 32 MiB for fact → image); fact vectors are divided by their norms on the
+scores (:class:`FactTable`, built once per fact file). From those scores everything is exact:
+image → fact counts, per image, the candidates scoring ≥ the best group member (the group taken
+as slices of the candidates sorted by group key, not a dense mask); fact → image sorts each
+fact's row once and reads AP and AP@k off the ranks of its positives. Pairs of scores closer
+than float32 rounding (≈ 10⁻⁷) may compare differently than in float64.
+
 Modes (``evaluate_task``): "standard" ranks the task's own facts; "generalized" ranks
 the facts of all tasks. The fact vectors are ``fact_file.fact_embeddings``.
 

@@ -5,14 +5,19 @@ in a database X [n, d] is the matrix product Q·Xᵀ (2·q·n·d floating-point 
 by a selection. :func:`exact_search` does it in blocks:
 
 1. For each block of at most ``query_block`` queries and ``bn`` database rows,
-   S = Q_b·X_bᵀ by ``torch.mm`` in float32 (the machine's GEMM), and the c = min(n, k' + margin)
-   largest scores of each row by ``torch.topk`` (k' = min(k, n)); where the c-th and (c+1)-th
-   scores are equal, that row is re-selected by a stable sort so that the lower ids win the tie.
-   Each block's candidates are merged with the best c so far (order: score descending, then id
-   ascending).
-2. The c candidates of each query are re-scored in float64, s = Σ_j q_j·x_j (j = 1..d), and the
-   best k' by (float64 score descending, id ascending) are returned with those scores
-   (rounded to float32).
+   S = Q_b·X_bᵀ by ``torch.mm`` in float32 (the machine's GEMM), and the c largest scores of
+   each row by ``torch.topk`` (c = min(n, k' + margin), k' = min(k, n)); where the c-th and
+   (c+1)-th scores are equal, that row is re-selected by a stable sort so that the lower ids win
+   the tie. Each block's candidates are merged with the best c so far (order: score descending,
+   then id ascending).
+2. Completeness check: a float32 product of unit vectors is within ε = γ_d of the exact one
+   (:func:`float32_dot_error_bound`, 6.9·10⁻⁵ at d = 1152), so a vector left out (float32 score
+   ≤ the c-th kept) can belong to the exact top k' only if the c-th kept float32 score is within
+   2ε of the k'-th. Rows where it is are searched again with 4× more candidates, until the check
+   passes or every row is a candidate (e.g. many exact duplicates).
+3. The c candidates of each query are re-scored in float64 (``torch.bmm``: s = Σ_j q_j·x_j,
+   j = 1..d) and the best k' by (float64 score descending, id ascending) are returned with those
+   scores (rounded to float32).
 
 Memory bound: one float32 score block of ``query_block``·``bn`` entries, with
 ``bn = max(c, block_bytes // (4·query_block))``, so at most ``block_bytes`` (default 128 MiB)
@@ -21,12 +26,12 @@ float64 re-scoring of 256 queries at a time (12·c·d bytes per query). Queries 
 are used in place when they are C-contiguous float32 unit rows (``normalized=True``); otherwise
 one normalised float32 copy of each is made (:func:`normalize_rows`).
 
-What is guaranteed: the ids returned, and their order, equal those of the float64 reference
+What is guaranteed: the ids returned, and their order, are those of the float64 reference
 (Q·Xᵀ computed in float64 on the same float32 unit vectors, each row sorted by score
-descending and id ascending), except where more than ``margin`` database vectors score within
-twice float32's rounding error of a query's k-th best score: that error of one product is at
-most d·2⁻²⁴ for unit vectors (6.9·10⁻⁵ at d = 1152), in practice about 10⁻⁷. Vectors with
-exactly equal scores (duplicates) come out in ascending id order. The default margin is 16.
+descending, then id ascending), up to float64 rounding (≈ 10⁻¹⁶: two different vectors whose
+exact scores differ by less may come out in either order). Exactly equal scores (duplicate
+vectors, zero vectors) come out in ascending id order, also across the cut at k'. The margin
+(default 8) only sets how much is re-scored at first, not the result.
 
 :func:`score_blocks` gives the full score matrix one bounded block of query rows at a time, for
 callers that need every score (the evaluation's rankings).
@@ -52,7 +57,7 @@ from .common import checked_k, normalize_rows
 EXACT_BACKENDS = ("auto", "torch", "faiss")
 SCORE_BLOCK_BYTES = 1 << 27   # 128 MiB of float32 scores per block
 QUERY_BLOCK = 1024            # queries per block: enough rows for the GEMM to reach its speed
-RESCORE_MARGIN = 16           # float32 candidates kept beyond k for the float64 re-scoring
+RESCORE_MARGIN = 8            # float32 candidates kept beyond k for the float64 re-scoring
 _RESCORE_ROWS = 256
 
 
@@ -167,8 +172,8 @@ def rescore(queries: torch.Tensor, candidates: torch.Tensor, vectors: torch.Tens
     for start in range(0, len(queries), _RESCORE_ROWS):
         block = candidates[start:start + _RESCORE_ROWS]
         found = block >= 0
-        rows = vectors[torch.where(found, block, torch.zeros_like(block))].double()
-        exact = (rows * queries[start:start + _RESCORE_ROWS, None, :].double()).sum(-1)
+        rows = vectors[torch.where(found, block, torch.zeros_like(block))].double()         # [b, c, d]
+        exact = torch.bmm(rows, queries[start:start + _RESCORE_ROWS, :, None].double())[:, :, 0]
         exact = torch.where(found, exact, torch.full_like(exact, -float("inf")))
         ids = torch.where(found, block, torch.full_like(block, torch.iinfo(torch.int64).max))
         top_scores, top_ids = _best_by_score_then_id(exact, ids, k)
@@ -210,25 +215,46 @@ def search_unit_rows(query_rows: np.ndarray, rows: np.ndarray, k: int, *, block_
     """:func:`exact_search` without the checks: ``query_rows`` [q, d] and ``rows`` [n, d] must be
     finite float32 C-contiguous unit rows (q, n ≥ 1) and ``k`` ≥ 1 (what a :class:`FactIndex`
     already guarantees for its normalised queries and stored vectors)."""
-    count = len(rows)
+    count, dim = rows.shape
     k_eff = min(int(k), count)
-    keep = min(count, k_eff + int(margin))
+    slack = 2.0 * float32_dot_error_bound(dim)
     q_all, x_all = torch.from_numpy(query_rows), torch.from_numpy(rows)
-    block_q = min(len(query_rows), int(query_block))
-    block_n = min(count, max(keep, int(block_bytes) // (4 * block_q)))
-    buffer = torch.empty(block_q * block_n, dtype=torch.float32)
     out_scores = np.empty((len(query_rows), k_eff), dtype=np.float32)
     out_ids = np.empty((len(query_rows), k_eff), dtype=np.int64)
-    for q_start in range(0, len(query_rows), block_q):
-        q_block = q_all[q_start:q_start + block_q]
-        best = TopKAccumulator(q_block, keep, buffer, block_bytes=block_q * block_n * 4)
-        for x_start in range(0, count, block_n):
-            best.add(x_start, x_all[x_start:x_start + block_n])
-        assert best.ids is not None
-        scores, ids = rescore(q_block, best.ids, x_all, k_eff)
-        out_scores[q_start:q_start + len(q_block)] = scores.numpy()
-        out_ids[q_start:q_start + len(q_block)] = ids.numpy()
+    pending = np.arange(len(query_rows))
+    keep = min(count, k_eff + int(margin))
+    while len(pending):
+        widen = []
+        block_q = min(len(pending), int(query_block))
+        block_n = min(count, max(keep, int(block_bytes) // (4 * block_q)))
+        buffer = torch.empty(block_q * block_n, dtype=torch.float32)
+        for start in range(0, len(pending), block_q):
+            wanted = pending[start:start + block_q]
+            contiguous = wanted[-1] - wanted[0] == len(wanted) - 1
+            q_block = q_all[int(wanted[0]):int(wanted[-1]) + 1] if contiguous else q_all[torch.from_numpy(wanted)]
+            best = TopKAccumulator(q_block, keep, buffer, block_bytes=block_q * block_n * 4)
+            for x_start in range(0, count, block_n):
+                best.add(x_start, x_all[x_start:x_start + block_n])
+            assert best.ids is not None and best.scores is not None
+            done = np.ones(len(wanted), dtype=bool)
+            if keep < count:  # a vector left out scores ≤ the last kept: harmless unless within slack of the k-th
+                kth = torch.topk(best.scores, k_eff, dim=1).values[:, -1]
+                done = (best.scores.min(dim=1).values < kth - slack).numpy()
+                widen.append(wanted[~done])
+            scores, ids = rescore(q_block, best.ids, x_all, k_eff)
+            out_scores[wanted[done]] = scores.numpy()[done]
+            out_ids[wanted[done]] = ids.numpy()[done]
+        pending = np.concatenate(widen) if widen else pending[:0]
+        keep = min(count, 4 * keep)
     return out_scores, out_ids
+
+
+def float32_dot_error_bound(dim: int) -> float:
+    """A bound on |fl32(x·y) − x·y| for unit vectors x, y of ``dim`` entries, in any summation order:
+    γ_d = d·u / (1 − d·u) with u = 2⁻²⁴ (Higham, Accuracy and Stability of Numerical Algorithms,
+    §3.1), times 1.01 for rows whose float32 norms differ from 1 by rounding."""
+    unit = 2.0 ** -24
+    return 1.01 * dim * unit / max(1e-12, 1.0 - dim * unit)
 
 
 def score_blocks(queries: torch.Tensor, database: torch.Tensor, *,
