@@ -442,6 +442,25 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         report["run_evaluate_s"] = run_seconds
         report["run_final"] = {method: entry.get("final") for method, entry in results["methods"].items()}
         print(f"[evaluate] run {args.run}: {run_seconds:.2f} s per evaluate_run", file=sys.stderr, flush=True)
+        from triplets.evaluate import embed_images
+        from triplets.train import load_run
+
+        with load_run(args.run) as run:  # the ranking alone: every method's test embeddings computed once
+            embedded = []
+            for method in run.methods:
+                model = run.load_model(method)
+                embedded += [embed_images(model, run.fact_file.dataset(task, "test"))
+                             for task in range(int(run.fact_file.num_tasks))]
+
+            def ranking() -> None:
+                fact_file = run.fact_file
+                for number, (vectors, truth) in enumerate(embedded):
+                    for mode in MODES:
+                        evaluate_embeddings(vectors, truth, fact_file, number % int(fact_file.num_tasks), mode=mode)
+
+            report["run_ranking_s"] = timed(ranking, args.repeats)[0]
+        print(f"[evaluate] run {args.run}: {report['run_ranking_s']:.3f} s of ranking per evaluation",
+              file=sys.stderr, flush=True)
     print(json.dumps(report, sort_keys=True))
     return report
 

@@ -347,3 +347,21 @@ def test_blocked_rankings_equal_dense_float64_reference_with_exact_ties():
             assert i2f[key] == pytest.approx(value, abs=1e-12), key
         assert f2i["map"] == pytest.approx(expected_ap, abs=1e-12)
         assert f2i["map_at_10"] == pytest.approx(expected_ap10, abs=1e-12)
+
+
+def test_equal_image_vectors_keep_their_ties_in_fact_to_image():
+    """Many images share one embedding (as equal crops do): a blocked product may round equal
+    columns apart, so their scores are copied from one; mAP then equals the float64 reference."""
+    rng = np.random.default_rng(9)
+    fact_vectors = rng.normal(size=(30, 1152))
+    truth = rng.integers(0, 30, size=2000)
+    images = fact_vectors[truth] + 1.5 * rng.normal(size=(2000, 1152))
+    images[rng.integers(0, 2000, 1500)] = images[rng.integers(0, 2000, 1500)]  # duplicated embeddings
+    metrics = fact_to_image_metrics(images, truth, fact_vectors, range(30))
+    unit_facts = (fact_vectors / np.linalg.norm(fact_vectors, axis=1, keepdims=True)).astype(np.float32)
+    unit_images = (images / np.linalg.norm(images, axis=1, keepdims=True)).astype(np.float32)
+    queries = np.unique(truth)
+    scores = unit_facts[queries].astype(np.float64) @ unit_images.astype(np.float64).T
+    labels = truth[None, :] == queries[:, None]
+    assert metrics["map"] == pytest.approx(average_precision(scores, labels).mean(), abs=1e-12)
+    assert metrics["map_at_100"] == pytest.approx(average_precision_at_k(scores, labels, 100).mean(), abs=1e-12)

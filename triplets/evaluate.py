@@ -37,8 +37,10 @@ time for image → fact, 32 MiB for fact → image); fact vectors are divided by
 scores (:class:`FactTable`, built once per fact file). From those scores everything is exact:
 image → fact counts, per image, the candidates scoring ≥ the best group member (the group taken
 as slices of the candidates sorted by group key, not a dense mask); fact → image sorts each
-fact's row once and reads AP and AP@k off the ranks of its positives. Pairs of scores closer
-than float32 rounding (≈ 10⁻⁷) may compare differently than in float64.
+fact's row once and reads AP and AP@k off the ranks of its positives. Equal vectors always get
+equal scores (their columns are copied from one: a blocked product may round them apart), so
+their ties are kept; scores of different vectors closer than float32 rounding (≈ 10⁻⁷) may
+compare differently than in float64.
 
 Modes (``evaluate_task``): "standard" ranks the task's own facts; "generalized" ranks
 the facts of all tasks. The fact vectors are ``fact_file.fact_embeddings``.
@@ -120,6 +122,25 @@ def _check_ids(ids: np.ndarray, count: int, name: str) -> np.ndarray:
     if array.size and (array.min() < 0 or array.max() >= count):
         raise TripletsError(f"{name} hold fact ids outside 0..{count - 1}; the data and the fact list disagree")
     return array
+
+
+def _first_equal_rows(vectors: np.ndarray) -> torch.Tensor | None:
+    """For each row, the first row with exactly the same values (int64 [n]), or None when all
+    rows differ. Equal vectors must score equal: a blocked GEMM may round the products of two
+    equal columns differently (by their place in a block), so their scores are copied from one."""
+    if len(vectors) < 2:
+        return None
+    key = vectors.astype(np.float64) @ np.random.default_rng(0).standard_normal(vectors.shape[1])
+    _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+    representative = first[inverse.reshape(-1)]
+    copies = np.flatnonzero(representative != np.arange(len(vectors)))
+    if copies.size == 0:
+        return None
+    same = (vectors[copies] == vectors[representative[copies]]).all(axis=1)  # equal keys, equal vectors?
+    representative[copies[~same]] = copies[~same]
+    if (representative == np.arange(len(vectors))).all():
+        return None
+    return torch.from_numpy(representative.astype(np.int64))
 
 
 def _group_members(candidate_keys: np.ndarray, level: np.ndarray,
@@ -233,9 +254,12 @@ def image_to_fact_metrics(image_embeddings: np.ndarray, image_fact_ids: np.ndarr
     every_fact = len(candidates) == fact_count                  # candidates = 0..F−1: no copy
     candidate_rows = torch.from_numpy(table.vectors if every_fact else table.vectors[candidates])
     scale = torch.from_numpy(table.inverse_norms if every_fact else table.inverse_norms[candidates])
+    equal_facts = _first_equal_rows(table.vectors if every_fact else table.vectors[candidates])
     rank = np.empty(len(images), dtype=np.int64)
     for start, stop, scores in score_blocks(torch.from_numpy(images), candidate_rows, block_bytes=SCORE_BLOCK_BYTES):
         scores.mul_(scale)                                      # (image · v) / ‖v‖: the cosine
+        if equal_facts is not None:
+            scores = scores.index_select(1, equal_facts)
         sizes = group_size[start:stop]
         row = np.repeat(np.arange(stop - start), sizes)
         within = np.arange(row.size) - np.repeat(np.cumsum(sizes) - sizes, sizes)
@@ -286,7 +310,10 @@ def fact_to_image_metrics(image_embeddings: np.ndarray, image_fact_ids: np.ndarr
     totals = {"map": 0.0, "map_at_10": 0.0, "map_at_100": 0.0}
     image_rows = torch.from_numpy(images)
     query_rows = torch.from_numpy(table.unit_rows(queries))
+    equal_images = _first_equal_rows(images)
     for start, stop, scores in score_blocks(query_rows, image_rows, block_bytes=SORT_BLOCK_BYTES):
+        if equal_images is not None:
+            scores = scores.index_select(1, equal_images)
         ap, ap10, ap100 = _ap_from_positive_ranks(scores, by_fact, first[start:stop], positives[start:stop])
         totals["map"] += ap
         totals["map_at_10"] += ap10
