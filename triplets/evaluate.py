@@ -124,21 +124,31 @@ def _check_ids(ids: np.ndarray, count: int, name: str) -> np.ndarray:
     return array
 
 
-def _first_equal_rows(vectors: np.ndarray) -> torch.Tensor | None:
-    """For each row, the first row with exactly the same values (int64 [n]), or None when all
-    rows differ. Equal vectors must score equal: a blocked GEMM may round the products of two
-    equal columns differently (by their place in a block), so their scores are copied from one."""
-    if len(vectors) < 2:
+def row_hashes(vectors: np.ndarray) -> np.ndarray:
+    """int64 [n]: a hash of each row's bytes (equal rows, equal hashes; within this process)."""
+    return np.fromiter((hash(row.tobytes()) for row in np.ascontiguousarray(vectors)), dtype=np.int64,
+                       count=len(vectors))
+
+
+def _first_equal_rows(vectors: np.ndarray, rows: np.ndarray | None = None,
+                      hashes: np.ndarray | None = None) -> torch.Tensor | None:
+    """For each of ``rows`` (default: all) of ``vectors``, the position in ``rows`` of the first one
+    with exactly the same values (int64 [len(rows)]), or None when all differ. ``hashes``:
+    :func:`row_hashes` of those rows, when known. Equal vectors must score equal: a blocked GEMM
+    may round the products of two equal columns differently (by their place in a block), so
+    their scores are copied from one."""
+    rows = np.arange(len(vectors)) if rows is None else rows
+    if len(rows) < 2:
         return None
-    key = vectors.astype(np.float64) @ np.random.default_rng(0).standard_normal(vectors.shape[1])
-    _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+    hashes = row_hashes(vectors[rows]) if hashes is None else hashes
+    _, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
     representative = first[inverse.reshape(-1)]
-    copies = np.flatnonzero(representative != np.arange(len(vectors)))
+    copies = np.flatnonzero(representative != np.arange(len(rows)))
     if copies.size == 0:
         return None
-    same = (vectors[copies] == vectors[representative[copies]]).all(axis=1)  # equal keys, equal vectors?
+    same = (vectors[rows[copies]] == vectors[rows[representative[copies]]]).all(axis=1)  # not a collision?
     representative[copies[~same]] = copies[~same]
-    if (representative == np.arange(len(vectors))).all():
+    if (representative == np.arange(len(rows))).all():
         return None
     return torch.from_numpy(representative.astype(np.int64))
 
@@ -183,11 +193,18 @@ class FactTable:
         self.inverse_norms = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0).astype(np.float32)
         self.keys: np.ndarray | None = None
         self.order: np.ndarray | None = None
+        self._hashes: np.ndarray | None = None
         if facts is not None:  # None: fact → image ranking only, no groups needed
             if len(facts) != len(self.vectors):
                 raise TripletsError(f"{len(self.vectors)} fact embeddings but {len(facts)} facts; "
                                     "pass both indexed by fact id")
             self.keys, self.order = group_keys(facts)
+
+    def hashes(self) -> np.ndarray:
+        """:func:`row_hashes` of the vectors (computed on first use, then kept)."""
+        if self._hashes is None:
+            self._hashes = row_hashes(self.vectors)
+        return self._hashes
 
     def unit_rows(self, fact_ids: np.ndarray) -> np.ndarray:
         """The unit-norm float32 vectors of ``fact_ids`` [m, D] (a copy)."""
@@ -254,7 +271,7 @@ def image_to_fact_metrics(image_embeddings: np.ndarray, image_fact_ids: np.ndarr
     every_fact = len(candidates) == fact_count                  # candidates = 0..F−1: no copy
     candidate_rows = torch.from_numpy(table.vectors if every_fact else table.vectors[candidates])
     scale = torch.from_numpy(table.inverse_norms if every_fact else table.inverse_norms[candidates])
-    equal_facts = _first_equal_rows(table.vectors if every_fact else table.vectors[candidates])
+    equal_facts = _first_equal_rows(table.vectors, candidates, table.hashes()[candidates])
     rank = np.empty(len(images), dtype=np.int64)
     for start, stop, scores in score_blocks(torch.from_numpy(images), candidate_rows, block_bytes=SCORE_BLOCK_BYTES):
         scores.mul_(scale)                                      # (image · v) / ‖v‖: the cosine
