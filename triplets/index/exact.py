@@ -150,9 +150,17 @@ class TopKAccumulator:
         ids = columns + int(first_row)
         if self.scores is None or self.ids is None:
             self.scores, self.ids = values, ids
+            return
+        scores, ids = torch.cat([self.scores, values], 1), torch.cat([self.ids, ids], 1)
+        if scores.shape[1] <= self.keep:
+            self.scores, self.ids = scores, ids
+            return
+        probe = torch.topk(scores, self.keep + 1, dim=1, sorted=True)
+        if bool((probe.values[:, self.keep - 1] == probe.values[:, self.keep]).any()):
+            self.scores, self.ids = _best_by_score_then_id(scores, ids, self.keep)  # a tie at the cut: lower ids win
         else:
-            self.scores, self.ids = _best_by_score_then_id(torch.cat([self.scores, values], 1),
-                                                           torch.cat([self.ids, ids], 1), self.keep)
+            self.scores = probe.values[:, : self.keep]
+            self.ids = ids.gather(1, probe.indices[:, : self.keep])
 
     def best_ids(self, count: int | None = None) -> np.ndarray:
         """int64 [q, count]: the best ids so far by float32 score (equal scores: lower id first)."""
@@ -172,8 +180,9 @@ def rescore(queries: torch.Tensor, candidates: torch.Tensor, vectors: torch.Tens
     for start in range(0, len(queries), _RESCORE_ROWS):
         block = candidates[start:start + _RESCORE_ROWS]
         found = block >= 0
-        rows = vectors[torch.where(found, block, torch.zeros_like(block))].double()         # [b, c, d]
-        exact = torch.bmm(rows, queries[start:start + _RESCORE_ROWS, :, None].double())[:, :, 0]
+        picked = torch.where(found, block, torch.zeros_like(block))
+        rows = torch.index_select(vectors, 0, picked.reshape(-1)).to(torch.float64).view(*picked.shape, -1)  # [b, c, d]
+        exact = torch.bmm(rows, queries[start:start + _RESCORE_ROWS, :, None].to(torch.float64))[:, :, 0]
         exact = torch.where(found, exact, torch.full_like(exact, -float("inf")))
         ids = torch.where(found, block, torch.full_like(block, torch.iinfo(torch.int64).max))
         top_scores, top_ids = _best_by_score_then_id(exact, ids, k)
