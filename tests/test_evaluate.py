@@ -313,3 +313,55 @@ def test_evaluate_task_standard_and_generalized():
         evaluate_task(model, fact_file, 5)
     with pytest.raises(TripletsError, match="mode"):
         evaluate_task(model, fact_file, 0, mode="other")
+
+
+def test_blocked_rankings_equal_dense_float64_reference_with_exact_ties():
+    """Vectors of 0 / 0.5 entries (4 non-zero: unit norm) make every float32 product exact, so many
+    images and facts tie exactly; both rankings equal the dense float64 definitions, across
+    score blocks of a few rows."""
+    import triplets.evaluate as evaluate_module
+
+    rng = np.random.default_rng(8)
+    patterns = np.zeros((6, 8))
+    for row in range(6):
+        patterns[row, rng.choice(8, 4, replace=False)] = 0.5
+    facts = [(f"s{i % 4}", f"p{i % 3}" if i % 2 else None, None) for i in range(12)]
+    facts = list(dict.fromkeys(facts))
+    fact_vectors = patterns[rng.integers(0, 6, len(facts))]
+    truth = rng.integers(0, len(facts), 90)
+    images = patterns[rng.integers(0, 6, 90)]
+    expected_i2f = _brute_force_image_to_fact(images, truth, fact_vectors, facts, np.arange(len(facts)), (1, 5, 10))
+    scores = images @ fact_vectors.T
+    queries = np.unique(truth)
+    expected_ap = average_precision(scores.T[queries], truth[None, :] == queries[:, None]).mean()
+    expected_ap10 = average_precision_at_k(scores.T[queries], truth[None, :] == queries[:, None], 10).mean()
+    for block_bytes in (1 << 27, 4 * 3 * len(facts)):
+        old = evaluate_module.SCORE_BLOCK_BYTES, evaluate_module.SORT_BLOCK_BYTES
+        evaluate_module.SCORE_BLOCK_BYTES = evaluate_module.SORT_BLOCK_BYTES = block_bytes
+        try:
+            i2f = image_to_fact_metrics(images, truth, fact_vectors, facts, range(len(facts)), ks=(1, 5, 10))
+            f2i = fact_to_image_metrics(images, truth, fact_vectors, range(len(facts)))
+        finally:
+            evaluate_module.SCORE_BLOCK_BYTES, evaluate_module.SORT_BLOCK_BYTES = old
+        for key, value in expected_i2f.items():
+            assert i2f[key] == pytest.approx(value, abs=1e-12), key
+        assert f2i["map"] == pytest.approx(expected_ap, abs=1e-12)
+        assert f2i["map_at_10"] == pytest.approx(expected_ap10, abs=1e-12)
+
+
+def test_equal_image_vectors_keep_their_ties_in_fact_to_image():
+    """Many images share one embedding (as equal crops do): a blocked product may round equal
+    columns apart, so their scores are copied from one; mAP then equals the float64 reference."""
+    rng = np.random.default_rng(9)
+    fact_vectors = rng.normal(size=(30, 1152))
+    truth = rng.integers(0, 30, size=2000)
+    images = fact_vectors[truth] + 1.5 * rng.normal(size=(2000, 1152))
+    images[rng.integers(0, 2000, 1500)] = images[rng.integers(0, 2000, 1500)]  # duplicated embeddings
+    metrics = fact_to_image_metrics(images, truth, fact_vectors, range(30))
+    unit_facts = (fact_vectors / np.linalg.norm(fact_vectors, axis=1, keepdims=True)).astype(np.float32)
+    unit_images = (images / np.linalg.norm(images, axis=1, keepdims=True)).astype(np.float32)
+    queries = np.unique(truth)
+    scores = unit_facts[queries].astype(np.float64) @ unit_images.astype(np.float64).T
+    labels = truth[None, :] == queries[:, None]
+    assert metrics["map"] == pytest.approx(average_precision(scores, labels).mean(), abs=1e-12)
+    assert metrics["map_at_100"] == pytest.approx(average_precision_at_k(scores, labels, 100).mean(), abs=1e-12)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-import triplets.index as index_module
+import triplets.index.common as index_module
 from triplets.errors import RunFolderError, TripletsError
 from triplets.index import build_index, default_nlist, load_index, model_fingerprint, normalize_rows, sidecar_path
 

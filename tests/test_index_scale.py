@@ -316,7 +316,7 @@ class _FakeMultiGpuFaiss:
 def test_sharded_index_goes_to_all_gpus_as_shards(data, sharded_dir, monkeypatch):
     """The multi-GPU path with a stand-in faiss (no GPU here; untested on hardware): the shards are
     merged into one IVF index with every global id and cloned with GpuMultipleClonerOptions(shard=True)."""
-    import triplets.index as index_module
+    import triplets.index.common as index_module
 
     cpu = load_sharded_index(sharded_dir, use_gpu=False)
     fake = _FakeMultiGpuFaiss(faiss)

@@ -42,3 +42,14 @@ def test_readme_sharded_index_example_runs(tmp_path, monkeypatch):
     written = sorted(path.name for path in (tmp_path / "indexes" / "images").iterdir())
     assert written == ["manifest.json", "shard-00000-of-00004.faiss", "shard-00001-of-00004.faiss",
                        "shard-00002-of-00004.faiss", "shard-00003-of-00004.faiss", "vectors.npy"]
+
+
+def test_readme_exact_search_example_runs():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+    block = next(text for text in blocks if "exact_search" in text)
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    ids, same_ids, index = namespace["ids"], namespace["same_ids"], namespace["index"]
+    assert index.exact_backend == "torch"  # no GPU here
+    assert ids.shape == (5, 10) and ids[:, 0].tolist() == [0, 1, 2, 3, 4]
+    assert (ids == same_ids).all()

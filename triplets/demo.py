@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import shutil
 import sys
@@ -41,6 +40,7 @@ from mas_core.checkpoint import atomic_write_json
 from . import query
 from .cli import _user_errors
 from .config import load_config, to_dict
+from .index import file_sha256 as _file_sha256
 from .language import embed_facts, load_text_encoder
 from .train import TrainConfig, train_run
 
@@ -84,14 +84,6 @@ def _stamp_matches(stamp: Path, settings: dict[str, Any]) -> bool:
         return json.loads(stamp.read_text(encoding="utf-8")) == settings
     except (OSError, json.JSONDecodeError):
         return False
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def ensure_world(settings: SynthSettings, folder: Path, *, progress: bool = True) -> tuple[Path, bool]:

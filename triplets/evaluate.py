@@ -31,6 +31,17 @@ image (an image whose ground-truth fact is f), the images are ranked by cosine w
 and ``map``, ``map_at_10``, ``map_at_100`` are their means over the facts with ≥ 1 positive.
 All metrics are fractions in [0, 1].
 
+Computation. Scores are float32 matrix products computed block by block by the exact search
+backend's :func:`triplets.index.score_blocks` (``torch.mm``, at most 128 MiB of scores at a
+time for image → fact, 32 MiB for fact → image); fact vectors are divided by their norms on the
+scores (:class:`FactTable`, built once per fact file). From those scores everything is exact:
+image → fact counts, per image, the candidates scoring ≥ the best group member (the group taken
+as slices of the candidates sorted by group key, not a dense mask); fact → image sorts each
+fact's row once and reads AP and AP@k off the ranks of its positives. Equal vectors always get
+equal scores (their columns are copied from one: a blocked product may round them apart), so
+their ties are kept; scores of different vectors closer than float32 rounding (≈ 10⁻⁷) may
+compare differently than in float64.
+
 Modes (``evaluate_task``): "standard" ranks the task's own facts; "generalized" ranks
 the facts of all tasks. The fact vectors are ``fact_file.fact_embeddings``.
 
@@ -43,17 +54,19 @@ from __future__ import annotations
 
 import json
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence
 
 import numpy as np
+import torch
 
 from data_prep.facts_h5 import fact_order
 from mas_core.checkpoint import atomic_write_json
 
 from .errors import RunFolderError, TripletsError
 from .fact_data import fact_file_fingerprint
-from .index import normalize_rows
+from .index import normalize_rows, score_blocks
 from .report import render_markdown, write_report
 from .run_folder import load_run
 
@@ -61,7 +74,8 @@ Mode = Literal["standard", "generalized"]
 MODES = ("standard", "generalized")
 IMAGE_TO_FACT_KEYS = ("top1", "top5", "top10", "mrr")
 FACT_TO_IMAGE_KEYS = ("map", "map_at_10", "map_at_100")
-_CHUNK_ELEMENTS = 1 << 22  # score-matrix entries processed at once (~16 MB of float32)
+SCORE_BLOCK_BYTES = 1 << 27   # float32 scores of one image → fact block (128 MiB)
+SORT_BLOCK_BYTES = 1 << 25    # float32 scores of one fact → image block, sorted (32 MiB + 2× for the sort)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -107,31 +121,135 @@ def _check_ids(ids: np.ndarray, count: int, name: str) -> np.ndarray:
     return array
 
 
+def row_hashes(vectors: np.ndarray) -> np.ndarray:
+    """int64 [n]: a hash of each row's bytes (equal rows, equal hashes; within this process)."""
+    return np.fromiter((hash(row.tobytes()) for row in np.ascontiguousarray(vectors)), dtype=np.int64,
+                       count=len(vectors))
+
+
+def _first_equal_rows(vectors: np.ndarray, rows: np.ndarray | None = None,
+                      hashes: np.ndarray | None = None) -> torch.Tensor | None:
+    """For each of ``rows`` (default: all) of ``vectors``, the position in ``rows`` of the first one
+    with exactly the same values (int64 [len(rows)]), or None when all differ. ``hashes``:
+    :func:`row_hashes` of those rows, when known. Equal vectors must score equal: a blocked GEMM
+    may round the products of two equal columns differently (by their place in a block), so
+    their scores are copied from one."""
+    rows = np.arange(len(vectors)) if rows is None else rows
+    if len(rows) < 2:
+        return None
+    hashes = row_hashes(vectors[rows]) if hashes is None else hashes
+    _, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
+    representative = first[inverse.reshape(-1)]
+    copies = np.flatnonzero(representative != np.arange(len(rows)))
+    if copies.size == 0:
+        return None
+    same = (vectors[rows[copies]] == vectors[rows[representative[copies]]]).all(axis=1)  # not a collision?
+    representative[copies[~same]] = copies[~same]
+    if (representative == np.arange(len(rows))).all():
+        return None
+    return torch.from_numpy(representative.astype(np.int64))
+
+
+def _group_members(candidate_keys: np.ndarray, level: np.ndarray,
+                   truth_key: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sherlock's group of each image among the candidates, as slices of one array.
+
+    ``candidate_keys`` [3, C] (:func:`group_keys` of the candidates), ``level`` [n] (order − 1
+    of each image's ground truth), ``truth_key`` [n]. Returns ``(start [n], size [n],
+    members)``: image i's group is the candidate positions ``members[start[i]:start[i] + size[i]]``
+    (the candidates whose key at ``level[i]`` equals ``truth_key[i]``).
+    """
+    count = candidate_keys.shape[1]
+    by_key = np.argsort(candidate_keys, axis=1, kind="stable")          # [3, C] positions sorted by key
+    sorted_keys = np.take_along_axis(candidate_keys, by_key, axis=1)
+    start = np.empty(len(level), dtype=np.int64)
+    stop = np.empty(len(level), dtype=np.int64)
+    for depth in range(3):
+        chosen = level == depth
+        start[chosen] = np.searchsorted(sorted_keys[depth], truth_key[chosen], side="left")
+        stop[chosen] = np.searchsorted(sorted_keys[depth], truth_key[chosen], side="right")
+    return start + level * count, stop - start, by_key.reshape(-1)
+
+
 # ----------------------------------------------------------------------------- image → fact
-def image_to_fact_metrics(image_embeddings: np.ndarray, image_fact_ids: np.ndarray, fact_embeddings: np.ndarray,
+class FactTable:
+    """The facts of a fact file prepared once for ranking: float32 vectors [F, D] as given, their
+    inverse L2 norms [F] (1/‖v‖, 0 for a zero vector) and Sherlock's group keys (:func:`group_keys`).
+
+    Scores against it are (image · v) / ‖v‖ with unit image rows: the cosine, computed without
+    a normalised copy of the fact matrix."""
+
+    def __init__(self, fact_embeddings: np.ndarray, facts: Sequence[Sequence[Any]] | None) -> None:
+        vectors = np.asarray(fact_embeddings)
+        if vectors.ndim != 2 or not np.issubdtype(vectors.dtype, np.number):
+            raise TripletsError(f"fact embeddings must be a numeric 2-D array [n, d], got shape {vectors.shape}")
+        self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        norms = np.linalg.norm(self.vectors, axis=1)
+        if not np.isfinite(norms).all():
+            raise TripletsError("fact embeddings contain NaN or infinite values; check the model that produced them")
+        self.inverse_norms = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0).astype(np.float32)
+        self.keys: np.ndarray | None = None
+        self.order: np.ndarray | None = None
+        self._hashes: np.ndarray | None = None
+        if facts is not None:  # None: fact → image ranking only, no groups needed
+            if len(facts) != len(self.vectors):
+                raise TripletsError(f"{len(self.vectors)} fact embeddings but {len(facts)} facts; "
+                                    "pass both indexed by fact id")
+            self.keys, self.order = group_keys(facts)
+
+    def hashes(self) -> np.ndarray:
+        """:func:`row_hashes` of the vectors (computed on first use, then kept)."""
+        if self._hashes is None:
+            self._hashes = row_hashes(self.vectors)
+        return self._hashes
+
+    def unit_rows(self, fact_ids: np.ndarray) -> np.ndarray:
+        """The unit-norm float32 vectors of ``fact_ids`` [m, D] (a copy)."""
+        return self.vectors[fact_ids] * self.inverse_norms[fact_ids, None]
+
+
+_FACT_TABLES: "weakref.WeakKeyDictionary[Any, FactTable]" = weakref.WeakKeyDictionary()
+
+
+def fact_table(fact_file: Any) -> FactTable:
+    """The :class:`FactTable` of an opened fact file, built on first use and kept as long as the
+    fact file object lives (every evaluation of a run ranks the same facts)."""
+    try:
+        table = _FACT_TABLES.get(fact_file)
+    except TypeError:  # not weak-referenceable: no cache
+        return FactTable(_fact_vectors(fact_file), fact_file.facts)
+    if table is None:
+        table = FactTable(_fact_vectors(fact_file), fact_file.facts)
+        _FACT_TABLES[fact_file] = table
+    return table
+
+
+def image_to_fact_metrics(image_embeddings: np.ndarray, image_fact_ids: np.ndarray, fact_embeddings: np.ndarray | None,
                           facts: Sequence[Sequence[Any]], candidate_fact_ids: Iterable[int] | np.ndarray,
-                          ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+                          ks: Sequence[int] = (1, 5, 10), *, table: FactTable | None = None) -> dict[str, float]:
     """Top-K accuracy and MRR of ranking candidate facts for each image (see module docstring).
 
     ``image_embeddings`` [n, D] and ``image_fact_ids`` [n] (ground-truth fact id per image);
-    ``fact_embeddings`` [F, D] and ``facts`` (F tuples) are indexed by fact id;
-    ``candidate_fact_ids`` the ids ranked (each image's ground truth must be among them).
-    Returns {"top{K}": fraction for K in ks, "mrr": fraction}.
+    ``fact_embeddings`` [F, D] and ``facts`` (F tuples) are indexed by fact id (or ``table``,
+    their :class:`FactTable`, given instead); ``candidate_fact_ids`` the ids ranked (each
+    image's ground truth must be among them). Returns {"top{K}": fraction for K in ks, "mrr": fraction}.
+
+    Scores come from :func:`triplets.index.score_blocks` (float32 GEMM, blocks of at most
+    128 MiB); the rank of the best group member is counted exactly on those scores.
     """
     images = normalize_rows(image_embeddings, name="image embeddings")
-    fact_vectors = normalize_rows(fact_embeddings, name="fact embeddings")
-    if len(facts) != len(fact_vectors):
-        raise TripletsError(f"{len(fact_vectors)} fact embeddings but {len(facts)} facts; pass both indexed by fact id")
-    if images.shape[1] != fact_vectors.shape[1]:
-        raise TripletsError(f"image embeddings are {images.shape[1]}-d but fact embeddings {fact_vectors.shape[1]}-d; "
+    table = FactTable(fact_embeddings, facts) if table is None else table
+    fact_count = len(table.vectors)
+    if images.shape[1] != table.vectors.shape[1]:
+        raise TripletsError(f"image embeddings are {images.shape[1]}-d but fact embeddings {table.vectors.shape[1]}-d; "
                             "the model's slot size must match the fact file's language vectors")
-    truth = _check_ids(image_fact_ids, len(facts), "image fact ids")
+    truth = _check_ids(image_fact_ids, fact_count, "image fact ids")
     if len(truth) != len(images):
         raise TripletsError(f"{len(images)} image embeddings but {len(truth)} fact ids")
     if len(images) == 0:
         raise TripletsError("no images to evaluate")
     candidates = _check_ids(np.asarray(list(candidate_fact_ids) if not isinstance(candidate_fact_ids, np.ndarray)
-                                       else candidate_fact_ids), len(facts), "candidate fact ids")
+                                       else candidate_fact_ids), fact_count, "candidate fact ids")
     candidates = np.unique(candidates)
     if candidates.size == 0:
         raise TripletsError("no candidate facts to rank")
@@ -142,64 +260,115 @@ def image_to_fact_metrics(image_embeddings: np.ndarray, image_fact_ids: np.ndarr
     ks = tuple(int(k) for k in ks)
     if any(k < 1 for k in ks):
         raise TripletsError(f"ks must be positive, got {ks}")
-    keys, order = group_keys(facts)
-    candidate_keys = keys[:, candidates]                       # [3, C]
-    candidate_vectors = fact_vectors[candidates]               # [C, D]
+    keys, order = table.keys, table.order
+    if keys is None or order is None:
+        raise TripletsError("image → fact ranking needs the facts (S, P, O) for Sherlock's groups; pass them")
     level = order[truth].astype(np.int64) - 1                  # [n]
-    truth_key = keys[level, truth]                             # [n]
-    hits = {k: 0 for k in ks}
-    reciprocal_sum = 0.0
-    chunk = max(1, _CHUNK_ELEMENTS // len(candidates))
-    for start in range(0, len(images), chunk):
-        stop = min(len(images), start + chunk)
-        scores = images[start:stop] @ candidate_vectors.T                     # [b, C]
-        member = candidate_keys[level[start:stop]] == truth_key[start:stop, None]  # [b, C]
-        group_size = member.sum(axis=1)
-        best = np.where(member, scores, -np.inf).max(axis=1)
-        rank = 1 + ((scores >= best[:, None]) & ~member).sum(axis=1)         # best rank of G, ties against G
-        for k in ks:
-            hits[k] += int((rank <= k + group_size - 1).sum())
-        reciprocal_sum += float((1.0 / np.maximum(1, rank - (group_size - 1))).sum())
+    group_start, group_size, members = _group_members(keys[:, candidates], level, keys[level, truth])
+    every_fact = len(candidates) == fact_count                  # candidates = 0..F−1: no copy
+    candidate_rows = torch.from_numpy(table.vectors if every_fact else table.vectors[candidates])
+    scale = torch.from_numpy(table.inverse_norms if every_fact else table.inverse_norms[candidates])
+    equal_facts = _first_equal_rows(table.vectors, candidates, table.hashes()[candidates])
+    rank = np.empty(len(images), dtype=np.int64)
+    for start, stop, scores in score_blocks(torch.from_numpy(images), candidate_rows, block_bytes=SCORE_BLOCK_BYTES):
+        scores.mul_(scale)                                      # (image · v) / ‖v‖: the cosine
+        if equal_facts is not None:
+            scores = scores.index_select(1, equal_facts)
+        sizes = group_size[start:stop]
+        row = np.repeat(np.arange(stop - start), sizes)
+        within = np.arange(row.size) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+        column = members[np.repeat(group_start[start:stop], sizes) + within]
+        row_t = torch.from_numpy(row)
+        member_scores = scores[row_t, torch.from_numpy(column)]
+        best = torch.full((stop - start,), -float("inf")).scatter_reduce_(0, row_t, member_scores, "amax")
+        best_in_group = torch.zeros(stop - start, dtype=torch.int64).scatter_add_(
+            0, row_t, (member_scores >= best[row_t]).long())
+        at_least_best = (scores >= best[:, None]).sum(dim=1)
+        rank[start:stop] = (1 + at_least_best - best_in_group).numpy()   # best rank of G, ties against G
+    hits = {k: int((rank <= k + group_size - 1).sum()) for k in ks}
+    reciprocal_sum = float((1.0 / np.maximum(1, rank - (group_size - 1))).sum())
     result = {f"top{k}": hits[k] / len(images) for k in ks}
     result["mrr"] = reciprocal_sum / len(images)
     return result
 
 
 # ----------------------------------------------------------------------------- fact → image
-def fact_to_image_metrics(image_embeddings: np.ndarray, image_fact_ids: np.ndarray, fact_embeddings: np.ndarray,
-                          fact_ids: Iterable[int] | np.ndarray) -> dict[str, float]:
+def fact_to_image_metrics(image_embeddings: np.ndarray, image_fact_ids: np.ndarray, fact_embeddings: np.ndarray | None,
+                          fact_ids: Iterable[int] | np.ndarray, *, table: FactTable | None = None) -> dict[str, float]:
     """mAP, mAP@10 and mAP@100 of ranking images for each fact (see module docstring).
 
-    ``fact_embeddings`` [F, D] is indexed by fact id; ``fact_ids`` the facts used as queries
-    (those with no positive image are skipped). Raises :class:`TripletsError` when no
-    queried fact has a positive image.
+    ``fact_embeddings`` [F, D] is indexed by fact id (or ``table``, a :class:`FactTable`, given
+    instead); ``fact_ids`` the facts used as queries (those with no positive image are
+    skipped). Raises :class:`TripletsError` when no queried fact has a positive image. Scores
+    come from :func:`triplets.index.score_blocks` (float32 GEMM, blocks of at most 32 MiB),
+    each row then sorted once; AP and AP@k are exact on those scores.
     """
     images = normalize_rows(image_embeddings, name="image embeddings")
-    fact_vectors = normalize_rows(fact_embeddings, name="fact embeddings")
-    if images.shape[1] != fact_vectors.shape[1]:
-        raise TripletsError(f"image embeddings are {images.shape[1]}-d but fact embeddings {fact_vectors.shape[1]}-d")
-    truth = _check_ids(image_fact_ids, len(fact_vectors), "image fact ids")
+    if table is None:
+        table = FactTable(fact_embeddings, None)
+    fact_count = len(table.vectors)
+    if images.shape[1] != table.vectors.shape[1]:
+        raise TripletsError(f"image embeddings are {images.shape[1]}-d but fact embeddings {table.vectors.shape[1]}-d")
+    truth = _check_ids(image_fact_ids, fact_count, "image fact ids")
     if len(truth) != len(images):
         raise TripletsError(f"{len(images)} image embeddings but {len(truth)} fact ids")
     queries = _check_ids(np.asarray(list(fact_ids) if not isinstance(fact_ids, np.ndarray) else fact_ids),
-                         len(fact_vectors), "fact ids")
+                         fact_count, "fact ids")
     queries = np.unique(queries)
     queries = queries[np.isin(queries, truth)]
     if queries.size == 0:
         raise TripletsError("none of the facts has a positive image; evaluate on a split with images of these facts")
+    by_fact = np.argsort(truth, kind="stable")                   # images grouped by their fact
+    first = np.searchsorted(truth[by_fact], queries, side="left")
+    positives = np.searchsorted(truth[by_fact], queries, side="right") - first
     totals = {"map": 0.0, "map_at_10": 0.0, "map_at_100": 0.0}
-    count = len(images)
-    positions = np.arange(1, count + 1, dtype=np.float64)
-    chunk = max(1, _CHUNK_ELEMENTS // count)
-    for start in range(0, len(queries), chunk):
-        block = queries[start:start + chunk]
-        scores = fact_vectors[block] @ images.T                      # [b, n]
-        labels = truth[None, :] == block[:, None]                    # [b, n]
-        positives = labels.sum(axis=1).astype(np.float64)
-        totals["map"] += float(average_precision(scores, labels).sum())
-        for k, key in ((10, "map_at_10"), (100, "map_at_100")):
-            totals[key] += float(average_precision_at_k(scores, labels, k, positives, positions).sum())
+    image_rows = torch.from_numpy(images)
+    query_rows = torch.from_numpy(table.unit_rows(queries))
+    equal_images = _first_equal_rows(images)
+    for start, stop, scores in score_blocks(query_rows, image_rows, block_bytes=SORT_BLOCK_BYTES):
+        if equal_images is not None:
+            scores = scores.index_select(1, equal_images)
+        ap, ap10, ap100 = _ap_from_positive_ranks(scores, by_fact, first[start:stop], positives[start:stop])
+        totals["map"] += ap
+        totals["map_at_10"] += ap10
+        totals["map_at_100"] += ap100
     return {key: value / len(queries) for key, value in totals.items()}
+
+
+def _ap_from_positive_ranks(scores: torch.Tensor, by_fact: np.ndarray, first: np.ndarray,
+                            positives: np.ndarray) -> tuple[float, float, float]:
+    """Sums over the rows of ``scores`` [b, n] of AP, AP@10 and AP@100 (module docstring), from the
+    ranks of each row's positives (images ``by_fact[first[r]:first[r] + positives[r]]``) alone.
+
+    With G(s) = #{images scoring ≥ s} and, among the row's P positives sorted ascending, a tie
+    group [a, b) of the positive at place t (so t − a + 1 = j is its place in the group):
+    AP = (1/P) Σ_positives (P − a) / G (sklearn's, ties at one threshold); with ties against the
+    positives, the j-th tied positive sits at position G − (b − a) + j with P − b + j hits above
+    or at it, so AP@k = (1 / min(k, P)) Σ_{position ≤ k} hits / position.
+    """
+    rows, count = scores.shape
+    width = int(positives.max())
+    row = np.repeat(np.arange(rows), positives)
+    within = np.arange(row.size) - np.repeat(np.cumsum(positives) - positives, positives)
+    image = by_fact[np.repeat(first, positives) + within]
+    values = torch.full((rows, width), -float("inf"))
+    values[torch.from_numpy(row), torch.from_numpy(within)] = scores[torch.from_numpy(row), torch.from_numpy(image)]
+    values = torch.sort(values, dim=1).values                      # pads (−inf) first
+    real = torch.isfinite(values)
+    ascending = torch.sort(scores, dim=1).values
+    at_least = (count - torch.searchsorted(ascending, values, right=False)).double()   # G(s)
+    a = torch.searchsorted(values, values, right=False).double()
+    b = torch.searchsorted(values, values, right=True).double()
+    place = torch.arange(width, dtype=torch.float64)[None, :]
+    total = torch.from_numpy(positives.astype(np.float64))[:, None]
+    ap = torch.where(real, (width - a) / at_least, 0.0).sum(1) / total[:, 0]
+    position = at_least - (b - a) + (place - a + 1)
+    hits = (width - b) + (place - a + 1)
+    sums = []
+    for k in (10, 100):
+        term = torch.where(real & (position <= k), hits / position, 0.0).sum(1)
+        sums.append(float((term / torch.clamp(total[:, 0], max=float(k))).sum()))
+    return float(ap.sum()), sums[0], sums[1]
 
 
 def average_precision(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -304,10 +473,10 @@ def evaluate_embeddings(image_embeddings: np.ndarray, image_fact_ids: np.ndarray
                         mode: Mode = "standard") -> dict[str, float]:
     """All metrics of one task from already computed image embeddings (see :func:`evaluate_task`)."""
     candidates = candidate_facts(fact_file, task, mode)
-    fact_vectors = _fact_vectors(fact_file)
-    metrics: dict[str, float] = image_to_fact_metrics(image_embeddings, image_fact_ids, fact_vectors,
-                                                      fact_file.facts, candidates)
-    metrics.update(fact_to_image_metrics(image_embeddings, image_fact_ids, fact_vectors, candidates))
+    table = fact_table(fact_file)
+    metrics: dict[str, float] = image_to_fact_metrics(image_embeddings, image_fact_ids, None, fact_file.facts,
+                                                      candidates, table=table)
+    metrics.update(fact_to_image_metrics(image_embeddings, image_fact_ids, None, candidates, table=table))
     metrics["num_images"] = int(len(image_fact_ids))
     metrics["num_candidates"] = int(len(candidates))
     return metrics

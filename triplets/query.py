@@ -32,6 +32,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import RunFolderError, TripletsError
+from .evaluate import embed_images, fact_vocabulary_fingerprint
+from .index import build_index, check_exact_backend, load_index, model_fingerprint
 
 Fact = tuple[str, "str | None", "str | None"]
 
@@ -172,10 +174,11 @@ class QueryEngine:
     """
 
     def __init__(self, run: Any, method: str | None = None, *, device: str = "cpu", encoder: Any = None,
-                 owns_run: bool = False) -> None:
-        from .index import model_fingerprint  # noqa: PLC0415
-
+                 owns_run: bool = False, exact_backend: str | None = None) -> None:
         self.run = run
+        # how the flat indexes search: the argument, else the run's eval.exact_backend, else "auto"
+        configured = getattr(getattr(getattr(run, "config", None), "eval", None), "exact_backend", "auto")
+        self.exact_backend = check_exact_backend(configured if exact_backend is None else exact_backend)
         self._owns_run = owns_run
         methods = list(run.methods)
         if not methods:
@@ -202,16 +205,12 @@ class QueryEngine:
         return Path(self.run.dir) / self.method / "index"
 
     def _vocabulary_fingerprint(self) -> str | None:
-        from .evaluate import fact_vocabulary_fingerprint  # noqa: PLC0415
-
         return fact_vocabulary_fingerprint(self.fact_file)
 
     def _load_or_build(self, name: str, vectors_and_ids) -> Any:
-        from .index import build_index, load_index  # noqa: PLC0415
-
         path = self.index_dir / f"{name}.faiss"
         if path.is_file():
-            index = load_index(path, expected_fingerprint=self.fingerprint)
+            index = load_index(path, expected_fingerprint=self.fingerprint, exact_backend=self.exact_backend)
             saved = index.metadata.get("fact_file_sha")
             current = self._vocabulary_fingerprint()
             if saved is not None and current is not None and saved != current:
@@ -219,7 +218,7 @@ class QueryEngine:
                                      f"{current}; delete {self.index_dir} to rebuild it")
             return index
         vectors, ids = vectors_and_ids()
-        return build_index(vectors, kind="flat", ids=ids, fingerprint=self.fingerprint)
+        return build_index(vectors, kind="flat", ids=ids, fingerprint=self.fingerprint, exact_backend=self.exact_backend)
 
     @property
     def fact_index(self) -> Any:
@@ -234,8 +233,6 @@ class QueryEngine:
         """The index of the model's embeddings of every test image (ids = sample indices)."""
         if self._image_index is None:
             def embed_test_images():
-                from .evaluate import embed_images  # noqa: PLC0415
-
                 vectors, _ = embed_images(self.model, self.fact_file.dataset(None, "test"), device=self.device)
                 return vectors, self.fact_file.sample_indices(None, "test")
 
@@ -365,11 +362,14 @@ class QueryEngine:
         self.close()
 
 
-def open_query(run: Any, *, method: str | None = None, device: str = "cpu", encoder: Any = None) -> QueryEngine:
+def open_query(run: Any, *, method: str | None = None, device: str = "cpu", encoder: Any = None,
+               exact_backend: str | None = None) -> QueryEngine:
     """A :class:`QueryEngine` for ``run`` (a :class:`triplets.train.Run` or a run folder path).
 
     ``method``: the trained method to query (default: "mas" if trained, else the first);
-    ``encoder``: a text-encoder spec or object (default: the fact file's encoder).
+    ``encoder``: a text-encoder spec or object (default: the fact file's encoder);
+    ``exact_backend``: how flat indexes search ("auto", "torch", "faiss"; default: the run's
+    ``eval.exact_backend``, see :func:`triplets.index.choose_exact_backend`).
     """
     owns = False
     if isinstance(run, (str, os.PathLike)):
@@ -380,7 +380,7 @@ def open_query(run: Any, *, method: str | None = None, device: str = "cpu", enco
             raise RunFolderError(f"no run folder at {path}; train one with mas-triplets train --out {path}")
         run, owns = load_run(path), True
     try:
-        return QueryEngine(run, method, device=device, encoder=encoder, owns_run=owns)
+        return QueryEngine(run, method, device=device, encoder=encoder, owns_run=owns, exact_backend=exact_backend)
     except BaseException:
         if owns:
             run.close()
