@@ -23,6 +23,7 @@ import os
 import random
 import struct
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +176,27 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     _atomic_write(Path(path), lambda handle: _write_checksummed(state, handle))
 
 
+def verify_checkpoint_file(path: str | os.PathLike) -> None:
+    """Refuse, in one line (:class:`CheckpointMismatchError`), a checkpoint whose bytes differ from
+    the SHA-256 written with it, or that is not a complete zip archive (truncated); without reading
+    its tensors. ``FileNotFoundError`` when it is missing."""
+    path = Path(path)
+    try:
+        saved, actual = checkpoint_checksum(path)
+        complete = zipfile.is_zipfile(path)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise CheckpointMismatchError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
+    if saved is not None and saved != actual:
+        raise CheckpointMismatchError(
+            f"checkpoint {path} is damaged: its bytes hash to SHA-256 {actual[:16]}…, it was written with "
+            f"{saved[:16]}…; delete it to start over (or restore it)")
+    if not complete:
+        raise CheckpointMismatchError(f"cannot read checkpoint {path}: not a complete torch archive (truncated?); "
+                                      "delete it to start over")
+
+
 def load_checkpoint(path: str | os.PathLike, *, expected_config: dict[str, Any] | None = None,
                     map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``.
@@ -185,16 +207,7 @@ def load_checkpoint(path: str | os.PathLike, *, expected_config: dict[str, Any] 
     Every refusal is one line.
     """
     path = Path(path)
-    try:
-        saved, actual = checkpoint_checksum(path)
-    except FileNotFoundError:
-        raise
-    except OSError as exc:
-        raise CheckpointMismatchError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
-    if saved is not None and saved != actual:
-        raise CheckpointMismatchError(
-            f"checkpoint {path} is damaged: its bytes hash to SHA-256 {actual[:16]}…, it was written with "
-            f"{saved[:16]}…; delete it to start over (or restore it)")
+    verify_checkpoint_file(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:

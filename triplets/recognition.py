@@ -112,7 +112,7 @@ def run_recognition(config: RecognitionConfig, out: str | Path, *, methods: Sequ
         identity = _check_prepared_data(out, config.tasks, paths)
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out)
-        atomic_write_json(out / DATA_IDENTITY_NAME, {"tasks": identity})
+        atomic_write_json(out / DATA_IDENTITY_NAME, {"tasks": identity}, checksum=True)
         atomic_write_json(out / "config.json", config_dict)
         return paths
 

@@ -34,6 +34,7 @@ from mas_core.checkpoint import (
     load_checkpoint,
     read_json,
     remove_stale_temporaries,
+    verify_checkpoint_file,
 )
 from mas_core.errors import CheckpointMismatchError, did_you_mean
 
@@ -163,12 +164,17 @@ def prepare_run_folder(config: TrainConfig, out_dir: Path, resume: bool) -> Trai
                     f"method {method.key!r} in {out_dir} was trained with options {old.options}; "
                     "resume with the original config or give the new setting another label")
         recorded = dataclasses.replace(config, methods=methods)
+        for method in config.methods:  # damaged files are refused before anything is written
+            if (out_dir / method.key / "checkpoint.pt").is_file():
+                verify_checkpoint_file(out_dir / method.key / "checkpoint.pt")
+            if (out_dir / method.key / "result.json").is_file():
+                read_json(out_dir / method.key / "result.json", what="method result")
     else:
         recorded = config
     identity = check_data_identity(out_dir, config.data.fact_file)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out_dir)
-    atomic_write_json(out_dir / DATA_IDENTITY_NAME, {"fact_file": identity})
+    atomic_write_json(out_dir / DATA_IDENTITY_NAME, {"fact_file": identity}, checksum=True)
     atomic_write_text(config_path, yaml.safe_dump(to_dict(recorded), sort_keys=False))
     atomic_write_json(out_dir / "versions.json", package_versions())
     return recorded
