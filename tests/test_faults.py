@@ -284,6 +284,20 @@ def test_train_out_read_only(world, tmp_path, capsys):
         folder.chmod(0o755)
 
 
+def test_train_out_not_writable_as_root_too(world, tmp_path, capsys, monkeypatch):
+    """Root writes through chmod, so the refusal is shown with the write probe failing as a
+    read-only file system makes it fail (EROFS)."""
+    import triplets.run_folder as run_folder
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(run_folder.tempfile, "mkstemp", read_only)
+    refused(capsys, ["train", "--config", str(world["config"]), "--out", str(tmp_path / "run")],
+            "cannot write into .*Read-only file system", tmp_path)
+    assert not (tmp_path / "run").exists()
+
+
 # --------------------------------------------------------------------------- train --resume: damaged runs
 
 def test_resume_config_yaml_not_utf8(own, capsys):
