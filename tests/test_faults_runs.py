@@ -198,7 +198,6 @@ def test_recognition_resume_prepared_data_changed(recognition_run, rec_copy, tmp
     raw = yaml.safe_load(recognition_run["config"].read_text())
     raw["data_dir"] = str(data)
     config.write_text(yaml.safe_dump(raw))
-    shutil.copyfile(moved, tmp_path / "backup.h5")
     # ... the same file with other bytes is not
     flip_byte(moved, 0.99)
     refused(capsys, ["recognition", "--config", str(config), "--out", str(rec_copy), "--resume", "--quiet"],
