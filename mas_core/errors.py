@@ -7,6 +7,7 @@ Messages say what was wrong *and* what to do about it.
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Iterable
 
 
@@ -57,11 +58,72 @@ class UnknownMethodError(MASCoreError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+def edit_distance(a: str, b: str) -> int:
+    """The optimal-string-alignment distance of ``a`` and ``b``: the fewest insertions,
+    deletions, substitutions and swaps of two neighbouring characters turning one into the other."""
+    previous2: list[int] = []
+    previous = list(range(len(b) + 1))
+    for i in range(1, len(a) + 1):
+        row = [i] + [0] * len(b)
+        for j in range(1, len(b) + 1):
+            cost = 0 if a[i - 1] == b[j - 1] else 1
+            row[j] = min(previous[j] + 1, row[j - 1] + 1, previous[j - 1] + cost)
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                row[j] = min(row[j], previous2[j - 2] + 1)
+        previous2, previous = previous, row
+    return previous[len(b)]
+
+
+def _initials(name: str) -> str:
+    """``"learning_rate"`` → ``"lr"`` (first letters of the parts between ``_``, ``-``, ``.``, spaces)."""
+    return "".join(part[0] for part in re.split(r"[_\-.\s]+", name) if part)
+
+
+def _common_prefix(a: str, b: str) -> int:
+    count = 0
+    for left, right in zip(a, b):
+        if left != right:
+            break
+        count += 1
+    return count
+
+
 def did_you_mean(name: str, valid: Iterable[str]) -> str:
-    """``"; did you mean 'lr'?"`` for the valid name closest to ``name`` (``""`` when none is close).
+    """``"; did you mean 'lr'?"`` for the valid name closest to ``name`` (``""`` when there is none).
 
     The one place that phrases the hint every "unknown key / method / option" error carries.
+    Candidates are compared case-insensitively and ranked, best first: the same name in
+    another case; an abbreviation of the other (``lerning_rate`` → ``lr``: the initials of
+    one are the other); a small edit distance (:func:`edit_distance` ≤ max(1, ⌊len/3⌋) of the
+    longer name: typos, a missing or doubled letter, swapped letters); a shared prefix of at
+    least two characters (longest first); else the most similar by :mod:`difflib`'s ratio.
+    Ties within a rank go to the smaller edit distance, then the longer shared prefix.
     """
-    candidates = [str(item) for item in valid]
-    close = difflib.get_close_matches(str(name), candidates, n=1, cutoff=0.0)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    candidates = list(dict.fromkeys(str(item) for item in valid))
+    if not candidates:
+        return ""
+    wanted = str(name).lower()
+
+    def rank(candidate: str) -> tuple:
+        lower = candidate.lower()
+        distance = edit_distance(wanted, lower)
+        prefix = _common_prefix(wanted, lower)
+        ratio = difflib.SequenceMatcher(None, wanted, lower).ratio()
+        if lower == wanted:
+            tier = 0
+        elif len(lower) >= 2 and (_initials(wanted) == lower or _initials(lower) == wanted) and lower[0] == wanted[0]:
+            tier = 1
+        elif distance <= max(1, max(len(wanted), len(lower)) // 3):
+            tier = 2
+        elif prefix >= 2:
+            tier = 3
+        else:
+            tier = 4
+        if tier == 4:
+            return (tier, -ratio, distance)
+        return (tier, distance, -prefix, -ratio)
+
+    best = min(candidates, key=rank)
+    if rank(best)[0] == 4 and rank(best)[1] == 0:  # nothing in common at all
+        return ""
+    return f"; did you mean {best!r}?"

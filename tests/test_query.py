@@ -243,6 +243,7 @@ def _copy_with_other_vocabulary(run_dir: Path, tmp_path: Path) -> Path:
     config = yaml.safe_load((copy / "config.yaml").read_text())
     config["data"]["fact_file"] = str(fact_path)
     (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    (copy / "data.json").unlink()  # else refused by the recorded SHA-256 first (tests/test_faults.py)
     return copy
 
 
@@ -262,6 +263,7 @@ def test_evaluate_command_rewrites_final_entries(run_dir, tmp_path, capsys):
     shutil.copytree(run_dir, copy)
     results = json.loads((copy / "results.json").read_text())
     results["methods"]["finetune"]["final"] = {"standard": [], "generalized": []}
+    results.pop("sha256")  # edited by hand: without its checksum (kept, it would be refused as changed)
     (copy / "results.json").write_text(json.dumps(results))
     (copy / "results.md").unlink()
     assert main(["evaluate", "--run", str(copy), "--json"]) == 0

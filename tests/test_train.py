@@ -217,6 +217,9 @@ def test_cli_train_joint_and_load_run(small_facts, tmp_path, capsys):
     saved = yaml.safe_load((out / "config.yaml").read_text())
     saved["data"]["fact_file"] = str(other)
     (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(RunFolderError, match="is not the one .* was trained on"):  # RUN/data.json's SHA-256
+        load_run(out)
+    (out / "data.json").unlink()  # a run from before runs recorded their data: the vocabulary still decides
     with load_run(out) as run, pytest.raises(RunFolderError, match="another fact vocabulary"):
         run.load_model("finetune")
     with pytest.raises(RunFolderError, match="not a run folder"):

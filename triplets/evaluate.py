@@ -52,7 +52,6 @@ In ``RUN/results.json`` each method's ``"final"`` entry (:func:`final_metrics`) 
 """
 from __future__ import annotations
 
-import json
 import time
 import weakref
 from pathlib import Path
@@ -62,7 +61,8 @@ import numpy as np
 import torch
 
 from data_prep.facts_h5 import fact_order
-from mas_core.checkpoint import atomic_write_json
+from mas_core.checkpoint import atomic_write_json, read_json
+from mas_core.errors import MASCoreError
 
 from .errors import RunFolderError, TripletsError
 from .fact_data import fact_file_fingerprint
@@ -540,9 +540,9 @@ def load_results(run_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise RunFolderError(f"{run_dir} has no results.json; train the run first (mas-triplets train)")
     try:
-        results = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RunFolderError(f"{path} is not valid JSON ({exc}); re-run training or restore the file") from None
+        results = read_json(path, what="results document")  # checks its SHA-256
+    except MASCoreError as exc:
+        raise RunFolderError(str(exc)) from None
     if not isinstance(results, dict) or not isinstance(results.get("methods"), dict):
         raise RunFolderError(f"{path} has no 'methods' mapping; it was not written by mas-triplets train")
     return results
@@ -578,6 +578,6 @@ def evaluate_run(run_dir: str | Path, *, device: str = "cpu", batch_size: int = 
         entry["final"] = final
         entry["eval_time_s"] = timings[method]
     render_markdown(results)  # validates the results before anything is written
-    atomic_write_json(run_dir / "results.json", results)
+    atomic_write_json(run_dir / "results.json", results, checksum=True)
     write_report(results, run_dir)
     return results

@@ -33,6 +33,8 @@ import hashlib
 import importlib.util
 import mmap
 import os
+import pickle
+import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -105,11 +107,19 @@ class TransformersTextEncoder(TextEncoder):
         bars_were_enabled = transformers_logging.is_progress_bar_enabled()
         transformers_logging.disable_progress_bar()  # no "Loading weights" bar in our commands' output
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-            self.model = AutoModel.from_pretrained(str(model_dir), local_files_only=True)
-        except (OSError, ValueError) as exc:
+            with warnings.catch_warnings():  # e.g. torch's pickle-protocol warning: the refusal below says it
+                warnings.simplefilter("ignore")
+                self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+                self.model = AutoModel.from_pretrained(str(model_dir), local_files_only=True)
+        except pickle.UnpicklingError:
+            # torch.load(weights_only=True) met something other than tensors: code a pickle would run
+            raise TripletsError(f"refused the weights in {model_dir}: they are not plain tensors (a pickle that "
+                                "could run code); use a model folder from a trusted source, ideally "
+                                "model.safetensors") from None
+        except Exception as exc:  # noqa: BLE001 - any failure to read a user's folder is bad input
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise TripletsError(f"cannot load a transformers model from {model_dir}: {first_line}") from None
+            raise TripletsError(f"cannot load a transformers model from {model_dir}: "
+                                f"{type(exc).__name__}: {first_line}") from None
         finally:
             if bars_were_enabled:
                 transformers_logging.enable_progress_bar()

@@ -216,9 +216,37 @@ class QueryEngine:
             if saved is not None and current is not None and saved != current:
                 raise RunFolderError(f"index {path} was built for fact vocabulary {saved}, the run's fact file has "
                                      f"{current}; delete {self.index_dir} to rebuild it")
+            self._check_contents(path, name, index)
             return index
         vectors, ids = vectors_and_ids()
         return build_index(vectors, kind="flat", ids=ids, fingerprint=self.fingerprint, exact_backend=self.exact_backend)
+
+    def _check_contents(self, path: Path, name: str, index: Any, samples: int = 8) -> None:
+        """What a forged index whose checksum and fingerprint were updated too cannot hide: its ids
+        (the fact ids 0..F-1, or the fact file's test samples in order) and, for the exact kinds
+        (flat, hnsw), ``samples`` of its vectors, spread over the ids: the known vector (a fact's
+        language vector, or the model's embedding of a test image) must find itself (cosine
+        ≥ 0.999). :class:`RunFolderError` names the index otherwise."""
+        if name == "facts":
+            expected_ids = np.arange(len(self.facts))
+        else:
+            expected_ids = np.asarray(self.fact_file.sample_indices(None, "test"), dtype=np.int64)
+        ids = index.ids if index.ids is not None else np.arange(index.count)
+        if index.count != len(expected_ids) or not np.array_equal(np.asarray(ids), expected_ids):
+            raise RunFolderError(f"index {path} holds {index.count} vectors whose ids are not the run's "
+                                 f"{'facts' if name == 'facts' else 'test images'}; delete {self.index_dir} to rebuild it")
+        if index.kind not in ("flat", "hnsw") or not len(expected_ids):
+            return
+        chosen = np.unique(np.linspace(0, len(expected_ids) - 1, num=min(samples, len(expected_ids))).round().astype(int))
+        if name == "facts":
+            queries = np.asarray(self.fact_file.fact_embeddings[np.sort(expected_ids[chosen])], dtype=np.float32)
+        else:
+            queries = self.embed_pixels(self.fact_file.pixels(np.sort(expected_ids[chosen])))
+        scores, _ = index.search(queries, 1)
+        if not bool(np.all(scores[:, 0] >= 0.999)):
+            raise RunFolderError(f"index {path} does not hold the vectors of this run's "
+                                 f"{'facts' if name == 'facts' else 'model on its test images'} (checked {len(chosen)}); "
+                                 f"delete {self.index_dir} to rebuild it")
 
     @property
     def fact_index(self) -> Any:

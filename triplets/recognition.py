@@ -17,7 +17,10 @@ loop; checkpoints in ``OUT/<method>/``), and writes
 All files are written atomically. A method finished earlier is loaded from
 ``OUT/<method>/result.json`` on ``resume``; an interrupted one continues from its
 last task checkpoint, so the final results equal those of an uninterrupted run
-(``wall_time_s`` aside).
+(``wall_time_s`` aside). ``OUT`` must be new, empty, or (with ``resume``) a recognition run:
+anything else, and a finished run without ``resume``, is refused before any work
+(:func:`triplets.run_folder.check_output_folder`). ``OUT/data.json`` records the SHA-256 of
+every task's prepared HDF5 file; ``resume`` refuses a run whose prepared data changed.
 
 Several processes (``torchrun --nproc_per_node=N -m triplets.cli recognition ...``): every
 rank calls :func:`run_recognition` with the same arguments; the training itself is
@@ -40,13 +43,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from mas_core.checkpoint import atomic_write_json, atomic_write_text
+from mas_core.checkpoint import atomic_write_json, atomic_write_text, read_json, remove_stale_temporaries
 from mas_core.distributed import is_main_process, run_on_main_process, same_on_every_rank
 from mas_core.loop import OptimSettings
 from mas_core.sequence import Task, run_sequence
 
 from .config import to_dict
-from .errors import ConfigError
+from .errors import ConfigError, RunFolderError
+from .fact_data import file_identity
 from .recognition_config import (
     ALL_METHODS,
     ModelSpec,
@@ -61,7 +65,7 @@ from .recognition_config import (
 from .recognition_data import build_tasks, ensure_prepared, make_trunk, model_factory, prepared_path, unlabeled_inputs
 from .report import recognition_markdown, write_recognition_plots
 from .results_schema import method_summary, results_document
-from .run_folder import package_versions
+from .run_folder import DATA_IDENTITY_NAME, check_output_folder, package_versions, read_data_identity
 
 
 def method_dir_name(method: str) -> str:
@@ -103,12 +107,15 @@ def run_recognition(config: RecognitionConfig, out: str | Path, *, methods: Sequ
     results_path = out / "results.json"
 
     def prepare_folder_and_data() -> list[Path]:
+        check_output_folder(out, "recognition", resume=resume)
+        paths = [ensure_prepared(spec, config.data_dir, config.seed, emit) for spec in config.tasks]
+        identity = _check_prepared_data(out, config.tasks, paths)
         out.mkdir(parents=True, exist_ok=True)
-        if not resume and results_path.is_file():
-            results_path.unlink()
+        remove_stale_temporaries(out)
+        atomic_write_json(out / DATA_IDENTITY_NAME, {"tasks": identity}, checksum=True)
         atomic_write_json(out / "config.json", config_dict)
         atomic_write_json(out / "versions.json", package_versions())
-        return [ensure_prepared(spec, config.data_dir, config.seed, emit) for spec in config.tasks]
+        return paths
 
     # rank 0 converts the datasets once; the others wait for it, then read the same files
     run_on_main_process(prepare_folder_and_data)
@@ -125,8 +132,9 @@ def run_recognition(config: RecognitionConfig, out: str | Path, *, methods: Sequ
                     "config": {k: v for k, v in config_dict.items() if k not in ("methods", "method_options")}}
         saved_path = method_dir / "result.json"
         if resume and saved_path.is_file():
-            saved = json.loads(saved_path.read_text(encoding="utf-8"))
-            if saved.get("identity") == identity:
+            with same_on_every_rank():
+                saved = read_json(saved_path, what="method result")
+            if isinstance(saved, dict) and saved.get("identity") == identity:
                 emit(f"[{method}] finished earlier; loaded {saved_path}")
                 per_method[method] = saved["result"]
                 continue
@@ -142,14 +150,36 @@ def run_recognition(config: RecognitionConfig, out: str | Path, *, methods: Sequ
                                  importance_data=importance if importance_from_inputs(base) else None)
         per_method[method] = summary
         if main:
-            atomic_write_json(saved_path, {"identity": identity, "result": summary})
-            atomic_write_json(results_path, _results(config, config_dict, tasks, per_method, complete=False))
+            atomic_write_json(saved_path, {"identity": identity, "result": summary}, checksum=True)
+            atomic_write_json(results_path, _results(config, config_dict, tasks, per_method, complete=False),
+                              checksum=True)
     results = _results(config, config_dict, tasks, per_method, complete=True)
     if main:
-        atomic_write_json(results_path, results)
+        atomic_write_json(results_path, results, checksum=True)
         atomic_write_text(out / "results.md", recognition_markdown(results))
         write_recognition_plots(results, out / "plots")
     return results
+
+
+def _check_prepared_data(out: Path, specs: Sequence[TaskSpec], paths: Sequence[Path]) -> dict[str, Any]:
+    """The identity (:func:`file_identity`) of every task's prepared file, by task name; refuse, in
+    one line naming both SHA-256s and the path, a file whose bytes differ from what ``OUT/data.json``
+    recorded (a resumed run must train on the data it started with)."""
+    recorded = (read_data_identity(out) or {}).get("tasks") if out.is_dir() else None
+    recorded = recorded if isinstance(recorded, dict) else {}
+    identity: dict[str, Any] = {}
+    for spec, path in zip(specs, paths):
+        if not Path(path).is_file():
+            raise ConfigError(f"task {spec.name!r}: no prepared file {path}; make it with `mas-triplets prepare images`")
+        before = recorded.get(spec.name)
+        current = file_identity(path, before if isinstance(before, dict) else None)
+        if isinstance(before, dict) and before.get("sha256") != current["sha256"]:
+            raise RunFolderError(
+                f"task {spec.name!r}: the prepared file {path} is not the one {out} was trained on: its SHA-256 is "
+                f"{current['sha256'][:16]}…, the run recorded {str(before.get('sha256'))[:16]}…; restore it or "
+                "choose a new --out")
+        identity[spec.name] = current
+    return identity
 
 
 def _results(config: RecognitionConfig, config_dict: dict[str, Any], tasks: list[Task], per_method: dict[str, Any],

@@ -1,16 +1,24 @@
 """The run folder of a fact-embedding run: creating or checking it, gathering the results,
 reading a run back (:func:`load_run`). The layout and the results schema: ``docs/run_folder.md``.
 
-    RUN/config.yaml  RUN/versions.json  RUN/results.json  RUN/results.md  RUN/plots/*.png
+    RUN/config.yaml  RUN/versions.json  RUN/data.json  RUN/results.json  RUN/results.md  RUN/plots/*.png
     RUN/<method>/checkpoint.pt  RUN/<method>/log.txt  RUN/<method>/model.pt
     RUN/<method>/result.json    RUN/<method>/index/
     RUN/features/<fingerprint>.h5            # only with model.cache_features
+
+The rules every command that writes a run folder follows (:func:`check_output_folder`): it
+writes only into a new folder, an empty one or a run of its own kind (``--resume``), and
+refuses anything else (a file, another kind of run, a folder of other files, a folder it
+cannot write to) before any work, in one line, changing nothing. ``RUN/data.json`` records
+the SHA-256 of the data the run was trained on (:func:`triplets.fact_data.file_identity`);
+``--resume``, ``evaluate`` and ``query`` refuse a file whose bytes differ.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
+import os
 import platform
+import tempfile
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -19,28 +27,130 @@ from typing import Any
 import torch
 import yaml
 
-from mas_core.checkpoint import atomic_write_json, atomic_write_text, load_checkpoint
+from mas_core.checkpoint import (
+    TEMPORARY_SUFFIX,
+    atomic_write_json,
+    atomic_write_text,
+    load_checkpoint,
+    read_json,
+    remove_stale_temporaries,
+    verify_checkpoint_file,
+)
 from mas_core.errors import CheckpointMismatchError, did_you_mean
 
 from .config import from_dict, to_dict
 from .errors import ConfigError, RunFolderError
-from .fact_data import fact_file_fingerprint, open_fact_file
+from .fact_data import fact_file_fingerprint, file_identity, open_fact_file
 from .model import FactEmbeddingNet, ModelConfig, build_model
 from .report import write_report
 from .results_schema import results_document
 from .train_config import TrainConfig
 
 
+DATA_IDENTITY_NAME = "data.json"
+RUN_MARKERS = {"facts": ("config.yaml", "mas-triplets train"), "recognition": ("config.json", "mas-triplets recognition")}
+
+
+def _is_temporary(path: Path) -> bool:
+    return path.name.startswith(".") and path.name.endswith(TEMPORARY_SUFFIX)
+
+
+def check_output_folder(out_dir: str | Path, kind: str, *, resume: bool, option: str = "--out") -> Path:
+    """Refuse, before any work, an output folder a ``kind`` command (``"facts"`` or
+    ``"recognition"``) must not write into: an existing file; a run of the other kind; a
+    non-empty folder that is not a run of this kind (with or without ``--resume``); a run of
+    this kind without ``resume``; a folder (or, for a new one, its nearest existing parent)
+    that cannot be written to. Raises :class:`RunFolderError` (one line, nothing written)."""
+    out = Path(out_dir)
+    marker, command = RUN_MARKERS[kind]
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"{option} {out} is a file, not a folder; choose a folder (nothing was written)")
+    if out.is_dir():
+        own = (out / marker).is_file()
+        for other, (other_marker, other_command) in RUN_MARKERS.items():
+            if other != kind and not own and (out / other_marker).is_file():
+                raise RunFolderError(f"{out} holds a {other} run (made by `{other_command}`), not a {kind} run; "
+                                     f"choose another {option} (nothing was written)")
+        if own and not resume:
+            raise RunFolderError(f"{out} already holds a run; pass --resume to continue it or choose a new {option} "
+                                 "(nothing was overwritten)")
+        if not own and any(not _is_temporary(entry) for entry in out.iterdir()):
+            if resume:
+                raise RunFolderError(f"{out} is not a run folder of `{command}` (no {marker}) and is not empty; "
+                                     f"--resume continues only such a run: choose its folder or a new {option} "
+                                     "(nothing was written)")
+            raise RunFolderError(f"{out} exists and is not empty; choose a new {option} (nothing was overwritten)")
+        _check_writable(out, out, option)
+    else:
+        parent = out.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise RunFolderError(f"{option} {out}: {parent} is a file, not a folder; choose another path "
+                                 "(nothing was written)")
+        _check_writable(parent, out, option)
+    return out
+
+
+def _check_writable(folder: Path, out: Path, option: str) -> None:
+    """Create and remove a hidden temporary file in ``folder``: the one sure test of writing."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".mas-write-probe.", suffix=TEMPORARY_SUFFIX, dir=folder)
+    except OSError as exc:
+        raise RunFolderError(f"{option} {out}: cannot write into {folder} ({exc.strerror or exc}); choose a folder "
+                             "you can write to (nothing was written)") from None
+    os.close(fd)
+    os.unlink(name)
+
+
+def read_run_config(config_path: Path) -> TrainConfig:
+    """The :class:`TrainConfig` of ``RUN/config.yaml``; :class:`RunFolderError` (one line) for one
+    that cannot be read, is not YAML or not a training config."""
+    try:
+        raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        reason = getattr(exc, "strerror", None) or (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        raise RunFolderError(f"{config_path} is not a readable run config ({reason}); restore it or use a new "
+                             "run folder") from None
+    try:
+        return from_dict(TrainConfig, raw, str(config_path))
+    except ConfigError as exc:
+        raise RunFolderError(f"{config_path} is not a valid run config ({str(exc).splitlines()[0]}); restore it or "
+                             "use a new run folder") from None
+
+
+def read_data_identity(run_dir: Path) -> dict[str, Any] | None:
+    """``RUN/data.json`` (``None`` for a run written before runs recorded it)."""
+    path = run_dir / DATA_IDENTITY_NAME
+    if not path.exists():
+        return None
+    identity = read_json(path, what="data record")
+    if not isinstance(identity, dict):
+        raise RunFolderError(f"{path} is not a data record (a JSON mapping); restore it or use a new run folder")
+    return identity
+
+
+def check_data_identity(run_dir: Path, fact_file_path: str | Path) -> dict[str, Any]:
+    """The identity of the fact file at ``fact_file_path`` (:func:`file_identity`); refuse it in one
+    line naming both SHA-256s and the path when the run recorded another one."""
+    recorded = (read_data_identity(run_dir) or {}).get("fact_file")
+    current = file_identity(fact_file_path, recorded if isinstance(recorded, dict) else None)
+    if isinstance(recorded, dict) and recorded.get("sha256") != current["sha256"]:
+        raise RunFolderError(
+            f"the fact file {fact_file_path} is not the one {run_dir} was trained on: its SHA-256 is "
+            f"{current['sha256'][:16]}…, the run recorded {str(recorded.get('sha256'))[:16]}…; restore that file "
+            "or train a new run")
+    return current
+
+
 def prepare_run_folder(config: TrainConfig, out_dir: Path, resume: bool) -> TrainConfig:
-    """Create or check the run folder; return the config whose methods are recorded there."""
+    """Create or check the run folder (:func:`check_output_folder`; on ``resume`` the config and the
+    fact file's content must be the recorded ones); return the config whose methods are recorded
+    there. Removes the hidden temporary files a killed run left."""
+    check_output_folder(out_dir, "facts", resume=resume)
     config_path = out_dir / "config.yaml"
     if config_path.exists():
-        if not resume:
-            raise RunFolderError(f"{out_dir} already holds a run; pass --resume to continue it or choose a new --out")
-        try:
-            saved = from_dict(TrainConfig, yaml.safe_load(config_path.read_text(encoding="utf-8")), str(config_path))
-        except ConfigError as exc:
-            raise RunFolderError(f"{config_path} is not a readable run config ({exc}); use a new --out") from None
+        saved = read_run_config(config_path)
         for section in ("data", "model", "optim", "loss", "seed"):
             if to_dict(getattr(saved, section)) != to_dict(getattr(config, section)):
                 raise CheckpointMismatchError(
@@ -54,11 +164,17 @@ def prepare_run_folder(config: TrainConfig, out_dir: Path, resume: bool) -> Trai
                     f"method {method.key!r} in {out_dir} was trained with options {old.options}; "
                     "resume with the original config or give the new setting another label")
         recorded = dataclasses.replace(config, methods=methods)
+        for method in config.methods:  # damaged files are refused before anything is written
+            if (out_dir / method.key / "checkpoint.pt").is_file():
+                verify_checkpoint_file(out_dir / method.key / "checkpoint.pt")
+            if (out_dir / method.key / "result.json").is_file():
+                read_json(out_dir / method.key / "result.json", what="method result")
     else:
-        if out_dir.exists() and any(out_dir.iterdir()) and not resume:
-            raise RunFolderError(f"{out_dir} exists and is not empty; choose a new --out (nothing was overwritten)")
         recorded = config
+    identity = check_data_identity(out_dir, config.data.fact_file)
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out_dir)
+    atomic_write_json(out_dir / DATA_IDENTITY_NAME, {"fact_file": identity}, checksum=True)
     atomic_write_text(config_path, yaml.safe_dump(to_dict(recorded), sort_keys=False))
     atomic_write_json(out_dir / "versions.json", package_versions())
     return recorded
@@ -84,7 +200,7 @@ def collect_results(out_dir: Path, config: TrainConfig, fact_file) -> dict:
     """Gather every finished method's ``result.json`` into ``RUN/results.json`` and write the
     Markdown table and plots (:func:`triplets.report.write_report`)."""
     results = results_dict(out_dir, config, fact_file)
-    atomic_write_json(out_dir / "results.json", results)
+    atomic_write_json(out_dir / "results.json", results, checksum=True)
     write_report(results, out_dir)
     return results
 
@@ -99,7 +215,7 @@ def results_dict(out_dir: Path, config: TrainConfig, fact_file, known: dict[str,
         if method.key in known:
             methods[method.key] = known[method.key]
         elif path.exists():
-            methods[method.key] = json.loads(path.read_text(encoding="utf-8"))
+            methods[method.key] = read_json(path, what="method result")
     tasks = [{
         "index": task, "name": f"t{task + 1}",
         "num_facts": int(len(fact_file.facts_of_task(task))),
@@ -158,16 +274,16 @@ def load_run(run_dir: str | Path) -> Run:
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise RunFolderError(f"{run_dir} is not a run folder (no config.yaml); train one with `mas-triplets train`")
-    try:
-        config = from_dict(TrainConfig, yaml.safe_load(config_path.read_text(encoding="utf-8")), str(config_path))
-    except (ConfigError, yaml.YAMLError) as exc:
-        raise RunFolderError(f"{config_path} is not a valid run config ({str(exc).splitlines()[0]})") from None
+    config = read_run_config(config_path)
     methods = [m.key for m in config.methods if (run_dir / m.key / "model.pt").is_file()]
     if not methods:
         raise RunFolderError(f"{run_dir} has no finished method yet; finish it with `mas-triplets train --resume`")
     if not Path(config.data.fact_file).is_file():
         raise RunFolderError(f"the run's fact file {config.data.fact_file} is gone; restore it to use {run_dir}")
+    check_data_identity(run_dir, config.data.fact_file)
     return Run(dir=run_dir, config=config, methods=methods, fact_file=open_fact_file(config.data.fact_file))
 
 
-__all__ = ["Run", "collect_results", "load_run", "package_versions", "prepare_run_folder", "results_dict"]
+__all__ = ["DATA_IDENTITY_NAME", "RUN_MARKERS", "Run", "check_data_identity", "check_output_folder", "collect_results",
+           "load_run", "package_versions", "prepare_run_folder", "read_data_identity", "read_run_config",
+           "results_dict"]

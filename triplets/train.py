@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mas_core.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
+from mas_core.checkpoint import atomic_write_json, load_checkpoint, read_json, save_checkpoint
 from mas_core.distributed import current, is_main_process, local_device, run_on_main_process, same_on_every_rank
 from mas_core.errors import MASCoreError
 from mas_core.loop import JOINT, OptimSettings, checkpoint_config, train_tasks
@@ -178,7 +178,7 @@ def train_method(ctx: FactContext, method: MethodConfig, method_dir: Path, *, pr
                               method_options=dict(method.options), label=method.key, checkpoint_dir=method_dir,
                               resume=True, log=log, log_epochs=False)
     if outcome.trained_tasks == 0 and result_path.exists():
-        return json.loads(result_path.read_text(encoding="utf-8"))
+        return read_json(result_path, what="method result")
     model = outcome.model
     if main:
         save_checkpoint(method_dir / "model.pt", {
@@ -187,7 +187,7 @@ def train_method(ctx: FactContext, method: MethodConfig, method_dir: Path, *, pr
         })
     result = method_summary(outcome, method.name, method.options, final=experiment.final_metrics(model))
     if main:
-        atomic_write_json(result_path, result)
+        atomic_write_json(result_path, result, checksum=True)
     return result
 
 

@@ -10,6 +10,7 @@ from mas_core.distributed import same_on_every_rank
 
 from ..recognition import load_recognition_config, run_recognition
 from ..report import recognition_markdown
+from ..run_folder import check_output_folder
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -19,7 +20,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Train the task sequence of CONFIG once per method (same seeds), evaluate every task after "
         "every task, and write OUT/results.json, OUT/results.md and OUT/plots/*.png.")
     parser.add_argument("--config", required=True, help="YAML config, e.g. configs/recognition_offline.yaml")
-    parser.add_argument("--out", required=True, help="run folder (checkpoints per method under OUT/<method>/)")
+    parser.add_argument("--out", required=True, help="run folder to create, new or empty (checkpoints per method under "
+                        "OUT/<method>/); an existing run is continued with --resume, never replaced")
     parser.add_argument("--methods", default=None,
                         help="comma-separated methods (default: the config's), e.g. finetune,lwf,ebll,imm,ewc,si,"
                         "mas,lmas,joint; 'mas@test' estimates importance on the unlabeled test inputs")
@@ -38,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
 
     with same_on_every_rank():  # read by every rank alike: rank 0 alone reports a bad config
         config = load_recognition_config(args.config, args.overrides)
+        check_output_folder(args.out, "recognition", resume=args.resume)  # before any work (nothing written)
     methods = None
     if args.methods:
         methods = [item.strip() for item in args.methods.split(",") if item.strip()]

@@ -5,6 +5,7 @@ import argparse
 
 from mas_core.distributed import same_on_every_rank
 
+from ..run_folder import check_output_folder
 from ..train import load_train_config, resolve_device, select_methods, train_run
 
 
@@ -37,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
         if args.methods:
             config = select_methods(config, [name.strip() for name in args.methods.split(",") if name.strip()])
         device = resolve_device(config.device)
+        check_output_folder(args.out, "facts", resume=args.resume)  # before any work: nothing is written on refusal
     with distributed_session(device) as info:
         results = train_run(config, args.out, resume=args.resume, progress=not args.no_progress)
     if info is None or info.is_main:
