@@ -30,10 +30,16 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from PIL import Image
+
+from data_prep.image_decode import (
+    DECODE_ERRORS, DEFAULT_MAX_IMAGE_PIXELS, ImageTooLargeError, decode_rgb, to_rgb8,
+)
 
 from .errors import RunFolderError, TripletsError
 from .evaluate import embed_images, fact_vocabulary_fingerprint
 from .index import build_index, check_exact_backend, load_index, model_fingerprint
+from .run_folder import load_run
 
 Fact = tuple[str, "str | None", "str | None"]
 
@@ -100,15 +106,20 @@ def fact_text(fact: Sequence[Any]) -> str:
 
 
 # ----------------------------------------------------------------------------- images
-def load_image(image: Any) -> Any:
+def load_image(image: Any, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Any:
     """An RGB ``PIL.Image`` from a path, a ``PIL.Image`` or a uint8 array [H, W, 3].
 
-    Raises :class:`TripletsError` for a missing file or one that does not decode.
+    A file is decoded as every prepared image is (:func:`data_prep.image_decode.decode_rgb`):
+    once, after checking from its header that ``width * height <= max_pixels``, and converted to
+    8-bit RGB by scaling (16-bit, float, palette and alpha images included), so a query image
+    looks like the training crops. A PIL image is converted by the same rules.
+    Raises :class:`TripletsError` for a missing file, one that does not decode or a too large one.
     """
-    from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
-
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        try:
+            return to_rgb8(image)
+        except ValueError as exc:
+            raise TripletsError(f"cannot use this image ({exc})") from None
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise TripletsError(f"an image array must be uint8 [H, W, 3], got {image.dtype} {image.shape}")
@@ -119,10 +130,10 @@ def load_image(image: Any) -> Any:
     if not path.is_file():
         raise TripletsError(f"image file not found: {path}")
     try:
-        with Image.open(path) as opened:
-            opened.load()
-            return opened.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        return decode_rgb(path, max_pixels)
+    except ImageTooLargeError as exc:
+        raise TripletsError(str(exc)) from None
+    except (*DECODE_ERRORS, ValueError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
         raise TripletsError(f"cannot decode {path} as an image ({reason}); give a PNG or JPEG file") from None
 
@@ -145,8 +156,6 @@ def crop_and_resize(image: Any, box: Sequence[float] | None, size: int) -> np.nd
     The crop is ``(floor x, floor y, ceil(x+w), ceil(y+h))`` clipped to the image; a box of
     non-positive size or outside the image raises :class:`TripletsError`.
     """
-    from PIL import Image  # noqa: PLC0415
-
     if box is not None:
         if len(box) != 4:
             raise TripletsError(f"a box is (x, y, w, h), got {tuple(box)!r}")
@@ -401,8 +410,6 @@ def open_query(run: Any, *, method: str | None = None, device: str = "cpu", enco
     """
     owns = False
     if isinstance(run, (str, os.PathLike)):
-        from .train import load_run  # noqa: PLC0415
-
         path = Path(run)
         if not path.is_dir():
             raise RunFolderError(f"no run folder at {path}; train one with mas-triplets train --out {path}")
