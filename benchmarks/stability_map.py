@@ -1,6 +1,6 @@
 """Stability map of MAS's penalty: λ × learning rate × penalty_step × lam_scale, on three experiments.
 
-    python benchmarks/stability_map.py run  [--out runs/stability/map.jsonl] [--experiments fmnist recog facts]
+    python benchmarks/stability_map.py run  [--out runs/stability/map.jsonl] [--experiments fmnist recog facts] [--rates 0 1]
     python benchmarks/stability_map.py plot [--out runs/stability/map.jsonl] [--png docs/stability_map.png]
     python benchmarks/stability_map.py table [--out runs/stability/map.jsonl]
 
@@ -59,10 +59,10 @@ def cell_key(cell: dict[str, Any]) -> tuple:
     return (cell["experiment"], float(cell["lr"]), float(cell["lam"]), cell["penalty_step"], cell["lam_scale"])
 
 
-def all_cells(experiments: list[str]) -> list[dict[str, Any]]:
+def all_cells(experiments: list[str], rate_indices: tuple[int, ...] = (0, 1)) -> list[dict[str, Any]]:
     """The grid in run order: the first learning rate of every experiment, then the second."""
     cells = []
-    for rate_index in range(2):
+    for rate_index in rate_indices:
         for experiment in experiments:
             lr = LEARNING_RATES[experiment][rate_index]
             for lam in LAMBDAS:
@@ -167,14 +167,15 @@ def _sequence_outcome(train: Callable[[], Any], reg: MAS) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- commands
 
-def run_grid(out: Path, experiments: list[str]) -> None:
-    """Run every missing cell, appending one JSON line per cell to ``out`` (flushed and fsynced)."""
+def run_grid(out: Path, experiments: list[str], rate_indices: tuple[int, ...] = (0, 1)) -> None:
+    """Run every missing cell, appending one JSON line per cell to ``out`` (flushed and fsynced).
+    The file is read again before each cell, so two processes given disjoint ``rate_indices`` (or
+    experiments) may share it."""
     torch.set_num_threads(1)
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = {cell_key(cell) for cell in read_cells(out)}
     runners: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {}
-    for cell in all_cells(experiments):
-        if cell_key(cell) in done:
+    for cell in all_cells(experiments, rate_indices):
+        if cell_key(cell) in {cell_key(done) for done in read_cells(out)}:
             continue
         name = cell["experiment"]
         if name not in runners:
@@ -262,10 +263,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=("run", "plot", "table"))
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the JSON-lines file of the cells")
     parser.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS), choices=list(EXPERIMENTS))
+    parser.add_argument("--rates", nargs="+", type=int, default=[0, 1], choices=[0, 1],
+                        help="which learning rates of each experiment to run: 0 = the protocol's, 1 = the second")
     parser.add_argument("--png", type=Path, default=ROOT / "docs" / "stability_map.png")
     args = parser.parse_args(argv)
     if args.command == "run":
-        run_grid(args.out, args.experiments)
+        run_grid(args.out, args.experiments, tuple(args.rates))
     elif args.command == "table":
         print(markdown_table(read_cells(args.out)))
     else:
