@@ -31,6 +31,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -142,11 +143,14 @@ def _facts_runner(work: Path) -> Callable[[dict[str, Any]], dict[str, Any]]:
             optim=dataclasses.replace(demo.train.optim, epochs=3, lr=cell["lr"]),
             methods=[MethodConfig("mas", options)], eval=dataclasses.replace(demo.train.eval, index="none"))
         folder = work / "facts_runs" / "_".join(str(cell[k]) for k in ("lr", "lam", "penalty_step", "lam_scale"))
+        shutil.rmtree(folder, ignore_errors=True)  # a cell cut by an interruption starts over
         started = time.perf_counter()
         try:
             results = train_run(config, folder, resume=False, progress=False)
         except DivergenceError as error:
             return {"diverged": True, "error": str(error)[:300], "wall_s": time.perf_counter() - started}
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)  # the JSON line keeps the numbers
         entry = results["methods"]["mas"]
         return {"diverged": False, "avg_acc": entry["avg_acc"], "forgetting": entry["forgetting"],
                 "wall_s": time.perf_counter() - started}
@@ -167,14 +171,16 @@ def _sequence_outcome(train: Callable[[], Any], reg: MAS) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- commands
 
-def run_grid(out: Path, experiments: list[str], rate_indices: tuple[int, ...] = (0, 1)) -> None:
+def run_grid(out: Path, experiments: list[str], rate_indices: tuple[int, ...] = (0, 1),
+             descending: bool = False) -> None:
     """Run every missing cell, appending one JSON line per cell to ``out`` (flushed and fsynced).
     The file is read again before each cell, so two processes given disjoint ``rate_indices`` (or
-    experiments) may share it."""
+    experiments) may share it, as may two processes walking the grid from both ends (``descending``)."""
     torch.set_num_threads(1)
     out.parent.mkdir(parents=True, exist_ok=True)
     runners: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {}
-    for cell in all_cells(experiments, rate_indices):
+    cells = all_cells(experiments, rate_indices)
+    for cell in reversed(cells) if descending else cells:
         if cell_key(cell) in {cell_key(done) for done in read_cells(out)}:
             continue
         name = cell["experiment"]
@@ -265,10 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS), choices=list(EXPERIMENTS))
     parser.add_argument("--rates", nargs="+", type=int, default=[0, 1], choices=[0, 1],
                         help="which learning rates of each experiment to run: 0 = the protocol's, 1 = the second")
+    parser.add_argument("--descending", action="store_true", help="run the cells from the last (largest λ) backwards")
     parser.add_argument("--png", type=Path, default=ROOT / "docs" / "stability_map.png")
     args = parser.parse_args(argv)
     if args.command == "run":
-        run_grid(args.out, args.experiments, tuple(args.rates))
+        run_grid(args.out, args.experiments, tuple(args.rates), args.descending)
     elif args.command == "table":
         print(markdown_table(read_cells(args.out)))
     else:

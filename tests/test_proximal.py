@@ -432,3 +432,15 @@ def test_the_recognition_config_carries_the_options_to_the_loop(tmp_path):
     options = config.method_options["mas"]
     assert options["penalty_step"] == "proximal" and options["lam_scale"] == "mean"
     assert make_regularizer("mas", **options).uses_optimizer_step_hook
+
+
+def test_the_recognition_config_refuses_a_bad_value_when_loaded(tmp_path):
+    from triplets.errors import ConfigError
+    from triplets.recognition_config import load_recognition_config
+
+    path = tmp_path / "r.yaml"
+    path.write_text(Path("configs/recognition_offline.yaml").read_text(encoding="utf-8"), encoding="utf-8")
+    with pytest.raises((ConfigError, ValueError), match="did you mean 'proximal'"):
+        load_recognition_config(path, ["method_options.mas.penalty_step=proximl"])
+    with pytest.raises((ConfigError, ValueError), match="did you mean 'lam_scale'"):
+        load_recognition_config(path, ["method_options.ewc.lam_scal=mean"])
