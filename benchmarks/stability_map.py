@@ -60,13 +60,14 @@ def cell_key(cell: dict[str, Any]) -> tuple:
     return (cell["experiment"], float(cell["lr"]), float(cell["lam"]), cell["penalty_step"], cell["lam_scale"])
 
 
-def all_cells(experiments: list[str], rate_indices: tuple[int, ...] = (0, 1)) -> list[dict[str, Any]]:
+def all_cells(experiments: list[str], rate_indices: tuple[int, ...] = (0, 1),
+              lams: tuple[float, ...] = LAMBDAS) -> list[dict[str, Any]]:
     """The grid in run order: the first learning rate of every experiment, then the second."""
     cells = []
     for rate_index in rate_indices:
         for experiment in experiments:
             lr = LEARNING_RATES[experiment][rate_index]
-            for lam in LAMBDAS:
+            for lam in lams:
                 for step in STEPS:
                     for scale in SCALES:
                         cells.append({"experiment": experiment, "lr": lr, "lam": lam, "penalty_step": step,
@@ -172,14 +173,14 @@ def _sequence_outcome(train: Callable[[], Any], reg: MAS) -> dict[str, Any]:
 # --------------------------------------------------------------------------- commands
 
 def run_grid(out: Path, experiments: list[str], rate_indices: tuple[int, ...] = (0, 1),
-             descending: bool = False) -> None:
+             descending: bool = False, lams: tuple[float, ...] = LAMBDAS) -> None:
     """Run every missing cell, appending one JSON line per cell to ``out`` (flushed and fsynced).
     The file is read again before each cell, so two processes given disjoint ``rate_indices`` (or
     experiments) may share it, as may two processes walking the grid from both ends (``descending``)."""
     torch.set_num_threads(1)
     out.parent.mkdir(parents=True, exist_ok=True)
     runners: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {}
-    cells = all_cells(experiments, rate_indices)
+    cells = all_cells(experiments, rate_indices, lams)
     for cell in reversed(cells) if descending else cells:
         if cell_key(cell) in {cell_key(done) for done in read_cells(out)}:
             continue
@@ -271,11 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS), choices=list(EXPERIMENTS))
     parser.add_argument("--rates", nargs="+", type=int, default=[0, 1], choices=[0, 1],
                         help="which learning rates of each experiment to run: 0 = the protocol's, 1 = the second")
+    parser.add_argument("--lams", nargs="+", type=float, default=list(LAMBDAS), help="a subset of the λ grid")
     parser.add_argument("--descending", action="store_true", help="run the cells from the last (largest λ) backwards")
     parser.add_argument("--png", type=Path, default=ROOT / "docs" / "stability_map.png")
     args = parser.parse_args(argv)
     if args.command == "run":
-        run_grid(args.out, args.experiments, tuple(args.rates), args.descending)
+        run_grid(args.out, args.experiments, tuple(args.rates), args.descending, tuple(args.lams))
     elif args.command == "table":
         print(markdown_table(read_cells(args.out)))
     else:
