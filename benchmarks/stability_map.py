@@ -143,7 +143,8 @@ def _facts_runner(work: Path) -> Callable[[dict[str, Any]], dict[str, Any]]:
             demo.train, data=dataclasses.replace(demo.train.data, fact_file=str(fact_path.resolve())),
             optim=dataclasses.replace(demo.train.optim, epochs=3, lr=cell["lr"]),
             methods=[MethodConfig("mas", options)], eval=dataclasses.replace(demo.train.eval, index="none"))
-        folder = work / "facts_runs" / "_".join(str(cell[k]) for k in ("lr", "lam", "penalty_step", "lam_scale"))
+        folder = work / "facts_runs" / "_".join([str(cell[k]) for k in ("lr", "lam", "penalty_step", "lam_scale")]
+                                                + [str(os.getpid())])
         shutil.rmtree(folder, ignore_errors=True)  # a cell cut by an interruption starts over
         started = time.perf_counter()
         try:
