@@ -251,6 +251,7 @@ def plot(cells: list[dict[str, Any]], png: Path) -> None:
                           label=f"{step}, lam_scale={scale}")
                 axis.scatter(crosses, [0.0] * len(crosses), color=color, marker="x", s=40)
             axis.set_xscale("log")
+            axis.set_xlim(LAMBDAS[0] / 2, LAMBDAS[-1] * 2)
             axis.set_ylim(-3, 103)
             axis.set_title(f"{experiment}, lr {lr:g}", fontsize=10)
             axis.set_xlabel("λ")
