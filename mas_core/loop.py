@@ -12,7 +12,9 @@ check, the accuracy matrix, checkpoints and resume. For each task ``t``::
         order = randperm(n, Generator(derived_seed(seed, t, e)))
         for every global batch b = order[k·B:(k+1)·B]:  # this rank's share of it, see below
             loss = scale · experiment.loss(trained, batch, t) + reg.penalty(trained, inputs)
-            backward; clip_grad_norm (optional); step; reg.after_step(trained) if reg.uses_step_hook
+            backward; clip_grad_norm (optional); step
+            reg.after_optimizer_step(trained, optimizer) if reg.uses_optimizer_step_hook  # proximal penalty
+            reg.after_step(trained) if reg.uses_step_hook
     reg.after_task(trained, experiment.importance_data(...))   # what reg.after_task_data asks for
     R[t][j] = experiment.evaluate(model, t)[j], j ≤ t
     checkpoint (atomic, rank 0)                                # CHECKPOINT_NAME, with RNG states
@@ -374,6 +376,8 @@ def _train_epochs(experiment: Experiment, trained: nn.Module, model: nn.Module, 
             if optim.clip_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(parameters, optim.clip_grad_norm)
             optimizer.step()
+            if reg.uses_optimizer_step_hook:  # e.g. the proximal penalty step, before SI sees Δθ
+                reg.after_optimizer_step(trained, optimizer)
             if reg.uses_step_hook:
                 reg.after_step(trained)
             epoch_total += value

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from data_prep.images import SOURCES
-from mas_core.errors import did_you_mean
+from mas_core.errors import MASCoreError, did_you_mean
 from mas_core.loop import JOINT, OptimSettings
-from mas_core.regularizers import METHODS
+from mas_core.regularizers import METHODS, make_regularizer
 
 from .config import load_config
 
@@ -145,6 +145,13 @@ class RecognitionConfig:
         for key in self.method_options:
             if key.split("@")[0] not in known:
                 raise ValueError(f"method_options: unknown method {key!r}{did_you_mean(key, sorted(known))}")
+        for key, options in self.method_options.items():  # bad options fail here, before any training
+            base = key.split("@")[0]
+            if base in METHODS:
+                try:
+                    make_regularizer(base, **options)
+                except MASCoreError as exc:
+                    raise ValueError(f"method_options.{key}: {exc}") from None
 
 
 def known_methods() -> list[str]:

@@ -7,6 +7,7 @@ the model, the optimizer and the data. It calls, for each task ``t``::
     for batch in train_data:
         loss = task_loss(model, batch) + reg.penalty(model, inputs)
         loss.backward(); optimizer.step()
+        reg.after_optimizer_step(model, optimizer)   # if reg.uses_optimizer_step_hook (proximal penalty)
         reg.after_step(model)                 # once per optimizer step
     reg.after_task(model, data)               # once, after the last step of task t
 
@@ -58,6 +59,9 @@ class Regularizer:
       l-MAS; the paper's test-condition experiment);
     - ``uses_step_hook``: :meth:`after_step` must be called after every optimizer step
       (SI's path integral); the loop may skip the call otherwise;
+    - ``uses_optimizer_step_hook``: :meth:`after_optimizer_step` must be called right after
+      every ``optimizer.step()`` and before :meth:`after_step` (the proximal penalty step of the
+      quadratic-anchor methods, ``penalty_step="proximal"``); the loop may skip it otherwise;
     - :attr:`strength`: the hyperparameters that set the method's strength, for messages
       such as "lower lam (now 5.0)".
     """
@@ -66,6 +70,7 @@ class Regularizer:
     after_task_data: str = "none"
     importance_from_inputs: bool = False
     uses_step_hook: bool = False
+    uses_optimizer_step_hook: bool = False
 
     @property
     def strength(self) -> dict[str, float]:
@@ -85,6 +90,10 @@ class Regularizer:
         """The term added to the task loss. ``inputs`` is the current batch's input
         (used by data-dependent methods such as LwF and EBLL; ignored by MAS, EWC, SI)."""
         return zero_penalty(model)
+
+    def after_optimizer_step(self, model: nn.Module, optimizer: Any) -> None:
+        """Called right after every ``optimizer.step()`` (before :meth:`after_step`) when
+        :attr:`uses_optimizer_step_hook` is true; may change the parameters in place (no autograd)."""
 
     def after_step(self, model: nn.Module) -> None:
         """Called after every ``optimizer.step()`` (SI's path integral needs it)."""

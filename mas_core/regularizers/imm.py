@@ -72,6 +72,9 @@ class IMM(QuadraticAnchorRegularizer):
 
     Mode-IMM's Fisher is EWC's: the cross-entropy of ``output_fn``'s logits (default the model's
     output) against the true labels, or any per-sample ``loss_fn(model, batch) -> Tensor [B]``.
+    ``penalty_step="proximal"`` applies the L2 transfer as ``θ ← (θ + c θ_{t−1}) / (1 + c)``,
+    ``c = 2 η lam_l2``, after each optimizer step (``docs/method.md`` §13); Ω ≡ 1, so there is no
+    ``lam_scale``.
     """
 
     name = "imm"
@@ -81,8 +84,9 @@ class IMM(QuadraticAnchorRegularizer):
 
     def __init__(self, mode: str = "mean", *, lam_l2: float = 1e-4, max_samples: int | None = None,
                  output_fn: Callable[[nn.Module, Any], Tensor] | None = None,
-                 loss_fn: Callable[[nn.Module, Any], Tensor] | None = None, eps: float = 1e-8) -> None:
-        super().__init__(lam_l2)
+                 loss_fn: Callable[[nn.Module, Any], Tensor] | None = None, eps: float = 1e-8,
+                 penalty_step: str = "gradient") -> None:
+        super().__init__(lam_l2, penalty_step=penalty_step)
         if mode not in MODES:
             raise InvalidArgumentError(f"IMM mode must be one of {MODES}, got {mode!r}")
         if output_fn is not None and loss_fn is not None:
@@ -151,4 +155,5 @@ class IMM(QuadraticAnchorRegularizer):
         self._anchors = self.task_parameters[-1] if self.task_parameters else {}
 
     def __repr__(self) -> str:
-        return f"IMM(mode={self.mode!r}, lam_l2={self.lam_l2}, max_samples={self.max_samples})"
+        return (f"IMM(mode={self.mode!r}, lam_l2={self.lam_l2}, max_samples={self.max_samples}, "
+                f"penalty_step={self.penalty_step!r})")

@@ -59,6 +59,9 @@ class MAS(QuadraticAnchorRegularizer):
         output_fn: ``output_fn(model, batch) -> Tensor`` giving F (e.g. the current task's
             head, or the embedding before L2 normalisation); default ``model(input)``.
         max_samples: use at most this many samples to estimate Ω after each task.
+        penalty_step: ``"gradient"`` (the penalty in the loss, the paper) or ``"proximal"``
+            (the closed-form step after each optimizer step; ``docs/method.md`` §13).
+        lam_scale: ``"none"`` (λ as given) or ``"mean"`` (λ / mean Ω; ``docs/method.md`` §13).
     """
 
     name = "mas"
@@ -69,8 +72,9 @@ class MAS(QuadraticAnchorRegularizer):
     required_extra_keys = ("accumulate", "tasks_seen", "inverse_mass_sum")
 
     def __init__(self, lam: float = 1.0, *, mode: str = "exact", accumulate: str = "sum", ema_alpha: float = 0.5,
-                 output_fn: OutputFn | None = None, max_samples: int | None = None) -> None:
-        super().__init__(lam)
+                 output_fn: OutputFn | None = None, max_samples: int | None = None,
+                 penalty_step: str = "gradient", lam_scale: str = "none") -> None:
+        super().__init__(lam, penalty_step=penalty_step, lam_scale=lam_scale)
         if mode not in MODES:
             raise InvalidArgumentError(f"mode must be one of {MODES}, got {mode!r}")
         if accumulate not in ACCUMULATIONS:
@@ -193,7 +197,8 @@ class MAS(QuadraticAnchorRegularizer):
     def __repr__(self) -> str:
         return (
             f"MAS(lam={self.lam}, mode={self.mode!r}, accumulate={self.accumulate!r}, "
-            f"ema_alpha={self.ema_alpha}, max_samples={self.max_samples}, tasks_seen={self.tasks_seen})"
+            f"ema_alpha={self.ema_alpha}, max_samples={self.max_samples}, penalty_step={self.penalty_step!r}, "
+            f"lam_scale={self.lam_scale!r}, tasks_seen={self.tasks_seen})"
         )
 
 
@@ -204,6 +209,8 @@ class LocalMAS(MAS):
     display_name = "l-MAS"
 
     def __init__(self, lam: float = 1.0, *, accumulate: str = "sum", ema_alpha: float = 0.5,
-                 output_fn: OutputFn | None = None, max_samples: int | None = None) -> None:
+                 output_fn: OutputFn | None = None, max_samples: int | None = None,
+                 penalty_step: str = "gradient", lam_scale: str = "none") -> None:
         super().__init__(lam, mode="hebbian", accumulate=accumulate, ema_alpha=ema_alpha,
-                         output_fn=output_fn, max_samples=max_samples)
+                         output_fn=output_fn, max_samples=max_samples, penalty_step=penalty_step,
+                         lam_scale=lam_scale)

@@ -28,18 +28,45 @@ hands the saved ``g`` back as the gradient (first-order differentiable only).
 ``benchmarks/bench_penalty.py`` measures it against the per-tensor expression
 ``Σ (λΩ (θ − θ*)²).sum()``, a foreach version under plain autograd and a flattened one;
 it is the fastest of them (its forward+backward 2.5–4× faster than the per-tensor loop on CPU).
+
+Two options every quadratic-anchor method takes (``docs/method.md`` §13):
+
+* ``penalty_step``: ``"gradient"`` (the paper, the default: the penalty is in the loss, its
+  gradient goes through the optimizer) or ``"proximal"``: the penalty contributes nothing to the
+  loss; after every ``optimizer.step()`` the loop calls :meth:`~QuadraticAnchorRegularizer.after_optimizer_step`,
+  which applies the exact minimiser of ``(1/2η)‖θ − v‖² + λ Σ Ω (θ − θ*)²`` (``v`` the parameters
+  the optimizer produced, ``η`` the learning rate of the parameter's group at that step)::
+
+      θ ← (θ + c θ*) / (1 + c) = θ + s (θ* − θ)          c = 2 η λ Ω,  s = c / (1 + c) ∈ [0, 1)
+
+  one ``torch._foreach_lerp_`` kernel over the parameters (3 reads and 1 write per element: θ, θ*, s
+  → θ), no autograd. ``s`` is cached per learning rate and recomputed when Ω or η changes. Every
+  parameter ends between where the optimizer put it and θ*, whatever λ·η: the step cannot diverge.
+  It is decoupled, as AdamW's weight decay: it enters neither the momentum buffer of SGD nor Adam's
+  moments. Negative Ω entries (SI only) count as 0 in this step (the proximal step of a repelling
+  quadratic is undefined for c ≤ −1).
+* ``lam_scale``: ``"none"`` (λ as given) or ``"mean"``: the effective λ is ``λ / mean(Ω)``, the mean
+  over every element of the accumulated Ω of the anchored parameters, recomputed whenever Ω changes,
+  so that λ is relative to the importance's size (``λ = 1`` weighs the average parameter by 1 whatever
+  the units of Ω). Saved in the state and checked on load.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ..errors import CheckpointMismatchError, MASStateError, NonFiniteError, did_you_mean
+from ..errors import CheckpointMismatchError, InvalidArgumentError, MASStateError, NonFiniteError, did_you_mean
 from .base import Regularizer
 from .common import check_lambda, detached_copies, zero_penalty
+
+PENALTY_STEPS = ("gradient", "proximal")
+"""``penalty_step`` values: the penalty in the loss (the paper) or the closed-form step after the optimizer."""
+LAM_SCALES = ("none", "mean")
+"""``lam_scale`` values: λ as given, or λ / mean(Ω) over the anchored parameters' elements."""
 
 STATE_VERSION = 1
 """Version of the ``state_dict`` layout. States written before the field existed (EWC, SI)
@@ -83,6 +110,15 @@ def fused_quadratic_penalty(parameters: list[Tensor], anchors: list[Tensor],
     return _FusedQuadraticPenalty.apply(anchors, gradient_scales, *parameters)
 
 
+def check_choice(option: str, value: Any, valid: tuple[str, ...]) -> str:
+    """``value`` if it is one of ``valid``; otherwise :class:`~mas_core.errors.InvalidArgumentError`
+    naming ``option``, the nearest valid value and all of them."""
+    if isinstance(value, str) and value in valid:
+        return value
+    hint = did_you_mean(value, valid) if isinstance(value, str) else ""
+    raise InvalidArgumentError(f"{option} must be one of {', '.join(valid)}, got {value!r}{hint}")
+
+
 class QuadraticAnchorRegularizer(Regularizer):
     """Base of the methods whose penalty is ``λ Σ_k Ω_k (θ_k − θ*_k)²``.
 
@@ -96,6 +132,9 @@ class QuadraticAnchorRegularizer(Regularizer):
     - ``uniform_importance``: Ω ≡ 1 on every anchored parameter (IMM's L2 transfer), so no Ω
       is stored at all (the subclass sets ``_anchors`` itself);
     - ``required_extra_keys``: the keys :meth:`load_extra_state` reads.
+
+    ``penalty_step`` (``"gradient"`` | ``"proximal"``) and ``lam_scale`` (``"none"`` | ``"mean"``)
+    are described in the module docs.
     """
 
     display_name = "quadratic"
@@ -104,11 +143,32 @@ class QuadraticAnchorRegularizer(Regularizer):
     uniform_importance = False
     required_extra_keys: tuple[str, ...] = ()
 
-    def __init__(self, lam: float = 1.0) -> None:
+    def __init__(self, lam: float = 1.0, *, penalty_step: str = "gradient", lam_scale: str = "none") -> None:
         self.lam = check_lambda(self.strength_name, lam)
+        self.penalty_step = check_choice("penalty_step", penalty_step, PENALTY_STEPS)
+        self.lam_scale = check_choice("lam_scale", lam_scale, LAM_SCALES)
         self._importance: dict[str, Tensor] = {}  # what accumulates (Ω; for MAS "alpha": U)
         self._anchors: dict[str, Tensor] = {}
-        self._gradient_scales: dict[str, Tensor] = {}  # 2 λ Ω per anchored name: the penalty's gradient scale
+        self._gradient_scales: dict[str, Tensor] = {}  # 2 λ_eff Ω per anchored name: the penalty's gradient scale
+        self._lam_divisor = 1.0  # mean Ω of the anchored elements when lam_scale == "mean"
+        self._shrink_cache: tuple[float, dict[str, Tensor]] | None = None  # (η, s = c/(1+c) per name)
+
+    @property
+    def uses_optimizer_step_hook(self) -> bool:  # type: ignore[override]
+        """True with ``penalty_step="proximal"``: the loop must call :meth:`after_optimizer_step`."""
+        return self.penalty_step == "proximal"
+
+    @property
+    def effective_lam(self) -> float:
+        """The λ the penalty applies: ``λ`` (``lam_scale="none"``) or ``λ / mean(Ω)`` (``"mean"``)."""
+        return self.lam / self._lam_divisor
+
+    def describe_strength(self) -> str:
+        """``"lam=5"``, with ``" / mean Ω (effective 2.3e+03)"`` under ``lam_scale="mean"``."""
+        text = super().describe_strength()
+        if self.lam_scale == "mean":
+            text += f" / mean Ω (effective {self.effective_lam:.3g})"
+        return text
 
     # ------------------------------------------------------------------ what the method declares
 
@@ -170,21 +230,32 @@ class QuadraticAnchorRegularizer(Regularizer):
         self._refresh_scales()
 
     def _refresh_scales(self) -> None:
+        """Recompute ``2 λ_eff Ω`` (and, for ``lam_scale="mean"``, mean(Ω)) after Ω or θ* changed."""
+        self._shrink_cache = None
         if self.uniform_importance:
             self._gradient_scales = {}
+            self._lam_divisor = 1.0
             return
-        scale = 2.0 * self.lam
-        self._gradient_scales = {name: scale * value for name, value in self.importance.items()
-                                 if name in self._anchors}
+        anchored = {name: value for name, value in self.importance.items() if name in self._anchors}
+        self._lam_divisor = 1.0
+        if self.lam_scale == "mean" and anchored:
+            count = sum(value.numel() for value in anchored.values())
+            mean = math.fsum(float(value.double().sum()) for value in anchored.values()) / max(count, 1)
+            if not (math.isfinite(mean) and mean > 0.0):
+                raise NonFiniteError(
+                    f"lam_scale='mean' needs a positive finite mean importance, but the mean of {self.display_name}'s "
+                    f"Ω over {count} anchored elements is {mean}; use lam_scale='none'"
+                )
+            self._lam_divisor = mean
+        scale = 2.0 * self.effective_lam
+        self._gradient_scales = {name: scale * value for name, value in anchored.items()}
 
     # ------------------------------------------------------------------ penalty
 
-    def penalty(self, model: nn.Module, inputs: Any = None) -> Tensor:
-        """``λ Σ_k Ω_k (θ_k − θ*_k)²`` over the parameters anchored at the last ``after_task``
-        (0 before the first one, and for λ = 0); differentiable once. ``inputs`` is ignored."""
-        names: Iterable[str] = self._anchors if self.uniform_importance else self._gradient_scales
-        if not names or self.lam == 0:
-            return zero_penalty(model)
+    def _aligned(self, model: nn.Module) -> tuple[list[str], list[Tensor], list[Tensor], list[Tensor]]:
+        """``(names, θ, θ*, 2λ_eff Ω)`` aligned over the anchored parameters (the scales list is empty
+        for a uniform Ω); stored tensors are moved once to each parameter's device and dtype."""
+        names: list[str] = list(self._anchors if self.uniform_importance else self._gradient_scales)
         parameters = dict(model.named_parameters())
         current, anchors, scales = [], [], []
         for name in names:
@@ -202,13 +273,26 @@ class QuadraticAnchorRegularizer(Regularizer):
                 )
             if anchor.device != parameter.device or anchor.dtype != parameter.dtype:
                 anchor = self._anchors[name] = anchor.to(device=parameter.device, dtype=parameter.dtype)
+                self._shrink_cache = None
             current.append(parameter)
             anchors.append(anchor)
             if not self.uniform_importance:
                 scale = self._gradient_scales[name]
                 if scale.device != parameter.device or scale.dtype != parameter.dtype:
                     scale = self._gradient_scales[name] = scale.to(device=parameter.device, dtype=parameter.dtype)
+                    self._shrink_cache = None
                 scales.append(scale)
+        return names, current, anchors, scales
+
+    def penalty(self, model: nn.Module, inputs: Any = None) -> Tensor:
+        """``λ_eff Σ_k Ω_k (θ_k − θ*_k)²`` over the parameters anchored at the last ``after_task``
+        (0 before the first one, for λ = 0, and with ``penalty_step="proximal"``, whose penalty is
+        applied by :meth:`after_optimizer_step` instead); differentiable once. ``inputs`` is ignored."""
+        if self.penalty_step == "proximal" or self.lam == 0:
+            return zero_penalty(model)
+        names, current, anchors, scales = self._aligned(model)
+        if not names:
+            return zero_penalty(model)
         value = fused_quadratic_penalty(current, anchors, 2.0 * self.lam if self.uniform_importance else scales)
         if not bool(torch.isfinite(value)):
             raise NonFiniteError(
@@ -216,6 +300,53 @@ class QuadraticAnchorRegularizer(Regularizer):
                 f"({self.describe_strength()}: a diverged run? lower {self.strength_name} or the learning rate)"
             )
         return value
+
+    def after_optimizer_step(self, model: nn.Module, optimizer: Any) -> None:
+        """The proximal penalty step (``penalty_step="proximal"``; a no-op otherwise), right after
+        ``optimizer.step()``: for every anchored parameter that some param group of ``optimizer``
+        holds, with that group's current learning rate ``η``::
+
+            θ ← (θ + c θ*) / (1 + c) = θ + s (θ* − θ)         c = 2 η λ_eff max(Ω, 0),  s = c / (1 + c)
+
+        the minimiser of ``(1/2η)‖θ − v‖² + λ_eff Σ Ω (θ − θ*)²`` over θ given the optimizer's output
+        ``v``. In place, without autograd, one ``torch._foreach_lerp_`` per learning rate; ``s`` is cached
+        until Ω, θ* or η change. Decoupled: the optimizer's state (momentum, Adam's moments) never
+        sees the penalty."""
+        if self.penalty_step != "proximal" or self.lam == 0:
+            return
+        names, current, anchors, scales = self._aligned(model)
+        if not names:
+            return
+        learning_rates = {id(parameter): float(group["lr"]) for group in optimizer.param_groups
+                          for parameter in group["params"]}
+        by_rate: dict[float, list[int]] = {}
+        for index, parameter in enumerate(current):
+            rate = learning_rates.get(id(parameter))
+            if rate is not None and rate > 0:
+                by_rate.setdefault(rate, []).append(index)
+        with torch.no_grad():
+            for rate, indices in by_rate.items():
+                targets = [current[i] for i in indices]
+                ends = [anchors[i] for i in indices]
+                if self.uniform_importance:
+                    c = 2.0 * rate * self.effective_lam
+                    torch._foreach_lerp_(targets, ends, c / (1.0 + c))
+                else:
+                    shrink = self._shrink_factors(rate, names, scales)
+                    torch._foreach_lerp_(targets, ends, [shrink[names[i]] for i in indices])
+
+    def _shrink_factors(self, rate: float, names: list[str], scales: list[Tensor]) -> dict[str, Tensor]:
+        """``s = c / (1 + c)`` with ``c = η · max(2 λ_eff Ω, 0)`` per anchored name, cached for the
+        last learning rate ``η`` (one schedule step costs one recomputation)."""
+        if self._shrink_cache is not None and self._shrink_cache[0] == rate:
+            return self._shrink_cache[1]
+        with torch.no_grad():
+            shrink = {}
+            for name, scale in zip(names, scales):
+                c = scale.clamp(min=0.0) * rate
+                shrink[name] = c / (1.0 + c)
+        self._shrink_cache = (rate, shrink)
+        return shrink
 
     # ------------------------------------------------------------------ checkpointing
 
@@ -233,12 +364,15 @@ class QuadraticAnchorRegularizer(Regularizer):
             "version": STATE_VERSION,
             self.importance_state_key: {name: value.clone() for name, value in self._importance.items()},
             "anchors": {name: value.clone() for name, value in self._anchors.items()},
+            "penalty_step": self.penalty_step,
+            "lam_scale": self.lam_scale,
             **self.extra_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; a state of another method or layout version is refused
-        with :class:`~mas_core.errors.CheckpointMismatchError`."""
+        """Restore :meth:`state_dict`; a state of another method, layout version or ``lam_scale``
+        is refused with :class:`~mas_core.errors.CheckpointMismatchError` (``penalty_step`` is saved
+        for the record; Ω and θ* mean the same under both steps, so it may differ)."""
         required = (self.importance_state_key, "anchors", *self.required_extra_keys)
         missing = [key for key in required if key not in state]
         if missing:
@@ -249,6 +383,12 @@ class QuadraticAnchorRegularizer(Regularizer):
         if version != STATE_VERSION:
             raise CheckpointMismatchError(
                 f"{self.display_name} state version {version} is not {STATE_VERSION}, the version this release reads"
+            )
+        saved_scale = state.get("lam_scale", "none")  # states written before the option: λ as given
+        if saved_scale != self.lam_scale:
+            raise CheckpointMismatchError(
+                f"the {self.display_name} state was written with lam_scale={saved_scale!r} but this regularizer "
+                f"uses {self.lam_scale!r}; λ would mean another strength: build it with the checkpoint's setting"
             )
         self.load_extra_state(state)
         self._importance = detached_copies(state[self.importance_state_key])

@@ -19,6 +19,12 @@ and θ* ← θ^end. While training later tasks the penalty is
 
 inherited from :class:`~mas_core.regularizers.quadratic.QuadraticAnchorRegularizer`.
 
+With ``penalty_step="proximal"`` the penalty is not in the loss, so ``.grad`` holds the task
+loss's gradient alone; ``after_step`` (called after the proximal step) adds the penalty's
+gradient where the implicit step evaluates it, ``2 λ_eff max(Ω, 0) (θ − θ*)`` at the new θ,
+so that ``g`` is again the full loss's gradient and ``Δθ`` the whole change (optimizer and
+proximal step): for plain SGD ``Δθ = −η g`` exactly, as in the gradient form.
+
 Ω is not clipped at 0 (as in the reference implementation). Parameters that
 appear during a task (a head added after ``before_task``) start their path
 integral at their first ``after_step``; parameters without Ω (heads added for
@@ -45,8 +51,9 @@ class SI(QuadraticAnchorRegularizer):
     uses_step_hook = True
     required_extra_keys = ("path", "start", "previous")
 
-    def __init__(self, lam: float = 1.0, *, damping: float = 0.1) -> None:
-        super().__init__(lam)
+    def __init__(self, lam: float = 1.0, *, damping: float = 0.1, penalty_step: str = "gradient",
+                 lam_scale: str = "none") -> None:
+        super().__init__(lam, penalty_step=penalty_step, lam_scale=lam_scale)
         damping = float(damping)
         if not damping > 0:
             raise InvalidArgumentError(f"damping (xi) must be > 0 to keep Ω finite, got {damping}")
@@ -71,7 +78,9 @@ class SI(QuadraticAnchorRegularizer):
         self.path[name] = torch.zeros_like(value)
 
     def after_step(self, model: nn.Module) -> None:
-        """``ω += −g·Δθ`` for every trainable parameter, then remember θ for the next step."""
+        """``ω += −g·Δθ`` for every trainable parameter, then remember θ for the next step
+        (``g`` with the proximal penalty's implicit gradient added under ``penalty_step="proximal"``)."""
+        proximal = self.penalty_step == "proximal" and self.lam != 0
         with torch.no_grad():
             for name, parameter in model.named_parameters():
                 if not parameter.requires_grad:
@@ -80,8 +89,13 @@ class SI(QuadraticAnchorRegularizer):
                 if previous is None:
                     self._track(name, parameter)
                     continue
-                if parameter.grad is not None:
-                    self.path[name].sub_(parameter.grad * (parameter - previous))
+                gradient = parameter.grad
+                scale = self._gradient_scales.get(name) if proximal else None
+                if scale is not None and name in self._anchors:
+                    implicit = scale.to(parameter).clamp(min=0.0) * (parameter - self._anchors[name].to(parameter))
+                    gradient = implicit if gradient is None else gradient + implicit
+                if gradient is not None:
+                    self.path[name].sub_(gradient * (parameter - previous))
                 previous.copy_(parameter)
 
     def after_task(self, model: nn.Module, data: Iterable[Any]) -> None:
@@ -111,4 +125,5 @@ class SI(QuadraticAnchorRegularizer):
         self.previous = detached_copies(state["previous"])
 
     def __repr__(self) -> str:
-        return f"SI(lam={self.lam}, damping={self.damping})"
+        return (f"SI(lam={self.lam}, damping={self.damping}, penalty_step={self.penalty_step!r}, "
+                f"lam_scale={self.lam_scale!r})")
