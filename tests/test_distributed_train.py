@@ -156,7 +156,7 @@ def test_two_processes_give_the_one_process_results_and_only_rank_0_writes(confi
     assert again.returncode != 0
     lines = [line for line in again.stderr.splitlines() if line.startswith("mas-triplets train")]
     assert lines == [f"mas-triplets train: error: {out} already holds a run; pass --resume to continue it or "
-                     "choose a new --out"], again.stderr[-3000:]
+                     "choose a new --out (nothing was overwritten)"], again.stderr[-3000:]
     assert _files(out) == _files(one_process)  # nothing overwritten
 
 
