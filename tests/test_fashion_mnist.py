@@ -26,13 +26,7 @@ needs_fashion_mnist = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models run fastest on one thread, and a machine shared with other jobs oversubscribes two."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "split_fashion_mnist.py"

@@ -18,12 +18,7 @@ from test_sequence import SETTINGS, _make_model, _run, _tasks
 from test_train import _config, make_tiny_fact_file
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 class _Killed(Exception):

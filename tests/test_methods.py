@@ -17,13 +17,7 @@ from mas_core.regularizers.ebll import train_autoencoder
 from mas_core.sequence import MultiHeadNet
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models run fastest on one thread, and a machine shared with other jobs oversubscribes two."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _multihead(seed: int = 0, heads: int = 1, in_dim: int = 6, width: int = 5) -> MultiHeadNet:

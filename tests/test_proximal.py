@@ -25,12 +25,7 @@ from test_loop import _kill_after_checkpoint, _Killed
 from test_sequence import _make_model, _run, _tasks
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _anchored_mas(model: nn.Module, lam: float, **options) -> MAS:

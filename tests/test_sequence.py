@@ -11,13 +11,7 @@ from mas_core.errors import CheckpointMismatchError, DivergenceError
 from mas_core.regularizers import METHODS, TaskInfo, make_regularizer
 from mas_core.sequence import CHECKPOINT_NAME, MultiHeadNet, OptimSettings, Task, run_sequence
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models run fastest on one thread, and a machine shared with other jobs oversubscribes two."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 IN_DIM = 8
