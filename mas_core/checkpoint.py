@@ -5,7 +5,7 @@ pickled modules), and are read back with ``torch.load(weights_only=True)``.
 Every write goes to a temporary file in the target folder and is renamed into
 place, so a crash or a kill leaves either the previous file or the new one,
 never half of one (a kill between the two can leave the hidden temporary file
-``.NAME.XXXX.tmp``; :func:`remove_stale_temporaries` removes those).
+``.NAME.<random>.tmp``; :func:`remove_stale_temporaries` removes those).
 
 Checksums: a checkpoint is the zip archive ``torch.save`` writes, with the SHA-256 of
 that archive (as written, with an empty archive comment) stored in the archive's comment
@@ -225,7 +225,7 @@ def load_checkpoint(path: str | os.PathLike, *, expected_config: dict[str, Any] 
 
 
 def remove_stale_temporaries(folder: str | os.PathLike, *, recursive: bool = True) -> list[Path]:
-    """Remove the hidden temporary files (``.NAME.XXXXXXXX.tmp``) that a write killed between
+    """Remove the hidden temporary files (``.NAME.<random>.tmp``) that a write killed between
     writing and renaming left in ``folder`` (and its sub-folders); return their paths. Call it
     only where no other process is writing into ``folder``."""
     folder = Path(folder)

@@ -50,7 +50,6 @@ from mas_core.sequence import Task, run_sequence
 
 from .config import to_dict
 from .errors import ConfigError, RunFolderError
-from .fact_data import file_identity
 from .recognition_config import (
     ALL_METHODS,
     ModelSpec,
@@ -65,7 +64,9 @@ from .recognition_config import (
 from .recognition_data import build_tasks, ensure_prepared, make_trunk, model_factory, prepared_path, unlabeled_inputs
 from .report import recognition_markdown, write_recognition_plots
 from .results_schema import method_summary, results_document
-from .run_folder import DATA_IDENTITY_NAME, check_output_folder, package_versions, read_data_identity
+from .run_folder import (
+    DATA_IDENTITY_NAME, check_output_folder, identity_as_recorded, package_versions, read_data_identity,
+)
 
 
 def method_dir_name(method: str) -> str:
@@ -171,14 +172,8 @@ def _check_prepared_data(out: Path, specs: Sequence[TaskSpec], paths: Sequence[P
     for spec, path in zip(specs, paths):
         if not Path(path).is_file():
             raise ConfigError(f"task {spec.name!r}: no prepared file {path}; make it with `mas-triplets prepare images`")
-        before = recorded.get(spec.name)
-        current = file_identity(path, before if isinstance(before, dict) else None)
-        if isinstance(before, dict) and before.get("sha256") != current["sha256"]:
-            raise RunFolderError(
-                f"task {spec.name!r}: the prepared file {path} is not the one {out} was trained on: its SHA-256 is "
-                f"{current['sha256'][:16]}…, the run recorded {str(before.get('sha256'))[:16]}…; restore it or "
-                "choose a new --out")
-        identity[spec.name] = current
+        identity[spec.name] = identity_as_recorded(path, recorded.get(spec.name),
+                                                   f"task {spec.name!r}: the prepared file", out)
     return identity
 
 

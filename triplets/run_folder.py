@@ -130,17 +130,25 @@ def read_data_identity(run_dir: Path) -> dict[str, Any] | None:
     return identity
 
 
-def check_data_identity(run_dir: Path, fact_file_path: str | Path) -> dict[str, Any]:
-    """The identity of the fact file at ``fact_file_path`` (:func:`file_identity`); refuse it in one
-    line naming both SHA-256s and the path when the run recorded another one."""
-    recorded = (read_data_identity(run_dir) or {}).get("fact_file")
-    current = file_identity(fact_file_path, recorded if isinstance(recorded, dict) else None)
-    if isinstance(recorded, dict) and recorded.get("sha256") != current["sha256"]:
+def identity_as_recorded(path: str | Path, recorded: Any, what: str, run_dir: Path) -> dict[str, Any]:
+    """The identity of the file at ``path`` (:func:`file_identity`, reusing ``recorded`` when the
+    file is unchanged); refuse it in one line naming ``what``, the path and both SHA-256s when the
+    run ``run_dir`` recorded another one (a run must resume, evaluate and answer on its own data)."""
+    before = recorded if isinstance(recorded, dict) else None
+    current = file_identity(path, before)
+    if before is not None and before.get("sha256") != current["sha256"]:
         raise RunFolderError(
-            f"the fact file {fact_file_path} is not the one {run_dir} was trained on: its SHA-256 is "
-            f"{current['sha256'][:16]}…, the run recorded {str(recorded.get('sha256'))[:16]}…; restore that file "
-            "or train a new run")
+            f"{what} {path} is not the one {run_dir} was trained on: its SHA-256 is "
+            f"{current['sha256'][:16]}…, the run recorded {str(before.get('sha256'))[:16]}…; restore that file "
+            "or start a new run")
     return current
+
+
+def check_data_identity(run_dir: Path, fact_file_path: str | Path) -> dict[str, Any]:
+    """The identity of the fact file at ``fact_file_path``, checked against ``RUN/data.json``
+    (:func:`identity_as_recorded`)."""
+    recorded = (read_data_identity(run_dir) or {}).get("fact_file")
+    return identity_as_recorded(fact_file_path, recorded, "the fact file", run_dir)
 
 
 def prepare_run_folder(config: TrainConfig, out_dir: Path, resume: bool) -> TrainConfig:
@@ -284,6 +292,6 @@ def load_run(run_dir: str | Path) -> Run:
     return Run(dir=run_dir, config=config, methods=methods, fact_file=open_fact_file(config.data.fact_file))
 
 
-__all__ = ["DATA_IDENTITY_NAME", "RUN_MARKERS", "Run", "check_data_identity", "check_output_folder", "collect_results",
+__all__ = ["DATA_IDENTITY_NAME", "RUN_MARKERS", "Run", "check_data_identity", "check_output_folder", "identity_as_recorded", "collect_results",
            "load_run", "package_versions", "prepare_run_folder", "read_data_identity", "read_run_config",
            "results_dict"]

@@ -39,6 +39,17 @@ def gpu_available() -> bool:
     return bool(hasattr(module, "StandardGpuResources") and module.get_num_gpus() > 0)
 
 
+def wants_gpu(use_gpu: bool | str) -> bool:
+    """Whether an index should move to the GPUs for ``use_gpu`` (``"auto"``: when faiss sees one;
+    ``True``: it must, else a one-line error; ``False``: never)."""
+    if use_gpu not in ("auto", True, False):
+        raise TripletsError(f"use_gpu must be 'auto', True or False, got {use_gpu!r}")
+    available = gpu_available()
+    if use_gpu is True and not available:
+        raise TripletsError("use_gpu=True but faiss sees no GPU; install faiss-gpu or pass use_gpu='auto'")
+    return available and use_gpu is not False
+
+
 def normalize_rows(vectors: np.ndarray, *, name: str = "vectors") -> np.ndarray:
     """Return ``vectors`` as a C-contiguous float32 [n, d] copy with unit-L2-norm rows.
 

@@ -14,7 +14,7 @@ from ..errors import RunFolderError, TripletsError
 from . import common
 from .common import (
     GPU_MAX_K, INDEX_FORMAT, INDEX_FORMAT_VERSION, IVF_KINDS, KINDS, METRIC, IndexKind, checked_k,
-    checked_nlist, checked_nprobe, checked_pq, checked_refine_factor, flat_vectors, gpu_available, jsonable,
+    checked_nlist, checked_nprobe, checked_pq, checked_refine_factor, flat_vectors, jsonable, wants_gpu,
     normalize_rows,
 )
 from .exact import choose_exact_backend, search_unit_rows
@@ -66,12 +66,7 @@ class FactIndex:
 
     # -- placement -------------------------------------------------------------------------
     def _place(self, use_gpu: bool | str) -> None:
-        if use_gpu not in ("auto", True, False):
-            raise TripletsError(f"use_gpu must be 'auto', True or False, got {use_gpu!r}")
-        available = gpu_available()
-        if use_gpu is True and not available:
-            raise TripletsError("use_gpu=True but faiss sees no GPU; install faiss-gpu or pass use_gpu='auto'")
-        if not available or use_gpu is False or self.kind == "hnsw" or self.metadata.get("refine_factor"):
+        if not wants_gpu(use_gpu) or self.kind == "hnsw" or self.metadata.get("refine_factor"):
             return  # FAISS has no GPU HNSW, and its GPU cloner does not take an IndexRefineFlat
         faiss = common._faiss()
         self._search_index = faiss.index_cpu_to_all_gpus(self._cpu_index)

@@ -17,7 +17,7 @@ from ..errors import RunFolderError, TripletsError
 from . import common
 from .common import (
     DEFAULT_ROWS_PER_SHARD, MANIFEST_NAME, METRIC, SHARDED_FORMAT, SHARDED_FORMAT_VERSION, SHARDED_KINDS, VECTORS_FILE,
-    checked_nlist, checked_nprobe, checked_pq, checked_refine_factor, file_sha256, gpu_available, jsonable,
+    checked_nlist, checked_nprobe, checked_pq, checked_refine_factor, file_sha256, jsonable, wants_gpu,
     normalize_rows,
 )
 from .fact_index import FactIndex
@@ -279,12 +279,7 @@ class ShardedFactIndex(FactIndex):
         self.refine_factor = refine_factor
 
     def _place(self, use_gpu: bool | str) -> None:
-        if use_gpu not in ("auto", True, False):
-            raise TripletsError(f"use_gpu must be 'auto', True or False, got {use_gpu!r}")
-        available = gpu_available()
-        if use_gpu is True and not available:
-            raise TripletsError("use_gpu=True but faiss sees no GPU; install faiss-gpu or pass use_gpu='auto'")
-        if not available or use_gpu is False:
+        if not wants_gpu(use_gpu):
             return
         # Untested on hardware: one CPU IVF index holding every shard's lists, split over the GPUs.
         faiss = common._faiss()
