@@ -17,6 +17,9 @@ check, the accuracy matrix, checkpoints and resume. For each task ``t``::
             reg.after_step(trained) if reg.uses_step_hook
     reg.after_task(trained, experiment.importance_data(...))   # what reg.after_task_data asks for
     R[t][j] = experiment.evaluate(model, t)[j], j ≤ t
+    # a method whose after_task changes the weights (reg.after_task_changes_model: IMM's merge):
+    #   R[t] is evaluated *before* after_task (the model as trained on task t), and
+    #   R_merged[t] = experiment.evaluate(model, t) after it (SequenceResult.merged_accuracy)
     checkpoint (atomic, rank 0)                                # CHECKPOINT_NAME, with RNG states
 
 ``joint`` is a mode of the loop, not a regularizer: at task ``t`` it trains, from the current
@@ -188,7 +191,11 @@ class SequenceResult:
     ``accuracy[i][j]``: the experiment's metric (a fraction) on task ``j`` after training task
     ``i``; ``None`` for ``j > i``. ``wall_time_s``: seconds of training and evaluation, summed
     over resumed segments. ``log``: the per-task log lines. ``trained_tasks``: tasks trained by
-    this call (0 when a finished checkpoint was resumed). ``model``: the final model."""
+    this call (0 when a finished checkpoint was resumed). ``model``: the final model.
+    ``merged_accuracy``: for a method whose ``after_task`` changes the weights
+    (``after_task_changes_model``, IMM's merge), ``merged_accuracy[i][j]`` is the metric of the
+    model ``after_task`` left after task ``i`` (``accuracy`` being the model as trained on task
+    ``i``, before ``after_task``); ``None`` for every other method."""
 
     method: str
     task_names: list[str]
@@ -198,6 +205,7 @@ class SequenceResult:
     log: list[str] = field(default_factory=list)
     trained_tasks: int = 0
     model: nn.Module | None = field(default=None, repr=False, compare=False)
+    merged_accuracy: list[list[float | None]] | None = None
 
     @property
     def avg_acc(self) -> float:
@@ -206,7 +214,8 @@ class SequenceResult:
 
     @property
     def avg_forgetting(self) -> float:
-        """Mean over ``j < T-1`` of ``R[j][j] - R[T-1][j]``."""
+        """Chaudhry et al.'s forgetting: mean over ``j < T-1`` of ``max_{j≤l<T-1} R[l][j] - R[T-1][j]``
+        (:func:`mas_core.metrics.average_forgetting`)."""
         return metrics.average_forgetting(self.accuracy)
 
     @property
@@ -219,12 +228,30 @@ class SequenceResult:
         """The paper's average drop: mean over all tasks of ``R[T-1][j] - R[j][j]`` (negative = forgetting)."""
         return metrics.average_drop(self.accuracy)
 
+    def merged_summary(self) -> dict[str, float] | None:
+        """The metrics of the model a weight-changing ``after_task`` delivers at the end (IMM's
+        merge), on ``R'`` = ``accuracy`` with its last row replaced by the last row of
+        ``merged_accuracy``: ``avg_acc`` (mean final merged accuracy), ``forgetting`` (Chaudhry:
+        best accuracy of the trained models before the last task minus the final merged one),
+        ``bwt`` and ``avg_drop`` (final merged minus just-trained ``R[j][j]``, over all tasks,
+        the last one included). ``None`` when there is no ``merged_accuracy``."""
+        if self.merged_accuracy is None:
+            return None
+        delivered = [list(row) for row in self.accuracy[:-1]] + [list(self.merged_accuracy[-1])]
+        return {"avg_acc": metrics.average_accuracy(delivered), "forgetting": metrics.average_forgetting(delivered),
+                "bwt": metrics.backward_transfer(delivered), "avg_drop": metrics.average_drop(delivered)}
+
     def summary(self) -> dict[str, Any]:
         """The metrics of the results schema (``docs/run_folder.md``): ``accuracy_matrix``,
-        ``avg_acc``, ``forgetting``, ``bwt``, ``avg_drop``, ``wall_time_s``."""
-        return {"accuracy_matrix": [list(row) for row in self.accuracy], "avg_acc": self.avg_acc,
-                "forgetting": self.avg_forgetting, "bwt": self.bwt, "avg_drop": self.avg_drop,
-                "wall_time_s": self.wall_time_s}
+        ``avg_acc``, ``forgetting``, ``bwt``, ``avg_drop``, ``wall_time_s``; for a method with
+        ``merged_accuracy`` also ``accuracy_matrix_merged`` and ``merged`` (:meth:`merged_summary`)."""
+        summary = {"accuracy_matrix": [list(row) for row in self.accuracy], "avg_acc": self.avg_acc,
+                   "forgetting": self.avg_forgetting, "bwt": self.bwt, "avg_drop": self.avg_drop,
+                   "wall_time_s": self.wall_time_s}
+        if self.merged_accuracy is not None:
+            summary["accuracy_matrix_merged"] = [list(row) for row in self.merged_accuracy]
+            summary["merged"] = self.merged_summary()
+        return summary
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly: ``method``, ``task_names``, :meth:`summary` and ``config`` (``None``
@@ -276,6 +303,8 @@ def train_tasks(experiment: Experiment, method: str | Regularizer, optim: OptimS
     model = experiment.build_model().to(device)
     trained = experiment.trained_module(model)
     accuracy: list[list[float | None]] = []
+    changes_model = bool(reg.after_task_changes_model)
+    merged_accuracy: list[list[float | None]] | None = [] if changes_model else None
     log_lines: list[str] = []
     first_task, previous_time = 0, 0.0
     if resume and checkpoint_path is not None and checkpoint_path.is_file():
@@ -286,6 +315,12 @@ def train_tasks(experiment: Experiment, method: str | Regularizer, optim: OptimS
         model.load_state_dict(state["model"])
         reg.load_state_dict(state["regularizer"])
         accuracy = [list(row) for row in state["accuracy"]]
+        if changes_model:
+            if "merged_accuracy" not in state:
+                raise MASCoreError(f"{checkpoint_path} was written before {label}'s accuracy matrix held the model as "
+                                   "trained (its rows are of the model after_task changed): it cannot be resumed; "
+                                   "start a new output folder")
+            merged_accuracy = [list(row) for row in state["merged_accuracy"]]
         log_lines = list(state["log"])
         previous_time = float(state["wall_time_s"])
         set_rng_states(state["rng"])
@@ -308,31 +343,49 @@ def train_tasks(experiment: Experiment, method: str | Regularizer, optim: OptimS
                                   label, emit if log_epochs else (lambda message: None))
         model.eval()
         trained.eval()
+        if changes_model:  # R[t] is the model as trained on task t, before after_task changes it
+            row = _evaluate_row(experiment, model, task, num_tasks)
         _after_task(experiment, model, trained, reg, task, device)
         model.eval()
         trained.eval()
-        row: list[float | None] = [float(value) for value in experiment.evaluate(model, task)][:task + 1]
-        row += [None] * (num_tasks - task - 1)
+        after_row = _evaluate_row(experiment, model, task, num_tasks)
+        if changes_model:
+            merged_accuracy.append(after_row)
+        else:
+            row = after_row
         accuracy.append(row)
         seconds = time.perf_counter() - started
         line = (f"[{label}] task {task + 1}/{num_tasks} ({experiment.task_names[task]}): {len(data)} samples × "
                 f"{epochs} epochs, mean loss {mean_loss:.4f}, {experiment.metric_name} on tasks 1..{task + 1}: "
-                + " ".join(f"{value:.3f}" for value in row[:task + 1]) + f" ({seconds:.1f} s)")
+                + " ".join(f"{value:.3f}" for value in row[:task + 1])
+                + ("" if not changes_model else " (after after_task: "
+                   + " ".join(f"{value:.3f}" for value in after_row[:task + 1]) + ")")
+                + f" ({seconds:.1f} s)")
         log_lines.append(line)
         emit(line)
         if folder is not None and main:
             atomic_write_text(folder / LOG_NAME, "\n".join(log_lines) + "\n")
-            save_checkpoint(checkpoint_path, {
+            checkpoint = {
                 "format": CHECKPOINT_FORMAT, "config": config, "completed_tasks": task + 1,
                 "model": model.state_dict(), "regularizer": reg.state_dict(), "accuracy": accuracy,
                 "log": log_lines, "rng": get_rng_states(),
                 "wall_time_s": previous_time + time.perf_counter() - start,
-            })
+            }
+            if changes_model:
+                checkpoint["merged_accuracy"] = merged_accuracy
+            save_checkpoint(checkpoint_path, checkpoint)
         distributed.barrier()  # the checkpoint is complete before any rank moves on
     model.eval()
     return SequenceResult(method=label, task_names=list(experiment.task_names), accuracy=accuracy,
                           wall_time_s=previous_time + time.perf_counter() - start, config=config, log=log_lines,
-                          trained_tasks=num_tasks - first_task, model=model)
+                          trained_tasks=num_tasks - first_task, model=model, merged_accuracy=merged_accuracy)
+
+
+def _evaluate_row(experiment: Experiment, model: nn.Module, task: int, num_tasks: int) -> list[float | None]:
+    """The row ``R[task]`` of the accuracy matrix: ``experiment.evaluate`` on tasks ``0..task``,
+    ``None`` for the tasks not yet trained."""
+    row: list[float | None] = [float(value) for value in experiment.evaluate(model, task)][:task + 1]
+    return row + [None] * (num_tasks - task - 1)
 
 
 def _train_epochs(experiment: Experiment, trained: nn.Module, model: nn.Module, data: TrainData, task: int,

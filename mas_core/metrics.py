@@ -11,10 +11,16 @@ With ``a_j = R[j][j]`` (accuracy right after learning task j) and
 ``f_j = R[T-1][j]`` (final accuracy):
 
 * average accuracy      ``A   = (1/T) Σ_{j<T} f_j``
-* average forgetting    ``F   = (1/(T-1)) Σ_{j<T-1} (a_j - f_j)``   (0 when T = 1)
-* backward transfer     ``BWT = (1/(T-1)) Σ_{j<T-1} (f_j - a_j) = -F``  (0 when T = 1)
+* average forgetting    ``F   = (1/(T-1)) Σ_{j<T-1} max_{l∈{j..T-2}} (R[l][j] - f_j)``   (0 when T = 1;
+  Chaudhry et al., ECCV 2018: the drop from the *best* accuracy task j ever had before the
+  last task, not from ``a_j``)
+* backward transfer     ``BWT = (1/(T-1)) Σ_{j<T-1} (f_j - a_j)``  (0 when T = 1; Lopez-Paz &
+  Ranzato, NeurIPS 2017)
 * average drop          ``D   = (1/T) Σ_{j<T} (f_j - a_j)``  (the MAS paper's "average
   drop"; the last task contributes 0; negative means forgetting)
+
+``F ≥ -BWT`` always (the maximum includes ``l = j``), with equality when every column only
+decreases after its diagonal; on a column that drops and then recovers they may differ in sign.
 
 All functions are pure and return plain Python floats in the unit of ``R``.
 """
@@ -65,15 +71,17 @@ def average_accuracy(R: AccuracyMatrix) -> float:
 
 
 def average_forgetting(R: AccuracyMatrix) -> float:
-    """``(1/(T-1)) Σ_{j<T-1} (R[j][j] - R[T-1][j])``; 0.0 for a single task.
+    """Chaudhry et al. (2018): ``(1/(T-1)) Σ_{j<T-1} max_{l∈{j..T-2}} (R[l][j] - R[T-1][j])``; 0.0 for T = 1.
 
-    Positive means the tasks lost accuracy after they were learned.
+    Per old task, the best accuracy it had after it was learned and before the last task,
+    minus its final accuracy. Positive means the tasks lost accuracy; it is never below
+    ``-backward_transfer(R)``.
     """
     rows = _validated(R)
     T = len(rows)
     if T == 1:
         return 0.0
-    return sum(rows[j][j] - rows[-1][j] for j in range(T - 1)) / (T - 1)
+    return sum(max(rows[l][j] for l in range(j, T - 1)) - rows[-1][j] for j in range(T - 1)) / (T - 1)
 
 
 def backward_transfer(R: AccuracyMatrix) -> float:

@@ -245,8 +245,9 @@ def test_the_loop_diverges_with_the_gradient_form_and_not_with_the_proximal_one(
 # --------------------------------------------------------------------------- SI and resume
 
 
-def test_si_path_integral_sees_the_full_gradient_under_the_proximal_step():
-    """Plain SGD: Δθ = −η (g_task + 2λΩ(θ_new − θ*)) exactly, so ω = η g² with that g."""
+def test_si_path_integral_sees_the_task_gradient_under_the_proximal_step():
+    """Plain SGD: Δθ = −η (g_task + 2λΩ(θ_new − θ*)) exactly, and ω integrates the task loss's
+    gradient alone (Zenke et al.'s reference), so ω = η g_task (g_task + 2λΩ(θ_new − θ*))."""
     model = _model()
     reg = SI(lam=0.8, penalty_step="proximal")
     reg.before_task(model, TaskInfo(0))
@@ -267,7 +268,7 @@ def test_si_path_integral_sees_the_full_gradient_under_the_proximal_step():
     reg.after_step(model)
     for name, p in model.named_parameters():
         full = task_gradient[name] + 2 * 0.8 * reg.importance[name].clamp(min=0) * (p.detach() - reg.anchors[name])
-        torch.testing.assert_close(reg.path[name], 0.05 * full * full, rtol=1e-9, atol=1e-15)
+        torch.testing.assert_close(reg.path[name], 0.05 * task_gradient[name] * full, rtol=1e-9, atol=1e-15)
 
 
 @pytest.mark.parametrize("method", ["mas", "si"])

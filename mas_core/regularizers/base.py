@@ -62,6 +62,10 @@ class Regularizer:
     - ``uses_optimizer_step_hook``: :meth:`after_optimizer_step` must be called right after
       every ``optimizer.step()`` and before :meth:`after_step` (the proximal penalty step of the
       quadratic-anchor methods, ``penalty_step="proximal"``); the loop may skip it otherwise;
+    - ``after_task_changes_model``: :meth:`after_task` changes the model's weights (IMM loads
+      its merge); the loop then evaluates the accuracy matrix's row before it (the model as
+      trained) and once more after it (a row of its own, ``merged_accuracy``). A method that
+      changes the weights in ``after_task`` must declare it;
     - :attr:`strength`: the hyperparameters that set the method's strength, for messages
       such as "lower lam (now 5.0)".
     """
@@ -71,6 +75,7 @@ class Regularizer:
     importance_from_inputs: bool = False
     uses_step_hook: bool = False
     uses_optimizer_step_hook: bool = False
+    after_task_changes_model: bool = False
 
     @property
     def strength(self) -> dict[str, float]:

@@ -16,9 +16,11 @@ far, with ``α_t = 1/T``:
     mean-IMM:  θ = Σ_t α_t θ_t
     mode-IMM:  θ = Σ_t α_t (F_t + ε) θ_t / Σ_t α_t (F_t + ε)      (elementwise)
 
-The merged parameters are loaded into the model in ``after_task`` (so the
-evaluation after task ``t`` sees the merged model); ``before_task`` of the next task
-restores ``θ_{t}`` (weight transfer, as in the paper). Heads are not merged: a
+The merged parameters are loaded into the model in ``after_task``
+(``after_task_changes_model``: the task loop evaluates the model as trained on task ``t`` for
+the accuracy matrix ``R[t]`` before the merge, and the merged model after it for the row of its
+own, ``merged_accuracy``); ``before_task`` of the next task restores ``θ_{t}`` (weight
+transfer, as in the paper). Heads are not merged: a
 task's head only exists from that task on, and the parameters of ``model.heads``
 are left as trained. Only parameters present in every stored task are merged.
 
@@ -81,6 +83,7 @@ class IMM(QuadraticAnchorRegularizer):
     display_name = "IMM L2-transfer"
     strength_name = "lam_l2"
     uniform_importance = True
+    after_task_changes_model = True  # the merge is loaded into the model
 
     def __init__(self, mode: str = "mean", *, lam_l2: float = 1e-4, max_samples: int | None = None,
                  output_fn: Callable[[nn.Module, Any], Tensor] | None = None,

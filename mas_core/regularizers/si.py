@@ -4,26 +4,32 @@ During task ``t`` every optimizer step ``s`` adds to the path integral
 
     ω_i += −g_i^s · Δθ_i^s
 
-where ``g^s`` is the gradient used at the step (read from ``.grad`` in
-``after_step``: the gradient of the full loss, penalty included) and
-``Δθ^s = θ^{s} − θ^{s−1}`` the change the step made (momentum and weight decay
-included). For plain gradient descent ``Δθ = −η g`` so ``ω = η Σ_s g_s²``, and in the
-gradient-flow limit ``ω`` is the loss decrease attributed to each parameter.
+where ``g^s`` is the gradient of the **task loss alone** at ``θ^{s−1}`` (the unregularized loss,
+as in Zenke et al.'s reference implementation, not the loss plus the SI penalty) and
+``Δθ^s = θ^{s} − θ^{s−1}`` the change the step made (momentum, weight decay and the penalty's
+pull included). For plain gradient descent on the task loss alone ``Δθ = −η g`` so
+``ω = η Σ_s g_s²``, and in the gradient-flow limit ``ω`` is the task-loss decrease attributed to
+each parameter.
+
+``after_step`` reads ``g`` from ``.grad``, which the loop filled with the gradient of
+``task loss + penalty``; the penalty's part is removed analytically. With
+``penalty_step="gradient"`` the fused penalty's gradient is ``s (θ^{s−1} − θ*)`` with
+``s = 2 λ_eff Ω`` (the same per-parameter scale the fused penalty of
+:mod:`~mas_core.regularizers.quadratic` applies, read from it, at the θ the backward saw, which
+``after_step`` remembered), so ``g = .grad − s (θ^{s−1} − θ*)``. With ``penalty_step="proximal"``
+the penalty is not in the loss and ``.grad`` already is the task loss's gradient. With
+``clip_grad_norm`` active on a step the loop clipped the sum, so ``g`` is then
+``c (g_task + g_pen) − g_pen`` (``c`` the clipping factor), not exactly ``c g_task``.
 At the end of the task
 
     Ω_i ← Ω_i + ω_i / ((θ_i^end − θ_i^start)² + ξ)         (ξ = ``damping``)
 
-and θ* ← θ^end. While training later tasks the penalty is
+and θ* ← θ^end; ``before_task`` resets ω to 0 and θ^start to the current θ. While training
+later tasks the penalty is
 
     L_SI(θ) = λ Σ_i Ω_i (θ_i − θ*_i)²        (no 1/2, as MAS and EWC here; ``docs/method.md`` §6)
 
 inherited from :class:`~mas_core.regularizers.quadratic.QuadraticAnchorRegularizer`.
-
-With ``penalty_step="proximal"`` the penalty is not in the loss, so ``.grad`` holds the task
-loss's gradient alone; ``after_step`` (called after the proximal step) adds the penalty's
-gradient where the implicit step evaluates it, ``2 λ_eff max(Ω, 0) (θ − θ*)`` at the new θ,
-so that ``g`` is again the full loss's gradient and ``Δθ`` the whole change (optimizer and
-proximal step): for plain SGD ``Δθ = −η g`` exactly, as in the gradient form.
 
 Ω is not clipped at 0 (as in the reference implementation). Parameters that
 appear during a task (a head added after ``before_task``) start their path
@@ -78,9 +84,9 @@ class SI(QuadraticAnchorRegularizer):
         self.path[name] = torch.zeros_like(value)
 
     def after_step(self, model: nn.Module) -> None:
-        """``ω += −g·Δθ`` for every trainable parameter, then remember θ for the next step
-        (``g`` with the proximal penalty's implicit gradient added under ``penalty_step="proximal"``)."""
-        proximal = self.penalty_step == "proximal" and self.lam != 0
+        """``ω += −g·Δθ`` for every trainable parameter, ``g`` the task loss's gradient at the θ
+        before the step (``.grad`` less the penalty's gradient, see the module docs); then
+        remember θ for the next step."""
         with torch.no_grad():
             for name, parameter in model.named_parameters():
                 if not parameter.requires_grad:
@@ -90,13 +96,24 @@ class SI(QuadraticAnchorRegularizer):
                     self._track(name, parameter)
                     continue
                 gradient = parameter.grad
-                scale = self._gradient_scales.get(name) if proximal else None
-                if scale is not None and name in self._anchors:
-                    implicit = scale.to(parameter).clamp(min=0.0) * (parameter - self._anchors[name].to(parameter))
-                    gradient = implicit if gradient is None else gradient + implicit
                 if gradient is not None:
+                    penalty_gradient = self._penalty_gradient(name, previous)
+                    if penalty_gradient is not None:
+                        gradient = gradient - penalty_gradient
                     self.path[name].sub_(gradient * (parameter - previous))
                 previous.copy_(parameter)
+
+    def _penalty_gradient(self, name: str, theta: Tensor) -> Tensor | None:
+        """The gradient the penalty put into ``.grad`` of ``name`` at parameters ``theta``:
+        ``s (θ − θ*)`` with the fused penalty's scale ``s = 2 λ_eff Ω``, or ``None`` where the
+        penalty contributes nothing (proximal step, λ = 0, a parameter without Ω)."""
+        if self.penalty_step == "proximal" or self.lam == 0:
+            return None
+        scale = self._gradient_scales.get(name)
+        anchor = self._anchors.get(name)
+        if scale is None or anchor is None:
+            return None
+        return scale.to(theta) * (theta - anchor.to(theta))
 
     def after_task(self, model: nn.Module, data: Iterable[Any]) -> None:
         """``Ω += ω / ((θ_end − θ_start)² + ξ)``; anchor θ* at the current parameters."""
