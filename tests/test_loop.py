@@ -119,7 +119,8 @@ def test_the_facts_run_folder_holds_what_the_contract_says(tmp_path_factory, tmp
         entry = results["methods"][key]
         R = entry["accuracy_matrix"]
         assert entry["method"] == key and entry["avg_acc"] == pytest.approx(sum(R[-1]) / 3)
-        assert entry["forgetting"] == pytest.approx(-entry["bwt"])
+        assert entry["forgetting"] == pytest.approx(sum(max(R[l][j] for l in range(j, 2)) - R[2][j] for j in range(2)) / 2)
+        assert entry["bwt"] == pytest.approx(sum(R[2][j] - R[j][j] for j in range(2)) / 2)
         assert entry["avg_drop"] == pytest.approx(sum(R[2][j] - R[j][j] for j in range(3)) / 3)
         for name in ("checkpoint.pt", "log.txt", "model.pt", "result.json"):
             assert (tmp_path / "run" / key / name).is_file()
