@@ -230,16 +230,12 @@ class SequenceResult:
 
     def merged_summary(self) -> dict[str, float] | None:
         """The metrics of the model a weight-changing ``after_task`` delivers at the end (IMM's
-        merge), on ``R'`` = ``accuracy`` with its last row replaced by the last row of
-        ``merged_accuracy``: ``avg_acc`` (mean final merged accuracy), ``forgetting`` (Chaudhry:
-        best accuracy of the trained models before the last task minus the final merged one),
-        ``bwt`` and ``avg_drop`` (final merged minus just-trained ``R[j][j]``, over all tasks,
-        the last one included). ``None`` when there is no ``merged_accuracy``."""
+        merge), measured against the models as trained (:func:`mas_core.metrics.with_final_row`
+        of ``accuracy`` and the last row of ``merged_accuracy``): ``avg_acc``, ``forgetting``,
+        ``bwt``, ``avg_drop``. ``None`` when there is no ``merged_accuracy``."""
         if self.merged_accuracy is None:
             return None
-        delivered = [list(row) for row in self.accuracy[:-1]] + [list(self.merged_accuracy[-1])]
-        return {"avg_acc": metrics.average_accuracy(delivered), "forgetting": metrics.average_forgetting(delivered),
-                "bwt": metrics.backward_transfer(delivered), "avg_drop": metrics.average_drop(delivered)}
+        return metrics.with_final_row(self.accuracy, self.merged_accuracy[-1])
 
     def summary(self) -> dict[str, Any]:
         """The metrics of the results schema (``docs/run_folder.md``): ``accuracy_matrix``,

@@ -98,3 +98,22 @@ def average_drop(R: AccuracyMatrix) -> float:
     rows = _validated(R)
     T = len(rows)
     return sum(rows[-1][j] - rows[j][j] for j in range(T)) / T
+
+
+def with_final_row(R: AccuracyMatrix, final_row: Sequence[float | None]) -> dict[str, float]:
+    """The metrics of a model delivered in place of the last trained one (IMM's merge), whose
+    accuracies on the ``T`` tasks are ``final_row``, measured against the models as trained in ``R``:
+
+    * ``avg_acc``    ``(1/T) Σ_{j<T} m_j``
+    * ``forgetting`` ``(1/(T-1)) Σ_{j<T-1} max_{l∈{j..T-2}} R[l][j] - m_j``
+    * ``bwt``        ``(1/(T-1)) Σ_{j<T-1} (m_j - R[j][j])``
+    * ``avg_drop``   ``(1/T) Σ_{j<T} (m_j - R[j][j])``: the last task counts too (what the
+      replacement lost on the task just trained)
+
+    with ``m_j = final_row[j]``; the forgetting and BWT of ``R`` with its last row replaced."""
+    rows = _validated(R)
+    T = len(rows)
+    final = _validated(rows[:-1] + [list(final_row)])[-1]
+    delivered = rows[:-1] + [final]
+    return {"avg_acc": average_accuracy(delivered), "forgetting": average_forgetting(delivered),
+            "bwt": backward_transfer(delivered), "avg_drop": sum(final[j] - rows[j][j] for j in range(T)) / T}

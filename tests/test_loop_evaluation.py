@@ -54,9 +54,11 @@ def test_imm_diagonal_is_the_model_trained_on_the_task_and_the_merge_has_its_own
     assert any(result.accuracy[t][t] != result.merged_accuracy[t][t] for t in (1, 2))
     summary = result.summary()
     assert summary["accuracy_matrix_merged"] == result.merged_accuracy
-    delivered = result.accuracy[:2] + [result.merged_accuracy[2]]
-    assert summary["merged"]["avg_acc"] == pytest.approx(sum(result.merged_accuracy[2]) / 3)
-    assert summary["merged"]["avg_drop"] == pytest.approx(sum(delivered[2][j] - delivered[j][j] for j in range(3)) / 3)
+    R, final = result.accuracy, result.merged_accuracy[2]
+    assert summary["merged"]["avg_acc"] == pytest.approx(sum(final) / 3)
+    assert summary["merged"]["avg_drop"] == pytest.approx(sum(final[j] - R[j][j] for j in range(3)) / 3)
+    assert summary["merged"]["forgetting"] == pytest.approx(sum(max(R[l][j] for l in range(j, 2)) - final[j]
+                                                                for j in range(2)) / 2)
     assert summary["avg_acc"] == pytest.approx(sum(result.accuracy[2]) / 3)  # the trained model's, as for any method
     checkpoint = load_checkpoint(tmp_path / CHECKPOINT_NAME)
     assert checkpoint["merged_accuracy"] == result.merged_accuracy and checkpoint["accuracy"] == result.accuracy

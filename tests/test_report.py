@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 
 from triplets.errors import TripletsError
-from triplets.report import comparison_table, forgetting_and_bwt, matrix_table, summary_rows, write_report
+from triplets.report import (
+    comparison_table,
+    forgetting_and_bwt,
+    matrix_table,
+    recognition_markdown,
+    summary_rows,
+    write_report,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -38,6 +45,45 @@ def test_forgetting_and_bwt_definitions():
     assert forgetting == pytest.approx(((0.8 - 0.5) + (0.7 - 0.55)) / 2)
     assert bwt == pytest.approx(-forgetting)
     assert forgetting_and_bwt([[0.9]]) == (None, None)
+    # a column that rises after it is learned: Chaudhry's forgetting and −BWT differ in sign
+    forgetting, bwt = forgetting_and_bwt([[0.5, None, None], [0.9, 0.8, None], [0.6, 0.75, 0.9]])
+    assert forgetting == pytest.approx(((0.9 - 0.6) + (0.8 - 0.75)) / 2)  # 0.175
+    assert bwt == pytest.approx(((0.6 - 0.5) + (0.75 - 0.8)) / 2)  # +0.025
+
+
+def _with_imm(results: dict) -> dict:
+    """``_results()`` plus an IMM entry whose merged model differs from the trained ones, and a
+    stale stored forgetting (R[j][j] − R[T−1][j], the definition before Chaudhry's)."""
+    trained = [[0.90, None, None], [0.95, 0.80, None], [0.60, 0.70, 0.85]]
+    merged = [[0.90, None, None], [0.85, 0.75, None], [0.70, 0.72, 0.60]]
+    results["methods"]["imm"] = {"accuracy_matrix": trained, "accuracy_matrix_merged": merged, "avg_acc": 0.7167,
+                                 "forgetting": 0.2, "bwt": -0.2, "avg_drop": -0.1333, "wall_time_s": 2.0,
+                                 "final": {"standard": [{"top5": 0.7, "map": 0.3}] * 3,
+                                           "generalized": [{"top5": 0.4, "map": 0.3}] * 3}}
+    return results
+
+
+def test_reports_recompute_chaudhry_forgetting_and_show_the_merged_model_apart():
+    results = _with_imm(_results())
+    rows = {row["method"]: row for row in summary_rows(results)}
+    # trained models: forgetting ((0.95 - 0.60) + (0.80 - 0.70)) / 2 = 0.225, not the stored 0.2
+    assert rows["imm"]["forgetting"] == pytest.approx(0.225)
+    assert rows["imm"]["bwt"] == pytest.approx(((0.60 - 0.90) + (0.70 - 0.80)) / 2)
+    # the delivered (merged) model: last row 0.70 0.72 0.60 against the trained models' rows
+    assert rows["imm"]["merged"]["avg_acc"] == pytest.approx((0.70 + 0.72 + 0.60) / 3)
+    assert rows["imm"]["merged"]["forgetting"] == pytest.approx(((0.95 - 0.70) + (0.80 - 0.72)) / 2)
+    table = comparison_table(results)
+    assert "| imm | 71.67 | 22.50 | -20.00 | — | — |" in table
+    assert "| imm (merged) | 67.33 | 16.50 | -14.00 | 40.00 | 30.00 |" in table
+    results["name"] = "demo"
+    results["tasks"] = [{"name": name} for name in ("a", "b", "c")]
+    for entry in results["methods"].values():
+        entry.setdefault("wall_time_s", 1.0)
+    markdown = recognition_markdown(results)
+    # drop of the merged model, the last task included: mean of (0.70 − 0.90, 0.72 − 0.80, 0.60 − 0.85)
+    assert "| imm | 71.67 | -13.33 | 22.50 | -20.00 | 2.0 |" in markdown
+    assert "| imm (merged) | 67.33 | -17.67 | 16.50 | -14.00 | 2.0 |" in markdown
+    assert "| imm (merged) | 70.00 (-20.0) | 72.00 (-8.0) | 60.00 (-25.0) |" in markdown
 
 
 def test_table_numbers():

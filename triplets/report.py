@@ -4,9 +4,12 @@
 Fact embedding, ``write_report(results, out_dir)`` writes
 
 - ``out_dir/results.md``: one row per method with average top-5 (mean of the last row of
-  the accuracy matrix R, standard mode), forgetting (mean over j < T−1 of R[j][j] − R[T−1][j]),
-  BWT (mean over j < T−1 of R[T−1][j] − R[j][j]), final generalized top-5 and final mAP
-  (means over tasks of the ``final`` entries), then each method's task × task matrix;
+  the accuracy matrix R, standard mode), forgetting (Chaudhry et al. 2018: mean over j < T−1 of
+  max_{j≤l<T−1} R[l][j] − R[T−1][j]), BWT (mean over j < T−1 of R[T−1][j] − R[j][j]), final
+  generalized top-5 and final mAP (means over tasks of the ``final`` entries), then each method's
+  task × task matrix. A method whose ``after_task`` changes the weights (IMM's merge) has R of the
+  models as trained and a second row "(merged)" for the model it delivers (R with its last row
+  from ``accuracy_matrix_merged``; the ``final`` metrics are that model's);
 - ``out_dir/plots/accuracy_matrix_<method>.png``: R as a heatmap (rows: after training task i,
   columns: evaluated on task j; blank above the diagonal);
 - ``out_dir/plots/per_task_top5.png``: grouped bars, one group per task and one bar per method,
@@ -14,8 +17,8 @@ Fact embedding, ``write_report(results, out_dir)`` writes
   lifelong-fact-learning paper's figure.
 
 Recognition sequence: :func:`recognition_markdown` (the paper's Table 2 layout for two tasks,
-else average accuracy, drop and forgetting per method; then per-task final accuracies with their
-drops) and :func:`write_recognition_plots` (``plots/accuracy.png``, ``plots/drop.png``: per task,
+else average accuracy, drop, forgetting and BWT per method, IMM's merged model in a row of its
+own; then per-task final accuracies with their drops) and :func:`write_recognition_plots` (``plots/accuracy.png``, ``plots/drop.png``: per task,
 one bar per method).
 
 Accuracies in ``results.json`` are fractions; the reports show percentages (points for
@@ -33,7 +36,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from mas_core import metrics
 from mas_core.checkpoint import atomic_write_bytes, atomic_write_text
+from mas_core.errors import MASCoreError
 
 from .errors import TripletsError
 
@@ -52,14 +57,40 @@ def _matrix(entry: dict[str, Any], method: str) -> list[list[float | None]]:
 
 
 def forgetting_and_bwt(matrix: list[list[float | None]]) -> tuple[float | None, float | None]:
-    """(forgetting, BWT) of an accuracy matrix with T rows: F = mean_{j<T−1} R[j][j] − R[T−1][j], BWT = −F."""
-    last = len(matrix) - 1
-    drops = [matrix[j][j] - matrix[last][j] for j in range(last)
-             if matrix[j][j] is not None and matrix[last][j] is not None]
-    if not drops:
+    """(forgetting, BWT) of an accuracy matrix with T ≥ 2 complete rows (:mod:`mas_core.metrics`):
+    F = mean_{j<T−1} max_{j≤l<T−1} R[l][j] − R[T−1][j] (Chaudhry et al. 2018) and
+    BWT = mean_{j<T−1} R[T−1][j] − R[j][j] (Lopez-Paz & Ranzato 2017); F ≥ −BWT, equal only when
+    no column rises after its diagonal. ``(None, None)`` for one row or an incomplete matrix."""
+    values = matrix_metrics(matrix)
+    if values is None or len(matrix) < 2:
         return None, None
-    forgetting = sum(drops) / len(drops)
-    return forgetting, -forgetting
+    return values["forgetting"], values["bwt"]
+
+
+def matrix_metrics(matrix: list[list[float | None]]) -> dict[str, float] | None:
+    """``avg_acc``, ``forgetting``, ``bwt`` and ``avg_drop`` of R (:mod:`mas_core.metrics`), or
+    ``None`` when its lower triangle is incomplete."""
+    try:
+        return {"avg_acc": metrics.average_accuracy(matrix), "forgetting": metrics.average_forgetting(matrix),
+                "bwt": metrics.backward_transfer(matrix), "avg_drop": metrics.average_drop(matrix)}
+    except MASCoreError:
+        return None
+
+
+def merged_metrics(entry: dict[str, Any], method: str) -> dict[str, float] | None:
+    """The metrics of the model a weight-changing ``after_task`` delivers (IMM's merge), the last
+    row of ``accuracy_matrix_merged``, measured against the models as trained in R
+    (:func:`mas_core.metrics.with_final_row`); ``None`` for a method without one or an
+    incomplete matrix."""
+    merged = entry.get("accuracy_matrix_merged")
+    if merged is None:
+        return None
+    if not isinstance(merged, list) or not merged or not all(isinstance(row, list) for row in merged):
+        raise TripletsError(f"results for method {method!r} have an accuracy_matrix_merged that is not a list of rows")
+    try:
+        return metrics.with_final_row(_matrix(entry, method), merged[-1])
+    except MASCoreError:
+        return None
 
 
 def final_mean(entry: dict[str, Any], mode: str, key: str) -> float | None:
@@ -71,22 +102,30 @@ def final_mean(entry: dict[str, Any], mode: str, key: str) -> float | None:
 
 
 def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per method: name, avg_acc, forgetting, bwt, final generalized top-5 and mAP (fractions or None)."""
+    """Per method: name, avg_acc, forgetting, bwt, final generalized top-5 and mAP (fractions or
+    None), recomputed from the accuracy matrix (the stored values where it is incomplete), so a
+    results.json written before forgetting followed Chaudhry et al. is reported with it. A method
+    with ``accuracy_matrix_merged`` also has ``merged``: the delivered model's avg_acc,
+    forgetting, bwt (:func:`merged_metrics`)."""
     methods = results.get("methods") if isinstance(results, dict) else None
     if not isinstance(methods, dict) or not methods:
         raise TripletsError("results hold no methods; train a run first (mas-triplets train)")
     rows = []
     for name, entry in methods.items():
         matrix = _matrix(entry, name)
-        forgetting, bwt = forgetting_and_bwt(matrix)
-        rows.append({
+        computed = matrix_metrics(matrix) or {}
+        row = {
             "method": name,
-            "avg_acc": entry.get("avg_acc", _mean(matrix[-1])),
-            "forgetting": entry.get("forgetting", forgetting),
-            "bwt": entry.get("bwt", bwt),
+            "avg_acc": computed.get("avg_acc", entry.get("avg_acc", _mean(matrix[-1]))),
+            "forgetting": computed.get("forgetting", entry.get("forgetting")),
+            "bwt": computed.get("bwt", entry.get("bwt")),
             "generalized_top5": final_mean(entry, "generalized", "top5"),
             "map": final_mean(entry, "standard", "map"),
-        })
+        }
+        merged = merged_metrics(entry, name)
+        if merged is not None:
+            row["merged"] = {key: merged[key] for key in ("avg_acc", "forgetting", "bwt")}
+        rows.append(row)
     return rows
 
 
@@ -99,8 +138,14 @@ def comparison_table(results: dict[str, Any]) -> str:
     lines = ["| method | avg top-5 (%) | forgetting (pts) | BWT (pts) | final generalized top-5 (%) | mAP (%) |",
              "|---|---:|---:|---:|---:|---:|"]
     for row in summary_rows(results):
+        merged = row.get("merged")
+        final = "— | —" if merged else f"{_percent(row['generalized_top5'])} | {_percent(row['map'])}"
         lines.append(f"| {row['method']} | {_percent(row['avg_acc'])} | {_percent(row['forgetting'])} | "
-                     f"{_percent(row['bwt'])} | {_percent(row['generalized_top5'])} | {_percent(row['map'])} |")
+                     f"{_percent(row['bwt'])} | {final} |")
+        if merged:  # the final model is the merged one: the final metrics are its
+            lines.append(f"| {row['method']} (merged) | {_percent(merged['avg_acc'])} | "
+                         f"{_percent(merged['forgetting'])} | {_percent(merged['bwt'])} | "
+                         f"{_percent(row['generalized_top5'])} | {_percent(row['map'])} |")
     return "\n".join(lines)
 
 
@@ -120,11 +165,17 @@ def render_markdown(results: dict[str, Any]) -> str:
     parts = ["# Results", "",
              "Image → fact top-5 accuracy with Sherlock's order-aware ground truth; standard mode ranks the "
              "task's own facts, generalized mode the facts of all tasks. avg top-5: mean over tasks after the "
-             "last task (standard). forgetting: mean drop from just after learning a task to the end; "
-             "BWT = −forgetting. mAP: fact → image mean average precision, averaged over tasks.", "",
+             "last task (standard). forgetting (Chaudhry et al. 2018): mean over the tasks before the last of "
+             "the best top-5 a task had before the last task minus its final top-5; BWT: mean of final minus "
+             "just-after top-5 (Lopez-Paz & Ranzato 2017). A \"(merged)\" row: the model IMM delivers (its merge), "
+             "whose final metrics those are; the row above it is the models as trained. mAP: fact → image mean "
+             "average precision, averaged over tasks.", "",
              comparison_table(results), ""]
     for name, entry in results["methods"].items():
         parts += [f"## {name}: accuracy matrix R (standard top-5, %)", "", matrix_table(_matrix(entry, name)), ""]
+        if entry.get("accuracy_matrix_merged") is not None:
+            parts += [f"## {name}: the merged model after each task (standard top-5, %)", "",
+                      matrix_table(_matrix({"accuracy_matrix": entry["accuracy_matrix_merged"]}, name)), ""]
     return "\n".join(parts)
 
 
@@ -232,29 +283,44 @@ def _task_names(results: dict[str, Any]) -> list[str]:
 
 
 def recognition_markdown(results: dict[str, Any]) -> str:
-    """Markdown tables of a recognition results document (accuracies and drops in percent)."""
+    """Markdown tables of a recognition results document (accuracies and drops in percent), the
+    metrics recomputed from each accuracy matrix (:func:`matrix_metrics`); a method with
+    ``accuracy_matrix_merged`` (IMM) gets a "(merged)" row for the model it delivers."""
     tasks = _task_names(results)
     methods = results["methods"]
     lines = [f"# {results['name']}: {' → '.join(tasks)}", ""]
+    finals = []  # (row name, entry, R, final row)
+    for name, entry in methods.items():
+        R = _matrix(entry, name)
+        finals.append((name, entry, R, R[-1]))
+        if entry.get("accuracy_matrix_merged") is not None:
+            merged = _matrix({"accuracy_matrix": entry["accuracy_matrix_merged"]}, name)
+            finals.append((f"{name} (merged)", entry, R, merged[-1]))
     if len(tasks) == 2:
         lines += [f"| method | {tasks[0]} (drop) | {tasks[1]} |", "|---|---|---|"]
-        for name, entry in methods.items():
-            R = _matrix(entry, name)
-            lines.append(f"| {name} | {_percent(R[1][0])} ({100.0 * (R[1][0] - R[0][0]):+.2f}) | {_percent(R[1][1])} |")
+        for name, _, R, last in finals:
+            lines.append(f"| {name} | {_percent(last[0])} ({100.0 * (last[0] - R[0][0]):+.2f}) | {_percent(last[1])} |")
         lines += ["", "First-task accuracy after learning the second task, with its drop from the accuracy right "
                   "after learning it (Table 2 layout); second-task accuracy. Percent."]
     else:
-        lines += ["| method | avg acc | avg drop | avg forgetting | wall time (s) |", "|---|---|---|---|---|"]
-        for name, entry in methods.items():
-            lines.append(f"| {name} | {_percent(entry['avg_acc'])} | {100.0 * entry['avg_drop']:+.2f} | "
-                         f"{_percent(entry['forgetting'])} | {entry['wall_time_s']:.1f} |")
+        lines += ["| method | avg acc | avg drop | avg forgetting | BWT | wall time (s) |", "|---|---|---|---|---|---|"]
+        for name, entry, R, last in finals:
+            values = matrix_metrics(R) if last is R[-1] else merged_metrics(entry, name)
+            if values is None:
+                values = {key: entry[key] for key in ("avg_acc", "avg_drop", "forgetting", "bwt")}
+            lines.append(f"| {name} | {_percent(values['avg_acc'])} | {100.0 * values['avg_drop']:+.2f} | "
+                         f"{_percent(values['forgetting'])} | {100.0 * values['bwt']:+.2f} | "
+                         f"{entry['wall_time_s']:.1f} |")
         lines += ["", "avg acc: mean final test accuracy over tasks; avg drop: mean over tasks of final minus "
-                  "just-after accuracy (negative = forgetting). Percent."]
+                  "just-after accuracy (the MAS paper's; negative = forgetting); avg forgetting: mean over the tasks "
+                  "before the last of the best accuracy a task had before the last task minus its final accuracy "
+                  "(Chaudhry et al. 2018); BWT: mean over the same tasks of final minus just-after accuracy "
+                  "(Lopez-Paz & Ranzato 2017). \"(merged)\": the model IMM delivers (its merge after the last task), "
+                  "measured against the models as trained. Percent."]
     lines += ["", "Final accuracy per task (drop from just after learning it):", "",
               "| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
-    for name, entry in methods.items():
-        R = _matrix(entry, name)
-        cells = [f"{_percent(R[-1][j])} ({100.0 * (R[-1][j] - R[j][j]):+.1f})" for j in range(len(tasks))]
+    for name, _, R, last in finals:
+        cells = [f"{_percent(last[j])} ({100.0 * (last[j] - R[j][j]):+.1f})" for j in range(len(tasks))]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
