@@ -9,8 +9,9 @@ loop; checkpoints in ``OUT/<method>/``), and writes
 * ``OUT/results.json`` (schema version 1, :mod:`triplets.results_schema`): per method the
   accuracy matrix ``R[i][j]`` (fraction of the test set of task ``j`` classified correctly
   after training task ``i``), ``avg_acc`` (mean final accuracy), ``avg_drop`` (mean over
-  tasks of final minus just-after accuracy; negative = forgetting), ``forgetting``, ``bwt``,
-  ``wall_time_s``;
+  tasks of final minus just-after accuracy; negative = forgetting), ``forgetting``
+  (Chaudhry et al.), ``bwt``, ``wall_time_s`` (IMM also ``accuracy_matrix_merged`` and
+  ``merged``: its merged model, apart from the models as trained);
 * ``OUT/results.md`` and ``OUT/plots/accuracy.png``, ``OUT/plots/drop.png``
   (:func:`triplets.report.recognition_markdown`, :func:`triplets.report.write_recognition_plots`).
 

@@ -7,13 +7,22 @@ Version 1::
      "tasks": [{"index": t, "name": str, ...sizes}],
      "methods": {key: {"method": registry name or "joint", "options": {...},
                        "accuracy_matrix": R, "avg_acc": A, "forgetting": F, "bwt": BWT,
-                       "avg_drop": D, "wall_time_s": s, ...experiment extras}},
+                       "avg_drop": D, "wall_time_s": s,
+                       ["accuracy_matrix_merged": R_merged, "merged": {"avg_acc", "forgetting",
+                        "bwt", "avg_drop"}],       # IMM only (after_task_changes_model)
+                       ...experiment extras}},
      "config": the experiment's config as a plain mapping}
 
-``R[i][j]`` is the metric (a fraction in [0, 1]) on task ``j`` after training task ``i``, ``null``
-for ``j > i``; ``A``, ``F``, ``BWT`` and ``D`` are :mod:`mas_core.metrics`' average accuracy,
-average forgetting, backward transfer and the MAS paper's average drop of R. Extras: the fact
-embedding's ``final`` (per mode and task the final retrieval metrics), the recognition
+``R[i][j]`` is the metric (a fraction in [0, 1]) on task ``j`` of the model as trained on task
+``i``, ``null`` for ``j > i``; ``A``, ``F``, ``BWT`` and ``D`` are :mod:`mas_core.metrics`'
+average accuracy, forgetting (Chaudhry et al. 2018: mean over ``j < T-1`` of
+``max_{j≤l<T-1} R[l][j] - R[T-1][j]``), backward transfer (mean over ``j < T-1`` of
+``R[T-1][j] - R[j][j]``) and the MAS paper's average drop (mean over all ``j`` of
+``R[T-1][j] - R[j][j]``). A method whose ``after_task`` changes the weights (IMM's merge) also
+has ``accuracy_matrix_merged`` (row ``i``: the model after ``after_task`` of task ``i``) and
+``merged``: the metrics of the final merged model against the models as trained
+(:func:`mas_core.metrics.with_final_row`). Extras: the fact embedding's ``final`` (per mode and
+task the final retrieval metrics, of the final model: for IMM the merged one), the recognition
 sequence's ``importance_data``.
 """
 from __future__ import annotations
