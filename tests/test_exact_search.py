@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from triplets.errors import TripletsError
-from triplets.index import build_index, choose_exact_backend, exact_search, load_index, normalize_rows, score_blocks
+from triplets.index import (build_index, choose_exact_backend, exact_search, load_index, multiply_transposed,
+                            normalize_rows, score_blocks)
 
 
 def _reference(queries, database, k):
@@ -21,17 +22,18 @@ def _reference(queries, database, k):
     return np.take_along_axis(scores, order, axis=1), order
 
 
+@pytest.mark.parametrize("gemm", ["blas", "torch"])
 @pytest.mark.parametrize("count,dim,queries,k,block_bytes,query_block", [
     (5000, 64, 200, 10, 1 << 27, 1024),        # one block
     (5000, 64, 200, 1, 4 * 64 * 700, 64),      # query and database blocks, last ones partial
     (1000, 32, 50, 10, 4 * 16 * 40, 16),
     (257, 7, 33, 5, 4 * 3 * 17, 3),            # blocks of 17 rows: many boundaries
 ])
-def test_equals_float64_brute_force_across_block_sizes(count, dim, queries, k, block_bytes, query_block):
+def test_equals_float64_brute_force_across_block_sizes(count, dim, queries, k, block_bytes, query_block, gemm):
     rng = np.random.default_rng(count + dim)
     database = rng.normal(size=(count, dim)) * rng.uniform(0.1, 10.0, size=(count, 1))  # any scale
     query_rows = rng.normal(size=(queries, dim))
-    scores, ids = exact_search(query_rows, database, k, block_bytes=block_bytes, query_block=query_block)
+    scores, ids = exact_search(query_rows, database, k, block_bytes=block_bytes, query_block=query_block, gemm=gemm)
     ref_scores, ref_ids = _reference(query_rows, database, k)
     assert scores.dtype == np.float32 and ids.dtype == np.int64 and ids.shape == (queries, k)
     np.testing.assert_array_equal(ids, ref_ids)
@@ -117,17 +119,34 @@ def test_single_query_vector_and_score_blocks():
 
     q = torch.from_numpy(normalize_rows(rng.normal(size=(11, 5))))
     x = torch.from_numpy(normalize_rows(database))
-    seen = []
-    for start, stop, block in score_blocks(q, x, block_bytes=4 * 30 * 4):  # 4 rows per block
-        assert block.shape == (stop - start, 30) and stop - start <= 4
-        seen.append(block.clone())
-    np.testing.assert_allclose(torch.cat(seen).numpy(), (q @ x.T).numpy(), atol=1e-6)
+    for gemm in ("blas", "torch"):
+        seen = []
+        for start, stop, block in score_blocks(q, x, block_bytes=4 * 30 * 4, gemm=gemm):  # 4 rows per block
+            assert block.shape == (stop - start, 30) and stop - start <= 4
+            seen.append(block.clone())
+        np.testing.assert_allclose(torch.cat(seen).numpy(), (q @ x.T).numpy(), atol=1e-6)
+
+
+def test_multiply_transposed_writes_the_product_in_place_with_either_gemm():
+    import torch
+
+    rng = np.random.default_rng(9)
+    a, b = torch.from_numpy(rng.normal(size=(7, 33)).astype(np.float32)), torch.from_numpy(
+        rng.normal(size=(19, 33)).astype(np.float32))
+    reference = a.double() @ b.double().T
+    for gemm in ("blas", "torch"):
+        out = torch.full((7, 19), float("nan"))
+        assert multiply_transposed(a, b[0:19], out, gemm=gemm) is out
+        np.testing.assert_allclose(out.numpy(), reference.numpy(), rtol=0, atol=1e-5)
+    with pytest.raises(TripletsError, match="did you mean 'blas'"):
+        exact_search(a.numpy(), b.numpy(), 3, gemm="blsa")
 
 
 def test_backend_rule_and_override():
-    assert choose_exact_backend("auto", faiss_on_gpu=False) == "torch"
+    assert choose_exact_backend("auto", faiss_on_gpu=False) == "blas"
     assert choose_exact_backend("auto", faiss_on_gpu=True) == "faiss"
     assert choose_exact_backend("faiss") == "faiss" and choose_exact_backend("torch", faiss_on_gpu=True) == "torch"
+    assert choose_exact_backend("blas", faiss_on_gpu=True) == "blas"
     with pytest.raises(TripletsError, match="did you mean 'torch'"):
         choose_exact_backend("troch")
 
@@ -136,15 +155,18 @@ def test_flat_index_backends_agree_and_survive_save_and_load(tmp_path):
     rng = np.random.default_rng(4)
     database, queries = rng.normal(size=(500, 12)), rng.normal(size=(40, 12))
     ids = np.arange(1000, 1500)
-    by_torch = build_index(database, ids=ids, use_gpu=False)
+    by_blas = build_index(database, ids=ids, use_gpu=False)
+    by_torch = build_index(database, ids=ids, use_gpu=False, exact_backend="torch")
     by_faiss = build_index(database, ids=ids, use_gpu=False, exact_backend="faiss")
-    assert by_torch.exact_backend == "torch" and by_faiss.exact_backend == "faiss"
-    (s1, i1), (s2, i2) = by_torch.search(queries, 10), by_faiss.search(queries, 10)
+    assert by_blas.exact_backend == "blas" and by_torch.exact_backend == "torch" and by_faiss.exact_backend == "faiss"
+    (s1, i1), (s2, i2), (s3, i3) = by_blas.search(queries, 10), by_faiss.search(queries, 10), by_torch.search(queries, 10)
     np.testing.assert_array_equal(i1, 1000 + _reference(queries, database, 10)[1])
     np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_array_equal(i1, i3)
     np.testing.assert_allclose(s1, s2, atol=1e-5)
-    loaded = load_index(by_torch.save(tmp_path / "flat.faiss"), use_gpu=False)
-    assert loaded.exact_backend == "torch"
+    np.testing.assert_array_equal(s1, s3)     # both re-score the same candidates in float64
+    loaded = load_index(by_blas.save(tmp_path / "flat.faiss"), use_gpu=False)
+    assert loaded.exact_backend == "blas"
     np.testing.assert_array_equal(loaded.search(queries, 10)[1], i1)
     assert build_index(database, kind="hnsw", use_gpu=False).exact_backend is None
 
@@ -157,6 +179,7 @@ def test_eval_config_exact_backend_is_validated():
     assert config.eval.exact_backend == "faiss" and TrainConfig().eval.exact_backend == "auto"
     with pytest.raises(ConfigError, match="did you mean 'torch'"):
         from_dict(TrainConfig, {"eval": {"exact_backend": "torhc"}})
+    assert from_dict(TrainConfig, {"eval": {"exact_backend": "blas"}}).eval.exact_backend == "blas"
 
 
 def test_near_ties_below_float32_resolution_are_ranked_as_in_float64():

@@ -5,7 +5,7 @@ in a database X [n, d] is the matrix product Q·Xᵀ (2·q·n·d floating-point 
 by a selection. :func:`exact_search` does it in blocks:
 
 1. For each block of at most ``query_block`` queries and ``bn`` database rows,
-   S = Q_b·X_bᵀ by ``torch.mm`` in float32 (the machine's GEMM), and the c largest scores of
+   S = Q_b·X_bᵀ in float32 by the machine's GEMM (:func:`multiply_transposed`), and the c largest scores of
    each row by ``torch.topk`` (c = min(n, k' + margin), k' = min(k, n)); where the c-th and
    (c+1)-th scores are equal, that row is re-selected by a stable sort so that the lower ids win
    the tie. Each block's candidates are merged with the best c so far (order: score descending,
@@ -38,9 +38,15 @@ callers that need every score (the evaluation's rankings).
 
 Which exact backend runs (:func:`choose_exact_backend`): ``"auto"`` picks FAISS's flat search
 when the flat index lives on a GPU (faiss-gpu sees one; FAISS's GPU brute force is the fast
-path there) and this blocked torch search otherwise (on CPUs it runs at the GEMM's speed,
-several times faster than ``faiss.IndexFlatIP`` and scikit-learn's brute force; see
-``docs/benchmarks.md``). ``"torch"`` or ``"faiss"`` force one.
+path there) and this blocked search with numpy's BLAS ``sgemm`` (``"blas"``) otherwise.
+``"torch"`` runs the same blocked search with ``torch.mm``; ``"faiss"`` forces
+``faiss.IndexFlatIP``. The rule is fixed, not timed per process, so that a run's float32
+scores (and the evaluation's ranks, which are read off them) do not depend on a timing; it
+comes from ``benchmarks/bench_retrieval.py`` on the CPUs this project runs on (AMD EPYC, AVX2,
+2 cores, 2026-11-27, see ``docs/benchmarks.md``): numpy's OpenBLAS ``sgemm`` 180–188 GFLOP/s,
+``torch.mm`` 124–131, so the blocked search is GEMM-bound at the machine's peak with
+``"blas"`` (about FAISS flat's speed, and exact to float64), 1.4× slower with ``"torch"``.
+Tensors on a GPU are always multiplied by ``torch.mm``.
 """
 from __future__ import annotations
 
@@ -54,7 +60,8 @@ from mas_core.errors import did_you_mean
 from ..errors import TripletsError
 from .common import checked_k, normalize_rows
 
-EXACT_BACKENDS = ("auto", "torch", "faiss")
+EXACT_BACKENDS = ("auto", "blas", "torch", "faiss")
+GEMMS = ("blas", "torch")        # how the blocked search multiplies: numpy's BLAS or torch.mm
 SCORE_BLOCK_BYTES = 1 << 27   # 128 MiB of float32 scores per block
 QUERY_BLOCK = 1024            # queries per block: enough rows for the GEMM to reach its speed
 RESCORE_MARGIN = 8            # float32 candidates kept beyond k for the float64 re-scoring
@@ -73,12 +80,27 @@ def choose_exact_backend(name: str = "auto", *, faiss_on_gpu: bool = False) -> s
     """The exact backend that runs: ``"faiss"`` or ``"torch"``.
 
     ``"auto"``: ``"faiss"`` when the FAISS flat index is on a GPU (``faiss_on_gpu``), else
-    ``"torch"`` (blocked GEMM, the fastest exact search on CPUs). ``"torch"``/``"faiss"``: as named.
+    ``"blas"`` (the blocked search by numpy's BLAS, the fastest exact search measured on CPUs;
+    module docstring). ``"blas"``/``"torch"``/``"faiss"``: as named.
     """
     name = check_exact_backend(name)
     if name == "auto":
-        return "faiss" if faiss_on_gpu else "torch"
+        return "faiss" if faiss_on_gpu else "blas"
     return name
+
+
+def multiply_transposed(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, gemm: str = "blas") -> torch.Tensor:
+    """``out ← a · bᵀ`` in float32 (``a`` [m, d], ``b`` [n, d], ``out`` [m, n] contiguous).
+
+    ``gemm="blas"`` multiplies CPU tensors with numpy's BLAS ``sgemm`` (in place, through
+    shared-memory views; ``bᵀ`` is a transposed view, not a copy); ``"torch"``, and any tensor
+    on a GPU, use ``torch.mm``. Returns ``out``.
+    """
+    if gemm == "blas" and out.device.type == "cpu" and a.device.type == "cpu" and b.device.type == "cpu":
+        np.matmul(a.numpy(), b.numpy().T, out=out.numpy())
+    else:
+        torch.mm(a, b.t(), out=out)
+    return out
 
 
 def _unit_rows(vectors: np.ndarray, name: str, normalized: bool) -> np.ndarray:
@@ -119,13 +141,14 @@ def _block_top(scores: torch.Tensor, take: int) -> tuple[torch.Tensor, torch.Ten
 
 class TopKAccumulator:
     """The best ``keep`` database rows of each query (float32 scores) over database blocks added in
-    any order: :meth:`add` scores one block by ``torch.mm`` and merges its per-row top ``keep``
+    any order: :meth:`add` scores one block (:func:`multiply_transposed`, ``gemm``) and merges its per-row top ``keep``
     (ties at the cut: lower ids) into the running best, ordered by score descending, id ascending.
     ``queries``: float32 unit rows [q, d] (a tensor, used in place)."""
 
     def __init__(self, queries: torch.Tensor, keep: int, buffer: torch.Tensor | None = None,
-                 block_bytes: int = SCORE_BLOCK_BYTES) -> None:
+                 block_bytes: int = SCORE_BLOCK_BYTES, gemm: str = "blas") -> None:
         self.queries = queries
+        self.gemm = gemm
         self.keep = int(keep)
         self.scores: torch.Tensor | None = None
         self.ids: torch.Tensor | None = None
@@ -145,7 +168,7 @@ class TopKAccumulator:
         if self._buffer is None or self._buffer.numel() < size:
             self._buffer = torch.empty(size, dtype=torch.float32)
         scores = self._buffer[:size].view(len(self.queries), len(block))
-        torch.mm(self.queries, block.t(), out=scores)
+        multiply_transposed(self.queries, block, scores, gemm=self.gemm)
         values, columns = _block_top(scores, min(self.keep, len(block)))
         ids = columns + int(first_row)
         if self.scores is None or self.ids is None:
@@ -193,14 +216,16 @@ def rescore(queries: torch.Tensor, candidates: torch.Tensor, vectors: torch.Tens
 
 def exact_search(queries: np.ndarray, database: np.ndarray, k: int, *, normalized: bool = False,
                  block_bytes: int = SCORE_BLOCK_BYTES, query_block: int = QUERY_BLOCK,
-                 margin: int = RESCORE_MARGIN) -> tuple[np.ndarray, np.ndarray]:
+                 margin: int = RESCORE_MARGIN, gemm: str = "blas") -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` most cosine-similar database rows of each query, exactly (see the module docstring).
 
     ``queries`` [q, d] (or [d]) and ``database`` [n, d]: any scale (rows are L2-normalised
     here) unless ``normalized``, which promises unit rows and, for float32 C-contiguous
     arrays, skips the copy. Returns ``(scores float32 [q, k'], ids int64 [q, k'])`` with
-    k' = min(k, n), best first; ids are database rows. Raises :class:`TripletsError` for an
-    empty query set or database, k < 1, mismatched dimensions, or NaN/inf values.
+    k' = min(k, n), best first; ids are database rows. ``gemm``: "blas" (numpy's BLAS) or
+    "torch" (``torch.mm``) for the float32 products (same ids either way). Raises
+    :class:`TripletsError` for an empty query set or database, k < 1, mismatched dimensions, or
+    NaN/inf values.
     """
     k = checked_k(k)
     if int(block_bytes) < 4 or int(query_block) < 1 or int(margin) < 0:
@@ -216,11 +241,15 @@ def exact_search(queries: np.ndarray, database: np.ndarray, k: int, *, normalize
     if query_rows.shape[1] != rows.shape[1]:
         raise TripletsError(f"queries are {query_rows.shape[1]}-dimensional but the database is "
                             f"{rows.shape[1]}-dimensional; embed both with the same model")
-    return search_unit_rows(query_rows, rows, k, block_bytes=block_bytes, query_block=query_block, margin=margin)
+    if gemm not in GEMMS:
+        raise TripletsError(f"unknown gemm {gemm!r}{did_you_mean(str(gemm), GEMMS)} (use one of {', '.join(GEMMS)})")
+    return search_unit_rows(query_rows, rows, k, block_bytes=block_bytes, query_block=query_block, margin=margin,
+                            gemm=gemm)
 
 
 def search_unit_rows(query_rows: np.ndarray, rows: np.ndarray, k: int, *, block_bytes: int = SCORE_BLOCK_BYTES,
-                     query_block: int = QUERY_BLOCK, margin: int = RESCORE_MARGIN) -> tuple[np.ndarray, np.ndarray]:
+                     query_block: int = QUERY_BLOCK, margin: int = RESCORE_MARGIN,
+                     gemm: str = "blas") -> tuple[np.ndarray, np.ndarray]:
     """:func:`exact_search` without the checks: ``query_rows`` [q, d] and ``rows`` [n, d] must be
     finite float32 C-contiguous unit rows (q, n ≥ 1) and ``k`` ≥ 1 (what a :class:`FactIndex`
     already guarantees for its normalised queries and stored vectors)."""
@@ -241,7 +270,7 @@ def search_unit_rows(query_rows: np.ndarray, rows: np.ndarray, k: int, *, block_
             wanted = pending[start:start + block_q]
             contiguous = wanted[-1] - wanted[0] == len(wanted) - 1
             q_block = q_all[int(wanted[0]):int(wanted[-1]) + 1] if contiguous else q_all[torch.from_numpy(wanted)]
-            best = TopKAccumulator(q_block, keep, buffer, block_bytes=block_q * block_n * 4)
+            best = TopKAccumulator(q_block, keep, buffer, block_bytes=block_q * block_n * 4, gemm=gemm)
             for x_start in range(0, count, block_n):
                 best.add(x_start, x_all[x_start:x_start + block_n])
             assert best.ids is not None and best.scores is not None
@@ -266,11 +295,12 @@ def float32_dot_error_bound(dim: int) -> float:
     return 1.01 * dim * unit / max(1e-12, 1.0 - dim * unit)
 
 
-def score_blocks(queries: torch.Tensor, database: torch.Tensor, *,
-                 block_bytes: int = SCORE_BLOCK_BYTES) -> Iterator[tuple[int, int, torch.Tensor]]:
+def score_blocks(queries: torch.Tensor, database: torch.Tensor, *, block_bytes: int = SCORE_BLOCK_BYTES,
+                 gemm: str = "blas") -> Iterator[tuple[int, int, torch.Tensor]]:
     """Yield ``(start, stop, queries[start:stop] @ databaseᵀ)`` for consecutive query rows, float32
-    by ``torch.mm``, each block of at most max(1, block_bytes // (4·n)) rows, so at most
-    ``block_bytes`` (or one row of n scores) of scores at a time. The yielded tensor is a view of
+    by :func:`multiply_transposed` (``gemm``: numpy's BLAS or ``torch.mm``), each block of at most
+    max(1, block_bytes // (4·n)) rows, so at most ``block_bytes`` (or one row of n scores) of
+    scores at a time. The yielded tensor is a view of
     one reused buffer: it is overwritten by the next block (copy what must be kept)."""
     count = int(database.shape[0])
     rows = max(1, min(int(queries.shape[0]), int(block_bytes) // (4 * max(1, count))))
@@ -278,5 +308,5 @@ def score_blocks(queries: torch.Tensor, database: torch.Tensor, *,
     for start in range(0, int(queries.shape[0]), rows):
         block = queries[start:start + rows]
         scores = buffer[: len(block) * count].view(len(block), count)
-        torch.mm(block, database.t(), out=scores)
+        multiply_transposed(block, database, scores, gemm=gemm)
         yield start, start + len(block), scores
