@@ -146,7 +146,7 @@ def test_lwf_penalty_is_zero_at_the_snapshot_and_positive_after_perturbing() -> 
     for j in (0, 1):
         p_old = torch.softmax(old_logits[j] / 2, dim=1)
         log_p_new = torch.log_softmax(model(x, head=j) / 2, dim=1)
-        expected += 4 * (p_old * (p_old.log() - log_p_new)).sum(1).mean()
+        expected += (p_old * (p_old.log() - log_p_new)).sum(1).mean()  # Li & Hoiem: no T² factor
     penalty = lwf.penalty(model, x)
     assert penalty.item() > 1e-3
     torch.testing.assert_close(penalty, 2.0 * expected, rtol=1e-5, atol=1e-7)
@@ -245,9 +245,10 @@ def test_ebll_autoencoder_reduces_reconstruction_error_and_codes_are_preserved()
     model = MultiHeadNet(nn.Sequential(nn.Linear(6, 12), nn.ReLU()), 12)
     model.add_head(3)
     x = torch.randn(64, 6)
-    ebll = EBLL(lam=1.0, code_dim=4, ae_lam=5.0, ae_epochs=5)
+    y = torch.randint(0, 3, (64,))
+    ebll = EBLL(lam=1.0, code_dim=4, ae_lam=5.0, ae_rec_lam=1.0, ae_epochs=5)
     ebll.before_task(model, TaskInfo(index=0, head=0))
-    ebll.after_task(model, [x[:32], x[32:]])
+    ebll.after_task(model, [(x[:32], y[:32]), (x[32:], y[32:])])
     assert len(ebll.encoders) == 1 and ebll.encoders[0]["weight"].shape == (4, 12)
     assert ebll.reconstruction_errors[0][-1] < ebll.reconstruction_errors[0][0]
     model.add_head(3)
@@ -304,7 +305,7 @@ def test_each_method_declares_what_it_needs_and_its_strength_by_name() -> None:
         "ewc": ("labelled", False, False, {"lam": 5.0}),
         "si": ("none", False, True, {"lam": 5.0}),
         "lwf": ("none", False, False, {"lam": 5.0}),
-        "ebll": ("inputs", False, False, {"lam": 5.0}),
+        "ebll": ("labelled", False, False, {"lam": 5.0}),  # its autoencoder reads the labels
         "imm": ("none", False, False, {"lam_l2": 5.0}),
     }
     assert set(expected) == set(METHODS)

@@ -51,9 +51,9 @@ class Regularizer:
 
     - ``name``: the registry name used in configs;
     - ``after_task_data``: what :meth:`after_task` reads. ``"none"`` (nothing: the loop
-      may pass an empty iterable), ``"inputs"`` (unlabelled input batches: MAS, l-MAS,
-      EBLL; these may come from any unlabelled source such as test-condition data) or
-      ``"labelled"`` (``(inputs, targets)`` batches and a per-sample loss: EWC's Fisher);
+      may pass an empty iterable), ``"inputs"`` (unlabelled input batches: MAS, l-MAS;
+      these may come from any unlabelled source such as test-condition data) or
+      ``"labelled"`` (``(inputs, targets)`` batches: EWC's Fisher, EBLL's autoencoder);
     - ``importance_from_inputs``: its importance Ω is estimated from unlabelled inputs
       alone, so it may be computed on another data source than the training set (MAS,
       l-MAS; the paper's test-condition experiment);
