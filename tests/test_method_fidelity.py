@@ -131,3 +131,20 @@ def test_lwf_default_gradient_is_li_and_hoiem_lambda_o_1_at_t_2() -> None:
     soft_ce = -(target * torch.log_softmax(model(x, head=0) / 2, dim=1)).sum(1).mean()
     (expected,) = torch.autograd.grad(soft_ce, weight)
     torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-14)
+
+
+# --------------------------------------------------------------------------- accumulate="ema"
+
+def test_ema_starts_from_zero_as_avalanche_and_facil_weights_for_three_tasks() -> None:
+    """Ω ← α Ω + (1 − α) Ω_t from Ω = 0: with α = 0.5 and three tasks the weights are exactly
+    0.125, 0.25, 0.5 (each task's Ω_t is one indicator vector, so Ω lists the weights)."""
+    model = nn.Linear(3, 1, bias=False).double()
+    for alpha, expected in ((0.5, [0.125, 0.25, 0.5]), (0.25, [0.75 * 0.25 ** 2, 0.75 * 0.25, 0.75])):
+        reg = MAS(accumulate="ema", ema_alpha=alpha)
+        for task in range(3):
+            indicator = torch.zeros(1, 3, dtype=torch.float64)
+            indicator[0, task] = 1.0
+            reg.add_task_importance(model, {"weight": indicator})
+        assert reg.importance["weight"].flatten().tolist() == expected
+    with pytest.raises(ValueError, match="ema_alpha=1"):
+        MAS(accumulate="ema", ema_alpha=1.0)
