@@ -200,7 +200,7 @@ def test_state_dict_round_trip_weights_only_gives_the_same_penalty_and_continuat
     perturb(model, seed=3)
     assert torch.equal(restored.penalty(model), reg.penalty(model))
     with pytest.raises(CheckpointMismatchError, match="accumulate"):
-        MAS(accumulate="sum").load_state_dict(reg.state_dict())
+        MAS(lam=0.5, accumulate="sum").load_state_dict(reg.state_dict())
     with pytest.raises(CheckpointMismatchError, match="missing"):
         MAS().load_state_dict({"lam": 1.0})
 

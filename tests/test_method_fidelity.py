@@ -148,3 +148,61 @@ def test_ema_starts_from_zero_as_avalanche_and_facil_weights_for_three_tasks() -
         assert reg.importance["weight"].flatten().tolist() == expected
     with pytest.raises(ValueError, match="ema_alpha=1"):
         MAS(accumulate="ema", ema_alpha=1.0)
+
+
+# --------------------------------------------------------------------------- hyperparameters in the state
+
+def _trained(method, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    method.before_task(model, TaskInfo(index=0, head=0))
+    if method.uses_step_hook:
+        method.after_step(model)
+    data = [(x, y)] if method.after_task_data == "labelled" else [x]
+    method.after_task(model, data)
+    return method
+
+
+@pytest.mark.parametrize("saved, given, field", [
+    (lambda: MAS(lam=2.0), lambda: MAS(lam=5.0), "lam=2.0"),
+    (lambda: MAS(mode="batch"), lambda: MAS(mode="exact"), "mode='batch'"),
+    (lambda: MAS(accumulate="ema", ema_alpha=0.5), lambda: MAS(accumulate="ema", ema_alpha=0.9), "ema_alpha=0.5"),
+    (lambda: MAS(accumulate="alpha"), lambda: MAS(accumulate="sum"), "accumulate='alpha'"),
+    (lambda: LocalMAS(lam=1.0), lambda: LocalMAS(lam=3.0), "lam=1.0"),
+    (lambda: EWC(lam=1.0, online=True, gamma=0.9), lambda: EWC(lam=1.0, online=True, gamma=0.5), "gamma=0.9"),
+    (lambda: SI(lam=1.0, damping=0.1), lambda: SI(lam=1.0, damping=0.01), "damping=0.1"),
+    (lambda: LwF(lam=1.0, temperature=2.0), lambda: LwF(lam=1.0, temperature=4.0), "temperature=2.0"),
+    (lambda: LwF(), lambda: LwF(t_squared=True), "t_squared=False"),
+    (lambda: EBLL(code_dim=3, ae_epochs=1), lambda: EBLL(code_dim=3, ae_epochs=1, ae_rec_lam=1.0), "ae_rec_lam=1e-06"),
+])
+def test_a_state_loads_only_into_a_method_with_its_hyperparameters(saved, given, field) -> None:
+    """No silent ×2.5: a λ = 2 state loaded into MAS(lam=5) is refused with one line naming the
+    field, the saved and the given value; the same hyperparameters load and give the same penalty."""
+    torch.manual_seed(0)
+    model = MultiHeadNet(nn.Sequential(nn.Linear(4, 6), nn.Tanh()), 6)
+    model.add_head(3)
+    x, y = torch.randn(12, 4), torch.randint(0, 3, (12,))
+    state = _roundtrip(_trained(saved(), model, x, y).state_dict())
+    with pytest.raises(CheckpointMismatchError, match="saved with " + field.replace("(", r"\(")) as error:
+        given().load_state_dict(state)
+    assert "\n" not in str(error.value) and isinstance(error.value, ValueError)
+    same = saved()
+    same.load_state_dict(state)
+    assert same.state_dict()["hyperparameters"] == state["hyperparameters"]
+
+
+def test_states_saved_before_the_hyperparameters_still_load() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    for method in (MAS(lam=2.0), EWC(lam=2.0), SI(lam=2.0), LwF(lam=2.0)):
+        state = _trained(method, model, x, y).state_dict()
+        del state["hyperparameters"]
+        fresh = type(method)(lam=2.0)
+        fresh.load_state_dict(state)
+        torch.testing.assert_close(fresh.penalty(model, x), method.penalty(model, x))
+    # an old MAS state kept lam, mode, accumulate and ema_alpha at its top level: they are checked
+    state = MAS(lam=2.0).state_dict()
+    del state["hyperparameters"]
+    with pytest.raises(CheckpointMismatchError, match="lam=2.0 but this regularizer has lam=5.0"):
+        MAS(lam=5.0).load_state_dict(state)
+    # penalty_step may differ (Ω and θ* mean the same under both steps)
+    MAS(lam=2.0, penalty_step="proximal").load_state_dict(MAS(lam=2.0).state_dict())

@@ -58,6 +58,7 @@ def test_ewc_penalty_equals_lambda_fisher_distance_with_hand_fisher() -> None:
     torch.testing.assert_close(ewc.fisher["weight"], fisher, rtol=1e-5, atol=1e-7)
     anchor = model.weight.detach().clone()
     _perturb(model, 0.3)
+    perturbed = model.weight.detach().clone()
     expected = 0.7 * (fisher * (model.weight.detach() - anchor) ** 2).sum()
     penalty = ewc.penalty(model)
     torch.testing.assert_close(penalty, expected, rtol=1e-5, atol=1e-8)
@@ -66,9 +67,14 @@ def test_ewc_penalty_equals_lambda_fisher_distance_with_hand_fisher() -> None:
 
     # offline EWC sums Fishers and anchors at the latest parameters; online decays by gamma
     second = fisher_importance(model, [(x, y)])["weight"]
-    offline, online = EWC(lam=1.0), EWC(lam=1.0, online=True, gamma=0.5)
+    offline, online = EWC(lam=0.7), EWC(lam=0.7, online=True, gamma=0.5)
+    offline.load_state_dict(_roundtrip(ewc.state_dict()))
+    with torch.no_grad():
+        model.weight.copy_(anchor)
+    online.after_task(model, [(x[:2], y[:2]), (x[2:], y[2:])])
+    with torch.no_grad():
+        model.weight.copy_(perturbed)
     for method in (offline, online):
-        method.load_state_dict(_roundtrip(ewc.state_dict()))
         method.after_task(model, [(x, y)])
         torch.testing.assert_close(method.anchors["weight"], model.weight.detach())
     torch.testing.assert_close(offline.fisher["weight"], fisher + second, rtol=1e-5, atol=1e-8)

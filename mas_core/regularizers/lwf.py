@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import MASCoreError, NonFiniteError
-from .base import Regularizer, TaskInfo
+from .base import HYPERPARAMETERS_KEY, Regularizer, TaskInfo
 from .common import check_lambda, zero_penalty
 
 
@@ -166,9 +166,12 @@ class LwF(Regularizer):
 
     def state_dict(self) -> dict[str, Any]:
         return {"old_state": None if self.old_state is None else dict(self.old_state),
-                "old_heads": list(self.old_heads)}
+                "old_heads": list(self.old_heads), HYPERPARAMETERS_KEY: self.hyperparameters()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; a state saved with other hyperparameters (λ, ``temperature`` …)
+        is refused with :class:`~mas_core.errors.CheckpointMismatchError`."""
+        self.check_hyperparameters(state)
         old_state = state["old_state"]
         self.old_state = None if old_state is None else {name: value.detach().clone() for name, value in old_state.items()}
         self.old_heads = [int(j) for j in state["old_heads"]]

@@ -187,8 +187,8 @@ class MAS(QuadraticAnchorRegularizer):
                 "tasks_seen": self.tasks_seen, "inverse_mass_sum": self._inverse_mass_sum}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        """λ, mode and α come from the constructor; the stored ``accumulate`` must match
-        (it defines what the stored tensors mean)."""
+        """The stored ``accumulate`` must match (it defines what the stored tensors mean); λ, mode
+        and α were checked against the constructor's by ``check_hyperparameters``."""
         if state["accumulate"] != self.accumulate:
             raise CheckpointMismatchError(
                 f"the MAS state was accumulated with accumulate={state['accumulate']!r} but this regularizer "
