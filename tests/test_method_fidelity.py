@@ -161,7 +161,7 @@ def _trained(method, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     return method
 
 
-@pytest.mark.parametrize("saved, given, field", [
+@pytest.mark.parametrize("saved, given, field", ids=lambda value: value if isinstance(value, str) else "", argvalues=[
     (lambda: MAS(lam=2.0), lambda: MAS(lam=5.0), "lam=2.0"),
     (lambda: MAS(mode="batch"), lambda: MAS(mode="exact"), "mode='batch'"),
     (lambda: MAS(accumulate="ema", ema_alpha=0.5), lambda: MAS(accumulate="ema", ema_alpha=0.9), "ema_alpha=0.5"),
