@@ -149,3 +149,30 @@ def test_recurrent_layers_are_exact(cell) -> None:
     assert relative_error(mas_importance(model, [x[:3], x[3:]]), expected) <= 1e-6
     assert relative_error(mas_importance(model, [x[:3], x[3:]], chunk_size=2), expected) <= 1e-6
     assert all(float(value.abs().sum()) > 0 for value in expected.values())
+
+
+class _RefusesBackward(torch.autograd.Function):
+    """Stands for a backward that refuses to run (cuDNN's RNN backward in eval mode)."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        return x * weight
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("this backward can only be called in training mode")
+
+
+class Refusing(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(4, dtype=DTYPE))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _RefusesBackward.apply(x, self.scale)
+
+
+def test_a_backward_that_cannot_run_is_a_clear_error_naming_the_parameter() -> None:
+    with pytest.raises(InvalidOutputError, match="'scale' cannot be computed in eval mode") as error:
+        mas_importance(Refusing(), [torch.randn(3, 4, dtype=DTYPE)])
+    assert "\n" not in str(error.value)

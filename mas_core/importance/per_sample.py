@@ -250,7 +250,15 @@ def _accumulate_by_backward(
         except RuntimeError:
             batched = [None] * len(targets)
             for n in range(start, stop):
-                grads = torch.autograd.grad(per_sample[n], targets, retain_graph=True, allow_unused=True)
+                try:
+                    grads = torch.autograd.grad(per_sample[n], targets, retain_graph=True, allow_unused=True)
+                except RuntimeError as error:  # e.g. cuDNN's RNN backward, which refuses eval mode
+                    shown = ", ".join(repr(name) for name in names[:3])
+                    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                    raise InvalidOutputError(
+                        f"the per-sample gradients of {shown} cannot be computed in eval mode ({first_line}); "
+                        "on CUDA, recurrent layers need torch.backends.cudnn.flags(enabled=False) around the estimate"
+                    ) from None
                 for i, grad in enumerate(grads):
                     if grad is not None:
                         batched[i] = phi(grad) if batched[i] is None else batched[i] + phi(grad)
