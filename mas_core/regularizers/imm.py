@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from ..errors import InvalidArgumentError, MASCoreError
 from ..importance import fisher_importance
-from .base import TaskInfo
+from .base import HYPERPARAMETERS_KEY, TaskInfo
 from .common import (
     check_finite,
     check_max_samples,
@@ -150,9 +150,11 @@ class IMM(QuadraticAnchorRegularizer):
 
     def state_dict(self) -> dict[str, Any]:
         return {"task_parameters": [dict(params) for params in self.task_parameters],
-                "task_fishers": [dict(fisher) for fisher in self.task_fishers]}
+                "task_fishers": [dict(fisher) for fisher in self.task_fishers],
+                HYPERPARAMETERS_KEY: self.hyperparameters()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_hyperparameters(state)
         self.task_parameters = [detached_copies(params) for params in state["task_parameters"]]
         self.task_fishers = [detached_copies(fisher) for fisher in state["task_fishers"]]
         self._anchors = self.task_parameters[-1] if self.task_parameters else {}
