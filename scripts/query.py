@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="add the image query's MAS importance to RUN/<method>/online_importance.pt")
     args = parser.parse_args(argv)
     try:
-        check_accumulate_flags(accumulate=args.accumulate_importance, image=args.image if args.image is not None else args.sample,
-                               text=args.text)
+        image = args.image if args.image is not None else args.sample
+        check_accumulate_flags(accumulate=args.accumulate_importance, image=image, text=args.text)
         with open_query(args.run, method=args.method) as engine:
             if args.text is not None:
                 print(f"{args.text!r} → {fact_text(engine.parse(args.text))}  (method {engine.method})")

@@ -316,3 +316,16 @@ def test_config_rejects_bad_online_importance():
         from_dict(TrainConfig, {"data": {"fact_file": "x"}, "online_importance": {"use": "mixed", "query_weight": -0.1}})
     with pytest.raises(ConfigError, match="use"):
         from_dict(TrainConfig, {"data": {"fact_file": "x"}, "online_importance": {"use": "sometimes"}})
+
+
+def test_script_query_accumulates_a_stored_test_region(run, capsys):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import query as query_script
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    assert query_script.main([str(run / "run"), "--sample", "0", "--method", "mas", "--accumulate-importance"]) == 0
+    assert "1 samples from 1 query call(s)" in capsys.readouterr().out
+    assert read_json(run / "run" / "mas" / SIDECAR_NAME)["samples"] == 1
+    assert query_script.main([str(run / "run"), "--text", "subj0_0", "--accumulate-importance"]) == 2
+    assert "image queries only" in capsys.readouterr().err

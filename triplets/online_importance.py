@@ -24,6 +24,8 @@ line; a method with no accumulator keeps Ω_train. What was used is recorded per
 ``after_task``, ``use``, ``query_weight`` ρ, ``query_samples``, ``query_calls``, ``train_samples``).
 
 The section is not part of what a checkpoint must agree on: it may change between segments.
+The accumulator's file (``RUN/<method>/online_importance.pt``) and its reader live here too, so that
+the query side (:mod:`triplets.query_importance`) and the training side share one definition.
 """
 from __future__ import annotations
 
@@ -147,9 +149,8 @@ class QueriedImportanceOnResume:
                   "query_samples": accumulator.count, "query_calls": int(state.get("query_calls", 0)),
                   "train_samples": train_samples, "estimator": accumulator.estimator}
         self.records = [r for r in self.records if r["after_task"] != completed_tasks] + [record]
-        self.log(f"{prefix} task {completed_tasks}'s Ω replaced by "
-                 + ("the queried Ω" if self.config.use == "queries" else f"(1 − {weight:g})·Ω_train + {weight:g}·Ω_queries")
-                 + f" ({accumulator.count} query samples)")
+        what = "the queried Ω" if self.config.use == "queries" else f"(1 − {weight:g})·Ω_train + {weight:g}·Ω_queries"
+        self.log(f"{prefix} task {completed_tasks}'s Ω replaced by {what} ({accumulator.count} query samples)")
 
     def _training_importance(self, model: nn.Module, trained: nn.Module, reg: MAS,
                              task: int) -> tuple[dict[str, torch.Tensor], int]:
@@ -183,6 +184,6 @@ def online_importance_history(result_path: Path, new_records: list[dict[str, Any
                   key=lambda record: record["after_task"])
 
 
-__all__ = ["ACCUMULATOR_NAME", "FILE_FORMAT", "LOCK_NAME", "OUTPUT_LABEL", "SIDECAR_NAME", "OnlineImportanceConfig", "QueriedImportanceOnResume", "USES", "check_queried_importance",
-           "online_importance_history",
-           "read_accumulator_file"]
+__all__ = ["ACCUMULATOR_NAME", "FILE_FORMAT", "LOCK_NAME", "OUTPUT_LABEL", "SIDECAR_NAME", "USES",
+           "OnlineImportanceConfig", "QueriedImportanceOnResume", "check_queried_importance",
+           "online_importance_history", "read_accumulator_file"]
