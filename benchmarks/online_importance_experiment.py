@@ -7,6 +7,8 @@ chosen by a seeded draw). Then the remaining tasks are trained with MAS, task 1 
 
 - ``train``:   Ω_1 from task 1's training inputs (the paper; ``online_importance.use: none``)
 - ``queries``: Ω_1 from the queries alone (``use: queries``)
+- ``queries_scaled``: Ω_queries rescaled to Ω_train's total (ΣΩ) — where the protection goes,
+  without changing how much there is (the queries' Ω is larger overall here)
 - ``mixed``:   ½ Ω_train + ½ Ω_queries (``use: mixed, query_weight: 0.5``)
 
 and task 1's accuracy is measured right after task 1 and after the last task, separately on the
@@ -47,10 +49,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mas_core import MAS, OnlineImportance, mas_importance, mix_importance  # noqa: E402
+from mas_core.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from mas_core.loop import OptimSettings, train_tasks  # noqa: E402
 from mas_core.sequence import ClassificationExperiment, Task  # noqa: E402
 
-VARIANTS = {"train": ("none", 0.0), "queries": ("queries", 1.0), "mixed": ("mixed", 0.5)}
+VARIANTS = {"train": ("none", 0.0), "queries": ("queries", 1.0), "queries_scaled": ("queries", 1.0),
+            "mixed": ("mixed", 0.5)}
+"""``queries_scaled``: Ω_queries multiplied by ΣΩ_train / ΣΩ_queries, so that it has the training Ω's
+total mass: it moves protection between parameters without making the penalty stronger or weaker."""
 
 
 def split_halves(count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -68,6 +74,11 @@ def draw_queries(pool_groups: np.ndarray, count: int, share: float, rng: np.rand
     from_others = min(count - from_queried, len(others))
     return np.concatenate([rng.choice(queried, from_queried, replace=False),
                            rng.choice(others, from_others, replace=False)])
+
+
+def mass(importance: dict[str, torch.Tensor]) -> float:
+    """ΣΩ over every parameter (float64)."""
+    return float(sum(value.double().sum() for value in importance.values()))
 
 
 def compare(queried: dict[str, torch.Tensor], trained: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -117,19 +128,23 @@ def recognition(seed: int, out: Path, args: argparse.Namespace) -> list[dict[str
         accumulator.update(batch)
     queried_omega = accumulator.importance()
     train_inputs = first.train.tensors[0]
-    similarity = compare(queried_omega, mas_importance(first_run.model, train_inputs.split(64), max_samples=1000))
+    train_omega_t1 = mas_importance(first_run.model, train_inputs.split(64), max_samples=1000)
+    similarity = compare(queried_omega, train_omega_t1)
+    scale = mass(train_omega_t1) / mass(queried_omega)
     rows = []
     for variant, (use, weight) in VARIANTS.items():
         folder = base / variant
         shutil.copytree(base / "after_task1", folder)
 
-        def replace(model, trained, reg: MAS, completed: int, use=use, weight=weight) -> None:
+        def replace(model, trained, reg: MAS, completed: int, use=use, weight=weight, variant=variant) -> None:
             if use == "none":
                 return
             source = experiment.importance_data(model, completed - 1, "inputs")
             positions = torch.arange(len(source.data))
             train_omega = reg.estimate(trained, source.data.batches(list(positions.split(source.batch_size))))
             new = queried_omega if use == "queries" else mix_importance(train_omega, queried_omega, weight)
+            if variant == "queries_scaled":
+                new = {name: value * scale for name, value in queried_omega.items()}
             reg.replace_last_task_importance(trained, train_omega, new)
 
         started = time.perf_counter()
@@ -148,6 +163,7 @@ def facts(seed: int, out: Path, args: argparse.Namespace) -> list[dict[str, Any]
     from triplets.demo import DemoConfig
     from triplets.evaluate import embed_images, evaluate_embeddings
     from triplets.fact_data import open_fact_file
+    from triplets.online_importance import ACCUMULATOR_NAME
     from triplets.query_importance import record_query_pixels
     from triplets.run_folder import load_run
     from triplets.train import TrainConfig, train_run
@@ -190,11 +206,17 @@ def facts(seed: int, out: Path, args: argparse.Namespace) -> list[dict[str, Any]
     accumulator.update(torch.from_numpy(fact_file.pixels(np.sort(chosen))).permute(0, 3, 1, 2).float() / 255.0)
     train_pixels = fact_file.pixels(fact_file.sample_indices(0, "train"))
     train_images = torch.from_numpy(train_pixels).permute(0, 3, 1, 2).float() / 255.0
-    similarity = compare(accumulator.importance(), mas_importance(model, train_images.split(256)))
+    train_omega_t1 = mas_importance(model, train_images.split(256))
+    similarity = compare(accumulator.importance(), train_omega_t1)
+    scale = mass(train_omega_t1) / mass(accumulator.importance())
     rows = []
     for variant, (use, weight) in VARIANTS.items():
         folder = base / variant
         shutil.copytree(base / "after_task1", folder)
+        if variant == "queries_scaled":  # the same accumulator, its sums rescaled (Ω = S / N scales with S)
+            stored = load_checkpoint(folder / "mas" / ACCUMULATOR_NAME)
+            stored["accumulator"]["sums"] = {name: value * scale for name, value in stored["accumulator"]["sums"].items()}
+            save_checkpoint(folder / "mas" / ACCUMULATOR_NAME, stored)
         resumed = dataclasses.replace(config, online_importance=dataclasses.replace(
             config.online_importance, use=use, query_weight=weight if use == "mixed" else 0.5))
         started = time.perf_counter()
