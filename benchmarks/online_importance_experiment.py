@@ -110,7 +110,7 @@ def recognition(seed: int, out: Path, args: argparse.Namespace) -> list[dict[str
     experiment = ClassificationExperiment(model_factory(config.model), tasks, importance_batch_size=config.train.batch_size)
     optim = OptimSettings(epochs=config.train.epochs, lr=config.train.lr, momentum=config.train.momentum,
                           batch_size=config.train.batch_size)
-    options = {"lam": args.recog_lam, "max_samples": 1000}
+    options = {"lam": args.recog_lam, "max_samples": 1000, "penalty_step": args.recog_step}
     base = out / f"recog_seed{seed}"
     shutil.rmtree(base, ignore_errors=True)
     first_run = train_tasks(experiment, "mas", optim, seed=seed, method_options=options,
@@ -151,7 +151,7 @@ def recognition(seed: int, out: Path, args: argparse.Namespace) -> list[dict[str
         outcome = train_tasks(experiment, "mas", optim, seed=seed, method_options=options, checkpoint_dir=folder,
                               resume=True, after_resume=replace)
         after = group_accuracy(outcome.model)
-        rows.append(_row("recog", seed, variant, weight, accumulator.count, before, after, outcome.accuracy,
+        rows.append(_row(f"recog ({args.recog_step}, λ={args.recog_lam:g})", seed, variant, weight, accumulator.count, before, after, outcome.accuracy,
                          time.perf_counter() - started, omega=similarity))
     return rows
 
@@ -277,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recog-classes", type=int, nargs="+", default=[0, 1],
                         help="recognition: queried labels of task 1 (0, 1 = T-shirt, pullover)")
     parser.add_argument("--recog-lam", type=float, default=0.1)
+    parser.add_argument("--recog-step", default="gradient", choices=["gradient", "proximal"],
+                        help="recognition: MAS's penalty_step (docs/method.md §13)")
     parser.add_argument("--fact-file", default="runs/demo_data/facts.h5")
     parser.add_argument("--facts-lam", type=float, default=15.0)
     parser.add_argument("--threads", type=int, default=1)
