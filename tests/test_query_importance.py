@@ -4,6 +4,7 @@ replaces (or mixes) the last task's Ω with it."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -329,3 +330,45 @@ def test_script_query_accumulates_a_stored_test_region(run, capsys):
     assert read_json(run / "run" / "mas" / SIDECAR_NAME)["samples"] == 1
     assert query_script.main([str(run / "run"), "--text", "subj0_0", "--accumulate-importance"]) == 2
     assert "image queries only" in capsys.readouterr().err
+
+
+def test_cached_features_run_takes_the_queried_importance_of_its_branches(tmp_path, monkeypatch):
+    """With model.cache_features the loop trains the branches on cached trunk features; the query
+    side measures the full network on images. Both give Ω over the same (branch) parameters."""
+    from triplets.model import ModelConfig
+    from triplets.query_importance import new_accumulator
+    from triplets.train import DataConfig, EvalConfig, MethodConfig, OptimSettings
+
+    fact_path = make_tiny_fact_file(tmp_path / "facts.h5", num_tasks=2, facts_per_task=4, train_per_fact=4,
+                                    test_per_fact=2, image_size=32, slot_dim=8)
+    config = TrainConfig(data=DataConfig(fact_file=str(fact_path)),
+                         model=ModelConfig(backbone="resnet18", hidden_dim=16, cache_features=True),
+                         optim=OptimSettings(epochs=1, batch_size=8, lr=0.01),
+                         methods=[MethodConfig("mas", {"lam": 1.0})], eval=EvalConfig(index="none", batch_size=16),
+                         num_threads=1)
+    train_run(config, tmp_path / "run", progress=False, stop_after_task=1)
+    facts = open_fact_file(fact_path)
+    try:
+        pixels = facts.pixels(facts.sample_indices(0, "test")[:3])
+    finally:
+        facts.close()
+    with load_run(tmp_path / "run") as opened:
+        model = opened.load_model("mas")
+    record_query_pixels(tmp_path / "run", config.methods[0], model, pixels)
+    accumulator = new_accumulator(model, "mas")
+    accumulator.load_state_dict(load_checkpoint(tmp_path / "run" / "mas" / ACCUMULATOR_NAME)["accumulator"])
+    assert all(name.startswith(("subject_branch.", "predicate_object_branch.")) for name in accumulator.importance())
+    assert _relative_error(accumulator.importance(), mas_importance(model, [_images(pixels)])) <= 1e-6
+    captured: dict = {}
+    original = QueriedImportanceOnResume.__call__
+
+    def spy(self, model, trained, reg, completed):
+        original(self, model, trained, reg, completed)
+        captured["omega"] = {name: value.clone() for name, value in reg.importance.items()}
+
+    monkeypatch.setattr(QueriedImportanceOnResume, "__call__", spy)
+    resumed = dataclasses.replace(config, online_importance=dataclasses.replace(config.online_importance, use="queries"))
+    results = train_run(resumed, tmp_path / "run", resume=True, progress=False)
+    assert results["methods"]["mas"]["online_importance"][0]["query_samples"] == 3
+    assert set(captured["omega"]) == set(accumulator.importance())
+    assert all(torch.equal(captured["omega"][n], v) for n, v in accumulator.importance().items())

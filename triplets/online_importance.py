@@ -91,10 +91,11 @@ class OnlineImportanceConfig:
 
 
 def check_queried_importance(config: OnlineImportanceConfig, run_dir: Path, method_keys: list[str]) -> None:
-    """Before a resume: with ``use`` other than ``none`` some method of the run must hold queried
-    importance (else :class:`ConfigError`, one line: the setting would silently do nothing)."""
-    if config.use == "none":
-        return
+    """Before a resume of a run with checkpoints: with ``use`` other than ``none`` some method of the
+    run must hold queried importance (else :class:`ConfigError`, one line: the setting would
+    silently do nothing)."""
+    if config.use == "none" or not any((run_dir / key / "checkpoint.pt").is_file() for key in method_keys):
+        return  # nothing to resume: a fresh run (or one resumed before its first task finished)
     if not any((run_dir / key / ACCUMULATOR_NAME).is_file() for key in method_keys):
         raise ConfigError(
             f"online_importance.use={config.use} but no method of {run_dir} holds queried importance "

@@ -186,7 +186,8 @@ def train_method(ctx: FactContext, method: MethodConfig, method_dir: Path, *, pr
     experiment = FactExperiment(ctx)
     log = (lambda line: print(line, flush=True)) if progress else None
     queried = QueriedImportanceOnResume(ctx.config.online_importance, method.key, method_dir,
-                                        experiment.importance_data, ctx.device, log or (lambda line: None))
+                                        experiment.importance_data, ctx.device,
+                                        log if log is not None and main else (lambda line: None))
     with same_on_every_rank():  # a refused checkpoint or an all-reduced divergence: every rank alike
         outcome = train_tasks(experiment, method.name, ctx.config.optim, seed=ctx.config.seed, device=ctx.device,
                               method_options=dict(method.options), label=method.key, checkpoint_dir=method_dir,
