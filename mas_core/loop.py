@@ -260,7 +260,9 @@ class SequenceResult:
 def train_tasks(experiment: Experiment, method: str | Regularizer, optim: OptimSettings, *, seed: int = 0,
                 device: str | torch.device = "cpu", method_options: dict[str, Any] | None = None,
                 label: str | None = None, checkpoint_dir: str | Path | None = None, resume: bool = False,
-                log: Callable[[str], None] | None = None, log_epochs: bool = True) -> SequenceResult:
+                log: Callable[[str], None] | None = None, log_epochs: bool = True,
+                stop_after_task: int | None = None,
+                after_resume: Callable[[nn.Module, nn.Module, Regularizer, int], None] | None = None) -> SequenceResult:
     """Train ``experiment``'s tasks in order with ``method``; return the accuracy matrix and the model.
 
     ``method``: ``"joint"`` (the loop's joint mode), a registry name of
@@ -273,7 +275,12 @@ def train_tasks(experiment: Experiment, method: str | Regularizer, optim: OptimS
     checkpoint of another configuration; ``resume=False`` starts over. A non-finite loss,
     penalty or weight raises :class:`~mas_core.errors.DivergenceError` naming the method's
     strength and the learning rate. ``log`` receives the progress lines (rank 0 only): one per task,
-    and one per epoch when ``log_epochs``.
+    and one per epoch when ``log_epochs``. ``stop_after_task=k`` stops after the first ``k`` tasks
+    (checkpointed as usual, so ``resume=True`` continues with task ``k + 1``; the result then has
+    ``k`` rows). ``after_resume(model, trained, reg, completed_tasks)`` is called once a checkpoint
+    has been loaded and before the next task is trained (not when nothing is left to train): it may
+    change the regularizer's state, e.g. replace the last task's Ω by one learned from the queries
+    a deployed model answered (``docs/method.md`` §12); the checkpoint after the next task saves it.
     """
     try:
         optim.validate()
@@ -284,6 +291,10 @@ def train_tasks(experiment: Experiment, method: str | Regularizer, optim: OptimS
         raise EmptyDataError("the experiment has no tasks: give it at least one")
     if resume and checkpoint_dir is None:
         raise MASCoreError("resume=True needs checkpoint_dir (the folder the interrupted run wrote to)")
+    if stop_after_task is not None and (isinstance(stop_after_task, bool) or not isinstance(stop_after_task, int)
+                                        or stop_after_task < 1):
+        raise MASCoreError(f"stop_after_task must be a positive number of tasks or None, got {stop_after_task!r}")
+    last_task = num_tasks if stop_after_task is None else min(stop_after_task, num_tasks)
     joint, name, reg, options = _make_method(method, dict(method_options or {}), experiment)
     label = label or name
     info = distributed.current()
@@ -321,8 +332,10 @@ def train_tasks(experiment: Experiment, method: str | Regularizer, optim: OptimS
         previous_time = float(state["wall_time_s"])
         set_rng_states(state["rng"])
         emit(f"[{label}] resumed from {checkpoint_path} after task {first_task}/{num_tasks}")
+        if after_resume is not None and first_task < last_task:
+            after_resume(model, trained, reg, first_task)
 
-    for task in range(first_task, num_tasks):
+    for task in range(first_task, last_task):
         started = time.perf_counter()
         torch.manual_seed(derived_seed(seed, "task", task))
         if not main:  # other ranks draw their own dropout (rank 0 keeps the one-process stream)
@@ -374,7 +387,8 @@ def train_tasks(experiment: Experiment, method: str | Regularizer, optim: OptimS
     model.eval()
     return SequenceResult(method=label, task_names=list(experiment.task_names), accuracy=accuracy,
                           wall_time_s=previous_time + time.perf_counter() - start, config=config, log=log_lines,
-                          trained_tasks=num_tasks - first_task, model=model, merged_accuracy=merged_accuracy)
+                          trained_tasks=max(last_task - first_task, 0), model=model,
+                          merged_accuracy=merged_accuracy)
 
 
 def _evaluate_row(experiment: Experiment, model: nn.Module, task: int, num_tasks: int) -> list[float | None]:

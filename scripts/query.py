@@ -3,6 +3,7 @@
     python scripts/query.py runs/demo --text "man riding horse"
     python scripts/query.py runs/demo --image photo.jpg --box 10,20,64,48
     python scripts/query.py runs/demo --sample 0          # a test region stored in the fact file
+    python scripts/query.py runs/demo --sample 0 --accumulate-importance   # and add its MAS importance
 
 The same calls from your own code::
 
@@ -11,6 +12,7 @@ The same calls from your own code::
     found = query_text("runs/demo", "man riding horse", k=5)                    # {"images": [...], "facts": [...]}
     with open_query("runs/demo", method="mas") as engine:                       # keep the model loaded
         engine.text_to_images("dog|on|grass", k=3)
+        record_image_queries(engine, ["photo.jpg"])                              # online importance (§12)
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the text encoder is read from lo
 def main(argv: list[str] | None = None) -> int:
     from triplets.errors import TripletsError
     from triplets.query import fact_text, open_query, parse_box
+    from triplets.query_importance import check_accumulate_flags, record_image_queries, record_sample_queries
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="run folder written by mas-triplets train")
@@ -34,8 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--box", help="x,y,w,h of the region in --image (pixels)")
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--method", help="trained method (default: mas if trained)")
+    parser.add_argument("--accumulate-importance", action="store_true",
+                        help="add the image query's MAS importance to RUN/<method>/online_importance.pt")
     args = parser.parse_args(argv)
     try:
+        image = args.image if args.image is not None else args.sample
+        check_accumulate_flags(accumulate=args.accumulate_importance, image=image, text=args.text)
         with open_query(args.run, method=args.method) as engine:
             if args.text is not None:
                 print(f"{args.text!r} → {fact_text(engine.parse(args.text))}  (method {engine.method})")
@@ -45,12 +52,17 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  fact {hit['fact_text']}: {hit['score']:.3f}")
             else:
                 if args.image is not None:
-                    hits = engine.image_to_facts(args.image, box=parse_box(args.box) if args.box else None, k=args.k)
+                    box = parse_box(args.box) if args.box else None
+                    hits = engine.image_to_facts(args.image, box=box, k=args.k)
+                    if args.accumulate_importance:
+                        print(record_image_queries(engine, [args.image], box=box).describe())
                 else:
                     sample = int(engine.fact_file.sample_indices(None, "test")[args.sample])
                     true_fact = engine.facts[int(engine.fact_file.sample_fact[sample])]
                     print(f"test sample {sample}, true fact {fact_text(true_fact)}")
                     hits = engine.image_to_facts_by_sample(sample, k=args.k)
+                    if args.accumulate_importance:
+                        print(record_sample_queries(engine, [sample]).describe())
                 for rank, hit in enumerate(hits, start=1):
                     print(f"  {rank}. {hit['fact_text']}: {hit['score']:.3f}")
     except (TripletsError, IndexError) as exc:

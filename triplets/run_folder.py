@@ -231,7 +231,10 @@ def results_dict(out_dir: Path, config: TrainConfig, fact_file, known: dict[str,
         "num_test": int(len(fact_file.sample_indices(task=task, split=1))),
     } for task in range(fact_file.num_tasks)]
     return results_document(experiment="facts", name=out_dir.name, metric="standard top-5",
-                            complete=len(methods) == len(config.methods), tasks=tasks, methods=methods,
+                            complete=len(methods) == len(config.methods) and all(
+                                len(entry.get("accuracy_matrix", [])) == fact_file.num_tasks
+                                for entry in methods.values()),  # a run stopped early (--stop-after-task)
+                            tasks=tasks, methods=methods,
                             config=to_dict(config))
 
 

@@ -69,6 +69,7 @@ from .fact_experiment import FactContext, FactExperiment
 from .feature_cache import FEATURE_DATASET, feature_cache_fingerprint, write_feature_cache
 from .index import build_index, model_fingerprint
 from .model import FactEmbeddingNet, build_model, slot_targets
+from .online_importance import QueriedImportanceOnResume, check_queried_importance, online_importance_history
 from .run_folder import Run, collect_results, load_run, package_versions, prepare_run_folder, results_dict
 from .results_schema import method_summary
 from .train_config import (
@@ -108,7 +109,8 @@ def method_checkpoint_config(config: TrainConfig, method: MethodConfig) -> dict[
                              config.seed)
 
 
-def train_run(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True) -> dict:
+def train_run(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
+              stop_after_task: int | None = None) -> dict:
     """Train every method of ``config`` task by task into the run folder ``out_dir``; return
     the results dictionary also written to ``RUN/results.json`` (schema in ``docs/run_folder.md``:
     per method the accuracy matrix R, ``avg_acc``, ``forgetting``,
@@ -117,7 +119,11 @@ def train_run(config: TrainConfig, out_dir: str | Path, *, resume: bool = False,
     Under ``torchrun`` (a process group joined beforehand, as ``mas-triplets train`` does with
     :func:`mas_core.distributed.init_from_environment`) every rank calls it with the same
     arguments; rank 0 writes the run folder and the others return the same dictionary
-    without writing anything (see the module docs)."""
+    without writing anything (see the module docs).
+
+    ``stop_after_task=k`` trains the first ``k`` tasks only (model, result and indexes are
+    written for the model after task ``k``); ``resume=True`` later continues with task ``k + 1``,
+    the last task protected as ``config.online_importance`` says (:mod:`triplets.online_importance`)."""
     with same_on_every_rank():  # the checks before training fail alike on every rank
         config = dataclasses.replace(config, data=dataclasses.replace(
             config.data, fact_file=str(Path(config.data.fact_file).expanduser().resolve())))
@@ -146,9 +152,13 @@ def train_run(config: TrainConfig, out_dir: str | Path, *, resume: bool = False,
                 _check_method(method)  # fail fast on an unknown method or bad options
         # rank 0 creates or checks the folder; its answer (or its error) reaches every rank
         recorded = run_on_main_process(lambda: prepare_run_folder(config, out_dir, resume))
+        if resume:
+            with same_on_every_rank():
+                check_queried_importance(config.online_importance, out_dir, [method.key for method in config.methods])
         finished: dict[str, Any] = {}
         for method in config.methods:
-            finished[method.key] = train_method(ctx, method, out_dir / method.key, progress=progress)
+            finished[method.key] = train_method(ctx, method, out_dir / method.key, progress=progress,
+                                                stop_after_task=stop_after_task)
         if not is_main_process():  # rank 0 alone writes results, report, plots and indexes
             return results_dict(out_dir, recorded, fact_file, json.loads(json.dumps(finished)))
         results = collect_results(out_dir, recorded, fact_file)
@@ -159,10 +169,12 @@ def train_run(config: TrainConfig, out_dir: str | Path, *, resume: bool = False,
         fact_file.close()
 
 
-def train_method(ctx: FactContext, method: MethodConfig, method_dir: Path, *, progress: bool = True) -> dict[str, Any]:
-    """Train one method over all tasks with the task loop (resuming from its checkpoint if there
-    is one) and write ``model.pt`` and ``result.json`` (rank 0). A method whose ``result.json``
-    and finished checkpoint exist is not retrained: its saved result is returned."""
+def train_method(ctx: FactContext, method: MethodConfig, method_dir: Path, *, progress: bool = True,
+                 stop_after_task: int | None = None) -> dict[str, Any]:
+    """Train one method over all tasks (the first ``stop_after_task``) with the task loop (resuming
+    from its checkpoint if there is one, the last task's Ω replaced as ``online_importance`` says)
+    and write ``model.pt`` and ``result.json`` (rank 0). A method whose ``result.json`` and
+    checkpoint exist and that has nothing left to train is not retrained: its saved result is returned."""
     main = is_main_process()
     result_path = method_dir / "result.json"
     with same_on_every_rank():  # every rank reads the same files (written before this run)
@@ -173,10 +185,14 @@ def train_method(ctx: FactContext, method: MethodConfig, method_dir: Path, *, pr
         method_dir.mkdir(parents=True, exist_ok=True)
     experiment = FactExperiment(ctx)
     log = (lambda line: print(line, flush=True)) if progress else None
+    queried = QueriedImportanceOnResume(ctx.config.online_importance, method.key, method_dir,
+                                        experiment.importance_data, ctx.device,
+                                        log if log is not None and main else (lambda line: None))
     with same_on_every_rank():  # a refused checkpoint or an all-reduced divergence: every rank alike
         outcome = train_tasks(experiment, method.name, ctx.config.optim, seed=ctx.config.seed, device=ctx.device,
                               method_options=dict(method.options), label=method.key, checkpoint_dir=method_dir,
-                              resume=True, log=log, log_epochs=False)
+                              resume=True, log=log, log_epochs=False, stop_after_task=stop_after_task,
+                              after_resume=queried if ctx.config.online_importance.use != "none" else None)
     if outcome.trained_tasks == 0 and result_path.exists():
         return read_json(result_path, what="method result")
     model = outcome.model
@@ -185,7 +201,11 @@ def train_method(ctx: FactContext, method: MethodConfig, method_dir: Path, *, pr
             "model": model.state_dict(), "model_config": to_dict(ctx.config.model), "slot_dim": ctx.slot_dim,
             "image_size": ctx.image_size, "encoder_name": ctx.fact_file.encoder_name, "fact_file_sha": ctx.fingerprint,
         })
-    result = method_summary(outcome, method.name, method.options, final=experiment.final_metrics(model))
+    extras: dict[str, Any] = {"final": experiment.final_metrics(model)}
+    history = online_importance_history(result_path, queried.records)
+    if history:
+        extras["online_importance"] = history
+    result = method_summary(outcome, method.name, method.options, **extras)
     if main:
         atomic_write_json(result_path, result, checksum=True)
     return result

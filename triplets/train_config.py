@@ -14,6 +14,7 @@ from mas_core.loop import OptimSettings
 from .config import load_config
 from .errors import ConfigError
 from .model import ModelConfig
+from .online_importance import OnlineImportanceConfig
 
 
 @dataclass
@@ -90,8 +91,9 @@ class TrainConfig:
 
     ``device``: ``auto`` (CUDA when available), ``cpu`` or ``cuda[:N]``. ``num_threads``: CPU
     threads torch may use during the run (null: torch's default; 1 is much faster on a
-    machine whose cores are busy with other work). Neither changes what a checkpoint must
-    agree on to be resumed."""
+    machine whose cores are busy with other work). ``online_importance``: what protects the last
+    task when a stopped run resumes with the next one (:mod:`triplets.online_importance`). None
+    of these three changes what a checkpoint must agree on to be resumed."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -99,6 +101,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     methods: list[MethodConfig] = field(default_factory=lambda: [MethodConfig("finetune"), MethodConfig("mas")])
     eval: EvalConfig = field(default_factory=EvalConfig)
+    online_importance: OnlineImportanceConfig = field(default_factory=OnlineImportanceConfig)
     seed: int = 0
     device: str = "auto"
     num_threads: int | None = None

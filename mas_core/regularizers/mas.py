@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable
 
+import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointMismatchError, InvalidArgumentError, MASStateError, NonFiniteError
@@ -174,6 +175,75 @@ class MAS(QuadraticAnchorRegularizer):
             self._inverse_mass_sum += 1.0 / mass
         self.tasks_seen += 1
         self.consolidate(model, merged)
+
+    def replace_last_task_importance(self, model: nn.Module, last_task_importance: dict[str, Tensor] | None,
+                                     task_importance: dict[str, Tensor]) -> None:
+        """Replace the last task's contribution to the accumulated Ω by ``task_importance`` and
+        re-anchor θ* at ``model``'s parameters (those at the end of that task; ``docs/method.md`` §12).
+
+        ``last_task_importance`` is the Ω_t that :meth:`after_task` accumulated for the last task
+        (e.g. estimated again on the same data at the same θ); it may be ``None`` when only one
+        task has been seen. With Ω_t' = ``task_importance``::
+
+            sum:    Ω ← Ω − Ω_t + Ω_t'
+            ema:    Ω ← Ω − (1 − α) Ω_t + (1 − α) Ω_t'             (first task: Ω ← Ω_t')
+            alpha:  U ← U − Ω_t / S_t + Ω_t' / S_t',  Z ← Z − 1/S_t + 1/S_t'
+
+        After the first task the result is exactly what :meth:`after_task` with Ω_t' would have
+        given. Later, the earlier tasks' part ``Ω − contribution(Ω_t)`` is formed in float64 and
+        clamped at 0: it carries the rounding of the stored sum (half a unit in the last place
+        of Ω's dtype). Raises :class:`~mas_core.errors.MASStateError` before any task, or when
+        ``last_task_importance`` exceeds what was accumulated by more than rounding (it is not the
+        Ω that was accumulated: other data, another θ)."""
+        if self.tasks_seen == 0:
+            raise MASStateError(f"{self.display_name} has no task's importance to replace yet; call after_task first")
+        new = {name: value.detach() for name, value in task_importance.items()}
+        self.check_task_importance(model, new)
+        if self.tasks_seen == 1:
+            previous: dict[str, Tensor] = {}
+            inverse_mass_sum = 0.0
+        else:
+            if last_task_importance is None:
+                raise MASStateError(
+                    f"{self.display_name} has accumulated {self.tasks_seen} tasks; replacing the last one needs its "
+                    "own importance (last_task_importance)"
+                )
+            last = {name: value.detach() for name, value in last_task_importance.items()}
+            self.check_task_importance(model, last)
+            previous, inverse_mass_sum = self._without_last_task(last)
+        saved = (self._importance, self.tasks_seen, self._inverse_mass_sum)
+        self._importance, self.tasks_seen, self._inverse_mass_sum = previous, self.tasks_seen - 1, inverse_mass_sum
+        try:
+            self.add_task_importance(model, new)
+        except BaseException:
+            self._importance, self.tasks_seen, self._inverse_mass_sum = saved
+            raise
+
+    def _without_last_task(self, last: dict[str, Tensor]) -> tuple[dict[str, Tensor], float]:
+        """The stored state (Ω or U, and Z) before the last task's ``last`` was accumulated (≥ 2 tasks seen)."""
+        if self.accumulate == "alpha":
+            mass = math.fsum(float(value.double().sum()) for value in last.values())
+            if not math.isfinite(mass) or mass <= 0.0:
+                raise NonFiniteError(f"the last task's importance mass is {mass}; it cannot have been accumulated")
+            share, inverse_mass_sum = 1.0 / mass, self._inverse_mass_sum - 1.0 / mass
+        else:
+            share, inverse_mass_sum = (1.0 if self.accumulate == "sum" else 1.0 - self.ema_alpha), 0.0
+        divisor = self.ema_alpha if self.accumulate == "ema" else 1.0
+        previous: dict[str, Tensor] = {}
+        for name, stored in self._importance.items():
+            value = stored.double()
+            if name in last:
+                contribution = last[name].double().to(value.device) * share
+                rest = value - contribution
+                tolerance = 1e-4 * float(torch.maximum(value.abs(), contribution.abs()).max()) if value.numel() else 0.0
+                if bool((rest < -tolerance).any()):
+                    raise MASStateError(
+                        f"the last task's importance of parameter {name!r} exceeds what {self.display_name} "
+                        "accumulated; it is not the Ω after_task used (other importance data, or another θ?)"
+                    )
+                value = rest.clamp(min=0.0)
+            previous[name] = (value / divisor if divisor > 0 else torch.zeros_like(value)).to(stored.dtype)
+        return previous, inverse_mass_sum
 
     @property
     def importance(self) -> dict[str, Tensor]:

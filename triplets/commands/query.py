@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -23,6 +24,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--encoder", help="text encoder spec (default: the one that prepared the fact file)")
     parser.add_argument("--device", default="cpu", help="torch device for the model (default: cpu)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--accumulate-importance", action="store_true",
+                        help="add this image query's MAS importance to RUN/<method>/online_importance.pt, for "
+                        "training the next task (online_importance in the train config; docs/method.md §12)")
     return parser
 
 
@@ -44,15 +48,19 @@ def run(args: argparse.Namespace) -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a text encoder is only ever read from local files
     from ..query import open_query, parse_box
+    from ..query_importance import check_accumulate_flags, record_image_queries
 
     if args.k < 1:
         raise TripletsError(f"--k must be a positive integer, got {args.k}")
     if args.box is not None and args.image is None:
         raise TripletsError("--box applies to --image only")
     box = parse_box(args.box) if args.box is not None else None
+    check_accumulate_flags(accumulate=args.accumulate_importance, image=args.image, text=args.text)
     with open_query(args.run, method=args.method, device=args.device, encoder=args.encoder) as engine:
         if args.image is not None:
             facts = engine.image_to_facts(args.image, box=box, k=args.k)
+            if args.accumulate_importance:
+                print(record_image_queries(engine, [args.image], box=box).describe(), file=sys.stderr)
             images = None
             query = {"image": args.image, "box": list(box) if box else None}
         else:

@@ -5,6 +5,7 @@ import argparse
 
 from mas_core.distributed import same_on_every_rank
 
+from ..errors import ConfigError
 from ..run_folder import check_output_folder
 from ..train import load_train_config, resolve_device, select_methods, train_run
 
@@ -25,6 +26,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--methods", default=None,
                         help="comma-separated method names (labels) of the config to train, e.g. finetune,mas")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars or per-task lines")
+    parser.add_argument("--stop-after-task", type=int, default=None, metavar="K",
+                        help="train the first K tasks only (the model after task K is saved and can be queried); "
+                        "continue later with --resume (online_importance in the config: docs/method.md §12)")
     return parser
 
 
@@ -38,9 +42,12 @@ def run(args: argparse.Namespace) -> int:
         if args.methods:
             config = select_methods(config, [name.strip() for name in args.methods.split(",") if name.strip()])
         device = resolve_device(config.device)
+        if args.stop_after_task is not None and args.stop_after_task < 1:
+            raise ConfigError(f"--stop-after-task must be a positive number of tasks, got {args.stop_after_task}")
         check_output_folder(args.out, "facts", resume=args.resume)  # before any work: nothing is written on refusal
     with distributed_session(device) as info:
-        results = train_run(config, args.out, resume=args.resume, progress=not args.no_progress)
+        results = train_run(config, args.out, resume=args.resume, progress=not args.no_progress,
+                            stop_after_task=args.stop_after_task)
     if info is None or info.is_main:
         print(format_summary(results))
         print(f"run folder: {args.out} (results.json, results.md, plots/)")
