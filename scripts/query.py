@@ -3,6 +3,7 @@
     python scripts/query.py runs/demo --text "man riding horse"
     python scripts/query.py runs/demo --image photo.jpg --box 10,20,64,48
     python scripts/query.py runs/demo --sample 0          # a test region stored in the fact file
+    python scripts/query.py runs/demo --text "man riding horse" --show answer.png   # and draw the answer
 
 The same calls from your own code::
 
@@ -24,6 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the text encoder is read from lo
 def main(argv: list[str] | None = None) -> int:
     from triplets.errors import TripletsError
     from triplets.query import fact_text, open_query, parse_box
+    from triplets.query_show import write_query_picture
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="run folder written by mas-triplets train")
@@ -34,25 +36,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--box", help="x,y,w,h of the region in --image (pixels)")
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--method", help="trained method (default: mas if trained)")
+    parser.add_argument("--show", metavar="FILE.png", help="also draw the answer into this PNG")
     args = parser.parse_args(argv)
     try:
         with open_query(args.run, method=args.method) as engine:
             if args.text is not None:
                 print(f"{args.text!r} → {fact_text(engine.parse(args.text))}  (method {engine.method})")
-                for hit in engine.text_to_images(args.text, k=args.k):
+                images = engine.text_to_images(args.text, k=args.k)
+                for hit in images:
                     print(f"  image sample {hit['sample']:>6} (image {hit['image_id']}, {hit['fact_text']}): {hit['score']:.3f}")
-                for hit in engine.text_to_facts(args.text, k=args.k):
+                hits = engine.text_to_facts(args.text, k=args.k)
+                for hit in hits:
                     print(f"  fact {hit['fact_text']}: {hit['score']:.3f}")
+                query = {"text": args.text}
             else:
+                images = None
                 if args.image is not None:
-                    hits = engine.image_to_facts(args.image, box=parse_box(args.box) if args.box else None, k=args.k)
+                    box = parse_box(args.box) if args.box else None
+                    hits = engine.image_to_facts(args.image, box=box, k=args.k)
+                    query = {"image": args.image, "box": box}
                 else:
                     sample = int(engine.fact_file.sample_indices(None, "test")[args.sample])
                     true_fact = engine.facts[int(engine.fact_file.sample_fact[sample])]
                     print(f"test sample {sample}, true fact {fact_text(true_fact)}")
                     hits = engine.image_to_facts_by_sample(sample, k=args.k)
+                    query = {"sample": sample}
                 for rank, hit in enumerate(hits, start=1):
                     print(f"  {rank}. {hit['fact_text']}: {hit['score']:.3f}")
+            if args.show is not None:
+                print(f"picture: {write_query_picture(args.show, engine, query, facts=hits, images=images)}")
     except (TripletsError, IndexError) as exc:
         print(f"query.py: error: {exc}", file=sys.stderr)
         return 2

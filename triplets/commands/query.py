@@ -23,6 +23,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--encoder", help="text encoder spec (default: the one that prepared the fact file)")
     parser.add_argument("--device", default="cpu", help="torch device for the model (default: cpu)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--show", metavar="FILE.png", help="also draw the answer: a contact sheet of the retrieved "
+                        "regions (text query) or the image with its box and facts (image query)")
     return parser
 
 
@@ -61,6 +63,10 @@ def run(args: argparse.Namespace) -> int:
             facts = engine.text_to_facts(args.text, k=args.k)
             query = {"text": args.text, "parsed_fact": list(parsed)}
         method = engine.method
+        if args.show is not None:
+            from ..query_show import write_query_picture
+
+            write_query_picture(args.show, engine, query, facts=facts, images=images)
     if args.json:
         payload = {"run": str(args.run), "method": method, "query": query,
                    "facts": [{"rank": r, "fact": list(h["fact"]), "fact_id": h["fact_id"], "score": h["score"]}
