@@ -24,6 +24,7 @@ frequent and rare categories.
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,7 +122,9 @@ def _digit_pools() -> list[CategoryPool]:
     return pools
 
 
-def _letter_pools(seed: int, font_dir: str | os.PathLike | None) -> list[CategoryPool]:
+@functools.lru_cache(maxsize=2)
+def _letter_pools(seed: int, font_dir: str | None) -> tuple[CategoryPool, ...]:
+    """The letter pools of ``seed`` (kept for the next call: rendering them takes seconds; read-only arrays)."""
     fonts = list_fonts(font_dir)
     if not fonts:
         where = font_dir if font_dir is not None else " or ".join(DEFAULT_FONT_DIRS)
@@ -132,9 +135,11 @@ def _letter_pools(seed: int, font_dir: str | os.PathLike | None) -> list[Categor
         rng = np.random.default_rng([seed, 1, letter_index])
         renders = [render_character(character, fonts[k % len(fonts)], rng, LETTER_CANVAS, SOURCE_IMAGE_SIZE)[:, :, 0]
                    for k in range(LETTER_RENDERS)]
-        pools.append(CategoryPool(name, "dejavu_letters", synset, np.stack(renders),
-                                  np.arange(LETTER_RENDERS, dtype=np.int64)))
-    return pools
+        images, rows = np.stack(renders), np.arange(LETTER_RENDERS, dtype=np.int64)
+        images.setflags(write=False)
+        rows.setflags(write=False)
+        pools.append(CategoryPool(name, "dejavu_letters", synset, images, rows))
+    return tuple(pools)
 
 
 def load_category_pools(sources: Sequence[str], seed: int, *,
@@ -152,5 +157,5 @@ def load_category_pools(sources: Sequence[str], seed: int, *,
     if "digits" in chosen:
         by_name.update((pool.name, pool) for pool in _digit_pools())
     if "letters" in chosen:
-        by_name.update((pool.name, pool) for pool in _letter_pools(seed, font_dir))
+        by_name.update((pool.name, pool) for pool in _letter_pools(int(seed), None if font_dir is None else str(font_dir)))
     return [by_name[name] for name, _ in ranked_categories(chosen)]

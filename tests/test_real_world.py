@@ -5,6 +5,7 @@ dataset-fashion-mnist (`make test` installs it when it can) and are skipped othe
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections import Counter
@@ -253,6 +254,28 @@ def test_clothing_world_draws_fashion_mnist_images(tmp_path: Path) -> None:
     manifest = _json(report.out_dir, "synth_manifest.json")
     assert manifest["sources"] == ["clothing", "digits", "letters"]
     assert [c[0] for c in manifest["categories"][:3]] == ["t shirt", "zero", "letter a"]
+
+
+# --------------------------------------------------------------------------- configs
+def test_realworld8_configs_load_random_and_semantic() -> None:
+    from triplets.train_config import load_train_config
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    random_split = load_train_config(configs / "realworld8.yaml")
+    semantic = load_train_config(configs / "realworld8_semantic.yaml")
+    assert "extends: realworld8.yaml" in (configs / "realworld8_semantic.yaml").read_text(encoding="utf-8")
+    assert random_split.data.fact_file != semantic.data.fact_file
+    assert {"--split random", "--tasks 8"} <= set(_flags((configs / "realworld8.yaml").read_text(encoding="utf-8")))
+    assert "--split semantic" in _flags((configs / "realworld8_semantic.yaml").read_text(encoding="utf-8"))
+    for config in (random_split, semantic):
+        assert config.model.backbone == "small_cnn"
+        assert [m.key for m in config.methods][:2] == ["finetune", "mas"]
+        assert dataclasses.replace(config, data=random_split.data) == random_split
+
+
+def _flags(text: str) -> list[str]:
+    words = text.replace("\\", " ").split()
+    return [f"{a} {b}" for a, b in zip(words, words[1:]) if a.startswith("--")]
 
 
 # --------------------------------------------------------------------------- errors and the command
