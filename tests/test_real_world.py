@@ -295,6 +295,9 @@ def test_unknown_object_source_is_one_line_error(tmp_path: Path, capsys: pytest.
     code = cli_main(["synth", "--world", "real", "--out", str(tmp_path / "vg"), "--objects", "shoes", "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "shoes" in err[0]
+    code = cli_main(["synth", "--out", str(tmp_path / "vg"), "--objects", "digits", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--world real only" in err[0]
 
 
 def test_synth_command_writes_a_real_world_cut(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

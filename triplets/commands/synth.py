@@ -18,6 +18,8 @@ from data_prep.real_world import DEFAULT_NUM_IMAGES, generate_real_world
 from data_prep.real_world_sources import SOURCE_NAMES
 from data_prep.synthetic import generate_world, iter_fact_counts_table
 
+from ..errors import TripletsError
+
 WORLDS = ("shapes", "real")
 DEFAULT_IMAGES = {"shapes": 600, "real": DEFAULT_NUM_IMAGES}
 
@@ -62,6 +64,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     """Generate the world and print its summary; returns the exit code."""
+    if args.world != "real" and (args.objects != ",".join(SOURCE_NAMES) or args.fashion_mnist_dir != str(FASHION_MNIST_DIR)):
+        raise TripletsError("--objects and --fashion-mnist-dir apply to --world real only")
     num_images = DEFAULT_IMAGES[args.world] if args.images is None else args.images
     common = {"num_images": num_images, "seed": args.seed, "image_size": args.image_size,
               "progress": not args.quiet, "force": args.force}
