@@ -218,7 +218,7 @@ class WorldPlanner:
 def draw_instance(source: np.ndarray, size: int, angle: float) -> np.ndarray:
     """The alpha (float32 [size, size], 0-1) of a source image (uint8 [h, w], ink bright) resized
     to ``size`` x ``size`` (bilinear) and rotated ``angle`` degrees counter-clockwise (bilinear, black fill)."""
-    image = Image.fromarray(source, mode="L").resize((size, size), Image.BILINEAR)
+    image = Image.fromarray(np.ascontiguousarray(source, dtype=np.uint8)).resize((size, size), Image.BILINEAR)
     if angle:
         image = image.rotate(angle, resample=Image.BILINEAR, fillcolor=0)
     return np.asarray(image, dtype=np.float32) / 255.0
@@ -250,7 +250,7 @@ class _RealScenes:
                 region[:] = background
             region[:] = region * (1.0 - alpha) + np.asarray(COLOURS[obj.colour], dtype=np.float32) * alpha
         pixels = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
-        return Image.fromarray(pixels, mode="RGB"), objects, relations
+        return Image.fromarray(pixels), objects, relations
 
     def instance_record(self, obj: RealObject) -> dict[str, Any]:
         pool = self.pools[obj.category]

@@ -126,7 +126,8 @@ class FactSamples:
                 yield (images, self.fact_ids[chosen]) if self.with_labels else images
             return
         for chosen in index_batches:
-            pixels = torch.from_numpy(np.asarray(self.fact_file.pixels(self.indices[chosen.numpy()])))
+            rows = self.indices[np.asarray(chosen, dtype=np.int64)]
+            pixels = torch.from_numpy(np.asarray(self.fact_file.pixels(rows)))
             images = pixels.permute(0, 3, 1, 2).float().div_(255.0)
             yield (images, self.fact_ids[chosen]) if self.with_labels else images
 
