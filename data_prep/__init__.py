@@ -19,7 +19,8 @@ command reads is opened by ``image_decode`` (the pixel limit from the header, ev
 8-bit by scaling); JSON is streamed under a nesting-depth limit (``json_stream``). Images:
 ``images.prepare_image_dataset`` reads a source (``image_sources``, ``idx``) and writes
 ``image_h5``. The synthetic world: ``synthetic`` writes the dump of the scenes ``synthetic_scenes``
-renders.
+renders; the real-image world: ``real_world`` plans and draws scenes of the real object images
+``real_world_sources`` loads, written by the same writer.
 """
 from __future__ import annotations
 

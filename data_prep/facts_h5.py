@@ -102,6 +102,34 @@ def _chunk_rows(row_bytes: int, num_rows: int, target_bytes: int = 1 << 16) -> i
     return max(1, min(num_rows, target_bytes // max(1, row_bytes)))
 
 
+#: most rows one slice of :func:`read_rows` reads (bounds its temporary memory)
+READ_ROWS_PER_SLICE = 4096
+
+
+def read_rows(dataset: Any, rows: np.ndarray) -> np.ndarray:
+    """The rows ``rows`` (sorted, unique, in range) of an HDF5 dataset, in that order.
+
+    One contiguous slice per run of adjacent chunks holding wanted rows (at most
+    ``READ_ROWS_PER_SLICE`` rows a slice) instead of h5py's point selection
+    (``dataset[rows]``), which costs about 1.7 ms per row on a gzip-chunked pixel dataset
+    against about 0.1 ms per row by slices (measured, docs/data_format.md): each chunk
+    touched is decompressed once, whatever the number of wanted rows in it.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    out = np.empty((rows.size,) + tuple(dataset.shape[1:]), dtype=dataset.dtype)
+    if rows.size == 0:
+        return out
+    chunk_rows = int(dataset.chunks[0]) if dataset.chunks else 1
+    chunk_of = rows // chunk_rows
+    run_starts = np.flatnonzero(np.diff(chunk_of) > 1) + 1
+    for run in np.split(np.arange(rows.size), run_starts):
+        for start in range(0, run.size, READ_ROWS_PER_SLICE):
+            part = run[start:start + READ_ROWS_PER_SLICE]
+            first, last = int(rows[part[0]]), int(rows[part[-1]])
+            out[part] = dataset[first:last + 1][rows[part] - first]
+    return out
+
+
 def write_fact_file(
     path: str | os.PathLike,
     *,
@@ -390,7 +418,7 @@ class FactFile:
             raise FactFileError(f"sample index out of range 0..{self.num_samples - 1}")
         unique, inverse = np.unique(indices, return_inverse=True)
         try:
-            block = self._handle["samples/pixels"][unique]
+            block = read_rows(self._handle["samples/pixels"], unique)
         except (OSError, ValueError, RuntimeError) as exc:
             raise FactFileError(
                 f"fact file {self.path}: pixels unreadable (truncated file? {str(exc).splitlines()[0]})"
@@ -464,6 +492,16 @@ def _dataset_class() -> type:
             region = self._pixels()[index]
             image = torch.from_numpy(np.ascontiguousarray(region)).permute(2, 0, 1).float().div_(255.0)
             return image, int(self.sample_facts[position])
+
+        def __getitems__(self, positions: Sequence[int]) -> list[tuple[torch.Tensor, int]]:
+            """A DataLoader's whole batch at once: the rows read by :func:`read_rows`."""
+            chosen = np.asarray(positions, dtype=np.int64)
+            if chosen.size and not (chosen.min() >= -len(self) and chosen.max() < len(self)):
+                raise IndexError(positions)
+            indices = self.sample_indices[chosen]
+            unique, inverse = np.unique(indices, return_inverse=True)
+            images = torch.from_numpy(read_rows(self._pixels(), unique)[inverse]).permute(0, 3, 1, 2).float().div_(255.0)
+            return [(image, int(fact)) for image, fact in zip(images, self.sample_facts[chosen])]
 
         def __getstate__(self) -> dict[str, Any]:
             state = dict(self.__dict__)

@@ -20,7 +20,8 @@ so that ``prepare vg`` reads it exactly as it reads the real dumps::
 Boxes are in pixels of the image, ``(x, y)`` the top-left corner, ``w``/``h`` the size.
 
 The world (categories, attributes, predicates and the layout of each predicate) is drawn by
-:mod:`data_prep.synthetic_scenes`, where it is described.
+:mod:`data_prep.synthetic_scenes`, where it is described. Other worlds (:mod:`data_prep.real_world`)
+reuse this writer: :func:`write_world_dump` writes any :class:`WorldSpec`.
 
 Real-dump quirks are planted deterministically and sparingly (see ``SynthReport.quirks``):
 ``id`` instead of ``image_id``; subject/object ``name`` (str) vs ``names`` (list);
@@ -50,17 +51,17 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Callable, Iterator, Mapping, Sequence
 
 from PIL import Image
 from tqdm import tqdm
 
 from .errors import DataPrepError
 from .facts_h5 import Fact, fact_order
-from .synthetic_scenes import CATEGORIES, COLOURS, PREDICATES, SceneSampler, Shape, render_scene
+from .synthetic_scenes import CATEGORIES, COLOURS, PREDICATES, SceneSampler, render_scene
 
-__all__ = ["CATEGORIES", "COLOURS", "PREDICATES", "SynthReport", "generate_world", "iter_fact_counts_table",
-           "load_manifest_fact_counts"]
+__all__ = ["CATEGORIES", "COLOURS", "PREDICATES", "SynthReport", "WorldNaming", "WorldSpec", "generate_world",
+           "iter_fact_counts_table", "load_manifest_fact_counts", "write_world_dump"]
 
 
 CATEGORY_SYNSETS = {
@@ -87,6 +88,46 @@ JPEG_QUALITY = 90
 MIN_IMAGE_SIZE = (96, 72)
 MIN_QUIRK_IMAGES = 10
 MANIFEST_NAME = "synth_manifest.json"
+INSTANCES_NAME = "instances.json"
+
+
+@dataclass(frozen=True)
+class WorldNaming:
+    """How a world's canonical names are written in the dump: WordNet synsets of each category and
+    predicate, the accented spelling of each category (a planted quirk), and the alias pairs
+    ``(canonical, alias)`` written to object_alias.txt / relationship_alias.txt and planted in the
+    records. Every canonical name must be a fixed point of :func:`data_prep.text_clean.clean_phrase`.
+    """
+
+    category_synsets: Mapping[str, str]
+    predicate_synsets: Mapping[str, str]
+    accented_names: Mapping[str, str]
+    object_aliases: Sequence[tuple[str, str]]
+    relationship_aliases: Sequence[tuple[str, str]]
+
+
+#: one image of a world: ``(canvas, objects, relations)``; each object has ``category``, ``x``, ``y``,
+#: ``size`` (a square box, pixels) and ``attributes`` (list of str); each relation is
+#: ``(subject_index, object_index, predicate)`` into the object list
+Scene = tuple[Image.Image, list[Any], list[tuple[int, int, str]]]
+
+
+@dataclass(frozen=True)
+class WorldSpec:
+    """A world the dump writer (:func:`write_world_dump`) can write: its image size in pixels, its
+    naming, ``scene(image_id)`` (deterministic per id; called for ids 1..N in order) and, optionally,
+    ``instance_record(obj)``: a JSON-able dict of where an object's pixels come from, written with
+    its object and image ids to ``instances.json``; ``manifest``: extra entries of synth_manifest.json."""
+
+    width: int
+    height: int
+    naming: WorldNaming
+    scene: Callable[[int], Scene]
+    instance_record: Callable[[Any], dict[str, Any]] | None = None
+    manifest: Mapping[str, Any] = field(default_factory=dict)
+
+
+SHAPES_NAMING = WorldNaming(CATEGORY_SYNSETS, PREDICATE_SYNSETS, ACCENTED_NAMES, OBJECT_ALIASES, RELATIONSHIP_ALIASES)
 
 
 @dataclass
@@ -182,27 +223,29 @@ def _image_url(image_id: int) -> str:
     return f"https://cs.stanford.edu/people/rak248/VG_100K/{image_id}.jpg"
 
 
-def _written_name(category: str, index: int, counters: _Counters) -> str:
+def _written_name(category: str, index: int, counters: _Counters, naming: WorldNaming) -> str:
     """The name as the dump spells it: mostly canonical, sometimes with a planted quirk."""
     if index % 37 == 5:
         counters.quirks["name_capital_trailing_space"] += 1
         return category.capitalize() + " "
     if index % 53 == 11:
         counters.quirks["name_accent"] += 1
-        return ACCENTED_NAMES[category]
+        return naming.accented_names[category]
     if index % 61 == 13:
         counters.quirks["name_punctuation"] += 1
         return category + "."
-    if category == "circle" and index % 17 == 2:
-        counters.quirks["name_alias"] += 1
-        return "disc"
+    for canonical, alias in naming.object_aliases:
+        if category == canonical and index % 17 == 2:
+            counters.quirks["name_alias"] += 1
+            return alias
     return category
 
 
-def _written_predicate(predicate: str, index: int, counters: _Counters) -> str:
-    if predicate == "next to" and index % 7 == 1:
-        counters.quirks["predicate_alias"] += 1
-        return "beside"
+def _written_predicate(predicate: str, index: int, counters: _Counters, naming: WorldNaming) -> str:
+    for canonical, alias in naming.relationship_aliases:
+        if predicate == canonical and index % 7 == 1:
+            counters.quirks["predicate_alias"] += 1
+            return alias
     if index % 23 == 4:
         counters.quirks["predicate_upper_case"] += 1
         return predicate.upper()
@@ -221,14 +264,15 @@ def _special_image_ids(image_ids: list[int]) -> tuple[set[int], set[int], set[in
     return missing, corrupt, wrong_size
 
 
-def _object_record(shape: Shape, object_id: int, written_name: str, counters: _Counters) -> dict[str, Any]:
+def _object_record(shape: Any, object_id: int, written_name: str, counters: _Counters,
+                   naming: WorldNaming) -> dict[str, Any]:
     index = counters.object_index
     record: dict[str, Any] = {"object_id": object_id, "x": shape.x, "y": shape.y, "w": shape.size, "h": shape.size,
                               "names": [written_name]}
     if index % 29 == 3:
         counters.quirks["missing_synsets"] += 1
     else:
-        record["synsets"] = [CATEGORY_SYNSETS[shape.category]]
+        record["synsets"] = [naming.category_synsets[shape.category]]
     if index % 4 == 0:
         # ids below 1_000_000: never those of a written object (which start at 1_000_001)
         record["merged_object_ids"] = [] if index % 8 == 0 else [index % 1_000_000]
@@ -245,11 +289,6 @@ def _relationship_end(obj: dict[str, Any], use_names_list: bool) -> dict[str, An
     else:
         end["name"] = obj["names"][0]
     return end
-
-
-def _attributes_of(shape: Shape) -> list[str]:
-    return [shape.colour] if shape.texture == "plain" else [shape.colour, shape.texture]
-
 
 
 def _encode_jpeg(image: Image.Image) -> bytes:
@@ -272,21 +311,21 @@ def _image_data_record(image_id: int, width: int, height: int, wrong_size: bool,
     return record
 
 
-def _object_and_attribute_records(shapes: list[Shape], usable: bool, counters: _Counters,
-                                  fact_counts: Counter[Fact]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _object_and_attribute_records(shapes: list[Any], usable: bool, counters: _Counters, fact_counts: Counter[Fact],
+                                  naming: WorldNaming) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The image's entries of objects.json and attributes.json; counts the <S> and <S,A> facts of a usable image."""
     object_records = []
     attribute_records = []
     for shape in shapes:
         counters.object_index += 1
         counters.object_id += 1
-        written = _written_name(shape.category, counters.object_index, counters)
-        record = _object_record(shape, counters.object_id, written, counters)
+        written = _written_name(shape.category, counters.object_index, counters, naming)
+        record = _object_record(shape, counters.object_id, written, counters, naming)
         object_records.append(record)
         attribute_record = {key: record[key] for key in ("object_id", "x", "y", "w", "h", "names")}
         if "synsets" in record:
             attribute_record["synsets"] = record["synsets"]
-        attributes = _attributes_of(shape)
+        attributes = list(shape.attributes)
         if counters.object_index % 50 == 7:
             counters.quirks["attributes_key_missing"] += 1
             attributes = []
@@ -304,9 +343,9 @@ def _object_and_attribute_records(shapes: list[Shape], usable: bool, counters: _
     return object_records, attribute_records
 
 
-def _relationship_records(image_id: int, shapes: list[Shape], relations: list[tuple[int, int, str]],
+def _relationship_records(image_id: int, shapes: list[Any], relations: list[tuple[int, int, str]],
                           object_records: list[dict[str, Any]], usable: bool, counters: _Counters,
-                          fact_counts: Counter[Fact]) -> list[dict[str, Any]]:
+                          fact_counts: Counter[Fact], naming: WorldNaming) -> list[dict[str, Any]]:
     """The image's entries of relationships.json (sometimes one whose subject has no name);
     counts the <S,P,O> facts of a usable image."""
     use_names_list = image_id % 3 == 0
@@ -316,8 +355,8 @@ def _relationship_records(image_id: int, shapes: list[Shape], relations: list[tu
         counters.relationship_id += 1
         records.append({
             "relationship_id": counters.relationship_id,
-            "predicate": _written_predicate(predicate, counters.relationship_index, counters),
-            "synsets": [PREDICATE_SYNSETS[predicate]],
+            "predicate": _written_predicate(predicate, counters.relationship_index, counters, naming),
+            "synsets": [naming.predicate_synsets[predicate]],
             "subject": _relationship_end(object_records[subject_index], use_names_list),
             "object": _relationship_end(object_records[object_index], use_names_list),
         })
@@ -350,8 +389,9 @@ def _image_file_bytes(canvas: Image.Image, corrupt: bool) -> bytes:
     return data
 
 
-def _write_world(folder: Path, num_images: int, seed: int, width: int, height: int, progress: bool) -> dict[str, Any]:
+def _write_world(folder: Path, world: WorldSpec, num_images: int, progress: bool) -> dict[str, Any]:
     """Render the images and write the dump's files into ``folder``; return the counts for the manifest."""
+    width, height, naming = world.width, world.height, world.naming
     image_dir = folder / "VG_100K"
     image_dir.mkdir()
     image_ids = list(range(1, num_images + 1))
@@ -364,33 +404,40 @@ def _write_world(folder: Path, num_images: int, seed: int, width: int, height: i
     with open(folder / "image_data.json", "w", encoding="utf-8") as image_file, \
             open(folder / "objects.json", "w", encoding="utf-8") as objects_file, \
             open(folder / "relationships.json", "w", encoding="utf-8") as relationships_file, \
-            open(folder / "attributes.json", "w", encoding="utf-8") as attributes_file:
+            open(folder / "attributes.json", "w", encoding="utf-8") as attributes_file, \
+            open(folder / INSTANCES_NAME if world.instance_record else os.devnull, "w", encoding="utf-8") as instances_file:
         image_writer = _JsonArrayWriter(image_file)
         objects_writer = _JsonArrayWriter(objects_file)
         relationships_writer = _JsonArrayWriter(relationships_file)
         attributes_writer = _JsonArrayWriter(attributes_file)
+        instances_writer = _JsonArrayWriter(instances_file)
         for image_id in tqdm(image_ids, desc="synth images", unit="img", disable=not progress):
-            rng = random.Random(seed * 1_000_003 + image_id)
-            canvas, shapes, relations = render_scene(rng, SceneSampler(rng), width, height)
+            canvas, shapes, relations = world.scene(image_id)
             usable = image_id not in missing and image_id not in corrupt
             image_writer.write(_image_data_record(image_id, width, height, image_id in wrong_size, counters))
-            object_records, attribute_records = _object_and_attribute_records(shapes, usable, counters, fact_counts)
+            object_records, attribute_records = _object_and_attribute_records(shapes, usable, counters, fact_counts,
+                                                                              naming)
+            if world.instance_record is not None:
+                for shape, record in zip(shapes, object_records):
+                    instances_writer.write({"image_id": image_id, "object_id": record["object_id"],
+                                            **world.instance_record(shape)})
             num_objects += len(object_records)
             num_attribute_records += len(attribute_records)
             objects_writer.write({"image_id": image_id, "objects": object_records, "image_url": _image_url(image_id)})
             attributes_writer.write({"image_id": image_id, "attributes": attribute_records})
             relationship_records = _relationship_records(image_id, shapes, relations, object_records, usable,
-                                                         counters, fact_counts)
+                                                         counters, fact_counts, naming)
             num_relationships += len(relationship_records)
             relationships_writer.write({"image_id": image_id, "relationships": relationship_records})
             if image_id not in missing:
                 (image_dir / f"{image_id}.jpg").write_bytes(_image_file_bytes(canvas, image_id in corrupt))
-        for writer in (image_writer, objects_writer, relationships_writer, attributes_writer):
+        for writer in (image_writer, objects_writer, relationships_writer, attributes_writer, instances_writer):
             writer.close()
 
-    (folder / "object_alias.txt").write_text("".join(",".join(group) + "\n" for group in OBJECT_ALIASES), encoding="utf-8")
+    (folder / "object_alias.txt").write_text(
+        "".join(",".join(group) + "\n" for group in naming.object_aliases), encoding="utf-8")
     (folder / "relationship_alias.txt").write_text(
-        "".join(",".join(group) + "\n" for group in RELATIONSHIP_ALIASES), encoding="utf-8")
+        "".join(",".join(group) + "\n" for group in naming.relationship_aliases), encoding="utf-8")
     return {
         "num_objects": num_objects,
         "num_relationships": num_relationships,
@@ -403,11 +450,13 @@ def _write_world(folder: Path, num_images: int, seed: int, width: int, height: i
     }
 
 
-def _write_manifest(path: Path, seed: int, num_images: int, image_size: tuple[int, int], written: dict[str, Any]) -> None:
+def _write_manifest(path: Path, generator: str, seed: int, num_images: int, image_size: tuple[int, int],
+                    written: dict[str, Any], extra: Mapping[str, Any]) -> None:
     """Record what was generated (for provenance and round-trip tests) beside the dump."""
     facts = sorted(written["fact_counts"].items(), key=lambda item: (-item[1], _fact_sort_key(item[0])))
     manifest = {
-        "generator": "data_prep.synthetic.generate_world",
+        "generator": generator,
+        **extra,
         "seed": seed,
         "num_images": num_images,
         "image_size": list(image_size),
@@ -464,23 +513,50 @@ def generate_world(
     progress: bool = True,
     force: bool = False,
 ) -> SynthReport:
-    """Render ``num_images`` scenes and write them as a Visual Genome dump into ``out_dir``.
+    """Render ``num_images`` scenes of shapes and write them as a Visual Genome dump into ``out_dir``.
 
-    ``image_size`` is ``(width, height)`` in pixels. The folder is built in a hidden
-    temporary sibling and renamed to ``out_dir`` only when complete; an existing
-    non-empty ``out_dir`` is refused unless ``force`` (then it is replaced, the old
-    one removed only after the new one is in place). Same ``seed`` -> identical bytes.
+    ``image_size`` is ``(width, height)`` in pixels. Written by :func:`write_world_dump` (atomic,
+    ``force`` to replace a non-empty ``out_dir``). Same ``seed`` -> identical bytes.
     Raises :class:`~data_prep.errors.DataPrepError` on bad arguments.
+    """
+    def make_world(width: int, height: int) -> WorldSpec:
+        def scene(image_id: int) -> Scene:
+            rng = random.Random(seed * 1_000_003 + image_id)
+            return render_scene(rng, SceneSampler(rng), width, height)
+        return WorldSpec(width, height, SHAPES_NAMING, scene)
+
+    return write_world_dump(out_dir, make_world, generator="data_prep.synthetic.generate_world",
+                            num_images=num_images, seed=seed, image_size=image_size, progress=progress, force=force)
+
+
+def write_world_dump(
+    out_dir: str | os.PathLike,
+    make_world: Callable[[int, int], WorldSpec],
+    *,
+    generator: str,
+    num_images: int,
+    seed: int,
+    image_size: tuple[int, int],
+    progress: bool = True,
+    force: bool = False,
+) -> SynthReport:
+    """Write the world ``make_world(width, height)`` as a Visual Genome dump of ``num_images`` images.
+
+    The arguments and ``out_dir`` are checked before ``make_world`` is called. The folder is built
+    in a hidden temporary sibling and renamed to ``out_dir`` only when complete; an existing
+    non-empty ``out_dir`` is refused unless ``force`` (then it is replaced, the old one removed
+    only after the new one is in place). ``generator`` and ``seed`` are recorded in the manifest.
     """
     start = time.perf_counter()
     width, height = _check_arguments(num_images, image_size)
     out_dir = Path(out_dir)
     _prepare_destination(out_dir, force)
+    world = make_world(width, height)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
-        written = _write_world(staging, num_images, seed, width, height, progress)
-        _write_manifest(staging / MANIFEST_NAME, seed, num_images, (width, height), written)
+        written = _write_world(staging, world, num_images, progress)
+        _write_manifest(staging / MANIFEST_NAME, generator, seed, num_images, (width, height), written, world.manifest)
         _prepare_destination(out_dir, force)  # re-check: something may have appeared meanwhile
         if out_dir.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))

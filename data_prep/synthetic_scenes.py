@@ -87,6 +87,11 @@ class Shape:
     def box(self) -> tuple[int, int, int, int]:
         return (self.x, self.y, self.size, self.size)
 
+    @property
+    def attributes(self) -> list[str]:
+        """The shape's <S,A> attributes: its colour, then its texture unless plain."""
+        return [self.colour] if self.texture == "plain" else [self.colour, self.texture]
+
 
 def _regular_polygon(cx: float, cy: float, radius: float, sides: int, start: float) -> list[tuple[float, float]]:
     return [

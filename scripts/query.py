@@ -4,6 +4,7 @@
     python scripts/query.py runs/demo --image photo.jpg --box 10,20,64,48
     python scripts/query.py runs/demo --sample 0          # a test region stored in the fact file
     python scripts/query.py runs/demo --sample 0 --accumulate-importance   # and add its MAS importance
+    python scripts/query.py runs/demo --text "man riding horse" --show answer.png   # and draw the answer
 
 The same calls from your own code::
 
@@ -27,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     from triplets.errors import TripletsError
     from triplets.query import fact_text, open_query, parse_box
     from triplets.query_importance import check_accumulate_flags, record_image_queries, record_sample_queries
+    from triplets.query_show import write_query_picture
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="run folder written by mas-triplets train")
@@ -39,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", help="trained method (default: mas if trained)")
     parser.add_argument("--accumulate-importance", action="store_true",
                         help="add the image query's MAS importance to RUN/<method>/online_importance.pt")
+    parser.add_argument("--show", metavar="FILE.png", help="also draw the answer into this PNG")
     args = parser.parse_args(argv)
     try:
         image = args.image if args.image is not None else args.sample
@@ -46,16 +49,21 @@ def main(argv: list[str] | None = None) -> int:
         with open_query(args.run, method=args.method) as engine:
             if args.text is not None:
                 print(f"{args.text!r} → {fact_text(engine.parse(args.text))}  (method {engine.method})")
-                for hit in engine.text_to_images(args.text, k=args.k):
+                images = engine.text_to_images(args.text, k=args.k)
+                for hit in images:
                     print(f"  image sample {hit['sample']:>6} (image {hit['image_id']}, {hit['fact_text']}): {hit['score']:.3f}")
-                for hit in engine.text_to_facts(args.text, k=args.k):
+                hits = engine.text_to_facts(args.text, k=args.k)
+                for hit in hits:
                     print(f"  fact {hit['fact_text']}: {hit['score']:.3f}")
+                query = {"text": args.text}
             else:
+                images = None
                 if args.image is not None:
                     box = parse_box(args.box) if args.box else None
                     hits = engine.image_to_facts(args.image, box=box, k=args.k)
                     if args.accumulate_importance:
                         print(record_image_queries(engine, [args.image], box=box).describe())
+                    query = {"image": args.image, "box": box}
                 else:
                     sample = int(engine.fact_file.sample_indices(None, "test")[args.sample])
                     true_fact = engine.facts[int(engine.fact_file.sample_fact[sample])]
@@ -63,8 +71,11 @@ def main(argv: list[str] | None = None) -> int:
                     hits = engine.image_to_facts_by_sample(sample, k=args.k)
                     if args.accumulate_importance:
                         print(record_sample_queries(engine, [sample]).describe())
+                    query = {"sample": sample}
                 for rank, hit in enumerate(hits, start=1):
                     print(f"  {rank}. {hit['fact_text']}: {hit['score']:.3f}")
+            if args.show is not None:
+                print(f"picture: {write_query_picture(args.show, engine, query, facts=hits, images=images)}")
     except (TripletsError, IndexError) as exc:
         print(f"query.py: error: {exc}", file=sys.stderr)
         return 2

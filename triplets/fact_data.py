@@ -15,7 +15,6 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import ConcatDataset, DataLoader, Subset
 
 from data_prep.facts_h5 import open_facts
 from data_prep.lll_benchmark import missing_fact_file_hint
@@ -93,7 +92,8 @@ class FactSamples:
     """Images and fact ids of the samples of ``parts`` of a fact file.
 
     In memory: uint8 ``[n, 3, S, S]`` pixels, converted to float in ``[0, 1]`` per batch.
-    Streamed: a ConcatDataset of ``fact_file.dataset(task, split)`` parts read by a DataLoader.
+    Streamed: each batch's regions read from the file when asked for (``fact_file.pixels``: one
+    slice per run of chunks, see :func:`data_prep.facts_h5.read_rows`), nothing kept.
     ``batches(index_batches)`` yields ``(images float [b, 3, S, S], fact_ids [b])`` per index
     tensor (positions in this set); ``with_labels=False`` yields the images alone.
     """
@@ -105,17 +105,10 @@ class FactSamples:
         self.in_memory = in_memory
         self.with_labels = with_labels
         self.pixels: Tensor | None = None
-        self.dataset: Any = None
-        if in_memory:
-            if len(self.indices):
-                array = np.asarray(fact_file.pixels(self.indices))
-                self.pixels = torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
-        else:
-            datasets = [fact_file.dataset(task, one_split) for task, split in parts
-                        for one_split in ((split,) if split is not None else (0, 1))]
-            self.dataset = ConcatDataset(datasets)
-            if max_samples is not None:
-                self.dataset = Subset(self.dataset, range(min(max_samples, len(self.dataset))))
+        self.fact_file = fact_file
+        if in_memory and len(self.indices):
+            array = np.asarray(fact_file.pixels(self.indices))
+            self.pixels = torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
 
     def __len__(self) -> int:
         return int(len(self.indices))
@@ -132,9 +125,11 @@ class FactSamples:
                 images = self.pixels[chosen].float().div_(255.0)
                 yield (images, self.fact_ids[chosen]) if self.with_labels else images
             return
-        loader = DataLoader(self.dataset, batch_sampler=[chosen.tolist() for chosen in index_batches])
-        for images, fact_ids in loader:
-            yield (images, fact_ids) if self.with_labels else images
+        for chosen in index_batches:
+            rows = self.indices[np.asarray(chosen, dtype=np.int64)]
+            pixels = torch.from_numpy(np.asarray(self.fact_file.pixels(rows)))
+            images = pixels.permute(0, 3, 1, 2).float().div_(255.0)
+            yield (images, self.fact_ids[chosen]) if self.with_labels else images
 
     def in_order(self, batch_size: int) -> Iterator[Any]:
         """All samples in file order, ``batch_size`` at a time."""

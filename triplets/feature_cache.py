@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from data_prep.facts_h5 import read_rows
+
 from .errors import ConfigError
 from .fact_data import fact_file_fingerprint, sample_indices
 from .model import BranchHead, FactEmbeddingNet
@@ -136,7 +138,7 @@ class FeatureSamples:
         if len(self.indices):
             unique, inverse = np.unique(self.indices, return_inverse=True)  # h5py wants increasing indices
             with h5py.File(features_path, "r") as handle:
-                stored = np.asarray(handle[FEATURE_DATASET][unique])
+                stored = read_rows(handle[FEATURE_DATASET], unique)  # slices, not h5py's slow point selection
             self.features = torch.from_numpy(stored[inverse])
 
     def __len__(self) -> int:

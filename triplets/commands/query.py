@@ -27,6 +27,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--accumulate-importance", action="store_true",
                         help="add this image query's MAS importance to RUN/<method>/online_importance.pt, for "
                         "training the next task (online_importance in the train config; docs/method.md §12)")
+    parser.add_argument("--show", metavar="FILE.png", help="also draw the answer: a contact sheet of the retrieved "
+                        "regions (text query) or the image with its box and facts (image query)")
     return parser
 
 
@@ -69,6 +71,10 @@ def run(args: argparse.Namespace) -> int:
             facts = engine.text_to_facts(args.text, k=args.k)
             query = {"text": args.text, "parsed_fact": list(parsed)}
         method = engine.method
+        if args.show is not None:
+            from ..query_show import write_query_picture
+
+            write_query_picture(args.show, engine, query, facts=facts, images=images)
     if args.json:
         payload = {"run": str(args.run), "method": method, "query": query,
                    "facts": [{"rank": r, "fact": list(h["fact"]), "fact_id": h["fact_id"], "score": h["score"]}
