@@ -84,7 +84,7 @@ class OptimSettings:
     ``epochs`` per task (``first_task_epochs`` overrides it for task 0 when set); ``lr`` the
     learning rate per step; ``momentum`` in [0, 1); ``batch_size`` samples per global batch (the
     same whatever the number of processes); ``weight_decay`` ordinary L2 (``λ_wd·θ`` added to the
-    gradient); ``clip_grad_norm`` caps the L2 norm of the gradient of all trained parameters
+    gradient) on the parameters the current task's loss reaches (not on old tasks' heads); ``clip_grad_norm`` caps the L2 norm of the gradient of all trained parameters
     (``null``: off)."""
 
     epochs: int = 5
@@ -394,7 +394,9 @@ def _train_epochs(experiment: Experiment, trained: nn.Module, model: nn.Module, 
     parameters = [p for p in trained.parameters() if p.requires_grad]
     if not parameters:
         raise MASCoreError("the model has no trainable parameters (requires_grad=True); nothing to train")
-    optimizer = torch.optim.SGD(parameters, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+    optimizer = torch.optim.SGD(_parameter_groups(experiment, trained, parameters, data, task, seed, optim, device,
+                                                  joint),
+                                lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
 
     def step_loss(module: nn.Module, batch: Any, scale: float) -> Tensor:
         return scale * experiment.loss(module, batch, task) + reg.penalty(module, batch_input(batch))
@@ -460,6 +462,34 @@ def epoch_shares(n: int, batch_size: int, seed: int, task: int, epoch: int,
         scale = 0.0 if weight == 0.0 else len(share) * world_size / len(global_batch)
         shares.append((share, scale))
     return shares
+
+
+def _parameter_groups(experiment: Experiment, trained: nn.Module, parameters: list[Tensor], data: TrainData,
+                      task: int, seed: int, optim: OptimSettings, device: torch.device,
+                      joint: bool) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups: weight decay only on the parameters the current task's loss
+    reaches (probed on the first batch of the task, eval mode: no BatchNorm update, no dropout draw;
+    the global RNG is restored after).
+    The others (old tasks' heads) stay in the optimizer, so a method's penalty may still move them
+    (LwF's distillation), but are not decayed: under MAS, EWC or SI an old head whose anchor holds it
+    keeps its weights bit for bit. Without weight decay, and in joint mode (a batch may miss a task),
+    one group of every parameter."""
+    if optim.weight_decay == 0 or joint:
+        return [{"params": parameters}]
+    index, _ = epoch_shares(len(data), optim.batch_size, seed, task, 0, distributed.current())[0]
+    was_training = trained.training
+    with torch.random.fork_rng(devices=[]):  # a random crop while reading the batch leaves the run's stream as it was
+        batch = move_to(next(iter(data.batches([index]))), device)
+        trained.eval()
+        try:
+            with torch.enable_grad():
+                reached = distributed.parameters_in_graph(experiment.loss(trained, batch, task))
+        finally:
+            trained.train(was_training)
+    decayed = [p for p in parameters if id(p) in reached]
+    kept = [p for p in parameters if id(p) not in reached]
+    groups = [{"params": decayed}] if decayed else []
+    return groups + ([{"params": kept, "weight_decay": 0.0}] if kept else [])
 
 
 def _some_parameter_unused(trained: nn.Module, parameters: list[Tensor], data: TrainData,

@@ -58,6 +58,7 @@ def test_ewc_penalty_equals_lambda_fisher_distance_with_hand_fisher() -> None:
     torch.testing.assert_close(ewc.fisher["weight"], fisher, rtol=1e-5, atol=1e-7)
     anchor = model.weight.detach().clone()
     _perturb(model, 0.3)
+    perturbed = model.weight.detach().clone()
     expected = 0.7 * (fisher * (model.weight.detach() - anchor) ** 2).sum()
     penalty = ewc.penalty(model)
     torch.testing.assert_close(penalty, expected, rtol=1e-5, atol=1e-8)
@@ -66,9 +67,14 @@ def test_ewc_penalty_equals_lambda_fisher_distance_with_hand_fisher() -> None:
 
     # offline EWC sums Fishers and anchors at the latest parameters; online decays by gamma
     second = fisher_importance(model, [(x, y)])["weight"]
-    offline, online = EWC(lam=1.0), EWC(lam=1.0, online=True, gamma=0.5)
+    offline, online = EWC(lam=0.7), EWC(lam=0.7, online=True, gamma=0.5)
+    offline.load_state_dict(_roundtrip(ewc.state_dict()))
+    with torch.no_grad():
+        model.weight.copy_(anchor)
+    online.after_task(model, [(x[:2], y[:2]), (x[2:], y[2:])])
+    with torch.no_grad():
+        model.weight.copy_(perturbed)
     for method in (offline, online):
-        method.load_state_dict(_roundtrip(ewc.state_dict()))
         method.after_task(model, [(x, y)])
         torch.testing.assert_close(method.anchors["weight"], model.weight.detach())
     torch.testing.assert_close(offline.fisher["weight"], fisher + second, rtol=1e-5, atol=1e-8)
@@ -146,7 +152,7 @@ def test_lwf_penalty_is_zero_at_the_snapshot_and_positive_after_perturbing() -> 
     for j in (0, 1):
         p_old = torch.softmax(old_logits[j] / 2, dim=1)
         log_p_new = torch.log_softmax(model(x, head=j) / 2, dim=1)
-        expected += 4 * (p_old * (p_old.log() - log_p_new)).sum(1).mean()
+        expected += (p_old * (p_old.log() - log_p_new)).sum(1).mean()  # Li & Hoiem: no T² factor
     penalty = lwf.penalty(model, x)
     assert penalty.item() > 1e-3
     torch.testing.assert_close(penalty, 2.0 * expected, rtol=1e-5, atol=1e-7)
@@ -245,9 +251,10 @@ def test_ebll_autoencoder_reduces_reconstruction_error_and_codes_are_preserved()
     model = MultiHeadNet(nn.Sequential(nn.Linear(6, 12), nn.ReLU()), 12)
     model.add_head(3)
     x = torch.randn(64, 6)
-    ebll = EBLL(lam=1.0, code_dim=4, ae_lam=5.0, ae_epochs=5)
+    y = torch.randint(0, 3, (64,))
+    ebll = EBLL(lam=1.0, code_dim=4, ae_lam=5.0, ae_rec_lam=1.0, ae_epochs=5)
     ebll.before_task(model, TaskInfo(index=0, head=0))
-    ebll.after_task(model, [x[:32], x[32:]])
+    ebll.after_task(model, [(x[:32], y[:32]), (x[32:], y[32:])])
     assert len(ebll.encoders) == 1 and ebll.encoders[0]["weight"].shape == (4, 12)
     assert ebll.reconstruction_errors[0][-1] < ebll.reconstruction_errors[0][0]
     model.add_head(3)
@@ -304,7 +311,7 @@ def test_each_method_declares_what_it_needs_and_its_strength_by_name() -> None:
         "ewc": ("labelled", False, False, {"lam": 5.0}),
         "si": ("none", False, True, {"lam": 5.0}),
         "lwf": ("none", False, False, {"lam": 5.0}),
-        "ebll": ("inputs", False, False, {"lam": 5.0}),
+        "ebll": ("labelled", False, False, {"lam": 5.0}),  # its autoencoder reads the labels
         "imm": ("none", False, False, {"lam_l2": 5.0}),
     }
     assert set(expected) == set(METHODS)

@@ -67,7 +67,7 @@ def is_batched(leaf: Any, size: int) -> bool:
     return isinstance(leaf, Tensor) and leaf.dim() >= 1 and leaf.shape[0] == size
 
 
-def _slice_batch(batch: Any, size: int, keep: int) -> Any:
+def slice_batch(batch: Any, size: int, keep: int) -> Any:
     """The first ``keep`` samples of ``batch`` (every tensor whose first dimension is ``size``)."""
     leaves, spec = tree_flatten(batch)
     return tree_unflatten([leaf[:keep] if is_batched(leaf, size) else leaf for leaf in leaves], spec)
@@ -90,7 +90,7 @@ def limited_batches(data: Iterable[Any], max_samples: int | None) -> Iterator[tu
         if size == 0:
             continue
         if max_samples is not None and seen + size > max_samples:
-            batch = _slice_batch(batch, size, max_samples - seen)
+            batch = slice_batch(batch, size, max_samples - seen)
             size = max_samples - seen
         yield batch, size
         seen += size

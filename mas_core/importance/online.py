@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from ..batches import batch_input, batch_size, move_to
 from ..distributed import all_reduce_sums
 from ..errors import CheckpointMismatchError, EmptyDataError, InvalidArgumentError, MASStateError, NonFiniteError
+from .checks import BatchChecks
 from .common import OutputFn, evaluation_mode, limited_batches, trainable_parameters
 from .hebbian import accumulate_hebbian_batch, hebbian_layers
 from .layers import discover_layers
@@ -139,6 +140,7 @@ class OnlineImportance:
         if estimator == "mas":
             self._layers = discover_layers(model, self._trainable)
             self._objective = SquaredNormObjective(output_fn)
+            self._checks = BatchChecks()  # per-sample verdicts per batch size (mas_core.importance.checks)
         else:
             self._layers = hebbian_layers(model, self._trainable)
 
@@ -205,7 +207,7 @@ class OnlineImportance:
         with evaluation_mode(self.model):
             if self.estimator == "mas":
                 accumulate_batch(self.model, batch, size, self._objective, torch.abs, batch_sums,
-                                 self._trainable, self._layers, self.chunk_size)
+                                 self._trainable, self._layers, self.chunk_size, self._checks)
             else:
                 accumulate_hebbian_batch(self.model, batch, self._layers, batch_sums, self.output_fn)
         # the terms are ≥ 0, so their float64 total is finite exactly when every term is (one sync)

@@ -2,22 +2,34 @@
 
 ``s_n`` is the per-sample objective (``‖F(x_n)‖₂²`` for MAS, the loss ``ℓ_n`` for Fisher) and φ is
 ``|·|`` (MAS) or ``(·)²`` (Fisher); ``docs/method.md`` §1 gives the definition. The model must treat
-samples independently in eval mode, as every standard layer does.
+samples independently in eval mode, as every standard layer does, with the batch as the first
+dimension of its inputs.
 
 1. One ordinary forward pass of the whole batch records, for every Linear, Conv2d and affine
    BatchNorm module (:mod:`mas_core.importance.layers`), its input and the autograd edge of its
    output; one backward pass to those edges only (no weight gradients are formed) gives
    ``Δ = ∂ Σ_n s_n / ∂Y`` whose row ``n`` is ``∂s_n/∂y_n``; the layer's closed form does the rest.
 2. A module qualifies only if it was called exactly once in the batch, its input has the batch as
-   first dimension (2-D for Linear, 4-D for Conv2d), and each of its trainable parameters is used
-   exactly once in the autograd graph (weight tying, a module applied twice per sample, or a
+   first dimension (2-D for Linear, 4-D for Conv2d) *and really is per sample* (the objective run
+   on the first ``B − 1`` samples gives that module ``B − 1`` rows equal to the full batch's first
+   ones: :func:`~mas_core.importance.checks.verify_batch`, once per batch size; a Linear applied to
+   a table that merely has ``B`` rows does not qualify), and each of its trainable parameters is
+   used exactly once in the autograd graph (weight tying, a module applied twice per sample, or a
    parameter also used outside its module are all detected).
 3. Every other parameter the output depends on (Linear over sequences, embeddings, LayerNorm, free
    ``nn.Parameter`` s, …) goes through the general fallback :func:`_accumulate_vectorised`:
    :func:`torch.func.vmap` over :func:`torch.func.grad` with :func:`torch.func.functional_call`
    (buffers passed as they are), in chunks of samples so that at most about ``2**24`` per-sample
-   gradient elements exist at once (or ``chunk_size`` samples). Parameters the output does not
-   depend on (e.g. other tasks' heads) get exactly zero without any work.
+   gradient elements exist at once (or ``chunk_size`` samples). It cuts every batch leaf with
+   ``B`` rows into samples, which is only done when cutting was verified to be safe (step 2's run
+   on ``B − 1`` samples gives the same objectives); otherwise, and when vmap cannot run the model
+   (GRU, LSTM, RNN layers; data-dependent control flow), :func:`_accumulate_by_backward` takes the
+   per-sample gradients from one forward of the whole batch (a batched backward, else one backward
+   per sample): exact, and slower.
+4. Parameters the output does not depend on (e.g. other tasks' heads) get exactly zero without any
+   work, after one check (:func:`~mas_core.importance.checks.check_hidden_parameters`) that moving
+   them leaves the output unchanged: a module inside ``torch.utils.checkpoint(...,
+   use_reentrant=True)`` is invisible to the graph, and its Ω would silently be 0; it raises instead.
 """
 from __future__ import annotations
 
@@ -30,6 +42,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..batches import move_to
 from ..errors import InvalidArgumentError, InvalidOutputError
+from .checks import HIDDEN_FIX, BatchChecks, check_hidden_parameters, verify_batch
 from .common import Elementwise, evaluation_mode, finish, is_batched, limited_batches, trainable_parameters
 from .layers import Layer, chunk_samples, count_parameter_uses, discover_layers, exact_accumulate, nearby_leaves
 
@@ -51,10 +64,11 @@ def per_sample_gradient_statistic(
     layers = discover_layers(model, trainable)
     device = next(iter(trainable.values())).device
     count = 0
+    checks = BatchChecks()
     with evaluation_mode(model):
         for batch, size in limited_batches(data, max_samples):
             batch = move_to(batch, device)
-            accumulate_batch(model, batch, size, objective, phi, sums, trainable, layers, chunk_size)
+            accumulate_batch(model, batch, size, objective, phi, sums, trainable, layers, chunk_size, checks)
             count += size
     return finish(sums, count, scale=1.0, estimator=estimator, data=data)
 
@@ -69,9 +83,13 @@ def accumulate_batch(
     trainable: dict[str, nn.Parameter],
     layers: list[Layer],
     chunk_size: int | None,
+    checks: BatchChecks | None = None,
 ) -> None:
     """Add ``Σ_{n∈batch} φ(∂s_n/∂θ)`` of one batch of ``size`` samples to ``sums`` (no division).
-    The caller puts the model in eval mode; ``layers`` is :func:`discover_layers` of ``trainable``."""
+    The caller puts the model in eval mode; ``layers`` is :func:`discover_layers` of ``trainable``;
+    ``checks`` caches the per-sample verdicts across the batches of one estimate (``None``: verify
+    this batch on its own)."""
+    checks = BatchChecks() if checks is None else checks
     records: list[list[tuple[Tensor, GradientEdge] | None]] = [[] for _ in layers]
 
     def make_hook(index: int) -> Callable[..., None]:
@@ -94,12 +112,17 @@ def accumulate_batch(
     if not total.requires_grad:
         raise InvalidOutputError(
             "the output does not depend on any trainable parameter (is output_fn running under "
-            "torch.no_grad() or detaching?)"
+            "torch.no_grad(), detaching, or inside torch.utils.checkpoint(..., use_reentrant=True)?)"
         )
+    reference = per_sample.detach().clone()
+    verdict = checks.by_size.get(size)
+    if verdict is None:
+        full_inputs = [calls[0][0] if len(calls) == 1 and calls[0] is not None else None for calls in records]
+        verdict = checks.by_size[size] = verify_batch(model, batch, size, objective, layers, full_inputs, reference)
     uses = count_parameter_uses(total)
     exact: list[tuple[Layer, Tensor, GradientEdge]] = []
-    for layer, calls in zip(layers, records):
-        if len(calls) != 1 or calls[0] is None:
+    for index, (layer, calls) in enumerate(zip(layers, records)):
+        if len(calls) != 1 or calls[0] is None or index not in verdict.per_sample_layers:
             continue
         layer_input, edge = calls[0]
         if not layer.accepts(layer_input, size):
@@ -117,12 +140,31 @@ def accumulate_batch(
         if uses.get(id(parameter), 0) > 0 and id(parameter) not in covered
     ]
     if exact:
-        grads = torch.autograd.grad(total, [edge for _, _, edge in exact])
+        try:
+            grads = torch.autograd.grad(total, [edge for _, _, edge in exact])
+        except RuntimeError as error:
+            if "use_reentrant" not in str(error):
+                raise
+            raise InvalidOutputError(
+                f"the output goes through torch.utils.checkpoint(..., use_reentrant=True), which autograd.grad "
+                f"cannot differentiate: {HIDDEN_FIX}"
+            ) from None
         for (layer, layer_input, _), grad in zip(exact, grads):
             exact_accumulate(layer, layer_input, grad, phi, sums)
     del total, per_sample, records, exact
     if fallback:
-        _accumulate_vectorised(model, batch, size, objective, phi, sums, fallback, chunk_size)
+        vectorised = verdict.slicing_is_safe
+        if vectorised:
+            try:
+                _accumulate_vectorised(model, batch, size, objective, phi, sums, fallback, chunk_size)
+            except RuntimeError:  # vmap cannot run the model (recurrent layers, data-dependent control flow)
+                vectorised = False
+        if not vectorised:
+            _accumulate_by_backward(model, batch, size, objective, phi, sums, fallback, chunk_size)
+    if not checks.hidden_checked:
+        unreached = {name: parameter for name, parameter in trainable.items() if uses.get(id(parameter), 0) == 0}
+        check_hidden_parameters(model, batch, objective, reference, unreached)
+        checks.hidden_checked = True
 
 
 class _ObjectiveModule(nn.Module):
@@ -167,9 +209,51 @@ def _accumulate_vectorised(
 
     per_sample_grads = torch.func.vmap(torch.func.grad(sample_objective), in_dims=(None, 0))
     step = chunk_samples(size, sum(t.numel() for t in differentiable.values()), chunk_size)
-    for start in range(0, size, step):
+    chunks = []
+    for start in range(0, size, step):  # every chunk first, so that a failure adds nothing to sums
         chunk = [leaves[i][start:start + step] for i in positions]
         with torch.enable_grad():
             grads = per_sample_grads(differentiable, chunk)
+        chunks.append({name: phi(grads[name]).sum(dim=0) for name in names})
+    for chunk_sums in chunks:
         for name in names:
-            sums[name] += phi(grads[name]).sum(dim=0)
+            sums[name] += chunk_sums[name]
+
+
+def _accumulate_by_backward(
+    model: nn.Module,
+    batch: Any,
+    size: int,
+    objective: Callable[[nn.Module, Any], Tensor],
+    phi: Elementwise,
+    sums: dict[str, Tensor],
+    names: list[str],
+    chunk_size: int | None,
+) -> None:
+    """The exact fallback that never cuts the batch: one forward of the whole batch, then the
+    per-sample gradients ``∂s_n/∂θ`` of ``names`` by a batched backward with one-hot output
+    gradients (chunks of samples), or, where the model's backward cannot be batched, one backward
+    per sample."""
+    parameters = dict(model.named_parameters())
+    targets = [parameters[name] for name in names]
+    with torch.enable_grad():
+        per_sample = objective(model, batch)
+    step = chunk_samples(size, sum(t.numel() for t in targets), chunk_size)
+    for start in range(0, size, step):
+        stop = min(size, start + step)
+        one_hot = torch.zeros(stop - start, size, dtype=per_sample.dtype, device=per_sample.device)
+        one_hot[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
+        try:
+            grads = torch.autograd.grad(per_sample, targets, grad_outputs=one_hot, is_grads_batched=True,
+                                        retain_graph=True, allow_unused=True)
+            batched = [None if grad is None else phi(grad).sum(dim=0) for grad in grads]
+        except RuntimeError:
+            batched = [None] * len(targets)
+            for n in range(start, stop):
+                grads = torch.autograd.grad(per_sample[n], targets, retain_graph=True, allow_unused=True)
+                for i, grad in enumerate(grads):
+                    if grad is not None:
+                        batched[i] = phi(grad) if batched[i] is None else batched[i] + phi(grad)
+        for name, value in zip(names, batched):
+            if value is not None:
+                sums[name] += value

@@ -20,12 +20,17 @@ Fine-tuning is the empty method (:class:`Finetune`): zero penalty, no state.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from torch import Tensor, nn
 
+from ..errors import CheckpointMismatchError
 from .common import zero_penalty
+
+HYPERPARAMETERS_KEY = "hyperparameters"
+"""The ``state_dict`` key under which a method saves :meth:`Regularizer.hyperparameters`."""
 
 
 @dataclass(frozen=True)
@@ -51,9 +56,9 @@ class Regularizer:
 
     - ``name``: the registry name used in configs;
     - ``after_task_data``: what :meth:`after_task` reads. ``"none"`` (nothing: the loop
-      may pass an empty iterable), ``"inputs"`` (unlabelled input batches: MAS, l-MAS,
-      EBLL; these may come from any unlabelled source such as test-condition data) or
-      ``"labelled"`` (``(inputs, targets)`` batches and a per-sample loss: EWC's Fisher);
+      may pass an empty iterable), ``"inputs"`` (unlabelled input batches: MAS, l-MAS;
+      these may come from any unlabelled source such as test-condition data) or
+      ``"labelled"`` (``(inputs, targets)`` batches: EWC's Fisher, EBLL's autoencoder);
     - ``importance_from_inputs``: its importance Ω is estimated from unlabelled inputs
       alone, so it may be computed on another data source than the training set (MAS,
       l-MAS; the paper's test-condition experiment);
@@ -67,7 +72,12 @@ class Regularizer:
       trained) and once more after it (a row of its own, ``merged_accuracy``). A method that
       changes the weights in ``after_task`` must declare it;
     - :attr:`strength`: the hyperparameters that set the method's strength, for messages
-      such as "lower lam (now 5.0)".
+      such as "lower lam (now 5.0)";
+    - :meth:`hyperparameters`: every constructor option with a plain value (λ, ``mode``,
+      ``accumulate``, ``ema_alpha``, SI's ``damping``, EWC's ``online``/``gamma``, LwF's
+      ``temperature`` …), saved in the state under :data:`HYPERPARAMETERS_KEY` and checked on
+      load by :meth:`check_hyperparameters`, except the options in ``unchecked_hyperparameters``
+      (callables, and options that do not change what the stored state means).
     """
 
     name = "finetune"
@@ -76,6 +86,7 @@ class Regularizer:
     uses_step_hook: bool = False
     uses_optimizer_step_hook: bool = False
     after_task_changes_model: bool = False
+    unchecked_hyperparameters: tuple[str, ...] = ("output_fn", "loss_fn")
 
     @property
     def strength(self) -> dict[str, float]:
@@ -106,6 +117,46 @@ class Regularizer:
     def after_task(self, model: nn.Module, data: Iterable[Any]) -> None:
         """Called once after training on a task, with a data source of that task."""
 
+    def hyperparameters(self) -> dict[str, Any]:
+        """``{option: value}`` for every keyword of this class's constructors (the whole MRO) that
+        the instance holds under the same name as a plain value (``None``, bool, int, float, str)."""
+        names: list[str] = []
+        for cls in type(self).__mro__:
+            init = cls.__dict__.get("__init__")
+            if init is None or cls is object:
+                continue
+            for parameter in inspect.signature(init).parameters.values():
+                if parameter.name != "self" and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD) \
+                        and parameter.name not in names:
+                    names.append(parameter.name)
+        values = {}
+        for name in names:
+            value = getattr(self, name, _MISSING)
+            if value is None or isinstance(value, (bool, int, float, str)):
+                values[name] = value
+        return values
+
+    def check_hyperparameters(self, state: dict[str, Any]) -> None:
+        """Refuse a state saved with other hyperparameters than this instance's: a
+        :class:`~mas_core.errors.CheckpointMismatchError` (a ``ValueError``) naming the first
+        option that differs, the saved and the given value. States written before the
+        hyperparameters were saved are checked on the options they kept at their top level
+        (MAS's ``lam``, ``mode``, ``accumulate``, ``ema_alpha``), and load when those agree."""
+        saved = state.get(HYPERPARAMETERS_KEY)
+        given = self.hyperparameters()
+        if not isinstance(saved, dict):
+            saved = {name: state[name] for name in given
+                     if name in state and (state[name] is None or isinstance(state[name], (bool, int, float, str)))}
+        for name, value in given.items():
+            if name in self.unchecked_hyperparameters or name not in saved:
+                continue
+            if saved[name] != value or isinstance(saved[name], str) != isinstance(value, str):
+                label = getattr(self, "display_name", type(self).__name__)
+                raise CheckpointMismatchError(
+                    f"the {label} state was saved with {name}={saved[name]!r} but this regularizer has "
+                    f"{name}={value!r}; build it with {name}={saved[name]!r} to load this state"
+                )
+
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume, as tensors and plain values."""
         return {}
@@ -115,6 +166,9 @@ class Regularizer:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+_MISSING = object()
 
 
 class Finetune(Regularizer):

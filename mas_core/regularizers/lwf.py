@@ -4,12 +4,16 @@ At the start of every task after the first, a frozen copy of the model is taken
 (``before_task``). While the new task is trained, the outputs of the old heads on
 the *new* task's inputs are kept close to the copy's:
 
-    L_LwF(θ) = λ Σ_{old heads j} T² · KL( softmax(z_j^old / T) ‖ softmax(z_j / T) )
+    L_LwF(θ) = λ Σ_{old heads j} KL( softmax(z_j^old / T) ‖ softmax(z_j / T) )
 
-averaged over the batch (``T`` = ``temperature``; the T² factor keeps gradient
-magnitudes independent of T, Hinton et al. 2015). KL differs from the soft
-cross-entropy ``−Σ p_old log p_new`` by the constant entropy of ``p_old``: same
-gradient, and the penalty is exactly 0 when the model equals its snapshot.
+averaged over the batch (``T`` = ``temperature``), with λ = λ_o = 1 and T = 2 by default:
+Li & Hoiem's ``L_old = −Σ_k y'_k log ŷ'_k`` with ``y' = softmax(z^old/T)``,
+``ŷ' = softmax(z/T)``, whose gradient with respect to the new logits is
+``(softmax(z/T) − softmax(z^old/T)) / T`` per sample. KL differs from that soft
+cross-entropy by the constant entropy of ``p_old``: same gradient, and the penalty is
+exactly 0 when the model equals its snapshot. ``t_squared=True`` multiplies the
+distillation by ``T²`` (Hinton et al. 2015's convention, which keeps gradient magnitudes
+independent of T; 4× Li & Hoiem's gradient at T = 2); it is off by default.
 
 Multi-head models (with a ``heads`` attribute; the runner's
 :class:`~mas_core.sequence.MultiHeadNet`) distill every head except the one of the
@@ -31,31 +35,48 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import MASCoreError, NonFiniteError
-from .base import Regularizer, TaskInfo
+from .base import HYPERPARAMETERS_KEY, Regularizer, TaskInfo
 from .common import check_lambda, zero_penalty
 
 
-def distillation_loss(new_logits: Tensor, old_logits: Tensor, temperature: float) -> Tensor:
-    """``T² · KL(softmax(old/T) ‖ softmax(new/T))`` averaged over the batch (0 when the logits agree)."""
-    return F.kl_div(
+def distillation_loss(new_logits: Tensor, old_logits: Tensor, temperature: float, *,
+                      t_squared: bool = False) -> Tensor:
+    """``KL(softmax(old/T) ‖ softmax(new/T))`` averaged over the batch (0 when the logits agree),
+    times ``T²`` when ``t_squared`` (Hinton's convention; Li & Hoiem use no factor).
+
+    Gradient with respect to ``new_logits`` (without ``t_squared``): ``(softmax(new/T) −
+    softmax(old/T)) / (T · B)`` for a batch of ``B``, the gradient of Li & Hoiem's
+    ``mean_n −Σ_k y'_nk log ŷ'_nk``."""
+    value = F.kl_div(
         F.log_softmax(new_logits / temperature, dim=1),
         F.log_softmax(old_logits.detach() / temperature, dim=1),
         log_target=True,
         reduction="batchmean",
-    ) * (temperature * temperature)
+    )
+    return value * (temperature * temperature) if t_squared else value
 
 
 class LwF(Regularizer):
-    """LwF: distillation of the old heads (or, for single-output models, MSE of the output)."""
+    """LwF: distillation of the old heads (or, for single-output models, MSE of the output).
+
+    Args:
+        lam: λ_o ≥ 0, the weight of the distillation (1 in Li & Hoiem).
+        temperature: T > 0 (2 in Li & Hoiem).
+        t_squared: multiply the distillation by T² (Hinton et al.'s convention; off by default,
+            as in Li & Hoiem).
+    """
 
     name = "lwf"
 
-    def __init__(self, lam: float = 1.0, *, temperature: float = 2.0) -> None:
+    def __init__(self, lam: float = 1.0, *, temperature: float = 2.0, t_squared: bool = False) -> None:
         self.lam = check_lambda("lam", lam)
         temperature = float(temperature)
         if not temperature > 0:
             raise MASCoreError(f"temperature must be > 0, got {temperature}")
+        if not isinstance(t_squared, bool):
+            raise MASCoreError(f"t_squared must be true or false, got {t_squared!r}")
         self.temperature = temperature
+        self.t_squared = t_squared
         self.old_state: dict[str, Tensor] | None = None
         self.old_heads: list[int] = []
         self._old_model: nn.Module | None = None
@@ -92,7 +113,7 @@ class LwF(Regularizer):
         return self._old_model
 
     def penalty(self, model: nn.Module, inputs: Any = None) -> Tensor:
-        """``λ Σ_j T² KL(old_j ‖ new_j)`` over the old heads (MSE for single-output models); 0 on the first task."""
+        """``λ Σ_j KL(old_j ‖ new_j)`` (× T² with ``t_squared``) over the old heads (MSE for single-output models); 0 on the first task."""
         if self.old_state is None:
             return zero_penalty(model)
         if inputs is None:
@@ -124,7 +145,7 @@ class LwF(Regularizer):
                 new_logits = model.heads[j](new_features)
                 with torch.no_grad():
                     old_logits = old.heads[j](old_features)
-            total = total + distillation_loss(new_logits, old_logits, self.temperature)
+            total = total + distillation_loss(new_logits, old_logits, self.temperature, t_squared=self.t_squared)
         total = self.lam * total
         if new_features is not None:
             total = total + self._feature_penalty(new_features, old_features)
@@ -145,16 +166,19 @@ class LwF(Regularizer):
 
     def state_dict(self) -> dict[str, Any]:
         return {"old_state": None if self.old_state is None else dict(self.old_state),
-                "old_heads": list(self.old_heads)}
+                "old_heads": list(self.old_heads), HYPERPARAMETERS_KEY: self.hyperparameters()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; a state saved with other hyperparameters (λ, ``temperature`` …)
+        is refused with :class:`~mas_core.errors.CheckpointMismatchError`."""
+        self.check_hyperparameters(state)
         old_state = state["old_state"]
         self.old_state = None if old_state is None else {name: value.detach().clone() for name, value in old_state.items()}
         self.old_heads = [int(j) for j in state["old_heads"]]
         self._old_model = None
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(lam={self.lam}, temperature={self.temperature})"
+        return f"{type(self).__name__}(lam={self.lam}, temperature={self.temperature}, t_squared={self.t_squared})"
 
 
 def _belongs_to_other_head(name: str, old_heads: list[int], model: nn.Module) -> bool:

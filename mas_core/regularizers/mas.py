@@ -19,8 +19,9 @@ inputs a deployed model answered (§12; ``after_task(model, accumulator)``), or 
 then accumulated (``docs/method.md`` §3) with ``accumulate``:
 
 * ``"sum"`` (paper and original code; default): ``Ω ← Ω + Ω_new``;
-* ``"ema"`` (Avalanche, FACIL): ``Ω ← α Ω + (1 − α) Ω_new``, ``α = ema_alpha``; the first task
-  sets ``Ω = Ω_new``, a parameter absent from one side counts as 0 there;
+* ``"ema"`` (Avalanche, FACIL): ``Ω ← α Ω + (1 − α) Ω_new``, ``α = ema_alpha``, starting from
+  ``Ω = 0`` as they do, so after ``T`` tasks ``Ω = Σ_t (1 − α) α^{T−t} Ω_t`` (α = 0.5, 3 tasks:
+  weights 0.125, 0.25, 0.5); a parameter absent from one side counts as 0 there;
 * ``"alpha"`` (equal task mass): keep ``U = Σ_t Ω_t / S_t`` and ``Z = Σ_t 1/S_t`` with
   ``S_t = Σ Ω_t``; the effective Ω is ``U / Z``, so task ``t`` weighs ``α_t = λ (1/S_t)/Z``
   in the penalty and the weights sum to λ.
@@ -55,7 +56,7 @@ class MAS(QuadraticAnchorRegularizer):
         mode: ``"exact"`` (per-sample MAS, default), ``"batch"`` (the original code's
             batch-level estimator, for comparison) or ``"hebbian"`` (l-MAS).
         accumulate: ``"sum"`` (default), ``"ema"`` or ``"alpha"`` (see the module docs).
-        ema_alpha: α of ``"ema"``, the weight of the previous Ω, in [0, 1].
+        ema_alpha: α of ``"ema"``, the weight of the previous Ω, in [0, 1) (0.5 in Avalanche and FACIL).
         output_fn: ``output_fn(model, batch) -> Tensor`` giving F (e.g. the current task's
             head, or the embedding before L2 normalisation); default ``model(input)``.
         max_samples: use at most this many samples to estimate Ω after each task.
@@ -81,6 +82,10 @@ class MAS(QuadraticAnchorRegularizer):
             raise InvalidArgumentError(f"accumulate must be one of {ACCUMULATIONS}, got {accumulate!r}")
         if isinstance(ema_alpha, bool) or not isinstance(ema_alpha, (int, float)) or not 0.0 <= ema_alpha <= 1.0:
             raise InvalidArgumentError(f"ema_alpha must be a number in [0, 1], got {ema_alpha!r}")
+        if accumulate == "ema" and ema_alpha == 1:
+            raise InvalidArgumentError(
+                "ema_alpha=1 with accumulate='ema' keeps Ω at 0 (the average starts from 0); use a value in [0, 1)"
+            )
         self.mode = mode
         self.accumulate = accumulate
         self.ema_alpha = float(ema_alpha)
@@ -148,9 +153,7 @@ class MAS(QuadraticAnchorRegularizer):
             for name, value in new.items():
                 previous = stored.get(name)
                 merged[name] = value.clone() if previous is None else previous.to(value) + value
-        elif self.accumulate == "ema" and self.tasks_seen == 0:
-            merged = {name: value.clone() for name, value in new.items()}
-        elif self.accumulate == "ema":  # Ω ← α Ω + (1 − α) Ω_new
+        elif self.accumulate == "ema":  # Ω ← α Ω + (1 − α) Ω_new, from Ω = 0 (Avalanche, FACIL)
             alpha = self.ema_alpha
             merged = {name: previous * alpha for name, previous in stored.items()}
             for name, value in new.items():
@@ -184,8 +187,8 @@ class MAS(QuadraticAnchorRegularizer):
                 "tasks_seen": self.tasks_seen, "inverse_mass_sum": self._inverse_mass_sum}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        """λ, mode and α come from the constructor; the stored ``accumulate`` must match
-        (it defines what the stored tensors mean)."""
+        """The stored ``accumulate`` must match (it defines what the stored tensors mean); λ, mode
+        and α were checked against the constructor's by ``check_hyperparameters``."""
         if state["accumulate"] != self.accumulate:
             raise CheckpointMismatchError(
                 f"the MAS state was accumulated with accumulate={state['accumulate']!r} but this regularizer "

@@ -60,7 +60,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from ..errors import CheckpointMismatchError, InvalidArgumentError, MASStateError, NonFiniteError, did_you_mean
-from .base import Regularizer
+from .base import HYPERPARAMETERS_KEY, Regularizer
 from .common import check_lambda, detached_copies, zero_penalty
 
 PENALTY_STEPS = ("gradient", "proximal")
@@ -142,6 +142,7 @@ class QuadraticAnchorRegularizer(Regularizer):
     importance_state_key = "importance"
     uniform_importance = False
     required_extra_keys: tuple[str, ...] = ()
+    unchecked_hyperparameters = ("output_fn", "loss_fn", "penalty_step")  # Ω and θ* mean the same under both steps
 
     def __init__(self, lam: float = 1.0, *, penalty_step: str = "gradient", lam_scale: str = "none") -> None:
         self.lam = check_lambda(self.strength_name, lam)
@@ -366,13 +367,16 @@ class QuadraticAnchorRegularizer(Regularizer):
             "anchors": {name: value.clone() for name, value in self._anchors.items()},
             "penalty_step": self.penalty_step,
             "lam_scale": self.lam_scale,
+            HYPERPARAMETERS_KEY: self.hyperparameters(),
             **self.extra_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; a state of another method, layout version or ``lam_scale``
-        is refused with :class:`~mas_core.errors.CheckpointMismatchError` (``penalty_step`` is saved
-        for the record; Ω and θ* mean the same under both steps, so it may differ)."""
+        """Restore :meth:`state_dict`; a state of another method, layout version, ``lam_scale`` or
+        other hyperparameters (λ, ``mode``, ``accumulate``, ``ema_alpha``, ``damping``, ``gamma`` …:
+        :meth:`~mas_core.regularizers.base.Regularizer.check_hyperparameters`) is refused with
+        :class:`~mas_core.errors.CheckpointMismatchError` (``penalty_step`` is saved for the record;
+        Ω and θ* mean the same under both steps, so it may differ)."""
         required = (self.importance_state_key, "anchors", *self.required_extra_keys)
         missing = [key for key in required if key not in state]
         if missing:
@@ -390,6 +394,7 @@ class QuadraticAnchorRegularizer(Regularizer):
                 f"the {self.display_name} state was written with lam_scale={saved_scale!r} but this regularizer "
                 f"uses {self.lam_scale!r}; λ would mean another strength: build it with the checkpoint's setting"
             )
+        self.check_hyperparameters(state)
         self.load_extra_state(state)
         self._importance = detached_copies(state[self.importance_state_key])
         self._anchors = detached_copies(state["anchors"])

@@ -1,0 +1,151 @@
+"""Shapes that lie to the exact per-sample engine (issue 11): each case against the brute-force
+per-sample definition (relative error ≤ 1e-6, float64) or a clear one-line error, never a wrong Ω."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mas_core.errors import InvalidOutputError
+from mas_core.importance import OnlineImportance, fisher_importance, mas_importance
+
+DTYPE = torch.float64
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
+
+
+def brute_force(model: nn.Module, count: int, sample_objective, phi=torch.abs) -> dict[str, torch.Tensor]:
+    """(1/N) Σ_n φ(∂s_n/∂θ), one sample at a time, plain autograd."""
+    model.eval()
+    parameters = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    sums = {name: torch.zeros_like(p) for name, p in parameters.items()}
+    for n in range(count):
+        grads = torch.autograd.grad(sample_objective(n), list(parameters.values()), allow_unused=True)
+        for name, grad in zip(parameters, grads):
+            if grad is not None:
+                sums[name] += phi(grad)
+    return {name: value / count for name, value in sums.items()}
+
+
+def relative_error(actual: dict, expected: dict) -> float:
+    assert actual.keys() == expected.keys()
+    return max(float((actual[k] - expected[k]).abs().max() / expected[k].abs().max().clamp_min(1e-12))
+               for k in expected)
+
+
+class Prototypes(nn.Module):
+    """A Linear applied to a table of 5 learned prototypes: its input has 5 rows whatever the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Linear(6, 4)
+        self.prototypes = nn.Parameter(torch.randn(5, 6))
+        self.project = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x) @ self.project(self.prototypes).T
+
+
+def test_a_layer_input_with_batch_size_rows_that_is_not_per_sample_takes_the_exact_path() -> None:
+    torch.manual_seed(0)
+    model = Prototypes().to(DTYPE)
+    x = torch.randn(10, 6, dtype=DTYPE)
+    expected = brute_force(model, 10, lambda n: model(x[n:n + 1]).square().sum())
+    assert relative_error(mas_importance(model, [x[:5], x[5:]]), expected) <= 1e-6  # batches of 5 = 5 prototypes
+    assert relative_error(mas_importance(model, [x[:5], x[5:8], x[8:]]), expected) <= 1e-6
+    stream = OnlineImportance(model)
+    for begin in (0, 5):
+        stream.update(x[begin:begin + 5])
+    assert relative_error(stream.importance(), expected) <= 1e-6
+    labels = torch.randint(0, 5, (10,))
+    ce = nn.functional.cross_entropy
+    expected_fisher = brute_force(model, 10, lambda n: ce(model(x[n:n + 1]), labels[n:n + 1]), torch.square)
+    fisher = fisher_importance(model, [(x[:5], labels[:5]), (x[5:], labels[5:])])
+    assert relative_error(fisher, expected_fisher) <= 1e-6
+
+
+def test_a_batch_leaf_with_batch_size_rows_that_is_not_per_sample_is_not_cut() -> None:
+    """The batch carries a [B, 4] table shared by all its samples (B = 4); LayerNorm's parameters go
+    through the fallback, which must not hand each sample one row of the table."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4), nn.LayerNorm(4)).to(DTYPE)
+    x = torch.randn(8, 6, dtype=DTYPE)
+    table = torch.randn(4, 4, dtype=DTYPE)
+
+    def output_fn(module, batch):
+        return module(batch[0]) @ batch[1].T
+
+    expected = brute_force(model, 8, lambda n: output_fn(model, (x[n:n + 1], table)).square().sum())
+    actual = mas_importance(model, [(x[:4], table), (x[4:], table)], output_fn=output_fn)
+    assert relative_error(actual, expected) <= 1e-6
+    # per-sample leaves (the labels) are still cut for the fast vmap fallback: same numbers
+    labels = torch.randint(0, 4, (8,))
+    expected = brute_force(model, 8, lambda n: model(x[n:n + 1]).square().sum())
+    assert relative_error(mas_importance(model, [(x[:4], labels[:4]), (x[4:], labels[4:])]), expected) <= 1e-6
+
+
+class CheckpointedFirst(nn.Module):
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 8), nn.Tanh())
+        self.head = nn.Linear(8, 3)
+        self.reentrant = reentrant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(checkpoint(self.body, x, use_reentrant=self.reentrant))
+
+
+class CheckpointedMiddle(CheckpointedFirst):
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__(reentrant)
+        self.first = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.first(x))
+
+
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")
+@pytest.mark.parametrize("model_class", [CheckpointedFirst, CheckpointedMiddle])
+def test_reentrant_checkpointing_raises_instead_of_a_zero_omega(model_class) -> None:
+    torch.manual_seed(0)
+    model = model_class(reentrant=False).to(DTYPE)
+    x = torch.randn(8, 6, dtype=DTYPE)
+    expected = brute_force(model, 8, lambda n: model(x[n:n + 1]).square().sum())
+    assert relative_error(mas_importance(model, [x[:4], x[4:]]), expected) <= 1e-6  # non-reentrant: exact
+    model.reentrant = True
+    with pytest.raises(InvalidOutputError, match="use_reentrant=False") as error:
+        mas_importance(model, [x[:4], x[4:]])
+    assert "\n" not in str(error.value)
+    if model_class is CheckpointedFirst:
+        assert "'body.0.weight'" in str(error.value)
+
+
+def test_unused_heads_pass_the_hidden_parameter_check_with_exact_zero() -> None:
+    torch.manual_seed(0)
+    trunk, head, other = nn.Linear(6, 5).double(), nn.Linear(5, 3).double(), nn.Linear(5, 3).double()
+    model = nn.ModuleDict({"trunk": trunk, "head": head, "other": other})
+    x = torch.randn(9, 6, dtype=DTYPE)
+    omega = mas_importance(model, [x[:4], x[4:]], output_fn=lambda m, b: m["head"](m["trunk"](b)))
+    assert float(omega["other.weight"].abs().sum()) == 0.0 and float(omega["trunk.weight"].abs().sum()) > 0
+
+
+class Recurrent(nn.Module):
+    def __init__(self, cell: type[nn.Module]) -> None:
+        super().__init__()
+        self.rnn = cell(3, 5, batch_first=True)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(x)
+        return self.head(out[:, -1])
+
+
+@pytest.mark.parametrize("cell", [nn.GRU, nn.LSTM, nn.RNN])
+def test_recurrent_layers_are_exact(cell) -> None:
+    torch.manual_seed(0)
+    model = Recurrent(cell).to(DTYPE)
+    x = torch.randn(7, 4, 3, dtype=DTYPE)
+    expected = brute_force(model, 7, lambda n: model(x[n:n + 1]).square().sum())
+    assert relative_error(mas_importance(model, [x[:3], x[3:]]), expected) <= 1e-6
+    assert relative_error(mas_importance(model, [x[:3], x[3:]], chunk_size=2), expected) <= 1e-6
+    assert all(float(value.abs().sum()) > 0 for value in expected.values())
