@@ -1,6 +1,6 @@
 """Does MAS's ``accumulate`` rule make the result independent of the task order?
 
-    python benchmarks/task_orders.py [--experiment fmnist|recog] [--orders 5] [--lam 0.5] [--matched]
+    python benchmarks/task_orders.py [--experiment fmnist|recog] [--orders 5] [--lam 0.5 0.25] [--matched [--matched-lam 0.25]]
                                      [--epochs N] [--out runs/task_orders/fmnist.json] [--png docs/task_orders.png]
 
 The claim tested (the seed notes' "Alpha" extension, ``MAS(accumulate="alpha")``,
@@ -22,7 +22,7 @@ is a weaker penalty under ``alpha`` and ``ema`` (about ``k`` times and ``k/(1 �
 at task ``k + 1`` when the ``Ω_t`` have similar mass). ``--matched`` therefore also runs ``alpha`` and
 ``ema`` at ``λ_r = λ · Σ_k meanΩ_sum(k) / Σ_k meanΩ_r(k)`` (``k`` over the tasks whose Ω penalises a
 later task, summed over the orders of the first pass), so that the mean Ω the penalty sees matches
-``"sum"``'s on average.
+``"sum"``'s on average (with several ``--lam``, for the one named by ``--matched-lam``).
 
 Experiments: ``fmnist`` is ``scripts/split_fashion_mnist.py``'s full protocol (5 class-pair tasks,
 MLP 784-256-256, 5 epochs, SGD lr 0.05 momentum 0.9, batch 128, λ 0.5 as in ``docs/results.md``);
@@ -108,10 +108,12 @@ def summarize(runs: Sequence[dict[str, Any]], task_names: Sequence[str]) -> dict
 
 
 def matched_lams(lam: float, runs: dict[str, list[dict[str, Any]]]) -> dict[str, float]:
-    """``λ_r = λ Σ meanΩ_sum / Σ meanΩ_r`` over the tasks before the last and the orders run by both."""
-    totals: dict[str, float] = {}
-    for rule in RULES:
-        totals[rule] = sum(sum(run["mean_omega"][:-1]) for run in runs[rule] if run.get("mean_omega"))
+    """``λ_r = λ Σ meanΩ_sum / Σ meanΩ_r``, summed over the tasks before the last and over the orders
+    (``runs[rule][i]`` is order ``i``) in which every rule finished; ``{}`` when there is none."""
+    finished = [i for i in range(len(runs["sum"])) if all(runs[rule][i].get("mean_omega") for rule in RULES)]
+    totals = {rule: sum(sum(runs[rule][i]["mean_omega"][:-1]) for i in finished) for rule in RULES}
+    if not finished or totals["sum"] <= 0:
+        return {}
     return {rule: lam * totals["sum"] / totals[rule] for rule in RULES if rule != "sum" and totals[rule] > 0}
 
 
@@ -176,18 +178,21 @@ def run_one(setup: dict[str, Any], order: list[int], rule: str | None, lam: floa
 # --------------------------------------------------------------------------- the plot
 
 def plot(png: Path, summary: dict[str, Any], title: str) -> None:
-    """Per MAS group (fine-tuning, far off the scale, is left to the table): average accuracy and
-    forgetting (percent), one dot per order and the mean ± sd bar; and the final accuracy by the
-    task's position in the order (mean over the orders)."""
+    """Top: average accuracy and forgetting (percent) per MAS group (fine-tuning, far off the scale,
+    is left to the table), one dot per order that finished and the mean ± sd bar, with the number
+    of orders that diverged under the name. Bottom: the final accuracy of the task at each position
+    of the order (mean ± sd over the orders) for the groups at the matched λ and the matched ones."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     groups = [key for key, group in summary["groups"].items()
               if group["rule"] != "finetune" and group["summary"].get("avg_acc")]
-    figure = Figure(figsize=(6.5 + 1.3 * len(groups), 4.2))
+    figure = Figure(figsize=(min(16.0, max(9.0, 1.1 * len(groups) + 4.0)), 8.0))
     FigureCanvasAgg(figure)
+    labels = [f"{key}\n{summary['groups'][key]['summary']['diverged']}/{summary['groups'][key]['summary']['orders']}"
+              " diverged" for key in groups]
     for index, metric in enumerate(("avg_acc", "forgetting")):
-        axes = figure.add_subplot(1, 3, index + 1)
+        axes = figure.add_subplot(2, 2, index + 1)
         for x, key in enumerate(groups):
             group = summary["groups"][key]
             values = [100 * run[metric] for run in group["runs"] if not run.get("diverged")]
@@ -197,22 +202,25 @@ def plot(png: Path, summary: dict[str, Any], title: str) -> None:
             axes.errorbar([x + 0.3], [100 * stats["mean"]], yerr=[100 * (stats["sd"] or 0.0)], fmt="s",
                           color="C3", capsize=4)
         axes.set_xticks(range(len(groups)))
-        axes.set_xticklabels(groups, rotation=30, ha="right", fontsize=8)
+        axes.set_xticklabels(labels, rotation=35, ha="right", fontsize=7)
         axes.set_ylabel({"avg_acc": "average accuracy (%)", "forgetting": "average forgetting (%)"}[metric])
         axes.grid(axis="y", alpha=0.3)
-    axes = figure.add_subplot(1, 3, 3)
-    for index, key in enumerate(groups):
+    base = summary.get("matched_base_lam")
+    shown = [key for key in groups if summary["groups"][key]["lam"] == base or key.endswith("(matched)")] or groups
+    axes = figure.add_subplot(2, 1, 2)
+    for index, key in enumerate(shown):
         by_position = summary["groups"][key]["summary"]["final_by_position"]
         positions = range(1, len(by_position) + 1)
-        axes.errorbar([p + 0.06 * (index - len(groups) / 2) for p in positions],
+        axes.errorbar([p + 0.05 * (index - len(shown) / 2) for p in positions],
                       [100 * stats["mean"] for stats in by_position],
                       yerr=[100 * (stats["sd"] or 0.0) for stats in by_position], marker="o", markersize=3,
                       capsize=2, label=key)
+    axes.set_xticks(list(range(1, len(summary["tasks"]) + 1)))
     axes.set_xlabel("position of the task in the order")
-    axes.set_ylabel("final accuracy (%), mean ± sd over orders")
-    axes.legend(fontsize=7)
+    axes.set_ylabel("final accuracy (%)\nmean ± sd over orders")
+    axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     axes.grid(alpha=0.3)
-    figure.suptitle(title, fontsize=9)
+    figure.suptitle(title + "\nblue: one order each; red: mean ± sd over the orders that finished", fontsize=9)
     figure.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     temporary = png.with_name(png.name + ".tmp.png")
@@ -227,7 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiment", choices=("fmnist", "recog"), default="fmnist")
     parser.add_argument("--orders", type=int, default=5, help="number of task orders (the given one first)")
     parser.add_argument("--order-seed", type=int, default=0)
-    parser.add_argument("--lam", type=float, default=None, help="λ for every rule (default: the experiment's)")
+    parser.add_argument("--lam", type=float, nargs="+", default=None,
+                        help="λ values, each for every rule (default: the experiment's)")
+    parser.add_argument("--matched-lam", type=float, default=None,
+                        help="the λ of --lam that --matched matches (default: the first)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per task (default: the protocol's)")
     parser.add_argument("--matched", action="store_true", help="also run alpha and ema at the λ matching sum's mean Ω")
     parser.add_argument("--no-finetune", action="store_true", help="skip the fine-tuning reference")
@@ -240,7 +251,10 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     setup = (fmnist_experiment if args.experiment == "fmnist" else recog_experiment)(args.epochs)
-    lam = setup["lam"] if args.lam is None else args.lam
+    lams = [setup["lam"]] if args.lam is None else args.lam
+    matched_base = lams[0] if args.matched_lam is None else args.matched_lam
+    if matched_base not in lams:
+        parser.error(f"--matched-lam {matched_base:g} is not among --lam {lams}")
     names = [task.name for task in setup["tasks"]]
     try:
         orders = task_orders(len(names), args.orders, args.order_seed)
@@ -263,29 +277,31 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(run)
             text = "diverged" if run["diverged"] else (f"acc {run['avg_acc']:.4f} forget {run['forgetting']:.4f} "
                                                       f"bwt {run['bwt']:+.4f}")
-            print(f"{key:<14} order {order}: {text} ({run['wall_s']:.1f} s)", flush=True)
+            print(f"{key:<24} order {order}: {text} ({run['wall_s']:.1f} s)", flush=True)
         groups[key] = {"rule": rule or "finetune", "lam": None if rule is None else group_lam, "runs": runs,
                        "summary": summarize(runs, names)}
 
-    for rule in RULES:
-        run_group(rule, rule, lam)
+    for lam in lams:
+        for rule in RULES:
+            run_group(f"{rule} λ={lam:g}", rule, lam)
     if not args.no_finetune:
-        run_group("finetune", None, lam)
+        run_group("finetune", None, 0.0)
     matched: dict[str, float] = {}
     if args.matched:
-        matched = matched_lams(lam, {rule: groups[rule]["runs"] for rule in RULES})
+        matched = matched_lams(matched_base, {rule: groups[f"{rule} λ={matched_base:g}"]["runs"] for rule in RULES})
         for rule, rule_lam in matched.items():
-            run_group(f"{rule}@{rule_lam:.3g}", rule, rule_lam)
+            run_group(f"{rule} λ={rule_lam:.3g} (matched)", rule, rule_lam)
 
     optim = setup["optim"]
     summary = {"experiment": args.experiment, "tasks": names, "orders": orders, "order_seed": args.order_seed,
-               "lam": lam, "matched_lams": matched, "mas_options": setup["mas_options"], "seed": setup["seed"],
+               "lams": lams, "matched_base_lam": matched_base, "matched_lams": matched,
+               "mas_options": setup["mas_options"], "seed": setup["seed"],
                "optim": dataclasses.asdict(optim), "threads": args.threads, "wall_s": time.perf_counter() - started,
                "groups": groups}
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(summary) + "\n")
     plot(png, summary, f"{args.experiment}: MAS accumulate rules over {len(orders)} task orders "
-                       f"(λ {lam:g}, {optim.epochs} epochs/task)")
+                       f"({optim.epochs} epochs/task)")
     print(format_table(summary))
     return 0
 
