@@ -151,10 +151,10 @@ def recog_experiment(epochs: int | None) -> dict[str, Any]:
         ensure_prepared(spec, config.data_dir, config.seed, lambda message: None)
     options = dict(config.method_options.get("mas", {}))
     lam = float(options.pop("lam"))
+    optim = OptimSettings(**{f.name: getattr(config.train, f.name) for f in dataclasses.fields(OptimSettings)})
     return {"tasks": build_tasks(config), "make_model": model_factory(config.model), "lam": lam, "seed": config.seed,
             "mas_options": options, "eval_batch_size": config.train.eval_batch_size,
-            "optim": OptimSettings(epochs=epochs or config.train.epochs, lr=config.train.lr,
-                                   momentum=config.train.momentum, batch_size=config.train.batch_size)}
+            "optim": dataclasses.replace(optim, epochs=epochs or optim.epochs)}
 
 
 def run_one(setup: dict[str, Any], order: list[int], rule: str | None, lam: float) -> dict[str, Any]:
