@@ -1,7 +1,8 @@
 """Does MAS's ``accumulate`` rule make the result independent of the task order?
 
-    python benchmarks/task_orders.py [--experiment fmnist|recog] [--orders 5] [--lam 0.5 0.25] [--matched [--matched-lam 0.25]]
-                                     [--epochs N] [--out runs/task_orders/fmnist.json] [--png docs/task_orders.png]
+    python benchmarks/task_orders.py [--experiment fmnist|recog] [--orders 5] [--lam 0.5 0.25]
+                                     [--matched [--matched-lam 0.25]] [--epochs N]
+                                     [--out runs/task_orders/fmnist.json] [--png docs/task_orders.png]
 
 The claim tested (the seed notes' "Alpha" extension, ``MAS(accumulate="alpha")``,
 ``docs/method.md`` §3): with ``"alpha"`` the results no longer depend on the order of the tasks,
@@ -22,7 +23,7 @@ is a weaker penalty under ``alpha`` and ``ema`` (about ``k`` times and ``k/(1 �
 at task ``k + 1`` when the ``Ω_t`` have similar mass). ``--matched`` therefore also runs ``alpha`` and
 ``ema`` at ``λ_r = λ · Σ_k meanΩ_sum(k) / Σ_k meanΩ_r(k)`` (``k`` over the tasks whose Ω penalises a
 later task, summed over the orders of the first pass), so that the mean Ω the penalty sees matches
-``"sum"``'s on average (with several ``--lam``, for the one named by ``--matched-lam``).
+``"sum"``'s on average (with several ``--lam``, for each one named by ``--matched-lam``).
 
 Experiments: ``fmnist`` is ``scripts/split_fashion_mnist.py``'s full protocol (5 class-pair tasks,
 MLP 784-256-256, 5 epochs, SGD lr 0.05 momentum 0.9, batch 128, λ 0.5 as in ``docs/results.md``);
@@ -168,7 +169,8 @@ def run_one(setup: dict[str, Any], order: list[int], rule: str | None, lam: floa
                               eval_batch_size=setup["eval_batch_size"], progress=False)
     except DivergenceError as error:
         return {**record, "diverged": True, "error": str(error)[:300], "wall_s": time.perf_counter() - started}
-    record.update(diverged=False, accuracy_matrix=[list(row) for row in result.accuracy], **run_metrics(result.accuracy),
+    record.update(diverged=False, accuracy_matrix=[list(row) for row in result.accuracy],
+                  **run_metrics(result.accuracy),
                   wall_s=time.perf_counter() - started)
     if rule is not None:
         record["mean_omega"] = method.mean_omega
@@ -181,7 +183,7 @@ def plot(png: Path, summary: dict[str, Any], title: str) -> None:
     """Top: average accuracy and forgetting (percent) per MAS group (fine-tuning, far off the scale,
     is left to the table), one dot per order that finished and the mean ± sd bar, with the number
     of orders that diverged under the name. Bottom: the final accuracy of the task at each position
-    of the order (mean ± sd over the orders) for the groups at the matched λ and the matched ones."""
+    of the order (mean ± sd over the orders) for the groups at the first matched λ and its matched ones."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -205,8 +207,9 @@ def plot(png: Path, summary: dict[str, Any], title: str) -> None:
         axes.set_xticklabels(labels, rotation=35, ha="right", fontsize=7)
         axes.set_ylabel({"avg_acc": "average accuracy (%)", "forgetting": "average forgetting (%)"}[metric])
         axes.grid(axis="y", alpha=0.3)
-    base = summary.get("matched_base_lam")
-    shown = [key for key in groups if summary["groups"][key]["lam"] == base or key.endswith("(matched)")] or groups
+    bases = [float(base) for base in summary.get("matched_lams", {})][:1]
+    shown = [key for key in groups if summary["groups"][key]["lam"] in bases
+             or key.endswith(f"(matched to sum λ={bases[0]:g})" if bases else "")] or groups
     axes = figure.add_subplot(2, 1, 2)
     for index, key in enumerate(shown):
         by_position = summary["groups"][key]["summary"]["final_by_position"]
@@ -237,10 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--order-seed", type=int, default=0)
     parser.add_argument("--lam", type=float, nargs="+", default=None,
                         help="λ values, each for every rule (default: the experiment's)")
-    parser.add_argument("--matched-lam", type=float, default=None,
-                        help="the λ of --lam that --matched matches (default: the first)")
+    parser.add_argument("--matched-lam", type=float, nargs="+", default=None,
+                        help="the λ values of --lam that --matched matches (default: the first)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per task (default: the protocol's)")
-    parser.add_argument("--matched", action="store_true", help="also run alpha and ema at the λ matching sum's mean Ω")
+    parser.add_argument("--matched", action="store_true",
+                        help="also run alpha and ema at the λ matching sum's mean Ω")
     parser.add_argument("--no-finetune", action="store_true", help="skip the fine-tuning reference")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None, help="JSON line (default runs/task_orders/EXPERIMENT.json)")
@@ -252,9 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     setup = (fmnist_experiment if args.experiment == "fmnist" else recog_experiment)(args.epochs)
     lams = [setup["lam"]] if args.lam is None else args.lam
-    matched_base = lams[0] if args.matched_lam is None else args.matched_lam
-    if matched_base not in lams:
-        parser.error(f"--matched-lam {matched_base:g} is not among --lam {lams}")
+    matched_bases = lams[:1] if args.matched_lam is None else args.matched_lam
+    if any(base not in lams for base in matched_bases):
+        parser.error(f"--matched-lam {matched_bases} must be among --lam {lams}")
     names = [task.name for task in setup["tasks"]]
     try:
         orders = task_orders(len(names), args.orders, args.order_seed)
@@ -286,15 +290,15 @@ def main(argv: list[str] | None = None) -> int:
             run_group(f"{rule} λ={lam:g}", rule, lam)
     if not args.no_finetune:
         run_group("finetune", None, 0.0)
-    matched: dict[str, float] = {}
-    if args.matched:
-        matched = matched_lams(matched_base, {rule: groups[f"{rule} λ={matched_base:g}"]["runs"] for rule in RULES})
-        for rule, rule_lam in matched.items():
-            run_group(f"{rule} λ={rule_lam:.3g} (matched)", rule, rule_lam)
+    matched: dict[str, dict[str, float]] = {}
+    for base in matched_bases if args.matched else []:
+        matched[f"{base:g}"] = matched_lams(base, {rule: groups[f"{rule} λ={base:g}"]["runs"] for rule in RULES})
+        for rule, rule_lam in matched[f"{base:g}"].items():
+            run_group(f"{rule} λ={rule_lam:.3g} (matched to sum λ={base:g})", rule, rule_lam)
 
     optim = setup["optim"]
     summary = {"experiment": args.experiment, "tasks": names, "orders": orders, "order_seed": args.order_seed,
-               "lams": lams, "matched_base_lam": matched_base, "matched_lams": matched,
+               "lams": lams, "matched_lams": matched,
                "mas_options": setup["mas_options"], "seed": setup["seed"],
                "optim": dataclasses.asdict(optim), "threads": args.threads, "wall_s": time.perf_counter() - started,
                "groups": groups}
