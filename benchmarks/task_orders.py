@@ -191,8 +191,9 @@ def plot(png: Path, summary: dict[str, Any], title: str) -> None:
               if group["rule"] != "finetune" and group["summary"].get("avg_acc")]
     figure = Figure(figsize=(min(16.0, max(9.0, 1.1 * len(groups) + 4.0)), 8.0))
     FigureCanvasAgg(figure)
-    labels = [f"{key}\n{summary['groups'][key]['summary']['diverged']}/{summary['groups'][key]['summary']['orders']}"
-              " diverged" for key in groups]
+    labels = [f"{key.replace('matched to sum λ=', 'matched: sum ')}\n"
+              f"{summary['groups'][key]['summary']['diverged']}/{summary['groups'][key]['summary']['orders']} diverged"
+              for key in groups]
     for index, metric in enumerate(("avg_acc", "forgetting")):
         axes = figure.add_subplot(2, 2, index + 1)
         for x, key in enumerate(groups):
@@ -204,7 +205,7 @@ def plot(png: Path, summary: dict[str, Any], title: str) -> None:
             axes.errorbar([x + 0.3], [100 * stats["mean"]], yerr=[100 * (stats["sd"] or 0.0)], fmt="s",
                           color="C3", capsize=4)
         axes.set_xticks(range(len(groups)))
-        axes.set_xticklabels(labels, rotation=35, ha="right", fontsize=7)
+        axes.set_xticklabels(labels, rotation=90, ha="center", fontsize=6.5)
         axes.set_ylabel({"avg_acc": "average accuracy (%)", "forgetting": "average forgetting (%)"}[metric])
         axes.grid(axis="y", alpha=0.3)
     bases = [float(base) for base in summary.get("matched_lams", {})][:1]
