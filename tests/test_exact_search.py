@@ -2,12 +2,16 @@
 across block boundaries, clear errors; the backend choice (rule, override, config validation)."""
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from triplets.errors import TripletsError
+from triplets.index import SCORERS
+from triplets.index import exact_search as exact_search_with
 from triplets.index import (build_index, choose_exact_backend, exact_search, load_index, multiply_transposed,
                             normalize_rows, score_blocks)
 
@@ -22,18 +26,18 @@ def _reference(queries, database, k):
     return np.take_along_axis(scores, order, axis=1), order
 
 
-@pytest.mark.parametrize("gemm", ["blas", "torch"])
+@pytest.mark.parametrize("scorer", ["faiss", "blas", "torch"])
 @pytest.mark.parametrize("count,dim,queries,k,block_bytes,query_block", [
     (5000, 64, 200, 10, 1 << 27, 1024),        # one block
     (5000, 64, 200, 1, 4 * 64 * 700, 64),      # query and database blocks, last ones partial
     (1000, 32, 50, 10, 4 * 16 * 40, 16),
     (257, 7, 33, 5, 4 * 3 * 17, 3),            # blocks of 17 rows: many boundaries
 ])
-def test_equals_float64_brute_force_across_block_sizes(count, dim, queries, k, block_bytes, query_block, gemm):
+def test_equals_float64_brute_force_across_block_sizes(count, dim, queries, k, block_bytes, query_block, scorer):
     rng = np.random.default_rng(count + dim)
     database = rng.normal(size=(count, dim)) * rng.uniform(0.1, 10.0, size=(count, 1))  # any scale
     query_rows = rng.normal(size=(queries, dim))
-    scores, ids = exact_search(query_rows, database, k, block_bytes=block_bytes, query_block=query_block, gemm=gemm)
+    scores, ids = exact_search(query_rows, database, k, block_bytes=block_bytes, query_block=query_block, scorer=scorer)
     ref_scores, ref_ids = _reference(query_rows, database, k)
     assert scores.dtype == np.float32 and ids.dtype == np.int64 and ids.shape == (queries, k)
     np.testing.assert_array_equal(ids, ref_ids)
@@ -52,12 +56,14 @@ def test_k_equal_to_or_above_the_database_size_returns_every_row_ranked(k):
     assert (np.diff(scores, axis=1) <= 0).all()
 
 
-def test_ties_come_out_in_ascending_id_order_across_block_boundaries():
+@pytest.mark.parametrize("scorer", SCORERS)
+def test_ties_come_out_in_ascending_id_order_across_block_boundaries(scorer):
     """Copies of one vector at rows 3, 40, 41, 77 and 99 (in different database blocks of 10 rows)
     tie exactly in float64; a query equal to it gets them first, lowest id first, and with k = 3
     only the three lowest of the five tied rows (the cut falls inside the tie). Their float32
     scores may differ in the last bit with the row's place in a block; with no margin at all,
     the completeness check widens the search until the float64 re-scoring sees every tied row."""
+    exact_search = partial(exact_search_with, scorer=scorer)
     rng = np.random.default_rng(11)
     database = rng.normal(size=(100, 16)).astype(np.float32)
     copies = [3, 40, 41, 77, 99]
@@ -139,11 +145,11 @@ def test_multiply_transposed_writes_the_product_in_place_with_either_gemm():
         assert multiply_transposed(a, b[0:19], out, gemm=gemm) is out
         np.testing.assert_allclose(out.numpy(), reference.numpy(), rtol=0, atol=1e-5)
     with pytest.raises(TripletsError, match="did you mean 'blas'"):
-        exact_search(a.numpy(), b.numpy(), 3, gemm="blsa")
+        exact_search(a.numpy(), b.numpy(), 3, scorer="blsa")
 
 
 def test_backend_rule_and_override():
-    assert choose_exact_backend("auto", faiss_on_gpu=False) == "blas"
+    assert choose_exact_backend("auto", faiss_on_gpu=False) == "faiss-rescored"
     assert choose_exact_backend("auto", faiss_on_gpu=True) == "faiss"
     assert choose_exact_backend("faiss") == "faiss" and choose_exact_backend("torch", faiss_on_gpu=True) == "torch"
     assert choose_exact_backend("blas", faiss_on_gpu=True) == "blas"
@@ -155,7 +161,8 @@ def test_flat_index_backends_agree_and_survive_save_and_load(tmp_path):
     rng = np.random.default_rng(4)
     database, queries = rng.normal(size=(500, 12)), rng.normal(size=(40, 12))
     ids = np.arange(1000, 1500)
-    by_blas = build_index(database, ids=ids, use_gpu=False)
+    by_default = build_index(database, ids=ids, use_gpu=False)
+    by_blas = build_index(database, ids=ids, use_gpu=False, exact_backend="blas")
     by_torch = build_index(database, ids=ids, use_gpu=False, exact_backend="torch")
     by_faiss = build_index(database, ids=ids, use_gpu=False, exact_backend="faiss")
     assert by_blas.exact_backend == "blas" and by_torch.exact_backend == "torch" and by_faiss.exact_backend == "faiss"
@@ -165,8 +172,12 @@ def test_flat_index_backends_agree_and_survive_save_and_load(tmp_path):
     np.testing.assert_array_equal(i1, i3)
     np.testing.assert_allclose(s1, s2, atol=1e-5)
     np.testing.assert_array_equal(s1, s3)     # both re-score the same candidates in float64
-    loaded = load_index(by_blas.save(tmp_path / "flat.faiss"), use_gpu=False)
-    assert loaded.exact_backend == "blas"
+    assert by_default.exact_backend == "faiss-rescored"
+    s4, i4 = by_default.search(queries, 10)
+    np.testing.assert_array_equal(i4, i1)
+    np.testing.assert_array_equal(s4, s1)
+    loaded = load_index(by_default.save(tmp_path / "flat.faiss"), use_gpu=False)
+    assert loaded.exact_backend == "faiss-rescored"
     np.testing.assert_array_equal(loaded.search(queries, 10)[1], i1)
     assert build_index(database, kind="hnsw", use_gpu=False).exact_backend is None
 
@@ -182,10 +193,12 @@ def test_eval_config_exact_backend_is_validated():
     assert from_dict(TrainConfig, {"eval": {"exact_backend": "blas"}}).eval.exact_backend == "blas"
 
 
-def test_near_ties_below_float32_resolution_are_ranked_as_in_float64():
+@pytest.mark.parametrize("scorer", SCORERS)
+def test_near_ties_below_float32_resolution_are_ranked_as_in_float64(scorer):
     """40 vectors within 10⁻⁶ of each other (closer than float32 products can tell apart, further
     than float64's rounding): with no margin the completeness check widens the search, and the
     order is the float64 one."""
+    exact_search = partial(exact_search_with, scorer=scorer)
     rng = np.random.default_rng(21)
     base = rng.normal(size=256)
     database = np.concatenate([rng.normal(size=(500, 256)), base + 1e-6 * rng.normal(size=(40, 256))])

@@ -50,6 +50,6 @@ def test_readme_exact_search_example_runs():
     namespace: dict = {}
     exec(compile(block, "README.md", "exec"), namespace)
     ids, same_ids, index = namespace["ids"], namespace["same_ids"], namespace["index"]
-    assert index.exact_backend == "blas"  # no GPU here
+    assert index.exact_backend == "faiss-rescored"  # no GPU here
     assert ids.shape == (5, 10) and ids[:, 0].tolist() == [0, 1, 2, 3, 4]
     assert (ids == same_ids).all()

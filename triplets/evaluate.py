@@ -32,7 +32,7 @@ and ``map``, ``map_at_10``, ``map_at_100`` are their means over the facts with �
 All metrics are fractions in [0, 1].
 
 Computation. Scores are float32 matrix products computed block by block by the exact search
-backend's :func:`triplets.index.score_blocks` (numpy's BLAS on CPUs, at most 128 MiB of scores at a
+backend's :func:`triplets.index.score_blocks` (``torch.mm``, at most 128 MiB of scores at a
 time for image → fact, 32 MiB for fact → image); fact vectors are divided by their norms on the
 scores (:class:`FactTable`, built once per fact file). From those scores everything is exact:
 image → fact counts, per image, the candidates scoring ≥ the best group member (the group taken

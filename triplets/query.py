@@ -405,7 +405,7 @@ def open_query(run: Any, *, method: str | None = None, device: str = "cpu", enco
 
     ``method``: the trained method to query (default: "mas" if trained, else the first);
     ``encoder``: a text-encoder spec or object (default: the fact file's encoder);
-    ``exact_backend``: how flat indexes search ("auto", "blas", "torch", "faiss"; default: the run's
+    ``exact_backend``: how flat indexes search ("auto", "faiss-rescored", "blas", "torch", "faiss"; default: the run's
     ``eval.exact_backend``, see :func:`triplets.index.choose_exact_backend`).
     """
     owns = False

@@ -77,12 +77,13 @@ class EvalConfig:
     ≥ 16,384 vectors, smaller ones get a flat index; for millions of vectors past one
     machine's memory see :func:`triplets.index.build_sharded_index`). ``exact_backend``: how
     exact (flat) searches run, see :func:`triplets.index.choose_exact_backend` (``auto``: FAISS
-    where the index is on a GPU, else the blocked GEMM search with numpy's BLAS, ``blas``;
-    ``torch`` runs that search with ``torch.mm``; ``blas``, ``torch`` or ``faiss`` force one)."""
+    where the index is on a GPU, else ``faiss-rescored``: FAISS's brute-force candidates re-scored
+    in float64; ``blas`` and ``torch`` compute the candidates by blocked products instead;
+    ``faiss`` is FAISS's own float32 ranking; any of them forces one)."""
 
     batch_size: int = 256
     index: Literal["flat", "ivf", "ivfpq", "hnsw", "none"] = "flat"
-    exact_backend: Literal["auto", "blas", "torch", "faiss"] = "auto"
+    exact_backend: Literal["auto", "faiss-rescored", "blas", "torch", "faiss"] = "auto"
 
 
 @dataclass

@@ -10,8 +10,9 @@ Four kinds of index (:func:`build_index`, :class:`FactIndex`):
 - ``"flat"`` (default): exact search. The vectors live in a ``faiss.IndexFlatIP`` (the file
   format); searches run on the exact backend chosen by ``exact_backend``
   (:func:`choose_exact_backend`): ``"auto"`` = FAISS where the index is on a GPU, else the
-  blocked float32 GEMM of :mod:`triplets.index.exact` by numpy's BLAS (at the CPU's matrix-multiply speed,
-  results equal to the float64 reference, ties by ascending row).
+  exact search of :mod:`triplets.index.exact` (FAISS's brute-force candidates re-scored in
+  float64: at the CPU's matrix-multiply speed, results equal to the float64 reference, ties by
+  ascending row).
 - ``"ivf"``: ``faiss.IndexIVFFlat`` over inner product, k-means on a bounded sample
   (:func:`training_rows`); ``nlist`` defaults to ``round(4·sqrt(n))``, capped at ``n // 39``.
 - ``"ivfpq"``: ``faiss.IndexIVFPQ``: IVF cells as for ``"ivf"``, each vector stored as
@@ -50,7 +51,7 @@ from .common import (
     SHARDED_FORMAT, SHARDED_FORMAT_VERSION, SHARDED_KINDS, VECTORS_FILE, IndexKind, default_nlist, default_pq_m,
     file_sha256, gpu_available, model_fingerprint, normalize_rows, pq_m_choices,
 )
-from .exact import (EXACT_BACKENDS, GEMMS, check_exact_backend, choose_exact_backend, exact_search,
+from .exact import (EXACT_BACKENDS, SCORERS, check_exact_backend, choose_exact_backend, exact_search,
                     multiply_transposed, score_blocks)
 from .fact_index import FactIndex, build_index, load_index
 from .ivf import calibrate_nprobe_by_cells, calibration_rows, rerank_exact, training_rows
@@ -58,7 +59,7 @@ from .persist import sidecar_path
 from .sharded import ShardedFactIndex, build_sharded_index, load_sharded_index, shard_bounds, shard_file_name
 
 __all__ = [
-    "DEFAULT_ROWS_PER_SHARD", "EXACT_BACKENDS", "GEMMS", "GPU_MAX_K", "INDEX_FORMAT", "INDEX_FORMAT_VERSION", "IVF_KINDS",
+    "DEFAULT_ROWS_PER_SHARD", "EXACT_BACKENDS", "SCORERS", "GPU_MAX_K", "INDEX_FORMAT", "INDEX_FORMAT_VERSION", "IVF_KINDS",
     "KINDS", "MANIFEST_NAME", "SHARDED_FORMAT", "SHARDED_FORMAT_VERSION", "SHARDED_KINDS", "VECTORS_FILE",
     "FactIndex", "IndexKind", "ShardedFactIndex", "build_index", "build_sharded_index", "calibrate_nprobe_by_cells",
     "calibration_rows", "check_exact_backend", "choose_exact_backend", "default_nlist", "default_pq_m",

@@ -4,7 +4,8 @@ Cosine similarity of unit rows is their inner product, so exact search of ``quer
 in a database X [n, d] is the matrix product Q·Xᵀ (2·q·n·d floating-point operations) followed
 by a selection. :func:`exact_search` does it in blocks:
 
-1. For each block of at most ``query_block`` queries and ``bn`` database rows,
+1. Float32 candidates (``scorer="blas"`` or ``"torch"``; ``"faiss"`` has FAISS's brute force do
+   this step): for each block of at most ``query_block`` queries and ``bn`` database rows,
    S = Q_b·X_bᵀ in float32 by the machine's GEMM (:func:`multiply_transposed`), and the c largest scores of
    each row by ``torch.topk`` (c = min(n, k' + margin), k' = min(k, n)); where the c-th and
    (c+1)-th scores are equal, that row is re-selected by a stable sort so that the lower ids win
@@ -38,15 +39,17 @@ callers that need every score (the evaluation's rankings).
 
 Which exact backend runs (:func:`choose_exact_backend`): ``"auto"`` picks FAISS's flat search
 when the flat index lives on a GPU (faiss-gpu sees one; FAISS's GPU brute force is the fast
-path there) and this blocked search with numpy's BLAS ``sgemm`` (``"blas"``) otherwise.
-``"torch"`` runs the same blocked search with ``torch.mm``; ``"faiss"`` forces
-``faiss.IndexFlatIP``. The rule is fixed, not timed per process, so that a run's float32
-scores (and the evaluation's ranks, which are read off them) do not depend on a timing; it
-comes from ``benchmarks/bench_retrieval.py`` on the CPUs this project runs on (AMD EPYC, AVX2,
-2 cores, 2026-11-27, see ``docs/benchmarks.md``): numpy's OpenBLAS ``sgemm`` 180–188 GFLOP/s,
-``torch.mm`` 124–131, so the blocked search is GEMM-bound at the machine's peak with
-``"blas"`` (about FAISS flat's speed, and exact to float64), 1.4× slower with ``"torch"``.
-Tensors on a GPU are always multiplied by ``torch.mm``.
+path there) and ``"faiss-rescored"`` otherwise: this search with the float32 candidates of
+step 1 taken from FAISS's brute force (``faiss.knn``: its BLAS ``sgemm`` in blocks and a heap
+per query, one OpenMP thread pool), then steps 2–3 as above, so the result is exact as stated
+below. ``"blas"`` computes step 1 with numpy's BLAS ``sgemm`` and ``torch.topk``, ``"torch"``
+with ``torch.mm`` and ``torch.topk``; ``"faiss"`` returns ``faiss.IndexFlatIP``'s own float32
+ranking (no re-scoring). The rule is fixed, not timed per process, so that what runs never
+depends on a timing; it comes from ``benchmarks/bench_retrieval.py`` on the machine this
+project is developed on (AMD EPYC, AVX2, 2 cores; ``docs/benchmarks.md``): FAISS's brute force
+runs at the machine's GEMM limit (182 of 185 GFLOP/s) and stays there when other processes
+load the machine, while ``"blas"`` mixes two thread pools (OpenBLAS's and torch's) that slow
+each other down under load (25–49 s for the same search) and ``torch.mm`` reaches 159.
 """
 from __future__ import annotations
 
@@ -58,10 +61,10 @@ import torch
 from mas_core.errors import did_you_mean
 
 from ..errors import TripletsError
-from .common import checked_k, normalize_rows
+from .common import _faiss, checked_k, normalize_rows
 
-EXACT_BACKENDS = ("auto", "blas", "torch", "faiss")
-GEMMS = ("blas", "torch")        # how the blocked search multiplies: numpy's BLAS or torch.mm
+EXACT_BACKENDS = ("auto", "faiss-rescored", "blas", "torch", "faiss")
+SCORERS = ("faiss", "blas", "torch")   # who computes the float32 candidates of the exact search
 SCORE_BLOCK_BYTES = 1 << 27   # 128 MiB of float32 scores per block
 QUERY_BLOCK = 1024            # queries per block: enough rows for the GEMM to reach its speed
 RESCORE_MARGIN = 8            # float32 candidates kept beyond k for the float64 re-scoring
@@ -80,13 +83,19 @@ def choose_exact_backend(name: str = "auto", *, faiss_on_gpu: bool = False) -> s
     """The exact backend that runs: ``"faiss"`` or ``"torch"``.
 
     ``"auto"``: ``"faiss"`` when the FAISS flat index is on a GPU (``faiss_on_gpu``), else
-    ``"blas"`` (the blocked search by numpy's BLAS, the fastest exact search measured on CPUs;
-    module docstring). ``"blas"``/``"torch"``/``"faiss"``: as named.
+    ``"faiss-rescored"`` (FAISS's brute force for the float32 candidates, re-scored in float64:
+    the fastest exact search measured on CPUs; module docstring). Any other name: as named.
     """
     name = check_exact_backend(name)
     if name == "auto":
-        return "faiss" if faiss_on_gpu else "blas"
+        return "faiss" if faiss_on_gpu else "faiss-rescored"
     return name
+
+
+def scorer_of(backend: str) -> str | None:
+    """The float32 candidate scorer (:data:`SCORERS`) of an exact backend that re-scores in float64;
+    ``None`` for ``"faiss"`` (FAISS's own ranking) and ``"auto"`` (choose first)."""
+    return {"faiss-rescored": "faiss", "blas": "blas", "torch": "torch"}.get(backend)
 
 
 def multiply_transposed(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, gemm: str = "blas") -> torch.Tensor:
@@ -146,7 +155,7 @@ class TopKAccumulator:
     ``queries``: float32 unit rows [q, d] (a tensor, used in place)."""
 
     def __init__(self, queries: torch.Tensor, keep: int, buffer: torch.Tensor | None = None,
-                 block_bytes: int = SCORE_BLOCK_BYTES, gemm: str = "blas") -> None:
+                 block_bytes: int = SCORE_BLOCK_BYTES, gemm: str = "torch") -> None:
         self.queries = queries
         self.gemm = gemm
         self.keep = int(keep)
@@ -216,14 +225,15 @@ def rescore(queries: torch.Tensor, candidates: torch.Tensor, vectors: torch.Tens
 
 def exact_search(queries: np.ndarray, database: np.ndarray, k: int, *, normalized: bool = False,
                  block_bytes: int = SCORE_BLOCK_BYTES, query_block: int = QUERY_BLOCK,
-                 margin: int = RESCORE_MARGIN, gemm: str = "blas") -> tuple[np.ndarray, np.ndarray]:
+                 margin: int = RESCORE_MARGIN, scorer: str = "faiss") -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` most cosine-similar database rows of each query, exactly (see the module docstring).
 
     ``queries`` [q, d] (or [d]) and ``database`` [n, d]: any scale (rows are L2-normalised
     here) unless ``normalized``, which promises unit rows and, for float32 C-contiguous
     arrays, skips the copy. Returns ``(scores float32 [q, k'], ids int64 [q, k'])`` with
-    k' = min(k, n), best first; ids are database rows. ``gemm``: "blas" (numpy's BLAS) or
-    "torch" (``torch.mm``) for the float32 products (same ids either way). Raises
+    k' = min(k, n), best first; ids are database rows. ``scorer``: who computes the float32
+    candidates, ``"faiss"`` (``faiss.knn``), ``"blas"`` (numpy's BLAS, blocks) or ``"torch"``
+    (``torch.mm``, blocks); the same ids either way (the module docstring). Raises
     :class:`TripletsError` for an empty query set or database, k < 1, mismatched dimensions, or
     NaN/inf values.
     """
@@ -241,15 +251,16 @@ def exact_search(queries: np.ndarray, database: np.ndarray, k: int, *, normalize
     if query_rows.shape[1] != rows.shape[1]:
         raise TripletsError(f"queries are {query_rows.shape[1]}-dimensional but the database is "
                             f"{rows.shape[1]}-dimensional; embed both with the same model")
-    if gemm not in GEMMS:
-        raise TripletsError(f"unknown gemm {gemm!r}{did_you_mean(str(gemm), GEMMS)} (use one of {', '.join(GEMMS)})")
+    if scorer not in SCORERS:
+        raise TripletsError(f"unknown scorer {scorer!r}{did_you_mean(str(scorer), SCORERS)} "
+                            f"(use one of {', '.join(SCORERS)})")
     return search_unit_rows(query_rows, rows, k, block_bytes=block_bytes, query_block=query_block, margin=margin,
-                            gemm=gemm)
+                            scorer=scorer)
 
 
 def search_unit_rows(query_rows: np.ndarray, rows: np.ndarray, k: int, *, block_bytes: int = SCORE_BLOCK_BYTES,
                      query_block: int = QUERY_BLOCK, margin: int = RESCORE_MARGIN,
-                     gemm: str = "blas") -> tuple[np.ndarray, np.ndarray]:
+                     scorer: str = "faiss") -> tuple[np.ndarray, np.ndarray]:
     """:func:`exact_search` without the checks: ``query_rows`` [q, d] and ``rows`` [n, d] must be
     finite float32 C-contiguous unit rows (q, n ≥ 1) and ``k`` ≥ 1 (what a :class:`FactIndex`
     already guarantees for its normalised queries and stored vectors)."""
@@ -265,26 +276,39 @@ def search_unit_rows(query_rows: np.ndarray, rows: np.ndarray, k: int, *, block_
         widen = []
         block_q = min(len(pending), int(query_block))
         block_n = min(count, max(keep, int(block_bytes) // (4 * block_q)))
-        buffer = torch.empty(block_q * block_n, dtype=torch.float32)
+        buffer = torch.empty(block_q * block_n if scorer != "faiss" else 0, dtype=torch.float32)
         for start in range(0, len(pending), block_q):
             wanted = pending[start:start + block_q]
             contiguous = wanted[-1] - wanted[0] == len(wanted) - 1
             q_block = q_all[int(wanted[0]):int(wanted[-1]) + 1] if contiguous else q_all[torch.from_numpy(wanted)]
-            best = TopKAccumulator(q_block, keep, buffer, block_bytes=block_q * block_n * 4, gemm=gemm)
-            for x_start in range(0, count, block_n):
-                best.add(x_start, x_all[x_start:x_start + block_n])
-            assert best.ids is not None and best.scores is not None
+            if scorer == "faiss":
+                kept_scores, kept_ids = _faiss_candidates(q_block, rows, keep)
+            else:
+                best = TopKAccumulator(q_block, keep, buffer, block_bytes=block_q * block_n * 4, gemm=scorer)
+                for x_start in range(0, count, block_n):
+                    best.add(x_start, x_all[x_start:x_start + block_n])
+                assert best.ids is not None and best.scores is not None
+                kept_scores, kept_ids = best.scores, best.ids
             done = np.ones(len(wanted), dtype=bool)
             if keep < count:  # a vector left out scores ≤ the last kept: harmless unless within slack of the k-th
-                kth = torch.topk(best.scores, k_eff, dim=1).values[:, -1]
-                done = (best.scores.min(dim=1).values < kth - slack).numpy()
+                kth = torch.topk(kept_scores, k_eff, dim=1).values[:, -1]
+                done = (kept_scores.min(dim=1).values < kth - slack).numpy()
                 widen.append(wanted[~done])
-            scores, ids = rescore(q_block, best.ids, x_all, k_eff)
+            scores, ids = rescore(q_block, kept_ids, x_all, k_eff)
             out_scores[wanted[done]] = scores.numpy()[done]
             out_ids[wanted[done]] = ids.numpy()[done]
         pending = np.concatenate(widen) if widen else pending[:0]
         keep = min(count, 4 * keep)
     return out_scores, out_ids
+
+
+def _faiss_candidates(queries: torch.Tensor, rows: np.ndarray, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``keep`` best rows of each query by FAISS's brute-force inner product (``faiss.knn``, no
+    index built): float32 scores [q, keep] and ids [q, keep] (ties at the cut in FAISS's order;
+    the completeness check of :func:`search_unit_rows` does not rely on it)."""
+    faiss = _faiss()
+    scores, ids = faiss.knn(np.ascontiguousarray(queries.numpy()), rows, int(keep), metric=faiss.METRIC_INNER_PRODUCT)
+    return torch.from_numpy(np.ascontiguousarray(scores)), torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64))
 
 
 def float32_dot_error_bound(dim: int) -> float:
@@ -296,7 +320,7 @@ def float32_dot_error_bound(dim: int) -> float:
 
 
 def score_blocks(queries: torch.Tensor, database: torch.Tensor, *, block_bytes: int = SCORE_BLOCK_BYTES,
-                 gemm: str = "blas") -> Iterator[tuple[int, int, torch.Tensor]]:
+                 gemm: str = "torch") -> Iterator[tuple[int, int, torch.Tensor]]:
     """Yield ``(start, stop, queries[start:stop] @ databaseᵀ)`` for consecutive query rows, float32
     by :func:`multiply_transposed` (``gemm``: numpy's BLAS or ``torch.mm``), each block of at most
     max(1, block_bytes // (4·n)) rows, so at most ``block_bytes`` (or one row of n scores) of

@@ -17,7 +17,7 @@ from .common import (
     checked_nlist, checked_nprobe, checked_pq, checked_refine_factor, flat_vectors, jsonable, wants_gpu,
     normalize_rows,
 )
-from .exact import GEMMS, choose_exact_backend, search_unit_rows
+from .exact import choose_exact_backend, scorer_of, search_unit_rows
 from .ivf import (
     calibrate_ivf, calibration_neighbours, calibration_rows, ivf_metadata, rerank_exact, trained_ivf, training_rows,
     warn_unclustered,
@@ -31,8 +31,8 @@ class FactIndex:
     Build one with :func:`build_index` or read one with :func:`load_index`. Rows are
     numbered 0..count−1 in insertion order; when ``ids`` was given, :meth:`search`
     returns ``ids[row]`` instead of the row. A flat index searches with the exact backend
-    :attr:`exact_backend` (``exact_backend="auto"``: FAISS on a GPU, the blocked GEMM search
-    of :mod:`triplets.index.exact` with numpy's BLAS otherwise; see :func:`~triplets.index.exact.choose_exact_backend`).
+    :attr:`exact_backend` (``exact_backend="auto"``: FAISS on a GPU, the exact search of
+    :mod:`triplets.index.exact` with FAISS's brute-force candidates re-scored in float64 otherwise; see :func:`~triplets.index.exact.choose_exact_backend`).
     """
 
     def __init__(self, cpu_index: Any, *, kind: str, dim: int, fingerprint: str | None,
@@ -53,7 +53,8 @@ class FactIndex:
             raise TripletsError(f"index has {cpu_index.ntotal} vectors but {len(self.ids)} ids")
         self._place(use_gpu)
         self.exact_backend = choose_exact_backend(exact_backend, faiss_on_gpu=self.on_gpu) if kind == "flat" else None
-        self._flat_vectors = flat_vectors(cpu_index) if self.exact_backend in GEMMS else None
+        self._scorer = scorer_of(self.exact_backend) if self.exact_backend else None
+        self._flat_vectors = flat_vectors(cpu_index) if self._scorer is not None else None
         if kind in IVF_KINDS:
             self.nprobe = int(self.metadata.get("nprobe") or 1)
         elif kind == "hnsw":
@@ -129,7 +130,7 @@ class FactIndex:
         ``queries``: [q, dim] (or [dim]); they are L2-normalised here. Returns
         ``(scores float32 [q, k'], ids int64 [q, k'])`` with k' = min(k, count), best
         first; ``ids`` are rows or the ids given at build time, −1 (score −inf) where an
-        approximate index found fewer than k' neighbours. A flat index on the blocked backends ("blas", "torch")
+        approximate index found fewer than k' neighbours. A flat index on the re-scoring backends ("faiss-rescored", "blas", "torch")
         returns the float64 reference's ranking (ties by ascending row; see
         :mod:`triplets.index.exact`); with re-ranking (``refine_factor``) the best k' of
         refine_factor·k' approximate candidates by float64 inner product.
@@ -148,7 +149,7 @@ class FactIndex:
         if k_eff == 0 or len(normalized) == 0:
             return np.zeros((len(normalized), k_eff), np.float32), np.zeros((len(normalized), k_eff), np.int64)
         if self._flat_vectors is not None:
-            scores, rows = search_unit_rows(normalized, self._flat_vectors, k_eff, gemm=str(self.exact_backend))
+            scores, rows = search_unit_rows(normalized, self._flat_vectors, k_eff, scorer=str(self._scorer))
         elif self._refine_factor:
             wide = int(min(self.count, k_eff * self._refine_factor))
             searcher = self._candidate_index if self._candidate_index is not None else self._searcher(wide)
@@ -209,7 +210,7 @@ def build_index(vectors: np.ndarray, *, kind: IndexKind = "flat", nlist: int | N
                 exact_backend: str = "auto") -> FactIndex:
     """Index ``vectors`` ([n, d], any scale: rows are L2-normalised here) for cosine search.
 
-    ``kind``: "flat" (exact; searched by ``exact_backend``: "auto", "blas", "torch" or "faiss", see
+    ``kind``: "flat" (exact; searched by ``exact_backend``: "auto", "faiss-rescored", "blas", "torch" or "faiss", see
     :func:`~triplets.index.exact.choose_exact_backend`), "ivf" and "ivfpq" (``nlist`` cells,
     default :func:`default_nlist`, k-means on the :func:`training_rows` sample, at most
     ``train_size`` rows when given, ``kmeans_iterations`` iterations; "ivfpq" stores each
