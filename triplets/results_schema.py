@@ -14,7 +14,17 @@ Version 1::
 for ``j > i``; ``A``, ``F``, ``BWT`` and ``D`` are :mod:`mas_core.metrics`' average accuracy,
 average forgetting, backward transfer and the MAS paper's average drop of R. Extras: the fact
 embedding's ``final`` (per mode and task the final retrieval metrics), the recognition
-sequence's ``importance_data``.
+sequence's ``importance_data``; both, when the config's ``search`` is enabled, ``hparam_search``:
+one record per task of what :mod:`mas_core.hparam_search` chose and why::
+
+    {"task": t, "name": str, "train_samples": |S_t|, "val_samples": |V_t|, "epochs": E,
+     "lr_grid": [{"lr": η, "val_acc": A(η) | null}], "reference_acc": A*, "lr": η*,
+     "strength_name": "lam" | "lam_l2" | null, "threshold": (1 − tolerance)·A* | null,
+     "tries": [{"value": λ_k, "val_acc": A_k | null}], "strength": {name: λ_t},
+     "reason": str, "seconds": s}
+
+(``null`` accuracy: that run diverged; ``threshold`` null and ``tries`` empty where phase 2 did
+not run: a method without a strength, or task 0.)
 """
 from __future__ import annotations
 
@@ -23,6 +33,7 @@ from typing import Any
 from mas_core.loop import SequenceResult
 
 SCHEMA_VERSION = 1
+SEARCH_KEY = "hparam_search"  # the per-task search records (SequenceResult.summary adds them)
 
 
 def method_summary(outcome: SequenceResult, method: str, options: dict[str, Any], **extras: Any) -> dict[str, Any]:
@@ -37,4 +48,4 @@ def results_document(*, experiment: str, name: str, metric: str, complete: bool,
             "complete": complete, "tasks": tasks, "methods": methods, "config": config}
 
 
-__all__ = ["SCHEMA_VERSION", "method_summary", "results_document"]
+__all__ = ["SCHEMA_VERSION", "SEARCH_KEY", "method_summary", "results_document"]

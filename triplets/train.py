@@ -104,8 +104,11 @@ def method_checkpoint_config(config: TrainConfig, method: MethodConfig) -> dict[
     """What ``RUN/<method>/checkpoint.pt`` must agree on to be resumed (see
     :func:`mas_core.loop.checkpoint_config`): data, model, loss, optimizer, seed and the method."""
     ctx_identity = FactExperiment.identity_of(config)
-    return checkpoint_config(ctx_identity, method.name, method.name == JOINT, dict(method.options), config.optim,
-                             config.seed)
+    recorded = checkpoint_config(ctx_identity, method.name, method.name == JOINT, dict(method.options), config.optim,
+                                 config.seed)
+    if config.search.enabled:
+        recorded["search"] = config.search.identity()
+    return recorded
 
 
 def train_run(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True) -> dict:
@@ -176,7 +179,8 @@ def train_method(ctx: FactContext, method: MethodConfig, method_dir: Path, *, pr
     with same_on_every_rank():  # a refused checkpoint or an all-reduced divergence: every rank alike
         outcome = train_tasks(experiment, method.name, ctx.config.optim, seed=ctx.config.seed, device=ctx.device,
                               method_options=dict(method.options), label=method.key, checkpoint_dir=method_dir,
-                              resume=True, log=log, log_epochs=False)
+                              resume=True, log=log, log_epochs=False,
+                              search=ctx.config.search if ctx.config.search.enabled else None)
     if outcome.trained_tasks == 0 and result_path.exists():
         return read_json(result_path, what="method result")
     model = outcome.model
