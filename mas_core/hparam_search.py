@@ -120,6 +120,17 @@ class SearchSettings:
         raise ValueError(f"search.start has no value for method {label or method!r}: add {label or method!r} or "
                          f"'{DEFAULT_KEY}' to it")
 
+    def resolved_for(self, method: str, label: str | None = None) -> "SearchSettings":
+        """These settings with a ``start`` mapping replaced by the one number of ``method``/``label``
+        (:meth:`start_for`), for a runner that names the method otherwise in the loop (unchanged
+        when ``start`` is a number or has no value for it)."""
+        if not isinstance(self.start, dict):
+            return self
+        try:
+            return dataclasses.replace(self, start=self.start_for(method, label))
+        except ValueError:
+            return self
+
     def check_methods(self, methods: Sequence[tuple[str, str]]) -> None:
         """``ValueError`` for a key of a ``start`` mapping that names none of ``methods``
         (``(registry name or "joint", label)`` pairs) and, when enabled, for a method with a strength

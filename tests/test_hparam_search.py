@@ -264,26 +264,27 @@ def _recognition_yaml(root: Path, search: dict) -> Path:
                    "max_test_per_class": 4}],
         "model": {"arch": "small_cnn", "input_size": 8, "channels": 1, "width": 4, "feature_dim": 8},
         "train": {"epochs": 2, "batch_size": 8, "lr": 0.05, "device": "cpu"},
-        "methods": ["finetune", "mas"], "method_options": {"mas": {"max_samples": 20}},
+        "methods": ["finetune", "mas", "mas@test"], "method_options": {"mas": {"max_samples": 20}},
         "search": search,
     }, sort_keys=False))
     return path
 
 
 def test_the_recognition_command_records_and_prints_the_choices(tmp_path, capsys) -> None:
-    config = _recognition_yaml(tmp_path, {"enabled": True, "lr_grid": [0.1, 0.01], "start": {"mas": 4.0},
-                                          "max_tries": 3, "epochs": 1})
+    config = _recognition_yaml(tmp_path, {"enabled": True, "lr_grid": [0.1, 0.01],
+                                          "start": {"mas": 4.0, "mas@test": 2.0}, "max_tries": 3, "epochs": 1})
     assert main(["recognition", "--config", str(config), "--out", str(tmp_path / "run"), "--quiet"]) == 0
     printed = capsys.readouterr().out
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["config"]["search"]["enabled"] is True
-    for method in ("finetune", "mas"):
+    for method in ("finetune", "mas", "mas@test"):
         records = results["methods"][method]["hparam_search"]
         assert [r["task"] for r in records] == [0, 1] and all(r["lr"] in (0.1, 0.01) for r in records)
         assert all(r["train_samples"] == 24 and r["val_samples"] == 6 for r in records)
     mas = results["methods"]["mas"]["hparam_search"][1]
     assert mas["strength"]["lam"] in [t["value"] for t in mas["tries"]] and mas["reason"]
     assert [t["value"] for t in mas["tries"]][0] == 4.0
+    assert results["methods"]["mas@test"]["hparam_search"][1]["tries"][0]["value"] == 2.0  # its own start
     cell = f"lr {mas['lr']:g}, lam={mas['strength']['lam']:g}"
     assert "Hyperparameters chosen per task" in printed and f"| mas | " in printed and cell in printed
     assert cell in (tmp_path / "run" / "results.md").read_text()
@@ -292,7 +293,7 @@ def test_the_recognition_command_records_and_prints_the_choices(tmp_path, capsys
 def test_the_search_section_is_validated(tmp_path) -> None:
     good = {"enabled": True, "start": {"mas": 4.0}}
     assert load_recognition_config(_recognition_yaml(tmp_path, good)).search.start == {"mas": 4.0}
-    for bad, message in (({"enabled": True, "start": {"mass": 4.0}}, "did you mean 'mas'"),
+    for bad, message in (({"enabled": True, "start": {"mass": 4.0, "default": 1.0}}, "did you mean 'mas'"),
                          ({"enabled": True, "decay": 1.5, "start": 1.0}, "search.decay"),
                          ({"enabled": True, "lr_grid": [], "start": 1.0}, "search.lr_grid"),
                          ({"enabled": True, "val_fraction": 1.0, "start": 1.0}, "search.val_fraction"),

@@ -149,7 +149,7 @@ def run_recognition(config: RecognitionConfig, out: str | Path, *, methods: Sequ
                                        device=config.train.device, eval_batch_size=config.train.eval_batch_size,
                                        num_workers=config.train.num_workers, method_options=options or None,
                                        checkpoint_dir=method_dir, resume=resume, progress=progress, log=log,
-                                       search=config.search if config.search.enabled else None)
+                                       search=config.search.resolved_for(base, method) if config.search.enabled else None)
         summary = method_summary(sequence_result, base, options,
                                  importance_data=importance if importance_from_inputs(base) else None)
         per_method[method] = summary
