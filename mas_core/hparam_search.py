@@ -9,7 +9,8 @@ is trained, on deep copies of the current model and method (the real ones are no
    ``v = max(1, round(f·n))`` (``f = val_fraction``) form the validation split ``V_t``, the rest
    the search's training split ``S_t``. No test sample and no sample of another task is read.
 2. **Maximal plasticity.** For every learning rate ``η`` of ``lr_grid``: fine-tune a copy of the
-   model (no regularizer) on ``S_t`` for ``E`` epochs (``epochs``; default the task's own) and
+   model (no penalty; the method's ``before_task`` has run, so IMM starts from its transferred
+   weights as its training does) on ``S_t`` for ``E`` epochs (``epochs``; default the task's own) and
    measure ``A(η)`` = the experiment's metric on ``V_t`` (``experiment.validation_score``).
    ``η* = argmax_η A(η)`` (the first of the grid on ties; a diverged run scores nothing) and
    ``A* = A(η*)``, the plasticity reference.
@@ -246,7 +247,7 @@ class _Search:
 
     def run(self, method: str) -> dict[str, Any]:
         settings, tolerance = self.settings, self.settings.tolerance
-        lr_scores = [self._candidate(Finetune(), {}, lr, ("lr", index)) for index, lr in enumerate(settings.lr_grid)]
+        lr_scores = [self._candidate(None, lr, ("lr", index)) for index, lr in enumerate(settings.lr_grid)]
         best = best_learning_rate(lr_scores)
         if best < 0:
             raise DivergenceError(f"method {self.label}, task {self.task + 1}: every learning rate of search.lr_grid "
@@ -277,7 +278,7 @@ class _Search:
             raise MASCoreError(str(exc)) from None
 
         def score(value: float) -> float | None:
-            return self._candidate(self.reg, {name: value}, lr, ("strength", value))
+            return self._candidate({name: value}, lr, ("strength", value))
 
         tries, chosen = stability_decay(score, start, settings.decay, tolerance, reference, settings.max_tries)
         threshold = (1.0 - tolerance) * reference
@@ -293,15 +294,20 @@ class _Search:
                                 f"after {len(tries)} tries from {start:g}; took the smallest tried, {value:g}")
         return record
 
-    def _candidate(self, reg: Regularizer, strength: dict[str, float], lr: float, tag: tuple[Any, ...]) -> float | None:
-        """Train a copy on ``S_t`` with ``reg`` (copied) at ``strength`` and ``lr``; its metric on
-        ``V_t`` (``None`` when it diverged)."""
-        model, trained, reg = copy.deepcopy((self.model, self.trained, reg))
-        reg.set_strength(**strength)
+    def _candidate(self, strength: dict[str, float] | None, lr: float, tag: tuple[Any, ...]) -> float | None:
+        """Train a copy on ``S_t`` at ``lr`` with a copy of the method at ``strength`` (``None``: with
+        no penalty, phase 1); its metric on ``V_t`` (``None`` when it diverged). The method's
+        ``before_task`` runs in both phases, so both start where the method's training starts
+        (IMM's weight transfer)."""
+        model, trained, reg = copy.deepcopy((self.model, self.trained, self.reg))
+        if strength is not None:
+            reg.set_strength(**strength)
         torch.manual_seed(derived_seed(self.seed, "search", self.task, *tag))
         model.train()
         trained.train()
         reg.before_task(trained, TaskInfo(index=self.task, head=self.head, num_samples=len(self.train_split)))
+        if strength is None:
+            reg = Finetune()
         optim = dataclasses.replace(self.optim, lr=lr)
         try:
             _train_epochs(self.experiment, trained, model, self.train_split, self.task, reg, optim,
