@@ -224,9 +224,10 @@ def stability_decay(score: Callable[[float], float | None], start: float, decay:
 
 
 def describe_choice(record: dict[str, Any]) -> str:
-    """``"lr 0.05, lam=2.5"`` (``"lr 0.05"`` for a method without a strength)."""
+    """``"lr 0.05, lam=2.5"`` (``"lr 0.05"`` where the strength was not searched: a method without
+    one, or task 0, where it has no effect)."""
     text = f"lr {record['lr']:g}"
-    strength = record.get("strength") or {}
+    strength = (record.get("strength") or {}) if record.get("tries") else {}
     return text + "".join(f", {key}={value:g}" for key, value in strength.items())
 
 

@@ -14,7 +14,13 @@ from torch import nn
 
 import mas_core.loop as loop_module
 from mas_core.errors import InvalidArgumentError, MASCoreError
-from mas_core.hparam_search import SearchSettings, best_learning_rate, split_positions, stability_decay
+from mas_core.hparam_search import (
+    SearchSettings,
+    best_learning_rate,
+    describe_choice,
+    split_positions,
+    stability_decay,
+)
 from mas_core.loop import train_tasks
 from mas_core.regularizers import MAS, Finetune, Regularizer, make_regularizer
 from mas_core.sequence import ClassificationExperiment, run_sequence
@@ -131,6 +137,8 @@ def test_the_search_picks_the_argmax_lr_and_the_known_strength() -> None:
         assert record["tries"][-1]["val_acc"] == record["reference_acc"]  # at λ=1 the gate is fine-tuning
         assert "lam=1: val acc" in record["reason"] and "the first of 4 tried from 8" in record["reason"]
     assert result.summary()["hparam_search"] == records
+    assert describe_choice(records[0]) == f"lr {records[0]['lr']:g}"  # task 1: λ was not searched
+    assert describe_choice(records[1]) == f"lr {records[1]['lr']:g}, lam=1"
 
 
 def test_the_search_is_deterministic_and_leaves_the_real_training_alone() -> None:
