@@ -148,10 +148,21 @@ def test_the_search_is_deterministic_and_leaves_the_real_training_alone() -> Non
     second = run_sequence(_make_model, _tasks(), "mas", SETTINGS, seed=SEED, search=settings, progress=False)
     assert _without_seconds(first.hparam_search) == _without_seconds(second.hparam_search)
     assert first.accuracy == second.accuracy
-    # a grid of the configured lr alone: the search changes nothing of the real run (its RNG draws restored)
-    only = SearchSettings(enabled=True, lr_grid=[SETTINGS.lr], epochs=1)
-    searched = run_sequence(_make_model, _tasks(), "finetune", SETTINGS, seed=SEED, search=only, progress=False)
-    plain = run_sequence(_make_model, _tasks(), "finetune", SETTINGS, seed=SEED, progress=False)
+
+
+@pytest.mark.parametrize("method, options", [("finetune", {}), ("mas", {"lam": 1.0}), ("ewc", {"lam": 2.0}),
+                                             ("si", {"lam": 0.5}), ("lwf", {"lam": 1.0}), ("imm", {"lam_l2": 0.01}),
+                                             ("ebll", {"lam": 1.0, "code_dim": 4, "ae_epochs": 2})])
+def test_a_search_that_picks_the_configured_values_changes_nothing(method: str, options: dict) -> None:
+    """One lr in the grid and one try at the configured λ: the run equals the run without a search,
+    bit for bit (the copies never touch the real model or method; the RNG draws are restored)."""
+    strength = {key: value for key, value in options.items() if key in ("lam", "lam_l2")}
+    only = SearchSettings(enabled=True, lr_grid=[SETTINGS.lr], start=next(iter(strength.values()), 1.0),
+                          max_tries=1, epochs=1)
+    searched = run_sequence(_make_model, _tasks(), method, SETTINGS, seed=SEED, method_options=options, search=only,
+                            progress=False)
+    plain = run_sequence(_make_model, _tasks(), method, SETTINGS, seed=SEED, method_options=options, progress=False)
+    assert [record["strength"] for record in searched.hparam_search] == [strength] * 3
     assert searched.accuracy == plain.accuracy and plain.hparam_search is None
     assert all(torch.equal(a, b) for a, b in zip(searched.model.state_dict().values(), plain.model.state_dict().values()))
 
