@@ -10,7 +10,8 @@ Public API (the formulas are in ``docs/method.md``):
   :func:`make_regularizer` / :data:`METHODS`; the quadratic-anchor methods share
   :class:`QuadraticAnchorRegularizer` (Ω, θ*, the penalty ``λ Σ Ω (θ − θ*)²``);
 * the task loop (:mod:`mas_core.loop`): :func:`train_tasks` on any :class:`Experiment`, with
-  :class:`OptimSettings` → :class:`SequenceResult`; the multi-head classification sequence on it:
+  :class:`OptimSettings` → :class:`SequenceResult` (per-task hyperparameters by the search of
+  :mod:`mas_core.hparam_search`, :class:`SearchSettings`); the multi-head classification sequence on it:
   :class:`MultiHeadNet`, :class:`Task`, :func:`run_sequence`;
 * metrics on an accuracy matrix: :func:`average_accuracy`, :func:`average_forgetting`,
   :func:`backward_transfer`, :func:`average_drop`;
@@ -53,6 +54,7 @@ from .regularizers import (
     method_options,
 )
 from .loop import Experiment, ImportanceSource, OptimSettings, SequenceResult, TrainData, train_tasks
+from .hparam_search import SearchSettings
 from .sequence import MultiHeadNet, Task, evaluate, run_sequence
 
 __all__ = [
@@ -66,5 +68,6 @@ __all__ = [
     "TaskInfo",
     "make_regularizer", "method_options",
     "Experiment", "ImportanceSource", "OptimSettings", "SequenceResult", "TrainData", "train_tasks",
+    "SearchSettings",
     "MultiHeadNet", "Task", "evaluate", "run_sequence",
 ]

@@ -7,6 +7,7 @@ check, the accuracy matrix, checkpoints and resume. For each task ``t``::
 
     torch.manual_seed(derived_seed(seed, "task", t))     # dropout, new heads: the same on resume
     info = experiment.begin_task(model, t)               # e.g. add and activate head t
+    lr, λ = search.choose(...) when a search is given    # on copies, task t's data only: mas_core.hparam_search
     reg.before_task(trained, info)
     for epoch e < optim.epochs_of(t):                    # a fresh SGD optimizer per task
         order = randperm(n, Generator(derived_seed(seed, t, e)))
@@ -206,6 +207,7 @@ class SequenceResult:
     trained_tasks: int = 0
     model: nn.Module | None = field(default=None, repr=False, compare=False)
     merged_accuracy: list[list[float | None]] | None = None
+    hparam_search: list[dict[str, Any]] | None = None  # per task, with a search (mas_core.hparam_search)
 
     @property
     def avg_acc(self) -> float:
@@ -247,12 +249,26 @@ class SequenceResult:
         if self.merged_accuracy is not None:
             summary["accuracy_matrix_merged"] = [list(row) for row in self.merged_accuracy]
             summary["merged"] = self.merged_summary()
+        if self.hparam_search is not None:
+            summary["hparam_search"] = [dict(record) for record in self.hparam_search]
         return summary
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly: ``method``, ``task_names``, :meth:`summary` and ``config`` (``None``
         for undefined entries of the matrix)."""
         return {"method": self.method, "task_names": list(self.task_names), **self.summary(), "config": self.config}
+
+
+class TaskSearch(Protocol):
+    """Chooses a task's learning rate and method strength before the task is trained
+    (:class:`mas_core.hparam_search.SearchSettings`): ``choose`` returns a record whose ``"lr"``
+    and ``"strength"`` (a dict for :meth:`Regularizer.set_strength`) the task is trained with."""
+
+    def identity(self) -> dict[str, Any]: ...
+
+    def choose(self, experiment: Any, model: nn.Module, trained: nn.Module, reg: Regularizer, *, task: int,
+               head: int | None, optim: OptimSettings, seed: int, device: torch.device, method: str, label: str,
+               log: Callable[[str], None]) -> dict[str, Any]: ...
 
 
 # --------------------------------------------------------------------------- the loop
@@ -262,7 +278,8 @@ def train_tasks(experiment: Experiment, method: str | Regularizer, optim: OptimS
                 label: str | None = None, checkpoint_dir: str | Path | None = None, resume: bool = False,
                 log: Callable[[str], None] | None = None, log_epochs: bool = True,
                 stop_after_task: int | None = None,
-                after_resume: Callable[[nn.Module, nn.Module, Regularizer, int], None] | None = None) -> SequenceResult:
+                after_resume: Callable[[nn.Module, nn.Module, Regularizer, int], None] | None = None,
+                search: TaskSearch | None = None) -> SequenceResult:
     """Train ``experiment``'s tasks in order with ``method``; return the accuracy matrix and the model.
 
     ``method``: ``"joint"`` (the loop's joint mode), a registry name of
@@ -281,6 +298,9 @@ def train_tasks(experiment: Experiment, method: str | Regularizer, optim: OptimS
     has been loaded and before the next task is trained (not when nothing is left to train): it may
     change the regularizer's state, e.g. replace the last task's Ω by one learned from the queries
     a deployed model answered (``docs/method.md`` §12); the checkpoint after the next task saves it.
+    and one per epoch when ``log_epochs``. ``search``: before each task, choose its learning rate
+    and the method's strength on the task's own training data (:mod:`mas_core.hparam_search`);
+    its records end up in ``SequenceResult.hparam_search`` and the checkpoint.
     """
     try:
         optim.validate()
@@ -302,6 +322,8 @@ def train_tasks(experiment: Experiment, method: str | Regularizer, optim: OptimS
     emit = (log or (lambda message: None)) if main else (lambda message: None)
     device = distributed.local_device(device)
     config = checkpoint_config(experiment.identity(), name, joint, options, optim, seed)
+    if search is not None:
+        config["search"] = search.identity()
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
     checkpoint_path = folder / CHECKPOINT_NAME if folder is not None else None
 
@@ -314,12 +336,17 @@ def train_tasks(experiment: Experiment, method: str | Regularizer, optim: OptimS
     merged_accuracy: list[list[float | None]] | None = [] if changes_model else None
     log_lines: list[str] = []
     first_task, previous_time = 0, 0.0
+    searched: list[dict[str, Any]] | None = [] if search is not None else None
     if resume and checkpoint_path is not None and checkpoint_path.is_file():
         state = _read_checkpoint(checkpoint_path, config, device)
         first_task = int(state["completed_tasks"])
         for task in range(first_task):
             experiment.begin_task(model, task)
         model.load_state_dict(state["model"])
+        if searched is not None:
+            searched = list(state.get("hparam_search") or [])
+            if searched and searched[-1]["strength"]:
+                reg.set_strength(**searched[-1]["strength"])  # the strength the last finished task used
         reg.load_state_dict(state["regularizer"])
         accuracy = [list(row) for row in state["accuracy"]]
         if changes_model:
@@ -344,11 +371,18 @@ def train_tasks(experiment: Experiment, method: str | Regularizer, optim: OptimS
         data = experiment.train_data(list(range(task + 1)) if joint else [task])
         if len(data) == 0:
             raise EmptyDataError(f"task {task} ({experiment.task_names[task]}) has no training samples")
+        task_optim = optim
+        if search is not None:
+            record = search.choose(experiment, model, trained, reg, task=task, head=head, optim=optim, seed=seed,
+                                   device=device, method=name, label=label, log=emit)
+            task_optim = dataclasses.replace(optim, lr=record["lr"])
+            reg.set_strength(**record["strength"])
+            searched.append(record)
         model.train()
         trained.train()
         reg.before_task(trained, TaskInfo(index=task, head=head, num_samples=len(data)))
         epochs = optim.epochs_of(task)
-        mean_loss = _train_epochs(experiment, trained, model, data, task, reg, optim, seed, device, joint,
+        mean_loss = _train_epochs(experiment, trained, model, data, task, reg, task_optim, seed, device, joint,
                                   label, emit if log_epochs else (lambda message: None))
         model.eval()
         trained.eval()
@@ -377,7 +411,7 @@ def train_tasks(experiment: Experiment, method: str | Regularizer, optim: OptimS
             checkpoint = {
                 "format": CHECKPOINT_FORMAT, "config": config, "completed_tasks": task + 1,
                 "model": model.state_dict(), "regularizer": reg.state_dict(), "accuracy": accuracy,
-                "log": log_lines, "rng": get_rng_states(),
+                "log": log_lines, "rng": get_rng_states(), "hparam_search": searched,
                 "wall_time_s": previous_time + time.perf_counter() - start,
             }
             if changes_model:
@@ -388,7 +422,7 @@ def train_tasks(experiment: Experiment, method: str | Regularizer, optim: OptimS
     return SequenceResult(method=label, task_names=list(experiment.task_names), accuracy=accuracy,
                           wall_time_s=previous_time + time.perf_counter() - start, config=config, log=log_lines,
                           trained_tasks=max(last_task - first_task, 0), model=model,
-                          merged_accuracy=merged_accuracy)
+                          merged_accuracy=merged_accuracy, hparam_search=searched)
 
 
 def _evaluate_row(experiment: Experiment, model: nn.Module, task: int, num_tasks: int) -> list[float | None]:
@@ -620,4 +654,4 @@ def _plain(value: Any) -> Any:
 
 
 __all__ = ["CHECKPOINT_NAME", "Experiment", "ImportanceSource", "JOINT", "OptimSettings", "SequenceResult",
-           "TrainData", "checkpoint_config", "derived_seed", "epoch_shares", "train_tasks"]
+           "TaskSearch", "TrainData", "checkpoint_config", "derived_seed", "epoch_shares", "train_tasks"]

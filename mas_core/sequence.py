@@ -31,12 +31,12 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, TensorDataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, TensorDataset
 
 from . import distributed
 from .batches import batch_input, batch_target, move_to
 from .errors import EmptyDataError, MASCoreError
-from .loop import CHECKPOINT_NAME, JOINT, ImportanceSource, OptimSettings, SequenceResult, train_tasks
+from .loop import CHECKPOINT_NAME, JOINT, ImportanceSource, OptimSettings, SequenceResult, TaskSearch, train_tasks
 from .regularizers.base import Regularizer
 
 TASK_KEY = "task"
@@ -250,6 +250,18 @@ class ClassificationExperiment:
         return [evaluate(model, self.tasks[j].test, j, batch_size=self.eval_batch_size, device=device,
                          num_workers=self.num_workers) for j in range(task + 1)]
 
+    def validation_score(self, module: nn.Module, task: int, positions: Tensor) -> float:
+        """Top-1 accuracy of head ``task`` on the training samples of ``task`` at ``positions``
+        (the held-out split of the hyperparameter search, :mod:`mas_core.hparam_search`)."""
+        train = self.tasks[task].train
+        if isinstance(train, TensorDataset):
+            held_out: Dataset = TensorDataset(*(tensor[positions] for tensor in train.tensors))
+        else:
+            held_out = Subset(train, positions.tolist())
+        device = next(module.parameters()).device
+        return evaluate(module, held_out, task, batch_size=self.eval_batch_size, device=device,
+                        num_workers=self.num_workers)
+
     def _check_targets(self, targets: Tensor, task: int) -> None:
         num_classes, name = self.tasks[task].num_classes, self.tasks[task].name
         if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
@@ -291,7 +303,7 @@ def run_sequence(make_model: Callable[[], nn.Module], tasks: list[Task], method:
                  optim: OptimSettings, *, seed: int = 0, device: str | torch.device = "cpu",
                  eval_batch_size: int = 512, num_workers: int = 0, method_options: dict | None = None,
                  checkpoint_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
-                 log: Callable[[str], None] | None = None) -> SequenceResult:
+                 log: Callable[[str], None] | None = None, search: TaskSearch | None = None) -> SequenceResult:
     """Train ``tasks`` in order with ``method`` on the task loop; return the accuracy matrix.
 
     ``method``: ``"joint"``, a registry name (:data:`mas_core.regularizers.METHODS`, built
@@ -299,14 +311,15 @@ def run_sequence(make_model: Callable[[], nn.Module], tasks: list[Task], method:
     :class:`MultiHeadNet` (or anything with ``features``, ``heads``, ``add_head``,
     ``active_head``) with no heads yet; it is called after seeding. Checkpoints, resume and
     divergence as in :func:`mas_core.loop.train_tasks`; ``progress`` prints the log lines to
-    stderr when no ``log`` is given.
+    stderr when no ``log`` is given. ``search``: the per-task hyperparameter search
+    (:class:`mas_core.hparam_search.SearchSettings`), or ``None`` for the given settings.
     """
     experiment = ClassificationExperiment(make_model, tasks, importance_batch_size=optim.batch_size,
                                           eval_batch_size=eval_batch_size, num_workers=num_workers)
     if log is None and progress:
         log = _print_to_stderr
     return train_tasks(experiment, method, optim, seed=seed, device=device, method_options=method_options,
-                       checkpoint_dir=checkpoint_dir, resume=resume, log=log)
+                       checkpoint_dir=checkpoint_dir, resume=resume, log=log, search=search)
 
 
 def _print_to_stderr(message: str) -> None:

@@ -171,6 +171,25 @@ class FactExperiment:
     def evaluate(self, model: nn.Module, task: int) -> list[float]:
         return [self._top5(model, j) for j in range(task + 1)]
 
+    def validation_score(self, module: nn.Module, task: int, positions: Tensor) -> float:
+        """Standard top-5 of ``module`` (the network, or its branches on cached features) on the
+        training samples of ``task`` at ``positions``, ranked among the task's facts (the held-out
+        split of the hyperparameter search, :mod:`mas_core.hparam_search`)."""
+        samples = self.train_data([task])
+        vectors, fact_ids = [], []
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.no_grad():
+                for inputs, ids in samples.batches(list(positions.split(self.ctx.config.eval.batch_size))):
+                    vectors.append(module.embed(inputs.to(self.ctx.device)).float().cpu())
+                    fact_ids.append(ids.reshape(-1).cpu())
+        finally:
+            module.train(was_training)
+        embeddings = torch.cat(vectors).numpy().astype("float32")
+        return float(evaluate_embeddings(embeddings, torch.cat(fact_ids).numpy().astype("int64"), self.ctx.fact_file,
+                                         task, mode="standard")["top5"])
+
     def _top5(self, model: FactEmbeddingNet, task: int) -> float:
         ctx = self.ctx
         if self.features is not None:

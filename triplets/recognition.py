@@ -98,6 +98,8 @@ def run_recognition(config: RecognitionConfig, out: str | Path, *, methods: Sequ
     with same_on_every_rank():
         try:
             method_list = parse_methods(list(methods) if methods is not None else config.methods)
+            every = list(config.methods) + [method for method in method_list if method not in config.methods]
+            config.search.check_methods([(method.split("@")[0], method) for method in every])
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
     main = is_main_process()
@@ -147,7 +149,8 @@ def run_recognition(config: RecognitionConfig, out: str | Path, *, methods: Sequ
         sequence_result = run_sequence(make_model, run_tasks, base, optim, seed=config.seed,
                                        device=config.train.device, eval_batch_size=config.train.eval_batch_size,
                                        num_workers=config.train.num_workers, method_options=options or None,
-                                       checkpoint_dir=method_dir, resume=resume, progress=progress, log=log)
+                                       checkpoint_dir=method_dir, resume=resume, progress=progress, log=log,
+                                       search=config.search.resolved_for(base, method) if config.search.enabled else None)
         summary = method_summary(sequence_result, base, options,
                                  importance_data=importance if importance_from_inputs(base) else None)
         per_method[method] = summary

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from data_prep.images import SOURCES
 from mas_core.errors import MASCoreError, did_you_mean
+from mas_core.hparam_search import SearchSettings
 from mas_core.loop import JOINT, OptimSettings
 from mas_core.regularizers import METHODS, make_regularizer
 
@@ -120,7 +121,10 @@ class RecognitionConfig:
     ``method_options`` maps a method name (or ``name@variant``) to its keyword options,
     e.g. ``{"mas": {"lam": 1.0}}``. ``importance_data``: ``train`` or ``test`` (unlabeled
     test inputs, for mas/lmas). ``data_dir``: where raw datasets are converted to HDF5
-    once (relative paths are relative to the working directory).
+    once (relative paths are relative to the working directory). ``search``: the per-task choice
+    of the learning rate and each method's strength on the task's own training data
+    (:class:`mas_core.hparam_search.SearchSettings`; off by default; ``start`` may name a method
+    as listed in ``methods``, e.g. ``mas@test``, or its base name).
     """
 
     name: str = "recognition"
@@ -130,6 +134,7 @@ class RecognitionConfig:
     methods: list[str] = field(default_factory=lambda: list(ALL_METHODS))
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     importance_data: Literal["train", "test"] = "train"
+    search: SearchSettings = field(default_factory=SearchSettings)
     seed: int = 0
     data_dir: str = "data_cache"
 
@@ -152,6 +157,8 @@ class RecognitionConfig:
                     make_regularizer(base, **options)
                 except MASCoreError as exc:
                     raise ValueError(f"method_options.{key}: {exc}") from None
+        self.search.validate()
+        self.search.check_methods([(method.split("@")[0], method) for method in self.methods])
 
 
 def known_methods() -> list[str]:

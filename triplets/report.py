@@ -39,8 +39,10 @@ import numpy as np
 from mas_core import metrics
 from mas_core.checkpoint import atomic_write_bytes, atomic_write_text
 from mas_core.errors import MASCoreError
+from mas_core.hparam_search import describe_choice
 
 from .errors import TripletsError
+from .results_schema import SEARCH_KEY
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
@@ -160,6 +162,23 @@ def matrix_table(matrix: list[list[float | None]]) -> str:
     return "\n".join(lines)
 
 
+def search_table(results: dict[str, Any]) -> str:
+    """The hyperparameters the per-task search chose (:mod:`mas_core.hparam_search`): one row per
+    method that ran it, one cell per task (``lr 0.05, lam=2.5``); ``""`` when no method did."""
+    searched = {name: entry[SEARCH_KEY] for name, entry in results["methods"].items()
+                if isinstance(entry.get(SEARCH_KEY), list) and entry[SEARCH_KEY]}
+    if not searched:
+        return ""
+    tasks = _task_names(results)
+    lines = ["Hyperparameters chosen per task by the search (validation split of each task's own training "
+             "data; results.json's hparam_search holds every try and the reason):", "",
+             "| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for name, records in searched.items():
+        cells = {int(record["task"]): describe_choice(record) for record in records}
+        lines.append(f"| {name} | " + " | ".join(cells.get(j, "—") for j in range(len(tasks))) + " |")
+    return "\n".join(lines)
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     """The whole results.md text."""
     parts = ["# Results", "",
@@ -171,6 +190,9 @@ def render_markdown(results: dict[str, Any]) -> str:
              "whose final metrics those are; the row above it is the models as trained. mAP: fact → image mean "
              "average precision, averaged over tasks.", "",
              comparison_table(results), ""]
+    searched = search_table(results)
+    if searched:
+        parts += [searched, ""]
     for name, entry in results["methods"].items():
         parts += [f"## {name}: accuracy matrix R (standard top-5, %)", "", matrix_table(_matrix(entry, name)), ""]
         if entry.get("accuracy_matrix_merged") is not None:
@@ -322,6 +344,9 @@ def recognition_markdown(results: dict[str, Any]) -> str:
     for name, _, R, last in finals:
         cells = [f"{_percent(last[j])} ({100.0 * (last[j] - R[j][j]):+.1f})" for j in range(len(tasks))]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    searched = search_table(results)
+    if searched:
+        lines += ["", searched]
     return "\n".join(lines) + "\n"
 
 

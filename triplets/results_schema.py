@@ -23,7 +23,17 @@ has ``accuracy_matrix_merged`` (row ``i``: the model after ``after_task`` of tas
 ``merged``: the metrics of the final merged model against the models as trained
 (:func:`mas_core.metrics.with_final_row`). Extras: the fact embedding's ``final`` (per mode and
 task the final retrieval metrics, of the final model: for IMM the merged one), the recognition
-sequence's ``importance_data``.
+sequence's ``importance_data``; both, when the config's ``search`` is enabled,
+``hparam_search``: one record per task of what :mod:`mas_core.hparam_search` chose and why::
+
+    {"task": t, "name": str, "train_samples": |S_t|, "val_samples": |V_t|, "epochs": E,
+     "lr_grid": [{"lr": η, "val_acc": A(η) | null}], "reference_acc": A*, "lr": η*,
+     "strength_name": "lam" | "lam_l2" | null, "threshold": (1 − tolerance)·A* | null,
+     "tries": [{"value": λ_k, "val_acc": A_k | null}], "strength": {name: λ_t},
+     "reason": str, "seconds": s}
+
+(``null`` accuracy: that run diverged; ``threshold`` null and ``tries`` empty where phase 2 did
+not run: a method without a strength, or task 0.)
 """
 from __future__ import annotations
 
@@ -32,6 +42,7 @@ from typing import Any
 from mas_core.loop import SequenceResult
 
 SCHEMA_VERSION = 1
+SEARCH_KEY = "hparam_search"  # the per-task search records (SequenceResult.summary adds them)
 
 
 def method_summary(outcome: SequenceResult, method: str, options: dict[str, Any], **extras: Any) -> dict[str, Any]:
@@ -46,4 +57,4 @@ def results_document(*, experiment: str, name: str, metric: str, complete: bool,
             "complete": complete, "tasks": tasks, "methods": methods, "config": config}
 
 
-__all__ = ["SCHEMA_VERSION", "method_summary", "results_document"]
+__all__ = ["SCHEMA_VERSION", "SEARCH_KEY", "method_summary", "results_document"]

@@ -159,7 +159,7 @@ def prepare_run_folder(config: TrainConfig, out_dir: Path, resume: bool) -> Trai
     config_path = out_dir / "config.yaml"
     if config_path.exists():
         saved = read_run_config(config_path)
-        for section in ("data", "model", "optim", "loss", "seed"):
+        for section in ("data", "model", "optim", "loss", "search", "seed"):
             if to_dict(getattr(saved, section)) != to_dict(getattr(config, section)):
                 raise CheckpointMismatchError(
                     f"{out_dir} was trained with another {section!r} section; resume with the original config "

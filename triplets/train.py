@@ -105,8 +105,11 @@ def method_checkpoint_config(config: TrainConfig, method: MethodConfig) -> dict[
     """What ``RUN/<method>/checkpoint.pt`` must agree on to be resumed (see
     :func:`mas_core.loop.checkpoint_config`): data, model, loss, optimizer, seed and the method."""
     ctx_identity = FactExperiment.identity_of(config)
-    return checkpoint_config(ctx_identity, method.name, method.name == JOINT, dict(method.options), config.optim,
-                             config.seed)
+    recorded = checkpoint_config(ctx_identity, method.name, method.name == JOINT, dict(method.options), config.optim,
+                                 config.seed)
+    if config.search.enabled:
+        recorded["search"] = config.search.identity()
+    return recorded
 
 
 def train_run(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
@@ -192,7 +195,8 @@ def train_method(ctx: FactContext, method: MethodConfig, method_dir: Path, *, pr
         outcome = train_tasks(experiment, method.name, ctx.config.optim, seed=ctx.config.seed, device=ctx.device,
                               method_options=dict(method.options), label=method.key, checkpoint_dir=method_dir,
                               resume=True, log=log, log_epochs=False, stop_after_task=stop_after_task,
-                              after_resume=queried if ctx.config.online_importance.use != "none" else None)
+                              after_resume=queried if ctx.config.online_importance.use != "none" else None,
+                              search=ctx.config.search if ctx.config.search.enabled else None)
     if outcome.trained_tasks == 0 and result_path.exists():
         return read_json(result_path, what="method result")
     model = outcome.model

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mas_core.errors import did_you_mean
+from mas_core.hparam_search import SearchSettings
 from mas_core.loop import OptimSettings
 
 from .config import load_config
@@ -90,6 +91,9 @@ class EvalConfig:
 class TrainConfig:
     """A training run: the fact data, the model, the optimizer, the loss, the methods compared.
 
+    ``search``: the per-task choice of the learning rate and each method's strength on the task's
+    own training data (:class:`mas_core.hparam_search.SearchSettings`; off by default).
+
     ``device``: ``auto`` (CUDA when available), ``cpu`` or ``cuda[:N]``. ``num_threads``: CPU
     threads torch may use during the run (null: torch's default; 1 is much faster on a
     machine whose cores are busy with other work). ``online_importance``: what protects the last
@@ -103,6 +107,7 @@ class TrainConfig:
     methods: list[MethodConfig] = field(default_factory=lambda: [MethodConfig("finetune"), MethodConfig("mas")])
     eval: EvalConfig = field(default_factory=EvalConfig)
     online_importance: OnlineImportanceConfig = field(default_factory=OnlineImportanceConfig)
+    search: SearchSettings = field(default_factory=SearchSettings)
     seed: int = 0
     device: str = "auto"
     num_threads: int | None = None
@@ -121,6 +126,8 @@ class TrainConfig:
                 raise ValueError(f"methods: {key!r} is not a folder-safe name; use letters, digits, '_' or '-'")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        self.search.validate()
+        self.search.check_methods([(method.name, method.key) for method in self.methods])
 
 
 def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
@@ -138,5 +145,5 @@ def select_methods(config: TrainConfig, names: list[str]) -> TrainConfig:
     return dataclasses.replace(config, methods=[m for m in config.methods if m.key in names])
 
 
-__all__ = ["DataConfig", "EvalConfig", "LossConfig", "MethodConfig", "OptimSettings", "TrainConfig",
+__all__ = ["DataConfig", "EvalConfig", "LossConfig", "MethodConfig", "OptimSettings", "SearchSettings", "TrainConfig",
            "load_train_config", "select_methods"]

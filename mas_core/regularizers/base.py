@@ -26,8 +26,8 @@ from typing import Any, Iterable
 
 from torch import Tensor, nn
 
-from ..errors import CheckpointMismatchError
-from .common import zero_penalty
+from ..errors import CheckpointMismatchError, InvalidArgumentError, did_you_mean
+from .common import check_lambda, zero_penalty
 
 HYPERPARAMETERS_KEY = "hyperparameters"
 """The ``state_dict`` key under which a method saves :meth:`Regularizer.hyperparameters`."""
@@ -72,7 +72,8 @@ class Regularizer:
       trained) and once more after it (a row of its own, ``merged_accuracy``). A method that
       changes the weights in ``after_task`` must declare it;
     - :attr:`strength`: the hyperparameters that set the method's strength, for messages
-      such as "lower lam (now 5.0)";
+      such as "lower lam (now 5.0)"; :meth:`set_strength` changes them (the hyperparameter
+      search of :mod:`mas_core.hparam_search`);
     - :meth:`hyperparameters`: every constructor option with a plain value (λ, ``mode``,
       ``accumulate``, ``ema_alpha``, SI's ``damping``, EWC's ``online``/``gamma``, LwF's
       ``temperature`` …), saved in the state under :data:`HYPERPARAMETERS_KEY` and checked on
@@ -98,6 +99,27 @@ class Regularizer:
         """``"lam=5.0"`` (``"no strength hyperparameter"`` when :attr:`strength` is empty)."""
         items = self.strength
         return ", ".join(f"{key}={value:g}" for key, value in items.items()) or "no strength hyperparameter"
+
+    def set_strength(self, **values: float) -> None:
+        """Set the strength hyperparameters by their :attr:`strength` names (``set_strength(lam=2.5)``;
+        IMM: ``set_strength(lam_l2=1e-3)``), each checked finite and ``>= 0``.
+
+        Every method keeps its one strength hyperparameter in the attribute ``lam`` (IMM calls it
+        ``lam_l2``), so this one implementation serves all of them; a method that caches something
+        derived from λ refreshes it in :meth:`_strength_changed`. Raises
+        :class:`~mas_core.errors.InvalidArgumentError` for a name :attr:`strength` does not list."""
+        known = self.strength
+        for key, value in values.items():
+            if key not in known:
+                listed = ", ".join(known) or "none"
+                raise InvalidArgumentError(f"{type(self).__name__} has no strength hyperparameter {key!r}"
+                                           f"{did_you_mean(key, list(known))} (it has: {listed})")
+            self.lam = check_lambda(key, value)
+        if values:
+            self._strength_changed()
+
+    def _strength_changed(self) -> None:
+        """Called after :meth:`set_strength` changed λ (nothing to refresh here)."""
 
     def before_task(self, model: nn.Module, task: TaskInfo) -> None:
         """Called once before training on ``task`` starts."""

@@ -171,6 +171,10 @@ class QuadraticAnchorRegularizer(Regularizer):
             text += f" / mean Ω (effective {self.effective_lam:.3g})"
         return text
 
+    def _strength_changed(self) -> None:
+        """λ changed (:meth:`set_strength`): recompute the cached ``2 λ_eff Ω``."""
+        self._refresh_scales()
+
     # ------------------------------------------------------------------ what the method declares
 
     @property
