@@ -188,8 +188,17 @@ def train_tasks(experiment: Experiment, method: str | Regularizer, optim: OptimS
         trained.train()
         reg.before_task(trained, TaskInfo(index=task, head=head, num_samples=len(data)))
         epochs = optim.epochs_of(task)
-        mean_loss = _train_epochs(experiment, trained, model, data, task, reg, task_optim, seed, device, joint,
-                                  label, emit if log_epochs else (lambda message: None))
+        try:
+            mean_loss = _train_epochs(experiment, trained, model, data, task, reg, task_optim, seed, device, joint,
+                                      label, emit if log_epochs else (lambda message: None))
+        except DivergenceError as exc:
+            if searched is None or not searched:
+                raise
+            chosen = searched[-1]
+            raise DivergenceError(
+                f"{exc} (both were chosen by the hyperparameter search on a validation split of this task: "
+                f"lr={chosen['lr']}, strength {chosen['strength'] or 'none'}; lower search.start or the top of "
+                "search.lr_grid, or use a smaller search.tolerance)") from None
         model.eval()
         trained.eval()
         if changes_model:  # R[t] is the model as trained on task t, before after_task changes it

@@ -346,3 +346,25 @@ def test_the_train_command_records_the_choices(tmp_path) -> None:
     assert "Hyperparameters chosen per task" in (tmp_path / "run" / "results.md").read_text()
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["search"]["enabled"] is True
+
+
+def test_a_divergence_after_the_search_names_what_the_search_chose(monkeypatch) -> None:
+    """The real training of a task diverges with the values the search chose (it trained on 80 %
+    of the task, in another order): the error says so and points at the search's settings."""
+    from mas_core.errors import DivergenceError
+
+    original = loop_module._train_epochs
+
+    def diverging_outside_the_search(experiment, trained, model, data, task, reg, optim, seed, *args):
+        if seed == SEED and task == 1:   # the loop's own training of task 2; the search uses derived seeds
+            raise DivergenceError(f"training diverged at task {task + 1}: the loss is nan; lower the learning "
+                                  f"rate (optim.lr, now {optim.lr})")
+        return original(experiment, trained, model, data, task, reg, optim, seed, *args)
+
+    monkeypatch.setattr(loop_module, "_train_epochs", diverging_outside_the_search)
+    settings = SearchSettings(enabled=True, lr_grid=GRID, start=4.0, max_tries=2, epochs=1)
+    with pytest.raises(DivergenceError, match=r"chosen by the hyperparameter search.*lr=0\.\d+.*lam.*search\.start"):
+        run_sequence(_make_model, _tasks(), "mas", SETTINGS, seed=SEED, search=settings, progress=False)
+    with pytest.raises(DivergenceError) as plain:  # without a search the message is the loop's own
+        run_sequence(_make_model, _tasks(), "mas", SETTINGS, seed=SEED, progress=False)
+    assert "search" not in str(plain.value)
