@@ -184,12 +184,18 @@ def _stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tu
     return np.sort(np.concatenate(train_rows)), np.sort(np.concatenate(test_rows))
 
 
-def _read_digits(root: Path | None, size: int | None, splits: Sequence[str], options: dict[str, Any]) -> LoadedImages:
-    from sklearn.datasets import load_digits
+def digit_images() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled handwritten digits: uint8 images [1797, 8, 8] (its 0–16 grey levels
+    scaled to 0–255, ``round(v · 255/16)``) and int64 labels 0–9."""
+    from sklearn.datasets import load_digits  # heavy (about 1 s to import): only the digit sources need it
 
     bunch = load_digits()
-    images = np.clip(np.round(bunch.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)[:, :, :, None]
-    labels = bunch.target.astype(np.int64)
+    return np.clip(np.round(bunch.images * (255.0 / 16.0)), 0, 255).astype(np.uint8), bunch.target.astype(np.int64)
+
+
+def _read_digits(root: Path | None, size: int | None, splits: Sequence[str], options: dict[str, Any]) -> LoadedImages:
+    images, labels = digit_images()
+    images = images[:, :, :, None]
     train_rows, test_rows = _stratified_split(labels, 1.0 / 3.0, int(options["seed"]))
     if size is not None:
         images = resize_all(images, size)

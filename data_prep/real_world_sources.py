@@ -34,7 +34,7 @@ import numpy as np
 
 from .errors import DataPrepError, MissingDatasetError
 from .idx import FASHION_MNIST_DIR, fashion_mnist_available, load_fashion_mnist
-from .image_sources import DEFAULT_FONT_DIRS, list_fonts, render_character
+from .image_sources import DEFAULT_FONT_DIRS, digit_images, list_fonts, render_character
 
 SOURCE_NAMES: tuple[str, ...] = ("clothing", "digits", "letters")
 CLOTHING_NAMES: tuple[str, ...] = (
@@ -111,13 +111,10 @@ def _clothing_pools(root: Path) -> list[CategoryPool]:
 
 
 def _digit_pools() -> list[CategoryPool]:
-    from sklearn.datasets import load_digits  # heavy (about 1 s to import): only this world needs it
-
-    bunch = load_digits()
-    images = np.clip(np.round(bunch.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    images, labels = digit_images()
     pools = []
     for label, (name, synset) in enumerate(_source_categories("digits")):
-        rows = np.flatnonzero(bunch.target == label)
+        rows = np.flatnonzero(labels == label)
         pools.append(CategoryPool(name, "sklearn_digits", synset, images[rows], rows.astype(np.int64)))
     return pools
 

@@ -52,7 +52,8 @@ from torch import Tensor, nn
 
 from .checkpoint import get_rng_states, set_rng_states
 from .errors import DivergenceError, EmptyDataError, MASCoreError, did_you_mean
-from .loop import Experiment, OptimSettings, TrainData, _train_epochs, derived_seed
+from .experiment import Experiment, OptimSettings, TrainData
+from .loop import _train_epochs, derived_seed
 from .regularizers import METHODS, make_regularizer
 from .regularizers.base import Finetune, Regularizer, TaskInfo
 

@@ -17,6 +17,8 @@ from mas_core import MAS, LocalMAS, OnlineImportance, batch_input, hebbian_impor
 from mas_core.errors import CheckpointMismatchError, EmptyDataError, InvalidArgumentError, MASStateError, NonFiniteError
 from mas_core.distributed import leave_process_group
 
+from test_importance import SequenceModel  # Embedding + sequence Linear + LayerNorm: the vmap fallback
+
 DTYPE = torch.float64
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -44,18 +46,6 @@ class ConvNet(nn.Module):
 
     def forward(self, x):
         return self.classifier(self.features(x).flatten(1))
-
-
-class SequenceModel(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(7, 4)
-        self.mix = nn.Linear(4, 4)
-        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 4))
-        self.head = nn.Linear(4, 3)
-
-    def forward(self, tokens):
-        return self.head((torch.tanh(self.mix(self.embed(tokens))) * self.scale).mean(dim=1))
 
 
 def head_one(model, batch):
