@@ -10,6 +10,11 @@ method: λ, average accuracy and average forgetting (fractions, see
     python scripts/split_fashion_mnist.py                       # the full table (a few minutes on 2 cores)
     python scripts/split_fashion_mnist.py --methods finetune mas --tasks 3 --train-per-class 1000
     python scripts/split_fashion_mnist.py --lam mas=0.5 --json runs/fmnist.json
+    python scripts/split_fashion_mnist.py --search --json runs/fmnist_search.json   # lr and λ searched per task
+
+``--search``: every method's learning rate and strength are chosen per task by one protocol on a
+validation split of that task's own training data (:mod:`mas_core.hparam_search`, De Lange et
+al. 2021); the table then shows the learning rate and strength each task was trained with.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from torch.utils.data import TensorDataset
 from data_prep.idx import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, load_fashion_mnist
 from mas_core import (DivergenceError, MASCoreError, MultiHeadNet, OptimSettings, SequenceResult, Task, atomic_write_json,
                       run_sequence)
+from mas_core.hparam_search import SearchSettings
 
 #: method -> (registry name, options). Each λ is the best of a sweep on this full protocol (seed 0, one thread):
 #: MAS 0.1/0.25/0.5 (forgetting 0.027/0.017/0.0015), 1 diverges; l-MAS 0.25/0.5/1 (0.023/0.000/-0.0004);
@@ -44,6 +50,11 @@ EXTRA_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "imm": ("imm", {"mode": "mode"}),
     "ebll": ("ebll", {"lam": 1.0, "code_dim": 100}),
 }
+#: ``--search``: the first (most stable) strength of each method's decay, about 4x above the largest
+#: stable hand-tuned value (λ; λ_o for LwF and EBLL; lam_l2 for IMM). The search halves it until the
+#: new task's validation accuracy is within the tolerance of fine-tuning's.
+SEARCH_STARTS: dict[str, float] = {"mas": 2.0, "lmas": 2.0, "ewc": 4000.0, "si": 1000.0, "lwf": 4.0, "ebll": 4.0,
+                                   "imm": 1.0}
 ALL_PAIRS = [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]
 
 
@@ -84,30 +95,47 @@ def make_mlp() -> MultiHeadNet:
 
 
 def run_methods(tasks: list[Task], methods: dict[str, tuple[str, dict[str, Any]]], settings: OptimSettings,
-                progress: bool = False, *, seed: int = 0, device: str = "cpu") -> dict[str, SequenceResult | DivergenceError]:
+                progress: bool = False, *, seed: int = 0, device: str = "cpu",
+                search: SearchSettings | None = None) -> dict[str, SequenceResult | DivergenceError]:
     """Run every method on the same tasks with the same settings and seed; a method whose
-    training diverges gets its :class:`DivergenceError` instead of a result."""
+    training diverges gets its :class:`DivergenceError` instead of a result. ``search``: choose
+    each task's learning rate and strength by :mod:`mas_core.hparam_search` (same for every method)."""
     results: dict[str, SequenceResult | DivergenceError] = {}
     for label, (name, options) in methods.items():
         try:
             results[label] = run_sequence(make_mlp, tasks, name, settings, seed=seed, device=device,
-                                          method_options=options, progress=progress)
+                                          method_options=options, progress=progress,
+                                          search=None if search is None else search.resolved_for(name, label))
         except DivergenceError as error:
             results[label] = error
     return results
 
 
+def searched_choices(result: SequenceResult) -> tuple[str, str]:
+    """The learning rate and strength each task was trained with, ``/``-separated per task
+    (``-`` for a method without a strength), from a searched run's records."""
+    records = result.hparam_search or []
+    lrs = "/".join(f"{record['lr']:g}" for record in records)
+    strengths = "/".join(",".join(f"{value:.3g}" for value in record["strength"].values()) or "-" for record in records)
+    return lrs, strengths
+
+
 def format_table(results: dict[str, SequenceResult | DivergenceError], methods: dict[str, tuple[str, dict[str, Any]]]) -> str:
-    """A plain-text table: method, λ, average accuracy, average forgetting, wall time (s)."""
-    lines = [f"{'method':<10} {'lambda':>8} {'avg acc':>8} {'avg forget':>11} {'time (s)':>9}"]
+    """A plain-text table: method, λ, average accuracy, average forgetting (Chaudhry et al.),
+    BWT, wall time (s); for a searched run also each task's learning rate and strength."""
+    lines = [f"{'method':<10} {'lambda':>8} {'avg acc':>8} {'avg forget':>11} {'bwt':>8} {'time (s)':>9}"]
     for label, result in results.items():
         lam = methods[label][1].get("lam")
         lam_text = "-" if lam is None else f"{lam:g}"
         if isinstance(result, DivergenceError):
             lines.append(f"{label:<10} {lam_text:>8} diverged: {result}")
             continue
-        lines.append(f"{label:<10} {lam_text:>8} {result.avg_acc:>8.4f} {result.avg_forgetting:>11.4f} "
-                     f"{result.wall_time_s:>9.1f}")
+        line = (f"{label:<10} {lam_text:>8} {result.avg_acc:>8.4f} {result.avg_forgetting:>11.4f} {result.bwt:>8.4f} "
+                f"{result.wall_time_s:>9.1f}")
+        if result.hparam_search:
+            lrs, strengths = searched_choices(result)
+            line = line.replace(f" {lam_text:>8} ", f" {'search':>8} ", 1) + f"   lr per task {lrs}; strength {strengths}"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -125,6 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (1 is fastest on a machine shared with other jobs)")
+    parser.add_argument("--search", action="store_true",
+                        help="choose each task's learning rate and strength on a validation split of its training data")
+    parser.add_argument("--search-lr-grid", type=float, nargs="+", default=[0.1, 0.05, 0.02, 0.01], metavar="LR")
+    parser.add_argument("--search-tolerance", type=float, default=0.2,
+                        help="accept a strength within this fraction of fine-tuning's validation accuracy")
     parser.add_argument("--json", type=Path, default=None, help="write all results here (atomically)")
     parser.add_argument("--verbose", action="store_true", help="log every epoch")
     args = parser.parse_args(argv)
@@ -141,8 +174,17 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     tasks = split_tasks(args.data, num_tasks=args.tasks, train_per_class=args.train_per_class, seed=args.seed)
     settings = OptimSettings(epochs=args.epochs, lr=args.lr, momentum=0.9, batch_size=args.batch_size)
+    search = None
+    if args.search:
+        search = SearchSettings(enabled=True, lr_grid=list(args.search_lr_grid), start=dict(SEARCH_STARTS), decay=0.5,
+                                tolerance=args.search_tolerance, max_tries=10, val_fraction=0.2)
+        try:
+            search.validate()
+        except ValueError as error:
+            parser.error(str(error))
     try:
-        results = run_methods(tasks, methods, settings, progress=args.verbose, seed=args.seed, device=args.device)
+        results = run_methods(tasks, methods, settings, progress=args.verbose, seed=args.seed, device=args.device,
+                              search=search)
     except MASCoreError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -152,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         atomic_write_json(args.json, {
             "protocol": {"tasks": [task.name for task in tasks], "settings": dict(vars(settings), seed=args.seed, device=args.device),
-                         "train_per_class": args.train_per_class},
+                         "train_per_class": args.train_per_class,
+                         "search": None if search is None else search.identity()},
             "methods": {label: {"name": methods[label][0], "options": methods[label][1],
                                 **(result.to_dict() if isinstance(result, SequenceResult) else {"diverged": str(result)})}
                         for label, result in results.items()},
