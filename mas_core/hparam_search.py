@@ -24,6 +24,19 @@ is trained, on deep copies of the current model and method (the real ones are no
 
 The loop (:func:`mas_core.loop.train_tasks`) then trains task ``t`` for real with ``η*`` and
 ``λ_t`` on the task's **whole** training set (``S_t ∪ V_t``: the split serves the choice only).
+
+4. **Back-off.** The real run is longer and in another order than the search's runs, so a ``λ_t``
+   accepted on ``V_t`` can still diverge there. Then the loop restores the model, the trained module
+   and the method exactly as they were before the task's ``before_task`` (state dicts copied before
+   the first attempt), restores the random state the first attempt started from, and trains the
+   task again with ``λ ← decay·λ`` (:meth:`SearchSettings.back_off`: the value phase 2 would have
+   tried next), down to the floor ``start·decay^(max_tries−1)``. At the floor, for a method without
+   a strength, and on task 0 (where λ was not searched and changes nothing), the
+   :class:`~mas_core.errors.DivergenceError` stands. Each back-off is logged and recorded
+   (``"backoff"``: ``[{"strength": {name: λ that diverged}, "error": message}, …]``; ``"strength"``
+   becomes the value finally trained with, ``"reason"`` says so), so
+   ``λ_t = λ_search·decay^k`` after ``k`` back-offs, and the run equals one given that ``λ_t``
+   directly.
 λ is the method's :attr:`~mas_core.regularizers.base.Regularizer.strength` (λ of MAS, l-MAS,
 EWC, SI; LwF's and EBLL's distillation weight λ_o; IMM's ``lam_l2``), set with
 :meth:`~mas_core.regularizers.base.Regularizer.set_strength`.
@@ -173,6 +186,29 @@ class SearchSettings:
         log(f"[{label}] task {task + 1} search: {describe_choice(record)}; {record['reason']}")
         return record
 
+    def back_off(self, record: dict[str, Any], error: str) -> dict[str, float] | None:
+        """The strength to retrain a task with after its real training diverged at ``record``'s
+        ``"strength"`` (``error``: the divergence message), or ``None`` when there is none left.
+
+        The next value of phase 2's decay, ``decay·λ`` (module docs, step 4), while it stays at or
+        above the floor ``start·decay^(max_tries−1)`` (``start`` = the first value tried); ``None``
+        for a record whose strength was not searched (no strength hyperparameter, or task 0). On a
+        back-off, ``record`` gets the diverged value and ``error`` appended to ``"backoff"``, its
+        ``"strength"`` set to the new value and its ``"reason"`` extended."""
+        name, tries = record.get("strength_name"), record.get("tries") or []
+        if not name or not tries:
+            return None
+        steps = len(tries) - 1 + len(record.get("backoff") or [])  # decay steps from start so far
+        if steps + 1 >= self.max_tries:
+            return None
+        failed = float(record["strength"][name])
+        value = failed * self.decay
+        record.setdefault("backoff", []).append({"strength": {name: failed}, "error": error})
+        record["strength"] = {name: value}
+        record["reason"] += (f"; the real training diverged at {name}={failed:g}, retrained with "
+                             f"{name}={value:g} (× decay {self.decay:g})")
+        return {name: value}
+
 
 class _Positions:
     """Some positions of a :class:`~mas_core.loop.TrainData`, read as a TrainData of their own."""
@@ -260,7 +296,7 @@ class _Search:
             "train_samples": len(self.train_positions), "val_samples": len(self.val_positions),
             "epochs": self.optim.epochs, "lr_grid": [{"lr": g, "val_acc": a} for g, a in zip(settings.lr_grid, lr_scores)],
             "reference_acc": reference, "lr": lr, "threshold": None, "strength_name": None, "tries": [],
-            "strength": dict(self.reg.strength),
+            "strength": dict(self.reg.strength), "backoff": [],
         }
         names = list(self.reg.strength)
         if not names:

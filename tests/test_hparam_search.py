@@ -4,6 +4,7 @@ search is deterministic and leaves the real training's random streams alone, it 
 tasks' data or the test sets, resume keeps its records, and both commands record what it chose."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -368,3 +369,67 @@ def test_a_divergence_after_the_search_names_what_the_search_chose(monkeypatch) 
     with pytest.raises(DivergenceError) as plain:  # without a search the message is the loop's own
         run_sequence(_make_model, _tasks(), "mas", SETTINGS, seed=SEED, progress=False)
     assert "search" not in str(plain.value)
+
+
+# ------------------------------------------------------------------ back-off when the real run diverges
+
+@dataclasses.dataclass
+class _Forced(SearchSettings):
+    """The search, except that the strength of the tasks in ``forced`` is replaced by the given value,
+    as if the stability phase had accepted it as its start on the validation split."""
+
+    forced: dict = dataclasses.field(default_factory=dict)
+
+    def choose(self, *args, task, **kwargs):
+        record = super().choose(*args, task=task, **kwargs)
+        if task in self.forced:
+            value = self.forced[task]
+            record.update(strength={record["strength_name"]: value},
+                          tries=[{"value": value, "val_acc": record["reference_acc"]}])
+        return record
+
+
+@pytest.mark.parametrize("method, diverging", [("mas", 2), ("si", 1)])
+def test_a_searched_strength_that_diverges_is_backed_off_and_equals_the_direct_run(method: str, diverging: int,
+                                                                                    tmp_path) -> None:
+    """λ = 1e6 diverges in the real training of task 2 (MAS also at 1e4, SI not); the task is restored
+    and retrained at λ·decay^k, and the run equals one given that λ directly (bit for bit: the restore
+    of the model, the method and the random state is exact)."""
+    big, decay = 1e6, 0.01
+    settings = dict(enabled=True, lr_grid=[SETTINGS.lr], start=1.0, decay=decay, max_tries=4, epochs=1)
+    lines: list[str] = []
+    backed = train_tasks(ClassificationExperiment(_make_model, _tasks(), importance_batch_size=32), method, SETTINGS,
+                         seed=SEED, search=_Forced(**settings, forced={1: big}), log=lines.append,
+                         checkpoint_dir=tmp_path)
+    final = big
+    for _ in range(diverging):
+        final *= decay
+    record = backed.hparam_search[1]
+    assert [entry["strength"] for entry in record["backoff"]] == [{"lam": big * decay ** k} for k in range(diverging)]
+    assert all("diverged" in entry["error"] for entry in record["backoff"])
+    assert record["strength"] == {"lam": final} and f"retrained with lam={final:g}" in record["reason"]
+    assert backed.hparam_search[0]["backoff"] == [] and backed.hparam_search[2]["backoff"] == []
+    told = [line for line in lines if "training it again" in line]
+    assert len(told) == diverging and f"with lam={final:g}" in told[-1]
+    saved = torch.load(tmp_path / loop_module.CHECKPOINT_NAME, weights_only=False)
+    assert saved["hparam_search"][1]["strength"] == {"lam": final}  # the checkpoint holds the final record
+    direct = train_tasks(ClassificationExperiment(_make_model, _tasks(), importance_batch_size=32), method, SETTINGS,
+                         seed=SEED, search=_Forced(**settings, forced={1: final}))
+    assert direct.hparam_search[1]["backoff"] == [] and direct.hparam_search[1]["strength"] == {"lam": final}
+    assert backed.accuracy == direct.accuracy
+    assert all(torch.equal(a, b) for a, b in zip(backed.model.state_dict().values(), direct.model.state_dict().values()))
+
+
+def test_a_divergence_at_the_floor_of_the_search_stands() -> None:
+    """λ = 1e6 with a floor of 1e4 (max_tries 2, decay 0.01): MAS diverges at both, the error says so."""
+    from mas_core.errors import DivergenceError
+
+    settings = _Forced(enabled=True, lr_grid=[SETTINGS.lr], start=1.0, decay=0.01, max_tries=2, epochs=1,
+                       forced={1: 1e6})
+    with pytest.raises(DivergenceError, match=r"chosen by the hyperparameter search.*lam.*backed off 1 time\(s\) "
+                                              r"from lam=1e\+06, down to the search's floor"):
+        run_sequence(_make_model, _tasks(), "mas", SETTINGS, seed=SEED, search=settings, progress=False)
+    record = {"strength_name": "lam", "strength": {"lam": 1e4}, "tries": [{"value": 1e6}, {"value": 1e4}],
+              "backoff": [], "reason": ""}  # phase 2 ended at the floor
+    assert settings.back_off(record, "nan") is None and record["backoff"] == []  # nothing recorded
+    assert settings.back_off({"strength_name": None, "tries": [], "strength": {}}, "nan") is None  # no strength
