@@ -18,6 +18,7 @@ from mas_core.errors import InvalidArgumentError, MASCoreError
 from mas_core.hparam_search import (
     SearchSettings,
     best_learning_rate,
+    chance_level,
     describe_choice,
     split_positions,
     stability_decay,
@@ -433,3 +434,56 @@ def test_a_divergence_at_the_floor_of_the_search_stands() -> None:
               "backoff": [], "reason": ""}  # phase 2 ended at the floor
     assert settings.back_off(record, "nan") is None and record["backoff"] == []  # nothing recorded
     assert settings.back_off({"strength_name": None, "tries": [], "strength": {}}, "nan") is None  # no strength
+
+
+# ------------------------------------------------------------------ a plasticity reference no better than chance
+
+class _HalfScored(ClassificationExperiment):
+    """Validation scores halved: every A* is ≤ 0.5, the chance level of these two-class tasks."""
+
+    def validation_score(self, module, task, positions):
+        return 0.5 * super().validation_score(module, task, positions)
+
+
+def test_a_reference_no_better_than_chance_keeps_the_start_and_says_so() -> None:
+    """With the gate, the decay would go 8 → 4 → 2 → 1 (as in the test above); with A* at or below
+    chance the threshold means nothing, so λ stays at the start 8, nothing is tried, and it is said."""
+    lines: list[str] = []
+    settings = SearchSettings(enabled=True, lr_grid=GRID, start=8.0, decay=0.5, max_tries=6, epochs=2)
+    result = train_tasks(_HalfScored(_make_model, _tasks(), importance_batch_size=32), _Gate(lam=1.0), SETTINGS,
+                         seed=SEED, search=settings, log=lines.append)
+    records = result.hparam_search
+    assert all(r["reference_collapsed"] and r["chance_level"] == 0.5 and r["reference_acc"] <= 0.5 for r in records)
+    assert records[0]["strength"] == {"lam": 1.0} and "no better than chance (0.500)" in records[0]["reason"]
+    for record in records[1:]:
+        assert record["strength"] == {"lam": 8.0} and record["tries"] == [] and record["threshold"] is None
+        assert "kept at the most stable value, the start 8, not decayed" in record["reason"]
+        assert describe_choice(record) == f"lr {record['lr']:g}, lam=8"
+    warnings = [line for line in lines if "warning: the plasticity reference" in line]
+    assert len(warnings) == 3 and "no better than chance (0.500)" in warnings[1]
+    # min_reference replaces the chance level: 0.1 is below every A* here, so the decay runs as usual
+    lower = SearchSettings(enabled=True, lr_grid=GRID, start=8.0, decay=0.5, max_tries=6, epochs=2, min_reference=0.1)
+    decayed = train_tasks(_HalfScored(_make_model, _tasks(), importance_batch_size=32), _Gate(lam=1.0), SETTINGS,
+                          seed=SEED, search=lower).hparam_search
+    assert all(not r["reference_collapsed"] and r["chance_level"] == 0.1 for r in decayed)
+    assert [t["value"] for t in decayed[1]["tries"]] == [8.0, 4.0, 2.0, 1.0] and decayed[1]["strength"] == {"lam": 1.0}
+
+
+def test_the_chance_level_is_one_over_the_classes_and_optional() -> None:
+    tasks = _tasks(2)
+    tasks[1].num_classes = 5
+    experiment = ClassificationExperiment(_make_model, tasks, importance_batch_size=32)
+    assert chance_level(experiment, 0) == 0.5 and chance_level(experiment, 1) == pytest.approx(0.2)
+
+    class NoChance(ClassificationExperiment):
+        chance_score = None
+
+    assert chance_level(NoChance(_make_model, tasks, importance_batch_size=32), 0) is None
+    record = train_tasks(NoChance(_make_model, _tasks(1), importance_batch_size=32), "mas", SETTINGS, seed=SEED,
+                         search=SearchSettings(enabled=True, lr_grid=[0.05], epochs=1)).hparam_search[0]
+    assert record["chance_level"] is None and record["reference_collapsed"] is False
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match="search.min_reference"):
+            SearchSettings(min_reference=bad).validate()
+    assert "min_reference" not in SearchSettings().identity()  # checkpoints written before it still resume
+    assert SearchSettings(min_reference=0.3).identity()["min_reference"] == 0.3
