@@ -72,7 +72,7 @@ from torch import Tensor, nn
 from .checkpoint import get_rng_states, set_rng_states
 from .errors import DivergenceError, EmptyDataError, MASCoreError, did_you_mean
 from .experiment import Experiment, OptimSettings, TrainData
-from .loop import _train_epochs, derived_seed
+from .loop import derived_seed, train_task_epochs
 from .regularizers import METHODS, make_regularizer
 from .regularizers.base import Finetune, Regularizer, TaskInfo
 
@@ -396,8 +396,8 @@ class _Search:
             reg = Finetune()
         optim = dataclasses.replace(self.optim, lr=lr)
         try:
-            _train_epochs(self.experiment, trained, model, self.train_split, self.task, reg, optim,
-                          derived_seed(self.seed, "search"), self.device, False, self.label, lambda message: None)
+            train_task_epochs(self.experiment, trained, model, self.train_split, self.task, reg, optim,
+                              derived_seed(self.seed, "search"), self.device, False, self.label, lambda message: None)
         except DivergenceError:
             return None
         model.eval()

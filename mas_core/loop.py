@@ -198,8 +198,8 @@ def train_tasks(experiment: Experiment, method: str | Regularizer, optim: OptimS
             trained.train()
             reg.before_task(trained, TaskInfo(index=task, head=head, num_samples=len(data)))
             try:
-                mean_loss = _train_epochs(experiment, trained, model, data, task, reg, task_optim, seed, device,
-                                          joint, label, emit if log_epochs else (lambda message: None))
+                mean_loss = train_task_epochs(experiment, trained, model, data, task, reg, task_optim, seed, device,
+                                              joint, label, emit if log_epochs else (lambda message: None))
                 break
             except DivergenceError as exc:
                 if task_start is None:
@@ -295,10 +295,23 @@ def _describe(strength: dict[str, float]) -> str:
     return ", ".join(f"{key}={value:g}" for key, value in strength.items()) or "no strength"
 
 
-def _train_epochs(experiment: Experiment, trained: nn.Module, model: nn.Module, data: TrainData, task: int,
-                  reg: Regularizer, optim: OptimSettings, seed: int, device: torch.device, joint: bool,
-                  label: str, emit: Callable[[str], None]) -> float:
-    """The epochs of one task on this rank; returns the mean (global-batch) loss over all steps."""
+def train_task_epochs(experiment: Experiment, trained: nn.Module, model: nn.Module, data: TrainData, task: int,
+                      reg: Regularizer, optim: OptimSettings, seed: int, device: torch.device, joint: bool,
+                      label: str, emit: Callable[[str], None]) -> float:
+    """Train ``trained`` on ``data`` as task ``task`` for ``optim.epochs_of(task)`` epochs on this rank;
+    return the mean global-batch loss over all steps.
+
+    A fresh SGD optimizer (``optim``'s lr, momentum and weight decay, the latter only on the
+    parameters the task's loss reaches: :func:`_parameter_groups`); epoch ``e`` visits the samples
+    in the order :func:`epoch_shares` draws from ``(seed, task, e)``; each step minimises
+    ``scale·experiment.loss + reg.penalty`` (through DDP when several processes run), clips the
+    gradient norm when ``optim.clip_grad_norm`` is set and calls the regularizer's step hooks.
+    ``model`` (the whole model, of which ``trained`` is the trained part) is checked for NaN/Inf
+    after every epoch; ``joint``: the loop's joint mode (one parameter group); ``label`` names the
+    method in errors; ``emit`` gets one line per epoch. Raises
+    :class:`~mas_core.errors.DivergenceError` (naming the strength and the learning rate) on a
+    non-finite loss, penalty or weight. The task loop and the hyperparameter search's candidate
+    runs (:mod:`mas_core.hparam_search`) both train through it."""
     info = distributed.current()
     world_size = 1 if info is None else info.world_size
     name = experiment.task_names[task]
@@ -517,4 +530,5 @@ def _plain(value: Any) -> Any:
 
 
 __all__ = ["CHECKPOINT_NAME", "Experiment", "ImportanceSource", "JOINT", "OptimSettings", "SequenceResult",
-           "TaskSearch", "TrainData", "checkpoint_config", "derived_seed", "epoch_shares", "train_tasks"]
+           "TaskSearch", "TrainData", "checkpoint_config", "derived_seed", "epoch_shares", "train_task_epochs",
+           "train_tasks"]

@@ -355,7 +355,7 @@ def test_a_divergence_after_the_search_names_what_the_search_chose(monkeypatch) 
     of the task, in another order): the error says so and points at the search's settings."""
     from mas_core.errors import DivergenceError
 
-    original = loop_module._train_epochs
+    original = loop_module.train_task_epochs
 
     def diverging_outside_the_search(experiment, trained, model, data, task, reg, optim, seed, *args):
         if seed == SEED and task == 1:   # the loop's own training of task 2; the search uses derived seeds
@@ -363,7 +363,7 @@ def test_a_divergence_after_the_search_names_what_the_search_chose(monkeypatch) 
                                   f"rate (optim.lr, now {optim.lr})")
         return original(experiment, trained, model, data, task, reg, optim, seed, *args)
 
-    monkeypatch.setattr(loop_module, "_train_epochs", diverging_outside_the_search)
+    monkeypatch.setattr(loop_module, "train_task_epochs", diverging_outside_the_search)
     settings = SearchSettings(enabled=True, lr_grid=GRID, start=4.0, max_tries=2, epochs=1)
     with pytest.raises(DivergenceError, match=r"chosen by the hyperparameter search.*lr=0\.\d+.*lam.*search\.start"):
         run_sequence(_make_model, _tasks(), "mas", SETTINGS, seed=SEED, search=settings, progress=False)
