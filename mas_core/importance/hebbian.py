@@ -89,17 +89,18 @@ def accumulate_hebbian_batch(model: nn.Module, batch: Any, layers: list[Layer], 
     checks = BatchChecks() if checks is None else checks
     verdict = checks.by_size.get(size)
     rows = slice(None) if counted == size else slice(0, counted)  # of a per-sample layer (B = 1: all of them)
-    calls: list[list[tuple[Tensor, Tensor]]] = [[] for _ in layers]
+    calls: list[list[tuple[Tensor, Tensor] | None]] = [[] for _ in layers]
 
     def make_hook(index: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             if not (args and isinstance(args[0], Tensor) and isinstance(output, Tensor)):
                 return
-            if verdict is not None and index in verdict.per_sample_layers:  # verified: add the counted rows now
-                _hebbian_accumulate(layers[index], args[0].detach()[rows], output.detach()[rows], sums)
-                calls[index].append(None)
-            else:
+            if verdict is None:  # the first batch of this size: kept for verify_batch
                 calls[index].append((args[0].detach(), output.detach()))
+                return
+            if index in verdict.per_sample_layers:  # verified: add the counted rows now
+                _hebbian_accumulate(layers[index], args[0].detach()[rows], output.detach()[rows], sums)
+            calls[index].append(None)  # called (a layer not per sample is measured sample by sample below)
 
         return hook
 
