@@ -206,10 +206,14 @@ class SequenceResult:
 class TaskSearch(Protocol):
     """Chooses a task's learning rate and method strength before the task is trained
     (:class:`mas_core.hparam_search.SearchSettings`): ``choose`` returns a record whose ``"lr"``
-    and ``"strength"`` (a dict for :meth:`Regularizer.set_strength`) the task is trained with."""
+    and ``"strength"`` (a dict for :meth:`Regularizer.set_strength`) the task is trained with;
+    ``back_off(record, error)`` gives the smaller strength to retrain the task with when that
+    training diverged (and records it in ``record``), or ``None`` when there is none."""
 
     def identity(self) -> dict[str, Any]: ...
 
     def choose(self, experiment: Any, model: nn.Module, trained: nn.Module, reg: Regularizer, *, task: int,
                head: int | None, optim: OptimSettings, seed: int, device: torch.device, method: str, label: str,
                log: Callable[[str], None]) -> dict[str, Any]: ...
+
+    def back_off(self, record: dict[str, Any], error: str) -> dict[str, float] | None: ...

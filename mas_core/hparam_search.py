@@ -21,9 +21,28 @@ is trained, on deep copies of the current model and method (the real ones are no
    diverge), ``λ_t`` is the last, smallest value tried (the floor ``start·decay^(max_tries−1)``).
    A method without a strength (fine-tuning, joint) skips this phase; so does task 0, where no
    method has anything to protect yet (every penalty is 0 whatever λ), and λ keeps its value.
+   **A collapsed reference.** When ``A*`` is no better than chance (``A* ≤ c``, every learning
+   rate collapsed), the threshold ``(1 − tolerance)·A*`` means nothing: the record is marked
+   ``"reference_collapsed": true``, a warning is logged, and λ is the most stable value ``λ_0 =
+   start``, not decayed (nothing is tried). ``c`` is ``min_reference`` when set, else the
+   experiment's ``chance_score(task)`` when it has one (e.g. ``1/classes`` of a task's head);
+   without either the check is off.
 
 The loop (:func:`mas_core.loop.train_tasks`) then trains task ``t`` for real with ``η*`` and
 ``λ_t`` on the task's **whole** training set (``S_t ∪ V_t``: the split serves the choice only).
+
+4. **Back-off.** The real run is longer and in another order than the search's runs, so a ``λ_t``
+   accepted on ``V_t`` can still diverge there. Then the loop restores the model, the trained module
+   and the method exactly as they were before the task's ``before_task`` (state dicts copied before
+   the first attempt), restores the random state the first attempt started from, and trains the
+   task again with ``λ ← decay·λ`` (:meth:`SearchSettings.back_off`: the value phase 2 would have
+   tried next), down to the floor ``start·decay^(max_tries−1)``. At the floor, for a method without
+   a strength, and on task 0 (where λ was not searched and changes nothing), the
+   :class:`~mas_core.errors.DivergenceError` stands. Each back-off is logged and recorded
+   (``"backoff"``: ``[{"strength": {name: λ that diverged}, "error": message}, …]``; ``"strength"``
+   becomes the value finally trained with, ``"reason"`` says so), so
+   ``λ_t = λ_search·decay^k`` after ``k`` back-offs, and the run equals one given that ``λ_t``
+   directly.
 λ is the method's :attr:`~mas_core.regularizers.base.Regularizer.strength` (λ of MAS, l-MAS,
 EWC, SI; LwF's and EBLL's distillation weight λ_o; IMM's ``lam_l2``), set with
 :meth:`~mas_core.regularizers.base.Regularizer.set_strength`.
@@ -53,7 +72,7 @@ from torch import Tensor, nn
 from .checkpoint import get_rng_states, set_rng_states
 from .errors import DivergenceError, EmptyDataError, MASCoreError, did_you_mean
 from .experiment import Experiment, OptimSettings, TrainData
-from .loop import _train_epochs, derived_seed
+from .loop import derived_seed, train_task_epochs
 from .regularizers import METHODS, make_regularizer
 from .regularizers.base import Finetune, Regularizer, TaskInfo
 
@@ -66,9 +85,22 @@ class SearchableExperiment(Experiment, Protocol):
 
     ``validation_score(module, task, positions) -> float``: the experiment's metric (a fraction,
     higher is better; the same kind as ``evaluate``'s) of ``module`` (the trained module) on the
-    samples at ``positions`` of ``train_data([task])``; it must read nothing else."""
+    samples at ``positions`` of ``train_data([task])``; it must read nothing else. Optional:
+    ``chance_score(task) -> float | None``, the score of a model that has learnt nothing
+    (:func:`chance_level`)."""
 
     def validation_score(self, module: nn.Module, task: int, positions: Tensor) -> float: ...
+
+
+def chance_level(experiment: Any, task: int) -> float | None:
+    """The experiment's optional ``chance_score(task) -> float | None``: the validation score a model
+    that has learnt nothing gets on ``task`` (the same metric as ``validation_score``); ``None``
+    when the experiment does not offer one."""
+    chance = getattr(experiment, "chance_score", None)
+    if not callable(chance):
+        return None
+    value = chance(task)
+    return None if value is None else float(value)
 
 
 @dataclass
@@ -82,7 +114,9 @@ class SearchSettings:
     [0, 1): the accepted fraction of the reference accuracy lost (0.2: within 20 %).
     ``max_tries``: strengths tried at most per task. ``val_fraction`` in (0, 1): the share of the
     task's training samples held out. ``epochs``: epochs of each search run (null: the task's
-    own)."""
+    own). ``min_reference`` in [0, 1): the plasticity reference ``A*`` at or below which it counts
+    as collapsed (the strength is then not decayed; module docs); null: the experiment's chance
+    level (``chance_score``), or no check when it has none."""
 
     enabled: bool = False
     lr_grid: list[float] = field(default_factory=lambda: [0.1, 0.05, 0.01, 0.005, 0.001])
@@ -92,6 +126,7 @@ class SearchSettings:
     max_tries: int = 7
     val_fraction: float = 0.2
     epochs: int | None = None
+    min_reference: float | None = None
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first invalid setting."""
@@ -110,6 +145,10 @@ class SearchSettings:
             raise ValueError(f"search.val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.epochs is not None and self.epochs < 1:
             raise ValueError(f"search.epochs must be positive or null (the task's own), got {self.epochs}")
+        if self.min_reference is not None and not (isinstance(self.min_reference, (int, float))
+                                                   and 0.0 <= self.min_reference < 1.0):
+            raise ValueError(f"search.min_reference must be in [0, 1) or null (the experiment's chance level), "
+                             f"got {self.min_reference}")
 
     def start_for(self, method: str, label: str | None = None) -> float:
         """The phase-2 start of ``method`` (its ``label`` first, then its name, then ``default``);
@@ -149,8 +188,12 @@ class SearchSettings:
                     self.start_for(name, label)
 
     def identity(self) -> dict[str, Any]:
-        """What a checkpoint must agree on to be resumed (every setting)."""
-        return dataclasses.asdict(self)
+        """What a checkpoint must agree on to be resumed (every setting; ``min_reference`` only when
+        set, so that a checkpoint written before it existed still resumes)."""
+        identity = dataclasses.asdict(self)
+        if identity["min_reference"] is None:
+            del identity["min_reference"]
+        return identity
 
     def choose(self, experiment: SearchableExperiment, model: nn.Module, trained: nn.Module, reg: Regularizer, *,
                task: int, head: int | None, optim: OptimSettings, seed: int, device: torch.device, method: str,
@@ -170,8 +213,35 @@ class SearchSettings:
         finally:
             set_rng_states(states)
         record["seconds"] = time.perf_counter() - started
+        if record["reference_collapsed"]:
+            log(f"[{label}] task {task + 1} search: warning: the plasticity reference {record['reference_acc']:.3f} "
+                f"is no better than chance ({record['chance_level']:.3f}); see the reason below")
         log(f"[{label}] task {task + 1} search: {describe_choice(record)}; {record['reason']}")
         return record
+
+    def back_off(self, record: dict[str, Any], error: str) -> dict[str, float] | None:
+        """The strength to retrain a task with after its real training diverged at ``record``'s
+        ``"strength"`` (``error``: the divergence message), or ``None`` when there is none left.
+
+        The next value of phase 2's decay, ``decay·λ`` (module docs, step 4), while it stays at or
+        above the floor ``start·decay^(max_tries−1)`` (``start`` = the first value tried); ``None``
+        for a record whose strength was not searched (no strength hyperparameter, or task 0; a collapsed
+        reference keeps ``start``, and backs off from there). On a
+        back-off, ``record`` gets the diverged value and ``error`` appended to ``"backoff"``, its
+        ``"strength"`` set to the new value and its ``"reason"`` extended."""
+        name, tries = record.get("strength_name"), record.get("tries") or []
+        if not name or not (tries or (record.get("reference_collapsed") and record.get("task", 0) > 0)):
+            return None
+        steps = max(len(tries) - 1, 0) + len(record.get("backoff") or [])  # decay steps from start so far
+        if steps + 1 >= self.max_tries:
+            return None
+        failed = float(record["strength"][name])
+        value = failed * self.decay
+        record.setdefault("backoff", []).append({"strength": {name: failed}, "error": error})
+        record["strength"] = {name: value}
+        record["reason"] += (f"; the real training diverged at {name}={failed:g}, retrained with "
+                             f"{name}={value:g} (× decay {self.decay:g})")
+        return {name: value}
 
 
 class _Positions:
@@ -228,7 +298,9 @@ def describe_choice(record: dict[str, Any]) -> str:
     """``"lr 0.05, lam=2.5"`` (``"lr 0.05"`` where the strength was not searched: a method without
     one, or task 0, where it has no effect)."""
     text = f"lr {record['lr']:g}"
-    strength = (record.get("strength") or {}) if record.get("tries") else {}
+    searched = record.get("tries") or (record.get("reference_collapsed") and record.get("strength_name")
+                                       and record.get("task", 0) > 0)  # λ_0 kept, nothing tried
+    strength = (record.get("strength") or {}) if searched else {}
     return text + "".join(f", {key}={value:g}" for key, value in strength.items())
 
 
@@ -255,16 +327,22 @@ class _Search:
             raise DivergenceError(f"method {self.label}, task {self.task + 1}: every learning rate of search.lr_grid "
                                   f"{settings.lr_grid} diverged while fine-tuning; give smaller ones")
         lr, reference = settings.lr_grid[best], float(lr_scores[best])
+        level = settings.min_reference if settings.min_reference is not None else chance_level(self.experiment,
+                                                                                                 self.task)
+        collapsed = level is not None and reference <= level
         record: dict[str, Any] = {
             "task": self.task, "name": self.experiment.task_names[self.task],
             "train_samples": len(self.train_positions), "val_samples": len(self.val_positions),
             "epochs": self.optim.epochs, "lr_grid": [{"lr": g, "val_acc": a} for g, a in zip(settings.lr_grid, lr_scores)],
             "reference_acc": reference, "lr": lr, "threshold": None, "strength_name": None, "tries": [],
-            "strength": dict(self.reg.strength),
+            "strength": dict(self.reg.strength), "backoff": [], "chance_level": level,
+            "reference_collapsed": collapsed,
         }
+        note = "" if not collapsed else (f"; the plasticity reference {reference:.3f} is no better than chance "
+                                         f"({level:.3f}): every learning rate collapsed, lr {lr:g} is arbitrary")
         names = list(self.reg.strength)
         if not names:
-            record["reason"] = f"{self.label} has no strength hyperparameter: the learning rate alone is searched"
+            record["reason"] = f"{self.label} has no strength hyperparameter: the learning rate alone is searched" + note
             return record
         if len(names) > 1:
             raise MASCoreError(f"the search decays one strength hyperparameter; {self.label} has {names}")
@@ -272,12 +350,18 @@ class _Search:
         record["strength_name"] = name
         if self.task == 0:
             record["reason"] = (f"first task: nothing to protect yet (the penalty is 0 whatever {name}), "
-                                f"{name} kept at {self.reg.strength[name]:g}")
+                                f"{name} kept at {self.reg.strength[name]:g}") + note
             return record
         try:
             start = settings.start_for(method, self.label)
         except ValueError as exc:
             raise MASCoreError(str(exc)) from None
+        if collapsed:
+            record["strength"] = {name: start}
+            record["reason"] = (f"the plasticity reference {reference:.3f} is no better than chance ({level:.3f}): "
+                                f"every learning rate collapsed, so the threshold (1 − {tolerance:g})·A* means nothing; "
+                                f"{name} kept at the most stable value, the start {start:g}, not decayed")
+            return record
 
         def score(value: float) -> float | None:
             return self._candidate({name: value}, lr, ("strength", value))
@@ -312,8 +396,8 @@ class _Search:
             reg = Finetune()
         optim = dataclasses.replace(self.optim, lr=lr)
         try:
-            _train_epochs(self.experiment, trained, model, self.train_split, self.task, reg, optim,
-                          derived_seed(self.seed, "search"), self.device, False, self.label, lambda message: None)
+            train_task_epochs(self.experiment, trained, model, self.train_split, self.task, reg, optim,
+                              derived_seed(self.seed, "search"), self.device, False, self.label, lambda message: None)
         except DivergenceError:
             return None
         model.eval()
@@ -322,5 +406,5 @@ class _Search:
         return value if math.isfinite(value) else None
 
 
-__all__ = ["SearchSettings", "SearchableExperiment", "best_learning_rate", "describe_choice", "split_positions",
-           "stability_decay"]
+__all__ = ["SearchSettings", "SearchableExperiment", "best_learning_rate", "chance_level", "describe_choice",
+           "split_positions", "stability_decay"]

@@ -8,6 +8,7 @@ check, the accuracy matrix, checkpoints and resume. For each task ``t``::
     torch.manual_seed(derived_seed(seed, "task", t))     # dropout, new heads: the same on resume
     info = experiment.begin_task(model, t)               # e.g. add and activate head t
     lr, λ = search.choose(...) when a search is given    # on copies, task t's data only: mas_core.hparam_search
+    start = copies of the states and the RNG, with a search    # for a back-off (below)
     reg.before_task(trained, info)
     for epoch e < optim.epochs_of(t):                    # a fresh SGD optimizer per task
         order = randperm(n, Generator(derived_seed(seed, t, e)))
@@ -16,6 +17,8 @@ check, the accuracy matrix, checkpoints and resume. For each task ``t``::
             backward; clip_grad_norm (optional); step
             reg.after_optimizer_step(trained, optimizer) if reg.uses_optimizer_step_hook  # proximal penalty
             reg.after_step(trained) if reg.uses_step_hook
+    # diverged with a searched λ: restore start, λ ← search.back_off(...) (decay·λ, down to the
+    # search's floor), train the task again from reg.before_task; else the DivergenceError stands
     reg.after_task(trained, experiment.importance_data(...))   # what reg.after_task_data asks for
     R[t][j] = experiment.evaluate(model, t)[j], j ≤ t
     # a method whose after_task changes the weights (reg.after_task_changes_model: IMM's merge):
@@ -44,6 +47,7 @@ number of processes.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import math
@@ -104,9 +108,12 @@ def train_tasks(experiment: Experiment, method: str | Regularizer, optim: OptimS
     has been loaded and before the next task is trained (not when nothing is left to train): it may
     change the regularizer's state, e.g. replace the last task's Ω by one learned from the queries
     a deployed model answered (``docs/method.md`` §12); the checkpoint after the next task saves it.
-    and one per epoch when ``log_epochs``. ``search``: before each task, choose its learning rate
-    and the method's strength on the task's own training data (:mod:`mas_core.hparam_search`);
-    its records end up in ``SequenceResult.hparam_search`` and the checkpoint.
+    ``search``: before each task, choose its learning rate and the method's strength on the task's
+    own training data (:mod:`mas_core.hparam_search`); its records end up in
+    ``SequenceResult.hparam_search`` and the checkpoint. When the task's real training then
+    diverges, the model, the trained module, the method and the random state are restored to the
+    task's start and the task is trained again with the smaller strength ``search.back_off`` gives
+    (recorded in the task's record and logged), until none is left.
     """
     try:
         optim.validate()
@@ -177,28 +184,35 @@ def train_tasks(experiment: Experiment, method: str | Regularizer, optim: OptimS
         data = experiment.train_data(list(range(task + 1)) if joint else [task])
         if len(data) == 0:
             raise EmptyDataError(f"task {task} ({experiment.task_names[task]}) has no training samples")
-        task_optim = optim
+        task_optim, task_start = optim, None
         if search is not None:
             record = search.choose(experiment, model, trained, reg, task=task, head=head, optim=optim, seed=seed,
                                    device=device, method=name, label=label, log=emit)
             task_optim = dataclasses.replace(optim, lr=record["lr"])
             reg.set_strength(**record["strength"])
             searched.append(record)
-        model.train()
-        trained.train()
-        reg.before_task(trained, TaskInfo(index=task, head=head, num_samples=len(data)))
+            task_start = _task_start(model, trained, reg)
         epochs = optim.epochs_of(task)
-        try:
-            mean_loss = _train_epochs(experiment, trained, model, data, task, reg, task_optim, seed, device, joint,
-                                      label, emit if log_epochs else (lambda message: None))
-        except DivergenceError as exc:
-            if searched is None or not searched:
-                raise
-            chosen = searched[-1]
-            raise DivergenceError(
-                f"{exc} (both were chosen by the hyperparameter search on a validation split of this task: "
-                f"lr={chosen['lr']}, strength {chosen['strength'] or 'none'}; lower search.start or the top of "
-                "search.lr_grid, or use a smaller search.tolerance)") from None
+        while True:
+            model.train()
+            trained.train()
+            reg.before_task(trained, TaskInfo(index=task, head=head, num_samples=len(data)))
+            try:
+                mean_loss = train_task_epochs(experiment, trained, model, data, task, reg, task_optim, seed, device,
+                                              joint, label, emit if log_epochs else (lambda message: None))
+                break
+            except DivergenceError as exc:
+                if task_start is None:
+                    raise
+                strength = search.back_off(searched[-1], str(exc))
+                if strength is None:
+                    raise _searched_divergence(exc, searched[-1]) from None
+            failed = searched[-1]["backoff"][-1]["strength"]
+            emit(f"[{label}] task {task + 1} ({experiment.task_names[task]}): training diverged at "
+                 f"{_describe(failed)} (chosen by the search); restored the task's start, training it again "
+                 f"with {_describe(strength)}")
+            _restore_task_start(task_start, model, trained, reg)
+            reg.set_strength(**strength)
         model.eval()
         trained.eval()
         if changes_model:  # R[t] is the model as trained on task t, before after_task changes it
@@ -247,10 +261,57 @@ def _evaluate_row(experiment: Experiment, model: nn.Module, task: int, num_tasks
     return row + [None] * (num_tasks - task - 1)
 
 
-def _train_epochs(experiment: Experiment, trained: nn.Module, model: nn.Module, data: TrainData, task: int,
-                  reg: Regularizer, optim: OptimSettings, seed: int, device: torch.device, joint: bool,
-                  label: str, emit: Callable[[str], None]) -> float:
-    """The epochs of one task on this rank; returns the mean (global-batch) loss over all steps."""
+def _task_start(model: nn.Module, trained: nn.Module, reg: Regularizer) -> dict[str, Any]:
+    """What a back-off restores (taken before ``reg.before_task``): deep copies of the model's, the
+    trained module's and the method's states, the method's strength and the global RNG states."""
+    return {"model": copy.deepcopy(model.state_dict()),
+            "trained": None if trained is model else copy.deepcopy(trained.state_dict()),
+            "reg": copy.deepcopy(reg.state_dict()), "strength": dict(reg.strength), "rng": get_rng_states()}
+
+
+def _restore_task_start(start: dict[str, Any], model: nn.Module, trained: nn.Module, reg: Regularizer) -> None:
+    """Put ``model``, ``trained``, ``reg`` and the global RNGs back to :func:`_task_start`'s ``start``
+    (the strength first: a method's state is only loaded with the strength it was saved with)."""
+    model.load_state_dict(start["model"])
+    if start["trained"] is not None:
+        trained.load_state_dict(start["trained"])
+    reg.set_strength(**start["strength"])
+    reg.load_state_dict(copy.deepcopy(start["reg"]))
+    set_rng_states(start["rng"])
+
+
+def _searched_divergence(exc: DivergenceError, chosen: dict[str, Any]) -> DivergenceError:
+    """The divergence of a task whose lr and strength the search chose, with no back-off left."""
+    backoff = chosen.get("backoff") or []
+    history = "" if not backoff else (f"; backed off {len(backoff)} time(s) from {_describe(backoff[0]['strength'])}, "
+                                      "down to the search's floor")
+    return DivergenceError(
+        f"{exc} (both were chosen by the hyperparameter search on a validation split of this task: "
+        f"lr={chosen['lr']}, strength {chosen['strength'] or 'none'}{history}; lower search.start or the top of "
+        "search.lr_grid, or use a smaller search.tolerance)")
+
+
+def _describe(strength: dict[str, float]) -> str:
+    return ", ".join(f"{key}={value:g}" for key, value in strength.items()) or "no strength"
+
+
+def train_task_epochs(experiment: Experiment, trained: nn.Module, model: nn.Module, data: TrainData, task: int,
+                      reg: Regularizer, optim: OptimSettings, seed: int, device: torch.device, joint: bool,
+                      label: str, emit: Callable[[str], None]) -> float:
+    """Train ``trained`` on ``data`` as task ``task`` for ``optim.epochs_of(task)`` epochs on this rank;
+    return the mean global-batch loss over all steps.
+
+    A fresh SGD optimizer (``optim``'s lr, momentum and weight decay, the latter only on the
+    parameters the task's loss reaches: :func:`_parameter_groups`); epoch ``e`` visits the samples
+    in the order :func:`epoch_shares` draws from ``(seed, task, e)``; each step minimises
+    ``scale·experiment.loss + reg.penalty`` (through DDP when several processes run), clips the
+    gradient norm when ``optim.clip_grad_norm`` is set and calls the regularizer's step hooks.
+    ``model`` (the whole model, of which ``trained`` is the trained part) is checked for NaN/Inf
+    after every epoch; ``joint``: the loop's joint mode (one parameter group); ``label`` names the
+    method in errors; ``emit`` gets one line per epoch. Raises
+    :class:`~mas_core.errors.DivergenceError` (naming the strength and the learning rate) on a
+    non-finite loss, penalty or weight. The task loop and the hyperparameter search's candidate
+    runs (:mod:`mas_core.hparam_search`) both train through it."""
     info = distributed.current()
     world_size = 1 if info is None else info.world_size
     name = experiment.task_names[task]
@@ -469,4 +530,5 @@ def _plain(value: Any) -> Any:
 
 
 __all__ = ["CHECKPOINT_NAME", "Experiment", "ImportanceSource", "JOINT", "OptimSettings", "SequenceResult",
-           "TaskSearch", "TrainData", "checkpoint_config", "derived_seed", "epoch_shares", "train_tasks"]
+           "TaskSearch", "TrainData", "checkpoint_config", "derived_seed", "epoch_shares", "train_task_epochs",
+           "train_tasks"]

@@ -262,6 +262,13 @@ class ClassificationExperiment:
         return evaluate(module, held_out, task, batch_size=self.eval_batch_size, device=device,
                         num_workers=self.num_workers)
 
+    def chance_score(self, task: int) -> float:
+        """``1 / num_classes`` of task ``task``'s head: the expected top-1 accuracy of a uniformly
+        random guess (a model that always predicts one class scores that class's share instead,
+        about the same on balanced tasks); the search's collapsed-reference level
+        (:mod:`mas_core.hparam_search`)."""
+        return 1.0 / self.tasks[task].num_classes
+
     def _check_targets(self, targets: Tensor, task: int) -> None:
         num_classes, name = self.tasks[task].num_classes, self.tasks[task].name
         if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):

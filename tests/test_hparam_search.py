@@ -4,6 +4,7 @@ search is deterministic and leaves the real training's random streams alone, it 
 tasks' data or the test sets, resume keeps its records, and both commands record what it chose."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from mas_core.errors import InvalidArgumentError, MASCoreError
 from mas_core.hparam_search import (
     SearchSettings,
     best_learning_rate,
+    chance_level,
     describe_choice,
     split_positions,
     stability_decay,
@@ -353,7 +355,7 @@ def test_a_divergence_after_the_search_names_what_the_search_chose(monkeypatch) 
     of the task, in another order): the error says so and points at the search's settings."""
     from mas_core.errors import DivergenceError
 
-    original = loop_module._train_epochs
+    original = loop_module.train_task_epochs
 
     def diverging_outside_the_search(experiment, trained, model, data, task, reg, optim, seed, *args):
         if seed == SEED and task == 1:   # the loop's own training of task 2; the search uses derived seeds
@@ -361,10 +363,127 @@ def test_a_divergence_after_the_search_names_what_the_search_chose(monkeypatch) 
                                   f"rate (optim.lr, now {optim.lr})")
         return original(experiment, trained, model, data, task, reg, optim, seed, *args)
 
-    monkeypatch.setattr(loop_module, "_train_epochs", diverging_outside_the_search)
+    monkeypatch.setattr(loop_module, "train_task_epochs", diverging_outside_the_search)
     settings = SearchSettings(enabled=True, lr_grid=GRID, start=4.0, max_tries=2, epochs=1)
     with pytest.raises(DivergenceError, match=r"chosen by the hyperparameter search.*lr=0\.\d+.*lam.*search\.start"):
         run_sequence(_make_model, _tasks(), "mas", SETTINGS, seed=SEED, search=settings, progress=False)
     with pytest.raises(DivergenceError) as plain:  # without a search the message is the loop's own
         run_sequence(_make_model, _tasks(), "mas", SETTINGS, seed=SEED, progress=False)
     assert "search" not in str(plain.value)
+
+
+# ------------------------------------------------------------------ back-off when the real run diverges
+
+@dataclasses.dataclass
+class _Forced(SearchSettings):
+    """The search, except that the strength of the tasks in ``forced`` is replaced by the given value,
+    as if the stability phase had accepted it as its start on the validation split."""
+
+    forced: dict = dataclasses.field(default_factory=dict)
+
+    def choose(self, *args, task, **kwargs):
+        record = super().choose(*args, task=task, **kwargs)
+        if task in self.forced:
+            value = self.forced[task]
+            record.update(strength={record["strength_name"]: value},
+                          tries=[{"value": value, "val_acc": record["reference_acc"]}])
+        return record
+
+
+@pytest.mark.parametrize("method, diverging", [("mas", 2), ("si", 1)])
+def test_a_searched_strength_that_diverges_is_backed_off_and_equals_the_direct_run(method: str, diverging: int,
+                                                                                    tmp_path) -> None:
+    """λ = 1e6 diverges in the real training of task 2 (MAS also at 1e4, SI not); the task is restored
+    and retrained at λ·decay^k, and the run equals one given that λ directly (bit for bit: the restore
+    of the model, the method and the random state is exact)."""
+    big, decay = 1e6, 0.01
+    settings = dict(enabled=True, lr_grid=[SETTINGS.lr], start=1.0, decay=decay, max_tries=4, epochs=1)
+    lines: list[str] = []
+    backed = train_tasks(ClassificationExperiment(_make_model, _tasks(), importance_batch_size=32), method, SETTINGS,
+                         seed=SEED, search=_Forced(**settings, forced={1: big}), log=lines.append,
+                         checkpoint_dir=tmp_path)
+    final = big
+    for _ in range(diverging):
+        final *= decay
+    record = backed.hparam_search[1]
+    assert [entry["strength"] for entry in record["backoff"]] == [{"lam": big * decay ** k} for k in range(diverging)]
+    assert all("diverged" in entry["error"] for entry in record["backoff"])
+    assert record["strength"] == {"lam": final} and f"retrained with lam={final:g}" in record["reason"]
+    assert backed.hparam_search[0]["backoff"] == [] and backed.hparam_search[2]["backoff"] == []
+    told = [line for line in lines if "training it again" in line]
+    assert len(told) == diverging and f"with lam={final:g}" in told[-1]
+    saved = torch.load(tmp_path / loop_module.CHECKPOINT_NAME, weights_only=False)
+    assert saved["hparam_search"][1]["strength"] == {"lam": final}  # the checkpoint holds the final record
+    direct = train_tasks(ClassificationExperiment(_make_model, _tasks(), importance_batch_size=32), method, SETTINGS,
+                         seed=SEED, search=_Forced(**settings, forced={1: final}))
+    assert direct.hparam_search[1]["backoff"] == [] and direct.hparam_search[1]["strength"] == {"lam": final}
+    assert backed.accuracy == direct.accuracy
+    assert all(torch.equal(a, b) for a, b in zip(backed.model.state_dict().values(), direct.model.state_dict().values()))
+
+
+def test_a_divergence_at_the_floor_of_the_search_stands() -> None:
+    """λ = 1e6 with a floor of 1e4 (max_tries 2, decay 0.01): MAS diverges at both, the error says so."""
+    from mas_core.errors import DivergenceError
+
+    settings = _Forced(enabled=True, lr_grid=[SETTINGS.lr], start=1.0, decay=0.01, max_tries=2, epochs=1,
+                       forced={1: 1e6})
+    with pytest.raises(DivergenceError, match=r"chosen by the hyperparameter search.*lam.*backed off 1 time\(s\) "
+                                              r"from lam=1e\+06, down to the search's floor"):
+        run_sequence(_make_model, _tasks(), "mas", SETTINGS, seed=SEED, search=settings, progress=False)
+    record = {"strength_name": "lam", "strength": {"lam": 1e4}, "tries": [{"value": 1e6}, {"value": 1e4}],
+              "backoff": [], "reason": ""}  # phase 2 ended at the floor
+    assert settings.back_off(record, "nan") is None and record["backoff"] == []  # nothing recorded
+    assert settings.back_off({"strength_name": None, "tries": [], "strength": {}}, "nan") is None  # no strength
+
+
+# ------------------------------------------------------------------ a plasticity reference no better than chance
+
+class _HalfScored(ClassificationExperiment):
+    """Validation scores halved: every A* is ≤ 0.5, the chance level of these two-class tasks."""
+
+    def validation_score(self, module, task, positions):
+        return 0.5 * super().validation_score(module, task, positions)
+
+
+def test_a_reference_no_better_than_chance_keeps_the_start_and_says_so() -> None:
+    """With the gate, the decay would go 8 → 4 → 2 → 1 (as in the test above); with A* at or below
+    chance the threshold means nothing, so λ stays at the start 8, nothing is tried, and it is said."""
+    lines: list[str] = []
+    settings = SearchSettings(enabled=True, lr_grid=GRID, start=8.0, decay=0.5, max_tries=6, epochs=2)
+    result = train_tasks(_HalfScored(_make_model, _tasks(), importance_batch_size=32), _Gate(lam=1.0), SETTINGS,
+                         seed=SEED, search=settings, log=lines.append)
+    records = result.hparam_search
+    assert all(r["reference_collapsed"] and r["chance_level"] == 0.5 and r["reference_acc"] <= 0.5 for r in records)
+    assert records[0]["strength"] == {"lam": 1.0} and "no better than chance (0.500)" in records[0]["reason"]
+    for record in records[1:]:
+        assert record["strength"] == {"lam": 8.0} and record["tries"] == [] and record["threshold"] is None
+        assert "kept at the most stable value, the start 8, not decayed" in record["reason"]
+        assert describe_choice(record) == f"lr {record['lr']:g}, lam=8"
+    warnings = [line for line in lines if "warning: the plasticity reference" in line]
+    assert len(warnings) == 3 and "no better than chance (0.500)" in warnings[1]
+    # min_reference replaces the chance level: 0.1 is below every A* here, so the decay runs as usual
+    lower = SearchSettings(enabled=True, lr_grid=GRID, start=8.0, decay=0.5, max_tries=6, epochs=2, min_reference=0.1)
+    decayed = train_tasks(_HalfScored(_make_model, _tasks(), importance_batch_size=32), _Gate(lam=1.0), SETTINGS,
+                          seed=SEED, search=lower).hparam_search
+    assert all(not r["reference_collapsed"] and r["chance_level"] == 0.1 for r in decayed)
+    assert [t["value"] for t in decayed[1]["tries"]] == [8.0, 4.0, 2.0, 1.0] and decayed[1]["strength"] == {"lam": 1.0}
+
+
+def test_the_chance_level_is_one_over_the_classes_and_optional() -> None:
+    tasks = _tasks(2)
+    tasks[1].num_classes = 5
+    experiment = ClassificationExperiment(_make_model, tasks, importance_batch_size=32)
+    assert chance_level(experiment, 0) == 0.5 and chance_level(experiment, 1) == pytest.approx(0.2)
+
+    class NoChance(ClassificationExperiment):
+        chance_score = None
+
+    assert chance_level(NoChance(_make_model, tasks, importance_batch_size=32), 0) is None
+    record = train_tasks(NoChance(_make_model, _tasks(1), importance_batch_size=32), "mas", SETTINGS, seed=SEED,
+                         search=SearchSettings(enabled=True, lr_grid=[0.05], epochs=1)).hparam_search[0]
+    assert record["chance_level"] is None and record["reference_collapsed"] is False
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match="search.min_reference"):
+            SearchSettings(min_reference=bad).validate()
+    assert "min_reference" not in SearchSettings().identity()  # checkpoints written before it still resume
+    assert SearchSettings(min_reference=0.3).identity()["min_reference"] == 0.3

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..batches import move_to
 from ..errors import InvalidOutputError
-from .common import Elementwise, evaluation_mode, finish, limited_batches, trainable_parameters
+from .common import Elementwise, counting_first, evaluation_mode, finish, limited_batches, trainable_parameters
 
 
 def batch_gradient_statistic(
@@ -30,10 +30,11 @@ def batch_gradient_statistic(
     device = next(iter(trainable.values())).device
     count = 0
     with evaluation_mode(model):
-        for batch, size in limited_batches(data, max_samples):
+        for batch, size, counted in limited_batches(data, max_samples):
             batch = move_to(batch, device)
+            batch, counted_objective = counting_first(batch, size, counted, objective)  # only the counted samples
             with torch.enable_grad():
-                total = objective(model, batch).sum()
+                total = counted_objective(model, batch).sum()
             if not total.requires_grad:
                 raise InvalidOutputError(
                     "the output does not depend on any trainable parameter (is output_fn running "
@@ -43,5 +44,5 @@ def batch_gradient_statistic(
             for name, grad in zip(names, grads):
                 if grad is not None:
                     sums[name] += phi(grad)
-            count += size
+            count += counted
     return finish(sums, count, scale=1.0, estimator=f"{estimator} (batch mode)", data=data)

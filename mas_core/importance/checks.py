@@ -10,10 +10,14 @@ batch leaf, whose first dimension is the batch size ``B``. A shape can lie:
   graph says "unused" and Ω would be 0.
 
 :func:`verify_batch` runs the objective once more on the first ``B − 1`` samples (every batch leaf
-with ``B`` rows cut to ``B − 1``) and keeps, as per-sample, only the layers whose input then has
-``B − 1`` rows equal to the first ``B − 1`` rows of the full batch's input; it also says whether
-cutting the batch's leaves is safe (the ``B − 1`` objectives equal the full batch's first ``B − 1``).
-For ``B = 1`` there is nothing to verify: the batch gradient is the per-sample gradient.
+with ``B`` rows cut to ``B − 1``) and says whether cutting the batch's leaves is safe (the ``B − 1``
+objectives equal the full batch's first ``B − 1``); only then, when the cut run is a run of the first
+``B − 1`` samples, it keeps as per-sample the layers whose input had ``B`` rows and now has ``B − 1``
+rows equal to the full batch's first ``B − 1`` (a cut table of the batch would pass that test, so an
+unsafe cut leaves no layer per-sample). For ``B = 1`` there is nothing to verify: the batch gradient
+is the per-sample gradient. The users: the exact engine (MAS, Fisher), l-MAS's Hebbian sums
+(:mod:`mas_core.importance.hebbian`); the ``max_samples`` cap never cuts a batch
+(:func:`~mas_core.importance.common.counting_first`).
 :func:`check_hidden_parameters` moves the parameters the graph does not reach and refuses the
 estimate when the output moves with them. Verdicts are cached per batch size in a
 :class:`BatchChecks` (the model's structure is assumed to depend on the batch only through its size).
@@ -68,8 +72,9 @@ def verify_batch(model: nn.Module, batch: Any, size: int, objective: Callable[[n
     """Which of ``layers`` really see one row per sample, and whether the batch may be cut.
 
     ``full_inputs[i]`` is layer ``i``'s input in the full batch (``None`` when it was not called
-    exactly once); ``full_objective`` the full batch's per-sample objectives ``[B]``. One forward
-    of the first ``B − 1`` samples, without autograd (the model is in eval mode)."""
+    exactly once); ``full_objective`` the full batch's per-sample objectives ``[B, ...]``. One
+    forward of the first ``B − 1`` samples, without autograd (the model is in eval mode). When the
+    cut is not safe no layer is per-sample (the cut run is not one of the first ``B − 1`` samples)."""
     if size < 2:
         return SizeVerdict(set(range(len(layers))), True)
     keep = size - 1
@@ -91,9 +96,11 @@ def verify_batch(model: nn.Module, batch: Any, size: int, objective: Callable[[n
         for handle in handles:
             handle.remove()
     slicing_is_safe = isinstance(part, Tensor) and _close(part, full_objective[:keep])
-    per_sample = set()
+    per_sample: set[int] = set()
+    if not slicing_is_safe:
+        return SizeVerdict(per_sample, False)
     for index, (full, calls) in enumerate(zip(full_inputs, seen)):
-        if full is None or len(calls) != 1 or calls[0] is None:
+        if full is None or len(calls) != 1 or calls[0] is None or full.dim() == 0 or full.shape[0] != size:
             continue
         if calls[0].dim() >= 1 and calls[0].shape[0] == keep and _close(calls[0], full[:keep]):
             per_sample.add(index)

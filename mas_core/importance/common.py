@@ -2,7 +2,9 @@
 
 * :data:`OutputFn` / :data:`LossFn`: the callables a caller passes (``docs/method.md`` §1);
 * :func:`model_output`: F(batch), validated (a float tensor with the batch first);
-* :func:`limited_batches`: ``(batch, size)`` pairs, truncated at exactly ``max_samples``;
+* :func:`limited_batches`: ``(batch, size, counted)``, the batches whole, the first ``counted``
+  samples of each counting, ``max_samples`` in all; :func:`counting_first` makes an objective count
+  only those (the cap never cuts a batch: a tensor with ``B`` rows need not be per sample);
 * :func:`evaluation_mode`: eval mode for the estimate, each module's own flag restored after;
 * :func:`finish`: ``scale · Σ / N``, checked for NaN/Inf; with several processes (``data`` a
   :class:`mas_core.distributed.RankShard`) the sums and counts of all ranks are all-reduced
@@ -67,14 +69,39 @@ def is_batched(leaf: Any, size: int) -> bool:
     return isinstance(leaf, Tensor) and leaf.dim() >= 1 and leaf.shape[0] == size
 
 
-def slice_batch(batch: Any, size: int, keep: int) -> Any:
-    """The first ``keep`` samples of ``batch`` (every tensor whose first dimension is ``size``)."""
+def slice_batch(batch: Any, size: int, keep: int, start: int = 0) -> Any:
+    """Samples ``start..keep-1`` of ``batch``: every tensor whose first dimension is ``size`` cut to
+    those rows, the other leaves as they are. Only safe where that was verified
+    (:func:`mas_core.importance.checks.verify_batch`): a ``size``-row tensor need not be per sample."""
     leaves, spec = tree_flatten(batch)
-    return tree_unflatten([leaf[:keep] if is_batched(leaf, size) else leaf for leaf in leaves], spec)
+    return tree_unflatten([leaf[start:keep] if is_batched(leaf, size) else leaf for leaf in leaves], spec)
 
 
-def limited_batches(data: Iterable[Any], max_samples: int | None) -> Iterator[tuple[Any, int]]:
-    """Yield ``(batch, number of samples)``, truncated to ``max_samples`` in total."""
+def counting_first(batch: Any, size: int, counted: int,
+                   objective: Callable[[nn.Module, Any], Tensor]) -> tuple[Any, Callable[[nn.Module, Any], Tensor]]:
+    """``(batch', objective')`` whose per-sample objectives are those of ``batch`` for its first
+    ``counted`` samples and exactly 0 for the others: ``batch' = (batch, w)`` with the per-sample
+    weights ``w_n = [n < counted]`` and ``objective'(model, (b, w)) = objective(model, b)·w``, so the
+    uncounted samples' gradients are exactly 0 and the batch is never cut (``batch`` itself when
+    every sample counts). ``w`` is a real per-sample leaf: cutting ``batch'`` cuts it along."""
+    if counted >= size:
+        return batch, objective
+    leaves, _ = tree_flatten(batch)
+    device = next((leaf.device for leaf in leaves if isinstance(leaf, Tensor)), None)
+    weights = (torch.arange(size, device=device) < counted).to(torch.float32)
+
+    def weighted(model: nn.Module, pair: tuple[Any, Tensor]) -> Tensor:
+        values = objective(model, pair[0])
+        return values * pair[1].to(values.dtype)
+
+    return (batch, weights), weighted
+
+
+def limited_batches(data: Iterable[Any], max_samples: int | None) -> Iterator[tuple[Any, int, int]]:
+    """Yield ``(batch, size, counted)``: every batch whole (``size`` samples) with the number of its
+    first samples that count, ``size`` except for the batch that crosses ``max_samples`` (then
+    ``max_samples`` minus the samples before it), after which it stops. The batch is not cut: which
+    of its tensors are per sample is for the estimator to verify (:func:`counting_first`)."""
     if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1):
         raise InvalidArgumentError(f"max_samples must be a positive integer or None, got {max_samples!r}")
     if isinstance(data, Tensor):
@@ -89,11 +116,9 @@ def limited_batches(data: Iterable[Any], max_samples: int | None) -> Iterator[tu
         size = batch_size(batch_input(batch))
         if size == 0:
             continue
-        if max_samples is not None and seen + size > max_samples:
-            batch = slice_batch(batch, size, max_samples - seen)
-            size = max_samples - seen
-        yield batch, size
-        seen += size
+        counted = size if max_samples is None else min(size, max_samples - seen)
+        yield batch, size, counted
+        seen += counted
         if max_samples is not None and seen >= max_samples:
             return
 

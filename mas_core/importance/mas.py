@@ -46,7 +46,8 @@ def mas_importance(
         mode: ``"exact"`` (per-sample, the paper's definition) or ``"batch"`` (the
             original code's ``|gradient of the batch sum|``, for comparison only).
         max_samples: use only the first ``max_samples`` samples (the batch that
-            crosses the limit is truncated, so exactly that many are used).
+            crosses the limit runs whole with only its first samples counted, so
+            exactly that many are used and no tensor of it is cut).
         chunk_size: samples per vectorised chunk in the general fallback; ``None``
             picks the largest chunk whose per-sample gradients hold ≤ 2**24 elements.
 

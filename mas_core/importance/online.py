@@ -34,7 +34,7 @@ from .common import OutputFn, evaluation_mode, limited_batches, trainable_parame
 from .hebbian import accumulate_hebbian_batch, hebbian_layers
 from .layers import discover_layers
 from .mas import SquaredNormObjective
-from .per_sample import accumulate_batch
+from .per_sample import accumulate_counted
 
 ESTIMATORS = ("mas", "hebbian")
 """``"mas"``: exact per-sample MAS (§1.1); ``"hebbian"``: l-MAS co-activations (§4)."""
@@ -99,7 +99,7 @@ class OnlineImportance:
             or options, are never merged or loaded into each other. Give one whenever
             ``output_fn`` picks one of several outputs.
         max_samples: stop after this many samples (the batch that crosses the limit is
-            truncated, as in :func:`~mas_core.importance.mas_importance`); ``None``: no limit.
+            counted to the limit only, as in :func:`~mas_core.importance.mas_importance`); ``None``: no limit.
         chunk_size: samples per vectorised chunk of the general fallback (see
             :func:`~mas_core.importance.mas_importance`); it does not change the result.
 
@@ -137,10 +137,10 @@ class OnlineImportance:
         self._sums = {name: torch.zeros(p.shape, dtype=_sum_dtype(p.device), device=p.device)
                       for name, p in self._trainable.items()}
         self._count = 0
+        self._checks = BatchChecks()  # per-sample verdicts per batch size (mas_core.importance.checks)
         if estimator == "mas":
             self._layers = discover_layers(model, self._trainable)
             self._objective = SquaredNormObjective(output_fn)
-            self._checks = BatchChecks()  # per-sample verdicts per batch size (mas_core.importance.checks)
         else:
             self._layers = hebbian_layers(model, self._trainable)
 
@@ -200,16 +200,18 @@ class OnlineImportance:
             raise EmptyDataError("the batch has no samples; pass batches of at least one input")
         if self.is_full:
             return 0
-        if self.max_samples is not None:
-            batch, size = next(limited_batches([batch], self.max_samples - self._count))
+        counted = size
+        if self.max_samples is not None:  # the batch stays whole; only its first samples count
+            _, _, counted = next(limited_batches([batch], self.max_samples - self._count))
         batch = move_to(batch, self._device)
         batch_sums = {name: torch.zeros_like(p) for name, p in self._trainable.items()}
         with evaluation_mode(self.model):
             if self.estimator == "mas":
-                accumulate_batch(self.model, batch, size, self._objective, torch.abs, batch_sums,
-                                 self._trainable, self._layers, self.chunk_size, self._checks)
+                accumulate_counted(self.model, batch, size, counted, self._objective, torch.abs, batch_sums,
+                                   self._trainable, self._layers, self.chunk_size, self._checks)
             else:
-                accumulate_hebbian_batch(self.model, batch, self._layers, batch_sums, self.output_fn)
+                accumulate_hebbian_batch(self.model, batch, self._layers, batch_sums, self.output_fn,
+                                         counted=counted, checks=self._checks)
         # the terms are ≥ 0, so their float64 total is finite exactly when every term is (one sync)
         totals = torch.stack([value.sum(dtype=_sum_dtype(value.device)).to(self._device, _sum_dtype(self._device))
                               for value in batch_sums.values()])
@@ -222,8 +224,8 @@ class OnlineImportance:
             )
         for name, value in batch_sums.items():
             self._sums[name] += value
-        self._count += size
-        return size
+        self._count += counted
+        return counted
 
     def update_from(self, data: Iterable[Any]) -> int:
         """:meth:`update` with every batch of ``data`` (empty batches are skipped); returns the samples taken."""

@@ -43,7 +43,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..batches import move_to
 from ..errors import InvalidArgumentError, InvalidOutputError
 from .checks import HIDDEN_FIX, BatchChecks, check_hidden_parameters, verify_batch
-from .common import Elementwise, evaluation_mode, finish, is_batched, limited_batches, trainable_parameters
+from .common import (Elementwise, counting_first, evaluation_mode, finish, is_batched, limited_batches,
+                     trainable_parameters)
 from .layers import Layer, chunk_samples, count_parameter_uses, discover_layers, exact_accumulate, nearby_leaves
 
 
@@ -66,11 +67,24 @@ def per_sample_gradient_statistic(
     count = 0
     checks = BatchChecks()
     with evaluation_mode(model):
-        for batch, size in limited_batches(data, max_samples):
+        for batch, size, counted in limited_batches(data, max_samples):
             batch = move_to(batch, device)
-            accumulate_batch(model, batch, size, objective, phi, sums, trainable, layers, chunk_size, checks)
-            count += size
+            accumulate_counted(model, batch, size, counted, objective, phi, sums, trainable, layers, chunk_size, checks)
+            count += counted
     return finish(sums, count, scale=1.0, estimator=estimator, data=data)
+
+
+def accumulate_counted(model: nn.Module, batch: Any, size: int, counted: int,
+                       objective: Callable[[nn.Module, Any], Tensor], phi: Elementwise, sums: dict[str, Tensor],
+                       trainable: dict[str, nn.Parameter], layers: list[Layer], chunk_size: int | None,
+                       checks: BatchChecks) -> None:
+    """:func:`accumulate_batch` of the first ``counted`` samples of a batch of ``size``: the whole
+    batch, the others' objectives multiplied by 0 (:func:`~mas_core.importance.common.counting_first`;
+    the ``max_samples`` cap never cuts a batch), verified on its own (not cached in ``checks``)."""
+    if counted < size:
+        batch, objective = counting_first(batch, size, counted, objective)
+        checks = BatchChecks(hidden_checked=checks.hidden_checked)
+    accumulate_batch(model, batch, size, objective, phi, sums, trainable, layers, chunk_size, checks)
 
 
 def accumulate_batch(
