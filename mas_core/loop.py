@@ -375,12 +375,17 @@ def epoch_shares(n: int, batch_size: int, seed: int, task: int, epoch: int,
     ``derived_seed(seed, task, epoch)`` (independent of the number of processes), cut into
     batches of ``batch_size``; rank ``r`` of ``N`` keeps positions ``r, r+N, …`` of each and
     ``scale = N·|share| / |batch|`` (exactly 1 in one process; 0 for the one padded sample of a
-    rank whose share is empty)."""
+    rank whose share is empty). When ``n mod batch_size = 1`` (and ``n > batch_size``) the last
+    sample joins the batch before it (one batch of ``batch_size + 1``): a batch of one sample
+    cannot train a model with BatchNorm in train mode (it has no batch variance)."""
     generator = torch.Generator().manual_seed(derived_seed(seed, task, epoch))
     order = torch.randperm(n, generator=generator)
+    bounds = list(range(0, n, batch_size)) + [n]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+        del bounds[-2]
     shares = []
-    for begin in range(0, n, batch_size):
-        global_batch = order[begin:begin + batch_size]
+    for begin, end in zip(bounds[:-1], bounds[1:]):
+        global_batch = order[begin:end]
         share, weight = distributed.rank_share(global_batch, info)
         world_size = 1 if info is None else info.world_size
         scale = 0.0 if weight == 0.0 else len(share) * world_size / len(global_batch)

@@ -232,9 +232,10 @@ def test_every_global_batch_is_split_across_ranks_without_loss_or_padding(facts,
                 assert torch.equal(rank_ids, fact_ids[r::3])
                 assert torch.allclose(rank_images, images[r::3])
         # a global batch smaller than the number of ranks: the empty share gets one sample at scale 0
-        tail = _shares(samples, 23, seed=3)
-        assert [len(batch[1]) for batch in tail[0]] == [12, 1] and [len(batch[1]) for batch in tail[1]] == [11, 1]
-        assert tail[0][1][2] == pytest.approx(2.0) and tail[1][1][2] == 0.0
+        # (24 samples in batches of 22: the last global batch holds 2 samples for 3 ranks)
+        tail = _shares(samples, 22, seed=3, world_size=3)
+        assert [[len(batch[1]) for batch in rank] for rank in tail] == [[8, 1], [7, 1], [7, 1]]
+        assert [rank[1][2] for rank in tail] == pytest.approx([1.5, 1.5, 0.0])
         # an importance shard: positions r, r+N, … in file order, every sample exactly once
         everything = torch.cat([ids for _, ids in samples.in_order(5)])
         for r in range(2):

@@ -184,3 +184,32 @@ def test_divergence_names_the_methods_declared_strength_and_the_learning_rate():
     with pytest.raises(DivergenceError, match=r"optim\.lr, now 5\.0\) or the method's strength \(lam_l2=1e\+20\)"):
         _run(_make_model, tasks, "imm", OptimSettings(epochs=2, lr=5.0, batch_size=32), method_options={"lam_l2": 1e20},
              progress=False)
+
+
+@pytest.mark.parametrize("n, batch_size, sizes", [(65, 32, [32, 33]), (64, 32, [32, 32]), (66, 32, [32, 32, 2]),
+                                                  (33, 32, [33]), (1, 32, [1]), (10, 32, [10])])
+def test_a_trailing_batch_of_one_sample_joins_the_batch_before_it(n, batch_size, sizes):
+    shares = loop_module.epoch_shares(n, batch_size, seed=0, task=0, epoch=0, info=None)
+    assert [len(index) for index, _ in shares] == sizes
+    assert sorted(torch.cat([index for index, _ in shares]).tolist()) == list(range(n))  # every sample once
+    assert all(scale == 1.0 for _, scale in shares)
+
+
+def test_a_batchnorm_model_trains_when_a_task_has_one_sample_past_a_full_batch():
+    """A task of 2·B + 1 samples: without the fold its last batch holds one sample and BatchNorm
+    (train mode) raises "Expected more than 1 value per channel"."""
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from mas_core import MultiHeadNet, OptimSettings, Task, run_sequence
+
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(2 * 8 + 1, 4, generator=generator)
+    targets = (inputs[:, 0] > 0).long()
+    task = Task(name="t", train=TensorDataset(inputs, targets), test=TensorDataset(inputs, targets), num_classes=2)
+
+    def make_model() -> MultiHeadNet:
+        return MultiHeadNet(nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU()), 6)
+
+    result = run_sequence(make_model, [task], "finetune", OptimSettings(epochs=2, lr=0.1, batch_size=8), seed=0)
+    assert len(result.accuracy) == 1 and 0.0 <= result.accuracy[0][0] <= 1.0
