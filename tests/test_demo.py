@@ -9,6 +9,7 @@ from PIL import Image
 pytest.importorskip("triplets.language", reason="the demo embeds facts with triplets.language")
 
 from data_prep.errors import MissingDatasetError  # noqa: E402
+from data_prep.facts_h5 import open_facts  # noqa: E402
 from triplets import demo as demo_module  # noqa: E402
 from triplets.config import load_config  # noqa: E402
 from triplets.demo import SHOW_FILE, SHOW_K, DemoConfig, main, run_demo  # noqa: E402
@@ -78,13 +79,24 @@ def test_reduced_demo_writes_results_picture_and_reuses_its_files(tmp_path, caps
     assert again["methods"] == results["methods"]
 
 
-def test_demo_keeps_the_shapes_world(tmp_path, capsys):
+def test_demo_keeps_the_shapes_world_and_replaces_a_run_of_another_world(tmp_path, capsys):
     out = tmp_path / "demo"
-    results = run_demo(out, overrides=["synth.world=shapes", "synth.num_images=120", *TINY_MODEL,
-                                       "train.methods=[{name: finetune}]"], progress=False, query_example=False)
+    finetune_only = [*TINY_MODEL, "train.methods=[{name: finetune}]"]
+    results = run_demo(out, overrides=["synth.world=shapes", "synth.num_images=120", *finetune_only],
+                       progress=False, query_example=False)
     assert "shapes world of 120 images written" in capsys.readouterr().out
     assert json.loads((tmp_path / "demo_data" / "synth.json").read_text())["world"] == "shapes"
     assert 0.0 <= results["methods"]["finetune"]["avg_acc"] <= 1.0
+
+    # same training settings on another world: the new fact file makes the old run stale
+    run_demo(out, overrides=["synth.num_images=120", "synth.objects=digits,letters", *finetune_only],
+             progress=False, query_example=False)
+    second = capsys.readouterr().out
+    assert "real world of 120 images written" in second and "replacing it" in second and "done" in second
+    saved = json.loads((out / "results.json").read_text())
+    with open_facts(tmp_path / "demo_data" / "facts.h5") as fact_file:
+        sizes = [len(fact_file.facts_of_task(t)) for t in range(fact_file.num_tasks)]
+    assert [task["num_facts"] for task in saved["tasks"]] == sizes
 
 
 def test_demo_bad_setting_is_one_line_error(tmp_path, capsys):

@@ -66,7 +66,7 @@ class SynthSettings:
     and height in pixels, and for ``real`` the object sources (comma-separated)."""
 
     world: Literal["real", "shapes"] = "real"
-    num_images: int = 1500
+    num_images: int = 1000
     seed: int = 0
     width: int = 160
     height: int = 120
@@ -117,8 +117,8 @@ def ensure_world(settings: SynthSettings, folder: Path, *, progress: bool = True
         try:
             generate_real_world(folder, sources=settings.objects, **common)
         except MissingDatasetError as exc:
-            raise TripletsError(f"{exc} (or leave that source out, e.g. "
-                                "--set synth.objects=digits,letters, or use the drawn shapes: --set synth.world=shapes)") from None
+            raise TripletsError(f"{exc} (or leave that source out, e.g. --set synth.objects=digits,letters, "
+                                "or use the drawn shapes: --set synth.world=shapes)") from None
     else:
         generate_world(folder, **common)
     atomic_write_json(stamp, wanted)
@@ -152,13 +152,15 @@ def ensure_fact_file(settings: PrepareSettings, world: Path, world_settings: Syn
     return path, False
 
 
-def _reusable_run(out_dir: Path, config: TrainConfig) -> bool:
-    """True when ``out_dir`` holds a run of the same settings (it is then resumed; finished
-    methods are skipped). A run of other settings is the demo's own stale output: removed."""
+def _reusable_run(out_dir: Path, config: TrainConfig, *, fact_file_reused: bool = True) -> bool:
+    """True when ``out_dir`` holds a run of the same settings on the same fact file (it is then
+    resumed; finished methods are skipped). A run of other settings, or any run when the fact file
+    was just prepared anew (``fact_file_reused`` false: e.g. another world), is the demo's own
+    stale output: removed."""
     config_path = out_dir / "config.yaml"
     if not out_dir.exists():
         return False
-    if config_path.is_file():
+    if fact_file_reused and config_path.is_file():
         try:
             saved = yaml.safe_load(config_path.read_text(encoding="utf-8"))
         except yaml.YAMLError:
@@ -230,18 +232,18 @@ def run_demo(out_dir: str | Path, *, config_path: str | Path = DEFAULT_CONFIG, d
           f"{world} ({timings['synth']:.1f} s)", flush=True)
 
     started = time.perf_counter()
-    fact_path, reused = ensure_fact_file(config.prepare, world, config.synth, fact_path, progress=progress)
+    fact_path, fact_reused = ensure_fact_file(config.prepare, world, config.synth, fact_path, progress=progress)
     timings["prepare"] = time.perf_counter() - started
     with open_facts(fact_path) as fact_file:
         sizes = [len(fact_file.facts_of_task(t)) for t in range(fact_file.num_tasks)]
         counts = len(fact_file.sample_fact)
-    print(f"demo: fact file {'reused' if reused else 'prepared'}: {fact_path}: {sum(sizes)} facts in "
+    print(f"demo: fact file {'reused' if fact_reused else 'prepared'}: {fact_path}: {sum(sizes)} facts in "
           f"{len(sizes)} tasks {sizes}, {counts} samples ({timings['prepare']:.1f} s)", flush=True)
 
     started = time.perf_counter()
     train_config = dataclasses.replace(config.train, data=dataclasses.replace(
         config.train.data, fact_file=str(fact_path.resolve())))
-    resume = _reusable_run(out_dir, train_config)
+    resume = _reusable_run(out_dir, train_config, fact_file_reused=fact_reused)
     results = train_run(train_config, out_dir, resume=resume, progress=progress)
     timings["train_and_evaluate"] = time.perf_counter() - started
     print(f"demo: training and evaluation {'resumed' if resume else 'done'} ({timings['train_and_evaluate']:.1f} s)",
