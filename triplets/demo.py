@@ -2,8 +2,10 @@
 
     python -m triplets.demo --out runs/demo [--config configs/demo.yaml] [--set train.optim.epochs=4]
 
-1. **synth**: render the embedded Visual-Genome-style world (``data_prep.synthetic``) into
-   ``DATA/synth`` (``DATA`` = ``--data-dir``, by default ``OUT`` + ``_data``).
+1. **synth**: write the first ``synth.num_images`` images of the real-image world
+   (``data_prep.real_world``: Fashion-MNIST clothing, handwritten digits and font letters in
+   Visual-Genome-style scenes; ``synth.world: shapes`` gives the drawn-shapes world of
+   ``data_prep.synthetic``) into ``DATA/synth`` (``DATA`` = ``--data-dir``, by default ``OUT`` + ``_data``).
 2. **prepare**: read it as Visual Genome, embed every fact's S, P, O with the text encoder
    (MiniLM by default, ``triplets.language``), split the facts into tasks (semantic by default:
    configs/demo.yaml says why) and store 32×32 region crops: ``DATA/facts.h5``.
@@ -11,8 +13,11 @@
    tasks, in order, into the run folder ``OUT`` (``triplets.train.train_run``), which evaluates
    every task after every task (standard top-5) and writes ``OUT/results.json`` with, per
    method, ``avg_acc`` (average standard top-5) and ``forgetting`` (fractions), ``results.md`` and plots.
-4. **query**: the trained MAS model answers one image → facts and one text → images query.
-5. Prints the comparison table.
+4. **query**: the trained MAS model answers one image → facts and one text → images query, and
+   draws the text query's nearest test regions into ``OUT/query_show.png`` (as ``mas-triplets
+   query --show``).
+5. Prints the comparison table: average standard top-5 (the task's own facts as candidates),
+   forgetting, BWT and the final generalized top-5 (the facts of all tasks as candidates).
 
 Intermediate files are reused when their settings are unchanged (a stamp file beside each
 records them), so a second ``make demo`` skips synth, prepare and finished training.
@@ -32,7 +37,10 @@ from typing import Any, Literal, Sequence
 
 import yaml
 
+from data_prep.errors import MissingDatasetError
 from data_prep.facts_h5 import open_facts
+from data_prep.real_world import generate_real_world
+from data_prep.real_world_sources import SOURCE_NAMES
 from data_prep.synthetic import generate_world
 from data_prep.visual_genome import prepare_visual_genome
 from mas_core.checkpoint import atomic_write_json
@@ -40,21 +48,29 @@ from mas_core.checkpoint import atomic_write_json
 from . import query
 from .cli import _user_errors
 from .config import load_config, to_dict
+from .errors import TripletsError
 from .index import file_sha256 as _file_sha256
 from .language import embed_facts, load_text_encoder
+from .query_show import write_query_picture
 from .train import TrainConfig, train_run
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+SHOW_FILE = "query_show.png"  # the demo's picture, in the run folder
+SHOW_K = 10                   # regions on the picture's contact sheet (two rows)
 
 
 @dataclass
 class SynthSettings:
-    """``synth:`` the synthetic world: number of images, seed, image width and height in pixels."""
+    """``synth:`` the world (``real``: real object images, :mod:`data_prep.real_world`; ``shapes``:
+    drawn shapes, :mod:`data_prep.synthetic`), its first ``num_images`` images, seed, image width
+    and height in pixels, and for ``real`` the object sources (comma-separated)."""
 
-    num_images: int = 600
+    world: Literal["real", "shapes"] = "real"
+    num_images: int = 1000
     seed: int = 0
     width: int = 160
     height: int = 120
+    objects: str = ",".join(SOURCE_NAMES)
 
 
 @dataclass
@@ -87,14 +103,24 @@ def _stamp_matches(stamp: Path, settings: dict[str, Any]) -> bool:
 
 
 def ensure_world(settings: SynthSettings, folder: Path, *, progress: bool = True) -> tuple[Path, bool]:
-    """Render the synthetic world into ``folder`` unless a stamp says it is already there
+    """Write the world of ``settings`` into ``folder`` unless a stamp says it is already there
     with the same settings. Returns ``(folder, reused)``."""
     stamp = folder.parent / f"{folder.name}.json"
     wanted = to_dict(settings)
     if folder.is_dir() and (folder / "image_data.json").is_file() and _stamp_matches(stamp, wanted):
         return folder, True
-    generate_world(folder, num_images=settings.num_images, seed=settings.seed,
-                   image_size=(settings.width, settings.height), progress=progress, force=True)
+    if settings.world != "real" and settings.objects != ",".join(SOURCE_NAMES):
+        raise TripletsError(f"synth.objects applies to world: real only (world is {settings.world!r})")
+    common = {"num_images": settings.num_images, "seed": settings.seed,
+              "image_size": (settings.width, settings.height), "progress": progress, "force": True}
+    if settings.world == "real":
+        try:
+            generate_real_world(folder, sources=settings.objects, **common)
+        except MissingDatasetError as exc:
+            raise TripletsError(f"{exc} (or leave that source out, e.g. --set synth.objects=digits,letters, "
+                                "or use the drawn shapes: --set synth.world=shapes)") from None
+    else:
+        generate_world(folder, **common)
     atomic_write_json(stamp, wanted)
     return folder, False
 
@@ -126,13 +152,15 @@ def ensure_fact_file(settings: PrepareSettings, world: Path, world_settings: Syn
     return path, False
 
 
-def _reusable_run(out_dir: Path, config: TrainConfig) -> bool:
-    """True when ``out_dir`` holds a run of the same settings (it is then resumed; finished
-    methods are skipped). A run of other settings is the demo's own stale output: removed."""
+def _reusable_run(out_dir: Path, config: TrainConfig, *, fact_file_reused: bool = True) -> bool:
+    """True when ``out_dir`` holds a run of the same settings on the same fact file (it is then
+    resumed; finished methods are skipped). A run of other settings, or any run when the fact file
+    was just prepared anew (``fact_file_reused`` false: e.g. another world), is the demo's own
+    stale output: removed."""
     config_path = out_dir / "config.yaml"
     if not out_dir.exists():
         return False
-    if config_path.is_file():
+    if fact_file_reused and config_path.is_file():
         try:
             saved = yaml.safe_load(config_path.read_text(encoding="utf-8"))
         except yaml.YAMLError:
@@ -146,9 +174,12 @@ def _reusable_run(out_dir: Path, config: TrainConfig) -> bool:
     return False
 
 
-def example_queries(out_dir: Path, method: str, *, k: int = 5) -> str:
-    """One image → facts query (the first test image) and one text → images query (the
-    first test image's fact, as text), answered by ``method``'s model; returned as text."""
+def example_queries(out_dir: Path, method: str, *, k: int = 5, show: Path | None = None,
+                    show_k: int = SHOW_K) -> str:
+    """One image → facts query (the first test image) and one text → images query (the first test
+    image's fact, as text), answered by ``method``'s model; returned as text. With ``show``, the
+    text query's ``show_k`` nearest test regions are also drawn as a contact sheet into that PNG
+    (:func:`triplets.query_show.write_query_picture`, as ``mas-triplets query --show``)."""
     lines: list[str] = []
     with query.open_query(out_dir, method=method) as engine:
         image_index = int(engine.fact_file.sample_indices(None, "test")[0])
@@ -159,9 +190,20 @@ def example_queries(out_dir: Path, method: str, *, k: int = 5) -> str:
             lines.append(f"  {rank}. {hit['fact_text']:<40} cosine {hit['score']:.3f}")
         text = " ".join(w for w in true_fact if w)
         lines.append(f"text → images ({method}): \"{text}\"")
-        for rank, hit in enumerate(engine.text_to_images(text, k=k), start=1):
+        images = engine.text_to_images(text, k=max(k, show_k if show is not None else 0))
+        for rank, hit in enumerate(images[:k], start=1):
             lines.append(f"  {rank}. sample {hit['sample']:<6} fact {hit['fact_text']:<34} cosine {hit['score']:.3f}")
+        if show is not None:
+            picture = write_query_picture(show, engine, {"text": text}, facts=engine.text_to_facts(text, k=show_k),
+                                          images=images[:show_k])
+            lines.append(f"picture of the text query's {len(images[:show_k])} nearest test regions: {picture}")
     return "\n".join(lines)
+
+
+def generalized_top5(entry: dict[str, Any]) -> float:
+    """A method's final generalized top-5 averaged over the tasks (fraction; NaN when not measured)."""
+    generalized = entry.get("final", {}).get("generalized") or []
+    return sum(task["top5"] for task in generalized) / len(generalized) if generalized else float("nan")
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -169,8 +211,7 @@ def format_table(results: dict[str, Any]) -> str:
     header = f"{'method':<14} {'avg top-5':>10} {'forgetting':>11} {'BWT':>8} {'gen. top-5':>11}"
     lines = [header, "-" * len(header)]
     for name, entry in results["methods"].items():
-        generalized = entry.get("final", {}).get("generalized") or []
-        gen = sum(task["top5"] for task in generalized) / len(generalized) if generalized else float("nan")
+        gen = generalized_top5(entry)
         lines.append(f"{name:<14} {100 * entry['avg_acc']:>9.1f}% {100 * entry['forgetting']:>10.1f}% "
                      f"{100 * entry['bwt']:>7.1f}% {100 * gen:>10.1f}%")
     return "\n".join(lines)
@@ -184,25 +225,25 @@ def run_demo(out_dir: str | Path, *, config_path: str | Path = DEFAULT_CONFIG, d
     fact_path = data_dir / "facts.h5"
     config = load_config(config_path, DemoConfig, [f"train.data.fact_file={fact_path}", *overrides])
     timings: dict[str, float] = {}
-
-    started = time.perf_counter()
+    demo_started = started = time.perf_counter()
     world, reused = ensure_world(config.synth, data_dir / "synth", progress=progress)
     timings["synth"] = time.perf_counter() - started
-    print(f"demo: synthetic world {'reused' if reused else 'rendered'}: {world} ({timings['synth']:.1f} s)", flush=True)
+    print(f"demo: {config.synth.world} world of {config.synth.num_images} images {'reused' if reused else 'written'}: "
+          f"{world} ({timings['synth']:.1f} s)", flush=True)
 
     started = time.perf_counter()
-    fact_path, reused = ensure_fact_file(config.prepare, world, config.synth, fact_path, progress=progress)
+    fact_path, fact_reused = ensure_fact_file(config.prepare, world, config.synth, fact_path, progress=progress)
     timings["prepare"] = time.perf_counter() - started
     with open_facts(fact_path) as fact_file:
         sizes = [len(fact_file.facts_of_task(t)) for t in range(fact_file.num_tasks)]
         counts = len(fact_file.sample_fact)
-    print(f"demo: fact file {'reused' if reused else 'prepared'}: {fact_path}: {sum(sizes)} facts in "
+    print(f"demo: fact file {'reused' if fact_reused else 'prepared'}: {fact_path}: {sum(sizes)} facts in "
           f"{len(sizes)} tasks {sizes}, {counts} samples ({timings['prepare']:.1f} s)", flush=True)
 
     started = time.perf_counter()
     train_config = dataclasses.replace(config.train, data=dataclasses.replace(
         config.train.data, fact_file=str(fact_path.resolve())))
-    resume = _reusable_run(out_dir, train_config)
+    resume = _reusable_run(out_dir, train_config, fact_file_reused=fact_reused)
     results = train_run(train_config, out_dir, resume=resume, progress=progress)
     timings["train_and_evaluate"] = time.perf_counter() - started
     print(f"demo: training and evaluation {'resumed' if resume else 'done'} ({timings['train_and_evaluate']:.1f} s)",
@@ -211,7 +252,7 @@ def run_demo(out_dir: str | Path, *, config_path: str | Path = DEFAULT_CONFIG, d
     if query_example:
         method = next((name for name in results["methods"] if name.startswith("mas")), next(iter(results["methods"])))
         started = time.perf_counter()
-        print(example_queries(out_dir, method), flush=True)
+        print(example_queries(out_dir, method, show=out_dir / SHOW_FILE), flush=True)
         timings["query"] = time.perf_counter() - started
 
     print()
@@ -221,8 +262,11 @@ def run_demo(out_dir: str | Path, *, config_path: str | Path = DEFAULT_CONFIG, d
     if finetune is not None and mas is not None:
         print(f"\nforgetting (standard top-5, mean over tasks 1..T-1): finetune {100 * finetune['forgetting']:.1f} "
               f"points, MAS {100 * mas['forgetting']:.1f} points")
+        print(f"MAS - finetune: average standard top-5 {100 * (mas['avg_acc'] - finetune['avg_acc']):+.1f} points, "
+              f"final generalized top-5 {100 * (generalized_top5(mas) - generalized_top5(finetune)):+.1f} points")
     print(f"results: {out_dir / 'results.json'}, table: {out_dir / 'results.md'}, plots: {out_dir / 'plots'}")
-    print("timings: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in timings.items()))
+    print("timings: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in timings.items())
+          + f"; total {time.perf_counter() - demo_started:.1f} s")
     return results
 
 
