@@ -18,8 +18,10 @@ first, accuracy is measured on the second.
 
 (a) ``recog``: ``configs/recognition_offline.yaml`` (five tasks, multi-head small CNN, its optimiser),
     MAS with ``--recog-lam``; accuracy = top-1 of task 1's head.
-(b) ``facts``: the demo world (``configs/demo.yaml``'s fact file and training settings, four
-    semantic tasks), MAS λ = 15, through the application itself: ``train_run(stop_after_task=1)``,
+(b) ``facts``: the drawn-shapes demo world (``configs/demo.yaml``'s training settings with the
+    shapes world's batch size 32, four semantic tasks; ``--fact-file`` is that world's fact file, e.g.
+    ``python -m triplets.demo --out runs/shapes_demo --set synth.world=shapes --set synth.num_images=600
+    --set train.optim.batch_size=32`` writes it to ``runs/shapes_demo_data/facts.h5``), MAS λ = 15, through the application itself: ``train_run(stop_after_task=1)``,
     the query code's :func:`~triplets.query_importance.record_query_pixels`, and
     ``train_run(resume=True)`` with the ``online_importance`` section; accuracy = standard top-5
     (task 1's facts as candidates) per test image.
@@ -168,7 +170,8 @@ def facts(seed: int, out: Path, args: argparse.Namespace) -> list[dict[str, Any]
     from triplets.run_folder import load_run
     from triplets.train import TrainConfig, train_run
 
-    demo = load_config(ROOT / "configs" / "demo.yaml", DemoConfig, [f"train.data.fact_file={args.fact_file}"])
+    demo = load_config(ROOT / "configs" / "demo.yaml", DemoConfig,
+                       [f"train.data.fact_file={args.fact_file}", "train.optim.batch_size=32"])
     raw = to_dict(demo.train)
     raw["data"]["fact_file"] = str(Path(args.fact_file).resolve())
     raw["methods"] = [{"name": "mas", "options": {"lam": args.facts_lam, "mode": "exact"}}]
@@ -279,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recog-lam", type=float, default=0.1)
     parser.add_argument("--recog-step", default="gradient", choices=["gradient", "proximal"],
                         help="recognition: MAS's penalty_step (docs/method.md §13)")
-    parser.add_argument("--fact-file", default="runs/demo_data/facts.h5")
+    parser.add_argument("--fact-file", default="runs/shapes_demo_data/facts.h5",
+                        help="the drawn-shapes demo world's fact file (see (b) above)")
     parser.add_argument("--facts-lam", type=float, default=15.0)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)

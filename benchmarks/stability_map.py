@@ -125,6 +125,11 @@ def _recog_runner() -> Callable[[dict[str, Any]], dict[str, Any]]:
     return run
 
 
+#: the drawn-shapes demo of configs/demo.yaml before it moved to the real-image world (issue 14): the
+#: settings the documented fact cells were measured with.
+SHAPES_DEMO = ["synth.world=shapes", "synth.num_images=600", "train.optim.batch_size=32"]
+
+
 def _facts_runner(work: Path) -> Callable[[dict[str, Any]], dict[str, Any]]:
     from triplets.config import load_config
     from triplets.demo import DEFAULT_CONFIG, DemoConfig, ensure_fact_file, ensure_world
@@ -132,7 +137,7 @@ def _facts_runner(work: Path) -> Callable[[dict[str, Any]], dict[str, Any]]:
     from triplets.train_config import MethodConfig
 
     data_dir = work / "facts_data"
-    demo = load_config(DEFAULT_CONFIG, DemoConfig, [f"train.data.fact_file={data_dir / 'facts.h5'}"])
+    demo = load_config(DEFAULT_CONFIG, DemoConfig, [f"train.data.fact_file={data_dir / 'facts.h5'}", *SHAPES_DEMO])
     world, _ = ensure_world(demo.synth, data_dir / "synth", progress=False)
     fact_path, _ = ensure_fact_file(demo.prepare, world, demo.synth, data_dir / "facts.h5", progress=False)
 
