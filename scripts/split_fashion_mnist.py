@@ -136,6 +136,10 @@ def format_table(results: dict[str, SequenceResult | DivergenceError], methods: 
             lrs, strengths = searched_choices(result)
             line = line.replace(f" {lam_text:>8} ", f" {'search':>8} ", 1) + f"   lr per task {lrs}; strength {strengths}"
         lines.append(line)
+        merged = result.merged_summary()
+        if merged is not None:  # IMM: the merged model it delivers, against the models as trained
+            lines.append(f"{label + ' (merged)':<10} {'':>8} {merged['avg_acc']:>8.4f} {merged['forgetting']:>11.4f} "
+                         f"{merged['bwt']:>8.4f}")
     return "\n".join(lines)
 
 
