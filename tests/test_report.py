@@ -24,8 +24,9 @@ def _results():
     mas = [[0.80, None, None], [0.75, 0.70, None], [0.70, 0.66, 0.72]]
 
     def final(top5, gen_top5, map_value):
-        return {"standard": [{"top5": v, "map": map_value} for v in top5],
-                "generalized": [{"top5": v, "map": map_value} for v in gen_top5]}
+        # MRR: the standard mode's top-5 less 0.1, the generalized mode's less 0.2 (numbers to check)
+        return {"standard": [{"top5": v, "mrr": v - 0.1, "map": map_value} for v in top5],
+                "generalized": [{"top5": v, "mrr": v - 0.2, "map": map_value} for v in gen_top5]}
 
     return {"methods": {
         "finetune": {"accuracy_matrix": finetune, "avg_acc": float(np.mean(finetune[-1])), "forgetting": 0.225,
@@ -58,8 +59,8 @@ def _with_imm(results: dict) -> dict:
     merged = [[0.90, None, None], [0.85, 0.75, None], [0.70, 0.72, 0.60]]
     results["methods"]["imm"] = {"accuracy_matrix": trained, "accuracy_matrix_merged": merged, "avg_acc": 0.7167,
                                  "forgetting": 0.2, "bwt": -0.2, "avg_drop": -0.1333, "wall_time_s": 2.0,
-                                 "final": {"standard": [{"top5": 0.7, "map": 0.3}] * 3,
-                                           "generalized": [{"top5": 0.4, "map": 0.3}] * 3}}
+                                 "final": {"standard": [{"top5": 0.7, "mrr": 0.5, "map": 0.3}] * 3,
+                                           "generalized": [{"top5": 0.4, "mrr": 0.25, "map": 0.3}] * 3}}
     return results
 
 
@@ -73,8 +74,8 @@ def test_reports_recompute_chaudhry_forgetting_and_show_the_merged_model_apart()
     assert rows["imm"]["merged"]["avg_acc"] == pytest.approx((0.70 + 0.72 + 0.60) / 3)
     assert rows["imm"]["merged"]["forgetting"] == pytest.approx(((0.95 - 0.70) + (0.80 - 0.72)) / 2)
     table = comparison_table(results)
-    assert "| imm | 71.67 | 22.50 | -20.00 | — | — |" in table
-    assert "| imm (merged) | 67.33 | 16.50 | -14.00 | 40.00 | 30.00 |" in table
+    assert "| imm | 71.67 | 22.50 | -20.00 | — | — | — | — |" in table
+    assert "| imm (merged) | 67.33 | 16.50 | -14.00 | 40.00 | 50.00 | 25.00 | 30.00 |" in table
     results["name"] = "demo"
     results["tasks"] = [{"name": name} for name in ("a", "b", "c")]
     for entry in results["methods"].values():
@@ -90,9 +91,11 @@ def test_table_numbers():
     rows = {row["method"]: row for row in summary_rows(_results())}
     assert rows["mas"]["generalized_top5"] == pytest.approx(0.5)
     assert rows["finetune"]["map"] == pytest.approx(0.25)
+    assert rows["mas"]["mrr"] == pytest.approx((0.6 + 0.56 + 0.62) / 3)
+    assert rows["mas"]["generalized_mrr"] == pytest.approx(0.3)
     table = comparison_table(_results())
-    assert "| finetune | 60.00 | 22.50 | -22.50 | 38.33 | 25.00 |" in table
-    assert "| mas | 69.33 | 7.00 | -7.00 | 50.00 | 40.00 |" in table
+    assert "| finetune | 60.00 | 22.50 | -22.50 | 38.33 | 50.00 | 18.33 | 25.00 |" in table
+    assert "| mas | 69.33 | 7.00 | -7.00 | 50.00 | 59.33 | 30.00 | 40.00 |" in table
     matrix = matrix_table([[0.8, None], [0.6, 0.7]])
     assert "| 1 | 80.00 | — |" in matrix and "| 2 | 60.00 | 70.00 |" in matrix
 
@@ -100,7 +103,7 @@ def test_table_numbers():
 def test_write_report_files(tmp_path):
     write_report(_results(), tmp_path)
     markdown = (tmp_path / "results.md").read_text()
-    assert "| mas | 69.33 | 7.00 | -7.00 | 50.00 | 40.00 |" in markdown
+    assert "| mas | 69.33 | 7.00 | -7.00 | 50.00 | 59.33 | 30.00 | 40.00 |" in markdown
     assert "## finetune: accuracy matrix" in markdown and "| 3 | 50.00 | 55.00 | 75.00 |" in markdown
     names = sorted(p.name for p in (tmp_path / "plots").iterdir())
     assert names == ["accuracy_matrix_finetune.png", "accuracy_matrix_mas.png", "per_task_top5.png"]

@@ -6,7 +6,8 @@ Fact embedding, ``write_report(results, out_dir)`` writes
 - ``out_dir/results.md``: one row per method with average top-5 (mean of the last row of
   the accuracy matrix R, standard mode), forgetting (Chaudhry et al. 2018: mean over j < T−1 of
   max_{j≤l<T−1} R[l][j] − R[T−1][j]), BWT (mean over j < T−1 of R[T−1][j] − R[j][j]), final
-  generalized top-5 and final mAP (means over tasks of the ``final`` entries), then each method's
+  generalized top-5, final MRR (standard and generalized) and final mAP (means over tasks of the
+  ``final`` entries), then each method's
   task × task matrix. A method whose ``after_task`` changes the weights (IMM's merge) has R of the
   models as trained and a second row "(merged)" for the model it delivers (R with its last row
   from ``accuracy_matrix_merged``; the ``final`` metrics are that model's);
@@ -104,7 +105,8 @@ def final_mean(entry: dict[str, Any], mode: str, key: str) -> float | None:
 
 
 def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per method: name, avg_acc, forgetting, bwt, final generalized top-5 and mAP (fractions or
+    """Per method: name, avg_acc, forgetting, bwt, final generalized top-5, final MRR (standard,
+    ``mrr``; generalized, ``generalized_mrr``) and mAP (fractions or
     None), recomputed from the accuracy matrix (the stored values where it is incomplete), so a
     results.json written before forgetting followed Chaudhry et al. is reported with it. A method
     with ``accuracy_matrix_merged`` also has ``merged``: the delivered model's avg_acc,
@@ -122,6 +124,8 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
             "forgetting": computed.get("forgetting", entry.get("forgetting")),
             "bwt": computed.get("bwt", entry.get("bwt")),
             "generalized_top5": final_mean(entry, "generalized", "top5"),
+            "mrr": final_mean(entry, "standard", "mrr"),
+            "generalized_mrr": final_mean(entry, "generalized", "mrr"),
             "map": final_mean(entry, "standard", "map"),
         }
         merged = merged_metrics(entry, name)
@@ -137,17 +141,19 @@ def _percent(value: float | None) -> str:
 
 def comparison_table(results: dict[str, Any]) -> str:
     """The Markdown comparison table (percentages; forgetting and BWT in points)."""
-    lines = ["| method | avg top-5 (%) | forgetting (pts) | BWT (pts) | final generalized top-5 (%) | mAP (%) |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| method | avg top-5 (%) | forgetting (pts) | BWT (pts) | final generalized top-5 (%) | MRR (%) | "
+             "generalized MRR (%) | mAP (%) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in summary_rows(results):
         merged = row.get("merged")
-        final = "— | —" if merged else f"{_percent(row['generalized_top5'])} | {_percent(row['map'])}"
+        final_metrics = (f"{_percent(row['generalized_top5'])} | {_percent(row['mrr'])} | "
+                         f"{_percent(row['generalized_mrr'])} | {_percent(row['map'])}")
+        final = "— | — | — | —" if merged else final_metrics
         lines.append(f"| {row['method']} | {_percent(row['avg_acc'])} | {_percent(row['forgetting'])} | "
                      f"{_percent(row['bwt'])} | {final} |")
         if merged:  # the final model is the merged one: the final metrics are its
             lines.append(f"| {row['method']} (merged) | {_percent(merged['avg_acc'])} | "
-                         f"{_percent(merged['forgetting'])} | {_percent(merged['bwt'])} | "
-                         f"{_percent(row['generalized_top5'])} | {_percent(row['map'])} |")
+                         f"{_percent(merged['forgetting'])} | {_percent(merged['bwt'])} | {final_metrics} |")
     return "\n".join(lines)
 
 
