@@ -384,8 +384,10 @@ class _Search:
         """Train a copy on ``S_t`` at ``lr`` with a copy of the method at ``strength`` (``None``: with
         no penalty, phase 1); its metric on ``V_t`` (``None`` when it diverged). The method's
         ``before_task`` runs in both phases, so both start where the method's training starts
-        (IMM's weight transfer)."""
-        model, trained, reg = copy.deepcopy((self.model, self.trained, self.reg))
+        (IMM's weight transfer). The copies share the experiment (a method may hold its bound
+        methods, e.g. EWC's ``loss_fn``; it holds data and open files, never trained state)."""
+        model, trained, reg = copy.deepcopy((self.model, self.trained, self.reg),
+                                            {id(self.experiment): self.experiment})
         if strength is not None:
             reg.set_strength(**strength)
         torch.manual_seed(derived_seed(self.seed, "search", self.task, *tag))

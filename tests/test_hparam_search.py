@@ -336,13 +336,14 @@ def test_the_search_config_extends_the_offline_one() -> None:
             assert config.search.start_for(name, method) > 0
 
 
-def test_the_train_command_records_the_choices(tmp_path) -> None:
+@pytest.mark.parametrize("method", ["mas", "ewc"])  # EWC holds the experiment's importance_loss (an open HDF5 file)
+def test_the_train_command_records_the_choices(tmp_path, method: str) -> None:
     facts = make_tiny_fact_file(tmp_path / "facts.h5", num_tasks=2, facts_per_task=6, train_per_fact=5,
                                 test_per_fact=2)
-    config = _config(facts, methods=[MethodConfig("mas", {"lam": 1.0})], epochs=1)
+    config = _config(facts, methods=[MethodConfig(method, {"lam": 1.0})], epochs=1)
     config.search = SearchSettings(enabled=True, lr_grid=[0.05, 0.01], start=2.0, max_tries=2, epochs=1)
     results = train_run(config, tmp_path / "run", progress=False)
-    records = results["methods"]["mas"]["hparam_search"]
+    records = results["methods"][method]["hparam_search"]
     assert [r["task"] for r in records] == [0, 1] and records[1]["val_samples"] == 6
     assert records[1]["strength"]["lam"] in (2.0, 1.0) and 0.0 <= records[1]["reference_acc"] <= 1.0
     assert "Hyperparameters chosen per task" in (tmp_path / "run" / "results.md").read_text()
@@ -487,3 +488,19 @@ def test_the_chance_level_is_one_over_the_classes_and_optional() -> None:
             SearchSettings(min_reference=bad).validate()
     assert "min_reference" not in SearchSettings().identity()  # checkpoints written before it still resume
     assert SearchSettings(min_reference=0.3).identity()["min_reference"] == 0.3
+
+
+def test_methods_filter_keeps_the_search_starts_of_the_kept_methods(tmp_path) -> None:
+    """`train --methods` on a config whose search.start names other methods too: the filtered
+    config is valid and keeps the kept methods' starts (configs/synth4_search.yaml with --methods)."""
+    from triplets.train_config import select_methods
+
+    facts = make_tiny_fact_file(tmp_path / "facts.h5", num_tasks=2, facts_per_task=6, train_per_fact=5,
+                                test_per_fact=2)
+    config = _config(facts, methods=[MethodConfig("finetune", {}), MethodConfig("mas", {"lam": 1.0}),
+                                     MethodConfig("ewc", {"lam": 1.0})], epochs=1)
+    config.search = SearchSettings(enabled=True, start={"mas": 2.0, "ewc": 4.0}, lr_grid=[0.05], epochs=1)
+    config.validate()
+    chosen = select_methods(config, ["finetune", "mas"])
+    chosen.validate()
+    assert chosen.search.start == {"mas": 2.0} and [m.key for m in chosen.methods] == ["finetune", "mas"]

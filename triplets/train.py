@@ -130,7 +130,10 @@ def train_run(config: TrainConfig, out_dir: str | Path, *, resume: bool = False,
     with same_on_every_rank():  # the checks before training fail alike on every rank
         config = dataclasses.replace(config, data=dataclasses.replace(
             config.data, fact_file=str(Path(config.data.fact_file).expanduser().resolve())))
-        config.validate()
+        try:
+            config.validate()
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         out_dir = Path(out_dir)
         fact_file = open_fact_file(config.data.fact_file)
     threads_before = torch.get_num_threads()

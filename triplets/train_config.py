@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mas_core.errors import did_you_mean
-from mas_core.hparam_search import SearchSettings
+from mas_core.hparam_search import DEFAULT_KEY, SearchSettings
 from mas_core.loop import OptimSettings
 
 from .config import load_config
@@ -136,13 +136,19 @@ def load_train_config(path: str | Path, overrides: list[str] | None = None) -> T
 
 
 def select_methods(config: TrainConfig, names: list[str]) -> TrainConfig:
-    """A copy of ``config`` keeping only the methods whose key is in ``names`` (config order)."""
+    """A copy of ``config`` keeping only the methods whose key is in ``names`` (config order); a
+    ``search.start`` mapping keeps the entries of the kept methods (and ``default``)."""
     keys = [method.key for method in config.methods]
     for name in names:
         if name not in keys:
             raise ConfigError(f"--methods: {name!r} is not a method of this config{did_you_mean(name, keys)} "
                               f"(methods: {', '.join(keys)})")
-    return dataclasses.replace(config, methods=[m for m in config.methods if m.key in names])
+    kept = [m for m in config.methods if m.key in names]
+    search = config.search
+    if isinstance(search.start, dict):
+        names_kept = {DEFAULT_KEY} | {m.key for m in kept} | {m.name for m in kept}
+        search = dataclasses.replace(search, start={k: v for k, v in search.start.items() if k in names_kept})
+    return dataclasses.replace(config, methods=kept, search=search)
 
 
 __all__ = ["DataConfig", "EvalConfig", "LossConfig", "MethodConfig", "OptimSettings", "SearchSettings", "TrainConfig",
