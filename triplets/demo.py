@@ -176,13 +176,14 @@ def _reusable_run(out_dir: Path, config: TrainConfig, *, fact_file_reused: bool 
 
 def example_queries(out_dir: Path, method: str, *, k: int = 5, show: Path | None = None,
                     show_k: int = SHOW_K) -> str:
-    """One image → facts query (the first test image) and one text → images query (the first test
-    image's fact, as text), answered by ``method``'s model; returned as text. With ``show``, the
+    """One image → facts query (the first test image of task 1, the task learned first and so the
+    most exposed to forgetting) and one text → images query (that image's fact, as text), answered
+    by ``method``'s model; returned as text. With ``show``, the
     text query's ``show_k`` nearest test regions are also drawn as a contact sheet into that PNG
     (:func:`triplets.query_show.write_query_picture`, as ``mas-triplets query --show``)."""
     lines: list[str] = []
     with query.open_query(out_dir, method=method) as engine:
-        image_index = int(engine.fact_file.sample_indices(None, "test")[0])
+        image_index = int(engine.fact_file.sample_indices(0, "test")[0])
         true_fact = engine.fact_file.facts[int(engine.fact_file.sample_fact[image_index])]
         lines.append(f"image → facts ({method}): test sample {image_index}, true fact "
                      f"<{', '.join(w for w in true_fact if w)}>")
