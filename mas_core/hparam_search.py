@@ -294,14 +294,26 @@ def stability_decay(score: Callable[[float], float | None], start: float, decay:
     return tries, len(tries) - 1
 
 
+def accepted_at_start(record: dict[str, Any]) -> bool:
+    """True when the stability decay accepted its first value (``start``) and the real run kept it:
+    the search never reached the strength at which plasticity drops, so a higher ``start`` might
+    have been chosen (the method's row is then bounded by the start, not by the protocol)."""
+    tries = record.get("tries") or []
+    threshold = record.get("threshold")
+    return (len(tries) == 1 and not record.get("backoff") and threshold is not None
+            and tries[0].get("val_acc") is not None and tries[0]["val_acc"] >= threshold)
+
+
 def describe_choice(record: dict[str, Any]) -> str:
     """``"lr 0.05, lam=2.5"`` (``"lr 0.05"`` where the strength was not searched: a method without
-    one, or task 0, where it has no effect)."""
+    one, or task 0, where it has no effect); ``" (start)"`` appended where the first value tried was
+    accepted (:func:`accepted_at_start`)."""
     text = f"lr {record['lr']:g}"
     searched = record.get("tries") or (record.get("reference_collapsed") and record.get("strength_name")
                                        and record.get("task", 0) > 0)  # λ_0 kept, nothing tried
     strength = (record.get("strength") or {}) if searched else {}
-    return text + "".join(f", {key}={value:g}" for key, value in strength.items())
+    text += "".join(f", {key}={value:g}" for key, value in strength.items())
+    return text + (" (start)" if accepted_at_start(record) else "")
 
 
 class _Search:
@@ -408,5 +420,5 @@ class _Search:
         return value if math.isfinite(value) else None
 
 
-__all__ = ["SearchSettings", "SearchableExperiment", "best_learning_rate", "chance_level", "describe_choice",
-           "split_positions", "stability_decay"]
+__all__ = ["SearchSettings", "SearchableExperiment", "accepted_at_start", "best_learning_rate", "chance_level",
+           "describe_choice", "split_positions", "stability_decay"]

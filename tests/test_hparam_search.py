@@ -17,6 +17,7 @@ import mas_core.loop as loop_module
 from mas_core.errors import InvalidArgumentError, MASCoreError
 from mas_core.hparam_search import (
     SearchSettings,
+    accepted_at_start,
     best_learning_rate,
     chance_level,
     describe_choice,
@@ -141,6 +142,19 @@ def test_the_search_picks_the_argmax_lr_and_the_known_strength() -> None:
     assert result.summary()["hparam_search"] == records
     assert describe_choice(records[0]) == f"lr {records[0]['lr']:g}"  # task 1: λ was not searched
     assert describe_choice(records[1]) == f"lr {records[1]['lr']:g}, lam=1"
+
+
+def test_a_start_accepted_at_the_first_try_is_marked() -> None:
+    """A record whose first value passed (and was kept by the real run) says "(start)": the
+    search never found the method's limit; a decayed, failed or backed-off one does not."""
+    record = {"task": 1, "lr": 0.05, "strength_name": "lam", "strength": {"lam": 8.0}, "threshold": 0.6,
+              "tries": [{"value": 8.0, "val_acc": 0.7}], "backoff": []}
+    assert accepted_at_start(record) and describe_choice(record) == "lr 0.05, lam=8 (start)"
+    decayed = dict(record, strength={"lam": 4.0}, tries=[{"value": 8.0, "val_acc": 0.5}, {"value": 4.0, "val_acc": 0.7}])
+    failed = dict(record, tries=[{"value": 8.0, "val_acc": 0.5}])  # max_tries 1: the floor, not accepted
+    backed_off = dict(record, strength={"lam": 4.0}, backoff=[{"strength": {"lam": 8.0}, "error": "diverged"}])
+    for other in (decayed, failed, backed_off):
+        assert not accepted_at_start(other) and "(start)" not in describe_choice(other)
 
 
 def test_the_search_is_deterministic_and_leaves_the_real_training_alone() -> None:

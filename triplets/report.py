@@ -177,7 +177,9 @@ def search_table(results: dict[str, Any]) -> str:
         return ""
     tasks = _task_names(results)
     lines = ["Hyperparameters chosen per task by the search (validation split of each task's own training "
-             "data; results.json's hparam_search holds every try and the reason):", "",
+             "data; results.json's hparam_search holds every try and the reason). \"(start)\": the first, most "
+             "stable value tried was accepted, so the search never found where plasticity drops; a higher "
+             "search.start may suit that method better:", "",
              "| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
     for name, records in searched.items():
         cells = {int(record["task"]): describe_choice(record) for record in records}
