@@ -64,9 +64,9 @@ def test_a_layer_input_with_batch_size_rows_that_is_not_per_sample_takes_the_exa
     assert relative_error(fisher, expected_fisher) <= 1e-6
 
 
-def test_a_batch_leaf_with_batch_size_rows_that_is_not_per_sample_is_not_cut() -> None:
-    """The batch carries a [B, 4] table shared by all its samples (B = 4); LayerNorm's parameters go
-    through the fallback, which must not hand each sample one row of the table."""
+def _shared_table_case():
+    """A Linear + LayerNorm model, 8 inputs and a [4, 4] table shared by every sample of a batch of
+    4 (so it has batch-size rows without being per-sample); the output projects onto the table."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 4), nn.LayerNorm(4)).to(DTYPE)
     x = torch.randn(8, 6, dtype=DTYPE)
@@ -74,6 +74,14 @@ def test_a_batch_leaf_with_batch_size_rows_that_is_not_per_sample_is_not_cut() -
 
     def output_fn(module, batch):
         return module(batch[0]) @ batch[1].T
+
+    return model, x, table, output_fn
+
+
+def test_a_batch_leaf_with_batch_size_rows_that_is_not_per_sample_is_not_cut() -> None:
+    """The batch carries a [B, 4] table shared by all its samples (B = 4); LayerNorm's parameters go
+    through the fallback, which must not hand each sample one row of the table."""
+    model, x, table, output_fn = _shared_table_case()
 
     expected = brute_force(model, 8, lambda n: output_fn(model, (x[n:n + 1], table)).square().sum())
     actual = mas_importance(model, [(x[:4], table), (x[4:], table)], output_fn=output_fn)
@@ -257,13 +265,7 @@ def test_a_linear_reading_a_batch_table_of_batch_size_rows_is_not_taken_for_per_
 
 def test_the_max_samples_cap_never_cuts_a_table_that_only_looks_per_sample() -> None:
     """Batches (x[4], table[4]) capped at 6 samples: the old cap cut the second batch's table to 2 rows."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 4), nn.LayerNorm(4)).to(DTYPE)
-    x = torch.randn(8, 6, dtype=DTYPE)
-    table = torch.randn(4, 4, dtype=DTYPE)
-
-    def output_fn(module, batch):
-        return module(batch[0]) @ batch[1].T
+    model, x, table, output_fn = _shared_table_case()
 
     batches = [(x[:4], table), (x[4:], table)]
     expected = brute_force(model, 6, lambda n: output_fn(model, (x[n:n + 1], table)).square().sum())
