@@ -33,9 +33,9 @@ from mas_core import (DivergenceError, MASCoreError, MultiHeadNet, OptimSettings
                       run_sequence)
 from mas_core.hparam_search import SearchSettings
 
-#: method -> (registry name, options). Each λ is the best of a sweep on this full protocol (seed 0, one thread):
-#: MAS 0.1/0.25/0.5 (forgetting 0.027/0.017/0.0015), 1 diverges; l-MAS 0.25/0.5/1 (0.023/0.000/-0.0004);
-#: EWC 100/1000 (0.115/0.098), 2000 diverges; SI 1/100/300 (0.188/0.025/0.015), 600 diverges; LwF 1 (0.003).
+#: method -> (registry name, options). Each λ was the best of a sweep on this full protocol scored on the
+#: test set (model selection on test data: use --search for a fair choice) with an earlier version of the
+#: loop; the sweep re-run with the current one is in docs/results.md ("How the hand-tuned λ were chosen").
 DEFAULT_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "finetune": ("finetune", {}),
     "ewc": ("ewc", {"lam": 1000.0}),
