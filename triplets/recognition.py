@@ -15,6 +15,11 @@ loop; checkpoints in ``OUT/<method>/``), and writes
 * ``OUT/results.md`` and ``OUT/plots/accuracy.png``, ``OUT/plots/drop.png``
   (:func:`triplets.report.recognition_markdown`, :func:`triplets.report.write_recognition_plots`).
 
+A method whose training diverges (:class:`~mas_core.errors.DivergenceError`) does not stop the
+others: it is listed under ``diverged`` in ``results.json`` (with the error) and under the tables
+of ``results.md``, and ``--resume`` trains it again; only when every method diverged is the first
+error raised.
+
 All files are written atomically. A method finished earlier is loaded from
 ``OUT/<method>/result.json`` on ``resume``; an interrupted one continues from its
 last task checkpoint, so the final results equal those of an uninterrupted run
@@ -46,6 +51,7 @@ from typing import Any
 
 from mas_core.checkpoint import atomic_write_json, atomic_write_text, read_json, remove_stale_temporaries
 from mas_core.distributed import is_main_process, run_on_main_process, same_on_every_rank
+from mas_core.errors import DivergenceError
 from mas_core.loop import OptimSettings
 from mas_core.sequence import Task, run_sequence
 
@@ -128,6 +134,8 @@ def run_recognition(config: RecognitionConfig, out: str | Path, *, methods: Sequ
     optim = OptimSettings(**{f.name: getattr(config.train, f.name) for f in dataclasses.fields(OptimSettings)})
     make_model = model_factory(config.model)
     per_method: dict[str, Any] = {}
+    diverged: dict[str, str] = {}
+    first_divergence: DivergenceError | None = None
     for method in method_list:
         method_dir = out / method_dir_name(method)
         options = _method_options(config, method)
@@ -146,19 +154,27 @@ def run_recognition(config: RecognitionConfig, out: str | Path, *, methods: Sequ
                           importance_data=test_inputs[i] if importance == "test" else None)
                      for i, t in enumerate(tasks)]
         base = method.split("@")[0]
-        sequence_result = run_sequence(make_model, run_tasks, base, optim, seed=config.seed,
-                                       device=config.train.device, eval_batch_size=config.train.eval_batch_size,
-                                       num_workers=config.train.num_workers, method_options=options or None,
-                                       checkpoint_dir=method_dir, resume=resume, progress=progress, log=log,
-                                       search=config.search.resolved_for(base, method) if config.search.enabled else None)
+        try:  # the loop all-reduces a divergence, so every rank lands here alike
+            sequence_result = run_sequence(
+                make_model, run_tasks, base, optim, seed=config.seed, device=config.train.device,
+                eval_batch_size=config.train.eval_batch_size, num_workers=config.train.num_workers,
+                method_options=options or None, checkpoint_dir=method_dir, resume=resume, progress=progress, log=log,
+                search=config.search.resolved_for(base, method) if config.search.enabled else None)
+        except DivergenceError as exc:
+            emit(f"[{method}] stopped: {exc}")
+            diverged[method] = str(exc)
+            first_divergence = first_divergence or exc
+            continue
         summary = method_summary(sequence_result, base, options,
                                  importance_data=importance if importance_from_inputs(base) else None)
         per_method[method] = summary
         if main:
             atomic_write_json(saved_path, {"identity": identity, "result": summary}, checksum=True)
-            atomic_write_json(results_path, _results(config, config_dict, tasks, per_method, complete=False),
-                              checksum=True)
-    results = _results(config, config_dict, tasks, per_method, complete=True)
+            atomic_write_json(results_path, _results(config, config_dict, tasks, per_method, diverged,
+                                                      complete=False), checksum=True)
+    if not per_method and first_divergence is not None:
+        raise first_divergence  # nothing to report: every method diverged
+    results = _results(config, config_dict, tasks, per_method, diverged, complete=True)
     if main:
         atomic_write_json(results_path, results, checksum=True)
         atomic_write_text(out / "results.md", recognition_markdown(results))
@@ -182,12 +198,13 @@ def _check_prepared_data(out: Path, specs: Sequence[TaskSpec], paths: Sequence[P
 
 
 def _results(config: RecognitionConfig, config_dict: dict[str, Any], tasks: list[Task], per_method: dict[str, Any],
-             complete: bool) -> dict[str, Any]:
-    """The results document (:mod:`triplets.results_schema`) of the methods finished so far."""
+             diverged: dict[str, str], complete: bool) -> dict[str, Any]:
+    """The results document (:mod:`triplets.results_schema`) of the methods finished so far (and
+    of those that diverged, under ``diverged``)."""
     task_entries = [{"index": index, "name": task.name, "num_classes": int(task.num_classes),
                      "num_train": len(task.train), "num_test": len(task.test)} for index, task in enumerate(tasks)]
     return results_document(experiment="recognition", name=config.name, metric="top-1 accuracy", complete=complete,
-                            tasks=task_entries, methods=dict(per_method), config=config_dict)
+                            tasks=task_entries, methods=dict(per_method), config=config_dict, diverged=diverged)
 
 
 def comparable(results: dict[str, Any]) -> dict[str, Any]:

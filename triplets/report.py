@@ -315,7 +315,8 @@ def _task_names(results: dict[str, Any]) -> list[str]:
 def recognition_markdown(results: dict[str, Any]) -> str:
     """Markdown tables of a recognition results document (accuracies and drops in percent), the
     metrics recomputed from each accuracy matrix (:func:`matrix_metrics`); a method with
-    ``accuracy_matrix_merged`` (IMM) gets a "(merged)" row for the model it delivers."""
+    ``accuracy_matrix_merged`` (IMM) gets a "(merged)" row for the model it delivers; the methods
+    under ``diverged`` are listed with their errors after the tables."""
     tasks = _task_names(results)
     methods = results["methods"]
     lines = [f"# {results['name']}: {' → '.join(tasks)}", ""]
@@ -355,6 +356,10 @@ def recognition_markdown(results: dict[str, Any]) -> str:
     searched = search_table(results)
     if searched:
         lines += ["", searched]
+    diverged = results.get("diverged") or {}
+    if diverged:
+        lines += ["", "Diverged (not in the tables; `--resume` trains them again):", ""]
+        lines += [f"- {name}: {message}" for name, message in diverged.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -11,7 +11,8 @@ Version 1::
                        ["accuracy_matrix_merged": R_merged, "merged": {"avg_acc", "forgetting",
                         "bwt", "avg_drop"}],       # IMM only (after_task_changes_model)
                        ...experiment extras}},
-     "config": the experiment's config as a plain mapping}
+     "config": the experiment's config as a plain mapping,
+     ["diverged": {key: one-line error}]}   # recognition: methods stopped by a divergence
 
 ``R[i][j]`` is the metric (a fraction in [0, 1]) on task ``j`` of the model as trained on task
 ``i``, ``null`` for ``j > i``; ``A``, ``F``, ``BWT`` and ``D`` are :mod:`mas_core.metrics`'
@@ -53,10 +54,16 @@ def method_summary(outcome: SequenceResult, method: str, options: dict[str, Any]
 
 
 def results_document(*, experiment: str, name: str, metric: str, complete: bool, tasks: list[dict[str, Any]],
-                     methods: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
-    """A results document of :data:`SCHEMA_VERSION` (see the module docs)."""
-    return {"schema_version": SCHEMA_VERSION, "experiment": experiment, "name": name, "metric": metric,
-            "complete": complete, "tasks": tasks, "methods": methods, "config": config}
+                     methods: dict[str, Any], config: dict[str, Any],
+                     diverged: dict[str, str] | None = None) -> dict[str, Any]:
+    """A results document of :data:`SCHEMA_VERSION` (see the module docs). ``diverged``: the
+    methods whose training stopped with a divergence, each with its one-line message (the key is
+    present only when some did; those methods are not in ``methods``)."""
+    document = {"schema_version": SCHEMA_VERSION, "experiment": experiment, "name": name, "metric": metric,
+                "complete": complete, "tasks": tasks, "methods": methods, "config": config}
+    if diverged:
+        document["diverged"] = dict(diverged)
+    return document
 
 
 __all__ = ["SCHEMA_VERSION", "SEARCH_KEY", "method_summary", "results_document"]

@@ -4,6 +4,7 @@ and write results.json, results.md and bar plots into the run folder (see
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from mas_core.distributed import same_on_every_rank
@@ -35,7 +36,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load the config, run every method, print the results table."""
+    """Load the config, run every method, print the results table; exit status 1 when a method
+    diverged (the others' results are written, the diverged ones listed)."""
     from ..cli import distributed_session  # noqa: PLC0415 - cli imports this module to register it
 
     with same_on_every_rank():  # read by every rank alike: rank 0 alone reports a bad config
@@ -47,7 +49,10 @@ def run(args: argparse.Namespace) -> int:
     # under torchrun: gloo for a CPU train.device, nccl for cuda (every rank its LOCAL_RANK's GPU)
     with distributed_session(config.train.device) as info:
         results = run_recognition(config, args.out, methods=methods, resume=args.resume, progress=not args.quiet)
+    diverged = results.get("diverged") or {}
     if info is None or info.is_main:
         print(recognition_markdown(results), end="")
         print(f"\nwritten: {args.out}/results.json, {args.out}/results.md, {args.out}/plots/")
-    return 0
+        for method, message in diverged.items():
+            print(f"mas-triplets recognition: method {method} diverged: {message}", file=sys.stderr)
+    return 1 if diverged else 0
