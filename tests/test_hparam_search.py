@@ -33,6 +33,7 @@ from triplets.recognition_config import load_recognition_config
 from triplets.train import MethodConfig, train_run
 
 from test_sequence import SETTINGS, _make_model, _tasks
+from test_recognition import tiny_digits_config
 from test_train import _config, make_tiny_fact_file
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
@@ -290,19 +291,8 @@ def test_an_experiment_without_validation_score_is_told_what_to_add() -> None:
 # ------------------------------------------------------------------ the config section and the commands
 
 def _recognition_yaml(root: Path, search: dict) -> Path:
-    path = root / "recognition.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "search", "seed": 0, "data_dir": str(root / "data"),
-        "tasks": [{"name": "low", "dataset": "digits", "classes": [0, 1, 2], "max_train_per_class": 10,
-                   "max_test_per_class": 4},
-                  {"name": "high", "dataset": "digits", "classes": [7, 8, 9], "max_train_per_class": 10,
-                   "max_test_per_class": 4}],
-        "model": {"arch": "small_cnn", "input_size": 8, "channels": 1, "width": 4, "feature_dim": 8},
-        "train": {"epochs": 2, "batch_size": 8, "lr": 0.05, "device": "cpu"},
-        "methods": ["finetune", "mas", "mas@test"], "method_options": {"mas": {"max_samples": 20}},
-        "search": search,
-    }, sort_keys=False))
-    return path
+    return tiny_digits_config(root, ["finetune", "mas", "mas@test"], {"mas": {"max_samples": 20}}, search=search,
+                              name="search")
 
 
 def test_the_recognition_command_records_and_prints_the_choices(tmp_path, capsys) -> None:

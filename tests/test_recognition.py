@@ -268,18 +268,19 @@ def test_two_processes_give_the_one_process_results(tmp_path: Path) -> None:
     assert files(tmp_path / "two") == files(tmp_path / "one")
 
 
-def _digits_config(root: Path, methods: list[str], method_options: dict) -> Path:
+def tiny_digits_config(root: Path, methods: list[str], method_options: dict, search: dict | None = None,
+                       name: str = "tiny") -> Path:
     """Two tiny digit tasks (10 training images per class), 2 epochs: seconds per method."""
     path = root / "recognition.yaml"
     path.write_text(yaml.safe_dump({
-        "name": "tiny", "seed": 0, "data_dir": str(root / "data"),
+        "name": name, "seed": 0, "data_dir": str(root / "data"),
         "tasks": [{"name": "low", "dataset": "digits", "classes": [0, 1, 2], "max_train_per_class": 10,
                    "max_test_per_class": 4},
                   {"name": "high", "dataset": "digits", "classes": [7, 8, 9], "max_train_per_class": 10,
                    "max_test_per_class": 4}],
         "model": {"arch": "small_cnn", "input_size": 8, "channels": 1, "width": 4, "feature_dim": 8},
         "train": {"epochs": 2, "batch_size": 8, "lr": 0.05, "device": "cpu"},
-        "methods": methods, "method_options": method_options,
+        "methods": methods, "method_options": method_options, **({"search": search} if search is not None else {}),
     }, sort_keys=False))
     return path
 
@@ -288,7 +289,7 @@ def test_a_diverged_method_is_listed_and_the_others_are_reported(tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture) -> None:
     """MAS at λ = 1e12 diverges on task 2; fine-tuning's results are still written, MAS is listed
     under `diverged` with its one-line error, and the command exits 1."""
-    config = _digits_config(tmp_path, ["finetune", "mas"], {"mas": {"lam": 1e12}})
+    config = tiny_digits_config(tmp_path, ["finetune", "mas"], {"mas": {"lam": 1e12}})
     out = tmp_path / "run"
     assert main(["recognition", "--config", str(config), "--out", str(out), "--quiet"]) == 1
     captured = capsys.readouterr()
@@ -303,7 +304,7 @@ def test_a_diverged_method_is_listed_and_the_others_are_reported(tmp_path: Path,
 
 
 def test_when_every_method_diverges_the_error_stands(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    config = _digits_config(tmp_path, ["mas"], {"mas": {"lam": 1e12}})
+    config = tiny_digits_config(tmp_path, ["mas"], {"mas": {"lam": 1e12}})
     assert main(["recognition", "--config", str(config), "--out", str(tmp_path / "run"), "--quiet"]) == 2
     error = capsys.readouterr().err.strip()
     assert "diverged" in error and "\n" not in error
