@@ -74,7 +74,7 @@ from .errors import DivergenceError, EmptyDataError, MASCoreError, did_you_mean
 from .experiment import Experiment, OptimSettings, TrainData
 from .loop import derived_seed, train_task_epochs
 from .regularizers import METHODS, make_regularizer
-from .regularizers.base import Finetune, Regularizer, TaskInfo
+from .regularizers.base import Finetune, Regularizer, TaskInfo, describe_strength_values
 
 DEFAULT_KEY = "default"
 
@@ -312,7 +312,7 @@ def describe_choice(record: dict[str, Any]) -> str:
     searched = record.get("tries") or (record.get("reference_collapsed") and record.get("strength_name")
                                        and record.get("task", 0) > 0)  # λ_0 kept, nothing tried
     strength = (record.get("strength") or {}) if searched else {}
-    text += "".join(f", {key}={value:g}" for key, value in strength.items())
+    text += f", {describe_strength_values(strength)}" if strength else ""
     return text + (" (start)" if accepted_at_start(record) else "")
 
 

@@ -73,7 +73,7 @@ from .errors import DivergenceError, EmptyDataError, MASCoreError, NonFiniteErro
 from .experiment import (Experiment, ImportanceSource, OptimSettings, SequenceResult, TaskSearch,
                          TrainData)
 from .regularizers import make_regularizer, method_options
-from .regularizers.base import Finetune, Regularizer, TaskInfo
+from .regularizers.base import Finetune, Regularizer, TaskInfo, describe_strength_values
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "log.txt"
@@ -209,8 +209,8 @@ def train_tasks(experiment: Experiment, method: str | Regularizer, optim: OptimS
                     raise _searched_divergence(exc, searched[-1]) from None
             failed = searched[-1]["backoff"][-1]["strength"]
             emit(f"[{label}] task {task + 1} ({experiment.task_names[task]}): training diverged at "
-                 f"{_describe(failed)} (chosen by the search); restored the task's start, training it again "
-                 f"with {_describe(strength)}")
+                 f"{describe_strength_values(failed)} (chosen by the search); restored the task's start, "
+                 f"training it again with {describe_strength_values(strength)}")
             _restore_task_start(task_start, model, trained, reg)
             reg.set_strength(**strength)
         model.eval()
@@ -283,16 +283,12 @@ def _restore_task_start(start: dict[str, Any], model: nn.Module, trained: nn.Mod
 def _searched_divergence(exc: DivergenceError, chosen: dict[str, Any]) -> DivergenceError:
     """The divergence of a task whose lr and strength the search chose, with no back-off left."""
     backoff = chosen.get("backoff") or []
-    history = "" if not backoff else (f"; backed off {len(backoff)} time(s) from {_describe(backoff[0]['strength'])}, "
-                                      "down to the search's floor")
+    history = "" if not backoff else (f"; backed off {len(backoff)} time(s) from "
+                                      f"{describe_strength_values(backoff[0]['strength'])}, down to the search's floor")
     return DivergenceError(
         f"{exc} (both were chosen by the hyperparameter search on a validation split of this task: "
         f"lr={chosen['lr']}, strength {chosen['strength'] or 'none'}{history}; lower search.start or the top of "
         "search.lr_grid, or use a smaller search.tolerance)")
-
-
-def _describe(strength: dict[str, float]) -> str:
-    return ", ".join(f"{key}={value:g}" for key, value in strength.items()) or "no strength"
 
 
 def train_task_epochs(experiment: Experiment, trained: nn.Module, model: nn.Module, data: TrainData, task: int,

@@ -27,6 +27,7 @@ from mas_core.loop import OptimSettings
 from triplets.cli import main
 from triplets.errors import ConfigError, RunFolderError, TripletsError
 
+from test_recognition import tiny_digits_config
 from test_train import make_tiny_fact_file
 
 MODEL = {"trunk_channels": [4, 8], "branch_channels": 8, "hidden_dim": 16}
@@ -138,17 +139,7 @@ def own(world, tmp_path):
 def recognition_run(tmp_path_factory):
     """A finished two-task recognition run on the bundled digits (a second of training)."""
     root = tmp_path_factory.mktemp("recognition")
-    config = root / "recognition.yaml"
-    config.write_text(yaml.safe_dump({
-        "name": "faults", "seed": 0, "data_dir": str(root / "data"),
-        "tasks": [{"name": "low", "dataset": "digits", "classes": [0, 1, 2], "max_train_per_class": 8,
-                   "max_test_per_class": 4},
-                  {"name": "high", "dataset": "digits", "classes": [7, 8, 9], "max_train_per_class": 8,
-                   "max_test_per_class": 4}],
-        "model": {"arch": "small_cnn", "input_size": 8, "channels": 1, "width": 4, "feature_dim": 8},
-        "train": {"epochs": 1, "batch_size": 8, "lr": 0.05, "device": "cpu"},
-        "methods": ["finetune"],
-    }, sort_keys=False))
+    config = tiny_digits_config(root, ["finetune"], name="faults", train_per_class=8, epochs=1)
     assert main(["recognition", "--config", str(config), "--out", str(root / "run"), "--quiet"]) == 0
     return {"root": root, "config": config, "run": root / "run", "data": root / "data"}
 

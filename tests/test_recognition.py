@@ -268,19 +268,22 @@ def test_two_processes_give_the_one_process_results(tmp_path: Path) -> None:
     assert files(tmp_path / "two") == files(tmp_path / "one")
 
 
-def tiny_digits_config(root: Path, methods: list[str], method_options: dict, search: dict | None = None,
-                       name: str = "tiny") -> Path:
-    """Two tiny digit tasks (10 training images per class), 2 epochs: seconds per method."""
+def tiny_digits_config(root: Path, methods: list[str], method_options: dict | None = None,
+                       search: dict | None = None, name: str = "tiny", train_per_class: int = 10,
+                       epochs: int = 2) -> Path:
+    """Two tiny digit tasks (``train_per_class`` training images per class, 4 test), ``epochs``
+    epochs per task: seconds per method."""
     path = root / "recognition.yaml"
     path.write_text(yaml.safe_dump({
         "name": name, "seed": 0, "data_dir": str(root / "data"),
-        "tasks": [{"name": "low", "dataset": "digits", "classes": [0, 1, 2], "max_train_per_class": 10,
+        "tasks": [{"name": "low", "dataset": "digits", "classes": [0, 1, 2], "max_train_per_class": train_per_class,
                    "max_test_per_class": 4},
-                  {"name": "high", "dataset": "digits", "classes": [7, 8, 9], "max_train_per_class": 10,
+                  {"name": "high", "dataset": "digits", "classes": [7, 8, 9], "max_train_per_class": train_per_class,
                    "max_test_per_class": 4}],
         "model": {"arch": "small_cnn", "input_size": 8, "channels": 1, "width": 4, "feature_dim": 8},
-        "train": {"epochs": 2, "batch_size": 8, "lr": 0.05, "device": "cpu"},
-        "methods": methods, "method_options": method_options, **({"search": search} if search is not None else {}),
+        "train": {"epochs": epochs, "batch_size": 8, "lr": 0.05, "device": "cpu"},
+        "methods": methods, **({"method_options": method_options} if method_options is not None else {}),
+        **({"search": search} if search is not None else {}),
     }, sort_keys=False))
     return path
 

@@ -48,6 +48,11 @@ class TaskInfo:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+
+def describe_strength_values(strength: dict[str, float]) -> str:
+    """``{"lam": 5.0}`` → ``"lam=5"`` (``", "``-joined; ``""`` for no strength)."""
+    return ", ".join(f"{key}={value:g}" for key, value in strength.items())
+
 class Regularizer:
     """Base class: the empty method. Subclasses override what they need.
 
@@ -97,8 +102,7 @@ class Regularizer:
 
     def describe_strength(self) -> str:
         """``"lam=5.0"`` (``"no strength hyperparameter"`` when :attr:`strength` is empty)."""
-        items = self.strength
-        return ", ".join(f"{key}={value:g}" for key, value in items.items()) or "no strength hyperparameter"
+        return describe_strength_values(self.strength) or "no strength hyperparameter"
 
     def set_strength(self, **values: float) -> None:
         """Set the strength hyperparameters by their :attr:`strength` names (``set_strength(lam=2.5)``;
