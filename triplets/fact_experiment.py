@@ -25,6 +25,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from mas_core.batches import batch_input
 from mas_core.distributed import current, run_on_main_process
 from mas_core.loop import ImportanceSource
 
@@ -107,7 +108,9 @@ class FactExperiment:
         the seed: ``data``, ``model`` (without the trunk flags when false) and ``loss``."""
         plain = to_dict(config)
         model = {key: value for key, value in plain["model"].items()
-                 if not (key in ("freeze_trunk", "cache_features") and value is False)}
+                 if not (key in ("freeze_trunk", "cache_features") and value is False)
+                 and not (key == "input_size" and value is None)
+                 and not (key == "trunk_blocks" and plain["model"]["backbone"] != "efficientnet_lite0")}
         return {"data": plain["data"], "model": model, "loss": plain["loss"]}
 
     def build_model(self) -> nn.Module:
@@ -167,6 +170,12 @@ class FactExperiment:
         if len(samples) == 0:
             raise ConfigError(f"data.importance_data={data.importance_data!r} has no images for task {task}")
         return ImportanceSource(samples.inputs_only(), batch_size)
+
+    def pretrained_output(self, module: nn.Module, batch: Any) -> Tensor:
+        """F₀ of MAS anchored at the pretrained weights (``anchor: start``): the pretrained part of
+        both branches (:func:`triplets.model.pretrained_features`) on ``batch``'s images or cached
+        trunk features."""
+        return module.pretrained_output(batch_input(batch))
 
     def evaluate(self, model: nn.Module, task: int) -> list[float]:
         return [self._top5(model, j) for j in range(task + 1)]
