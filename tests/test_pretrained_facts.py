@@ -48,7 +48,7 @@ def test_trunk_is_the_pretrained_prefix_and_branches_copy_the_rest():
 
 def test_bad_backbone_settings_are_refused():
     with pytest.raises(ValueError, match="trunk_blocks"):
-        _model_config(trunk_blocks=16).validate()
+        _model_config(trunk_blocks=17).validate()
     with pytest.raises(ValueError, match="input_size"):
         _model_config(input_size=4).validate()
     with pytest.raises(ConfigError, match="no pretrained weights"):

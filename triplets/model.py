@@ -83,11 +83,17 @@ class ModelConfig:
     ``freeze_trunk``: the shared trunk keeps its initial (or ``weights``) values and stays in
     eval mode; only the two branches train. ``cache_features``: implies ``freeze_trunk`` and
     trains the branches on the trunk's output computed once and stored in the run folder
-    (``RUN/features/<fingerprint>.h5``). Both need a torchvision backbone (resnet18, vgg16,
-    alexnet): the small_cnn has no pretrained trunk worth freezing.
+    (``RUN/features/<fingerprint>.h5``). Both need a pretrained architecture (efficientnet_lite0,
+    resnet18, vgg16, alexnet): the small_cnn has no pretrained trunk worth freezing.
+
+    ``trunk_blocks`` (efficientnet_lite0 only): how many of its 16 MBConv blocks the shared trunk
+    holds (each branch copies the rest and the head convolution). ``input_size``: resize images
+    to this many pixels before the trunk (null: the fact file's size). ``weights`` for
+    efficientnet_lite0: null reads the installed package's ImageNet weights, ``scratch`` starts
+    from random ones.
     """
 
-    backbone: Literal["small_cnn", "resnet18", "vgg16", "alexnet"] = "small_cnn"
+    backbone: Literal["small_cnn", "resnet18", "vgg16", "alexnet", "efficientnet_lite0"] = "small_cnn"
     weights: str | None = None
     slot_dim: int | None = None
     trunk_channels: list[int] = field(default_factory=lambda: [32, 64])
@@ -97,7 +103,7 @@ class ModelConfig:
     dropout: float = 0.0
     freeze_trunk: bool = False
     cache_features: bool = False
-    trunk_blocks: int = 11
+    trunk_blocks: int = 16
     input_size: int | None = None
 
     @property
@@ -127,9 +133,9 @@ class ModelConfig:
                 f"{key} needs a pretrained architecture with a frozen shared trunk (efficientnet_lite0, resnet18, "
                 "vgg16, alexnet); the small_cnn trains end to end: set model.backbone=efficientnet_lite0 or drop the key")
         if isinstance(self.trunk_blocks, bool) or not isinstance(self.trunk_blocks, int) \
-                or not 0 <= self.trunk_blocks <= EFFICIENTNET_BLOCKS - 1:
-            raise ValueError(f"model.trunk_blocks must be an integer from 0 to {EFFICIENTNET_BLOCKS - 1} (each branch "
-                             f"keeps at least the last block), got {self.trunk_blocks!r}")
+                or not 0 <= self.trunk_blocks <= EFFICIENTNET_BLOCKS:
+            raise ValueError(f"model.trunk_blocks must be an integer from 0 to {EFFICIENTNET_BLOCKS} (the blocks in "
+                             f"the shared trunk; each branch copies the rest and the head), got {self.trunk_blocks!r}")
         if self.input_size is not None and (isinstance(self.input_size, bool) or not isinstance(self.input_size, int)
                                             or not 8 <= self.input_size <= 1024):
             raise ValueError(f"model.input_size must be an integer from 8 to 1024 pixels or null, got {self.input_size!r}")
