@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbones import EFFICIENTNET_BLOCKS, SCRATCH, pretrained_split
+from .backbones import EFFICIENTNET_BLOCKS, SCRATCH, load_local_weights, pretrained_split
 from .errors import ConfigError
 
 BACKBONES = ("small_cnn", "resnet18", "vgg16", "alexnet", "efficientnet_lite0")
@@ -319,29 +319,6 @@ def _small_cnn(config: ModelConfig, slot_dim: int, image_size: int) -> FactEmbed
 def _load_local_weights(network: nn.Module, config: ModelConfig) -> None:
     if config.weights is not None:
         load_local_weights(network, config.weights, arch=config.backbone, key="model.weights")
-
-
-def load_local_weights(network: nn.Module, path: str | Path, *, arch: str, key: str) -> None:
-    """Load the torchvision ``arch`` state_dict saved at ``path`` (a local file: nothing is
-    downloaded; a checkpoint holding it under ``"state_dict"`` is accepted) into ``network``.
-    Raises :class:`ConfigError` naming the config ``key`` for a missing, unreadable or foreign file."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ConfigError(
-            f"{key}: no file {path}; give the path of a local torchvision {arch} "
-            f"state_dict (.pth) or set {key} to null (nothing is downloaded)"
-        )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # not a torch file, corrupt, unsafe pickle
-        raise ConfigError(f"{key}: cannot read {path} as a state_dict ({exc.__class__.__name__})") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    try:
-        network.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise ConfigError(f"{key}: {path} is not a {arch} state_dict ({first})") from None
 
 
 def _torchvision_backbone(config: ModelConfig, slot_dim: int) -> FactEmbeddingNet:
