@@ -37,6 +37,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from .atomic import check_output_file
 from .errors import DataPrepError, MissingDatasetError
 from .image_decode import DEFAULT_MAX_IMAGE_PIXELS, check_max_pixels, check_stored_image_size
 from .image_h5 import (
@@ -84,6 +85,7 @@ def prepare_image_dataset(
     """
     if name not in SOURCES:
         raise DataPrepError(unknown_source_message(name))
+    check_output_file(out, "out")
     spec = SOURCES[name]
     splits = tuple(split)
     bad = [s for s in splits if s not in SPLITS]
