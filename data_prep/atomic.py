@@ -76,8 +76,8 @@ def check_output_folder(path: str | os.PathLike, option: str = "--out") -> Path:
         raise DataPrepError(f"{path} exists and is not a folder; choose another {option}")
     _check_writable_folder(path.parent, path, option)
     if os.path.isdir(path) and not os.access(path, os.W_OK | os.X_OK):
-        raise DataPrepError(f"{option} {path}: cannot write into it (permission denied or read-only); "
-                            f"choose another {option}")
+        raise DataPrepError(f"{option} {path}: cannot write into the folder {path} (permission denied or "
+                            f"read-only); choose another {option}")
     return path
 
 

@@ -78,6 +78,7 @@ def bounded_lines(handle: BinaryIO, path: str | Path, max_line_bytes: int = MAX_
 
 def _decoded_lines(handle: BinaryIO, path: Path, max_line_bytes: int, state: dict[str, int]) -> Iterator[str]:
     for number, line in bounded_lines(handle, path, max_line_bytes):
+        state["line"] = number
         state["pending"] += len(line)
         if state["pending"] > max_line_bytes:
             raise DataPrepError(f"{path}, line {number}: a record longer than {max_line_bytes:,} bytes; "
@@ -96,7 +97,7 @@ def csv_rows(path: Path, required: Sequence[str], max_line_bytes: int = MAX_LINE
     """Yield ``(line number, row)`` of a CSV file streamed line by line, its header checked for the
     ``required`` columns; every record at most ``max_line_bytes`` long, every row as wide as the
     header. Errors are one line naming the file and the line, quoting at most an excerpt."""
-    state = {"pending": 0}
+    state = {"pending": 0, "line": 0}
     try:
         with open(path, "rb") as handle:
             reader = csv.reader(_decoded_lines(handle, path, max_line_bytes, state))
@@ -119,7 +120,8 @@ def csv_rows(path: Path, required: Sequence[str], max_line_bytes: int = MAX_LINE
                                         f"differs from the header's ({len(header)})")
                 yield reader.line_num, dict(zip(header, fields))
     except csv.Error as exc:
-        raise DataPrepError(f"{path}: not a readable CSV file ({excerpt(str(exc), 80)})") from None
+        raise DataPrepError(f"{path}, line {state['line']}: not a readable CSV file ({excerpt(str(exc), 80)})"
+                            ) from None
     except IsADirectoryError:
         raise DataPrepError(f"{path} is a folder; expected a CSV file") from None
     except PermissionError:
