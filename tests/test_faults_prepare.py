@@ -344,3 +344,68 @@ def test_synth_sizes_counts_and_seed_in_range_before_any_allocation(tmp_path, ca
         refused(capsys, ["synth", "--world", world, "--out", str(tmp_path / "w"), option, value, "--quiet"], pattern,
                 tmp_path)
     assert not (tmp_path / "w").exists()
+
+
+# --------------------------------------------------------------------------- leftovers and Ctrl-C during the write
+
+@pytest.mark.parametrize("command", ["lll", "images"])
+def test_prepare_removes_the_leftover_temporaries_of_its_output(sources, tmp_path, command):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    stale = [out_dir / ".facts.h5.ab12cd_4.tmp", out_dir / ".facts.h5.zzzzzzzz.tmp"]
+    kept = [out_dir / ".other.h5.ab12cd34.tmp", out_dir / ".facts.h5.notes.tmp", out_dir / "notes.txt"]
+    for path in stale + kept:
+        path.write_bytes(b"half a file")
+    (out_dir / ".facts.h5.folder00.tmp").mkdir()  # not a file: left alone
+    assert main([*sources[command], "--out", str(out_dir / "facts.h5")]) == 0
+    assert not any(path.exists() for path in stale)
+    assert all(path.exists() for path in kept) and (out_dir / ".facts.h5.folder00.tmp").is_dir()
+    assert (out_dir / "facts.h5").is_file()
+
+
+INTERRUPT_DURING_WRITE = """
+import signal, sys, weakref
+import h5py
+from triplets.cli import main
+
+real_create = h5py.Group.create_dataset
+fired = []
+
+class Probe:
+    pass
+
+def create_dataset(self, *args, **kwargs):
+    if not fired:  # Ctrl-C lands while a weak-reference callback runs, as in h5py's object registry
+        fired.append(True)
+        probe = Probe()
+
+        def callback(ref):
+            signal.raise_signal(signal.SIGINT)
+            for _ in range(1000):
+                pass
+
+        ref = weakref.ref(probe, callback)
+        del probe
+    return real_create(self, *args, **kwargs)
+
+h5py.Group.create_dataset = create_dataset
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_inside_hdf5_clean_up_during_the_write_is_honoured(lll, tmp_path):
+    """Ctrl-C while the fact file is written: exit 130, one line, no "Exception ignored", no file left."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    out = tmp_path / "new" / "facts.h5"
+    env = {**os.environ, "PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    before = snapshot(*watched(lll))
+    result = subprocess.run([sys.executable, "-c", INTERRUPT_DURING_WRITE, *lll_argv(lll, out)], capture_output=True,
+                            text=True, env=env, cwd=repo, timeout=300)
+    assert result.returncode == 130, (result.returncode, result.stderr[-2000:])
+    assert "Exception ignored" not in result.stderr
+    assert result.stderr.strip().splitlines() == ["mas-triplets prepare: interrupted; finished work is checkpointed"]
+    assert not out.exists() and list(out.parent.iterdir()) == []
+    assert snapshot(*watched(lll)) == before
