@@ -47,7 +47,7 @@ from .atomic import check_output_file
 from .bounded_text import csv_rows, exact_integer, excerpt
 from .errors import DataPrepError, MissingDatasetError
 from .image_decode import (DECODE_ERRORS, DEFAULT_MAX_IMAGE_PIXELS, check_image, check_max_pixels,
-                           check_stored_image_size, decode_rgb, open_checked)
+                           check_stored_image_size, decode_rgb, open_checked, transparency_note)
 from .facts_h5 import FORMAT_VERSION, Fact, fact_order, write_fact_file
 from .splits import task_statistics
 from .fact_pipeline import PrepareReport
@@ -228,6 +228,7 @@ class _Collector:
         self.rows_read = 0
         self.dropped: Counter[str] = Counter()
         self.notes: Counter[str] = Counter()
+        self.transparent: set[str] = set()  # image files counted in the notes as composited over white
         self.bar = _progress_bar(progress, desc="reading split files", unit="row")
 
     def read_facts(self, files: TaskFiles, task: int) -> dict[int, int]:
@@ -292,6 +293,11 @@ class _Collector:
                 self.notes["images found under the other suffix (.jpg/.png)"] += 1
             try:
                 size = _image_size(image_path, self.max_pixels)
+                if self.max_pixels is not None and str(image_path) not in self.transparent:
+                    transparency = transparency_note(image_path, self.max_pixels)
+                    if transparency is not None:
+                        self.transparent.add(str(image_path))
+                        self.notes[transparency] += 1
             except DECODE_ERRORS:
                 self.dropped["rows whose image does not decode"] += 1
                 continue
