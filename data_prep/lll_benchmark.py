@@ -25,7 +25,9 @@ Streaming: the CSVs are read row by row twice (pass 1 checks every row and image
 full-size decode, ~30 bytes kept per sample; pass 2, inside the writer, decodes each kept image
 once and resizes it, block by block): memory never holds the images. Missing or undecodable
 images, repeated rows and facts without samples are counted drops; malformed files raise
-:class:`DataPrepError` naming the file and the line.
+:class:`DataPrepError` naming the file and the line. The files are read as
+:mod:`data_prep.lll_files` and :mod:`data_prep.bounded_text` say: every link confined to the
+dataset, every line bounded, ids exact, file content quoted only as a short excerpt.
 Every rule is in ``docs/data_format.md`` ("The lifelong-fact-learning benchmark").
 """
 from __future__ import annotations
