@@ -8,7 +8,6 @@ included).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -19,45 +18,22 @@ import pytest
 from data_prep import open_facts
 from triplets.cli import main
 
+from test_faults import refused as faults_refused
+from test_faults import snapshot
+from test_hostile_inputs import prepare_commands
 from test_lll_benchmark import SPLIT, write_lll_fixture
-from test_sgg_h5 import write_sgg_fixture
-from test_visual_genome import write_vg_fixture
 
 SECRET = "SECRET-TOKEN-123"
-PREPARE_COMMON = ["--no-text", "--no-progress", "--tasks", "2", "--min-fact-count", "1", "--image-size", "8"]
 
 
 # --------------------------------------------------------------------------- helpers
 
-def snapshot(*roots: Path) -> dict[str, str]:
-    """SHA-256 of every file under ``roots`` (or of ``roots`` themselves when files); symbolic links by target."""
-    found: dict[str, str] = {}
-    for root in roots:
-        root = Path(root)
-        paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
-        for path in paths:
-            found[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return found
-
-
 def refused(capsys, argv: list[str], pattern: str, *watch: Path) -> str:
-    """Run the CLI in-process: exit 2, one line on stderr matching ``pattern``, no file under ``watch`` changed."""
-    capsys.readouterr()
-    before = snapshot(*watch)
-    try:
-        code = main(argv)
-    except SystemExit as exc:  # argparse: a usage line, then the error line
-        code = exc.code
-        lines = [line for line in capsys.readouterr().err.strip().splitlines()
-                 if not line.startswith(("usage:", " "))]
-    else:
-        lines = capsys.readouterr().err.strip().splitlines()
-    assert code == 2, lines
-    assert len(lines) == 1, lines
-    assert re.search(pattern, lines[0]), lines[0]
-    assert len(lines[0]) < 600, len(lines[0])
-    assert snapshot(*watch) == before, "a file changed"
-    return lines[0]
+    """:func:`test_faults.refused` (exit 2, one line matching ``pattern``, no file under ``watch``
+    changed), the line also short."""
+    line = faults_refused(capsys, argv, pattern, *watch)
+    assert len(line) < 600, len(line)
+    return line
 
 
 @pytest.fixture()
@@ -226,30 +202,9 @@ def test_lll_id_that_is_not_an_exact_integer_is_refused(lll, capsys, text) -> No
 
 # --------------------------------------------------------------------------- output targets, before any work
 
-def _commands(tmp_path: Path) -> dict[str, list[str]]:
-    vg = write_vg_fixture(tmp_path / "vg")
-    sgg = write_sgg_fixture(tmp_path / "sgg")
-    lll_root = write_lll_fixture(tmp_path / "data")
-    folder = tmp_path / "folder"
-    from PIL import Image
-
-    for split in ("train", "test"):
-        for label in ("a", "b"):
-            (folder / split / label).mkdir(parents=True)
-            Image.new("RGB", (12, 12), (9, 9, 9)).save(folder / split / label / "0.png")
-    return {
-        "vg": ["prepare", "vg", "--vg-dir", str(vg), *PREPARE_COMMON],
-        "sgg": ["prepare", "sgg", "--h5", str(sgg["h5_path"]), "--dicts", str(sgg["dicts_path"]), "--image-data",
-                str(sgg["image_data_path"]), "--images", str(sgg["images_dir"]), *PREPARE_COMMON],
-        "lll": ["prepare", "lll", "--root", str(lll_root), "--split", SPLIT, "--image-size", "8", "--no-progress",
-                "--text-encoder", "native"],
-        "images": ["prepare", "images", "--dataset", "image_folder", "--root", str(folder), "--image-size", "8"],
-    }
-
-
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> dict[str, list[str]]:
-    return _commands(tmp_path_factory.mktemp("sources"))
+    return prepare_commands(tmp_path_factory.mktemp("sources"))
 
 
 def _no_reading(monkeypatch) -> None:
