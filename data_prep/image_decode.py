@@ -123,16 +123,29 @@ def check_image(path: str | os.PathLike, max_pixels: int) -> tuple[int, int]:
     :func:`open_checked`.
     """
     with open_checked(path, max_pixels) as image:
-        size = image.size
-        if image.format in ("JPEG", "MPO"):  # MPO: a camera JPEG holding several frames
-            image.draft(None, (max(1, size[0] // 8), max(1, size[1] // 8)))
-            with _pillow_limit_off():
-                image.load()
-        elif image.format == "PNG":
-            image.verify()
-        else:
-            with _pillow_limit_off():
-                image.load()
+        return _checked_size(image)
+
+
+def check_image_transparency(path: str | os.PathLike, max_pixels: int) -> tuple[tuple[int, int], str | None]:
+    """:func:`check_image`'s size and :func:`transparency_note`'s note; an image whose header
+    declares no alpha is opened once, as by :func:`check_image`."""
+    with open_checked(path, max_pixels) as image:
+        alpha = _has_alpha(image)
+        size = _checked_size(image)
+    return size, (transparency_note(path, max_pixels) if alpha else None)
+
+
+def _checked_size(image: Image.Image) -> tuple[int, int]:
+    size = image.size
+    if image.format in ("JPEG", "MPO"):  # MPO: a camera JPEG holding several frames
+        image.draft(None, (max(1, size[0] // 8), max(1, size[1] // 8)))
+        with _pillow_limit_off():
+            image.load()
+    elif image.format == "PNG":
+        image.verify()
+    else:
+        with _pillow_limit_off():
+            image.load()
     return size
 
 

@@ -48,8 +48,8 @@ import numpy as np
 from .atomic import check_output_file
 from .bounded_text import csv_rows, exact_integer, excerpt
 from .errors import DataPrepError, MissingDatasetError
-from .image_decode import (DECODE_ERRORS, DEFAULT_MAX_IMAGE_PIXELS, check_image, check_max_pixels,
-                           check_stored_image_size, decode_rgb, open_checked, transparency_note)
+from .image_decode import (DECODE_ERRORS, DEFAULT_MAX_IMAGE_PIXELS, check_image_transparency, check_max_pixels,
+                           check_stored_image_size, decode_rgb, open_checked)
 from .facts_h5 import FORMAT_VERSION, Fact, fact_order, write_fact_file
 from .splits import task_statistics
 from .fact_pipeline import PrepareReport
@@ -170,14 +170,15 @@ def _clean_link(text: str) -> str:
 
 
 # ---------------------------------------------------------------------------- images
-def _image_size(path: Path, max_pixels: int | None) -> tuple[int, int]:
-    """(width, height) of the image at ``path``: checked without a full-size decode under the pixel
-    limit (:func:`~data_prep.image_decode.check_image`), or from its header alone when ``max_pixels``
-    is None (no pixels are stored, nothing is decoded)."""
+def _image_size(path: Path, max_pixels: int | None) -> tuple[tuple[int, int], str | None]:
+    """(width, height) of the image at ``path`` and the note its transparent pixels will give:
+    checked without a full-size decode under the pixel limit
+    (:func:`~data_prep.image_decode.check_image_transparency`), or from its header alone when
+    ``max_pixels`` is None (no pixels are stored, nothing is decoded or composited)."""
     if max_pixels is None:
         with open_checked(path, sys.maxsize) as image:
-            return image.size
-    return check_image(path, max_pixels)
+            return image.size, None
+    return check_image_transparency(path, max_pixels)
 
 
 def _resized(path: Path, image_size: int, max_pixels: int) -> np.ndarray:
@@ -294,12 +295,10 @@ class _Collector:
             if other_suffix:
                 self.notes["images found under the other suffix (.jpg/.png)"] += 1
             try:
-                size = _image_size(image_path, self.max_pixels)
-                if self.max_pixels is not None and str(image_path) not in self.transparent:
-                    transparency = transparency_note(image_path, self.max_pixels)
-                    if transparency is not None:
-                        self.transparent.add(str(image_path))
-                        self.notes[transparency] += 1
+                size, transparency = _image_size(image_path, self.max_pixels)
+                if transparency is not None and str(image_path) not in self.transparent:
+                    self.transparent.add(str(image_path))
+                    self.notes[transparency] += 1
             except DECODE_ERRORS:
                 self.dropped["rows whose image does not decode"] += 1
                 continue

@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -37,10 +38,15 @@ class DatasetRoot:
         self.images = self.root / "images"
         self.vectors = self.root / "NLP_feat"
         self.allowed = tuple(dict.fromkeys(os.path.realpath(folder) for folder in (self.root, self.images, self.vectors)))
+        self._real_folder = functools.lru_cache(maxsize=4096)(os.path.realpath)
 
     def inside(self, path: Path) -> bool:
-        """Whether ``path``, every symbolic link resolved, lies in one of the allowed folders."""
-        real = os.path.realpath(path)
+        """Whether ``path``, every symbolic link resolved, lies in one of the allowed folders (the
+        folders are resolved once each, through a cache; the file itself is checked every time)."""
+        parent, name = os.path.split(os.fspath(path))
+        real = os.path.join(self._real_folder(parent), name)
+        if name in ("", ".", "..") or os.path.islink(real):
+            real = os.path.realpath(real)
         return any(real == folder or real.startswith(folder.rstrip(os.sep) + os.sep) for folder in self.allowed)
 
     def _refuse(self, link: str, where: str, what: str, reason: str) -> DataPrepError:

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import DataPrepError
-from .image_decode import DECODE_ERRORS, check_image, decode_rgb, transparency_note
+from .image_decode import DECODE_ERRORS, check_image_transparency, decode_rgb
 from .progress import progress_bar
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -66,8 +66,7 @@ def checked_image_sizes(image_ids: np.ndarray, image_paths: dict[int, Path], not
             notes["images listed but missing on disk"] += 1
             continue
         try:
-            size = check_image(path, max_pixels)
-            transparency = transparency_note(path, max_pixels)
+            size, transparency = check_image_transparency(path, max_pixels)
         except DECODE_ERRORS:
             notes["images that do not decode"] += 1
             continue

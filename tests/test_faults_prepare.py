@@ -103,6 +103,13 @@ def test_lll_image_symlink_out_of_the_dataset_is_refused(lll, capsys) -> None:
     refused(capsys, lll_argv(lll), "line 3: image link 'train/img2.png' leads outside", *watched(lll))
 
 
+def test_lll_folder_inside_images_linking_out_is_refused(lll, capsys) -> None:
+    test_images = lll["root"] / "images" / "test"
+    shutil.move(str(test_images), lll["outside"] / "test")
+    test_images.symlink_to(lll["outside"] / "test")
+    refused(capsys, lll_argv(lll), "B1_test.csv, line 2: image link 'test/img5.png' leads outside", *watched(lll))
+
+
 def test_lll_images_folder_linked_in_from_elsewhere_is_the_dataset(lll, tmp_path) -> None:
     """A user's images/ (or NLP_feat/) folder may itself be a link to another disk: its files are the dataset's."""
     elsewhere = tmp_path / "bigdisk"
