@@ -140,21 +140,11 @@ def missing_fact_file_hint(path: str | os.PathLike) -> str | None:
 
 
 # ---------------------------------------------------------------------------- CSV reading
-def _csv_rows(path: Path, required: Sequence[str]) -> Iterator[tuple[int, dict[str, str]]]:
-    """Yield ``(line number, row)`` of a benchmark CSV file, streamed with a bound on one record's
-    size (:func:`data_prep.bounded_text.csv_rows`)."""
-    return csv_rows(path, required)
-
-
-def _integer(text: str, where: str, column: str) -> int:
-    return exact_integer(text, where, column)
-
-
 def _flag(text: str, where: str, column: str) -> int:
     lowered = text.strip().lower()
     if lowered in ("true", "false"):
         return int(lowered == "true")
-    value = _integer(text, where, column)
+    value = exact_integer(text, where, column)
     if value not in (0, 1):
         raise DataPrepError(f"{where}: column {column} holds {excerpt(text)}; expected 0 or 1")
     return value
@@ -237,9 +227,9 @@ class _Collector:
     def read_facts(self, files: TaskFiles, task: int) -> dict[int, int]:
         """Read ``B<k>_facts.csv``: benchmark id -> index into ``self.facts``."""
         of_task: dict[int, int] = {}
-        for line, row in _csv_rows(files.facts, FACT_COLUMNS):
+        for line, row in csv_rows(files.facts, FACT_COLUMNS):
             where = f"{files.facts}, line {line}"
-            source_id = _integer(row["id"], where, "id")
+            source_id = exact_integer(row["id"], where, "id")
             if source_id in self.fact_of_id:
                 first = self.facts[self.fact_of_id[source_id]]
                 raise DataPrepError(f"{where}: fact id {source_id} is listed twice (first at {first.where}); "
@@ -271,13 +261,13 @@ class _Collector:
 
     def read_samples(self, path: Path, split: int, of_task: dict[int, int], facts_path: Path) -> None:
         rows_before = self.rows_read
-        for line, row in _csv_rows(path, SAMPLE_COLUMNS):
+        for line, row in csv_rows(path, SAMPLE_COLUMNS):
             row_index = self.rows_read
             self.rows_read += 1
             if self.bar is not None and self.rows_read % 256 == 0:
                 self.bar.update(256)
             where = f"{path}, line {line}"
-            source_id = _integer(row["id"], where, "id")
+            source_id = exact_integer(row["id"], where, "id")
             if source_id not in of_task:
                 raise DataPrepError(f"{where}: fact id {source_id} is not listed in {facts_path}")
             fact_index = of_task[source_id]
@@ -338,7 +328,7 @@ def _pixel_blocks(tasks: list[TaskFiles], root: Path, kept_rows: np.ndarray, kep
     filled = first = sample = row_index = 0
     for files in tasks:
         for path in (files.train, files.test):
-            for line, row in _csv_rows(path, SAMPLE_COLUMNS):
+            for line, row in csv_rows(path, SAMPLE_COLUMNS):
                 if sample < len(kept_rows) and row_index == kept_rows[sample]:
                     link = _clean_link(row["image_links"])
                     image_path, _ = dataset.image_file(link, f"{path}, line {line}")
