@@ -371,3 +371,22 @@ def test_ctrl_c_inside_hdf5_clean_up_during_the_write_is_honoured(lll, tmp_path)
     assert result.stderr.strip().splitlines() == ["mas-triplets prepare: interrupted; finished work is checkpointed"]
     assert not out.exists() and list(out.parent.iterdir()) == []
     assert snapshot(*watched(lll)) == before
+
+
+def test_library_entry_points_check_their_output_first(lll, tmp_path) -> None:
+    """The Python API refuses as the commands do (the check lives in data_prep, not only in the CLI)."""
+    from data_prep.errors import DataPrepError
+    from data_prep.images import prepare_image_dataset
+    from data_prep.lll_benchmark import prepare_lll
+    from data_prep.synthetic import generate_world
+
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    before = snapshot(*watched(lll), folder)
+    with pytest.raises(DataPrepError, match="out .*a_folder is a folder"):
+        prepare_lll(lll["root"], SPLIT, folder, progress=False)
+    with pytest.raises(DataPrepError, match="out .*a_folder is a folder"):
+        prepare_image_dataset("digits", None, folder)
+    with pytest.raises(DataPrepError, match="seed"):
+        generate_world(tmp_path / "world", num_images=3, seed=-1, progress=False)
+    assert snapshot(*watched(lll), folder) == before and not (tmp_path / "world").exists()
