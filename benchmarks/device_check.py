@@ -100,7 +100,7 @@ def run_check(out: Path, *, dry_run: bool, workdir: Path, total_budget: float = 
     device = torch.device("cpu") if dry_run else torch.device("cuda", torch.cuda.current_device())
     reference = torch.device("cpu")
     started = time.perf_counter()
-    overall = Budget(total_budget)
+    overall = Budget(total_budget if not dry_run else sum(sizes.budgets.values()))
     facts: dict[str, Path] = {}
 
     def fact_file() -> Path:
