@@ -49,6 +49,7 @@ from typing import Any, Callable
 REPO = Path(__file__).resolve().parents[1]
 FORMAT = "mas-triplets-device-check"
 TOTAL_BUDGET_S = 480.0
+PARTS = ("environment", "training", "equality", "importance", "retrieval", "distributed", "throughput")
 SUMMARY_KEYS = ("step_samples_per_s", "samples_per_s", "exact_samples_per_s", "batch_mode_samples_per_s",
                 "queries_per_s", "ids_equal_fraction", "loss_rel_error", "weights_rel_error", "omega_rel_error",
                 "ddp_step_weights_rel_error", "loss_last", "avg_acc", "device_name")
@@ -72,7 +73,7 @@ def environment(device: Any, dry_run: bool) -> dict[str, Any]:
         properties = torch.cuda.get_device_properties(device)
         info.update(device_name=properties.name, device_memory_bytes=int(properties.total_memory),
                     capability=f"{properties.major}.{properties.minor}",
-                    nccl=".".join(map(str, torch.cuda.nccl.version())) if torch.distributed.is_nccl_available() else None)
+                    nccl=_nccl_version())
     else:
         info["device_name"] = f"CPU ({platform.processor() or platform.machine()})"
     if shutil.which("nvidia-smi"):
@@ -84,6 +85,15 @@ def environment(device: Any, dry_run: bool) -> dict[str, Any]:
         except (OSError, subprocess.SubprocessError, IndexError) as exc:
             info["nvidia_smi"] = f"failed: {exc}"
     return info
+
+
+def _nccl_version() -> str | None:
+    import torch
+
+    if not torch.distributed.is_nccl_available():
+        return None
+    version = torch.cuda.nccl.version()
+    return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
 
 
 def run_check(out: Path, *, dry_run: bool, workdir: Path, total_budget: float = TOTAL_BUDGET_S,
@@ -120,6 +130,7 @@ def run_check(out: Path, *, dry_run: bool, workdir: Path, total_budget: float = 
         "distributed": lambda section: distributed_part(section, sizes, device, fact_file(), workdir),
         "throughput": lambda section: throughput_part(section, sizes, device),
     }
+    assert tuple(parts) == PARTS
     report: dict[str, Any] = {"format": FORMAT, "version": 1, "command": " ".join(sys.argv),
                               "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "dry_run": dry_run,
                               "float32_rtol": None, "parts": {}}
@@ -214,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("device_check.json"), help="the JSON report")
     parser.add_argument("--dry-run", action="store_true", help="every part on the CPU with tiny sizes")
-    parser.add_argument("--only", nargs="+", metavar="PART", help="run only these parts (e.g. training retrieval)")
+    parser.add_argument("--only", nargs="+", metavar="PART", choices=PARTS,
+                        help=f"run only these parts, of: {' '.join(PARTS)}")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (dry run default: 1)")
     parser.add_argument("--keep", type=Path, default=None, help="keep the working files in this folder")
     args = parser.parse_args(argv)

@@ -41,6 +41,7 @@ from .device_check_common import (DRY, FLOAT32_RTOL, GPU, CheckFailed, Section, 
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHT_TOLERANCE, IMPORTANCE_RTOL = 1e-5, 1e-4   # two processes against one (tests/test_distributed_train.py)
+GRACE_S = 5.0   # seconds the other ranks get to exit once one has failed (it may wait in a collective forever)
 
 
 def _free_port() -> int:
@@ -70,31 +71,34 @@ class Launch:
                 start_new_session=True))
 
     def wait(self, timeout: float) -> tuple[int, str, float]:
-        """Wait until ``timeout`` seconds after the start, then kill what still runs. Returns
-        ``(worst exit status (124: killed on time), the last lines of every rank's output, seconds)``;
-        a second call returns the first one's answer."""
+        """Wait until every rank has exited or ``timeout`` seconds after the start (then kill what
+        still runs; once a rank has failed, the others get :data:`GRACE_S` more to exit). Returns
+        ``(worst exit status (124: killed on time), every rank's output, seconds)``; a second call
+        returns the first one's answer."""
         if self.result is not None:
             return self.result
         deadline = self.started + timeout
-        status = 0
         try:
-            for process in self.processes:
-                try:
-                    code = process.wait(timeout=max(0.1, deadline - time.perf_counter()))
-                except subprocess.TimeoutExpired:
-                    code = 124
-                status = code if status == 0 else status
+            while time.perf_counter() < deadline and any(process.poll() is None for process in self.processes):
+                if any(process.poll() not in (None, 0) for process in self.processes):
+                    deadline = min(deadline, time.perf_counter() + GRACE_S)
+                time.sleep(0.1)
         finally:
+            codes = []
             for process in self.processes:
                 if process.poll() is None:
                     os.killpg(process.pid, signal.SIGKILL)
                     process.wait()
-            tails = []
+                    codes.append(124)
+                else:
+                    codes.append(process.returncode)
+            outputs = []
             for log in self.logs:
                 log.seek(0)
-                tails.append("\n".join(log.read().strip().splitlines()[-6:]))
+                outputs.append(log.read())
                 log.close()
-        self.result = status, "\n".join(tails), round(time.perf_counter() - self.started, 3)
+        failed = [code for code in codes if code != 0]
+        self.result = (failed[0] if failed else 0), "\n".join(outputs), round(time.perf_counter() - self.started, 3)
         return self.result
 
 
@@ -114,10 +118,10 @@ def distributed_part(section: Section, sizes: Sizes, device: torch.device, fact_
     reference: dict[str, Any] = {}
 
     def world_one(figures: dict[str, Any]) -> None:
-        status, tail, seconds = one.wait(min(60.0, section.budget.left()))
+        status, output, seconds = one.wait(min(60.0, section.budget.left()))
         figures.update(backend=backend, launch_s=seconds)
         if status != 0:
-            raise CheckFailed(f"worker exited with {status}: {_last_error(tail)}")
+            raise CheckFailed(f"worker exited with {status}: {_last_error(output)}")
         report = json.loads((workdir / "world1.json").read_text())
         figures.update(report)
         within(figures, "ddp_step_weights_rel_error", report["ddp_step_weights_rel_error"], FLOAT32_RTOL)
@@ -128,12 +132,12 @@ def distributed_part(section: Section, sizes: Sizes, device: torch.device, fact_
         if "run" not in reference:   # the one-process run of the same config, while the workers start
             config = check_config(fact_file, sizes, model_section(sizes, "small_cnn", norm="group"), device, epochs=1)
             reference["run"] = train_sequence(config, device, workdir / "world2-reference")
-        status, tail, seconds = launch.wait(min(90.0, section.budget.left()))
+        status, output, seconds = launch.wait(min(90.0, section.budget.left()))
         figures.update(backend=backend, launch_s=seconds)
         if status != 0:
-            if "Duplicate GPU" in tail:
-                raise Skip(f"NCCL refuses two ranks on one GPU ({_last_error(tail)})")
-            raise CheckFailed(f"workers exited with {status}: {_last_error(tail)}")
+            if "Duplicate GPU" in output:
+                raise Skip(f"NCCL refuses two ranks on one GPU ({_last_error(output)})")
+            raise CheckFailed(f"workers exited with {status}: {_last_error(output)}")
         result = torch.load(workdir / f"world2-{backend}.pt", map_location="cpu", weights_only=True)
         figures["train_s"] = result["train_s"]
         run = reference["run"]
@@ -153,10 +157,12 @@ def distributed_part(section: Section, sizes: Sizes, device: torch.device, fact_
             launch.wait(0.0)
 
 
-def _last_error(tail: str) -> str:
-    """The most telling line of a worker's output: the last one naming an error, else the last line."""
-    lines = [line.strip() for line in tail.splitlines() if line.strip()]
-    errors = [line for line in lines if "Error" in line or "error" in line]
+def _last_error(output: str) -> str:
+    """The most telling line of the workers' output: NCCL's "Duplicate GPU" line, else the last
+    line naming an error, else the last line."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    errors = ([line for line in lines if "Duplicate GPU" in line]
+              or [line for line in lines if "Error" in line or "error" in line])
     return (errors or lines or ["no output"])[-1][:300]
 
 
