@@ -42,6 +42,7 @@ class Sizes:
     importance_samples: int
     backbone_tasks: int | None      # tasks trained with the torchvision backbones (None: all)
     equality_epochs: int            # epochs of the equality case (2 SGD steps each)
+    equality_cases: tuple[str, ...]   # of "small_cnn", "resnet18_frozen"
     # importance: (case name, backbone, frozen trunk, image size, samples timed, samples compared, batch)
     importance_cases: tuple[tuple[str, str, bool, int, int, int, int], ...]
     # retrieval: database rows, dimension, queries, k
@@ -63,6 +64,7 @@ BUDGETS = {"environment": 15, "training": 170, "equality": 40, "importance": 60,
 
 GPU = Sizes(tasks=2, facts_per_task=16, train_per_fact=24, test_per_fact=4, image_size=64, slot_dim=32,
             batch_size=32, epochs=10, importance_samples=256, backbone_tasks=None, equality_epochs=3,
+            equality_cases=("small_cnn", "resnet18_frozen"),
             importance_cases=(("small_cnn", "small_cnn", False, 64, 4096, 256, 256),
                               ("resnet18_frozen_224px", "resnet18", True, 224, 512, 16, 64)),
             database=100_000, dimension=1152, queries=1024, k=10,
@@ -71,6 +73,7 @@ GPU = Sizes(tasks=2, facts_per_task=16, train_per_fact=24, test_per_fact=4, imag
 
 DRY = Sizes(tasks=2, facts_per_task=4, train_per_fact=4, test_per_fact=2, image_size=32, slot_dim=8,
             batch_size=8, epochs=1, importance_samples=4, backbone_tasks=1, equality_epochs=1,
+            equality_cases=("small_cnn",),   # the same code for resnet18; CPU against CPU proves no more
             importance_cases=(("small_cnn", "small_cnn", False, 32, 32, 16, 16),
                               ("resnet18_frozen", "resnet18", True, 32, 4, 4, 4)),
             database=2000, dimension=48, queries=64, k=10,

@@ -210,7 +210,10 @@ def equality_part(section: Section, sizes: Sizes, device: torch.device, referenc
     tiny = replace_sizes(sizes, facts_per_task=4, train_per_fact=4, test_per_fact=2, batch_size=8,
                          epochs=sizes.equality_epochs, importance_samples=min(16, sizes.importance_samples))
     fact_file = write_check_fact_file(workdir / "equality-facts.h5", tiny, seed=1)
-    for name, backbone, frozen in (("small_cnn", "small_cnn", False), ("resnet18_frozen", "resnet18", True)):
+    cases = {"small_cnn": ("small_cnn", False), "resnet18_frozen": ("resnet18", True)}
+    for name in sizes.equality_cases:
+        backbone, frozen = cases[name]
+
         def action(figures: dict[str, Any], backbone: str = backbone, frozen: bool = frozen, name: str = name) -> None:
             config = check_config(fact_file, tiny, model_section(tiny, backbone, frozen=frozen), device, lr=0.01)
             with float32_exact():

@@ -112,10 +112,11 @@ def test_the_comparisons_compare_numbers_within_their_tolerances(dry_run):
     parts = report["parts"]
     tolerance = report["float32_rtol"]
     assert tolerance == 1e-4
+    equal = parts["equality"]["subparts"]["small_cnn"]
+    assert equal["steps"] >= 2 and equal["devices"] == ["cpu", "cpu"]
+    for key in ("loss_rel_error", "weights_rel_error", "omega_rel_error"):
+        assert isinstance(equal[key], float) and 0.0 <= equal[key] <= equal[f"{key}_tolerance"] == tolerance
     for name in ("small_cnn", "resnet18_frozen"):
-        equal = parts["equality"]["subparts"][name]
-        for key in ("loss_rel_error", "weights_rel_error", "omega_rel_error"):
-            assert isinstance(equal[key], float) and 0.0 <= equal[key] <= equal[f"{key}_tolerance"] == tolerance
         importance = parts["importance"]["subparts"][name]
         assert 0.0 <= importance["omega_rel_error"] <= tolerance
         assert importance["exact_samples_per_s"] > 0 and importance["batch_mode_samples_per_s"] > 0
