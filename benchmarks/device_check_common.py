@@ -143,7 +143,8 @@ class Section:
             status, reason = SKIPPED, str(exc)
         except Exception as exc:  # noqa: BLE001 - one failing sub-part must not stop the others
             status, reason = FAILED, one_line(exc)
-        record = {"status": status, "reason": reason, "wall_s": round(time.perf_counter() - started, 3), **figures}
+        record = {"status": status, "reason": reason, "wall_s": round(time.perf_counter() - started, 3)}
+        record.update((key, value) for key, value in figures.items() if key not in record)
         if cuda:
             record["gpu_memory_peak_bytes"] = int(torch.cuda.max_memory_allocated(self.device))
         self.subparts[name] = record

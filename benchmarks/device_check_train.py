@@ -153,7 +153,7 @@ def train_sequence(config: TrainConfig, device: torch.device, run_dir: Path, *, 
     trained = sum(size for _, size, _ in experiment.steps)
     omega = reg.importance
     return {"model": outcome.model, "reg": reg, "losses": losses, "figures": {
-        "steps": len(experiment.steps), "samples_trained": trained, "wall_s": round(wall, 3),
+        "steps": len(experiment.steps), "samples_trained": trained, "train_s": round(wall, 3),
         "train_samples_per_s": per_second(trained, wall), "step_samples_per_s": experiment.step_rate(),
         "loss_first": float(losses[0]) if len(losses) else None, "loss_last": float(losses[-1]) if len(losses) else None,
         "losses_finite": bool(torch.isfinite(losses).all()) if len(losses) else False,
@@ -194,7 +194,7 @@ def training_part(section: Section, sizes: Sizes, device: torch.device, fact_fil
         started = time.perf_counter()
         results = train_run(config, workdir / "train_run", progress=False)
         mas = results["methods"]["mas"]
-        figures.update(wall_s=round(time.perf_counter() - started, 3), avg_acc=mas.get("avg_acc"),
+        figures.update(train_run_s=round(time.perf_counter() - started, 3), avg_acc=mas.get("avg_acc"),
                        index_files=sorted(p.name for p in (workdir / "train_run" / "mas" / "index").glob("*.faiss")))
         if len(figures["index_files"]) != 2:
             raise CheckFailed(f"train_run wrote {figures['index_files']} instead of facts.faiss and images.faiss")
