@@ -66,7 +66,7 @@ GPU = Sizes(tasks=2, facts_per_task=16, train_per_fact=24, test_per_fact=4, imag
             batch_size=32, epochs=10, importance_samples=256, backbone_tasks=None, equality_epochs=3,
             equality_cases=("small_cnn", "resnet18_frozen"),
             importance_cases=(("small_cnn", "small_cnn", False, 64, 4096, 256, 256),
-                              ("resnet18_frozen_224px", "resnet18", True, 224, 512, 16, 64)),
+                              ("resnet18_frozen_224px", "resnet18", True, 224, 512, 8, 64)),
             database=100_000, dimension=1152, queries=1024, k=10,
             step_backbones=("small_cnn", "resnet18", "efficientnet_lite0", "vgg16"), step_image_size=224,
             step_batch=64, step_steps=20, budgets=BUDGETS)
