@@ -10,7 +10,9 @@ to the repository root (``benchmarks/bench_importance.py``), run as ``python BEN
   ``PYTHONPATH`` set to that checkout; the current code is the working tree, uncommitted changes
   included, with ``PYTHONPATH`` set to the repository root. Each run starts in its tree's root.
 * The benchmark script is the base revision's own when it exists there (a benchmark written against
-  the base's internals), else the working tree's; the output says which.
+  the base's internals), else the working tree's; ``--script current`` takes the working tree's
+  for both (a script that runs on both trees and prints figures the old one did not); the output
+  says which.
 * The two are run alternately, ``--rounds`` times, the first of each round alternating (base first
   in round 1, current first in round 2, …), so that a change of the machine's load hits both alike.
 * Figures are read from the benchmark's standard output: every line that is a JSON object, alone or
@@ -100,14 +102,14 @@ def _format(value: float) -> str:
 
 
 def compare(root: Path, revision: str, benchmark: str, arguments: list[str], rounds: int,
-            pattern: str | None = None, timeout: float | None = None) -> dict[str, Any]:
+            pattern: str | None = None, timeout: float | None = None, script: str = "base") -> dict[str, Any]:
     """Run the comparison (module docs) and return its report; prints progress and the table."""
     commit = _git(root, "rev-parse", "--verify", f"{revision}^{{commit}}")
     described = _git(root, "log", "-1", "--format=%h %s", commit)
     script_here = (Path.cwd() / benchmark if (Path.cwd() / benchmark).is_file() else root / benchmark).resolve()
     relative = script_here.relative_to(root.resolve()).as_posix()
-    base_has_script = subprocess.run(["git", "-C", str(root), "cat-file", "-e", f"{commit}:{relative}"],
-                                     capture_output=True).returncode == 0
+    base_has_script = script == "base" and subprocess.run(
+        ["git", "-C", str(root), "cat-file", "-e", f"{commit}:{relative}"], capture_output=True).returncode == 0
     if not base_has_script and not script_here.is_file():
         raise SystemExit(f"against.py: {relative} exists neither at {revision} nor in the working tree")
     scratch = Path(tempfile.mkdtemp(prefix="against_"))
@@ -117,7 +119,10 @@ def compare(root: Path, revision: str, benchmark: str, arguments: list[str], rou
         base_script = base_tree / relative if base_has_script else script_here
         print(f"base:    {revision} = {described} (temporary worktree {base_tree})")
         print(f"current: the working tree {root}")
-        print(f"script:  {relative} {'of each tree' if base_has_script else f'of the working tree (absent at {revision})'}"
+        whose = "of each tree" if base_has_script else (
+            "of the working tree for both (--script current)" if script == "current"
+            else f"of the working tree (absent at {revision})")
+        print(f"script:  {relative} {whose}"
               f"; arguments: {' '.join(arguments) or '(none)'}; {rounds} rounds, alternating")
         runs: dict[str, list[dict[str, float]]] = {"base": [], "current": []}
         seconds: dict[str, list[float]] = {"base": [], "current": []}
@@ -165,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="runs of each tree, alternating (default 3)")
     parser.add_argument("--figures", default=None, help="compare only figures whose name matches this regex")
     parser.add_argument("--timeout", type=float, default=None, help="seconds allowed to one run")
+    parser.add_argument("--script", choices=("base", "current"), default="base",
+                        help="whose benchmark script the base runs: the base revision's when it has one "
+                             "(default), or the working tree's")
     parser.add_argument("revision", metavar="REV", help="the base revision (commit, branch, tag)")
     parser.add_argument("benchmark", metavar="BENCHMARK", help="the benchmark script, relative to the repository root")
     parser.add_argument("arguments", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
@@ -173,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rounds must be at least 1")
     root = Path(_git(Path.cwd(), "rev-parse", "--show-toplevel"))
     try:
-        report = compare(root, args.revision, args.benchmark, args.arguments, args.rounds, args.figures, args.timeout)
+        report = compare(root, args.revision, args.benchmark, args.arguments, args.rounds, args.figures, args.timeout,
+                         args.script)
     except (RuntimeError, subprocess.TimeoutExpired) as error:
         print(f"against.py: {error}", file=sys.stderr)
         return 2

@@ -40,7 +40,9 @@ def repo(tmp_path: Path) -> Path:
 
 
 def _against(repo: Path, *arguments: str) -> tuple[str, dict]:
-    result = subprocess.run([sys.executable, str(AGAINST), "--rounds", "2", "HEAD", *arguments], cwd=repo,
+    options = [argument for argument in arguments if argument.startswith("--") or argument == "current"]
+    rest = [argument for argument in arguments if argument not in options]
+    result = subprocess.run([sys.executable, str(AGAINST), "--rounds", "2", *options, "HEAD", *rest], cwd=repo,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout, json.loads(result.stdout.strip().splitlines()[-1])
@@ -67,6 +69,13 @@ def test_a_benchmark_absent_at_the_base_runs_from_the_working_tree(repo: Path) -
     assert report["base_script"] == "working tree's" and "absent at HEAD" in output
     assert report["figures"]["new_speed"]["base"] == 2.0 and report["figures"]["new_speed"]["current"] == 3.0
     assert _git(repo, "worktree", "list").count("\n") == 1
+
+
+def test_script_current_runs_the_working_tree_script_on_the_base_code(repo: Path) -> None:
+    (repo / "benchmarks" / "bench_fake.py").write_text(BENCHMARK.replace('"speed"', '"renamed"'))
+    output, report = _against(repo, "--script", "current", "benchmarks/bench_fake.py")
+    assert report["base_script"] == "working tree's" and "--script current" in output
+    assert report["figures"]["renamed"]["base"] == 2.0 and report["figures"]["renamed"]["current"] == 3.0
 
 
 def test_a_failing_benchmark_is_status_2_and_the_worktree_still_goes(repo: Path) -> None:
