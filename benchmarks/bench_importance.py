@@ -13,7 +13,10 @@ convolutions instead of pooling) it times, side by side and interleaved in each 
   (the general fallback forced on all parameters), for reference.
 
 and reports medians, ``exact_vs_loop_speedup = loop / exact`` (goal ≥ 10),
-``exact_vs_batch_slowdown = exact / batch`` (goal ≤ 2) and ``max_rel_err`` = the largest
+``exact_vs_batch_slowdown = exact / batch`` (goal ≤ 1.10, issue 27), the same in this process's
+CPU seconds (``*_cpu_s``, ``exact_vs_batch_cpu_slowdown``: on a machine shared with other jobs the
+wall clock also counts the time the process waited for a core, CPU time does not) and
+``max_rel_err`` = the largest
 ``max|Ω_exact − Ω_loop| / max|Ω_loop|`` over parameters. The last line printed is a JSON
 object. This is a benchmark script, never a timed test.
 """
@@ -29,9 +32,14 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from mas_core.importance import mas as importance_mas
-from mas_core.importance import per_sample as importance_per_sample
 from mas_core.importance import mas_importance
+
+try:  # the package layout (since c6bef5f)
+    from mas_core.importance.mas import SquaredNormObjective
+    from mas_core.importance.per_sample import _accumulate_vectorised
+except ImportError:  # one module, as at 3672441: the script also runs there (benchmarks/against.py --script current)
+    from mas_core.importance import _SquaredNormObjective as SquaredNormObjective  # type: ignore[attr-defined,no-redef]
+    from mas_core.importance import _accumulate_vectorised  # type: ignore[attr-defined,no-redef]
 
 
 def make_mlp() -> nn.Module:
@@ -73,10 +81,10 @@ def vmap_importance(model: nn.Module, batches: list[Tensor]) -> dict[str, Tensor
     """Per-sample gradients of every parameter by vmap (the fallback forced everywhere)."""
     model.eval()
     sums = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
-    objective = importance_mas.SquaredNormObjective(None)
+    objective = SquaredNormObjective(None)
     count = 0
     for batch in batches:
-        importance_per_sample._accumulate_vectorised(
+        _accumulate_vectorised(
             model, batch, batch.shape[0], objective, torch.abs, sums, list(sums), None
         )
         count += batch.shape[0]
@@ -89,10 +97,11 @@ def max_relative_error(actual: dict[str, Tensor], expected: dict[str, Tensor]) -
     )
 
 
-def timed(function: Callable[[], object]) -> tuple[float, object]:
-    start = time.perf_counter()
+def timed(function: Callable[[], object]) -> tuple[float, float, object]:
+    """Wall seconds, this process's CPU seconds and the result of ``function()``."""
+    start, start_cpu = time.perf_counter(), time.process_time()
     result = function()
-    return time.perf_counter() - start, result
+    return time.perf_counter() - start, time.process_time() - start_cpu, result
 
 
 def bench_model(name: str, model: nn.Module, inputs: Tensor, batch_size: int, repeats: int,
@@ -107,12 +116,15 @@ def bench_model(name: str, model: nn.Module, inputs: Tensor, batch_size: int, re
         methods["vmap"] = lambda: vmap_importance(model, batches)
     mas_importance(model, batches[:1])  # warm-up (allocator, first-call costs)
     times: dict[str, list[float]] = {method: [] for method in methods}
+    cpu_times: dict[str, list[float]] = {method: [] for method in methods}
     results: dict[str, dict[str, Tensor]] = {}
     for _ in range(repeats):
         for method, function in methods.items():  # interleaved: drift hits all methods alike
-            seconds, results[method] = timed(function)
+            seconds, cpu_seconds, results[method] = timed(function)
             times[method].append(seconds)
+            cpu_times[method].append(cpu_seconds)
     medians = {f"{method}_s": statistics.median(values) for method, values in times.items()}
+    cpu_medians = {f"{method}_cpu_s": statistics.median(values) for method, values in cpu_times.items()}
     report = {
         "samples": inputs.shape[0],
         "batch_size": batch_size,
@@ -120,6 +132,8 @@ def bench_model(name: str, model: nn.Module, inputs: Tensor, batch_size: int, re
         **{key: round(value, 4) for key, value in medians.items()},
         "exact_vs_loop_speedup": round(medians["loop_s"] / medians["exact_s"], 2),
         "exact_vs_batch_slowdown": round(medians["exact_s"] / medians["batch_s"], 3),
+        **{key: round(value, 4) for key, value in cpu_medians.items()},
+        "exact_vs_batch_cpu_slowdown": round(cpu_medians["exact_cpu_s"] / cpu_medians["batch_cpu_s"], 3),
         "max_rel_err": max_relative_error(results["exact"], results["loop"]),
     }
     if with_vmap:
@@ -155,9 +169,10 @@ def main() -> int:
         **reports,
         "exact_vs_loop_speedup": min(r["exact_vs_loop_speedup"] for r in reports.values()),
         "exact_vs_batch_slowdown": max(r["exact_vs_batch_slowdown"] for r in reports.values()),
+        "exact_vs_batch_cpu_slowdown": max(r["exact_vs_batch_cpu_slowdown"] for r in reports.values()),
         "max_rel_err": max(r["max_rel_err"] for r in reports.values()),
     }
-    summary["goals_met"] = summary["exact_vs_loop_speedup"] >= 10 and summary["exact_vs_batch_slowdown"] <= 2
+    summary["goals_met"] = summary["exact_vs_loop_speedup"] >= 10 and summary["exact_vs_batch_slowdown"] <= 1.10
     print(json.dumps(summary))
     return 0
 

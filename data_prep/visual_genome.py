@@ -253,15 +253,16 @@ def _collect_relationships(path: Path, collector: FactCollector, names: _PhraseI
                            options: PrepareOptions) -> int:
     """Stream relationships.json into ``collector``; return the number of relationships read.
 
-    This is the hot loop of a 2.3M-relationship dump, so it inlines the predicate memo lookup of
-    :class:`_PhraseIds`, the box rule of :func:`_box` (same results) and the collector's appends.
+    This is the hot loop of a 2.3M-relationship dump, so it inlines the memo lookups of
+    :class:`_PhraseIds` (of the predicate, and of a ``name`` string), the box rule of :func:`_box`
+    (same results) and the collector's appends.
     """
     drop = collector.dropped
     total = 0
     append_subject, append_predicate = collector.sample_subject.append, collector.sample_predicate.append
     append_object, append_image = collector.sample_object.append, collector.sample_image.append
     extend_box, append_split = collector.sample_box.extend, collector.sample_split.append
-    name_of_end, predicate_cache = names.name_of_end, predicates.cache
+    name_of_end, name_cache, predicate_cache = names.name_of_end, names.cache, predicates.cache
     for image_id, relationships in _image_records(path, "relationships", drop, options):
         total += len(relationships)
         for relationship in relationships:
@@ -281,11 +282,13 @@ def _collect_relationships(path: Path, collector: FactCollector, names: _PhraseI
             if not predicate:
                 drop["relationships: no predicate"] += 1
                 continue
-            subject_name = name_of_end(subject)
+            raw = subject.get("name")  # the memo first, inline (the hot path); name_of_end for the rest
+            subject_name = (name_cache.get(raw) if raw.__class__ is str else None) or name_of_end(subject)
             if not subject_name:
                 drop["relationships: subject without name"] += 1
                 continue
-            object_name = name_of_end(obj)
+            raw = obj.get("name")
+            object_name = (name_cache.get(raw) if raw.__class__ is str else None) or name_of_end(obj)
             if not object_name:
                 drop["relationships: object without name"] += 1
                 continue

@@ -337,3 +337,50 @@ def test_depth_reader_agrees_with_the_parsed_depth_for_random_documents(tmp_path
                 assert reader.depth == 0 and not reader.in_string
             except DataPrepError:
                 assert refused, (data, limit)
+
+
+def test_depth_reader_fast_path_agrees_with_the_general_pass(tmp_path: Path) -> None:
+    """Plain documents (the fast path's case) and ones with a few tricky strings, cut at random points:
+    after every piece the reader is in the state the general pass alone reaches, and a refusal names
+    the same byte (issue 27)."""
+    rng = np.random.default_rng(27)
+    plain, tricky = list("abc xyz"), list('[]{}"\\ab')
+
+    def document(level: int) -> object:
+        kind = rng.integers(0, 4 if level < 8 else 1)
+        if kind == 0:
+            alphabet = tricky if rng.random() < 0.05 else plain
+            return "".join(rng.choice(alphabet, rng.integers(0, 8)))
+        if kind == 1:
+            return [document(level + 1) for _ in range(rng.integers(0, 4))]
+        if kind == 2:
+            return {"".join(rng.choice(plain, 3)): document(level + 1) for _ in range(rng.integers(0, 3))}
+        return int(rng.integers(0, 100))
+
+    class GeneralOnly(DepthLimitedReader):
+        def _check_fast(self, data: bytes) -> bool:
+            return False
+
+    fast_taken = 0
+    for _ in range(300):
+        data = json.dumps([document(1) for _ in range(3)]).encode()
+        cuts = np.sort(rng.integers(0, len(data) + 1, rng.integers(0, 8)))
+        pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)])]
+        limit = int(rng.integers(2, 9))
+        fast, general = DepthLimitedReader(None, tmp_path / "r.json", limit), GeneralOnly(None, tmp_path / "r.json", limit)
+        for piece in pieces:
+            state = (fast.depth, fast.in_string, fast.escape_next, fast.offset)
+            fast_taken += bool(piece) and fast._check_fast(piece)
+            fast.depth, fast.in_string, fast.escape_next, fast.offset = state  # undo: now the full check
+            errors = []
+            for reader in (fast, general):
+                try:
+                    reader.check(piece)
+                except DataPrepError as error:
+                    errors.append(str(error))
+            assert len(errors) in (0, 2) and (not errors or errors[0] == errors[1]), (data, limit, errors)
+            if errors:
+                break
+            assert (fast.depth, fast.in_string, fast.escape_next, fast.offset) == \
+                (general.depth, general.in_string, general.escape_next, general.offset), (data, piece)
+    assert fast_taken > 300  # the fast path was exercised, not only the general pass

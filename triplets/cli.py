@@ -38,7 +38,16 @@ def _version() -> str:
         return "0+unknown"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def command_of(argv: Sequence[str]) -> str | None:
+    """The subcommand ``argv`` asks for (its first word when that is one of :data:`COMMANDS`), else None."""
+    return argv[0] if argv and argv[0] in COMMANDS else None
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every subcommand, or of ``only`` (then only that command's module is imported:
+    ``train`` and ``recognition`` import torch, about 0.9 GB of resident memory that ``prepare``,
+    which streams multi-gigabyte dumps in bounded memory, must not carry; see
+    ``docs/benchmarks.md``)."""
     parser = argparse.ArgumentParser(
         prog="mas-triplets",
         description="Memory Aware Synapses: continual learning of triplet fact embeddings and "
@@ -46,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
+    for name in COMMANDS if only is None else (only,):
         try:
             module = importlib.import_module(f"triplets.commands.{name}")
         except ModuleNotFoundError as exc:
@@ -118,8 +127,8 @@ def _report(command: str | None, message: str, exc: BaseException | None = None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(command_of(argv))
     if launched_rank() == 0:
         args = parser.parse_args(argv)
     else:  # usage errors, --help and --version are the same on every rank: rank 0 prints them

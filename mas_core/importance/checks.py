@@ -21,14 +21,26 @@ is the per-sample gradient. The users: the exact engine (MAS, Fisher), l-MAS's H
 :func:`check_hidden_parameters` moves the parameters the graph does not reach and refuses the
 estimate when the output moves with them. Verdicts are cached per batch size in a
 :class:`BatchChecks` (the model's structure is assumed to depend on the batch only through its size).
+
+Verdicts are also remembered across estimates (:func:`remembered_checks`), per model object: the
+verification costs one more forward and a comparison of every layer input, as much as the rest of
+a small model's estimate, and an estimate is usually repeated on the same model (once per task,
+per benchmark repeat). A remembered verdict is reused only when everything it was decided on is
+the same: the model's modules and parameters (objects, shapes, dtypes, devices, ``requires_grad``),
+its buffers' shapes, the objective's callables (the same ``output_fn`` / ``loss_fn`` objects, held
+by weak reference), the batch's structure (the layout, every tensor's shape, dtype and device,
+every other leaf's value) and which layers the batch's forward called with which input shapes.
+The hidden-parameter check is not remembered: it runs once in every estimate.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Hashable
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
 
 from ..errors import InvalidOutputError
 from .common import slice_batch
@@ -50,10 +62,108 @@ class SizeVerdict:
 
 @dataclass
 class BatchChecks:
-    """Verdicts cached across the batches of one estimate (or of one online accumulator)."""
+    """Verdicts cached across the batches of one estimate (or of one online accumulator);
+    ``remembered``: the verdicts kept across estimates for this model and objective
+    (:func:`remembered_checks`), keyed by :func:`batch_key`."""
 
     by_size: dict[int, SizeVerdict] = field(default_factory=dict)
     hidden_checked: bool = False
+    remembered: dict[Hashable, SizeVerdict] | None = None
+
+    def verdict(self, size: int, key: Hashable | None) -> SizeVerdict | None:
+        """The verdict decided earlier for this batch size in this estimate, or for this very
+        batch structure (``key``) in an earlier one; None when it must be verified."""
+        found = self.by_size.get(size)
+        if found is None and key is not None and self.remembered is not None:
+            found = self.remembered.get(key)
+            if found is not None:
+                self.by_size[size] = found
+        return found
+
+    def keep(self, size: int, key: Hashable | None, verdict: SizeVerdict) -> None:
+        self.by_size[size] = verdict
+        if key is not None and self.remembered is not None:
+            if len(self.remembered) >= _REMEMBERED_PER_MODEL:
+                self.remembered.clear()  # bounded: a stream of ever new shapes never grows it
+            self.remembered[key] = verdict
+
+
+_REMEMBERED_PER_MODEL = 256
+# model -> {(structure, objective ids): (weak references to the objective's callables, {batch key: verdict})}
+_REMEMBERED: weakref.WeakKeyDictionary[nn.Module, dict[Hashable, tuple[list[Any], dict[Hashable, SizeVerdict]]]]
+_REMEMBERED = weakref.WeakKeyDictionary()
+
+
+def _model_structure(model: nn.Module) -> Hashable:
+    """What a verdict depends on in the model: its module objects and types, its parameters'
+    objects, shapes, dtypes, devices and ``requires_grad``, its buffers' shapes and dtypes."""
+    return (
+        tuple((name, type(module), id(module)) for name, module in model.named_modules(remove_duplicate=False)),
+        tuple((name, id(p), tuple(p.shape), p.dtype, p.device, p.requires_grad)
+              for name, p in model.named_parameters(remove_duplicate=False)),
+        tuple((name, tuple(b.shape), b.dtype) for name, b in model.named_buffers(remove_duplicate=False)),
+    )
+
+
+def _weak(function: Any) -> Any:
+    """A weak reference to an objective's callable (``WeakMethod`` for bound methods); None when
+    the callable cannot be weakly referenced (then nothing is remembered)."""
+    try:
+        return weakref.WeakMethod(function) if hasattr(function, "__self__") and hasattr(function, "__func__") \
+            else weakref.ref(function)
+    except TypeError:
+        return None
+
+
+def _same(referent: Any, part: Any) -> bool:
+    """Whether a weak reference still points at ``part`` (a freed callable's id may be reused)."""
+    if referent is part:
+        return True
+    try:
+        return referent is not None and bool(referent == part)  # WeakMethod: a new, equal bound method
+    except Exception:  # an __eq__ that does not answer a bool
+        return False
+
+
+def remembered_checks(model: nn.Module, objective: Callable[[nn.Module, Any], Tensor]) -> BatchChecks:
+    """A :class:`BatchChecks` for one estimate whose verdicts are shared with every earlier and later
+    estimate on ``model`` with the same structure and the same objective (module docs). The
+    objective says what it is made of by a ``cache_identity`` tuple (a name and the user's callables,
+    ``None`` for absent ones); an objective without one is verified afresh in every estimate."""
+    identity = getattr(objective, "cache_identity", None)
+    if identity is None:
+        return BatchChecks()
+    callables = [part for part in identity if part is not None and not isinstance(part, str)]
+    references = [_weak(part) for part in callables]
+    if any(reference is None for reference in references):
+        return BatchChecks()
+    key = (_model_structure(model), tuple(part if part is None or isinstance(part, str) else id(part)
+                                          for part in identity))
+    per_model = _REMEMBERED.setdefault(model, {})
+    entry = per_model.get(key)
+    if entry is None or not all(_same(reference(), part) for reference, part in zip(entry[0], callables)):
+        if len(per_model) >= _REMEMBERED_PER_MODEL:
+            per_model.clear()
+        entry = per_model[key] = (references, {})
+    return BatchChecks(remembered=entry[1])
+
+
+def batch_key(batch: Any, calls: list[list[Any]]) -> Hashable | None:
+    """The structure of a batch a verdict was decided on: its pytree layout, each tensor leaf's shape,
+    dtype and device, each other leaf's type and value, and ``calls`` (for each layer, the shape of
+    its input in each call, ``None`` for a call that recorded nothing); None when a leaf is neither a
+    tensor nor a hashable value (the verdict is then not remembered)."""
+    leaves, spec = tree_flatten(batch)
+    described: list[Hashable] = []
+    for leaf in leaves:
+        if isinstance(leaf, Tensor):
+            described.append((tuple(leaf.shape), leaf.dtype, leaf.device))
+        elif leaf is None or isinstance(leaf, (bool, int, float, str)):
+            described.append((type(leaf), leaf))
+        else:
+            return None
+    return spec, tuple(described), tuple(tuple(None if call is None else tuple(call[0].shape) for call in layer_calls)
+                                         for layer_calls in calls)
 
 
 def _close(actual: Tensor, expected: Tensor) -> bool:

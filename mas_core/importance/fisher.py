@@ -19,6 +19,7 @@ class PerSampleLossObjective:
     def __init__(self, output_fn: OutputFn | None, loss_fn: LossFn | None) -> None:
         self.output_fn = output_fn
         self.loss_fn = loss_fn
+        self.cache_identity = ("fisher", output_fn, loss_fn)  # what the per-sample verdicts depend on (checks.py)
 
     def __call__(self, model: nn.Module, batch: Any) -> Tensor:
         expected = batch_size(batch_input(batch))

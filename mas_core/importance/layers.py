@@ -191,6 +191,16 @@ def chunk_samples(total: int, per_sample_elements: int, requested: int | None = 
     return max(1, min(total, _ELEMENT_BUDGET // max(1, per_sample_elements)))
 
 
+def _phi_in_place(phi: Elementwise, values: Tensor) -> Tensor:
+    """``φ(values)``, written over ``values`` (a temporary) for ``|·|`` and ``(·)²``: one pass and no
+    second per-sample-gradient-sized tensor."""
+    if phi is torch.abs:
+        return values.abs_()
+    if phi is torch.square:
+        return values.square_()
+    return phi(values)
+
+
 def exact_accumulate(layer: Layer, layer_input: Tensor, grad: Tensor, phi: Elementwise, sums: dict[str, Tensor]) -> None:
     """Add ``Σ_k φ(per-sample gradient)`` of ``layer``'s parameters to ``sums``.
 
@@ -199,10 +209,11 @@ def exact_accumulate(layer: Layer, layer_input: Tensor, grad: Tensor, phi: Eleme
     names = layer.names
     size = layer_input.shape[0]
     if layer.kind == "linear":
+        grad_phi = phi(grad)
         if "weight" in names:
-            sums[names["weight"]] += phi(grad).transpose(0, 1) @ phi(layer_input)
+            sums[names["weight"]] += grad_phi.transpose(0, 1) @ phi(layer_input)
         if "bias" in names:
-            sums[names["bias"]] += phi(grad).sum(dim=0)
+            sums[names["bias"]] += grad_phi.sum(dim=0)
         return
     if layer.kind == "conv2d":
         if "bias" in names:
@@ -216,7 +227,7 @@ def exact_accumulate(layer: Layer, layer_input: Tensor, grad: Tensor, phi: Eleme
                 per_sample_grad = conv_weight_gradient(
                     module, padded[start:start + step], grad[start:start + step], per_sample=True
                 )
-                total += phi(per_sample_grad).sum(dim=0)
+                total += _phi_in_place(phi, per_sample_grad).sum(dim=0)
         return
     # batchnorm in eval mode: y = γ (x − μ)/√(σ² + ε) + β per channel (dimension 1)
     channels = layer_input.shape[1]

@@ -19,6 +19,7 @@ class SquaredNormObjective:
 
     def __init__(self, output_fn: OutputFn | None) -> None:
         self.output_fn = output_fn
+        self.cache_identity = ("mas", output_fn)  # what the per-sample verdicts depend on (checks.py)
 
     def __call__(self, model: nn.Module, batch: Any) -> Tensor:
         output = model_output(model, batch, self.output_fn)

@@ -12,7 +12,9 @@ dimension of its inputs.
 2. A module qualifies only if it was called exactly once in the batch, its input has the batch as
    first dimension (2-D for Linear, 4-D for Conv2d) *and really is per sample* (the objective run
    on the first ``B − 1`` samples gives that module ``B − 1`` rows equal to the full batch's first
-   ones: :func:`~mas_core.importance.checks.verify_batch`, once per batch size; a Linear applied to
+   ones: :func:`~mas_core.importance.checks.verify_batch`, once per batch size in an estimate and
+   once per model structure, objective and batch structure across estimates
+   (:func:`~mas_core.importance.checks.remembered_checks`); a Linear applied to
    a table that merely has ``B`` rows does not qualify), and each of its trainable parameters is
    used exactly once in the autograd graph (weight tying, a module applied twice per sample, or a
    parameter also used outside its module are all detected).
@@ -42,7 +44,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..batches import move_to
 from ..errors import InvalidArgumentError, InvalidOutputError
-from .checks import HIDDEN_FIX, BatchChecks, check_hidden_parameters, verify_batch
+from .checks import HIDDEN_FIX, BatchChecks, batch_key, check_hidden_parameters, remembered_checks, verify_batch
 from .common import (Elementwise, counting_first, evaluation_mode, finish, is_batched, limited_batches,
                      trainable_parameters)
 from .layers import Layer, chunk_samples, count_parameter_uses, discover_layers, exact_accumulate, nearby_leaves
@@ -65,7 +67,7 @@ def per_sample_gradient_statistic(
     layers = discover_layers(model, trainable)
     device = next(iter(trainable.values())).device
     count = 0
-    checks = BatchChecks()
+    checks = remembered_checks(model, objective)  # the verdicts of earlier estimates on this model
     with evaluation_mode(model):
         for batch, size, counted in limited_batches(data, max_samples):
             batch = move_to(batch, device)
@@ -129,10 +131,12 @@ def accumulate_batch(
             "torch.no_grad(), detaching, or inside torch.utils.checkpoint(..., use_reentrant=True)?)"
         )
     reference = per_sample.detach().clone()
-    verdict = checks.by_size.get(size)
+    key = batch_key(batch, records) if checks.remembered is not None else None
+    verdict = checks.verdict(size, key)
     if verdict is None:
         full_inputs = [calls[0][0] if len(calls) == 1 and calls[0] is not None else None for calls in records]
-        verdict = checks.by_size[size] = verify_batch(model, batch, size, objective, layers, full_inputs, reference)
+        verdict = verify_batch(model, batch, size, objective, layers, full_inputs, reference)
+        checks.keep(size, key, verdict)
     uses = count_parameter_uses(total)
     exact: list[tuple[Layer, Tensor, GradientEdge]] = []
     for index, (layer, calls) in enumerate(zip(layers, records)):
