@@ -26,6 +26,7 @@ import sys
 import warnings
 from typing import Any, Iterator, Sequence
 
+MAX_ERROR_LINE = 600
 COMMANDS = ("synth", "prepare", "train", "evaluate", "query", "recognition")
 
 
@@ -110,6 +111,9 @@ def distributed_session(device: Any = None) -> Iterator[Any]:
 def _report(command: str | None, message: str, exc: BaseException | None = None) -> None:
     """Print ``mas-triplets COMMAND: MESSAGE`` on stderr; on a rank other than 0 only for an
     error that is not raised alike by every rank (then naming the rank)."""
+    message = " ".join(message.split())  # one line, whatever the exception held
+    if len(message) > MAX_ERROR_LINE:  # never an error line of megabytes: keep its start and its advice
+        message = f"{message[:MAX_ERROR_LINE - 200]} … {message[-180:]}"
     rank = launched_rank()
     if rank == 0:
         print(f"mas-triplets {command}: {message}", file=sys.stderr)

@@ -38,7 +38,7 @@ from mas_core.checkpoint import (
 )
 from mas_core.errors import CheckpointMismatchError, did_you_mean
 
-from .config import from_dict, to_dict
+from .config import MAX_CONFIG_BYTES, from_dict, read_yaml, to_dict
 from .errors import ConfigError, RunFolderError
 from .fact_data import fact_file_fingerprint, file_identity, open_fact_file
 from .model import FactEmbeddingNet, ModelConfig, build_model
@@ -107,8 +107,10 @@ def read_run_config(config_path: Path) -> TrainConfig:
     """The :class:`TrainConfig` of ``RUN/config.yaml``; :class:`RunFolderError` (one line) for one
     that cannot be read, is not YAML or not a training config."""
     try:
-        raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        if config_path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{config_path.stat().st_size:,} bytes, more than a config may hold")
+        raw = read_yaml(config_path.read_text(encoding="utf-8"), str(config_path))
+    except (OSError, UnicodeDecodeError, ConfigError) as exc:
         reason = getattr(exc, "strerror", None) or (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         raise RunFolderError(f"{config_path} is not a readable run config ({reason}); restore it or use a new "
                              "run folder") from None
