@@ -121,6 +121,27 @@ def _report(command: str | None, message: str, exc: BaseException | None = None)
         print(f"mas-triplets {command} (rank {rank}): {message}", file=sys.stderr)
 
 
+def hdf5_read_error(exc: OSError) -> str | None:
+    """One line for an ``OSError`` that h5py raised reading a damaged HDF5 file (a fact file, a
+    prepared task), naming the file when a frame of h5py knows it; ``None`` for any other."""
+    filename, traceback = None, exc.__traceback__
+    from_h5py = False
+    while traceback is not None:
+        frame = traceback.tb_frame
+        if str(frame.f_globals.get("__name__", "")).startswith("h5py"):
+            from_h5py = True
+            try:
+                filename = filename or frame.f_locals["self"].file.filename
+            except Exception:  # noqa: BLE001 - a name is a courtesy; the damage is the message
+                pass
+        traceback = traceback.tb_next
+    if not from_h5py:
+        return None
+    reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+    return (f"cannot read the HDF5 file {filename or '(unknown)'} ({reason}): it is damaged; restore it or "
+            "prepare it again")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -141,6 +162,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except FileNotFoundError as exc:
         _report(args.command, f"error: file not found: {exc.filename or exc}", exc)
+        return 2
+    except OSError as exc:
+        message = hdf5_read_error(exc)
+        if message is None:
+            raise
+        _report(args.command, f"error: {message}", exc)
         return 2
     except KeyboardInterrupt:
         _report(args.command, "interrupted; finished work is checkpointed")
