@@ -175,12 +175,14 @@ def train_run(config: TrainConfig, out_dir: str | Path, *, resume: bool = False,
             build_model(config.model, slot_dim, ctx.image_size)  # fail fast on a bad model config
             for method in config.methods:
                 _check_method(method)  # fail fast on an unknown method or bad options
+        if resume:  # an accumulator that cannot apply is refused before anything is written
+            with same_on_every_rank():
+                last_task = fact_file.num_tasks if stop_after_task is None else min(stop_after_task, fact_file.num_tasks)
+                check_queried_importance(config.online_importance, out_dir, [method.key for method in config.methods],
+                                         last_task=last_task)
         # rank 0 creates or checks the folder; its answer (or its error) reaches every rank
         recorded = run_on_main_process(lambda: prepare_run_folder(config, out_dir, resume))
         ctx.data_sha256 = (read_data_identity(out_dir) or {}).get("fact_file", {}).get("sha256")
-        if resume:
-            with same_on_every_rank():
-                check_queried_importance(config.online_importance, out_dir, [method.key for method in config.methods])
         finished: dict[str, Any] = {}
         for method in config.methods:
             finished[method.key] = train_method(ctx, method, out_dir / method.key, progress=progress,
