@@ -10,7 +10,11 @@ never half of one (a kill between the two can leave the hidden temporary file
 Checksums: a checkpoint is the zip archive ``torch.save`` writes, with the SHA-256 of
 that archive (as written, with an empty archive comment) stored in the archive's comment
 (``mas-sha256:<64 hex>``). ``torch.load`` ignores the comment; :func:`load_checkpoint`
-recomputes the hash and refuses a file whose bytes changed. A JSON result written by
+recomputes the hash and refuses a file whose bytes changed. The same protection lives inside the
+payload too, where stripping the comment cannot switch it off: a mapping saved by
+:func:`save_checkpoint` carries the key ``PAYLOAD_CHECKSUM_KEY``, the SHA-256 of its contents
+(:func:`payload_checksum`: every tensor's dtype, shape and bytes and every plain value, in
+order), checked after loading and removed from the answer. A JSON result written by
 :func:`atomic_write_json` with ``checksum=True`` carries the key ``"sha256"``: the SHA-256
 of the document without that key, rendered canonically (``json.dumps(doc, sort_keys=True,
 separators=(",", ":"), ensure_ascii=False)``, UTF-8); :func:`read_json` checks it.
@@ -170,9 +174,42 @@ def checkpoint_checksum(path: str | os.PathLike) -> tuple[str | None, str]:
         return None, digest.hexdigest()
 
 
+PAYLOAD_CHECKSUM_KEY = "payload_sha256"
+
+
+def payload_checksum(state: Any) -> str:
+    """SHA-256 (hex) of ``state``'s contents, as :func:`torch.load` gives them back: mappings
+    (key and value, in order), lists and tuples item by item, tensors by dtype, shape and bytes,
+    anything else by type name and ``repr``."""
+    digest = hashlib.sha256()
+    stack: list[Any] = [state]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach()
+            tensor = (tensor if tensor.device.type == "cpu" else tensor.cpu()).contiguous()
+            digest.update(f"T{tensor.dtype}{tuple(tensor.shape)};".encode())
+            if tensor.numel():
+                digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(value, dict):
+            digest.update(f"D{len(value)};".encode())
+            for key, item in reversed(list(value.items())):
+                stack.extend((item, key))
+        elif isinstance(value, (list, tuple)):
+            digest.update(f"L{len(value)};".encode())
+            stack.extend(reversed(value))
+        else:
+            text = repr(value).encode("utf-8", "backslashreplace")
+            digest.update(f"V{type(value).__name__}{len(text)};".encode() + text)
+    return digest.hexdigest()
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     """Save ``state`` (tensors, state_dicts, plain values) atomically with ``torch.save``, its
-    SHA-256 in the archive's comment (see the module docs)."""
+    SHA-256 in the archive's comment and the SHA-256 of its contents inside it (see the module docs)."""
+    if isinstance(state, dict):
+        body = {key: value for key, value in state.items() if key != PAYLOAD_CHECKSUM_KEY}
+        state = {**body, PAYLOAD_CHECKSUM_KEY: payload_checksum(body)}
     _atomic_write(Path(path), lambda handle: _write_checksummed(state, handle))
 
 
@@ -201,8 +238,8 @@ def load_checkpoint(path: str | os.PathLike, *, expected_config: dict[str, Any] 
                     map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``.
 
-    The stored SHA-256 is checked first (a file written without one, by an older version,
-    is read unchecked). If ``expected_config`` is given, the checkpoint's ``"config"`` entry
+    The stored SHA-256 is checked first, the contents' SHA-256 once loaded (a file written
+    without them, by an older version, is read unchecked). If ``expected_config`` is given, the checkpoint's ``"config"`` entry
     must equal it; otherwise :class:`CheckpointMismatchError` names the first differing key.
     Every refusal is one line.
     """
@@ -219,6 +256,13 @@ def load_checkpoint(path: str | os.PathLike, *, expected_config: dict[str, Any] 
         ) from None
     if not isinstance(state, dict):
         raise CheckpointMismatchError(f"{path} holds a {type(state).__name__}, not a checkpoint; delete it to start over")
+    if PAYLOAD_CHECKSUM_KEY in state:
+        saved = state.pop(PAYLOAD_CHECKSUM_KEY)
+        actual = payload_checksum(state)
+        if saved != actual:
+            raise CheckpointMismatchError(
+                f"checkpoint {path} is damaged: its contents hash to SHA-256 {actual[:16]}…, it was written with "
+                f"{str(saved)[:16]}…; delete it to start over (or restore it)")
     if expected_config is not None:
         check_config(state, expected_config, path)
     return state

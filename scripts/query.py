@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     from triplets.errors import TripletsError
     from triplets.query import fact_text, open_query, parse_box
     from triplets.query_importance import check_accumulate_flags, record_image_queries, record_sample_queries
-    from triplets.query_show import write_query_picture
+    from triplets.query_show import check_show_path, write_query_picture
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="run folder written by mas-triplets train")
@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         image = args.image if args.image is not None else args.sample
         check_accumulate_flags(accumulate=args.accumulate_importance, image=image, text=args.text)
+        if args.show is not None:  # checked before the query, the importance recorded after the picture
+            check_show_path(args.show, writable=True)
+        record = None
         with open_query(args.run, method=args.method) as engine:
             if args.text is not None:
                 print(f"{args.text!r} → {fact_text(engine.parse(args.text))}  (method {engine.method})")
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                     box = parse_box(args.box) if args.box else None
                     hits = engine.image_to_facts(args.image, box=box, k=args.k)
                     if args.accumulate_importance:
-                        print(record_image_queries(engine, [args.image], box=box).describe())
+                        record = lambda: record_image_queries(engine, [args.image], box=box)  # noqa: E731
                     query = {"image": args.image, "box": box}
                 else:
                     sample = int(engine.fact_file.sample_indices(None, "test")[args.sample])
@@ -70,12 +73,14 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"test sample {sample}, true fact {fact_text(true_fact)}")
                     hits = engine.image_to_facts_by_sample(sample, k=args.k)
                     if args.accumulate_importance:
-                        print(record_sample_queries(engine, [sample]).describe())
+                        record = lambda: record_sample_queries(engine, [sample])  # noqa: E731
                     query = {"sample": sample}
                 for rank, hit in enumerate(hits, start=1):
                     print(f"  {rank}. {hit['fact_text']}: {hit['score']:.3f}")
             if args.show is not None:
                 print(f"picture: {write_query_picture(args.show, engine, query, facts=hits, images=images)}")
+            if record is not None:
+                print(record().describe())
     except (TripletsError, IndexError) as exc:
         print(f"query.py: error: {exc}", file=sys.stderr)
         return 2

@@ -247,7 +247,7 @@ def test_bad_flag_combinations_are_one_line_errors(run, capsys, tmp_path):
     assert main(["query", "--run", str(run / "run"), "--text", "subj0_0", "--method", "mas"]) == 0
 
 
-def test_stale_accumulator_is_not_used_and_is_replaced_by_a_new_query(run, monkeypatch, capsys):
+def test_stale_accumulator_is_refused_and_is_replaced_by_a_new_query(run, monkeypatch, capsys):
     assert _query(run, run / "query0.png") == 0
     train_run(_config(run / "facts.h5"), run / "run", resume=True, progress=False, stop_after_task=2)
     captured, results = _resume_capturing(run, monkeypatch, use="queries")  # nothing left to train up to task 2
@@ -261,8 +261,9 @@ def test_stale_accumulator_is_not_used_and_is_replaced_by_a_new_query(run, monke
     reg = MAS(1.0)
     reg.load_state_dict(state["regularizer"])
     before = {name: value.clone() for name, value in reg.importance.items()}
-    hook(model, model, reg, 2)
-    assert "accumulated on another model" in lines[0] and not hook.records
+    with pytest.raises(ConfigError, match="cannot be used: it was accumulated on another model"):
+        hook(model, model, reg, 2)
+    assert not lines and not hook.records
     assert all(torch.equal(before[name], value) for name, value in reg.importance.items())
     capsys.readouterr()
     assert _query(run, run / "query1.png") == 0

@@ -297,13 +297,35 @@ def test_a_diverged_method_is_listed_and_the_others_are_reported(tmp_path: Path,
     assert main(["recognition", "--config", str(config), "--out", str(out), "--quiet"]) == 1
     captured = capsys.readouterr()
     results = json.loads((out / "results.json").read_text())
-    assert list(results["methods"]) == ["finetune"] and results["complete"] is True
+    assert list(results["methods"]) == ["finetune"] and results["complete"] is False  # mas is still to be done
     assert list(results["diverged"]) == ["mas"] and "lam=1e+12" in results["diverged"]["mas"]
     assert "\n" not in results["diverged"]["mas"]
     markdown = (out / "results.md").read_text()
     assert "| finetune |" in markdown and "- mas: training diverged" in markdown and "| mas |" not in markdown
     assert "method mas diverged: training diverged" in captured.err
     assert (out / "plots" / "accuracy.png").is_file()
+
+
+def test_a_diverged_method_resumed_with_the_lower_strength_its_error_advises(tmp_path: Path,
+                                                                             capsys: pytest.CaptureFixture) -> None:
+    """The error advises a lower strength; resuming with it trains the method from the start (its
+    checkpoint holds the diverged setting) and the record then says complete, nothing diverged."""
+    config = tiny_digits_config(tmp_path, ["finetune", "mas"], {"mas": {"lam": 1e12}})
+    out = tmp_path / "run"
+    assert main(["recognition", "--config", str(config), "--out", str(out), "--quiet"]) == 1
+    finetune = (out / "finetune" / "result.json").read_bytes()
+    capsys.readouterr()
+    assert main(["recognition", "--config", str(config), "--out", str(out), "--resume", "--quiet",
+                 "--set", "method_options.mas.lam=1.0"]) == 0, capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    assert results["complete"] is True and list(results["methods"]) == ["finetune", "mas"]
+    assert not results.get("diverged") and results["methods"]["mas"]["options"]["lam"] == 1.0
+    assert (out / "finetune" / "result.json").read_bytes() == finetune  # the finished method is kept as it was
+    (tmp_path / "fresh").mkdir()
+    fresh = tiny_digits_config(tmp_path / "fresh", ["mas"], {"mas": {"lam": 1.0}})
+    assert main(["recognition", "--config", str(fresh), "--out", str(tmp_path / "fresh" / "run"), "--quiet"]) == 0
+    alone = json.loads((tmp_path / "fresh" / "run" / "results.json").read_text())["methods"]["mas"]
+    assert alone["accuracy_matrix"] == results["methods"]["mas"]["accuracy_matrix"]  # the same as a fresh run
 
 
 def test_when_every_method_diverges_the_error_stands(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

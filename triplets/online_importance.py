@@ -17,9 +17,11 @@ data, same θ, same estimator) when it is needed (``mixed``, or any ``use`` afte
 to take it out of the sum). After the first task ``use: queries`` gives Ω = Ω_queries exactly.
 
 Which queries: those of the accumulator whose fingerprint equals the parameters the run resumes
-from (the model that answered them is the model that continues). An accumulator of another model
-(queried after an earlier task and already used, or the run has moved on) is not used, with a log
-line; a method with no accumulator keeps Ω_train. What was used is recorded per method in
+from (the model that answered them is the model that continues). An accumulator that cannot apply
+(another model's: queried after an earlier task and already used, or the run has moved on; or
+recorded after another task than the one resumed) is refused in one line before any training
+(:func:`check_queried_importance`), naming why: answer queries with the model the run resumes
+from, delete the file, or set ``use: none``. A method with no accumulator keeps Ω_train. What was used is recorded per method in
 ``result.json`` / ``results.json`` under ``"online_importance"`` (one entry per replaced task:
 ``after_task``, ``use``, ``query_weight`` ρ, ``query_samples``, ``query_calls``, ``train_samples``).
 
@@ -42,6 +44,7 @@ from mas_core.checkpoint import load_checkpoint, read_json
 from mas_core.distributed import RankShard
 from mas_core.errors import CheckpointMismatchError
 from mas_core.importance import OnlineImportance, mix_importance
+from mas_core.importance.online import fingerprint_difference
 from mas_core.regularizers import MAS
 from mas_core.regularizers.base import Regularizer
 
@@ -90,10 +93,13 @@ class OnlineImportanceConfig:
         return {"none": 0.0, "queries": 1.0, "mixed": float(self.query_weight)}[self.use]
 
 
-def check_queried_importance(config: OnlineImportanceConfig, run_dir: Path, method_keys: list[str]) -> None:
+def check_queried_importance(config: OnlineImportanceConfig, run_dir: Path, method_keys: list[str],
+                             last_task: int | None = None) -> None:
     """Before a resume of a run with checkpoints: with ``use`` other than ``none`` some method of the
-    run must hold queried importance (else :class:`ConfigError`, one line: the setting would
-    silently do nothing)."""
+    run must hold queried importance, and every accumulator of a method that will train a next task
+    (its checkpoint has fewer than ``last_task`` tasks) must apply to it: recorded after the task
+    the checkpoint holds, on its parameters. Else :class:`ConfigError`, one line naming why (the
+    setting would silently do nothing)."""
     if config.use == "none" or not any((run_dir / key / "checkpoint.pt").is_file() for key in method_keys):
         return  # nothing to resume: a fresh run (or one resumed before its first task finished)
     if not any((run_dir / key / ACCUMULATOR_NAME).is_file() for key in method_keys):
@@ -101,6 +107,45 @@ def check_queried_importance(config: OnlineImportanceConfig, run_dir: Path, meth
             f"online_importance.use={config.use} but no method of {run_dir} holds queried importance "
             f"({ACCUMULATOR_NAME}); answer queries with `mas-triplets query --accumulate-importance` first, "
             "or set online_importance.use: none")
+    for key in method_keys:
+        checkpoint_path, path = run_dir / key / "checkpoint.pt", run_dir / key / ACCUMULATOR_NAME
+        if not (checkpoint_path.is_file() and path.is_file()):
+            continue
+        checkpoint = load_checkpoint(checkpoint_path, map_location="cpu")
+        completed = int(checkpoint.get("completed_tasks", 0))
+        if last_task is not None and completed >= last_task:
+            continue  # nothing left to train: the hook never runs
+        why = why_not_applicable(read_accumulator_file(path), checkpoint.get("model"), completed)
+        if why is not None:
+            raise ConfigError(not_applicable_message(config, path, why, completed))
+
+
+def why_not_applicable(saved: dict[str, Any], model_state: Any, completed: int) -> str | None:
+    """Why the accumulator file contents ``saved`` cannot replace the Ω of the model after task
+    ``completed`` whose state_dict is ``model_state`` (``None``: it can)."""
+    after = saved.get("after_task")
+    if after is not None and int(after) != completed:
+        return f"it was accumulated on the model after task {after}, and the run resumes after task {completed}"
+    fingerprint = saved["accumulator"].get("fingerprint")
+    if not isinstance(fingerprint, dict) or not isinstance(model_state, dict):
+        return "it records no parameters to compare with the checkpoint's"
+    missing = [name for name in fingerprint if name not in model_state]
+    if missing:
+        return f"it was accumulated on another model (its parameter {missing[0]!r} is not in the checkpoint)"
+    with torch.no_grad():
+        actual = {name: [float(model_state[name].double().abs().sum()), float(model_state[name].double().square().sum())]
+                  for name in fingerprint}
+    problem = fingerprint_difference(fingerprint, actual)
+    if problem is not None:
+        return f"it was accumulated on another model than the one the run resumes from ({problem})"
+    return None
+
+
+def not_applicable_message(config: OnlineImportanceConfig, path: Path, why: str, completed: int) -> str:
+    """The one line refusing an accumulator that cannot apply (see :func:`check_queried_importance`)."""
+    return (f"online_importance.use={config.use}: {path} cannot be used: {why}; answer queries with the model after "
+            f"task {completed} (`mas-triplets query --accumulate-importance`), delete the file, or set "
+            "online_importance.use: none")
 
 
 @dataclass
@@ -135,10 +180,9 @@ class QueriedImportanceOnResume:
                                        output_label=OUTPUT_LABEL)
         try:
             accumulator.load_state_dict(state["accumulator"])
-        except CheckpointMismatchError:
-            self.log(f"{prefix} {path} was accumulated on another model (after task {state.get('after_task')}), "
-                     f"not the one after task {completed_tasks} this run resumes from; not used")
-            return
+        except CheckpointMismatchError as exc:  # check_queried_importance refuses it before training
+            raise ConfigError(not_applicable_message(self.config, path, f"it was accumulated on another model "
+                                                     f"({str(exc).splitlines()[0]})", completed_tasks)) from None
         queried = reg.importance_from_accumulator(trained, accumulator)
         train_importance, train_samples = None, None
         if self.config.use == "mixed" or reg.tasks_seen > 1:
@@ -186,5 +230,6 @@ def online_importance_history(result_path: Path, new_records: list[dict[str, Any
 
 
 __all__ = ["ACCUMULATOR_NAME", "FILE_FORMAT", "LOCK_NAME", "OUTPUT_LABEL", "SIDECAR_NAME", "USES",
-           "OnlineImportanceConfig", "QueriedImportanceOnResume", "check_queried_importance",
+           "OnlineImportanceConfig", "QueriedImportanceOnResume", "check_queried_importance", "not_applicable_message",
+           "why_not_applicable",
            "online_importance_history", "read_accumulator_file"]

@@ -131,8 +131,10 @@ def load_image(image: Any, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Any
         raise TripletsError(f"image file not found: {path}")
     try:
         return decode_rgb(path, max_pixels)
-    except ImageTooLargeError as exc:
-        raise TripletsError(str(exc)) from None
+    except ImageTooLargeError as exc:  # prepare's advice (raise --max-image-pixels) is not an option of a query
+        declared = str(exc).split("; raise --max-image-pixels")[0]
+        raise TripletsError(f"{declared}; a query decodes at most {max_pixels:,} pixels: scale the image down "
+                            "(or crop it to the region) and query again") from None
     except (*DECODE_ERRORS, ValueError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
         raise TripletsError(f"cannot decode {path} as an image ({reason}); give a PNG or JPEG file") from None

@@ -30,9 +30,10 @@ Files, per method ``RUN/<method>/`` (``docs/run_folder.md``):
   "samples", "query_calls", "parameters", "replaced_stale"}``, for people and tools; rewritten
   after the ``.pt``, so a kill between the two leaves it one call behind, never half-written.
 
-Every call loads the accumulator (when it belongs to the model being queried: same parameter
-names, shapes and fingerprint), adds the new samples and writes both files atomically, under an
-advisory lock on ``RUN/<method>/.online_importance.lock`` so that concurrent query processes add
+Every call removes the hidden temporary files a killed call left (``.online_importance.pt.*.tmp``,
+``.online_importance.json.*.tmp``), loads the accumulator (when it belongs to the model being
+queried: same parameter names, shapes and fingerprint), adds the new samples and writes both files
+atomically, under an advisory lock on ``RUN/<method>/.online_importance.lock`` so that concurrent query processes add
 rather than overwrite. An accumulator of another model (the run has been trained further since)
 is replaced by a fresh one, and the sidecar records how many samples were dropped.
 """
@@ -48,7 +49,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mas_core.checkpoint import atomic_write_json, read_json, save_checkpoint
+from mas_core.checkpoint import TEMPORARY_SUFFIX, atomic_write_json, read_json, save_checkpoint
 from mas_core.errors import CheckpointMismatchError, MASCoreError
 from mas_core.importance import OnlineImportance
 from mas_core.loop import JOINT
@@ -165,6 +166,9 @@ def record_query_pixels(run_dir: str | os.PathLike, method: Any, model: nn.Modul
     method_dir = Path(run_dir) / method.key
     path = method_dir / ACCUMULATOR_NAME
     with locked(method_dir):
+        for name in (ACCUMULATOR_NAME, SIDECAR_NAME):  # what a write killed before its rename left
+            for leftover in method_dir.glob(f".{name}.*{TEMPORARY_SUFFIX}"):
+                leftover.unlink(missing_ok=True)
         accumulator = new_accumulator(model, estimator)
         calls, stale = 0, 0
         if path.is_file():

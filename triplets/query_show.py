@@ -10,7 +10,9 @@
   top-k facts and their scores.
 
 The picture's size is fixed by the number of panels (:func:`sheet_size_pixels`,
-``IMAGE_QUERY_SIZE_IN`` x ``DPI``). Plots use matplotlib's Agg canvas directly
+``IMAGE_QUERY_SIZE_IN`` x ``DPI``). Whatever ``k``, at most ``MAX_PANELS`` regions (a 10 x 5 sheet,
+about 1000 x 2650 pixels) and ``MAX_FACT_LINES`` facts are drawn: the first ones, and the title
+says how many were left out. Plots use matplotlib's Agg canvas directly
 (``matplotlib.figure.Figure`` + ``FigureCanvasAgg``, imported on first use), so no global
 backend is set; the PNG is rendered in memory and written atomically.
 """
@@ -18,6 +20,8 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import tempfile
 import textwrap
 from pathlib import Path
 from typing import Any, Sequence
@@ -37,20 +41,31 @@ DPI = 100
 CONTEXT = 0.5                       # context around a region: this fraction of its larger side, each way
 IMAGE_FOLDERS = ("VG_100K", "VG_100K_2", "images", ".")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+MAX_PANELS = 50                     # regions drawn on a contact sheet at most, whatever k
+MAX_FACT_LINES = 40                 # facts listed beside an image query at most
 BOX_COLOUR = "#e3120b"
 MATCH_COLOUR = "#1a7f37"
 
 
-def check_show_path(path: str | Path) -> Path:
+def check_show_path(path: str | Path, *, writable: bool = False) -> Path:
     """``path`` as a Path when a PNG can be written there: it ends in ``.png``, is not a folder and
-    its folder exists; else :class:`TripletsError` with a one-line reason."""
+    its folder exists (with ``writable``: and a file can be created in it, tried with a hidden
+    temporary file); else :class:`TripletsError` with a one-line reason."""
     path = Path(path)
     if path.suffix.lower() != ".png":
-        raise TripletsError(f"--show writes a PNG picture; give a file name ending in .png, not {str(path)!r}")
+        raise TripletsError(f"--show writes a PNG picture; give a file name ending in .png, not {str(path)[:200]!r}")
     if path.is_dir():
         raise TripletsError(f"--show {path} is a folder; give a file name ending in .png")
     if not path.parent.is_dir():
         raise TripletsError(f"--show: the folder {path.parent} does not exist; create it or choose another path")
+    if writable:
+        try:
+            handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        except OSError as exc:
+            raise TripletsError(f"--show {path}: cannot write into {path.parent} ({exc.strerror or exc}); choose a "
+                                "folder you can write to (nothing was queried)") from None
+        os.close(handle)
+        os.unlink(name)
     return path
 
 
@@ -179,11 +194,14 @@ def write_query_picture(path: str | Path, engine: Any, query: dict[str, Any], *,
     if "text" in query:
         wanted = engine.parse(query["text"])
         panels = []
-        for rank, hit in enumerate(images or [], start=1):
+        shown = list(images or [])[:MAX_PANELS]
+        for rank, hit in enumerate(shown, start=1):
             pixels, box = region_view(engine.fact_file, hit["sample"])
             panels.append((pixels, box, _caption(rank, hit), tuple(hit["fact"]) == tuple(wanted)))
+        left_out = len(images or []) - len(shown)
         data = contact_sheet_png(f"test regions nearest to {fact_text(wanted)}  (query {query['text']!r}, "
-                                 f"method {method})", panels)
+                                 f"method {method})" + (f"; the first {len(shown)} of {len(shown) + left_out}"
+                                                        if left_out else ""), panels)
     else:
         if "sample" in query:
             pixels, box = region_view(engine.fact_file, int(query["sample"]))
@@ -195,7 +213,10 @@ def write_query_picture(path: str | Path, engine: Any, query: dict[str, Any], *,
             box = tuple(query["box"]) if query.get("box") else (0.0, 0.0, float(image.width), float(image.height))
             name = Path(query["image"]).name if isinstance(query["image"], (str, Path)) else "image"
             title = f"facts nearest to {name}, box {', '.join(f'{v:g}' for v in box)} (method {method})"
-        lines = [f"{rank:>2}. {hit['score']:.3f}  {hit['fact_text']}" for rank, hit in enumerate(facts, start=1)]
+        lines = [f"{rank:>2}. {hit['score']:.3f}  {hit['fact_text']}"
+                 for rank, hit in enumerate(list(facts)[:MAX_FACT_LINES], start=1)]
+        if len(facts) > MAX_FACT_LINES:
+            lines.append(f"… and {len(facts) - MAX_FACT_LINES} more (not drawn)")
         data = image_facts_png(title, pixels, box, lines)
     atomic_write_bytes(path, data)
     return path

@@ -17,8 +17,10 @@ loop; checkpoints in ``OUT/<method>/``), and writes
 
 A method whose training diverges (:class:`~mas_core.errors.DivergenceError`) does not stop the
 others: it is listed under ``diverged`` in ``results.json`` (with the error) and under the tables
-of ``results.md``, and ``--resume`` trains it again; only when every method diverged is the first
-error raised.
+of ``results.md``, ``results.json`` says ``"complete": false``, and ``--resume`` trains it again:
+from its checkpoint with the same settings, or from the start when the settings that its error
+advises changing (its strength in ``method_options``, say) now differ from its checkpoint's. Only
+when every method diverged is the first error raised.
 
 All files are written atomically. A method finished earlier is loaded from
 ``OUT/<method>/result.json`` on ``resume``; an interrupted one continues from its
@@ -51,7 +53,7 @@ from typing import Any
 
 from mas_core.checkpoint import atomic_write_json, atomic_write_text, read_json, remove_stale_temporaries
 from mas_core.distributed import is_main_process, run_on_main_process, same_on_every_rank
-from mas_core.errors import DivergenceError
+from mas_core.errors import CheckpointMismatchError, DivergenceError
 from mas_core.loop import OptimSettings
 from mas_core.sequence import Task, run_sequence
 
@@ -135,6 +137,7 @@ def run_recognition(config: RecognitionConfig, out: str | Path, *, methods: Sequ
     make_model = model_factory(config.model)
     per_method: dict[str, Any] = {}
     diverged: dict[str, str] = {}
+    diverged_before = _diverged_before(results_path) if resume else {}
     first_divergence: DivergenceError | None = None
     for method in method_list:
         method_dir = out / method_dir_name(method)
@@ -154,12 +157,24 @@ def run_recognition(config: RecognitionConfig, out: str | Path, *, methods: Sequ
                           importance_data=test_inputs[i] if importance == "test" else None)
                      for i, t in enumerate(tasks)]
         base = method.split("@")[0]
-        try:  # the loop all-reduces a divergence, so every rank lands here alike
-            sequence_result = run_sequence(
+
+        def train(from_checkpoint: bool) -> Any:
+            return run_sequence(
                 make_model, run_tasks, base, optim, seed=config.seed, device=config.train.device,
                 eval_batch_size=config.train.eval_batch_size, num_workers=config.train.num_workers,
-                method_options=options or None, checkpoint_dir=method_dir, resume=resume, progress=progress, log=log,
-                search=config.search.resolved_for(base, method) if config.search.enabled else None)
+                method_options=options or None, checkpoint_dir=method_dir, resume=from_checkpoint, progress=progress,
+                log=log, search=config.search.resolved_for(base, method) if config.search.enabled else None)
+
+        try:  # the loop all-reduces a divergence, so every rank lands here alike
+            try:
+                sequence_result = train(resume)
+            except CheckpointMismatchError as exc:
+                if method not in diverged_before or "another configuration" not in str(exc):
+                    raise
+                # it diverged with other settings (the ones its error advised changing): start it over
+                emit(f"[{method}] diverged before with other settings ({str(exc).splitlines()[0]}); "
+                     "training it from the start")
+                sequence_result = train(False)
         except DivergenceError as exc:
             emit(f"[{method}] stopped: {exc}")
             diverged[method] = str(exc)
@@ -174,12 +189,22 @@ def run_recognition(config: RecognitionConfig, out: str | Path, *, methods: Sequ
                                                       complete=False), checksum=True)
     if not per_method and first_divergence is not None:
         raise first_divergence  # nothing to report: every method diverged
-    results = _results(config, config_dict, tasks, per_method, diverged, complete=True)
+    results = _results(config, config_dict, tasks, per_method, diverged, complete=not diverged)
     if main:
         atomic_write_json(results_path, results, checksum=True)
         atomic_write_text(out / "results.md", recognition_markdown(results))
         write_recognition_plots(results, out / "plots")
     return results
+
+
+def _diverged_before(results_path: Path) -> dict[str, str]:
+    """The methods an earlier run of this folder listed under ``diverged`` (with their errors)."""
+    if not results_path.is_file():
+        return {}
+    with same_on_every_rank():
+        saved = read_json(results_path, what="results document")
+    found = saved.get("diverged") if isinstance(saved, dict) else None
+    return dict(found) if isinstance(found, dict) else {}
 
 
 def _check_prepared_data(out: Path, specs: Sequence[TaskSpec], paths: Sequence[Path]) -> dict[str, Any]:

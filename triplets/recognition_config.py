@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from data_prep.image_decode import MAX_STORED_IMAGE_SIZE
 from data_prep.images import SOURCES
 from mas_core.errors import MASCoreError, did_you_mean
 from mas_core.hparam_search import SearchSettings
@@ -22,6 +23,11 @@ from mas_core.regularizers import METHODS, make_regularizer
 
 from .config import load_config
 
+MAX_SEED = (1 << 63) - 1
+MAX_SIDE = 4096          # model.input_size / resize, pixels
+MAX_WIDTH = 1 << 16      # model.width / feature_dim
+MAX_BATCH = 1 << 24
+MAX_WORKERS = 256
 ALL_METHODS = ("finetune", "lwf", "ebll", "imm", "ewc", "si", "mas", "lmas", JOINT)  # the paper's comparison
 
 
@@ -60,6 +66,9 @@ class TaskSpec:
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ValueError(f"task {self.name!r}: {key} must be >= 1, got {value}")
+        if self.image_size is not None and self.image_size > MAX_STORED_IMAGE_SIZE:
+            raise ValueError(f"task {self.name!r}: image_size must be at most {MAX_STORED_IMAGE_SIZE}, "
+                             f"got {self.image_size}")
         if self.renders_per_class is not None and (len(self.renders_per_class) != 2
                                                    or min(self.renders_per_class) < 1):
             raise ValueError(f"task {self.name!r}: renders_per_class must be [train, test] positive counts")
@@ -100,6 +109,11 @@ class ModelSpec:
             raise ValueError(f"model.arch {self.arch} needs channels: 3")
         if self.width < 1 or self.feature_dim < 1:
             raise ValueError("model.width and model.feature_dim must be positive")
+        for key, most in (("input_size", MAX_SIDE), ("resize", MAX_SIDE), ("width", MAX_WIDTH),
+                          ("feature_dim", MAX_WIDTH)):
+            value = getattr(self, key)
+            if value is not None and value > most:
+                raise ValueError(f"model.{key} must be at most {most:,}, got {value}")
 
 
 @dataclass
@@ -112,6 +126,13 @@ class OptimSpec(OptimSettings):
     eval_batch_size: int = 512
     num_workers: int = 0
     device: str = "cpu"
+
+    def validate(self) -> None:
+        super().validate()
+        if not 1 <= self.eval_batch_size <= MAX_BATCH or self.batch_size > MAX_BATCH:
+            raise ValueError(f"train.batch_size and train.eval_batch_size must be in 1..{MAX_BATCH:,}")
+        if not 0 <= self.num_workers <= MAX_WORKERS:
+            raise ValueError(f"train.num_workers must be in 0..{MAX_WORKERS}, got {self.num_workers}")
 
 
 @dataclass
@@ -141,6 +162,8 @@ class RecognitionConfig:
     def validate(self) -> None:
         if not self.tasks:
             raise ValueError("tasks: give at least one task")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be an integer in 0..{MAX_SEED} (2^63 - 1), got {self.seed}")
         names = [task.name for task in self.tasks]
         if len(set(names)) != len(names):
             raise ValueError(f"tasks: names must be distinct, got {names}")

@@ -34,13 +34,12 @@ from mas_core.checkpoint import (
     load_checkpoint,
     read_json,
     remove_stale_temporaries,
-    verify_checkpoint_file,
 )
 from mas_core.errors import CheckpointMismatchError, did_you_mean
 
-from .config import from_dict, to_dict
+from .config import MAX_CONFIG_BYTES, from_dict, read_yaml, to_dict
 from .errors import ConfigError, RunFolderError
-from .fact_data import fact_file_fingerprint, file_identity, open_fact_file
+from .fact_data import DATA_SHA_KEY, fact_file_fingerprint, file_identity, open_fact_file
 from .model import FactEmbeddingNet, ModelConfig, build_model
 from .report import write_report
 from .results_schema import results_document
@@ -107,8 +106,10 @@ def read_run_config(config_path: Path) -> TrainConfig:
     """The :class:`TrainConfig` of ``RUN/config.yaml``; :class:`RunFolderError` (one line) for one
     that cannot be read, is not YAML or not a training config."""
     try:
-        raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        if config_path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{config_path.stat().st_size:,} bytes, more than a config may hold")
+        raw = read_yaml(config_path.read_text(encoding="utf-8"), str(config_path))
+    except (OSError, UnicodeDecodeError, ConfigError) as exc:
         reason = getattr(exc, "strerror", None) or (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         raise RunFolderError(f"{config_path} is not a readable run config ({reason}); restore it or use a new "
                              "run folder") from None
@@ -151,12 +152,45 @@ def check_data_identity(run_dir: Path, fact_file_path: str | Path) -> dict[str, 
     return identity_as_recorded(fact_file_path, recorded, "the fact file", run_dir)
 
 
+def recorded_data_sha256(path: Path) -> str | None:
+    """The SHA-256 of the fact file that the checkpoint or ``model.pt`` at ``path`` records in its
+    own payload (the loop's checkpoint: in its experiment identity), read without loading its
+    tensors; ``None`` when it records none (written before runs recorded it) or cannot be read
+    (loading it in full then says why)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - a damaged file is reported by the full load
+        return None
+    return _data_sha_of(state)
+
+
+def _data_sha_of(state: Any) -> str | None:
+    if not isinstance(state, dict):
+        return None
+    config = state.get("config")
+    experiment = config.get("experiment") if isinstance(config, dict) else None
+    value = experiment.get(DATA_SHA_KEY) if isinstance(experiment, dict) else state.get(DATA_SHA_KEY)
+    return value if isinstance(value, str) else None
+
+
+def check_recorded_data(identity: dict[str, Any], records: list[tuple[str, str | None]], run_dir: Path) -> None:
+    """Refuse (one line) a fact file whose SHA-256 is not the one a checkpoint or model of the run
+    ``run_dir`` records in its own payload (``records``: ``(file, sha256 or None)``): what deleting
+    or forging ``data.json`` cannot switch off."""
+    for where, recorded in records:
+        if recorded is not None and recorded != identity["sha256"]:
+            raise RunFolderError(
+                f"the fact file {identity['path']} is not the one {run_dir} was trained on: its SHA-256 is "
+                f"{identity['sha256'][:16]}…, {where} records {recorded[:16]}…; restore that file or start a new run")
+
+
 def prepare_run_folder(config: TrainConfig, out_dir: Path, resume: bool) -> TrainConfig:
     """Create or check the run folder (:func:`check_output_folder`; on ``resume`` the config and the
     fact file's content must be the recorded ones); return the config whose methods are recorded
     there. Removes the hidden temporary files a killed run left."""
     check_output_folder(out_dir, "facts", resume=resume)
     config_path = out_dir / "config.yaml"
+    payload_records: list[tuple[str, str | None]] = []
     if config_path.exists():
         saved = read_run_config(config_path)
         for section in ("data", "model", "optim", "loss", "search", "seed"):
@@ -173,13 +207,17 @@ def prepare_run_folder(config: TrainConfig, out_dir: Path, resume: bool) -> Trai
                     "resume with the original config or give the new setting another label")
         recorded = dataclasses.replace(config, methods=methods)
         for method in config.methods:  # damaged files are refused before anything is written
-            if (out_dir / method.key / "checkpoint.pt").is_file():
-                verify_checkpoint_file(out_dir / method.key / "checkpoint.pt")
+            for name in ("checkpoint.pt", "model.pt"):
+                if (out_dir / method.key / name).is_file():
+                    state = load_checkpoint(out_dir / method.key / name, map_location="cpu")
+                    payload_records.append((str(out_dir / method.key / name), _data_sha_of(state)))
+                    del state
             if (out_dir / method.key / "result.json").is_file():
                 read_json(out_dir / method.key / "result.json", what="method result")
     else:
         recorded = config
     identity = check_data_identity(out_dir, config.data.fact_file)
+    check_recorded_data(identity, payload_records, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out_dir)
     atomic_write_json(out_dir / DATA_IDENTITY_NAME, {"fact_file": identity}, checksum=True)
@@ -291,10 +329,13 @@ def load_run(run_dir: str | Path) -> Run:
         raise RunFolderError(f"{run_dir} has no finished method yet; finish it with `mas-triplets train --resume`")
     if not Path(config.data.fact_file).is_file():
         raise RunFolderError(f"the run's fact file {config.data.fact_file} is gone; restore it to use {run_dir}")
-    check_data_identity(run_dir, config.data.fact_file)
+    identity = check_data_identity(run_dir, config.data.fact_file)
+    check_recorded_data(identity, [(str(run_dir / m / "model.pt"), recorded_data_sha256(run_dir / m / "model.pt"))
+                                   for m in methods], run_dir)
     return Run(dir=run_dir, config=config, methods=methods, fact_file=open_fact_file(config.data.fact_file))
 
 
-__all__ = ["DATA_IDENTITY_NAME", "RUN_MARKERS", "Run", "check_data_identity", "check_output_folder", "identity_as_recorded", "collect_results",
+__all__ = ["DATA_IDENTITY_NAME", "DATA_SHA_KEY", "RUN_MARKERS", "Run", "check_data_identity", "check_recorded_data",
+           "recorded_data_sha256", "check_output_folder", "identity_as_recorded", "collect_results",
            "load_run", "package_versions", "prepare_run_folder", "read_data_identity", "read_run_config",
            "results_dict"]

@@ -64,13 +64,29 @@ from mas_core.regularizers import make_regularizer
 from .config import to_dict
 from .errors import ConfigError, RunFolderError
 from .evaluate import embed_images
-from .fact_data import check_fact_file, fact_file_fingerprint, open_fact_file, vocabulary_fingerprint
+from .fact_data import (
+    DATA_SHA_KEY,
+    check_fact_file,
+    fact_file_fingerprint,
+    file_sha256,
+    open_fact_file,
+    vocabulary_fingerprint,
+)
 from .fact_experiment import FactContext, FactExperiment, fact_context
 from .feature_cache import FEATURE_DATASET, feature_cache_fingerprint, write_feature_cache
 from .index import build_index, model_fingerprint
 from .model import FactEmbeddingNet, build_model
 from .online_importance import QueriedImportanceOnResume, check_queried_importance, online_importance_history
-from .run_folder import Run, collect_results, load_run, package_versions, prepare_run_folder, results_dict
+from .run_folder import (
+    Run,
+    collect_results,
+    load_run,
+    package_versions,
+    prepare_run_folder,
+    read_data_identity,
+    recorded_data_sha256,
+    results_dict,
+)
 from .results_schema import method_summary
 from .train_config import (
     DataConfig,
@@ -101,10 +117,13 @@ def _check_method(method: MethodConfig) -> None:
     make_regularizer(method.name, **method.options)
 
 
-def method_checkpoint_config(config: TrainConfig, method: MethodConfig) -> dict[str, Any]:
+def method_checkpoint_config(config: TrainConfig, method: MethodConfig, data_sha256: str | None = None
+                             ) -> dict[str, Any]:
     """What ``RUN/<method>/checkpoint.pt`` must agree on to be resumed (see
-    :func:`mas_core.loop.checkpoint_config`): data, model, loss, optimizer, seed and the method."""
+    :func:`mas_core.loop.checkpoint_config`): data (the config's section and the fact file's
+    SHA-256, ``data_sha256`` or read from the file), model, loss, optimizer, seed and the method."""
     ctx_identity = FactExperiment.identity_of(config)
+    ctx_identity[DATA_SHA_KEY] = data_sha256 or file_sha256(config.data.fact_file)
     recorded = checkpoint_config(ctx_identity, method.name, method.name == JOINT, dict(method.options), config.optim,
                                  config.seed)
     if config.search.enabled:
@@ -148,11 +167,14 @@ def train_run(config: TrainConfig, out_dir: str | Path, *, resume: bool = False,
             build_model(config.model, ctx.slot_dim, ctx.image_size)  # fail fast on a bad model config
             for method in config.methods:
                 _check_method(method)  # fail fast on an unknown method or bad options
+        if resume:  # an accumulator that cannot apply is refused before anything is written
+            with same_on_every_rank():
+                last_task = fact_file.num_tasks if stop_after_task is None else min(stop_after_task, fact_file.num_tasks)
+                check_queried_importance(config.online_importance, out_dir, [method.key for method in config.methods],
+                                         last_task=last_task)
         # rank 0 creates or checks the folder; its answer (or its error) reaches every rank
         recorded = run_on_main_process(lambda: prepare_run_folder(config, out_dir, resume))
-        if resume:
-            with same_on_every_rank():
-                check_queried_importance(config.online_importance, out_dir, [method.key for method in config.methods])
+        ctx.data_sha256 = (read_data_identity(out_dir) or {}).get("fact_file", {}).get("sha256")
         finished: dict[str, Any] = {}
         for method in config.methods:
             finished[method.key] = train_method(ctx, method, out_dir / method.key, progress=progress,
@@ -182,6 +204,9 @@ def train_method(ctx: FactContext, method: MethodConfig, method_dir: Path, *, pr
     if main:
         method_dir.mkdir(parents=True, exist_ok=True)
     experiment = FactExperiment(ctx)
+    checkpoint_path = method_dir / "checkpoint.pt"
+    # a checkpoint written before checkpoints recorded the data is resumed as it was written
+    experiment.record_data = not checkpoint_path.is_file() or recorded_data_sha256(checkpoint_path) is not None
     log = (lambda line: print(line, flush=True)) if progress else None
     queried = QueriedImportanceOnResume(ctx.config.online_importance, method.key, method_dir,
                                         experiment.importance_data, ctx.device,
@@ -199,6 +224,7 @@ def train_method(ctx: FactContext, method: MethodConfig, method_dir: Path, *, pr
         save_checkpoint(method_dir / "model.pt", {
             "model": model.state_dict(), "model_config": to_dict(ctx.config.model), "slot_dim": ctx.slot_dim,
             "image_size": ctx.image_size, "encoder_name": ctx.fact_file.encoder_name, "fact_file_sha": ctx.fingerprint,
+            DATA_SHA_KEY: ctx.data_sha256,
         })
     extras: dict[str, Any] = {"final": experiment.final_metrics(model)}
     history = online_importance_history(result_path, queried.records)

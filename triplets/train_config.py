@@ -18,6 +18,11 @@ from .model import ModelConfig
 from .online_importance import OnlineImportanceConfig
 
 
+MAX_SEED = (1 << 63) - 1
+MAX_THREADS = 1024
+MAX_BATCH_SIZE = 1 << 24
+
+
 @dataclass
 class DataConfig:
     """``data:``. ``fact_file``: the prepared fact HDF5. ``importance_data``: the images a
@@ -86,6 +91,10 @@ class EvalConfig:
     index: Literal["flat", "ivf", "ivfpq", "hnsw", "none"] = "flat"
     exact_backend: Literal["auto", "faiss-rescored", "blas", "torch", "faiss"] = "auto"
 
+    def validate(self) -> None:
+        if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
+            raise ValueError(f"eval.batch_size must be in 1..{MAX_BATCH_SIZE:,}, got {self.batch_size}")
+
 
 @dataclass
 class TrainConfig:
@@ -113,8 +122,11 @@ class TrainConfig:
     num_threads: int | None = None
 
     def validate(self) -> None:
-        if self.num_threads is not None and self.num_threads < 1:
-            raise ValueError("num_threads must be a positive integer or null (torch's default)")
+        if self.num_threads is not None and not 1 <= self.num_threads <= MAX_THREADS:
+            raise ValueError(f"num_threads must be an integer in 1..{MAX_THREADS} or null (torch's default), "
+                             f"got {self.num_threads}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be an integer in 0..{MAX_SEED} (2^63 - 1), got {self.seed}")
         if not self.methods:
             raise ValueError("methods: list at least one method (e.g. finetune, mas)")
         keys = [method.key for method in self.methods]

@@ -28,7 +28,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="add this image query's MAS importance to RUN/<method>/online_importance.pt, for "
                         "training the next task (online_importance in the train config; docs/method.md §12)")
     parser.add_argument("--show", metavar="FILE.png", help="also draw the answer: a contact sheet of the retrieved "
-                        "regions (text query) or the image with its box and facts (image query)")
+                        "regions (text query) or the image with its box and facts (image query); at most the "
+                        "first 50 regions and 40 facts are drawn, whatever --k")
     return parser
 
 
@@ -58,11 +59,13 @@ def run(args: argparse.Namespace) -> int:
         raise TripletsError("--box applies to --image only")
     box = parse_box(args.box) if args.box is not None else None
     check_accumulate_flags(accumulate=args.accumulate_importance, image=args.image, text=args.text)
+    if args.show is not None:  # a picture that cannot be written is refused before the query runs
+        from ..query_show import check_show_path
+
+        check_show_path(args.show, writable=True)
     with open_query(args.run, method=args.method, device=args.device, encoder=args.encoder) as engine:
         if args.image is not None:
             facts = engine.image_to_facts(args.image, box=box, k=args.k)
-            if args.accumulate_importance:
-                print(record_image_queries(engine, [args.image], box=box).describe(), file=sys.stderr)
             images = None
             query = {"image": args.image, "box": list(box) if box else None}
         else:
@@ -75,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
             from ..query_show import write_query_picture
 
             write_query_picture(args.show, engine, query, facts=facts, images=images)
+        if args.accumulate_importance:  # the one step that cannot be undone comes last
+            print(record_image_queries(engine, [args.image], box=box).describe(), file=sys.stderr)
     if args.json:
         payload = {"run": str(args.run), "method": method, "query": query,
                    "facts": [{"rank": r, "fact": list(h["fact"]), "fact_id": h["fact_id"], "score": h["score"]}
