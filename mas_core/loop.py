@@ -69,6 +69,7 @@ from .checkpoint import (
     seed_everything,
     set_rng_states,
 )
+from .divergence import CollapseCheck, divergence, searched_divergence
 from .errors import DivergenceError, EmptyDataError, MASCoreError, NonFiniteError
 from .experiment import (Experiment, ImportanceSource, OptimSettings, SequenceResult, TaskSearch,
                          TrainData)
@@ -200,24 +201,24 @@ def train_tasks(experiment: Experiment, method: str | Regularizer, optim: OptimS
             try:
                 mean_loss = train_task_epochs(experiment, trained, model, data, task, reg, task_optim, seed, device,
                                               joint, label, emit if log_epochs else (lambda message: None))
+                model.eval()
+                trained.eval()
+                if changes_model:  # R[t] is the model as trained on task t, before after_task changes it
+                    row = _evaluate_row(experiment, model, task, num_tasks)
+                _after_task_of_trained(experiment, model, trained, reg, task, device, task_optim, label)
                 break
             except DivergenceError as exc:
                 if task_start is None:
                     raise
                 strength = search.back_off(searched[-1], str(exc))
                 if strength is None:
-                    raise _searched_divergence(exc, searched[-1]) from None
+                    raise searched_divergence(exc, searched[-1]) from None
             failed = searched[-1]["backoff"][-1]["strength"]
             emit(f"[{label}] task {task + 1} ({experiment.task_names[task]}): training diverged at "
                  f"{describe_strength_values(failed)} (chosen by the search); restored the task's start, "
                  f"training it again with {describe_strength_values(strength)}")
             _restore_task_start(task_start, model, trained, reg)
             reg.set_strength(**strength)
-        model.eval()
-        trained.eval()
-        if changes_model:  # R[t] is the model as trained on task t, before after_task changes it
-            row = _evaluate_row(experiment, model, task, num_tasks)
-        _after_task(experiment, model, trained, reg, task, device)
         model.eval()
         trained.eval()
         after_row = _evaluate_row(experiment, model, task, num_tasks)
@@ -280,17 +281,6 @@ def _restore_task_start(start: dict[str, Any], model: nn.Module, trained: nn.Mod
     set_rng_states(start["rng"])
 
 
-def _searched_divergence(exc: DivergenceError, chosen: dict[str, Any]) -> DivergenceError:
-    """The divergence of a task whose lr and strength the search chose, with no back-off left."""
-    backoff = chosen.get("backoff") or []
-    history = "" if not backoff else (f"; backed off {len(backoff)} time(s) from "
-                                      f"{describe_strength_values(backoff[0]['strength'])}, down to the search's floor")
-    return DivergenceError(
-        f"{exc} (both were chosen by the hyperparameter search on a validation split of this task: "
-        f"lr={chosen['lr']}, strength {chosen['strength'] or 'none'}{history}; lower search.start or the top of "
-        "search.lr_grid, or use a smaller search.tolerance)")
-
-
 def train_task_epochs(experiment: Experiment, trained: nn.Module, model: nn.Module, data: TrainData, task: int,
                       reg: Regularizer, optim: OptimSettings, seed: int, device: torch.device, joint: bool,
                       label: str, emit: Callable[[str], None]) -> float:
@@ -328,6 +318,7 @@ def train_task_epochs(experiment: Experiment, trained: nn.Module, model: nn.Modu
     wrapped = distributed.wrap_for_training(trained, step_loss, find_unused_parameters=find_unused)
     epochs = optim.epochs_of(task)
     total, steps = 0.0, 0
+    collapse = CollapseCheck()
     for epoch in range(epochs):
         shares = epoch_shares(n, optim.batch_size, seed, task, epoch, info)
         epoch_total = 0.0
@@ -337,12 +328,12 @@ def train_task_epochs(experiment: Experiment, trained: nn.Module, model: nn.Modu
             try:
                 loss = wrapped(batch, scale)
             except NonFiniteError as exc:
-                raise _divergence(reg, optim, label, task, name, epoch, step, f"the penalty is not finite ({exc})") from None
+                raise divergence(reg, optim, label, task, name, epoch, step, f"the penalty is not finite ({exc})") from None
             # Σ_r loss_r / N: the global-batch loss, the same number (and decision) on every rank
             value = distributed.all_reduce_tensor(loss.detach().to(torch.float64).reshape(1).clone())
             value = float(value[0]) / world_size
             if not math.isfinite(value):
-                raise _divergence(reg, optim, label, task, name, epoch, step, f"the loss is {value}")
+                raise divergence(reg, optim, label, task, name, epoch, step, f"the loss is {value}")
             loss.backward()
             if optim.clip_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(parameters, optim.clip_grad_norm)
@@ -355,7 +346,10 @@ def train_task_epochs(experiment: Experiment, trained: nn.Module, model: nn.Modu
         broken = next((key for key, value in model.state_dict().items()
                        if value.is_floating_point() and not torch.isfinite(value).all()), None)
         if broken is not None:
-            raise _divergence(reg, optim, label, task, name, epoch, None, f"{broken} holds NaN/Inf")
+            raise divergence(reg, optim, label, task, name, epoch, None, f"{broken} holds NaN/Inf")
+        collapsed = collapse.end_of_epoch(epoch_total / max(len(shares), 1))
+        if collapsed is not None:
+            raise divergence(reg, optim, label, task, name, epoch, None, collapsed)
         emit(f"[{label}] task {task + 1} ({name}) epoch {epoch + 1}/{epochs}: "
              f"mean loss {epoch_total / max(len(shares), 1):.4f}")
         total += epoch_total
@@ -436,6 +430,20 @@ def _some_parameter_unused(trained: nn.Module, parameters: list[Tensor], data: T
     return any(id(p) not in reached for p in parameters)
 
 
+def _after_task_of_trained(experiment: Experiment, model: nn.Module, trained: nn.Module, reg: Regularizer,
+                           task: int, device: torch.device, optim: OptimSettings, label: str) -> None:
+    """:func:`_after_task`, where a :class:`~mas_core.errors.NonFiniteError` (e.g. MAS's importance
+    of a model that exploded at a finite loss) is the task's divergence: raised as a
+    :class:`~mas_core.errors.DivergenceError`, so the loop backs off from it as from a diverged step."""
+    try:
+        _after_task(experiment, model, trained, reg, task, device)
+    except DivergenceError:
+        raise
+    except NonFiniteError as exc:
+        raise divergence(reg, optim, label, task, experiment.task_names[task], None, None,
+                         f"after_task failed on the trained model ({exc})") from None
+
+
 def _after_task(experiment: Experiment, model: nn.Module, trained: nn.Module, reg: Regularizer, task: int,
                 device: torch.device) -> None:
     """``reg.after_task`` on what it declares it reads: this rank's share of the experiment's
@@ -504,17 +512,6 @@ def _read_checkpoint(path: Path, config: dict[str, Any], device: torch.device) -
                            f"this version reads format {CHECKPOINT_FORMAT}: delete it or use a new output folder")
     check_config(state, config, path)
     return state
-
-
-def _divergence(reg: Regularizer, optim: OptimSettings, label: str, task: int, name: str, epoch: int,
-                step: int | None, what: str) -> DivergenceError:
-    where = f"method {label}, task {task + 1} ({name}), epoch {epoch + 1}" + (
-        f", step {step}" if step is not None else "")
-    strength = ", ".join(f"{key}={value}" for key, value in reg.strength.items())
-    advice = f"lower the learning rate (optim.lr, now {optim.lr})"
-    if strength:
-        advice += f" or the method's strength ({strength})"
-    return DivergenceError(f"training diverged at {where}: {what}; {advice}")
 
 
 def _plain(value: Any) -> Any:

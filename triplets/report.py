@@ -170,16 +170,18 @@ def matrix_table(matrix: list[list[float | None]]) -> str:
 
 def search_table(results: dict[str, Any]) -> str:
     """The hyperparameters the per-task search chose (:mod:`mas_core.hparam_search`): one row per
-    method that ran it, one cell per task (``lr 0.05, lam=2.5``); ``""`` when no method did."""
+    method that ran it, one cell per task (``lr 0.05, lam=2.5 (5 rejected)``, :func:`~mas_core.hparam_search.describe_choice`);
+    ``""`` when no method did."""
     searched = {name: entry[SEARCH_KEY] for name, entry in results["methods"].items()
                 if isinstance(entry.get(SEARCH_KEY), list) and entry[SEARCH_KEY]}
     if not searched:
         return ""
     tasks = _task_names(results)
     lines = ["Hyperparameters chosen per task by the search (validation split of each task's own training "
-             "data; results.json's hparam_search holds every try and the reason). \"(start)\": the first, most "
-             "stable value tried was accepted, so the search never found where plasticity drops; a higher "
-             "search.start may suit that method better:", "",
+             "data; results.json's hparam_search holds every try and the reason). In parentheses the bracket of "
+             "the method's limit: the weakest strength above the choice that the validation threshold rejected "
+             "(\"none rejected up to λ\": every value tried passed, the limit lies higher; \"none accepted\": "
+             "the floor was taken; \"backed off\": the real run diverged at the choice):", "",
              "| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
     for name, records in searched.items():
         cells = {int(record["task"]): describe_choice(record) for record in records}

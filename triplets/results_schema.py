@@ -31,12 +31,15 @@ sequence's ``importance_data``; both, when the config's ``search`` is enabled,
      "lr_grid": [{"lr": η, "val_acc": A(η) | null}], "reference_acc": A*, "lr": η*,
      "strength_name": "lam" | "lam_l2" | null, "threshold": (1 − tolerance)·A* | null,
      "tries": [{"value": λ_k, "val_acc": A_k | null}], "strength": {name: λ_t},
+     "bracket": {"accepted": λ | null, "rejected": λ | null} | null,
      "backoff": [{"strength": {name: λ}, "error": str}], "chance_level": c | null,
      "reference_collapsed": bool, "reason": str, "seconds": s}
 
 (``null`` accuracy: that run diverged; ``threshold`` null and ``tries`` empty where phase 2 did
 not run: a method without a strength, task 0, or a reference ``A* ≤ c`` (``reference_collapsed``,
-λ kept at the start); ``backoff``: the strengths whose real training diverged before ``λ_t``.)
+λ kept at the start); ``bracket``: the limit the two-sided stability phase found, the strongest value
+that passed and the weakest that failed above it (``rejected`` null: every value tried passed),
+null where phase 2 did not run; ``backoff``: the strengths whose real training diverged before ``λ_t``.)
 """
 from __future__ import annotations
 

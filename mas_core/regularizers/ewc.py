@@ -37,8 +37,8 @@ class EWC(QuadraticAnchorRegularizer):
     per-sample loss (e.g. the slot regression loss of an embedding model).
     ``max_samples`` caps the samples used per task.
     ``gamma`` (online only) decays the previous Fisher: ``F ← γ F_prev + F_t``.
-    ``penalty_step`` (``"gradient"`` | ``"proximal"``) and ``lam_scale`` (``"none"`` | ``"mean"``):
-    ``docs/method.md`` §13.
+    ``penalty_step`` (``"proximal"``, the default, | ``"gradient"``, the paper's form) and ``lam_scale``
+    (``"none"`` | ``"mean"``): ``docs/method.md`` §13.
     """
 
     name = "ewc"
@@ -50,7 +50,7 @@ class EWC(QuadraticAnchorRegularizer):
     def __init__(self, lam: float = 1.0, *, online: bool = False, gamma: float = 1.0,
                  output_fn: Callable[[nn.Module, Any], Tensor] | None = None,
                  loss_fn: Callable[[nn.Module, Any], Tensor] | None = None,
-                 max_samples: int | None = None, penalty_step: str = "gradient", lam_scale: str = "none") -> None:
+                 max_samples: int | None = None, penalty_step: str = "proximal", lam_scale: str = "none") -> None:
         super().__init__(lam, penalty_step=penalty_step, lam_scale=lam_scale)
         if output_fn is not None and loss_fn is not None:
             raise InvalidArgumentError("EWC takes output_fn (logits, cross-entropy) or loss_fn (per-sample losses), not both")

@@ -74,9 +74,9 @@ class IMM(QuadraticAnchorRegularizer):
 
     Mode-IMM's Fisher is EWC's: the cross-entropy of ``output_fn``'s logits (default the model's
     output) against the true labels, or any per-sample ``loss_fn(model, batch) -> Tensor [B]``.
-    ``penalty_step="proximal"`` applies the L2 transfer as ``θ ← (θ + c θ_{t−1}) / (1 + c)``,
-    ``c = 2 η lam_l2``, after each optimizer step (``docs/method.md`` §13); Ω ≡ 1, so there is no
-    ``lam_scale``.
+    ``penalty_step="proximal"`` (the default) applies the L2 transfer as ``θ ← (θ + c θ_{t−1}) / (1 + c)``,
+    ``c = 2 η lam_l2``, after each optimizer step (``docs/method.md`` §13); ``"gradient"`` puts it in
+    the loss (the paper's form). Ω ≡ 1, so there is no ``lam_scale``.
     """
 
     name = "imm"
@@ -88,7 +88,7 @@ class IMM(QuadraticAnchorRegularizer):
     def __init__(self, mode: str = "mean", *, lam_l2: float = 1e-4, max_samples: int | None = None,
                  output_fn: Callable[[nn.Module, Any], Tensor] | None = None,
                  loss_fn: Callable[[nn.Module, Any], Tensor] | None = None, eps: float = 1e-8,
-                 penalty_step: str = "gradient") -> None:
+                 penalty_step: str = "proximal") -> None:
         super().__init__(lam_l2, penalty_step=penalty_step)
         if mode not in MODES:
             raise InvalidArgumentError(f"IMM mode must be one of {MODES}, got {mode!r}")

@@ -61,8 +61,8 @@ class MAS(QuadraticAnchorRegularizer):
         output_fn: ``output_fn(model, batch) -> Tensor`` giving F (e.g. the current task's
             head, or the embedding before L2 normalisation); default ``model(input)``.
         max_samples: use at most this many samples to estimate Ω after each task.
-        penalty_step: ``"gradient"`` (the penalty in the loss, the paper) or ``"proximal"``
-            (the closed-form step after each optimizer step; ``docs/method.md`` §13).
+        penalty_step: ``"proximal"`` (default: the closed-form step after each optimizer step, which
+            cannot diverge) or ``"gradient"`` (the penalty in the loss: the paper's form; ``docs/method.md`` §13).
         lam_scale: ``"none"`` (λ as given) or ``"mean"`` (λ / mean Ω; ``docs/method.md`` §13).
     """
 
@@ -75,7 +75,7 @@ class MAS(QuadraticAnchorRegularizer):
 
     def __init__(self, lam: float = 1.0, *, mode: str = "exact", accumulate: str = "sum", ema_alpha: float = 0.5,
                  output_fn: OutputFn | None = None, max_samples: int | None = None,
-                 penalty_step: str = "gradient", lam_scale: str = "none") -> None:
+                 penalty_step: str = "proximal", lam_scale: str = "none") -> None:
         super().__init__(lam, penalty_step=penalty_step, lam_scale=lam_scale)
         if mode not in MODES:
             raise InvalidArgumentError(f"mode must be one of {MODES}, got {mode!r}")
@@ -283,7 +283,7 @@ class LocalMAS(MAS):
 
     def __init__(self, lam: float = 1.0, *, accumulate: str = "sum", ema_alpha: float = 0.5,
                  output_fn: OutputFn | None = None, max_samples: int | None = None,
-                 penalty_step: str = "gradient", lam_scale: str = "none") -> None:
+                 penalty_step: str = "proximal", lam_scale: str = "none") -> None:
         super().__init__(lam, mode="hebbian", accumulate=accumulate, ema_alpha=ema_alpha,
                          output_fn=output_fn, max_samples=max_samples, penalty_step=penalty_step,
                          lam_scale=lam_scale)
