@@ -151,6 +151,7 @@ def train_tasks(experiment: Experiment, method: str | Regularizer, optim: OptimS
     log_lines: list[str] = []
     first_task, previous_time = 0, 0.0
     searched: list[dict[str, Any]] | None = [] if search is not None else None
+    labels: list[dict[str, Any]] = []  # per task, reg.describe() after after_task (estimator, samples, λ, step)
     if resume and checkpoint_path is not None and checkpoint_path.is_file():
         state = _read_checkpoint(checkpoint_path, config, device)
         first_task = int(state["completed_tasks"])
@@ -170,6 +171,7 @@ def train_tasks(experiment: Experiment, method: str | Regularizer, optim: OptimS
                                    "start a new output folder")
             merged_accuracy = [list(row) for row in state["merged_accuracy"]]
         log_lines = list(state["log"])
+        labels = list(state.get("labels") or [])
         previous_time = float(state["wall_time_s"])
         set_rng_states(state["rng"])
         emit(f"[{label}] resumed from {checkpoint_path} after task {first_task}/{num_tasks}")
@@ -219,6 +221,7 @@ def train_tasks(experiment: Experiment, method: str | Regularizer, optim: OptimS
                  f"training it again with {describe_strength_values(strength)}")
             _restore_task_start(task_start, model, trained, reg)
             reg.set_strength(**strength)
+        labels.append({**reg.describe(), "method": name})
         model.eval()
         trained.eval()
         after_row = _evaluate_row(experiment, model, task, num_tasks)
@@ -241,7 +244,7 @@ def train_tasks(experiment: Experiment, method: str | Regularizer, optim: OptimS
             checkpoint = {
                 "format": CHECKPOINT_FORMAT, "config": config, "completed_tasks": task + 1,
                 "model": model.state_dict(), "regularizer": reg.state_dict(), "accuracy": accuracy,
-                "log": log_lines, "rng": get_rng_states(), "hparam_search": searched,
+                "log": log_lines, "rng": get_rng_states(), "hparam_search": searched, "labels": labels,
                 "wall_time_s": previous_time + time.perf_counter() - start,
             }
             if changes_model:
@@ -252,7 +255,7 @@ def train_tasks(experiment: Experiment, method: str | Regularizer, optim: OptimS
     return SequenceResult(method=label, task_names=list(experiment.task_names), accuracy=accuracy,
                           wall_time_s=previous_time + time.perf_counter() - start, config=config, log=log_lines,
                           trained_tasks=max(last_task - first_task, 0), model=model,
-                          merged_accuracy=merged_accuracy, hparam_search=searched)
+                          merged_accuracy=merged_accuracy, hparam_search=searched, labels=labels)
 
 
 def _evaluate_row(experiment: Experiment, model: nn.Module, task: int, num_tasks: int) -> list[float | None]:

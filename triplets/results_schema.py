@@ -10,9 +10,18 @@ Version 1::
                        "avg_drop": D, "wall_time_s": s,
                        ["accuracy_matrix_merged": R_merged, "merged": {"avg_acc", "forgetting",
                         "bwt", "avg_drop"}],       # IMM only (after_task_changes_model)
+                       "labels": [{"method": str, "strength": {name: λ}, "penalty_step": str | null,
+                                   "importance": {"estimator": str, "samples": N | null,
+                                                  "accumulation": str} | null}],   # per task
                        ...experiment extras}},
      "config": the experiment's config as a plain mapping,
      ["diverged": {key: one-line error}]}   # recognition: methods stopped by a divergence
+
+``labels``: per task, what the method ran with (:meth:`mas_core.regularizers.base.Regularizer.describe`
+after the task's ``after_task``): its strength, the penalty step and how its importance was made (the
+estimator ``exact`` / ``batch`` / ``hebbian`` / ``online`` for MAS, ``fisher``, ``path integral``,
+``uniform``; the samples the estimate read; the accumulation rule ``sum`` / ``average (ema α=…)`` /
+``consistency`` / ``online (γ=…)``); absent from results written before it was recorded.
 
 ``R[i][j]`` is the metric (a fraction in [0, 1]) on task ``j`` of the model as trained on task
 ``i``, ``null`` for ``j > i``; ``A``, ``F``, ``BWT`` and ``D`` are :mod:`mas_core.metrics`'

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
 
+from ..batches import batch_input
 from ..errors import InvalidArgumentError, NonFiniteError
 
 
@@ -74,3 +75,46 @@ def shared_parameter_names(model: nn.Module) -> list[str]:
     head_ids = {id(parameter) for parameter in heads.parameters()} if isinstance(heads, nn.Module) else set()
     return [name for name, parameter in model.named_parameters()
             if parameter.requires_grad and id(parameter) not in head_ids]
+
+
+def _leading_size(value: Any) -> int:
+    """The number of samples of a batch input: the first dimension of its first tensor (0 if none)."""
+    if isinstance(value, Tensor):
+        return int(value.shape[0]) if value.dim() > 0 else 1
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            size = _leading_size(item)
+            if size:
+                return size
+    return 0
+
+
+class CountedSamples:
+    """An iterable of batches passed through unchanged that counts the samples of the last pass:
+    ``seen`` = Σ over the batches yielded of the first dimension of each batch's input."""
+
+    def __init__(self, data: Iterable[Any]) -> None:
+        self.data, self.seen = data, 0
+
+    def __iter__(self) -> Iterator[Any]:
+        self.seen = 0
+        for batch in self.data:
+            try:
+                self.seen += _leading_size(batch_input(batch))
+            except (KeyError, TypeError, ValueError):
+                pass
+            yield batch
+
+
+def counting_samples(data: Iterable[Any], max_samples: int | None) -> tuple[Iterable[Any], Callable[[], int]]:
+    """``(data', used)``: ``data'`` to hand to an estimator in place of ``data``, and ``used()``, after the
+    estimate, the number of samples it read: ``min(N, max_samples)`` with ``N`` the samples of ``data``.
+    A :class:`~mas_core.distributed.RankShard` (it spans processes) is passed as it is and counted by its
+    own ``count`` (every rank's samples), so the estimators still reduce across ranks."""
+    if getattr(data, "spans_processes", False) and hasattr(data, "count"):
+        total = int(data.count)
+        return data, lambda: total if max_samples is None else min(total, max_samples)
+    counted = CountedSamples(data)
+    return counted, lambda: counted.seen if max_samples is None else min(counted.seen, max_samples)

@@ -81,9 +81,14 @@ class IMM(QuadraticAnchorRegularizer):
 
     name = "imm"
     display_name = "IMM L2-transfer"
+    importance_estimator = "uniform"  # Ω ≡ 1 for the transfer penalty (mode-IMM's Fisher serves the merge)
     strength_name = "lam_l2"
     uniform_importance = True
     after_task_changes_model = True  # the merge is loaded into the model
+
+    def accumulation_rule(self) -> str:
+        """The transfer penalty anchors at the last task's weights: nothing accumulates."""
+        return "none (anchor θ_{t−1})"
 
     def __init__(self, mode: str = "mean", *, lam_l2: float = 1e-4, max_samples: int | None = None,
                  output_fn: Callable[[nn.Module, Any], Tensor] | None = None,

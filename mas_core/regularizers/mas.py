@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from ..errors import CheckpointMismatchError, InvalidArgumentError, MASStateError, NonFiniteError
 from ..importance import OnlineImportance, OutputFn, hebbian_importance, mas_importance
-from .common import check_max_samples
+from .common import check_max_samples, counting_samples
 from .quadratic import QuadraticAnchorRegularizer
 
 MODES = ("exact", "batch", "hebbian")
@@ -110,9 +110,16 @@ class MAS(QuadraticAnchorRegularizer):
         does not apply; the accumulator has its own)."""
         if isinstance(data, OnlineImportance):
             new = self.importance_from_accumulator(model, data)
+            self.note_importance("online", data.count)
         else:
+            data, used = counting_samples(data, self.max_samples)
             new = self.estimate(model, data)
+            self.note_importance(self.mode, used())
         self.add_task_importance(model, new)
+
+    def accumulation_rule(self) -> str:
+        """``"sum"``, ``"average (ema α=…)"`` or ``"consistency"`` (``accumulate="alpha"``, §3)."""
+        return {"sum": "sum", "ema": f"average (ema α={self.ema_alpha:g})", "alpha": "consistency"}[self.accumulate]
 
     def importance_from_accumulator(self, model: nn.Module, accumulator: OnlineImportance) -> dict[str, Tensor]:
         """Ω_new of an :class:`~mas_core.importance.OnlineImportance`, checked against this

@@ -155,6 +155,23 @@ class QuadraticAnchorRegularizer(Regularizer):
         self._lam_divisor = 1.0  # mean Ω of the anchored elements when lam_scale == "mean"
         self._shrink_cache: tuple[float, dict[str, Tensor]] | None = None  # (η, s = c/(1+c) per name)
 
+    importance_estimator = "uniform"
+    """The label of the estimator that makes Ω (:meth:`importance_label`); subclasses name theirs."""
+
+    def note_importance(self, estimator: str, samples: int | None) -> None:
+        """Record how the last task's Ω was made (the estimator, the samples it read) for :meth:`describe`."""
+        self._importance_note = {"estimator": estimator, "samples": samples}
+
+    def accumulation_rule(self) -> str:
+        """How Ω accumulates over tasks: ``"sum"`` here (MAS and EWC name their options)."""
+        return "sum"
+
+    def importance_label(self) -> dict[str, Any] | None:
+        """``{"estimator", "samples", "accumulation"}`` (:meth:`Regularizer.describe`): the last
+        :meth:`note_importance`, else the class's :attr:`importance_estimator` with ``samples`` None."""
+        note = getattr(self, "_importance_note", None) or {"estimator": self.importance_estimator, "samples": None}
+        return {**note, "accumulation": self.accumulation_rule()}
+
     @property
     def uses_optimizer_step_hook(self) -> bool:  # type: ignore[override]
         """True with ``penalty_step="proximal"``: the loop must call :meth:`after_optimizer_step`."""

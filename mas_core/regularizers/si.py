@@ -56,6 +56,7 @@ class SI(QuadraticAnchorRegularizer):
 
     name = "si"
     display_name = "SI"
+    importance_estimator = "path integral"  # over the task's optimizer steps: no sample count
     uses_step_hook = True
     required_extra_keys = ("path", "start", "previous")
 
