@@ -505,6 +505,10 @@ def _make_method(method: str | Regularizer, options: dict[str, Any],
             raise MASCoreError(f"method {method!r} takes no loss_fn, so it cannot estimate importance on this "
                                "experiment's loss; choose another method")
         reg = make_regularizer(method, **options, loss_fn=loss_fn)
+    if "penalty_step" not in options and isinstance(getattr(reg, "penalty_step", None), str):
+        # the resolved step, so that a checkpoint written under the old default (gradient) is not resumed
+        # under the new one (proximal, issue 23) without a word
+        options = {**options, "penalty_step": reg.penalty_step}
     return False, method, reg, options
 
 

@@ -83,3 +83,26 @@ def test_results_json_and_results_md_carry_the_labels(tmp_path) -> None:
     assert results["methods"]["finetune"]["labels"][-1]["importance"] is None
     report = (tmp_path / "run" / "results.md").read_text()
     assert "| mas | exact |" in report and "| ewc | fisher |" in report and "| proximal |" in report
+
+
+def test_a_checkpoint_written_under_the_old_gradient_default_is_not_resumed_under_proximal(tmp_path) -> None:
+    """The checkpoint's identity holds the resolved penalty step: a run written before issue 23 with no
+    penalty_step in its options (then the gradient form) is refused, not continued under proximal."""
+    from mas_core.checkpoint import load_checkpoint, save_checkpoint
+    from mas_core.errors import CheckpointMismatchError
+    from mas_core.loop import train_tasks
+    from mas_core.sequence import ClassificationExperiment
+
+    def run(resume: bool):
+        return train_tasks(ClassificationExperiment(_make_model, _tasks(), importance_batch_size=32), "mas", SETTINGS,
+                           seed=SEED, method_options={"lam": 0.5}, checkpoint_dir=tmp_path, resume=resume,
+                           stop_after_task=None if resume else 1)
+
+    run(False)
+    path = tmp_path / CHECKPOINT_NAME
+    state = load_checkpoint(path)
+    assert state["config"]["method_options"] == {"lam": 0.5, "penalty_step": "proximal"}
+    del state["config"]["method_options"]["penalty_step"]  # as the code before issue 23 wrote it
+    save_checkpoint(path, state)
+    with pytest.raises(CheckpointMismatchError, match="penalty_step"):
+        run(True)
