@@ -113,11 +113,12 @@ class SearchSettings:
     """``search:`` the per-task hyperparameter search (see the module docs for the protocol).
 
     ``enabled``: run it (false: every task uses ``optim.lr`` and the configured strength).
-    ``lr_grid``: the learning rates of phase 1. ``start``: the first (highest) strength of phase
-    2, one number for every method or a mapping from a method's name or label to its start
-    (``default``: the others). ``decay`` in (0, 1): the factor between tries. ``tolerance`` in
+    ``lr_grid``: the learning rates of phase 1. ``start``: the first strength phase 2 tries (then
+    grown by ``1/decay`` while it passes, decayed by ``decay`` while it fails), one number for every
+    method or a mapping from a method's name or label to its start (``default``: the others).
+    ``decay`` in (0, 1): the factor between tries. ``tolerance`` in
     [0, 1): the accepted fraction of the reference accuracy lost (0.2: within 20 %).
-    ``max_tries``: strengths tried at most per task. ``val_fraction`` in (0, 1): the share of the
+    ``max_tries``: strengths tried at most per task, growing and decaying together. ``val_fraction`` in (0, 1): the share of the
     task's training samples held out. ``epochs``: epochs of each search run (null: the task's
     own). ``min_reference`` in [0, 1): the plasticity reference ``A*`` at or below which it counts
     as collapsed (the strength is then not decayed; module docs); null: the experiment's chance
