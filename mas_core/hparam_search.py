@@ -195,10 +195,13 @@ class SearchSettings:
 
     def identity(self) -> dict[str, Any]:
         """What a checkpoint must agree on to be resumed (every setting; ``min_reference`` only when
-        set, so that a checkpoint written before it existed still resumes)."""
+        set, so that a checkpoint written before it existed still resumes; ``"stability": "two-sided"``,
+        so that a run whose earlier tasks were searched by the decay alone, before issue 23, is not
+        continued under the two-sided search)."""
         identity = dataclasses.asdict(self)
         if identity["min_reference"] is None:
             del identity["min_reference"]
+        identity["stability"] = "two-sided"
         return identity
 
     def choose(self, experiment: SearchableExperiment, model: nn.Module, trained: nn.Module, reg: Regularizer, *,

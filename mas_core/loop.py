@@ -73,7 +73,7 @@ from .divergence import CollapseCheck, divergence, searched_divergence
 from .errors import DivergenceError, EmptyDataError, MASCoreError, NonFiniteError
 from .experiment import (Experiment, ImportanceSource, OptimSettings, SequenceResult, TaskSearch,
                          TrainData)
-from .regularizers import make_regularizer, method_options
+from .regularizers import make_regularizer, method_options, option_default
 from .regularizers.base import Finetune, Regularizer, TaskInfo, describe_strength_values
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -471,7 +471,9 @@ def _after_task(experiment: Experiment, model: nn.Module, trained: nn.Module, re
 def checkpoint_config(identity: dict[str, Any], method: str, joint: bool, options: Any, optim: OptimSettings,
                       seed: int) -> dict[str, Any]:
     """What a checkpoint must agree on to be resumed: the experiment's ``identity``, the method
-    and its options, the optimizer settings and the seed (not the device or the log)."""
+    and its options, the optimizer settings and the seed (not the device or the log). A method's
+    ``penalty_step`` is recorded even when the options leave it to the default, so that a checkpoint
+    written under the old default (gradient) is not resumed under the new one (proximal, issue 23)."""
     return {"format": CHECKPOINT_FORMAT, "method": method, "joint": joint, "method_options": _plain(options),
             "optim": dataclasses.asdict(optim), "seed": int(seed), "experiment": identity}
 
@@ -481,6 +483,16 @@ def derived_seed(*parts: Any) -> int:
     ``str`` joined by ``":"``. Independent streams for (seed, task), (seed, task, epoch), …"""
     digest = hashlib.sha256(":".join(str(part) for part in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 62) - 1)
+
+
+def resolved_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` of the registry method ``method`` with ``penalty_step`` filled in from the constructor's
+    default when it is left out: what a checkpoint records, so that a checkpoint written under the old
+    default (gradient) is not resumed under the new one (proximal, issue 23) without a word."""
+    if method == JOINT or "penalty_step" in options:
+        return options
+    step = option_default(method, "penalty_step")
+    return options if step is None else {**options, "penalty_step": step}
 
 
 def _make_method(method: str | Regularizer, options: dict[str, Any],
@@ -505,11 +517,7 @@ def _make_method(method: str | Regularizer, options: dict[str, Any],
             raise MASCoreError(f"method {method!r} takes no loss_fn, so it cannot estimate importance on this "
                                "experiment's loss; choose another method")
         reg = make_regularizer(method, **options, loss_fn=loss_fn)
-    if "penalty_step" not in options and isinstance(getattr(reg, "penalty_step", None), str):
-        # the resolved step, so that a checkpoint written under the old default (gradient) is not resumed
-        # under the new one (proximal, issue 23) without a word
-        options = {**options, "penalty_step": reg.penalty_step}
-    return False, method, reg, options
+    return False, method, reg, resolved_options(method, options)
 
 
 def _read_checkpoint(path: Path, config: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -535,5 +543,5 @@ def _plain(value: Any) -> Any:
 
 
 __all__ = ["CHECKPOINT_NAME", "Experiment", "ImportanceSource", "JOINT", "OptimSettings", "SequenceResult",
-           "TaskSearch", "TrainData", "checkpoint_config", "derived_seed", "epoch_shares", "train_task_epochs",
-           "train_tasks"]
+           "TaskSearch", "TrainData", "checkpoint_config", "derived_seed", "epoch_shares", "resolved_options",
+           "train_task_epochs", "train_tasks"]

@@ -553,6 +553,7 @@ def test_the_chance_level_is_one_over_the_classes_and_optional() -> None:
         with pytest.raises(ValueError, match="search.min_reference"):
             SearchSettings(min_reference=bad).validate()
     assert "min_reference" not in SearchSettings().identity()  # checkpoints written before it still resume
+    assert SearchSettings().identity()["stability"] == "two-sided"  # a one-sided search's checkpoint is refused
     assert SearchSettings(min_reference=0.3).identity()["min_reference"] == 0.3
 
 
