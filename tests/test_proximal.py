@@ -412,6 +412,22 @@ def test_options_from_the_python_api_with_did_you_mean():
         make_regularizer("imm", lam_scale="mean")  # Ω ≡ 1: nothing to scale
 
 
+def test_proximal_is_the_default_everywhere_and_gradient_stays_selectable():
+    """Issue 23: MAS, l-MAS, EWC, SI and IMM's transfer penalty default to the proximal step, in the API and
+    in every shipped config (no config names the gradient form); `gradient` is still accepted."""
+    import yaml
+
+    for name in ("mas", "lmas", "ewc", "si", "imm"):
+        reg = make_regularizer(name)
+        assert reg.penalty_step == "proximal" and reg.uses_optimizer_step_hook, name
+        assert make_regularizer(name, penalty_step="gradient").uses_optimizer_step_hook is False
+    for path in sorted(Path("configs").glob("*.yaml")):
+        text = yaml.safe_load(path.read_text(encoding="utf-8"))
+        options = [m.get("options", {}) for m in text.get("methods", []) if isinstance(m, dict)]
+        options += list((text.get("method_options") or {}).values())
+        assert all(o.get("penalty_step", "proximal") == "proximal" for o in options), path
+
+
 def test_the_fact_config_refuses_a_bad_value_before_training():
     from triplets.train import _check_method
     from triplets.train_config import MethodConfig
