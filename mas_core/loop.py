@@ -17,9 +17,11 @@ check, the accuracy matrix, checkpoints and resume. For each task ``t``::
             backward; clip_grad_norm (optional); step
             reg.after_optimizer_step(trained, optimizer) if reg.uses_optimizer_step_hook  # proximal penalty
             reg.after_step(trained) if reg.uses_step_hook
-    # diverged with a searched λ: restore start, λ ← search.back_off(...) (decay·λ, down to the
-    # search's floor), train the task again from reg.before_task; else the DivergenceError stands
+        after each epoch: NaN/Inf weights, or a collapse (epoch mean loss > 100× the first's)
     reg.after_task(trained, experiment.importance_data(...))   # what reg.after_task_data asks for
+    # diverged (any of the above, or a NonFiniteError from after_task: mas_core.divergence) with a
+    # searched λ: restore start, λ ← search.back_off(...) (decay·λ, down to the search's floor),
+    # train the task again from reg.before_task; else the DivergenceError stands
     R[t][j] = experiment.evaluate(model, t)[j], j ≤ t
     # a method whose after_task changes the weights (reg.after_task_changes_model: IMM's merge):
     #   R[t] is evaluated *before* after_task (the model as trained on task t), and
@@ -101,8 +103,9 @@ def train_tasks(experiment: Experiment, method: str | Regularizer, optim: OptimS
     there after every task; ``resume=True`` continues after the last finished task (a fresh run
     when there is none) and raises :class:`~mas_core.errors.CheckpointMismatchError` for a
     checkpoint of another configuration; ``resume=False`` starts over. A non-finite loss,
-    penalty or weight raises :class:`~mas_core.errors.DivergenceError` naming the method's
-    strength and the learning rate. ``log`` receives the progress lines (rank 0 only): one per task,
+    penalty or weight, a loss that collapsed at a finite value and a ``NonFiniteError`` from the
+    method's ``after_task`` raise :class:`~mas_core.errors.DivergenceError` naming the method's
+    strength and the learning rate (:mod:`mas_core.divergence`). ``log`` receives the progress lines (rank 0 only): one per task,
     and one per epoch when ``log_epochs``. ``stop_after_task=k`` stops after the first ``k`` tasks
     (checkpointed as usual, so ``resume=True`` continues with task ``k + 1``; the result then has
     ``k`` rows). ``after_resume(model, trained, reg, completed_tasks)`` is called once a checkpoint
@@ -299,7 +302,9 @@ def train_task_epochs(experiment: Experiment, trained: nn.Module, model: nn.Modu
     after every epoch; ``joint``: the loop's joint mode (one parameter group); ``label`` names the
     method in errors; ``emit`` gets one line per epoch. Raises
     :class:`~mas_core.errors.DivergenceError` (naming the strength and the learning rate) on a
-    non-finite loss, penalty or weight. The task loop and the hyperparameter search's candidate
+    non-finite loss, penalty or weight, and on a collapse at a finite loss (an epoch's mean loss
+    above :data:`~mas_core.divergence.COLLAPSE_FACTOR` times the first epoch's). The task loop and
+    the hyperparameter search's candidate
     runs (:mod:`mas_core.hparam_search`) both train through it."""
     info = distributed.current()
     world_size = 1 if info is None else info.world_size
