@@ -47,6 +47,17 @@ def test_describe_names_the_estimator_the_samples_and_the_rule() -> None:
                                                   "importance": None}
 
 
+def test_counting_the_samples_keeps_the_estimators_refusal_of_a_bare_tensor() -> None:
+    """MAS.after_task counts what its estimator reads; a tensor instead of an iterable of batches is
+    still refused by the estimator (not read row by row as batches of one sample)."""
+    from mas_core.errors import InvalidArgumentError
+
+    model = nn.Sequential(nn.Linear(5, 3))
+    for name in ("mas", "lmas"):
+        with pytest.raises(InvalidArgumentError, match="iterable of batches"):
+            make_regularizer(name).after_task(model, torch.randn(8, 5))
+
+
 def test_an_online_accumulator_is_labelled_online_with_its_count() -> None:
     model = nn.Sequential(nn.Linear(5, 3))
     accumulator = OnlineImportance(model)

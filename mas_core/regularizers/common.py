@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
-from ..batches import batch_input
+from ..batches import batch_input, batch_size
 from ..errors import InvalidArgumentError, NonFiniteError
 
 
@@ -77,23 +77,9 @@ def shared_parameter_names(model: nn.Module) -> list[str]:
             if parameter.requires_grad and id(parameter) not in head_ids]
 
 
-def _leading_size(value: Any) -> int:
-    """The number of samples of a batch input: the first dimension of its first tensor (0 if none)."""
-    if isinstance(value, Tensor):
-        return int(value.shape[0]) if value.dim() > 0 else 1
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, (list, tuple)):
-        for item in value:
-            size = _leading_size(item)
-            if size:
-                return size
-    return 0
-
-
 class CountedSamples:
     """An iterable of batches passed through unchanged that counts the samples of the last pass:
-    ``seen`` = Σ over the batches yielded of the first dimension of each batch's input."""
+    ``seen`` = Σ over the batches yielded of :func:`~mas_core.batches.batch_size` of each batch's input."""
 
     def __init__(self, data: Iterable[Any]) -> None:
         self.data, self.seen = data, 0
@@ -102,9 +88,9 @@ class CountedSamples:
         self.seen = 0
         for batch in self.data:
             try:
-                self.seen += _leading_size(batch_input(batch))
+                self.seen += batch_size(batch_input(batch))  # the estimators' own count
             except (KeyError, TypeError, ValueError):
-                pass
+                pass  # the estimator reports a malformed batch itself
             yield batch
 
 
@@ -113,6 +99,8 @@ def counting_samples(data: Iterable[Any], max_samples: int | None) -> tuple[Iter
     estimate, the number of samples it read: ``min(N, max_samples)`` with ``N`` the samples of ``data``.
     A :class:`~mas_core.distributed.RankShard` (it spans processes) is passed as it is and counted by its
     own ``count`` (every rank's samples), so the estimators still reduce across ranks."""
+    if isinstance(data, Tensor):  # not an iterable of batches: left for the estimator to refuse
+        return data, lambda: 0
     if getattr(data, "spans_processes", False) and hasattr(data, "count"):
         total = int(data.count)
         return data, lambda: total if max_samples is None else min(total, max_samples)
