@@ -152,6 +152,7 @@ class SequenceResult:
     model: nn.Module | None = field(default=None, repr=False, compare=False)
     merged_accuracy: list[list[float | None]] | None = None
     hparam_search: list[dict[str, Any]] | None = None  # per task, with a search (mas_core.hparam_search)
+    labels: list[dict[str, Any]] | None = None  # per task, Regularizer.describe(): estimator, samples, λ, step
 
     @property
     def avg_acc(self) -> float:
@@ -186,7 +187,10 @@ class SequenceResult:
     def summary(self) -> dict[str, Any]:
         """The metrics of the results schema (``docs/run_folder.md``): ``accuracy_matrix``,
         ``avg_acc``, ``forgetting``, ``bwt``, ``avg_drop``, ``wall_time_s``; for a method with
-        ``merged_accuracy`` also ``accuracy_matrix_merged`` and ``merged`` (:meth:`merged_summary`)."""
+        ``merged_accuracy`` also ``accuracy_matrix_merged`` and ``merged`` (:meth:`merged_summary`); with a
+        search ``hparam_search``; ``labels``: per task the method's
+        :meth:`~mas_core.regularizers.base.Regularizer.describe` after the task (its importance
+        estimator, the samples the estimate read, the accumulation rule, λ and the penalty step)."""
         summary = {"accuracy_matrix": [list(row) for row in self.accuracy], "avg_acc": self.avg_acc,
                    "forgetting": self.avg_forgetting, "bwt": self.bwt, "avg_drop": self.avg_drop,
                    "wall_time_s": self.wall_time_s}
@@ -195,6 +199,8 @@ class SequenceResult:
             summary["merged"] = self.merged_summary()
         if self.hparam_search is not None:
             summary["hparam_search"] = [dict(record) for record in self.hparam_search]
+        if self.labels:
+            summary["labels"] = [dict(label) for label in self.labels]
         return summary
 
     def to_dict(self) -> dict[str, Any]:

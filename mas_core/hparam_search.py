@@ -14,11 +14,16 @@ is trained, on deep copies of the current model and method (the real ones are no
    measure ``A(η)`` = the experiment's metric on ``V_t`` (``experiment.validation_score``).
    ``η* = argmax_η A(η)`` (the first of the grid on ties; a diverged run scores nothing) and
    ``A* = A(η*)``, the plasticity reference.
-3. **Stability decay.** ``λ_0 = start`` (per method), ``λ_{k+1} = decay·λ_k``. For
-   ``k = 0, 1, …, max_tries−1``: train a copy of the model with the method at ``λ_k`` and ``η*``
-   on ``S_t`` and measure ``A_k`` on ``V_t``; stop at the first ``k`` with
-   ``A_k ≥ (1 − tolerance)·A*`` and take ``λ_t = λ_k``. When no value qualifies (or all
-   diverge), ``λ_t`` is the last, smallest value tried (the floor ``start·decay^(max_tries−1)``).
+3. **Stability, from both sides.** ``λ_0 = start`` (per method); the values tried lie on the grid
+   ``start·decay^k``. A value *passes* when ``A(λ) ≥ (1 − tolerance)·A*`` (its validation accuracy
+   after training a copy with the method at ``λ`` and ``η*`` on ``S_t``). When ``λ_0`` passes, the
+   search **grows**: ``λ ← λ/decay`` (doubled at the default decay 0.5) until the first value that
+   fails, and takes the last that passed. Otherwise it **decays**: ``λ ← decay·λ`` until the first
+   value that passes (as before the two-sided search); when none does (or all diverge), ``λ_t`` is
+   the last, smallest value tried (the floor ``start·decay^(max_tries−1)``). Both directions share
+   ``max_tries`` tries, each recorded. The record's ``"bracket"`` holds the limit found: the
+   strongest value accepted and the weakest rejected above it (``{"accepted": a, "rejected": r}``;
+   ``r`` null when every try grew and passed: the limit lies higher; ``a`` null when none passed).
    A method without a strength (fine-tuning, joint) skips this phase; so does task 0, where no
    method has anything to protect yet (every penalty is 0 whatever λ), and λ keeps its value.
    **A collapsed reference.** When ``A*`` is no better than chance (``A* ≤ c``, every learning
@@ -55,7 +60,7 @@ metric must be the same on every rank (the experiments reduce or compute it whol
 
 Each task yields a JSON-friendly record (``results.json``'s ``hparam_search``,
 ``docs/run_folder.md``): the grid with each ``A(η)``, ``A*``, the values tried with their ``A_k``,
-the threshold, the choice and the reason in words.
+the threshold, the bracket, the choice and the reason in words.
 """
 from __future__ import annotations
 
@@ -108,11 +113,12 @@ class SearchSettings:
     """``search:`` the per-task hyperparameter search (see the module docs for the protocol).
 
     ``enabled``: run it (false: every task uses ``optim.lr`` and the configured strength).
-    ``lr_grid``: the learning rates of phase 1. ``start``: the first (highest) strength of phase
-    2, one number for every method or a mapping from a method's name or label to its start
-    (``default``: the others). ``decay`` in (0, 1): the factor between tries. ``tolerance`` in
+    ``lr_grid``: the learning rates of phase 1. ``start``: the first strength phase 2 tries (then
+    grown by ``1/decay`` while it passes, decayed by ``decay`` while it fails), one number for every
+    method or a mapping from a method's name or label to its start (``default``: the others).
+    ``decay`` in (0, 1): the factor between tries. ``tolerance`` in
     [0, 1): the accepted fraction of the reference accuracy lost (0.2: within 20 %).
-    ``max_tries``: strengths tried at most per task. ``val_fraction`` in (0, 1): the share of the
+    ``max_tries``: strengths tried at most per task, growing and decaying together. ``val_fraction`` in (0, 1): the share of the
     task's training samples held out. ``epochs``: epochs of each search run (null: the task's
     own). ``min_reference`` in [0, 1): the plasticity reference ``A*`` at or below which it counts
     as collapsed (the strength is then not decayed; module docs); null: the experiment's chance
@@ -189,10 +195,13 @@ class SearchSettings:
 
     def identity(self) -> dict[str, Any]:
         """What a checkpoint must agree on to be resumed (every setting; ``min_reference`` only when
-        set, so that a checkpoint written before it existed still resumes)."""
+        set, so that a checkpoint written before it existed still resumes; ``"stability": "two-sided"``,
+        so that a run whose earlier tasks were searched by the decay alone, before issue 23, is not
+        continued under the two-sided search)."""
         identity = dataclasses.asdict(self)
         if identity["min_reference"] is None:
             del identity["min_reference"]
+        identity["stability"] = "two-sided"
         return identity
 
     def choose(self, experiment: SearchableExperiment, model: nn.Module, trained: nn.Module, reg: Regularizer, *,
@@ -224,7 +233,8 @@ class SearchSettings:
         ``"strength"`` (``error``: the divergence message), or ``None`` when there is none left.
 
         The next value of phase 2's decay, ``decay·λ`` (module docs, step 4), while it stays at or
-        above the floor ``start·decay^(max_tries−1)`` (``start`` = the first value tried); ``None``
+        above the floor ``start·decay^(max_tries−1)`` (``start`` = the first value tried; a value the
+        search grew to above ``start`` has that many more steps to go down); ``None``
         for a record whose strength was not searched (no strength hyperparameter, or task 0; a collapsed
         reference keeps ``start``, and backs off from there). On a
         back-off, ``record`` gets the diverged value and ``error`` appended to ``"backoff"``, its
@@ -232,8 +242,9 @@ class SearchSettings:
         name, tries = record.get("strength_name"), record.get("tries") or []
         if not name or not (tries or (record.get("reference_collapsed") and record.get("task", 0) > 0)):
             return None
-        steps = max(len(tries) - 1, 0) + len(record.get("backoff") or [])  # decay steps from start so far
-        if steps + 1 >= self.max_tries:
+        start = float(tries[0]["value"]) if tries else float(record["strength"][name])  # the first value tried
+        floor = start * self.decay ** (self.max_tries - 1)
+        if float(record["strength"][name]) * self.decay < floor * (1.0 - 1e-9):
             return None
         failed = float(record["strength"][name])
         value = failed * self.decay
@@ -278,42 +289,77 @@ def best_learning_rate(scores: Sequence[float | None]) -> int:
 
 def stability_decay(score: Callable[[float], float | None], start: float, decay: float, tolerance: float,
                     reference: float, max_tries: int) -> tuple[list[tuple[float, float | None]], int]:
-    """Phase 2: try ``λ_k = start·decay^k`` until ``score(λ_k) ≥ (1 − tolerance)·reference``.
+    """Phase 2, two-sided: find the strongest ``λ`` on the grid ``start·decay^k`` (``k`` any integer)
+    with ``score(λ) ≥ (1 − tolerance)·reference``, within ``max_tries`` calls of ``score``.
 
-    Returns ``(tries, chosen)``: every ``(λ_k, A_k)`` tried in order (``A_k`` ``None`` for a
-    diverged run) and the index of the chosen one: the first within tolerance, else the last."""
+    - ``score(start)`` passes: **grow**, ``λ ← λ/decay`` (doubled at decay 0.5), until the first
+      value that fails (or diverges); the chosen value is the last that passed, just below it.
+    - ``score(start)`` fails: **decay** as before, ``λ ← decay·λ``, until the first value that passes;
+      when none does, the last, smallest value tried (the floor ``start·decay^(max_tries−1)``).
+
+    Either way the chosen value ``a`` and the value ``r = a/decay`` above it that failed bracket the
+    method's limit (:func:`search_bracket`); when every try grew and passed, ``r`` is unknown (the
+    limit lies above the last value tried). Returns ``(tries, chosen)``: every ``(λ, A)`` tried in
+    order (``A`` ``None`` for a diverged run) and the index of the chosen one."""
     threshold = (1.0 - tolerance) * reference
-    tries: list[tuple[float, float | None]] = []
-    value = float(start)
-    for _ in range(max_tries):
-        accuracy = score(value)
-        tries.append((value, accuracy))
-        if accuracy is not None and accuracy >= threshold:
-            return tries, len(tries) - 1
-        value *= decay
+
+    def passed(accuracy: float | None) -> bool:
+        return accuracy is not None and accuracy >= threshold
+
+    tries: list[tuple[float, float | None]] = [(float(start), score(float(start)))]
+    if passed(tries[0][1]):  # grow until the first rejection
+        while len(tries) < max_tries:
+            value = tries[-1][0] / decay
+            tries.append((value, score(value)))
+            if not passed(tries[-1][1]):
+                return tries, len(tries) - 2
+        return tries, len(tries) - 1
+    while len(tries) < max_tries:  # decay until the first acceptance
+        value = tries[-1][0] * decay
+        tries.append((value, score(value)))
+        if passed(tries[-1][1]):
+            break
     return tries, len(tries) - 1
 
 
-def accepted_at_start(record: dict[str, Any]) -> bool:
-    """True when the stability decay accepted its first value (``start``) and the real run kept it:
-    the search never reached the strength at which plasticity drops, so a higher ``start`` might
-    have been chosen (the method's row is then bounded by the start, not by the protocol)."""
-    tries = record.get("tries") or []
-    threshold = record.get("threshold")
-    return (len(tries) == 1 and not record.get("backoff") and threshold is not None
-            and tries[0].get("val_acc") is not None and tries[0]["val_acc"] >= threshold)
+def search_bracket(record: dict[str, Any]) -> dict[str, float | None] | None:
+    """The bracket the stability phase found: ``{"accepted": a, "rejected": r}``, ``a`` the strongest
+    value that passed (the chosen one, unless every try failed: ``None``) and ``r`` the weakest value
+    above it that failed (``None`` when every value tried passed: the limit lies above ``a``).
+    Read from the record's ``"bracket"``, or from its ``"tries"`` for a record written before the
+    two-sided search; ``None`` when the phase did not run (no strength, task 0, collapsed reference)."""
+    if record.get("bracket"):
+        return dict(record["bracket"])
+    tries, threshold = record.get("tries") or [], record.get("threshold")
+    if not tries or threshold is None:
+        return None
+    ok = [t["value"] for t in tries if t.get("val_acc") is not None and t["val_acc"] >= threshold]
+    accepted = max(ok) if ok else None
+    above = [t["value"] for t in tries if t["value"] not in ok and (accepted is None or t["value"] > accepted)]
+    return {"accepted": accepted, "rejected": min(above) if above else None}
 
 
 def describe_choice(record: dict[str, Any]) -> str:
-    """``"lr 0.05, lam=2.5"`` (``"lr 0.05"`` where the strength was not searched: a method without
-    one, or task 0, where it has no effect); ``" (start)"`` appended where the first value tried was
-    accepted (:func:`accepted_at_start`)."""
+    """``"lr 0.05, lam=2.5 (5 rejected)"`` (``"lr 0.05"`` where the strength was not searched: a
+    method without one, or task 0, where it has no effect). The parenthesis is the bracket of
+    :func:`search_bracket`: the weakest value above the choice that failed the validation threshold;
+    ``"(none rejected up to λ)"`` when every value tried passed (the limit lies higher), ``"(none
+    accepted)"`` when none did (the floor was taken); ``"(backed off)"`` after a back-off."""
     text = f"lr {record['lr']:g}"
     searched = record.get("tries") or (record.get("reference_collapsed") and record.get("strength_name")
                                        and record.get("task", 0) > 0)  # λ_0 kept, nothing tried
     strength = (record.get("strength") or {}) if searched else {}
     text += f", {describe_strength_values(strength)}" if strength else ""
-    return text + (" (start)" if accepted_at_start(record) else "")
+    bracket = search_bracket(record) if strength else None
+    if record.get("backoff"):
+        return text + " (backed off)"
+    if bracket is None:
+        return text
+    if bracket["accepted"] is None:
+        return text + " (none accepted)"
+    if bracket["rejected"] is None:
+        return text + f" (none rejected up to {bracket['accepted']:g})"
+    return text + f" ({bracket['rejected']:g} rejected)"
 
 
 class _Search:
@@ -347,7 +393,7 @@ class _Search:
             "train_samples": len(self.train_positions), "val_samples": len(self.val_positions),
             "epochs": self.optim.epochs, "lr_grid": [{"lr": g, "val_acc": a} for g, a in zip(settings.lr_grid, lr_scores)],
             "reference_acc": reference, "lr": lr, "threshold": None, "strength_name": None, "tries": [],
-            "strength": dict(self.reg.strength), "backoff": [], "chance_level": level,
+            "strength": dict(self.reg.strength), "bracket": None, "backoff": [], "chance_level": level,
             "reference_collapsed": collapsed,
         }
         note = "" if not collapsed else (f"; the plasticity reference {reference:.3f} is no better than chance "
@@ -383,10 +429,14 @@ class _Search:
         value, accuracy = tries[chosen]
         record.update(threshold=threshold, tries=[{"value": v, "val_acc": a} for v, a in tries],
                       strength={name: value})
+        record["bracket"] = search_bracket(record)
+        rejected = record["bracket"]["rejected"]
         if accuracy is not None and accuracy >= threshold:
+            limit = (f"{name}={rejected:g} above it was rejected" if rejected is not None else
+                     f"no value was rejected within search.max_tries={settings.max_tries}: the limit lies above")
             record["reason"] = (f"{name}={value:g}: val acc {accuracy:.3f} ≥ (1 − {tolerance:g})·{reference:.3f} = "
-                                f"{threshold:.3f}, within {100 * tolerance:g} % of the plasticity reference, the first of "
-                                f"{len(tries)} tried from {start:g}")
+                                f"{threshold:.3f}, within {100 * tolerance:g} % of the plasticity reference, the "
+                                f"strongest accepted of {len(tries)} tried from {start:g}; {limit}")
         else:
             record["reason"] = (f"no {name} within {100 * tolerance:g} % of the plasticity reference {reference:.3f} "
                                 f"after {len(tries)} tries from {start:g}; took the smallest tried, {value:g}")
@@ -420,5 +470,5 @@ class _Search:
         return value if math.isfinite(value) else None
 
 
-__all__ = ["SearchSettings", "SearchableExperiment", "accepted_at_start", "best_learning_rate", "chance_level",
-           "describe_choice", "split_positions", "stability_decay"]
+__all__ = ["SearchSettings", "SearchableExperiment", "best_learning_rate", "chance_level", "describe_choice",
+           "search_bracket", "split_positions", "stability_decay"]

@@ -17,9 +17,11 @@ check, the accuracy matrix, checkpoints and resume. For each task ``t``::
             backward; clip_grad_norm (optional); step
             reg.after_optimizer_step(trained, optimizer) if reg.uses_optimizer_step_hook  # proximal penalty
             reg.after_step(trained) if reg.uses_step_hook
-    # diverged with a searched λ: restore start, λ ← search.back_off(...) (decay·λ, down to the
-    # search's floor), train the task again from reg.before_task; else the DivergenceError stands
+        after each epoch: NaN/Inf weights, or a collapse (epoch mean loss > 100× the first's)
     reg.after_task(trained, experiment.importance_data(...))   # what reg.after_task_data asks for
+    # diverged (any of the above, or a NonFiniteError from after_task: mas_core.divergence) with a
+    # searched λ: restore start, λ ← search.back_off(...) (decay·λ, down to the search's floor),
+    # train the task again from reg.before_task; else the DivergenceError stands
     R[t][j] = experiment.evaluate(model, t)[j], j ≤ t
     # a method whose after_task changes the weights (reg.after_task_changes_model: IMM's merge):
     #   R[t] is evaluated *before* after_task (the model as trained on task t), and
@@ -69,10 +71,11 @@ from .checkpoint import (
     seed_everything,
     set_rng_states,
 )
+from .divergence import CollapseCheck, divergence, searched_divergence
 from .errors import DivergenceError, EmptyDataError, MASCoreError, NonFiniteError
 from .experiment import (Experiment, ImportanceSource, OptimSettings, SequenceResult, TaskSearch,
                          TrainData)
-from .regularizers import make_regularizer, method_options
+from .regularizers import make_regularizer, method_options, option_default
 from .regularizers.base import Finetune, Regularizer, TaskInfo, describe_strength_values
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -100,8 +103,9 @@ def train_tasks(experiment: Experiment, method: str | Regularizer, optim: OptimS
     there after every task; ``resume=True`` continues after the last finished task (a fresh run
     when there is none) and raises :class:`~mas_core.errors.CheckpointMismatchError` for a
     checkpoint of another configuration; ``resume=False`` starts over. A non-finite loss,
-    penalty or weight raises :class:`~mas_core.errors.DivergenceError` naming the method's
-    strength and the learning rate. ``log`` receives the progress lines (rank 0 only): one per task,
+    penalty or weight, a loss that collapsed at a finite value and a ``NonFiniteError`` from the
+    method's ``after_task`` raise :class:`~mas_core.errors.DivergenceError` naming the method's
+    strength and the learning rate (:mod:`mas_core.divergence`). ``log`` receives the progress lines (rank 0 only): one per task,
     and one per epoch when ``log_epochs``. ``stop_after_task=k`` stops after the first ``k`` tasks
     (checkpointed as usual, so ``resume=True`` continues with task ``k + 1``; the result then has
     ``k`` rows). ``after_resume(model, trained, reg, completed_tasks)`` is called once a checkpoint
@@ -150,6 +154,7 @@ def train_tasks(experiment: Experiment, method: str | Regularizer, optim: OptimS
     log_lines: list[str] = []
     first_task, previous_time = 0, 0.0
     searched: list[dict[str, Any]] | None = [] if search is not None else None
+    labels: list[dict[str, Any]] = []  # per task, reg.describe() after after_task (estimator, samples, λ, step)
     if resume and checkpoint_path is not None and checkpoint_path.is_file():
         state = _read_checkpoint(checkpoint_path, config, device)
         first_task = int(state["completed_tasks"])
@@ -169,6 +174,7 @@ def train_tasks(experiment: Experiment, method: str | Regularizer, optim: OptimS
                                    "start a new output folder")
             merged_accuracy = [list(row) for row in state["merged_accuracy"]]
         log_lines = list(state["log"])
+        labels = list(state.get("labels") or [])
         previous_time = float(state["wall_time_s"])
         set_rng_states(state["rng"])
         emit(f"[{label}] resumed from {checkpoint_path} after task {first_task}/{num_tasks}")
@@ -203,24 +209,25 @@ def train_tasks(experiment: Experiment, method: str | Regularizer, optim: OptimS
             try:
                 mean_loss = train_task_epochs(experiment, trained, model, data, task, reg, task_optim, seed, device,
                                               joint, label, emit if log_epochs else (lambda message: None))
+                model.eval()
+                trained.eval()
+                if changes_model:  # R[t] is the model as trained on task t, before after_task changes it
+                    row = _evaluate_row(experiment, model, task, num_tasks)
+                _after_task_of_trained(experiment, model, trained, reg, task, device, task_optim, label)
                 break
             except DivergenceError as exc:
                 if task_start is None:
                     raise
                 strength = search.back_off(searched[-1], str(exc))
                 if strength is None:
-                    raise _searched_divergence(exc, searched[-1]) from None
+                    raise searched_divergence(exc, searched[-1]) from None
             failed = searched[-1]["backoff"][-1]["strength"]
             emit(f"[{label}] task {task + 1} ({experiment.task_names[task]}): training diverged at "
                  f"{describe_strength_values(failed)} (chosen by the search); restored the task's start, "
                  f"training it again with {describe_strength_values(strength)}")
             _restore_task_start(task_start, model, trained, reg)
             reg.set_strength(**strength)
-        model.eval()
-        trained.eval()
-        if changes_model:  # R[t] is the model as trained on task t, before after_task changes it
-            row = _evaluate_row(experiment, model, task, num_tasks)
-        _after_task(experiment, model, trained, reg, task, device)
+        labels.append({**reg.describe(), "method": name})
         model.eval()
         trained.eval()
         after_row = _evaluate_row(experiment, model, task, num_tasks)
@@ -243,7 +250,7 @@ def train_tasks(experiment: Experiment, method: str | Regularizer, optim: OptimS
             checkpoint = {
                 "format": CHECKPOINT_FORMAT, "config": config, "completed_tasks": task + 1,
                 "model": model.state_dict(), "regularizer": reg.state_dict(), "accuracy": accuracy,
-                "log": log_lines, "rng": get_rng_states(), "hparam_search": searched,
+                "log": log_lines, "rng": get_rng_states(), "hparam_search": searched, "labels": labels,
                 "wall_time_s": previous_time + time.perf_counter() - start,
             }
             if changes_model:
@@ -254,7 +261,7 @@ def train_tasks(experiment: Experiment, method: str | Regularizer, optim: OptimS
     return SequenceResult(method=label, task_names=list(experiment.task_names), accuracy=accuracy,
                           wall_time_s=previous_time + time.perf_counter() - start, config=config, log=log_lines,
                           trained_tasks=max(last_task - first_task, 0), model=model,
-                          merged_accuracy=merged_accuracy, hparam_search=searched)
+                          merged_accuracy=merged_accuracy, hparam_search=searched, labels=labels)
 
 
 def _evaluate_row(experiment: Experiment, model: nn.Module, task: int, num_tasks: int) -> list[float | None]:
@@ -283,17 +290,6 @@ def _restore_task_start(start: dict[str, Any], model: nn.Module, trained: nn.Mod
     set_rng_states(start["rng"])
 
 
-def _searched_divergence(exc: DivergenceError, chosen: dict[str, Any]) -> DivergenceError:
-    """The divergence of a task whose lr and strength the search chose, with no back-off left."""
-    backoff = chosen.get("backoff") or []
-    history = "" if not backoff else (f"; backed off {len(backoff)} time(s) from "
-                                      f"{describe_strength_values(backoff[0]['strength'])}, down to the search's floor")
-    return DivergenceError(
-        f"{exc} (both were chosen by the hyperparameter search on a validation split of this task: "
-        f"lr={chosen['lr']}, strength {chosen['strength'] or 'none'}{history}; lower search.start or the top of "
-        "search.lr_grid, or use a smaller search.tolerance)")
-
-
 def train_task_epochs(experiment: Experiment, trained: nn.Module, model: nn.Module, data: TrainData, task: int,
                       reg: Regularizer, optim: OptimSettings, seed: int, device: torch.device, joint: bool,
                       label: str, emit: Callable[[str], None]) -> float:
@@ -309,7 +305,9 @@ def train_task_epochs(experiment: Experiment, trained: nn.Module, model: nn.Modu
     after every epoch; ``joint``: the loop's joint mode (one parameter group); ``label`` names the
     method in errors; ``emit`` gets one line per epoch. Raises
     :class:`~mas_core.errors.DivergenceError` (naming the strength and the learning rate) on a
-    non-finite loss, penalty or weight. The task loop and the hyperparameter search's candidate
+    non-finite loss, penalty or weight, and on a collapse at a finite loss (an epoch's mean loss
+    above :data:`~mas_core.divergence.COLLAPSE_FACTOR` times the first epoch's). The task loop and
+    the hyperparameter search's candidate
     runs (:mod:`mas_core.hparam_search`) both train through it."""
     info = distributed.current()
     world_size = 1 if info is None else info.world_size
@@ -331,6 +329,7 @@ def train_task_epochs(experiment: Experiment, trained: nn.Module, model: nn.Modu
     wrapped = distributed.wrap_for_training(trained, step_loss, find_unused_parameters=find_unused)
     epochs = optim.epochs_of(task)
     total, steps = 0.0, 0
+    collapse = CollapseCheck()
     for epoch in range(epochs):
         shares = epoch_shares(n, optim.batch_size, seed, task, epoch, info)
         epoch_total = 0.0
@@ -340,12 +339,12 @@ def train_task_epochs(experiment: Experiment, trained: nn.Module, model: nn.Modu
             try:
                 loss = wrapped(batch, scale)
             except NonFiniteError as exc:
-                raise _divergence(reg, optim, label, task, name, epoch, step, f"the penalty is not finite ({exc})") from None
+                raise divergence(reg, optim, label, task, name, epoch, step, f"the penalty is not finite ({exc})") from None
             # Σ_r loss_r / N: the global-batch loss, the same number (and decision) on every rank
             value = distributed.all_reduce_tensor(loss.detach().to(torch.float64).reshape(1).clone())
             value = float(value[0]) / world_size
             if not math.isfinite(value):
-                raise _divergence(reg, optim, label, task, name, epoch, step, f"the loss is {value}")
+                raise divergence(reg, optim, label, task, name, epoch, step, f"the loss is {value}")
             loss.backward()
             if optim.clip_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(parameters, optim.clip_grad_norm)
@@ -358,7 +357,10 @@ def train_task_epochs(experiment: Experiment, trained: nn.Module, model: nn.Modu
         broken = next((key for key, value in model.state_dict().items()
                        if value.is_floating_point() and not torch.isfinite(value).all()), None)
         if broken is not None:
-            raise _divergence(reg, optim, label, task, name, epoch, None, f"{broken} holds NaN/Inf")
+            raise divergence(reg, optim, label, task, name, epoch, None, f"{broken} holds NaN/Inf")
+        collapsed = collapse.end_of_epoch(epoch_total / max(len(shares), 1))
+        if collapsed is not None:
+            raise divergence(reg, optim, label, task, name, epoch, None, collapsed)
         emit(f"[{label}] task {task + 1} ({name}) epoch {epoch + 1}/{epochs}: "
              f"mean loss {epoch_total / max(len(shares), 1):.4f}")
         total += epoch_total
@@ -439,6 +441,20 @@ def _some_parameter_unused(trained: nn.Module, parameters: list[Tensor], data: T
     return any(id(p) not in reached for p in parameters)
 
 
+def _after_task_of_trained(experiment: Experiment, model: nn.Module, trained: nn.Module, reg: Regularizer,
+                           task: int, device: torch.device, optim: OptimSettings, label: str) -> None:
+    """:func:`_after_task`, where a :class:`~mas_core.errors.NonFiniteError` (e.g. MAS's importance
+    of a model that exploded at a finite loss) is the task's divergence: raised as a
+    :class:`~mas_core.errors.DivergenceError`, so the loop backs off from it as from a diverged step."""
+    try:
+        _after_task(experiment, model, trained, reg, task, device)
+    except DivergenceError:
+        raise
+    except NonFiniteError as exc:
+        raise divergence(reg, optim, label, task, experiment.task_names[task], None, None,
+                         f"after_task failed on the trained model ({exc})") from None
+
+
 def _after_task(experiment: Experiment, model: nn.Module, trained: nn.Module, reg: Regularizer, task: int,
                 device: torch.device) -> None:
     """``reg.after_task`` on what it declares it reads: this rank's share of the experiment's
@@ -488,7 +504,9 @@ def _anchor_at_start(experiment: Experiment, model: nn.Module, trained: nn.Modul
 def checkpoint_config(identity: dict[str, Any], method: str, joint: bool, options: Any, optim: OptimSettings,
                       seed: int) -> dict[str, Any]:
     """What a checkpoint must agree on to be resumed: the experiment's ``identity``, the method
-    and its options, the optimizer settings and the seed (not the device or the log)."""
+    and its options, the optimizer settings and the seed (not the device or the log). A method's
+    ``penalty_step`` is recorded even when the options leave it to the default, so that a checkpoint
+    written under the old default (gradient) is not resumed under the new one (proximal, issue 23)."""
     return {"format": CHECKPOINT_FORMAT, "method": method, "joint": joint, "method_options": _plain(options),
             "optim": dataclasses.asdict(optim), "seed": int(seed), "experiment": identity}
 
@@ -498,6 +516,16 @@ def derived_seed(*parts: Any) -> int:
     ``str`` joined by ``":"``. Independent streams for (seed, task), (seed, task, epoch), …"""
     digest = hashlib.sha256(":".join(str(part) for part in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 62) - 1)
+
+
+def resolved_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` of the registry method ``method`` with ``penalty_step`` filled in from the constructor's
+    default when it is left out: what a checkpoint records, so that a checkpoint written under the old
+    default (gradient) is not resumed under the new one (proximal, issue 23) without a word."""
+    if method == JOINT or "penalty_step" in options:
+        return options
+    step = option_default(method, "penalty_step")
+    return options if step is None else {**options, "penalty_step": step}
 
 
 def _make_method(method: str | Regularizer, options: dict[str, Any],
@@ -522,7 +550,7 @@ def _make_method(method: str | Regularizer, options: dict[str, Any],
             raise MASCoreError(f"method {method!r} takes no loss_fn, so it cannot estimate importance on this "
                                "experiment's loss; choose another method")
         reg = make_regularizer(method, **options, loss_fn=loss_fn)
-    return False, method, reg, options
+    return False, method, reg, resolved_options(method, options)
 
 
 def _read_checkpoint(path: Path, config: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -532,17 +560,6 @@ def _read_checkpoint(path: Path, config: dict[str, Any], device: torch.device) -
                            f"this version reads format {CHECKPOINT_FORMAT}: delete it or use a new output folder")
     check_config(state, config, path)
     return state
-
-
-def _divergence(reg: Regularizer, optim: OptimSettings, label: str, task: int, name: str, epoch: int,
-                step: int | None, what: str) -> DivergenceError:
-    where = f"method {label}, task {task + 1} ({name}), epoch {epoch + 1}" + (
-        f", step {step}" if step is not None else "")
-    strength = ", ".join(f"{key}={value}" for key, value in reg.strength.items())
-    advice = f"lower the learning rate (optim.lr, now {optim.lr})"
-    if strength:
-        advice += f" or the method's strength ({strength})"
-    return DivergenceError(f"training diverged at {where}: {what}; {advice}")
 
 
 def _plain(value: Any) -> Any:
@@ -559,5 +576,5 @@ def _plain(value: Any) -> Any:
 
 
 __all__ = ["CHECKPOINT_NAME", "Experiment", "ImportanceSource", "JOINT", "OptimSettings", "SequenceResult",
-           "TaskSearch", "TrainData", "checkpoint_config", "derived_seed", "epoch_shares", "train_task_epochs",
-           "train_tasks"]
+           "TaskSearch", "TrainData", "checkpoint_config", "derived_seed", "epoch_shares", "resolved_options",
+           "train_task_epochs", "train_tasks"]

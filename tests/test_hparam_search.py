@@ -17,10 +17,10 @@ import mas_core.loop as loop_module
 from mas_core.errors import InvalidArgumentError, MASCoreError
 from mas_core.hparam_search import (
     SearchSettings,
-    accepted_at_start,
     best_learning_rate,
     chance_level,
     describe_choice,
+    search_bracket,
     split_positions,
     stability_decay,
 )
@@ -40,6 +40,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 SEED = 7
 GRID = [0.1, 0.02, 0.002]
+GRADIENT = {"penalty_step": "gradient"}  # the penalty's form that can diverge (the default, proximal, cannot)
 
 
 def _without_seconds(records: list[dict]) -> list[dict]:
@@ -86,6 +87,62 @@ def test_the_decay_stops_at_the_first_value_within_tolerance() -> None:
     tries, chosen = stability_decay(lambda value: None if value > 3 else 0.5, 8.0, 0.5, 0.2, 1.0, max_tries=4)
     assert [v for v, _ in tries] == [8.0, 4.0, 2.0, 1.0] and chosen == 3  # none within: the last (smallest)
     assert tries[0][1] is None
+
+
+def test_a_start_that_passes_is_grown_until_the_first_rejection() -> None:
+    """The start passes: λ is doubled (decay 0.5) until the first value that fails, and the last that
+    passed is chosen; every try counts against max_tries; a diverged try is a rejection."""
+    accuracy = {1.0: 0.95, 2.0: 0.9, 4.0: 0.85, 8.0: 0.7, 16.0: 0.2}
+    asked: list[float] = []
+
+    def score(value: float) -> float:
+        asked.append(value)
+        return accuracy[value]
+
+    tries, chosen = stability_decay(score, 1.0, 0.5, 0.2, 1.0, max_tries=6)  # threshold 0.8
+    assert asked == [1.0, 2.0, 4.0, 8.0] and chosen == 2 and tries[chosen] == (4.0, 0.85)
+    tries, chosen = stability_decay(lambda value: 0.9, 1.0, 0.5, 0.2, 1.0, max_tries=3)  # never rejected
+    assert [v for v, _ in tries] == [1.0, 2.0, 4.0] and chosen == 2
+    tries, chosen = stability_decay(lambda value: None if value > 3 else 0.9, 1.0, 0.25, 0.2, 1.0, max_tries=5)
+    assert [v for v, _ in tries] == [1.0, 4.0] and chosen == 0  # 4 diverged: 1 is the limit found (grown ×1/decay)
+    tries, chosen = stability_decay(lambda value: 0.9, 1.0, 0.5, 0.2, 1.0, max_tries=1)
+    assert tries == [(1.0, 0.9)] and chosen == 0  # max_tries 1: no room to grow
+
+
+def test_the_bracket_names_the_limit_and_no_choice_says_start() -> None:
+    """The record's bracket (the strongest value accepted, the weakest rejected above it) is what the
+    reports print beside the choice; "(start)" is gone."""
+    grown = {"task": 1, "lr": 0.05, "strength_name": "lam", "strength": {"lam": 4.0}, "threshold": 0.6,
+             "tries": [{"value": 1.0, "val_acc": 0.7}, {"value": 2.0, "val_acc": 0.7}, {"value": 4.0, "val_acc": 0.65},
+                       {"value": 8.0, "val_acc": 0.5}], "backoff": []}
+    assert search_bracket(grown) == {"accepted": 4.0, "rejected": 8.0}
+    assert describe_choice(grown) == "lr 0.05, lam=4 (8 rejected)"
+    decayed = dict(grown, strength={"lam": 2.0}, tries=[{"value": 8.0, "val_acc": 0.5}, {"value": 4.0, "val_acc": None},
+                                                        {"value": 2.0, "val_acc": 0.7}])
+    assert search_bracket(decayed) == {"accepted": 2.0, "rejected": 4.0}
+    assert describe_choice(decayed) == "lr 0.05, lam=2 (4 rejected)"
+    saturated = dict(grown, tries=[{"value": v, "val_acc": 0.7} for v in (1.0, 2.0, 4.0)])
+    assert describe_choice(saturated) == "lr 0.05, lam=4 (none rejected up to 4)"
+    failed = dict(grown, strength={"lam": 0.5}, tries=[{"value": 1.0, "val_acc": 0.5}, {"value": 0.5, "val_acc": 0.5}])
+    assert search_bracket(failed) == {"accepted": None, "rejected": 0.5} and describe_choice(failed).endswith("(none accepted)")
+    backed_off = dict(grown, strength={"lam": 2.0}, backoff=[{"strength": {"lam": 4.0}, "error": "diverged"}])
+    assert describe_choice(backed_off) == "lr 0.05, lam=2 (backed off)"
+    stored = dict(grown, bracket={"accepted": 4.0, "rejected": 8.0}, tries=grown["tries"][:1])
+    assert search_bracket(stored) == {"accepted": 4.0, "rejected": 8.0}  # the record's own bracket wins
+    for record in (grown, decayed, saturated, failed, backed_off):
+        assert "(start)" not in describe_choice(record)
+    assert search_bracket({"task": 0, "tries": [], "threshold": None}) is None
+
+
+def test_a_grown_strength_backs_off_down_to_the_floor_of_the_start() -> None:
+    """A value the search grew to has that many more decay steps before the floor start·decay^(max_tries−1)."""
+    settings = SearchSettings(enabled=True, start=1.0, decay=0.5, max_tries=3)
+    record = {"strength_name": "lam", "strength": {"lam": 4.0}, "backoff": [], "reason": "",
+              "tries": [{"value": 1.0}, {"value": 2.0}, {"value": 4.0}]}
+    values = []
+    while (strength := settings.back_off(record, "diverged")) is not None:
+        values.append(strength["lam"])
+    assert values == [2.0, 1.0, 0.5, 0.25] and record["strength"] == {"lam": 0.25}  # floor 1·0.5² = 0.25
 
 
 def test_the_split_holds_out_a_fixed_share_of_the_task_only() -> None:
@@ -139,23 +196,25 @@ def test_the_search_picks_the_argmax_lr_and_the_known_strength() -> None:
         assert record["strength"] == {"lam": 1.0} and record["threshold"] == pytest.approx(0.8 * record["reference_acc"])
         assert all(t["val_acc"] < record["threshold"] for t in record["tries"][:-1])
         assert record["tries"][-1]["val_acc"] == record["reference_acc"]  # at λ=1 the gate is fine-tuning
-        assert "lam=1: val acc" in record["reason"] and "the first of 4 tried from 8" in record["reason"]
+        assert "lam=1: val acc" in record["reason"] and "the strongest accepted of 4 tried from 8" in record["reason"]
+        assert record["bracket"] == {"accepted": 1.0, "rejected": 2.0}
     assert result.summary()["hparam_search"] == records
     assert describe_choice(records[0]) == f"lr {records[0]['lr']:g}"  # task 1: λ was not searched
-    assert describe_choice(records[1]) == f"lr {records[1]['lr']:g}, lam=1"
+    assert describe_choice(records[1]) == f"lr {records[1]['lr']:g}, lam=1 (2 rejected)"
 
 
-def test_a_start_accepted_at_the_first_try_is_marked() -> None:
-    """A record whose first value passed (and was kept by the real run) says "(start)": the
-    search never found the method's limit; a decayed, failed or backed-off one does not."""
-    record = {"task": 1, "lr": 0.05, "strength_name": "lam", "strength": {"lam": 8.0}, "threshold": 0.6,
-              "tries": [{"value": 8.0, "val_acc": 0.7}], "backoff": []}
-    assert accepted_at_start(record) and describe_choice(record) == "lr 0.05, lam=8 (start)"
-    decayed = dict(record, strength={"lam": 4.0}, tries=[{"value": 8.0, "val_acc": 0.5}, {"value": 4.0, "val_acc": 0.7}])
-    failed = dict(record, tries=[{"value": 8.0, "val_acc": 0.5}])  # max_tries 1: the floor, not accepted
-    backed_off = dict(record, strength={"lam": 4.0}, backoff=[{"strength": {"lam": 8.0}, "error": "diverged"}])
-    for other in (decayed, failed, backed_off):
-        assert not accepted_at_start(other) and "(start)" not in describe_choice(other)
+def test_the_search_grows_a_start_that_passes_to_the_known_limit() -> None:
+    """With the gate (free at λ ≤ 1, blocking above) and a start of 0.25, the search doubles 0.25 → 0.5
+    → 1 → 2, rejects 2 and keeps 1, the limit; the record holds the bracket [1, 2)."""
+    settings = SearchSettings(enabled=True, lr_grid=GRID, start=0.25, decay=0.5, max_tries=6, epochs=2)
+    result = run_sequence(_make_model, _tasks(), _Gate(lam=1.0), SETTINGS, seed=SEED, search=settings, progress=False)
+    for record in result.hparam_search[1:]:
+        assert [t["value"] for t in record["tries"]] == [0.25, 0.5, 1.0, 2.0]
+        assert record["strength"] == {"lam": 1.0} and record["bracket"] == {"accepted": 1.0, "rejected": 2.0}
+        assert record["tries"][-1]["val_acc"] < record["threshold"] <= record["tries"][-2]["val_acc"]
+        assert "lam=2 above it was rejected" in record["reason"]
+        assert describe_choice(record) == f"lr {record['lr']:g}, lam=1 (2 rejected)"
+    assert result.hparam_search[0]["bracket"] is None  # task 1: λ not searched
 
 
 def test_the_search_is_deterministic_and_leaves_the_real_training_alone() -> None:
@@ -349,7 +408,7 @@ def test_the_train_command_records_the_choices(tmp_path, method: str) -> None:
     results = train_run(config, tmp_path / "run", progress=False)
     records = results["methods"][method]["hparam_search"]
     assert [r["task"] for r in records] == [0, 1] and records[1]["val_samples"] == 6
-    assert records[1]["strength"]["lam"] in (2.0, 1.0) and 0.0 <= records[1]["reference_acc"] <= 1.0
+    assert records[1]["strength"]["lam"] in (4.0, 2.0, 1.0) and 0.0 <= records[1]["reference_acc"] <= 1.0  # grown, kept or decayed
     assert "Hyperparameters chosen per task" in (tmp_path / "run" / "results.md").read_text()
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["search"]["enabled"] is True
@@ -395,17 +454,19 @@ class _Forced(SearchSettings):
         return record
 
 
-@pytest.mark.parametrize("method, diverging", [("mas", 2), ("si", 1)])
+@pytest.mark.parametrize("method, diverging", [("mas", 3), ("si", 2)])
 def test_a_searched_strength_that_diverges_is_backed_off_and_equals_the_direct_run(method: str, diverging: int,
                                                                                     tmp_path) -> None:
-    """λ = 1e6 diverges in the real training of task 2 (MAS also at 1e4, SI not); the task is restored
+    """λ = 1e6 diverges in the real training of task 2 (MAS also at 1e4, and collapses at a finite loss at
+    1e2, caught since issue 23; SI collapses at 1e4); the task is restored
     and retrained at λ·decay^k, and the run equals one given that λ directly (bit for bit: the restore
-    of the model, the method and the random state is exact)."""
+    of the model, the method and the random state is exact). The gradient form: the proximal default
+    cannot diverge."""
     big, decay = 1e6, 0.01
     settings = dict(enabled=True, lr_grid=[SETTINGS.lr], start=1.0, decay=decay, max_tries=4, epochs=1)
     lines: list[str] = []
     backed = train_tasks(ClassificationExperiment(_make_model, _tasks(), importance_batch_size=32), method, SETTINGS,
-                         seed=SEED, search=_Forced(**settings, forced={1: big}), log=lines.append,
+                         seed=SEED, search=_Forced(**settings, forced={1: big}), log=lines.append, method_options=GRADIENT,
                          checkpoint_dir=tmp_path)
     final = big
     for _ in range(diverging):
@@ -420,7 +481,7 @@ def test_a_searched_strength_that_diverges_is_backed_off_and_equals_the_direct_r
     saved = torch.load(tmp_path / loop_module.CHECKPOINT_NAME, weights_only=False)
     assert saved["hparam_search"][1]["strength"] == {"lam": final}  # the checkpoint holds the final record
     direct = train_tasks(ClassificationExperiment(_make_model, _tasks(), importance_batch_size=32), method, SETTINGS,
-                         seed=SEED, search=_Forced(**settings, forced={1: final}))
+                         seed=SEED, search=_Forced(**settings, forced={1: final}), method_options=GRADIENT)
     assert direct.hparam_search[1]["backoff"] == [] and direct.hparam_search[1]["strength"] == {"lam": final}
     assert backed.accuracy == direct.accuracy
     assert all(torch.equal(a, b) for a, b in zip(backed.model.state_dict().values(), direct.model.state_dict().values()))
@@ -434,7 +495,8 @@ def test_a_divergence_at_the_floor_of_the_search_stands() -> None:
                        forced={1: 1e6})
     with pytest.raises(DivergenceError, match=r"chosen by the hyperparameter search.*lam.*backed off 1 time\(s\) "
                                               r"from lam=1e\+06, down to the search's floor"):
-        run_sequence(_make_model, _tasks(), "mas", SETTINGS, seed=SEED, search=settings, progress=False)
+        run_sequence(_make_model, _tasks(), "mas", SETTINGS, seed=SEED, search=settings, progress=False,
+                     method_options=GRADIENT)
     record = {"strength_name": "lam", "strength": {"lam": 1e4}, "tries": [{"value": 1e6}, {"value": 1e4}],
               "backoff": [], "reason": ""}  # phase 2 ended at the floor
     assert settings.back_off(record, "nan") is None and record["backoff"] == []  # nothing recorded
@@ -491,6 +553,7 @@ def test_the_chance_level_is_one_over_the_classes_and_optional() -> None:
         with pytest.raises(ValueError, match="search.min_reference"):
             SearchSettings(min_reference=bad).validate()
     assert "min_reference" not in SearchSettings().identity()  # checkpoints written before it still resume
+    assert SearchSettings().identity()["stability"] == "two-sided"  # a one-sided search's checkpoint is refused
     assert SearchSettings(min_reference=0.3).identity()["min_reference"] == 0.3
 
 

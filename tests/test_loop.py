@@ -182,7 +182,7 @@ def test_divergence_names_the_methods_declared_strength_and_the_learning_rate():
 
     tasks = _tasks(2)
     with pytest.raises(DivergenceError, match=r"optim\.lr, now 5\.0\) or the method's strength \(lam_l2=1e\+20\)"):
-        _run(_make_model, tasks, "imm", OptimSettings(epochs=2, lr=5.0, batch_size=32), method_options={"lam_l2": 1e20},
+        _run(_make_model, tasks, "imm", OptimSettings(epochs=2, lr=5.0, batch_size=32), method_options={"lam_l2": 1e20, "penalty_step": "gradient"},
              progress=False)
 
 

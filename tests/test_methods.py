@@ -53,7 +53,7 @@ def test_ewc_penalty_equals_lambda_fisher_distance_with_hand_fisher() -> None:
     with torch.no_grad():
         residual = torch.softmax(x @ model.weight.T, dim=1) - torch.nn.functional.one_hot(y, 2).float()
         fisher = torch.stack([torch.outer(residual[k], x[k]) ** 2 for k in range(5)]).mean(0)
-    ewc = EWC(lam=0.7)
+    ewc = EWC(lam=0.7, penalty_step="gradient")
     ewc.after_task(model, [(x[:2], y[:2]), (x[2:], y[2:])])
     torch.testing.assert_close(ewc.fisher["weight"], fisher, rtol=1e-5, atol=1e-7)
     anchor = model.weight.detach().clone()
@@ -94,7 +94,7 @@ def test_si_path_integral_on_a_quadratic_matches_the_closed_form() -> None:
     # g_k = a (θ_k − c), Δθ_k = −η g_k, so ω = Σ_k −g_k Δθ_k = η a² (θ_0 − c)² Σ_{k<n} r^{2k}.
     a, c, theta0, eta, steps, damping = 2.0, 1.0, 3.0, 0.1, 25, 0.1
     model = _Scalar(theta0)
-    si = SI(lam=0.5, damping=damping)
+    si = SI(lam=0.5, damping=damping, penalty_step="gradient")
     si.before_task(model, TaskInfo(index=0))
     optimizer = torch.optim.SGD(model.parameters(), lr=eta)
     for _ in range(steps):
@@ -225,7 +225,7 @@ def test_mode_imm_merge_is_the_fisher_weighted_mean() -> None:
 
 def test_imm_l2_transfer_penalty() -> None:
     model = _multihead(heads=1)
-    imm = IMM("mean", lam_l2=0.3)
+    imm = IMM("mean", lam_l2=0.3, penalty_step="gradient")
     imm.before_task(model, TaskInfo(index=0, head=0))
     assert imm.penalty(model).item() == 0.0
     imm.after_task(model, [])
@@ -334,10 +334,10 @@ def test_states_written_before_the_version_field_load_and_other_versions_are_ref
     fisher = {name: torch.rand_like(value) for name, value in anchors.items()}
     _perturb(model, 0.2)
     expected = 0.5 * sum((fisher[n] * (p.detach() - anchors[n]) ** 2).sum() for n, p in model.named_parameters())
-    ewc = EWC(lam=0.5)
+    ewc = EWC(lam=0.5, penalty_step="gradient")
     ewc.load_state_dict({"fisher": fisher, "anchors": anchors, "tasks_seen": 1})  # the layout of earlier releases
     torch.testing.assert_close(ewc.penalty(model), expected)
-    si = SI(lam=0.5)
+    si = SI(lam=0.5, penalty_step="gradient")
     si.load_state_dict({"importance": fisher, "anchors": anchors, "path": {}, "start": {}, "previous": {}})
     torch.testing.assert_close(si.penalty(model), expected)
     with pytest.raises(Exception, match="EWC state version 2 is not 1"):
@@ -352,7 +352,8 @@ def test_quadratic_anchor_methods_share_one_penalty_with_free_new_heads(name: st
     after the anchoring is free, a resumed state gives the same penalty, a rebuilt layer is an error."""
     model = _multihead(heads=1)
     x, y = torch.randn(10, 6), torch.randint(0, 3, (10,))
-    method = make_regularizer(name, **({"lam_l2": 0.3} if name == "imm" else {"lam": 0.3}))
+    method = make_regularizer(name, penalty_step="gradient",  # the penalty in the loss is what is checked
+                              **({"lam_l2": 0.3} if name == "imm" else {"lam": 0.3}))
     method.before_task(model, TaskInfo(index=0, head=0))
     if name == "si":
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -379,7 +380,7 @@ def test_quadratic_anchor_methods_share_one_penalty_with_free_new_heads(name: st
                                        rtol=1e-5, atol=1e-9)
         else:
             assert parameter.grad is None, n  # the new head is free
-    restored = make_regularizer(name, **({"lam_l2": 0.3} if name == "imm" else {"lam": 0.3}))
+    restored = make_regularizer(name, penalty_step="gradient", **({"lam_l2": 0.3} if name == "imm" else {"lam": 0.3}))
     restored.load_state_dict(_roundtrip(method.state_dict()))
     assert torch.equal(restored.penalty(model), method.penalty(model))
     model.trunk[0] = nn.Linear(6, 4)

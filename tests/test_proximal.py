@@ -29,7 +29,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _anchored_mas(model: nn.Module, lam: float, **options) -> MAS:
-    """MAS with a given positive Ω (not estimated) anchored at the model's current parameters."""
+    """MAS with a given positive Ω (not estimated) anchored at the model's current parameters (the
+    gradient form unless ``penalty_step`` is given)."""
+    options.setdefault("penalty_step", "gradient")
     reg = MAS(lam=lam, **options)
     generator = torch.Generator().manual_seed(3)
     importance = {name: torch.rand(p.shape, generator=generator, dtype=p.dtype) + 0.1
@@ -235,7 +237,8 @@ def test_the_loop_diverges_with_the_gradient_form_and_not_with_the_proximal_one(
     tasks = _tasks(2)
     settings = OptimSettings(epochs=2, lr=0.5, momentum=0.9, batch_size=32)
     with pytest.raises(DivergenceError):
-        _run(_make_model, tasks, "mas", settings, method_options={"lam": 1000.0}, progress=False)
+        _run(_make_model, tasks, "mas", settings, method_options={"lam": 1000.0, "penalty_step": "gradient"},
+             progress=False)
     result = _run(_make_model, tasks, "mas", settings, method_options={"lam": 1000.0, "penalty_step": "proximal"},
                   progress=False)
     assert all(value is not None and 0.0 <= value <= 1.0 for value in result.accuracy[-1])
@@ -299,7 +302,7 @@ def test_a_proximal_run_differs_from_the_gradient_run():
     """The loop really calls the hook: the same λ in the two forms trains different weights."""
     tasks = _tasks(2)
     gradient = _run(_make_model, tasks, "mas", OptimSettings(epochs=1, lr=0.05, momentum=0.0, batch_size=32),
-                    method_options={"lam": 5.0}, progress=False)
+                    method_options={"lam": 5.0, "penalty_step": "gradient"}, progress=False)
     proximal = _run(_make_model, tasks, "mas", OptimSettings(epochs=1, lr=0.05, momentum=0.0, batch_size=32),
                     method_options={"lam": 5.0, "penalty_step": "proximal"}, progress=False)
     zero = _run(_make_model, tasks, "mas", OptimSettings(epochs=1, lr=0.05, momentum=0.0, batch_size=32),
@@ -333,7 +336,7 @@ def _fit(reg, model: nn.Module) -> None:
 @pytest.mark.parametrize("factory", [MAS, LocalMAS, EWC, SI], ids=["mas", "lmas", "ewc", "si"])
 def test_lam_scale_mean_divides_lambda_by_the_mean_importance(factory):
     model = _model()
-    reg = factory(lam=3.0, lam_scale="mean")
+    reg = factory(lam=3.0, lam_scale="mean", penalty_step="gradient")  # the penalty's value is checked
     _fit(reg, model)
     omega = reg.importance
     mean = float(sum(v.sum() for v in omega.values()) / sum(v.numel() for v in omega.values()))
@@ -407,6 +410,22 @@ def test_options_from_the_python_api_with_did_you_mean():
         make_regularizer("si", penalty_stp="proximal")
     with pytest.raises(UnknownOptionError):
         make_regularizer("imm", lam_scale="mean")  # Ω ≡ 1: nothing to scale
+
+
+def test_proximal_is_the_default_everywhere_and_gradient_stays_selectable():
+    """Issue 23: MAS, l-MAS, EWC, SI and IMM's transfer penalty default to the proximal step, in the API and
+    in every shipped config (no config names the gradient form); `gradient` is still accepted."""
+    import yaml
+
+    for name in ("mas", "lmas", "ewc", "si", "imm"):
+        reg = make_regularizer(name)
+        assert reg.penalty_step == "proximal" and reg.uses_optimizer_step_hook, name
+        assert make_regularizer(name, penalty_step="gradient").uses_optimizer_step_hook is False
+    for path in sorted(Path("configs").glob("*.yaml")):
+        text = yaml.safe_load(path.read_text(encoding="utf-8"))
+        options = [m.get("options", {}) for m in text.get("methods", []) if isinstance(m, dict)]
+        options += list((text.get("method_options") or {}).values())
+        assert all(o.get("penalty_step", "proximal") == "proximal" for o in options), path
 
 
 def test_the_fact_config_refuses_a_bad_value_before_training():

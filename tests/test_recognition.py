@@ -49,7 +49,9 @@ def reduced_config(tmp: Path, data_dir: Path, methods: list[str], num_tasks: int
         "model": {"arch": "small_cnn", "input_size": 28, "channels": 1, "width": 8, "feature_dim": 32},
         "train": {"epochs": 5, "lr": 0.05, "momentum": 0.9, "batch_size": 32},
         "methods": methods,
-        "method_options": {"mas": {"lam": 0.1}, "lmas": {"lam": 0.001}},
+        # the proximal step's λ (the default since issue 23; with momentum 0.9 about 10× the gradient form's
+        # 0.1 and 0.001 that these tests used before)
+        "method_options": {"mas": {"lam": 1.0}, "lmas": {"lam": 0.01}},
     }
     config["tasks"] = config["tasks"][:num_tasks]
     path = tmp / "reduced.yaml"
@@ -292,7 +294,7 @@ def test_a_diverged_method_is_listed_and_the_others_are_reported(tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture) -> None:
     """MAS at λ = 1e12 diverges on task 2; fine-tuning's results are still written, MAS is listed
     under `diverged` with its one-line error, and the command exits 1."""
-    config = tiny_digits_config(tmp_path, ["finetune", "mas"], {"mas": {"lam": 1e12}})
+    config = tiny_digits_config(tmp_path, ["finetune", "mas"], {"mas": {"lam": 1e12, "penalty_step": "gradient"}})
     out = tmp_path / "run"
     assert main(["recognition", "--config", str(config), "--out", str(out), "--quiet"]) == 1
     captured = capsys.readouterr()
@@ -329,7 +331,7 @@ def test_a_diverged_method_resumed_with_the_lower_strength_its_error_advises(tmp
 
 
 def test_when_every_method_diverges_the_error_stands(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    config = tiny_digits_config(tmp_path, ["mas"], {"mas": {"lam": 1e12}})
+    config = tiny_digits_config(tmp_path, ["mas"], {"mas": {"lam": 1e12, "penalty_step": "gradient"}})
     assert main(["recognition", "--config", str(config), "--out", str(tmp_path / "run"), "--quiet"]) == 2
     error = capsys.readouterr().err.strip()
     assert "diverged" in error and "\n" not in error

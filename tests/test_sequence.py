@@ -76,7 +76,8 @@ def test_the_new_head_is_not_regularized(method) -> None:
     torch.manual_seed(0)
     model = _make_model()
     model.add_head(2)
-    regularizer = make_regularizer(method, **({"lam_l2": 1.0} if method == "imm" else {}))
+    regularizer = make_regularizer(method, penalty_step="gradient",  # the penalty's gradient is what is checked
+                                   **({"lam_l2": 1.0} if method == "imm" else {}))
     regularizer.before_task(model, TaskInfo(index=0, head=0))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     inputs, targets = tasks[0].train.tensors
@@ -136,7 +137,8 @@ def test_huge_lambda_with_large_lr_raises_divergence_naming_both() -> None:
     tasks = _tasks(2)
     settings = OptimSettings(epochs=2, lr=1.0, momentum=0.9, batch_size=32)
     with pytest.raises(DivergenceError, match=r"lower the learning rate \(optim\.lr, now 1\.0\) or the method's strength \(lam=1000000000\.0\)"):
-        _run(_make_model, tasks, "mas", settings, method_options={"lam": 1e9}, progress=False)
+        _run(_make_model, tasks, "mas", settings, method_options={"lam": 1e9, "penalty_step": "gradient"},
+             progress=False)  # the gradient form (the proximal default cannot diverge)
 
 
 def test_every_method_state_survives_weights_only_checkpoints(tmp_path) -> None:

@@ -250,7 +250,7 @@ def test_mas_forgets_clearly_less_than_finetuning(tmp_path):
     (average 0.733)."""
     facts = make_tiny_fact_file(tmp_path / "facts.h5", test_per_fact=6)
     config = _config(facts, epochs=10, lr=0.01,
-                     methods=[MethodConfig("finetune"), MethodConfig("mas", {"lam": 5.0, "mode": "exact"})])
+                     methods=[MethodConfig("finetune"), MethodConfig("mas", {"lam": 50.0, "mode": "exact"})])
     results = train_run(config, tmp_path / "run", progress=False)["methods"]
     finetune, mas = results["finetune"], results["mas"]
     assert finetune["forgetting"] > 0.3

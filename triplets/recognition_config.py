@@ -140,7 +140,9 @@ class RecognitionConfig:
     """A recognition experiment: tasks, model, optimisation, methods and their options.
 
     ``method_options`` maps a method name (or ``name@variant``) to its keyword options,
-    e.g. ``{"mas": {"lam": 1.0}}``. ``importance_data``: ``train`` or ``test`` (unlabeled
+    e.g. ``{"mas": {"lam": 1.0}}``; the quadratic-anchor methods (mas, lmas, ewc, si, imm) run
+    ``penalty_step: proximal`` unless an entry says ``penalty_step: gradient`` (the papers' form;
+    ``docs/method.md`` §13). ``importance_data``: ``train`` or ``test`` (unlabeled
     test inputs, for mas/lmas). ``data_dir``: where raw datasets are converted to HDF5
     once (relative paths are relative to the working directory). ``search``: the per-task choice
     of the learning rate and each method's strength on the task's own training data

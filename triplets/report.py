@@ -170,20 +170,50 @@ def matrix_table(matrix: list[list[float | None]]) -> str:
 
 def search_table(results: dict[str, Any]) -> str:
     """The hyperparameters the per-task search chose (:mod:`mas_core.hparam_search`): one row per
-    method that ran it, one cell per task (``lr 0.05, lam=2.5``); ``""`` when no method did."""
+    method that ran it, one cell per task (``lr 0.05, lam=2.5 (5 rejected)``, :func:`~mas_core.hparam_search.describe_choice`);
+    ``""`` when no method did."""
     searched = {name: entry[SEARCH_KEY] for name, entry in results["methods"].items()
                 if isinstance(entry.get(SEARCH_KEY), list) and entry[SEARCH_KEY]}
     if not searched:
         return ""
     tasks = _task_names(results)
     lines = ["Hyperparameters chosen per task by the search (validation split of each task's own training "
-             "data; results.json's hparam_search holds every try and the reason). \"(start)\": the first, most "
-             "stable value tried was accepted, so the search never found where plasticity drops; a higher "
-             "search.start may suit that method better:", "",
+             "data; results.json's hparam_search holds every try and the reason). In parentheses the bracket of "
+             "the method's limit: the weakest strength above the choice that the validation threshold rejected "
+             "(\"none rejected up to λ\": every value tried passed, the limit lies higher; \"none accepted\": "
+             "the floor was taken; \"backed off\": the real run diverged at the choice):", "",
              "| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
     for name, records in searched.items():
         cells = {int(record["task"]): describe_choice(record) for record in records}
         lines.append(f"| {name} | " + " | ".join(cells.get(j, "—") for j in range(len(tasks))) + " |")
+    return "\n".join(lines)
+
+
+def labels_table(results: dict[str, Any]) -> str:
+    """What each method's numbers were made with (:meth:`~mas_core.regularizers.base.Regularizer.describe`,
+    recorded per task in ``results.json``'s ``labels``): the importance estimator, the samples it read
+    per task, the accumulation rule, λ per task and the penalty step; ``""`` when no method has labels
+    (results written before they were recorded)."""
+    labelled = {name: entry["labels"] for name, entry in results["methods"].items()
+                if isinstance(entry.get("labels"), list) and entry["labels"]}
+    if not labelled:
+        return ""
+    lines = ["What each method ran with (per task, `/`-separated; results.json's labels): the importance "
+             "estimator and the samples its estimate read, the accumulation rule over tasks, the strength and "
+             "the penalty step (proximal: the closed-form step after the optimizer; gradient: the papers' form "
+             "in the loss):", "",
+             "| method | importance | samples per task | accumulation | strength per task | penalty step |",
+             "|---|---|---|---|---|---|"]
+    for name, labels in labelled.items():
+        last = labels[-1]
+        importance = last.get("importance") or {}
+        estimators = sorted({str((label.get("importance") or {}).get("estimator")) for label in labels})
+        samples = "/".join("–" if (label.get("importance") or {}).get("samples") is None
+                           else str(label["importance"]["samples"]) for label in labels)
+        strengths = "/".join(", ".join(f"{value:g}" for value in (label.get("strength") or {}).values()) or "–"
+                             for label in labels)
+        lines.append(f"| {name} | {', '.join(estimators) if importance else '–'} | {samples if importance else '–'} | "
+                     f"{importance.get('accumulation', '–')} | {strengths} | {last.get('penalty_step') or '–'} |")
     return "\n".join(lines)
 
 
@@ -201,6 +231,9 @@ def render_markdown(results: dict[str, Any]) -> str:
     searched = search_table(results)
     if searched:
         parts += [searched, ""]
+    labelled = labels_table(results)
+    if labelled:
+        parts += [labelled, ""]
     for name, entry in results["methods"].items():
         parts += [f"## {name}: accuracy matrix R (standard top-5, %)", "", matrix_table(_matrix(entry, name)), ""]
         if entry.get("accuracy_matrix_merged") is not None:
@@ -356,6 +389,9 @@ def recognition_markdown(results: dict[str, Any]) -> str:
     searched = search_table(results)
     if searched:
         lines += ["", searched]
+    labelled = labels_table(results)
+    if labelled:
+        lines += ["", labelled]
     diverged = results.get("diverged") or {}
     if diverged:
         lines += ["", "Diverged (not in the tables; `--resume` trains them again):", ""]

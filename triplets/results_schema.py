@@ -10,9 +10,18 @@ Version 1::
                        "avg_drop": D, "wall_time_s": s,
                        ["accuracy_matrix_merged": R_merged, "merged": {"avg_acc", "forgetting",
                         "bwt", "avg_drop"}],       # IMM only (after_task_changes_model)
+                       "labels": [{"method": str, "strength": {name: λ}, "penalty_step": str | null,
+                                   "importance": {"estimator": str, "samples": N | null,
+                                                  "accumulation": str} | null}],   # per task
                        ...experiment extras}},
      "config": the experiment's config as a plain mapping,
      ["diverged": {key: one-line error}]}   # recognition: methods stopped by a divergence
+
+``labels``: per task, what the method ran with (:meth:`mas_core.regularizers.base.Regularizer.describe`
+after the task's ``after_task``): its strength, the penalty step and how its importance was made (the
+estimator ``exact`` / ``batch`` / ``hebbian`` / ``online`` for MAS, ``fisher``, ``path integral``,
+``uniform``; the samples the estimate read; the accumulation rule ``sum`` / ``average (ema α=…)`` /
+``consistency`` / ``online (γ=…)``); absent from results written before it was recorded.
 
 ``R[i][j]`` is the metric (a fraction in [0, 1]) on task ``j`` of the model as trained on task
 ``i``, ``null`` for ``j > i``; ``A``, ``F``, ``BWT`` and ``D`` are :mod:`mas_core.metrics`'
@@ -31,12 +40,15 @@ sequence's ``importance_data``; both, when the config's ``search`` is enabled,
      "lr_grid": [{"lr": η, "val_acc": A(η) | null}], "reference_acc": A*, "lr": η*,
      "strength_name": "lam" | "lam_l2" | null, "threshold": (1 − tolerance)·A* | null,
      "tries": [{"value": λ_k, "val_acc": A_k | null}], "strength": {name: λ_t},
+     "bracket": {"accepted": λ | null, "rejected": λ | null} | null,
      "backoff": [{"strength": {name: λ}, "error": str}], "chance_level": c | null,
      "reference_collapsed": bool, "reason": str, "seconds": s}
 
 (``null`` accuracy: that run diverged; ``threshold`` null and ``tries`` empty where phase 2 did
 not run: a method without a strength, task 0, or a reference ``A* ≤ c`` (``reference_collapsed``,
-λ kept at the start); ``backoff``: the strengths whose real training diverged before ``λ_t``.)
+λ kept at the start); ``bracket``: the limit the two-sided stability phase found, the strongest value
+that passed and the weakest that failed above it (``rejected`` null: every value tried passed),
+null where phase 2 did not run; ``backoff``: the strengths whose real training diverged before ``λ_t``.)
 """
 from __future__ import annotations
 

@@ -58,7 +58,7 @@ import torch
 from mas_core.checkpoint import atomic_write_json, load_checkpoint, read_json, save_checkpoint
 from mas_core.distributed import current, is_main_process, local_device, run_on_main_process, same_on_every_rank
 from mas_core.errors import MASCoreError
-from mas_core.loop import JOINT, OptimSettings, checkpoint_config, train_tasks
+from mas_core.loop import JOINT, OptimSettings, checkpoint_config, resolved_options, train_tasks
 from mas_core.regularizers import make_regularizer
 
 from .config import to_dict
@@ -124,8 +124,8 @@ def method_checkpoint_config(config: TrainConfig, method: MethodConfig, data_sha
     SHA-256, ``data_sha256`` or read from the file), model, loss, optimizer, seed and the method."""
     ctx_identity = FactExperiment.identity_of(config)
     ctx_identity[DATA_SHA_KEY] = data_sha256 or file_sha256(config.data.fact_file)
-    recorded = checkpoint_config(ctx_identity, method.name, method.name == JOINT, dict(method.options), config.optim,
-                                 config.seed)
+    recorded = checkpoint_config(ctx_identity, method.name, method.name == JOINT,
+                                 resolved_options(method.name, dict(method.options)), config.optim, config.seed)
     if config.search.enabled:
         recorded["search"] = config.search.identity()
     return recorded

@@ -63,7 +63,9 @@ class LossConfig:
 @dataclass
 class MethodConfig:
     """One entry of ``methods:``: a registered method ``name`` (finetune, joint, mas, lmas,
-    ewc, si, lwf, …) with its ``options`` (e.g. ``{lam: 1.0, mode: exact}``) and an optional
+    ewc, si, lwf, …) with its ``options`` (e.g. ``{lam: 1.0, mode: exact}``; the quadratic-anchor
+    methods run ``penalty_step: proximal`` unless the options say ``gradient``, the papers' form,
+    ``docs/method.md`` §13) and an optional
     ``label`` naming it in the run folder (to compare two settings of one method)."""
 
     name: str = "finetune"

@@ -57,6 +57,15 @@ def method_options(name: str) -> list[str]:
             if p.name != "self" and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
 
 
+def option_default(name: str, option: str) -> Any:
+    """The constructor's default of ``option`` for method ``name`` (e.g. ``penalty_step`` → ``"proximal"``);
+    ``None`` when the method takes no such option or has no default for it."""
+    parameter = inspect.signature(METHODS[_canonical(name)].__init__).parameters.get(option)
+    if parameter is None or parameter.default is inspect.Parameter.empty:
+        return None
+    return parameter.default
+
+
 def _canonical(name: str) -> str:
     if not isinstance(name, str):
         raise UnknownMethodError(f"a method name must be a string, got {type(name).__name__}")
@@ -88,6 +97,6 @@ def make_regularizer(name: str, **options: Any) -> Regularizer:
 
 
 __all__ = [
-    "METHODS", "make_regularizer", "method_options", "UnknownOptionError",
+    "METHODS", "make_regularizer", "method_options", "option_default", "UnknownOptionError",
     "Regularizer", "QuadraticAnchorRegularizer", "TaskInfo", "Finetune", "MAS", "LocalMAS", "EWC", "SI", "LwF", "IMM", "EBLL",
 ]

@@ -108,6 +108,24 @@ class Regularizer:
         """``"lam=5.0"`` (``"no strength hyperparameter"`` when :attr:`strength` is empty)."""
         return describe_strength_values(self.strength) or "no strength hyperparameter"
 
+    def describe(self) -> dict[str, Any]:
+        """What a result must say about this method beside its numbers (recorded per task by the loop in
+        ``results.json``, the reports and the checkpoint)::
+
+            {"method": name, "strength": {name: λ}, "penalty_step": "proximal" | "gradient" | None,
+             "importance": {"estimator": str, "samples": N | None, "accumulation": str} | None}
+
+        ``importance``: how the method's Ω was made (quadratic-anchor methods; ``None`` for the others):
+        the estimator (MAS: ``exact``, ``batch``, ``hebbian`` or ``online``; EWC ``fisher``; SI
+        ``path integral``; IMM ``uniform``), the samples the last estimate read and the accumulation
+        rule over tasks (``sum``, ``average`` (ema), ``consistency`` (MAS's alpha), ``online`` (EWC))."""
+        return {"method": self.name, "strength": dict(self.strength),
+                "penalty_step": getattr(self, "penalty_step", None), "importance": self.importance_label()}
+
+    def importance_label(self) -> dict[str, Any] | None:
+        """The ``importance`` part of :meth:`describe` (``None``: the method keeps no importance)."""
+        return None
+
     def set_strength(self, **values: float) -> None:
         """Set the strength hyperparameters by their :attr:`strength` names (``set_strength(lam=2.5)``;
         IMM: ``set_strength(lam_l2=1e-3)``), each checked finite and ``>= 0``.

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
 
+from ..batches import batch_input, batch_size
 from ..errors import InvalidArgumentError, NonFiniteError
 
 
@@ -74,3 +75,34 @@ def shared_parameter_names(model: nn.Module) -> list[str]:
     head_ids = {id(parameter) for parameter in heads.parameters()} if isinstance(heads, nn.Module) else set()
     return [name for name, parameter in model.named_parameters()
             if parameter.requires_grad and id(parameter) not in head_ids]
+
+
+class CountedSamples:
+    """An iterable of batches passed through unchanged that counts the samples of the last pass:
+    ``seen`` = Σ over the batches yielded of :func:`~mas_core.batches.batch_size` of each batch's input."""
+
+    def __init__(self, data: Iterable[Any]) -> None:
+        self.data, self.seen = data, 0
+
+    def __iter__(self) -> Iterator[Any]:
+        self.seen = 0
+        for batch in self.data:
+            try:
+                self.seen += batch_size(batch_input(batch))  # the estimators' own count
+            except (KeyError, TypeError, ValueError):
+                pass  # the estimator reports a malformed batch itself
+            yield batch
+
+
+def counting_samples(data: Iterable[Any], max_samples: int | None) -> tuple[Iterable[Any], Callable[[], int]]:
+    """``(data', used)``: ``data'`` to hand to an estimator in place of ``data``, and ``used()``, after the
+    estimate, the number of samples it read: ``min(N, max_samples)`` with ``N`` the samples of ``data``.
+    A :class:`~mas_core.distributed.RankShard` (it spans processes) is passed as it is and counted by its
+    own ``count`` (every rank's samples), so the estimators still reduce across ranks."""
+    if isinstance(data, Tensor):  # not an iterable of batches: left for the estimator to refuse
+        return data, lambda: 0
+    if getattr(data, "spans_processes", False) and hasattr(data, "count"):
+        total = int(data.count)
+        return data, lambda: total if max_samples is None else min(total, max_samples)
+    counted = CountedSamples(data)
+    return counted, lambda: counted.seen if max_samples is None else min(counted.seen, max_samples)

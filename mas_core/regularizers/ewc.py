@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..errors import InvalidArgumentError
 from ..importance import fisher_importance
-from .common import check_finite, check_max_samples
+from .common import check_finite, check_max_samples, counting_samples
 from .quadratic import QuadraticAnchorRegularizer
 
 
@@ -37,12 +37,13 @@ class EWC(QuadraticAnchorRegularizer):
     per-sample loss (e.g. the slot regression loss of an embedding model).
     ``max_samples`` caps the samples used per task.
     ``gamma`` (online only) decays the previous Fisher: ``F ← γ F_prev + F_t``.
-    ``penalty_step`` (``"gradient"`` | ``"proximal"``) and ``lam_scale`` (``"none"`` | ``"mean"``):
-    ``docs/method.md`` §13.
+    ``penalty_step`` (``"proximal"``, the default, | ``"gradient"``, the paper's form) and ``lam_scale``
+    (``"none"`` | ``"mean"``): ``docs/method.md`` §13.
     """
 
     name = "ewc"
     display_name = "EWC"
+    importance_estimator = "fisher"
     after_task_data = "labelled"
     importance_state_key = "fisher"
     required_extra_keys = ("tasks_seen",)
@@ -50,7 +51,7 @@ class EWC(QuadraticAnchorRegularizer):
     def __init__(self, lam: float = 1.0, *, online: bool = False, gamma: float = 1.0,
                  output_fn: Callable[[nn.Module, Any], Tensor] | None = None,
                  loss_fn: Callable[[nn.Module, Any], Tensor] | None = None,
-                 max_samples: int | None = None, penalty_step: str = "gradient", lam_scale: str = "none") -> None:
+                 max_samples: int | None = None, penalty_step: str = "proximal", lam_scale: str = "none") -> None:
         super().__init__(lam, penalty_step=penalty_step, lam_scale=lam_scale)
         if output_fn is not None and loss_fn is not None:
             raise InvalidArgumentError("EWC takes output_fn (logits, cross-entropy) or loss_fn (per-sample losses), not both")
@@ -73,8 +74,10 @@ class EWC(QuadraticAnchorRegularizer):
 
     def after_task(self, model: nn.Module, data: Iterable[Any]) -> None:
         """Estimate this task's Fisher on labelled ``data``, accumulate it, and anchor at the current θ."""
+        data, used = counting_samples(data, self.max_samples)
         new = fisher_importance(model, data, output_fn=self.output_fn, loss_fn=self.loss_fn,
                                 max_samples=self.max_samples)
+        self.note_importance("fisher", used())
         check_finite("the Fisher", new, "check the data and the model's outputs")
         self.check_shapes(new)
         decay = self.gamma if self.online else 1.0
@@ -88,6 +91,10 @@ class EWC(QuadraticAnchorRegularizer):
                 accumulated[name] = decay * previous
         self.tasks_seen += 1
         self.consolidate(model, accumulated)
+
+    def accumulation_rule(self) -> str:
+        """``"sum"`` (offline EWC) or ``"online (γ=…)"``: ``F ← γ F + F_t``."""
+        return f"online (γ={self.gamma:g})" if self.online else "sum"
 
     def extra_state(self) -> dict[str, Any]:
         return {"tasks_seen": self.tasks_seen}

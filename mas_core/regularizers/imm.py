@@ -74,21 +74,26 @@ class IMM(QuadraticAnchorRegularizer):
 
     Mode-IMM's Fisher is EWC's: the cross-entropy of ``output_fn``'s logits (default the model's
     output) against the true labels, or any per-sample ``loss_fn(model, batch) -> Tensor [B]``.
-    ``penalty_step="proximal"`` applies the L2 transfer as ``θ ← (θ + c θ_{t−1}) / (1 + c)``,
-    ``c = 2 η lam_l2``, after each optimizer step (``docs/method.md`` §13); Ω ≡ 1, so there is no
-    ``lam_scale``.
+    ``penalty_step="proximal"`` (the default) applies the L2 transfer as ``θ ← (θ + c θ_{t−1}) / (1 + c)``,
+    ``c = 2 η lam_l2``, after each optimizer step (``docs/method.md`` §13); ``"gradient"`` puts it in
+    the loss (the paper's form). Ω ≡ 1, so there is no ``lam_scale``.
     """
 
     name = "imm"
     display_name = "IMM L2-transfer"
+    importance_estimator = "uniform"  # Ω ≡ 1 for the transfer penalty (mode-IMM's Fisher serves the merge)
     strength_name = "lam_l2"
     uniform_importance = True
     after_task_changes_model = True  # the merge is loaded into the model
 
+    def accumulation_rule(self) -> str:
+        """The transfer penalty anchors at the last task's weights: nothing accumulates."""
+        return "none (anchor θ_{t−1})"
+
     def __init__(self, mode: str = "mean", *, lam_l2: float = 1e-4, max_samples: int | None = None,
                  output_fn: Callable[[nn.Module, Any], Tensor] | None = None,
                  loss_fn: Callable[[nn.Module, Any], Tensor] | None = None, eps: float = 1e-8,
-                 penalty_step: str = "gradient") -> None:
+                 penalty_step: str = "proximal") -> None:
         super().__init__(lam_l2, penalty_step=penalty_step)
         if mode not in MODES:
             raise InvalidArgumentError(f"IMM mode must be one of {MODES}, got {mode!r}")

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from ..errors import CheckpointMismatchError, InvalidArgumentError, MASStateError, NonFiniteError
 from ..importance import OnlineImportance, OutputFn, hebbian_importance, mas_importance
-from .common import check_max_samples
+from .common import check_max_samples, counting_samples
 from .quadratic import QuadraticAnchorRegularizer, check_choice
 
 MODES = ("exact", "batch", "hebbian")
@@ -65,8 +65,8 @@ class MAS(QuadraticAnchorRegularizer):
         output_fn: ``output_fn(model, batch) -> Tensor`` giving F (e.g. the current task's
             head, or the embedding before L2 normalisation); default ``model(input)``.
         max_samples: use at most this many samples to estimate Ω after each task.
-        penalty_step: ``"gradient"`` (the penalty in the loss, the paper) or ``"proximal"``
-            (the closed-form step after each optimizer step; ``docs/method.md`` §13).
+        penalty_step: ``"proximal"`` (default: the closed-form step after each optimizer step, which
+            cannot diverge) or ``"gradient"`` (the penalty in the loss: the paper's form; ``docs/method.md`` §13).
         lam_scale: ``"none"`` (λ as given) or ``"mean"`` (λ / mean Ω; ``docs/method.md`` §13).
         anchor: ``"none"`` (default) or ``"start"``: MAS anchored at the pretrained weights θ₀.
             Before task 1 the loop hands :meth:`anchor_at_start` the first task's inputs (no
@@ -84,7 +84,7 @@ class MAS(QuadraticAnchorRegularizer):
 
     def __init__(self, lam: float = 1.0, *, mode: str = "exact", accumulate: str = "sum", ema_alpha: float = 0.5,
                  output_fn: OutputFn | None = None, max_samples: int | None = None,
-                 penalty_step: str = "gradient", lam_scale: str = "none", anchor: str = "none") -> None:
+                 penalty_step: str = "proximal", lam_scale: str = "none", anchor: str = "none") -> None:
         super().__init__(lam, penalty_step=penalty_step, lam_scale=lam_scale)
         self.anchor = check_choice("anchor", anchor, ANCHORS)
         self.anchors_at_start = self.anchor == "start"
@@ -135,9 +135,16 @@ class MAS(QuadraticAnchorRegularizer):
         does not apply; the accumulator has its own)."""
         if isinstance(data, OnlineImportance):
             new = self.importance_from_accumulator(model, data)
+            self.note_importance("online", data.count)
         else:
+            data, used = counting_samples(data, self.max_samples)
             new = self.estimate(model, data)
+            self.note_importance(self.mode, used())
         self.add_task_importance(model, new)
+
+    def accumulation_rule(self) -> str:
+        """``"sum"``, ``"average (ema α=…)"`` or ``"consistency"`` (``accumulate="alpha"``, §3)."""
+        return {"sum": "sum", "ema": f"average (ema α={self.ema_alpha:g})", "alpha": "consistency"}[self.accumulate]
 
     def importance_from_accumulator(self, model: nn.Module, accumulator: OnlineImportance) -> dict[str, Tensor]:
         """Ω_new of an :class:`~mas_core.importance.OnlineImportance`, checked against this
@@ -308,7 +315,7 @@ class LocalMAS(MAS):
 
     def __init__(self, lam: float = 1.0, *, accumulate: str = "sum", ema_alpha: float = 0.5,
                  output_fn: OutputFn | None = None, max_samples: int | None = None,
-                 penalty_step: str = "gradient", lam_scale: str = "none", anchor: str = "none") -> None:
+                 penalty_step: str = "proximal", lam_scale: str = "none", anchor: str = "none") -> None:
         super().__init__(lam, mode="hebbian", accumulate=accumulate, ema_alpha=ema_alpha,
                          output_fn=output_fn, max_samples=max_samples, penalty_step=penalty_step,
                          lam_scale=lam_scale, anchor=anchor)

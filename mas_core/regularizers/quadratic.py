@@ -31,9 +31,10 @@ it is the fastest of them (its forward+backward 2.5–4× faster than the per-te
 
 Two options every quadratic-anchor method takes (``docs/method.md`` §13):
 
-* ``penalty_step``: ``"gradient"`` (the paper, the default: the penalty is in the loss, its
-  gradient goes through the optimizer) or ``"proximal"``: the penalty contributes nothing to the
-  loss; after every ``optimizer.step()`` the loop calls :meth:`~QuadraticAnchorRegularizer.after_optimizer_step`,
+* ``penalty_step``: ``"proximal"`` (the default since issue 23: it cannot diverge) or
+  ``"gradient"`` (the papers' form: the penalty is in the loss, its gradient goes through the
+  optimizer; stable only while ``2ηλΩ < 2(1 + μ)``). With ``"proximal"`` the penalty contributes
+  nothing to the loss; after every ``optimizer.step()`` the loop calls :meth:`~QuadraticAnchorRegularizer.after_optimizer_step`,
   which applies the exact minimiser of ``(1/2η)‖θ − v‖² + λ Σ Ω (θ − θ*)²`` (``v`` the parameters
   the optimizer produced, ``η`` the learning rate of the parameter's group at that step)::
 
@@ -144,7 +145,7 @@ class QuadraticAnchorRegularizer(Regularizer):
     required_extra_keys: tuple[str, ...] = ()
     unchecked_hyperparameters = ("output_fn", "loss_fn", "penalty_step")  # Ω and θ* mean the same under both steps
 
-    def __init__(self, lam: float = 1.0, *, penalty_step: str = "gradient", lam_scale: str = "none") -> None:
+    def __init__(self, lam: float = 1.0, *, penalty_step: str = "proximal", lam_scale: str = "none") -> None:
         self.lam = check_lambda(self.strength_name, lam)
         self.penalty_step = check_choice("penalty_step", penalty_step, PENALTY_STEPS)
         self.lam_scale = check_choice("lam_scale", lam_scale, LAM_SCALES)
@@ -153,6 +154,23 @@ class QuadraticAnchorRegularizer(Regularizer):
         self._gradient_scales: dict[str, Tensor] = {}  # 2 λ_eff Ω per anchored name: the penalty's gradient scale
         self._lam_divisor = 1.0  # mean Ω of the anchored elements when lam_scale == "mean"
         self._shrink_cache: tuple[float, dict[str, Tensor]] | None = None  # (η, s = c/(1+c) per name)
+
+    importance_estimator = "uniform"
+    """The label of the estimator that makes Ω (:meth:`importance_label`); subclasses name theirs."""
+
+    def note_importance(self, estimator: str, samples: int | None) -> None:
+        """Record how the last task's Ω was made (the estimator, the samples it read) for :meth:`describe`."""
+        self._importance_note = {"estimator": estimator, "samples": samples}
+
+    def accumulation_rule(self) -> str:
+        """How Ω accumulates over tasks: ``"sum"`` here (MAS and EWC name their options)."""
+        return "sum"
+
+    def importance_label(self) -> dict[str, Any] | None:
+        """``{"estimator", "samples", "accumulation"}`` (:meth:`Regularizer.describe`): the last
+        :meth:`note_importance`, else the class's :attr:`importance_estimator` with ``samples`` None."""
+        note = getattr(self, "_importance_note", None) or {"estimator": self.importance_estimator, "samples": None}
+        return {**note, "accumulation": self.accumulation_rule()}
 
     @property
     def uses_optimizer_step_hook(self) -> bool:  # type: ignore[override]

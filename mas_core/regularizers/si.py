@@ -50,14 +50,17 @@ from .quadratic import QuadraticAnchorRegularizer
 
 
 class SI(QuadraticAnchorRegularizer):
-    """Synaptic Intelligence: penalty ``λ Σ Ω (θ − θ*)²`` with the path-integral importance Ω."""
+    """Synaptic Intelligence: penalty ``λ Σ Ω (θ − θ*)²`` with the path-integral importance Ω.
+
+    ``penalty_step``: ``"proximal"`` (default) or ``"gradient"`` (the paper's form); ``docs/method.md`` §13."""
 
     name = "si"
     display_name = "SI"
+    importance_estimator = "path integral"  # over the task's optimizer steps: no sample count
     uses_step_hook = True
     required_extra_keys = ("path", "start", "previous")
 
-    def __init__(self, lam: float = 1.0, *, damping: float = 0.1, penalty_step: str = "gradient",
+    def __init__(self, lam: float = 1.0, *, damping: float = 0.1, penalty_step: str = "proximal",
                  lam_scale: str = "none") -> None:
         super().__init__(lam, penalty_step=penalty_step, lam_scale=lam_scale)
         damping = float(damping)
