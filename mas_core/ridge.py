@@ -264,12 +264,13 @@ class RidgeExperiment(Protocol):
 
 def run_ridge(experiment: RidgeExperiment, settings: RidgeSettings, *, seed: int = 0,
               checkpoint_dir: str | Path | None = None, resume: bool = False, stop_after_task: int | None = None,
-              log: Callable[[str], None] | None = None) -> tuple[SequenceResult, list[dict[str, Any]]]:
+              log: Callable[[str], None] | None = None, write: bool = True) -> tuple[SequenceResult, list[dict[str, Any]]]:
     """The ridge task sequence: per task ``t`` statistics ``+=`` task ``t``'s, ``λ_t`` chosen as
     :func:`choose_strength` says, ``(W, b)`` solved at ``α = λ_t·tr(C)/d``, ``R[t]`` evaluated and
     (with ``checkpoint_dir``) ``CHECKPOINT_NAME`` written with the statistics, the rows and the
     records. ``resume`` continues after the last checkpointed task (refusing one of another
-    configuration); the result equals an uninterrupted run's (``wall_time_s`` aside). Returns the
+    configuration); the result equals an uninterrupted run's (``wall_time_s`` aside). ``write=False``
+    reads a checkpoint but writes none (the ranks other than 0 under torchrun). Returns the
     :class:`SequenceResult` (model included) and one record per task (the strength tries)."""
     settings.validate()
     emit = log or (lambda message: None)
@@ -309,15 +310,14 @@ def run_ridge(experiment: RidgeExperiment, settings: RidgeSettings, *, seed: int
         experiment.set_solution([stats.solve(alpha) for stats, alpha in zip(statistics, record["alpha"])], task)
         row = list(experiment.evaluate(task))
         rows.append(row + [None] * (len(names) - task - 1))
-        record["seconds"] = time.perf_counter() - start
         records.append(record)
-        elapsed += record["seconds"]
+        elapsed += time.perf_counter() - start
         line = (f"[ridge] task {task + 1}/{len(names)} ({names[task]}): λ={record['strength']:g} "
                 f"(val MSE {min(t['val_mse'] for t in record['tries']):.4g}); "
                 + " ".join(f"{value:.4f}" for value in row))
         lines.append(line)
         emit(line)
-        if path is not None:
+        if path is not None and write:
             path.parent.mkdir(parents=True, exist_ok=True)
             save_checkpoint(path, {"config": config, "statistics": [stats.state_dict() for stats in statistics],
                                    "accuracy": rows, "records": records, "log": lines, "wall_time_s": elapsed})
