@@ -143,6 +143,21 @@ class RidgeStatistics:
                                                                                                      centred_cross)
         return weight, mean_y - weight.T @ mean_x
 
+    def path(self) -> Callable[[float], tuple[Tensor, Tensor]]:
+        """``α ↦ (W, b)`` for many ``α`` at the cost of one eigendecomposition ``C = V diag(e) Vᵀ``:
+        ``W = V diag(1/(e + α)) Vᵀ C_xy`` (equal to :meth:`solve` up to rounding)."""
+        centred_gram, centred_cross, mean_x, mean_y = self.centred()
+        eigenvalues, vectors = torch.linalg.eigh(centred_gram)
+        projected = vectors.T @ centred_cross
+
+        def solution(alpha: float) -> tuple[Tensor, Tensor]:
+            if not alpha > 0 or not math.isfinite(alpha):
+                raise MASCoreError(f"the ridge penalty α must be a positive finite number, got {alpha}")
+            weight = vectors @ (projected / (eigenvalues + alpha)[:, None])
+            return weight, mean_y - weight.T @ mean_x
+
+        return solution
+
     def state_dict(self) -> dict[str, Tensor]:
         """The statistics as tensors (checkpoint-able; shapes carry ``d`` and ``m``)."""
         return {"gram": self.gram.clone(), "cross": self.cross.clone(), "sum_x": self.sum_x.clone(),
@@ -220,12 +235,13 @@ def choose_strength(previous: Sequence[RidgeStatistics], current: Sequence[Ridge
         rows = problem.rows(fit)
         part.update(rows.x, rows.y, rows.weights)
         fitted.append(stats.merged(part))
+    paths = [stats.path() for stats in fitted]  # one eigendecomposition per problem for the whole grid
     tries = []
     for value in settings.strengths:
         error, total = 0.0, 0.0
-        for stats, problem in zip(fitted, current):
+        for stats, path, problem in zip(fitted, paths, current):
             rows = problem.rows(held_out)
-            weight, bias = stats.solve(stats.alpha(value))
+            weight, bias = path(stats.alpha(value))
             error += squared_error(weight, bias, rows.x, rows.y, rows.weights)
             total += float(rows.x.shape[0] if rows.weights is None else rows.weights.to(torch.float64).sum())
         tries.append({"value": float(value), "val_mse": error / total if total > 0 else 0.0})

@@ -38,6 +38,17 @@ def test_after_every_task_the_solution_is_ridge_on_all_tasks_so_far() -> None:
             assert torch.allclose(weight, ref_w, atol=1e-8, rtol=0) and torch.allclose(bias, ref_b, atol=1e-8, rtol=0)
 
 
+def test_the_eigendecomposition_path_equals_the_direct_solution() -> None:
+    x, y = _tasks()[0]
+    stats = RidgeStatistics(7, 3)
+    stats.update(x, y)
+    path = stats.path()
+    for alpha in (1e-4, 0.3, 80.0):
+        direct, through = stats.solve(alpha), path(alpha)
+        assert torch.allclose(direct[0], through[0], atol=1e-8, rtol=0)
+        assert torch.allclose(direct[1], through[1], atol=1e-8, rtol=0)
+
+
 def test_weighted_statistics_equal_weighted_ridge_and_zero_weight_drops_a_sample() -> None:
     (x, y), = _tasks(sizes=(50,))
     weights = (torch.arange(50) % 3 != 0).to(torch.float64)

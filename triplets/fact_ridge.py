@@ -22,7 +22,8 @@ trained by gradient: the optimizer settings, ``online_importance`` and the searc
 
 Options of ``{name: ridge, options: {...}}``: ``strengths``, ``val_fraction``
 (:class:`mas_core.ridge.RidgeSettings`), ``weights`` (null: the installed package's ImageNet
-weights; a path; ``scratch``) and ``input_size`` (pixels; null: the fact file's image size).
+weights; a path; ``scratch``; default: ``model.weights`` when ``model.backbone`` is
+efficientnet_lite0, else null) and ``input_size`` (pixels; null: the fact file's image size).
 """
 from __future__ import annotations
 
@@ -50,6 +51,9 @@ class FactRidge:
     def __init__(self, ctx: Any, options: dict[str, Any]) -> None:
         self.ctx = ctx
         self.settings_options, self.backbone = split_options(dict(options))
+        model_config = ctx.config.model  # a config on EfficientNet-Lite0 lends the ridge its weights
+        if getattr(model_config, "backbone", None) == "efficientnet_lite0":
+            self.backbone.setdefault("weights", getattr(model_config, "weights", None))
         self.model = build_ridge_model(ctx.slot_dim, self.backbone).to(ctx.device)
         self.task_names = [f"t{task + 1}" for task in range(int(ctx.fact_file.num_tasks))]
         self._statistics: list[RidgeStatistics] = []
