@@ -53,11 +53,10 @@ from data_prep.prepare_options import PrepareOptions  # noqa: E402
 from data_prep.real_world import generate_real_world  # noqa: E402
 from data_prep.visual_genome import prepare_visual_genome  # noqa: E402
 from triplets.config import from_dict  # noqa: E402
-from triplets.fact_data import FactSamples, check_fact_file, fact_file_fingerprint, open_fact_file  # noqa: E402
-from triplets.fact_experiment import FactContext, FactExperiment  # noqa: E402
+from triplets.fact_data import FactSamples, check_fact_file, open_fact_file  # noqa: E402
+from triplets.fact_experiment import FactContext, FactExperiment, fact_context  # noqa: E402
 from triplets.feature_cache import FeatureSamples  # noqa: E402
 from triplets.language import embed_facts, load_text_encoder  # noqa: E402
-from triplets.model import slot_targets  # noqa: E402
 from triplets.train import train_run  # noqa: E402
 from triplets.train_config import TrainConfig  # noqa: E402
 
@@ -99,13 +98,7 @@ def _config(fact_file: Path, model: str, threads: int, **extra: Any) -> TrainCon
 
 
 def _context(config: TrainConfig, fact_file: Any, run_dir: Path) -> FactContext:
-    embeddings = torch.as_tensor(np.asarray(fact_file.fact_embeddings), dtype=torch.float32)
-    return FactContext(
-        config=config, fact_file=fact_file, device=torch.device("cpu"),
-        targets=slot_targets(embeddings, unit_norm=config.loss.unit_norm_targets),
-        masks=torch.as_tensor(np.asarray(fact_file.slot_masks), dtype=torch.float32),
-        slot_dim=embeddings.shape[1] // 3, image_size=int(fact_file.image_size),
-        fingerprint=fact_file_fingerprint(fact_file), run_dir=run_dir)
+    return fact_context(config, fact_file, torch.device("cpu"), run_dir)
 
 
 def _median_time(action: Callable[[], Any], repeats: int) -> float:

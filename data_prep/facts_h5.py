@@ -35,7 +35,7 @@ import h5py
 import numpy as np
 
 from . import fact_file_checks
-from .atomic import atomic_output
+from .atomic import atomic_output, interruption_point
 from .errors import FactFileError
 
 FORMAT_VERSION = 1
@@ -214,6 +214,7 @@ def write_fact_file(
     with atomic_output(path) as tmp_name:
         with h5py.File(tmp_name, "w") as handle:
             def put(name: str, data: np.ndarray, **options: Any) -> None:
+                interruption_point()  # Ctrl-C is deferred during the write (data_prep.atomic)
                 data = np.asarray(data)
                 if data.size == 0:
                     handle.create_dataset(name, data=data, **options)
@@ -257,6 +258,7 @@ def write_fact_file(
                 else:
                     covered = np.zeros(num_samples, dtype=bool)
                     for first, block in pixel_blocks:  # type: ignore[union-attr]
+                        interruption_point()
                         block = np.asarray(block)
                         if block.dtype != np.uint8 or block.shape[1:] != (image_size, image_size, 3):
                             raise FactFileError(

@@ -16,13 +16,17 @@ Conversion rules (value ranges are scaled, never clipped):
   linearly from the image's own ``[min, max]`` to ``[0, 255]`` (a constant image gives 0);
   NaN or infinity is refused;
 * alpha (``LA``, ``PA``, ``RGBA``, premultiplied ``La``, ``RGBa``, or a ``transparency`` entry of
-  ``P``, ``L``, ``RGB``): composited over :data:`ALPHA_BACKGROUND` (white), then dropped.
+  ``P``, ``L``, ``RGB``): composited over :data:`ALPHA_BACKGROUND` (white), then dropped. A prepare
+  summary counts the images this touched (:func:`transparency_note`, :func:`transparency_tally`):
+  :data:`PARTLY_TRANSPARENT` (some pixel has alpha < 255) and :data:`WHOLLY_TRANSPARENT` (every
+  pixel has alpha 0: the stored image is plain white), each image in one of the two.
 
 Values are rounded to the nearest integer. ``LAB`` and other modes are refused as undecodable.
 """
 from __future__ import annotations
 
 import os
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -39,12 +43,16 @@ DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
 MAX_STORED_IMAGE_SIZE = 1024
 #: RGB colour that transparent pixels are composited over
 ALPHA_BACKGROUND = (255, 255, 255)
+#: the notes of a prepare summary for the images whose transparent pixels were composited
+PARTLY_TRANSPARENT = "images with transparent pixels (composited over white)"
+WHOLLY_TRANSPARENT = "images wholly transparent (stored plain white)"
 #: the modes :func:`to_rgb8` converts
 SUPPORTED_MODES = frozenset({"1", "L", "P", "LA", "La", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "HSV",
                              "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 #: what Pillow raises for a file that is not a decodable image (the pixel limit raises :class:`ImageTooLargeError`)
 DECODE_ERRORS: tuple[type[BaseException], ...] = (OSError, SyntaxError, ValueError, UnidentifiedImageError, EOFError)
 _SIXTEEN_BIT_GREY = ("I;16", "I;16L", "I;16B", "I;16N")
+_tallies: list[Counter[str]] = []  # the active transparency_tally() counters, innermost last
 _TIFF_BITS_PER_SAMPLE = 258
 
 
@@ -115,16 +123,29 @@ def check_image(path: str | os.PathLike, max_pixels: int) -> tuple[int, int]:
     :func:`open_checked`.
     """
     with open_checked(path, max_pixels) as image:
-        size = image.size
-        if image.format in ("JPEG", "MPO"):  # MPO: a camera JPEG holding several frames
-            image.draft(None, (max(1, size[0] // 8), max(1, size[1] // 8)))
-            with _pillow_limit_off():
-                image.load()
-        elif image.format == "PNG":
-            image.verify()
-        else:
-            with _pillow_limit_off():
-                image.load()
+        return _checked_size(image)
+
+
+def check_image_transparency(path: str | os.PathLike, max_pixels: int) -> tuple[tuple[int, int], str | None]:
+    """:func:`check_image`'s size and :func:`transparency_note`'s note; an image whose header
+    declares no alpha is opened once, as by :func:`check_image`."""
+    with open_checked(path, max_pixels) as image:
+        alpha = _has_alpha(image)
+        size = _checked_size(image)
+    return size, (transparency_note(path, max_pixels) if alpha else None)
+
+
+def _checked_size(image: Image.Image) -> tuple[int, int]:
+    size = image.size
+    if image.format in ("JPEG", "MPO"):  # MPO: a camera JPEG holding several frames
+        image.draft(None, (max(1, size[0] // 8), max(1, size[1] // 8)))
+        with _pillow_limit_off():
+            image.load()
+    elif image.format == "PNG":
+        image.verify()
+    else:
+        with _pillow_limit_off():
+            image.load()
     return size
 
 
@@ -136,8 +157,55 @@ def decode_rgb(path: str | os.PathLike, max_pixels: int, *, keep_grayscale: bool
     with open_checked(path, max_pixels) as image:
         with _pillow_limit_off():
             image.load()
+        if _tallies:
+            kind = _transparency_kind(image)
+            if kind is not None:
+                _tallies[-1][kind] += 1
         converted = to_rgb8(image, keep_grayscale=keep_grayscale)
         return converted.copy() if converted is image else converted  # closing ``image`` frees its pixels
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("LA", "PA", "RGBA", "La", "RGBa") or (
+        image.mode in ("P", "L", "RGB") and "transparency" in image.info)
+
+
+def _transparency_kind(image: Image.Image) -> str | None:
+    """:data:`WHOLLY_TRANSPARENT`, :data:`PARTLY_TRANSPARENT` or None (opaque) for a loaded image."""
+    if not _has_alpha(image):
+        return None
+    if image.mode in ("La", "RGBa"):
+        alpha = np.asarray(image)[..., -1]
+        low, high = int(alpha.min(initial=255)), int(alpha.max(initial=0))
+    else:
+        low, high = image.convert("RGBA").getchannel("A").getextrema()
+    if high == 0:
+        return WHOLLY_TRANSPARENT
+    return PARTLY_TRANSPARENT if low < 255 else None
+
+
+def transparency_note(path: str | os.PathLike, max_pixels: int) -> str | None:
+    """The summary note that compositing will give the image at ``path`` (:data:`PARTLY_TRANSPARENT`,
+    :data:`WHOLLY_TRANSPARENT`), or None: for the check passes, which decode no pixels otherwise.
+    Only an image whose header declares alpha or a transparent colour is decoded (fully, under the
+    pixel limit). Raises as :func:`open_checked`."""
+    with open_checked(path, max_pixels) as image:
+        if not _has_alpha(image):
+            return None
+        with _pillow_limit_off():
+            image.load()
+        return _transparency_kind(image)
+
+
+@contextmanager
+def transparency_tally() -> Iterator[Counter[str]]:
+    """Within the block, :func:`decode_rgb` counts the images it composites (note -> images)."""
+    tally: Counter[str] = Counter()
+    _tallies.append(tally)
+    try:
+        yield tally
+    finally:
+        _tallies.remove(tally)
 
 
 def to_rgb8(image: Image.Image, *, keep_grayscale: bool = False) -> Image.Image:

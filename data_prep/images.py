@@ -37,8 +37,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from .atomic import check_output_file
 from .errors import DataPrepError, MissingDatasetError
-from .image_decode import DEFAULT_MAX_IMAGE_PIXELS, check_max_pixels, check_stored_image_size
+from .image_decode import DEFAULT_MAX_IMAGE_PIXELS, check_max_pixels, check_stored_image_size, transparency_tally
 from .image_h5 import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -84,6 +85,7 @@ def prepare_image_dataset(
     """
     if name not in SOURCES:
         raise DataPrepError(unknown_source_message(name))
+    check_output_file(out, "out")
     spec = SOURCES[name]
     splits = tuple(split)
     bad = [s for s in splits if s not in SPLITS]
@@ -99,7 +101,8 @@ def prepare_image_dataset(
     options = {"seed": seed, "characters": characters, "renders_per_class": list(renders_per_class),
                "render_canvas": render_canvas}
     max_image_pixels = check_max_pixels(max_image_pixels)
-    loaded = reader(root_path, size, splits, {**options, "max_image_pixels": max_image_pixels})
+    with transparency_tally() as transparent:  # images composited over white, for the summary
+        loaded = reader(root_path, size, splits, {**options, "max_image_pixels": max_image_pixels})
     if size is not None:
         for part in loaded.splits.values():
             if part.images.shape[1:3] != (size, size):
@@ -114,6 +117,7 @@ def prepare_image_dataset(
         "options": options if name == "font_letters" else {"seed": seed},
         "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "format_version": FORMAT_VERSION,
+        "notes": dict(sorted(transparent.items())),
     }
     out_path = Path(out)
     write_image_h5(out_path, name, loaded.class_names,

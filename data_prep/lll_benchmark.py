@@ -25,12 +25,13 @@ Streaming: the CSVs are read row by row twice (pass 1 checks every row and image
 full-size decode, ~30 bytes kept per sample; pass 2, inside the writer, decodes each kept image
 once and resizes it, block by block): memory never holds the images. Missing or undecodable
 images, repeated rows and facts without samples are counted drops; malformed files raise
-:class:`DataPrepError` naming the file and the line.
+:class:`DataPrepError` naming the file and the line. The files are read as
+:mod:`data_prep.lll_files` and :mod:`data_prep.bounded_text` say: every link confined to the
+dataset, every line bounded, ids exact, file content quoted only as a short excerpt.
 Every rule is in ``docs/data_format.md`` ("The lifelong-fact-learning benchmark").
 """
 from __future__ import annotations
 
-import csv
 import datetime
 import hashlib
 import os
@@ -44,24 +45,25 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from .atomic import check_output_file
+from .bounded_text import csv_rows, exact_integer, excerpt
 from .errors import DataPrepError, MissingDatasetError
-from .image_decode import (DECODE_ERRORS, DEFAULT_MAX_IMAGE_PIXELS, check_image, check_max_pixels,
+from .image_decode import (DECODE_ERRORS, DEFAULT_MAX_IMAGE_PIXELS, check_image_transparency, check_max_pixels,
                            check_stored_image_size, decode_rgb, open_checked)
 from .facts_h5 import FORMAT_VERSION, Fact, fact_order, write_fact_file
 from .splits import task_statistics
 from .fact_pipeline import PrepareReport
+from .lll_files import NATIVE_SLOT_DIM, DatasetRoot, read_native_vector  # noqa: F401  (read_native_vector: public here)
 
 EmbedFn = Callable[[list[Fact]], Any]
 
 NATIVE = "native"
-NATIVE_SLOT_DIM = 300
 NATIVE_ENCODER_NAME = "lll-native:word2vec-300x3"
 SOURCE = "lifelong_fact_learning"
 SPLIT_NAME = re.compile(r"^(\d+)tasks_(random|semantic)$")
 SAMPLE_COLUMNS = ("image_links", "NLP_links", "SPO", "id", "w_s", "w_p", "w_o")
 FACT_COLUMNS = ("id", "type", "S", "P", "O")
 FILE_PREFIXES = ("B{k}_", "B{k}_BD_complete_")
-IMAGE_SUFFIX_ALTERNATIVES = {".jpg": (".png",), ".jpeg": (".png",), ".png": (".jpg", ".jpeg")}
 PIXEL_BLOCK = 64
 # data/lll/<scale><T>_<random|semantic>.h5, the files the configs/lll_*.yaml presets train on
 FACT_FILE_NAME = re.compile(r"^(midscale|large)(\d+)_(random|semantic)\.h5$")
@@ -138,93 +140,14 @@ def missing_fact_file_hint(path: str | os.PathLike) -> str | None:
 
 
 # ---------------------------------------------------------------------------- CSV reading
-def _csv_rows(path: Path, required: Sequence[str]) -> Iterator[tuple[int, dict[str, str]]]:
-    """Yield ``(line number, row)`` of a CSV file, its header checked for ``required`` columns."""
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            header = reader.fieldnames or []
-            missing = [column for column in required if column not in header]
-            if missing:
-                raise DataPrepError(f"{path}, line 1: missing column(s) {', '.join(missing)} "
-                                    f"(the header has: {', '.join(h for h in header if h) or 'nothing'})")
-            for row in reader:
-                if None in row or any(row.get(column) is None for column in required):
-                    raise DataPrepError(f"{path}, line {reader.line_num}: the row's number of fields differs from "
-                                        f"the header's ({len(header)})")
-                yield reader.line_num, row
-    except csv.Error as exc:
-        raise DataPrepError(f"{path}: not a readable CSV file ({exc})") from None
-    except UnicodeDecodeError:
-        raise DataPrepError(f"{path}: not UTF-8 text; give the benchmark's CSV file") from None
-
-
-def _integer(text: str, where: str, column: str) -> int:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not np.isfinite(value) or value != int(value):
-        raise DataPrepError(f"{where}: column {column} holds {text!r}; expected an integer")
-    return int(value)
-
-
 def _flag(text: str, where: str, column: str) -> int:
     lowered = text.strip().lower()
     if lowered in ("true", "false"):
         return int(lowered == "true")
-    value = _integer(text, where, column)
+    value = exact_integer(text, where, column)
     if value not in (0, 1):
-        raise DataPrepError(f"{where}: column {column} holds {text!r}; expected 0 or 1")
+        raise DataPrepError(f"{where}: column {column} holds {excerpt(text)}; expected 0 or 1")
     return value
-
-
-def read_native_vector(path: Path, where: str) -> np.ndarray:
-    """The 900 numbers of a benchmark ``NLP_feat`` file (whitespace- or comma-separated) as float32."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataPrepError(f"{where}: cannot read the language vector file {path} ({exc.__class__.__name__})") from None
-    parts = text.replace(",", " ").split()
-    try:
-        vector = np.array([float(part) for part in parts], dtype=np.float32)
-    except ValueError:
-        bad = next(part for part in parts if not _is_number(part))
-        raise DataPrepError(f"{where}: language vector file {path} holds the non-number {bad[:30]!r}") from None
-    if vector.shape != (3 * NATIVE_SLOT_DIM,):
-        raise DataPrepError(f"{where}: language vector file {path} holds {vector.size} numbers; expected "
-                            f"{3 * NATIVE_SLOT_DIM} (S, P, O: {NATIVE_SLOT_DIM} each)")
-    if not np.isfinite(vector).all():
-        raise DataPrepError(f"{where}: language vector file {path} holds nan or inf")
-    return vector
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _resolve_vector_file(root: Path, link: str) -> Path | None:
-    for base in (root, root / "NLP_feat"):
-        candidate = base / link
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _resolve_image(images_dir: Path, link: str) -> tuple[Path | None, bool]:
-    """``(path, found under another suffix)``; path None when no file exists."""
-    path = images_dir / link
-    if path.is_file():
-        return path, False
-    for suffix in IMAGE_SUFFIX_ALTERNATIVES.get(path.suffix.lower(), ()):
-        other = path.with_suffix(suffix)
-        if other.is_file():
-            return other, True
-    return None, False
 
 
 def _link_hash(link: str) -> int:
@@ -237,14 +160,15 @@ def _clean_link(text: str) -> str:
 
 
 # ---------------------------------------------------------------------------- images
-def _image_size(path: Path, max_pixels: int | None) -> tuple[int, int]:
-    """(width, height) of the image at ``path``: checked without a full-size decode under the pixel
-    limit (:func:`~data_prep.image_decode.check_image`), or from its header alone when ``max_pixels``
-    is None (no pixels are stored, nothing is decoded)."""
+def _image_size(path: Path, max_pixels: int | None) -> tuple[tuple[int, int], str | None]:
+    """(width, height) of the image at ``path`` and the note its transparent pixels will give:
+    checked without a full-size decode under the pixel limit
+    (:func:`~data_prep.image_decode.check_image_transparency`), or from its header alone when
+    ``max_pixels`` is None (no pixels are stored, nothing is decoded or composited)."""
     if max_pixels is None:
         with open_checked(path, sys.maxsize) as image:
-            return image.size
-    return check_image(path, max_pixels)
+            return image.size, None
+    return check_image_transparency(path, max_pixels)
 
 
 def _resized(path: Path, image_size: int, max_pixels: int) -> np.ndarray:
@@ -262,6 +186,11 @@ def _progress_bar(enabled: bool, **options: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------- pass 1
+def _no_rows(path: Path) -> str:
+    return (f"{path} has a header and no rows; every task needs its facts, train and test rows "
+            "(a file cut short by a failed copy or download?)")
+
+
 @dataclass
 class _Fact:
     source_id: int
@@ -279,7 +208,7 @@ class _Collector:
 
     def __init__(self, root: Path, native: bool, max_pixels: int | None, progress: bool) -> None:
         self.root = root
-        self.images_dir = root / "images"
+        self.dataset = DatasetRoot(root)
         self.native = native
         self.max_pixels = max_pixels
         self.facts: list[_Fact] = []
@@ -292,20 +221,23 @@ class _Collector:
         self.rows_read = 0
         self.dropped: Counter[str] = Counter()
         self.notes: Counter[str] = Counter()
+        self.transparent: set[str] = set()  # image files counted in the notes as composited over white
         self.bar = _progress_bar(progress, desc="reading split files", unit="row")
 
     def read_facts(self, files: TaskFiles, task: int) -> dict[int, int]:
         """Read ``B<k>_facts.csv``: benchmark id -> index into ``self.facts``."""
         of_task: dict[int, int] = {}
-        for line, row in _csv_rows(files.facts, FACT_COLUMNS):
+        for line, row in csv_rows(files.facts, FACT_COLUMNS):
             where = f"{files.facts}, line {line}"
-            source_id = _integer(row["id"], where, "id")
+            source_id = exact_integer(row["id"], where, "id")
             if source_id in self.fact_of_id:
                 first = self.facts[self.fact_of_id[source_id]]
                 raise DataPrepError(f"{where}: fact id {source_id} is listed twice (first at {first.where}); "
                                     "a fact belongs to one task")
             index = self.fact_of_id[source_id] = of_task[source_id] = len(self.facts)
             self.facts.append(_Fact(source_id, task, row["S"].strip(), row["P"].strip(), row["O"].strip(), where))
+        if not of_task:
+            raise DataPrepError(_no_rows(files.facts))
         return of_task
 
     def _check_flags(self, fact: _Fact, flags: tuple[int, int, int], where: str) -> None:
@@ -328,13 +260,14 @@ class _Collector:
         fact.flags = flags
 
     def read_samples(self, path: Path, split: int, of_task: dict[int, int], facts_path: Path) -> None:
-        for line, row in _csv_rows(path, SAMPLE_COLUMNS):
+        rows_before = self.rows_read
+        for line, row in csv_rows(path, SAMPLE_COLUMNS):
             row_index = self.rows_read
             self.rows_read += 1
             if self.bar is not None and self.rows_read % 256 == 0:
                 self.bar.update(256)
             where = f"{path}, line {line}"
-            source_id = _integer(row["id"], where, "id")
+            source_id = exact_integer(row["id"], where, "id")
             if source_id not in of_task:
                 raise DataPrepError(f"{where}: fact id {source_id} is not listed in {facts_path}")
             fact_index = of_task[source_id]
@@ -343,20 +276,19 @@ class _Collector:
             self._check_flags(fact, flags, where)
             if self.native and fact.vector is None:
                 link = _clean_link(row["NLP_links"])
-                vector_path = _resolve_vector_file(self.root, link) if link else None
-                if vector_path is None:
-                    raise DataPrepError(f"{where}: language vector file {link!r} not found in {self.root} nor "
-                                        f"{self.root / 'NLP_feat'}")
-                fact.vector = read_native_vector(vector_path, where)
+                fact.vector = read_native_vector(self.dataset.vector_file(link, where), where)
             link = _clean_link(row["image_links"])
-            image_path, other_suffix = _resolve_image(self.images_dir, link) if link else (None, False)
+            image_path, other_suffix = self.dataset.image_file(link, where)
             if image_path is None:
                 self.dropped["rows whose image file is missing"] += 1
                 continue
             if other_suffix:
                 self.notes["images found under the other suffix (.jpg/.png)"] += 1
             try:
-                size = _image_size(image_path, self.max_pixels)
+                size, transparency = _image_size(image_path, self.max_pixels)
+                if transparency is not None and str(image_path) not in self.transparent:
+                    self.transparent.add(str(image_path))
+                    self.notes[transparency] += 1
             except DECODE_ERRORS:
                 self.dropped["rows whose image does not decode"] += 1
                 continue
@@ -365,6 +297,9 @@ class _Collector:
             self.sample_split.append(split)
             self.sample_hash.append(_link_hash(link))
             self.sample_size.extend(size)
+
+        if self.rows_read == rows_before:
+            raise DataPrepError(_no_rows(path))
 
     def close(self) -> None:
         if self.bar is not None:
@@ -387,16 +322,16 @@ def _first_occurrences(hashes: np.ndarray, facts: np.ndarray) -> np.ndarray:
 def _pixel_blocks(tasks: list[TaskFiles], root: Path, kept_rows: np.ndarray, kept_hashes: np.ndarray,
                   image_size: int, max_pixels: int, progress: bool) -> Iterator[tuple[int, np.ndarray]]:
     """Re-stream the CSVs and yield ``(first sample, uint8 (k, S, S, 3))`` blocks of the kept rows."""
-    images_dir = root / "images"
+    dataset = DatasetRoot(root)
     bar = _progress_bar(progress, total=len(kept_rows), desc="resizing images", unit="img")
     block = np.empty((PIXEL_BLOCK, image_size, image_size, 3), dtype=np.uint8)
     filled = first = sample = row_index = 0
     for files in tasks:
         for path in (files.train, files.test):
-            for line, row in _csv_rows(path, SAMPLE_COLUMNS):
+            for line, row in csv_rows(path, SAMPLE_COLUMNS):
                 if sample < len(kept_rows) and row_index == kept_rows[sample]:
                     link = _clean_link(row["image_links"])
-                    image_path, _ = _resolve_image(images_dir, link)
+                    image_path, _ = dataset.image_file(link, f"{path}, line {line}")
                     if image_path is None or _link_hash(link) != kept_hashes[sample]:
                         raise DataPrepError(f"{path}, line {line}: the row or its image changed while preparing; "
                                             "run prepare lll again")
@@ -451,6 +386,7 @@ def prepare_lll(
     if native and text_encoder != NATIVE:
         raise DataPrepError(f"text_encoder must be {NATIVE!r} or an embedding function, got {text_encoder!r}")
     check_stored_image_size(image_size)
+    check_output_file(out, "out")
     tasks = find_task_files(root, split)
     max_image_pixels = check_max_pixels(max_image_pixels)
     collector = _Collector(root, native, None if no_images else max_image_pixels, progress)

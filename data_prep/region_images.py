@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import DataPrepError
-from .image_decode import DECODE_ERRORS, check_image, decode_rgb
+from .image_decode import DECODE_ERRORS, check_image_transparency, decode_rgb
 from .progress import progress_bar
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -51,8 +51,9 @@ def checked_image_sizes(image_ids: np.ndarray, image_paths: dict[int, Path], not
     """Check every image in ``image_ids`` (:func:`~data_prep.image_decode.check_image`: header, pixel
     limit, data, no full-size decode); return id -> (width, height) in pixels of those that decode.
 
-    Counts in ``notes`` the images missing on disk, those that do not decode, and those
-    whose size differs from ``listed_sizes`` (image_data.json; (0, 0) = unknown). An image
+    Counts in ``notes`` the images missing on disk, those that do not decode, those
+    whose size differs from ``listed_sizes`` (image_data.json; (0, 0) = unknown), and those with
+    transparent pixels (composited over white when decoded). An image
     above ``max_pixels`` raises :class:`~data_prep.image_decode.ImageTooLargeError`.
     """
     sizes: dict[int, tuple[int, int]] = {}
@@ -65,10 +66,12 @@ def checked_image_sizes(image_ids: np.ndarray, image_paths: dict[int, Path], not
             notes["images listed but missing on disk"] += 1
             continue
         try:
-            size = check_image(path, max_pixels)
+            size, transparency = check_image_transparency(path, max_pixels)
         except DECODE_ERRORS:
             notes["images that do not decode"] += 1
             continue
+        if transparency is not None:
+            notes[transparency] += 1
         sizes[image_id] = size
         listed = listed_sizes.get(image_id)
         if listed is not None and listed != (0, 0) and listed != size:

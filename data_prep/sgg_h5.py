@@ -36,6 +36,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from .atomic import check_output_file
 from .errors import DataPrepError, MissingDatasetError
 from .fact_collector import FactCollector
 from .fact_pipeline import CollectedSource, PrepareReport, finish_prepare
@@ -271,6 +272,7 @@ def prepare_sgg(h5_path: str | os.PathLike, dicts_path: str | os.PathLike, image
     train/test split is kept (``test_fraction`` is not used). ``images_dir`` may be None with ``no_images``.
     """
     options = PrepareOptions.build(options, option_fields)
+    check_output_file(out, "out")
     orders = options.orders
     h5_path, dicts_path, image_data_path = Path(h5_path), Path(dicts_path), Path(image_data_path)
     if not h5_path.is_file():

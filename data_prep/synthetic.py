@@ -59,6 +59,7 @@ from tqdm import tqdm
 from .errors import DataPrepError
 from .facts_h5 import Fact, fact_order
 from .synthetic_scenes import CATEGORIES, COLOURS, PREDICATES, SceneSampler, render_scene
+from .world_arguments import MIN_IMAGE_SIZE, check_world_arguments, prepare_destination  # noqa: F401
 
 __all__ = ["CATEGORIES", "COLOURS", "PREDICATES", "SynthReport", "WorldNaming", "WorldSpec", "generate_world",
            "iter_fact_counts_table", "load_manifest_fact_counts", "write_world_dump"]
@@ -85,7 +86,6 @@ RELATIONSHIP_ALIASES = (("next to", "beside"),)
 REAL_CORRUPT_IMAGE_IDS = (1592, 1722, 4616, 4617)
 
 JPEG_QUALITY = 90
-MIN_IMAGE_SIZE = (96, 72)
 MIN_QUIRK_IMAGES = 10
 MANIFEST_NAME = "synth_manifest.json"
 INSTANCES_NAME = "instances.json"
@@ -484,26 +484,6 @@ def load_manifest_fact_counts(dump_dir: str | os.PathLike) -> dict[Fact, int]:
         raise DataPrepError(f"{path} is malformed ({exc}); regenerate it with `mas-triplets synth --force`") from None
 
 
-def _check_arguments(num_images: int, image_size: tuple[int, int]) -> tuple[int, int]:
-    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
-        raise DataPrepError(f"num_images must be a positive integer, got {num_images!r}")
-    try:
-        width, height = (int(v) for v in image_size)
-    except (TypeError, ValueError):
-        raise DataPrepError(f"image_size must be (width, height) in pixels, got {image_size!r}") from None
-    if width < MIN_IMAGE_SIZE[0] or height < MIN_IMAGE_SIZE[1]:
-        raise DataPrepError(
-            f"image_size {width}x{height} is too small; use at least {MIN_IMAGE_SIZE[0]}x{MIN_IMAGE_SIZE[1]} pixels")
-    return width, height
-
-
-def _prepare_destination(out_dir: Path, force: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DataPrepError(f"{out_dir} exists and is not a folder; choose another --out")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise DataPrepError(f"{out_dir} exists and is not empty; choose another --out or pass --force to replace it")
-
-
 def generate_world(
     out_dir: str | os.PathLike,
     *,
@@ -542,22 +522,22 @@ def write_world_dump(
 ) -> SynthReport:
     """Write the world ``make_world(width, height)`` as a Visual Genome dump of ``num_images`` images.
 
-    The arguments and ``out_dir`` are checked before ``make_world`` is called. The folder is built
+    The arguments and ``out_dir`` are checked before ``make_world`` is called
+    (:mod:`data_prep.world_arguments`: sizes, counts and the seed in range, the folder writable). The folder is built
     in a hidden temporary sibling and renamed to ``out_dir`` only when complete; an existing
     non-empty ``out_dir`` is refused unless ``force`` (then it is replaced, the old one removed
     only after the new one is in place). ``generator`` and ``seed`` are recorded in the manifest.
     """
     start = time.perf_counter()
-    width, height = _check_arguments(num_images, image_size)
-    out_dir = Path(out_dir)
-    _prepare_destination(out_dir, force)
+    width, height = check_world_arguments(num_images, image_size, seed)
+    out_dir = prepare_destination(out_dir, force)
     world = make_world(width, height)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
         written = _write_world(staging, world, num_images, progress)
         _write_manifest(staging / MANIFEST_NAME, generator, seed, num_images, (width, height), written, world.manifest)
-        _prepare_destination(out_dir, force)  # re-check: something may have appeared meanwhile
+        prepare_destination(out_dir, force)  # re-check: something may have appeared meanwhile
         if out_dir.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             os.replace(out_dir, trash / "old")

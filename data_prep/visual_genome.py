@@ -44,6 +44,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from .atomic import check_output_file
 from .errors import DataPrepError, MissingDatasetError
 from .fact_collector import FactCollector
 from .fact_pipeline import CollectedSource, PrepareReport, finish_prepare
@@ -320,6 +321,7 @@ def prepare_visual_genome(vg_dir: str | os.PathLike, out: str | os.PathLike, opt
     options or files.
     """
     options = PrepareOptions.build(options, option_fields)
+    check_output_file(out, "out")
     vg_dir = Path(vg_dir)
     orders = options.orders
     if not vg_dir.is_dir():

@@ -360,7 +360,7 @@ class _Search:
             raise MASCoreError(f"the search decays one strength hyperparameter; {self.label} has {names}")
         name = names[0]
         record["strength_name"] = name
-        if self.task == 0:
+        if self.task == 0 and not self.reg.anchors_at_start:
             record["reason"] = (f"first task: nothing to protect yet (the penalty is 0 whatever {name}), "
                                 f"{name} kept at {self.reg.strength[name]:g}") + note
             return record

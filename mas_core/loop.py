@@ -175,6 +175,9 @@ def train_tasks(experiment: Experiment, method: str | Regularizer, optim: OptimS
         if after_resume is not None and first_task < last_task:
             after_resume(model, trained, reg, first_task)
 
+    if first_task == 0 and last_task > 0 and reg.anchors_at_start:
+        _anchor_at_start(experiment, model, trained, reg, device, label, emit)
+
     for task in range(first_task, last_task):
         started = time.perf_counter()
         torch.manual_seed(derived_seed(seed, "task", task))
@@ -444,6 +447,12 @@ def _after_task(experiment: Experiment, model: nn.Module, trained: nn.Module, re
     if kind == "none":
         reg.after_task(trained, ())
         return
+    reg.after_task(trained, _importance_shard(experiment, model, task, kind, device))
+
+
+def _importance_shard(experiment: Experiment, model: nn.Module, task: int, kind: str,
+                      device: torch.device) -> distributed.RankShard:
+    """This rank's share of ``experiment.importance_data(model, task, kind)``, batches on ``device``."""
     source = experiment.importance_data(model, task, kind)
     if len(source.data) == 0:
         raise EmptyDataError(f"task {task} ({experiment.task_names[task]}) has no importance data")
@@ -452,7 +461,26 @@ def _after_task(experiment: Experiment, model: nn.Module, trained: nn.Module, re
         index = torch.as_tensor(positions, dtype=torch.long)
         return (move_to(batch, device) for batch in source.data.batches(list(index.split(source.batch_size))))
 
-    reg.after_task(trained, distributed.RankShard(make_batches, len(source.data)))
+    return distributed.RankShard(make_batches, len(source.data))
+
+
+def _anchor_at_start(experiment: Experiment, model: nn.Module, trained: nn.Module, reg: Regularizer,
+                     device: torch.device, label: str, emit: Callable[[str], None]) -> None:
+    """Before task 1 of a fresh run, a method that declares ``anchors_at_start`` (MAS or l-MAS with
+    ``anchor="start"``) measures Ω₀ at the starting (pretrained) weights θ₀ on the first task's
+    importance inputs, without labels, of ``experiment.pretrained_output`` (F₀: the pretrained
+    network's own output), and anchors θ* = θ₀ (``docs/method.md``, "MAS anchored at the
+    pretrained weights")."""
+    output_fn = getattr(experiment, "pretrained_output", None)
+    if output_fn is None:
+        raise MASCoreError(f"{label}: anchor='start' needs an experiment that defines pretrained_output(module, batch) "
+                           "(the pretrained network's own output); this one does not")
+    model.eval()
+    trained.eval()
+    started = time.perf_counter()
+    reg.anchor_at_start(trained, _importance_shard(experiment, model, 0, "inputs", device), output_fn)
+    emit(f"[{label}] anchored at the starting weights: Ω₀ of the pretrained output measured on task 1's inputs "
+         f"({time.perf_counter() - started:.1f} s)")
 
 
 # --------------------------------------------------------------------------- helpers

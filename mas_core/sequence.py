@@ -245,6 +245,12 @@ class ClassificationExperiment:
             source = self.tasks[task].train
         return ImportanceSource(IndexedData(source, self.num_workers), self.importance_batch_size)
 
+    def pretrained_output(self, module: nn.Module, batch: Any) -> Tensor:
+        """F₀ of a method anchored at the starting weights (MAS ``anchor="start"``): the shared
+        trunk's features ``[B, feature_dim]`` (the pretrained network's own output when the trunk
+        is pretrained; no head is involved)."""
+        return module.features(batch_input(batch))
+
     def evaluate(self, model: nn.Module, task: int) -> list[float]:
         device = next(model.parameters()).device
         return [evaluate(model, self.tasks[j].test, j, batch_size=self.eval_batch_size, device=device,

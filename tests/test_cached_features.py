@@ -156,13 +156,13 @@ def test_fingerprint_changes_with_the_trunk_and_the_fact_file(facts, tmp_path):
 def test_cache_and_frozen_trunk_are_refused_for_the_small_cnn(facts, tmp_path):
     for key in ("cache_features", "freeze_trunk"):
         config = ModelConfig(backbone="small_cnn", **{key: True})
-        with pytest.raises(ConfigError, match=f"model.{key} needs a torchvision backbone"):
+        with pytest.raises(ConfigError, match=f"model.{key} needs a pretrained architecture"):
             config.validate()
-        with pytest.raises(ConfigError, match="torchvision backbone"):
+        with pytest.raises(ConfigError, match="pretrained architecture"):
             build_model(config, SLOT_DIM, IMAGE_SIZE)
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump({"data": {"fact_file": str(facts)}}))
-    with pytest.raises(ConfigError, match="cache_features needs a torchvision backbone"):
+    with pytest.raises(ConfigError, match="cache_features needs a pretrained architecture"):
         load_train_config(path, ["model.cache_features=true"])
     config = dataclasses.replace(_config(facts, methods=[MethodConfig("finetune")], cache=True),
                                  model=ModelConfig(cache_features=True))

@@ -190,13 +190,13 @@ def test_images_bomb_is_one_line_not_a_traceback(tmp_path: Path, out_dir: Path) 
     assert_refused(result, out_dir, before, str(bomb), "12000 x 12000", "--max-image-pixels")
 
 
-def test_pixel_limit_option_applies_to_every_command(tmp_path: Path, out_dir: Path) -> None:
-    """The fixtures' largest images are 256 x 128 (sgg), 40 x 30 (vg), 23 x 16 (images), 17 x 9 (lll)."""
-    vg = write_vg_fixture(tmp_path / "vg")
-    sgg = write_sgg_fixture(tmp_path / "sgg")
-    lll = write_lll_fixture(tmp_path / "data")
-    folder = _image_folder(tmp_path / "folder")
-    commands = {
+def prepare_commands(base: Path) -> dict[str, list[str]]:
+    """The four `prepare` commands on their fixtures under ``base``, without ``--out``."""
+    vg = write_vg_fixture(base / "vg")
+    sgg = write_sgg_fixture(base / "sgg")
+    lll = write_lll_fixture(base / "data")
+    folder = _image_folder(base / "folder")
+    return {
         "vg": ["prepare", "vg", "--vg-dir", str(vg), *COMMON],
         "sgg": ["prepare", "sgg", "--h5", str(sgg["h5_path"]), "--dicts", str(sgg["dicts_path"]), "--image-data",
                 str(sgg["image_data_path"]), "--images", str(sgg["images_dir"]), *COMMON],
@@ -204,6 +204,11 @@ def test_pixel_limit_option_applies_to_every_command(tmp_path: Path, out_dir: Pa
                 "--text-encoder", "native"],
         "images": ["prepare", "images", "--dataset", "image_folder", "--root", str(folder), "--image-size", "8"],
     }
+
+
+def test_pixel_limit_option_applies_to_every_command(tmp_path: Path, out_dir: Path) -> None:
+    """The fixtures' largest images are 256 x 128 (sgg), 40 x 30 (vg), 23 x 16 (images), 17 x 9 (lll)."""
+    commands = prepare_commands(tmp_path)
     before = folder_digest(out_dir)
     for name, command in commands.items():
         result = run_cli(*command, "--out", str(out_dir / "facts.h5"), "--max-image-pixels", "100")

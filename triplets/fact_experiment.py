@@ -22,9 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
+from mas_core.batches import batch_input
 from mas_core.distributed import current, run_on_main_process
 from mas_core.loop import ImportanceSource
 
@@ -39,7 +41,8 @@ from .feature_cache import (
     feature_cache_fingerprint,
     feature_cache_path,
 )
-from .model import FactEmbeddingNet, build_model, contrastive_loss, slot_loss
+from .fact_data import fact_file_fingerprint
+from .model import FactEmbeddingNet, build_model, contrastive_loss, slot_loss, slot_targets
 from .train_config import TrainConfig
 
 
@@ -70,6 +73,19 @@ class FactContext:
             self.cache[key] = FactSamples(self.fact_file, parts, in_memory=self.config.data.in_memory,
                                           max_samples=max_samples)
         return self.cache[key]
+
+
+def fact_context(config: TrainConfig, fact_file: Any, device: torch.device, run_dir: Path | None) -> FactContext:
+    """The :class:`FactContext` of ``config`` on the open ``fact_file``: the regression targets
+    ``slot_targets(fact_embeddings)`` (unit slots when ``loss.unit_norm_targets``) and the slot masks
+    on ``device``, ``slot_dim = fact_embeddings.shape[1] // 3``, the file's image size and fingerprint."""
+    embeddings = torch.as_tensor(np.asarray(fact_file.fact_embeddings), dtype=torch.float32)
+    return FactContext(
+        config=config, fact_file=fact_file, device=device,
+        targets=slot_targets(embeddings, unit_norm=config.loss.unit_norm_targets).to(device),
+        masks=torch.as_tensor(np.asarray(fact_file.slot_masks), dtype=torch.float32).to(device),
+        slot_dim=embeddings.shape[1] // 3, image_size=int(fact_file.image_size),
+        fingerprint=fact_file_fingerprint(fact_file), run_dir=run_dir)
 
 
 class _ThroughTrunk:
@@ -107,7 +123,9 @@ class FactExperiment:
         the seed: ``data``, ``model`` (without the trunk flags when false) and ``loss``."""
         plain = to_dict(config)
         model = {key: value for key, value in plain["model"].items()
-                 if not (key in ("freeze_trunk", "cache_features") and value is False)}
+                 if not (key in ("freeze_trunk", "cache_features") and value is False)
+                 and not (key == "input_size" and value is None)
+                 and not (key == "trunk_blocks" and plain["model"]["backbone"] != "efficientnet_lite0")}
         return {"data": plain["data"], "model": model, "loss": plain["loss"]}
 
     def build_model(self) -> nn.Module:
@@ -167,6 +185,12 @@ class FactExperiment:
         if len(samples) == 0:
             raise ConfigError(f"data.importance_data={data.importance_data!r} has no images for task {task}")
         return ImportanceSource(samples.inputs_only(), batch_size)
+
+    def pretrained_output(self, module: nn.Module, batch: Any) -> Tensor:
+        """F₀ of MAS anchored at the pretrained weights (``anchor: start``): the pretrained part of
+        both branches (:func:`triplets.model.pretrained_features`) on ``batch``'s images or cached
+        trunk features."""
+        return module.pretrained_output(batch_input(batch))
 
     def evaluate(self, model: nn.Module, task: int) -> list[float]:
         return [self._top5(model, j) for j in range(task + 1)]
@@ -233,4 +257,4 @@ def shared_feature_cache(ctx: FactContext, model: FactEmbeddingNet) -> Path:
     return path
 
 
-__all__ = ["FactContext", "FactExperiment", "shared_feature_cache"]
+__all__ = ["FactContext", "FactExperiment", "fact_context", "shared_feature_cache"]

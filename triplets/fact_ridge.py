@@ -2,8 +2,8 @@
 
 Features ``x = φ(region) ∈ R^1280``: the pooled features of the whole ImageNet-trained
 EfficientNet-Lite0 (:func:`triplets.backbones.efficientnet_lite0`, frozen, eval mode) of each
-region image, standardised to ``[−1, 1]`` and (option ``input_size``) resized bilinearly to the
-backbone's input size first (default: the fact file's image size, the fact model's own input).
+region image, resized bilinearly to ``input_size`` (option; default the fact model's own input
+size) and standardised to ``[−1, 1]`` by :class:`~triplets.model.FactEmbeddingNet` as for every fact model.
 Targets: the slot vectors ``L = L_S‖L_P‖L_O`` of the sample's fact (:func:`triplets.model.slot_targets`,
 ``loss.unit_norm_targets`` as configured). Sherlock's loss ignores a missing slot, so each slot is
 its own weighted ridge problem with the slot's mask as sample weights (:mod:`mas_core.ridge`): for
@@ -23,7 +23,8 @@ trained by gradient: the optimizer settings, ``online_importance`` and the searc
 Options of ``{name: ridge, options: {...}}``: ``strengths``, ``val_fraction``
 (:class:`mas_core.ridge.RidgeSettings`), ``weights`` (null: the installed package's ImageNet
 weights; a path; ``scratch``; default: ``model.weights`` when ``model.backbone`` is
-efficientnet_lite0, else null) and ``input_size`` (pixels; null: the fact file's image size).
+efficientnet_lite0, else null) and ``input_size`` (pixels the images are resized to; default:
+``model.input_size`` of such a config, else null: the fact file's image size).
 """
 from __future__ import annotations
 
@@ -54,6 +55,7 @@ class FactRidge:
         model_config = ctx.config.model  # a config on EfficientNet-Lite0 lends the ridge its weights
         if getattr(model_config, "backbone", None) == "efficientnet_lite0":
             self.backbone.setdefault("weights", getattr(model_config, "weights", None))
+            self.backbone.setdefault("input_size", getattr(model_config, "input_size", None))
         self.model = build_ridge_model(ctx.slot_dim, self.backbone).to(ctx.device)
         self.task_names = [f"t{task + 1}" for task in range(int(ctx.fact_file.num_tasks))]
         self._statistics: list[RidgeStatistics] = []

@@ -1,13 +1,13 @@
 """The model of the fact embedding's ridge baseline (:mod:`triplets.fact_ridge`): a
 :class:`~triplets.model.FactEmbeddingNet` whose trunk is the frozen EfficientNet-Lite0 (pooled
-1280-d features of the standardised image, bilinearly resized to ``input_size`` when given) and
-whose branches are ``Linear(1280, d)`` and ``Linear(1280, 2d)``; apart from the run so that the
+1280-d features of the standardised image) and
+whose branches are ``Linear(1280, d)`` and ``Linear(1280, 2d)`` (the network resizes the images to
+``input_size`` before standardising them, as every fact model does); apart from the run so that the
 run folder can rebuild it from ``model.pt`` without importing the training code."""
 from __future__ import annotations
 
 from typing import Any
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mas_core.errors import MASCoreError
@@ -22,16 +22,13 @@ SAVED_KEY = "ridge_backbone"  # in RUN/ridge/model.pt: the options that rebuild 
 
 
 class PooledBackbone(nn.Module):
-    """Standardised images → (bilinear resize to ``input_size``) → EfficientNet-Lite0's pooled ``[B, 1280]``."""
+    """Standardised images → EfficientNet-Lite0's pooled features ``[B, 1280]``."""
 
-    def __init__(self, weights: str | None, input_size: int | None) -> None:
+    def __init__(self, weights: str | None) -> None:
         super().__init__()
         self.network = efficientnet_lite0(weights, key="methods.ridge.options.weights")
-        self.input_size = input_size
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.input_size is not None and tuple(x.shape[-2:]) != (self.input_size, self.input_size):
-            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
         return self.network.pooled_features(x)
 
 
@@ -51,13 +48,13 @@ def split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
 
 def build_ridge_model(slot_dim: int, backbone: dict[str, Any]) -> FactEmbeddingNet:
     """The fact model of the ridge baseline (module docs), branches zero until a solution is set."""
-    trunk = FrozenModule(PooledBackbone(backbone.get("weights"), backbone.get("input_size")))
+    trunk = FrozenModule(PooledBackbone(backbone.get("weights")))
     subject, predicate_object = nn.Linear(EFFICIENTNET_FEATURE_DIM, slot_dim), nn.Linear(EFFICIENTNET_FEATURE_DIM, 2 * slot_dim)
     for layer in (subject, predicate_object):
         nn.init.zeros_(layer.weight)
         nn.init.zeros_(layer.bias)
     return FactEmbeddingNet(trunk, subject, predicate_object, slot_dim, mean=EFFICIENTNET_MEAN,
-                            std=EFFICIENTNET_STD).freeze_trunk().eval()
+                            std=EFFICIENTNET_STD, input_size=backbone.get("input_size")).freeze_trunk().eval()
 
 
 def rebuild_saved_model(state: dict[str, Any]) -> FactEmbeddingNet | None:

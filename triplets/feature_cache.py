@@ -37,11 +37,13 @@ FEATURE_DATASET = "features"
 
 def trunk_fingerprint(model: FactEmbeddingNet) -> str:
     """SHA-256 (hex) of the trunk's state (every parameter and buffer: name, dtype, shape,
-    bytes) and of the input standardisation: equal exactly when the trunk computes the same
+    bytes), of the input standardisation and of the input resize: equal exactly when the trunk computes the same
     function of the images."""
     digest = hashlib.sha256()
     tensors = [(f"trunk.{name}", value) for name, value in sorted(model.trunk.state_dict().items())]
     tensors += [("input_mean", model.input_mean), ("input_std", model.input_std)]
+    if model.input_size is not None:  # the images are resized before the trunk
+        digest.update(f"input_size:{model.input_size}:".encode())
     for name, value in tensors:
         value = value.detach().cpu().contiguous()
         digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}:".encode())

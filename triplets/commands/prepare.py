@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Callable
 
+from data_prep.atomic import check_output_file
 from data_prep.json_stream import DEFAULT_MAX_JSON_DEPTH
 from data_prep.prepare_options import DEFAULT_MIN_FACT_COUNT, PrepareOptions
 from data_prep.sgg_h5 import prepare_sgg
@@ -125,9 +126,11 @@ def _run_sgg(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Dispatch to the chosen source (``vg``, ``sgg``, ``images``)."""
+    """Dispatch to the chosen source (``vg``, ``sgg``, ``lll``, ``images``) once ``--out`` is known to
+    be writable (not a folder, its folder writable)."""
     handler = getattr(args, "_prepare_run", None)
     if handler is None:
         args._prepare_parser.print_help()
         return 2
+    check_output_file(args.out)  # before any reading, encoder loading or decoding
     return int(handler(args) or 0)

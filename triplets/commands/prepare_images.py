@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
                                  max_image_pixels=args.max_image_pixels)
     data = open_image_dataset(path)
     sizes = ", ".join(f"{split} {data.labels(split).size}" for split in data.splits)
+    notes = "".join(f"; {count} {note}" for note, count in sorted(data.provenance.get("notes", {}).items()) if count)
     print(f"wrote {path}: {data.name}, {data.num_classes} classes, {sizes} images of "
-          f"{data.image_shape[0]}x{data.image_shape[1]}x{data.image_shape[2]}")
+          f"{data.image_shape[0]}x{data.image_shape[1]}x{data.image_shape[2]}{notes}")
     return 0

@@ -17,6 +17,7 @@ from data_prep.idx import FASHION_MNIST_DIR
 from data_prep.real_world import DEFAULT_NUM_IMAGES, generate_real_world
 from data_prep.real_world_sources import SOURCE_NAMES
 from data_prep.synthetic import generate_world, iter_fact_counts_table
+from data_prep.world_arguments import MAX_IMAGE_SIDE, MAX_IMAGES, MAX_SEED
 
 from ..errors import TripletsError
 
@@ -48,15 +49,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="shapes (default) or real (objects are real images)")
     parser.add_argument("--images", type=int, default=None,
                         help=f"number of images (default {DEFAULT_IMAGES['shapes']} for shapes, "
-                        f"{DEFAULT_IMAGES['real']} for real; a smaller number writes the first images of the same world)")
+                        f"{DEFAULT_IMAGES['real']} for real, at most {MAX_IMAGES:,}; a smaller number writes the first "
+                        "images of the same world)")
     parser.add_argument("--objects", default=",".join(SOURCE_NAMES), metavar="SOURCES",
                         help=f"--world real: the object sources, a comma-separated subset of {','.join(SOURCE_NAMES)} "
                         "(default all; clothing needs Debian's dataset-fashion-mnist)")
     parser.add_argument("--fashion-mnist-dir", default=str(FASHION_MNIST_DIR),
                         help=f"--world real: folder of the Fashion-MNIST IDX files (default {FASHION_MNIST_DIR})")
-    parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, identical files (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help=f"random seed, 0 to {MAX_SEED:,}; same seed, identical files (default 0)")
     parser.add_argument("--image-size", type=_image_size, default=(160, 120), metavar="WxH",
-                        help="image size in pixels (default 160x120)")
+                        help=f"image size in pixels (default 160x120, at most {MAX_IMAGE_SIDE} a side)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     return parser
