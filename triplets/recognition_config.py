@@ -26,7 +26,7 @@ from mas_core.ridge import RIDGE, ridge_settings
 
 from .config import load_config
 
-DEFAULT_TRUNK_BLOCKS = 16  # efficientnet_lite0: stem + all 16 blocks frozen, the head convolution trains (as model.trunk_blocks of the fact model)
+DEFAULT_TRUNK_BLOCKS = 16  # efficientnet_lite0: stem + all 16 blocks frozen, the head conv trains (as the fact model)
 ALL_METHODS = ("finetune", "lwf", "ebll", "imm", "ewc", "si", "mas", "lmas", JOINT)  # the paper's comparison
 
 
