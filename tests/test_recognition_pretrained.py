@@ -69,6 +69,21 @@ def test_a_training_step_moves_the_suffix_and_never_the_frozen_prefix() -> None:
     assert sum(not torch.equal(before[key], after[key]) for key in suffix_keys if key.endswith("weight")) > 0
 
 
+def test_frozen_batch_norm_keeps_the_suffix_statistics() -> None:
+    """model.freeze_batch_norm: after a training epoch the suffix's batch-norm buffers and affine
+    parameters are those of ImageNet; its convolution has moved."""
+    spec = ModelSpec(arch="efficientnet_lite0", channels=3, input_size=32, trunk_blocks=16, freeze_batch_norm=True)
+    make_model = model_factory(spec)
+    before = make_model().trunk.state_dict()
+    labels = torch.arange(16) % 2
+    task = Task("a", TensorDataset(_images(16, 3), labels), TensorDataset(_images(4, 4), labels[:4]), 2)
+    after = run_sequence(make_model, [task], "finetune", OptimSettings(epochs=1, lr=0.05, batch_size=8),
+                         progress=False).model.trunk.state_dict()
+    norms = [key for key in before if key.startswith("1.") and "_bn1" in key]
+    assert len(norms) == 5 and all(torch.equal(before[key], after[key]) for key in norms)
+    assert not torch.equal(before["1.0._conv_head.weight"], after["1.0._conv_head.weight"])
+
+
 def _config(root: Path, methods: list[str], test_per_class: int = 4, options: dict | None = None) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     path = root / "recognition.yaml"

@@ -84,7 +84,10 @@ class ModelSpec:
     ``cache_features`` (efficientnet_lite0 without ``resize``, not ``scratch``): the frozen
     prefix's output is computed once per image when the tasks are built, and the tasks hold it
     instead of the images (the trunk is then the trainable suffix alone; the same numbers, the
-    prefix being a fixed function of the image).
+    prefix being a fixed function of the image). ``freeze_batch_norm`` (efficientnet_lite0): the
+    trainable suffix's batch norms keep their ImageNet statistics and affine parameters (eval mode,
+    ``FrozenModule``); otherwise their running statistics follow each new task's data, a change no
+    penalty on the parameters holds back.
 
     Inputs are ``channels`` x ``input_size`` x ``input_size``. With ``resize`` set, images are
     first resized to ``resize`` and cropped to ``input_size`` (random crop + horizontal flip
@@ -105,6 +108,7 @@ class ModelSpec:
     normalize: Literal["auto", "imagenet", "unit"] = "auto"
     trunk_blocks: int | None = None  # efficientnet_lite0: frozen blocks (null: DEFAULT_TRUNK_BLOCKS)
     cache_features: bool = False
+    freeze_batch_norm: bool = False
 
     @property
     def frozen_blocks(self) -> int:
@@ -123,7 +127,7 @@ class ModelSpec:
         if self.width < 1 or self.feature_dim < 1:
             raise ValueError("model.width and model.feature_dim must be positive")
         if self.arch != "efficientnet_lite0":
-            for key in ("trunk_blocks", "cache_features"):
+            for key in ("trunk_blocks", "cache_features", "freeze_batch_norm"):
                 if getattr(self, key) not in (None, False):
                     raise ValueError(f"model.{key} is for arch efficientnet_lite0; drop it for {self.arch}")
             return

@@ -155,6 +155,15 @@ class GlobalMeanPool(nn.Module):
         return x.mean(dim=(2, 3))
 
 
+def _freeze_batch_norms(module: nn.Module) -> None:
+    """Replace every batch norm below ``module`` by ``FrozenModule(bn)`` (statistics and affine fixed)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(module, name, FrozenModule(child))
+        else:
+            _freeze_batch_norms(child)
+
+
 def _frozen_prefix(model: ModelSpec) -> nn.Module:
     """The efficientnet_lite0 prefix (stem + the first ``trunk_blocks`` blocks) in eval mode, frozen."""
     return FrozenModule(pretrained_split(EFFICIENTNET, model.pretrained_weights, model.frozen_blocks,
@@ -184,6 +193,8 @@ def make_trunk(model: ModelSpec) -> tuple[Any, int]:
     if model.arch == EFFICIENTNET:
         split = pretrained_split(EFFICIENTNET, model.pretrained_weights, model.frozen_blocks,
                                  key="model.pretrained_weights")
+        if model.freeze_batch_norm:
+            _freeze_batch_norms(split.suffix)
         if model.cache_features:  # the tasks hold the prefix's output (build_tasks)
             return nn.Sequential(split.suffix, GlobalMeanPool()), split.feature_dim
         return nn.Sequential(FrozenModule(split.prefix), split.suffix, GlobalMeanPool()), split.feature_dim
