@@ -127,3 +127,27 @@ def test_matplotlib_backend_untouched_at_import():
 
     code = ("import sys, triplets.report; assert 'matplotlib' not in sys.modules, 'matplotlib imported at import'")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+def test_a_ridge_row_needs_no_optimizer_fields_and_its_strengths_are_tabled():
+    """The ridge baseline's entry has no lr, strength or hparam_search: both reports give it its
+    row and a table of the λ it chose per task."""
+    from triplets.report import render_markdown
+
+    ridge = [[0.9, None, None], [0.85, 0.8, None], [0.84, 0.78, 0.7]]
+    records = [{"task": t, "name": f"t{t + 1}", "strength": s, "tries": [], "alpha": [1.0]}
+               for t, s in enumerate((0.01, 0.1, 1e-4))]
+    results = _results()
+    results["tasks"] = [{"index": t, "name": f"t{t + 1}"} for t in range(3)]
+    results["methods"]["ridge"] = {"method": "ridge", "options": {}, "accuracy_matrix": ridge, "avg_acc": 0.44,
+                                   "forgetting": 0.0, "bwt": 0.0, "avg_drop": 0.0, "wall_time_s": 3.0,
+                                   "ridge": records, "final": _results()["methods"]["mas"]["final"]}
+    facts = render_markdown(results)
+    assert "| ridge | 77.33 | 4.00 | -4.00 |" in facts
+    assert "| ridge | 0.01 | 0.1 | 0.0001 |" in facts
+    for entry in results["methods"].values():
+        entry.setdefault("avg_drop", 0.0)
+        entry.setdefault("wall_time_s", 1.0)
+    results["name"] = "recognition"
+    recognition = recognition_markdown(results)
+    assert "| ridge | 77.33 |" in recognition and "| ridge | 0.01 | 0.1 | 0.0001 |" in recognition

@@ -11,7 +11,8 @@ loop; checkpoints in ``OUT/<method>/``), and writes
   after training task ``i``), ``avg_acc`` (mean final accuracy), ``avg_drop`` (mean over
   tasks of final minus just-after accuracy; negative = forgetting), ``forgetting``
   (Chaudhry et al.), ``bwt``, ``wall_time_s`` (IMM also ``accuracy_matrix_merged`` and
-  ``merged``: its merged model, apart from the models as trained);
+  ``merged``: its merged model, apart from the models as trained; ``ridge`` also ``ridge``: per
+  task the strengths tried with their validation MSE and the one chosen, :mod:`mas_core.ridge`);
 * ``OUT/results.md`` and ``OUT/plots/accuracy.png``, ``OUT/plots/drop.png``
   (:func:`triplets.report.recognition_markdown`, :func:`triplets.report.write_recognition_plots`).
 
@@ -55,6 +56,7 @@ from mas_core.checkpoint import atomic_write_json, atomic_write_text, read_json,
 from mas_core.distributed import is_main_process, run_on_main_process, same_on_every_rank
 from mas_core.errors import CheckpointMismatchError, DivergenceError
 from mas_core.loop import OptimSettings
+from mas_core.ridge import RIDGE, ridge_settings
 from mas_core.sequence import Task, run_sequence
 
 from .config import to_dict
@@ -70,6 +72,7 @@ from .recognition_config import (
     load_recognition_config,
     parse_methods,
 )
+from .recognition_ridge import run_recognition_ridge
 from .recognition_data import build_tasks, ensure_prepared, make_trunk, model_factory, prepared_path, unlabeled_inputs
 from .report import recognition_markdown, write_recognition_plots
 from .results_schema import method_summary, results_document
@@ -157,31 +160,37 @@ def run_recognition(config: RecognitionConfig, out: str | Path, *, methods: Sequ
                           importance_data=test_inputs[i] if importance == "test" else None)
                      for i, t in enumerate(tasks)]
         base = method.split("@")[0]
-
-        def train(from_checkpoint: bool) -> Any:
-            return run_sequence(
-                make_model, run_tasks, base, optim, seed=config.seed, device=config.train.device,
+        if base == RIDGE:  # closed form on the frozen trunk: no optimizer, nothing to diverge
+            sequence_result, records = run_recognition_ridge(
+                make_model, run_tasks, ridge_settings(options), seed=config.seed, batch_size=config.train.batch_size,
                 eval_batch_size=config.train.eval_batch_size, num_workers=config.train.num_workers,
-                method_options=options or None, checkpoint_dir=method_dir, resume=from_checkpoint, progress=progress,
-                log=log, search=config.search.resolved_for(base, method) if config.search.enabled else None)
+                checkpoint_dir=method_dir, resume=resume, log=emit, write=main)
+            summary = method_summary(sequence_result, base, options, ridge=records)
+        else:
+            def train(from_checkpoint: bool) -> Any:
+                return run_sequence(
+                    make_model, run_tasks, base, optim, seed=config.seed, device=config.train.device,
+                    eval_batch_size=config.train.eval_batch_size, num_workers=config.train.num_workers,
+                    method_options=options or None, checkpoint_dir=method_dir, resume=from_checkpoint, progress=progress,
+                    log=log, search=config.search.resolved_for(base, method) if config.search.enabled else None)
 
-        try:  # the loop all-reduces a divergence, so every rank lands here alike
-            try:
-                sequence_result = train(resume)
-            except CheckpointMismatchError as exc:
-                if method not in diverged_before or "another configuration" not in str(exc):
-                    raise
-                # it diverged with other settings (the ones its error advised changing): start it over
-                emit(f"[{method}] diverged before with other settings ({str(exc).splitlines()[0]}); "
-                     "training it from the start")
-                sequence_result = train(False)
-        except DivergenceError as exc:
-            emit(f"[{method}] stopped: {exc}")
-            diverged[method] = str(exc)
-            first_divergence = first_divergence or exc
-            continue
-        summary = method_summary(sequence_result, base, options,
-                                 importance_data=importance if importance_from_inputs(base) else None)
+            try:  # the loop all-reduces a divergence, so every rank lands here alike
+                try:
+                    sequence_result = train(resume)
+                except CheckpointMismatchError as exc:
+                    if method not in diverged_before or "another configuration" not in str(exc):
+                        raise
+                    # it diverged with other settings (the ones its error advised changing): start it over
+                    emit(f"[{method}] diverged before with other settings ({str(exc).splitlines()[0]}); "
+                         "training it from the start")
+                    sequence_result = train(False)
+            except DivergenceError as exc:
+                emit(f"[{method}] stopped: {exc}")
+                diverged[method] = str(exc)
+                first_divergence = first_divergence or exc
+                continue
+            summary = method_summary(sequence_result, base, options,
+                                     importance_data=importance if importance_from_inputs(base) else None)
         per_method[method] = summary
         if main:
             atomic_write_json(saved_path, {"identity": identity, "result": summary}, checksum=True)

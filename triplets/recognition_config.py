@@ -2,7 +2,10 @@
 tasks, the shared trunk, the optimizer, the methods and their options.
 
 Method names: ``finetune``, ``joint``, ``mas``, ``lmas``, ``ewc``, ``si``, ``lwf``, ``imm``,
-``ebll`` (and any name :mod:`mas_core.regularizers` registers). A suffix ``@test`` or
+``ebll`` (and any name :mod:`mas_core.regularizers` registers), and ``ridge``: ridge regression from
+the frozen initial trunk's features to the one-hot labels (:mod:`triplets.recognition_ridge`; its
+options ``strengths`` and ``val_fraction``, :class:`mas_core.ridge.RidgeSettings`; the optimizer
+settings do not apply to it). A suffix ``@test`` or
 ``@train`` (e.g. ``mas@test``) overrides ``importance_data`` for that run: ``test`` estimates
 importance on the unlabelled test inputs of each task (the paper's Table 3); only methods whose
 regularizer declares ``importance_from_inputs`` (mas, lmas) accept ``@test``.
@@ -20,6 +23,7 @@ from mas_core.errors import MASCoreError, did_you_mean
 from mas_core.hparam_search import SearchSettings
 from mas_core.loop import JOINT, OptimSettings
 from mas_core.regularizers import METHODS, make_regularizer
+from mas_core.ridge import RIDGE, ridge_settings
 
 from .config import load_config
 
@@ -28,6 +32,7 @@ MAX_SIDE = 4096          # model.input_size / resize, pixels
 MAX_WIDTH = 1 << 16      # model.width / feature_dim
 MAX_BATCH = 1 << 24
 MAX_WORKERS = 256
+DEFAULT_TRUNK_BLOCKS = 16  # efficientnet_lite0: stem + all 16 blocks frozen, the head conv trains (as the fact model)
 ALL_METHODS = ("finetune", "lwf", "ebll", "imm", "ewc", "si", "mas", "lmas", JOINT)  # the paper's comparison
 
 
@@ -80,15 +85,28 @@ class ModelSpec:
     ``2*width`` channels and a ``feature_dim`` fully connected ReLU layer. ``alexnet`` /
     ``resnet18``: torchvision architectures with ImageNet weights read from the local file
     ``pretrained_weights`` (a state_dict; never downloaded); ``null`` trains from scratch.
+    ``efficientnet_lite0`` (:mod:`triplets.backbones`): ``pretrained_weights`` ``null`` is the
+    installed package's ImageNet weights, a path a local state_dict, ``scratch`` random weights;
+    the stem and the first ``trunk_blocks`` of its 16 blocks are frozen (``FrozenModule``: always
+    in eval mode, batch-norm statistics fixed), the remaining blocks and the head convolution
+    train, and the trunk's output is the pooled 1280-d feature ``mean_{h,w}`` of the head's map.
+    ``cache_features`` (efficientnet_lite0 without ``resize``, not ``scratch``): the frozen
+    prefix's output is computed once per image when the tasks are built, and the tasks hold it
+    instead of the images (the trunk is then the trainable suffix alone; the same numbers, the
+    prefix being a fixed function of the image). ``freeze_batch_norm`` (efficientnet_lite0): the
+    trainable suffix's batch norms keep their ImageNet statistics and affine parameters (eval mode,
+    ``FrozenModule``); otherwise their running statistics follow each new task's data, a change no
+    penalty on the parameters holds back.
 
     Inputs are ``channels`` x ``input_size`` x ``input_size``. With ``resize`` set, images are
     first resized to ``resize`` and cropped to ``input_size`` (random crop + horizontal flip
     for training when ``augment``, centre crop for testing): the paper's 256 → 224.
     ``normalize``: ``imagenet`` (mean/std of ImageNet) or ``unit`` ((x/255 − 0.5)/0.5);
-    ``auto`` picks imagenet for the pretrained architectures.
+    ``auto`` picks imagenet for the torchvision architectures and the backbone's own ((x − 0.5)/0.5,
+    i.e. [−1, 1]) for efficientnet_lite0. Grayscale sources are replicated to ``channels: 3``.
     """
 
-    arch: Literal["small_cnn", "alexnet", "resnet18"] = "small_cnn"
+    arch: Literal["small_cnn", "alexnet", "resnet18", "efficientnet_lite0"] = "small_cnn"
     input_size: int = 28
     channels: int = 1
     width: int = 32
@@ -97,6 +115,14 @@ class ModelSpec:
     resize: int | None = None
     augment: bool = False
     normalize: Literal["auto", "imagenet", "unit"] = "auto"
+    trunk_blocks: int | None = None  # efficientnet_lite0: frozen blocks (null: DEFAULT_TRUNK_BLOCKS)
+    cache_features: bool = False
+    freeze_batch_norm: bool = False
+
+    @property
+    def frozen_blocks(self) -> int:
+        """The efficientnet_lite0 blocks in the frozen prefix (``trunk_blocks`` or the default)."""
+        return DEFAULT_TRUNK_BLOCKS if self.trunk_blocks is None else int(self.trunk_blocks)
 
     def validate(self) -> None:
         if self.channels not in (1, 3):
@@ -114,6 +140,16 @@ class ModelSpec:
             value = getattr(self, key)
             if value is not None and value > most:
                 raise ValueError(f"model.{key} must be at most {most:,}, got {value}")
+        if self.arch != "efficientnet_lite0":
+            for key in ("trunk_blocks", "cache_features", "freeze_batch_norm"):
+                if getattr(self, key) not in (None, False):
+                    raise ValueError(f"model.{key} is for arch efficientnet_lite0; drop it for {self.arch}")
+            return
+        if isinstance(self.trunk_blocks, bool) or not 0 <= self.frozen_blocks <= 16:
+            raise ValueError(f"model.trunk_blocks must be an integer from 0 to 16, got {self.trunk_blocks!r}")
+        if self.cache_features and (self.resize is not None or self.pretrained_weights == "scratch"):
+            raise ValueError("model.cache_features needs the images at input_size (resize: null) and fixed "
+                             "pretrained weights (not scratch); drop cache_features or those keys")
 
 
 @dataclass
@@ -177,9 +213,9 @@ class RecognitionConfig:
                 raise ValueError(f"method_options: unknown method {key!r}{did_you_mean(key, sorted(known))}")
         for key, options in self.method_options.items():  # bad options fail here, before any training
             base = key.split("@")[0]
-            if base in METHODS:
+            if base in METHODS or base == RIDGE:
                 try:
-                    make_regularizer(base, **options)
+                    ridge_settings(options) if base == RIDGE else make_regularizer(base, **options)
                 except MASCoreError as exc:
                     raise ValueError(f"method_options.{key}: {exc}") from None
         self.search.validate()
@@ -187,8 +223,9 @@ class RecognitionConfig:
 
 
 def known_methods() -> list[str]:
-    """The method names accepted: the paper's set plus what :mod:`mas_core.regularizers` registers."""
-    return list(ALL_METHODS) + [name for name in METHODS if name not in ALL_METHODS]
+    """The method names accepted: the paper's set, ``ridge`` (:mod:`mas_core.ridge`, closed form on the
+    frozen trunk) and what :mod:`mas_core.regularizers` registers."""
+    return list(ALL_METHODS) + [RIDGE] + [name for name in METHODS if name not in ALL_METHODS]
 
 
 def importance_from_inputs(method: str) -> bool:
@@ -226,5 +263,5 @@ def load_recognition_config(path: str | Path, overrides: list[str] | None = None
     return load_config(path, RecognitionConfig, overrides)
 
 
-__all__ = ["ALL_METHODS", "ModelSpec", "OptimSpec", "RecognitionConfig", "TaskSpec", "importance_from_inputs",
+__all__ = ["ALL_METHODS", "DEFAULT_TRUNK_BLOCKS", "ModelSpec", "OptimSpec", "RecognitionConfig", "TaskSpec", "importance_from_inputs",
            "known_methods", "load_recognition_config", "parse_methods"]

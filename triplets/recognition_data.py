@@ -1,6 +1,7 @@
 """The data and the model of the recognition sequence: each task's images converted once to
 HDF5 (:func:`data_prep.images.prepare_image_dataset`), read as :class:`mas_core.sequence.Task`
-lists, and the shared trunk of the multi-head network (pretrained weights from a local file only).
+lists, and the shared trunk of the multi-head network (pretrained weights from a local file, or for
+efficientnet_lite0 from the installed weights package; nothing is downloaded).
 """
 from __future__ import annotations
 
@@ -14,14 +15,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.models as tv_models
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from data_prep.images import open_image_dataset, prepare_image_dataset
 from mas_core.sequence import MultiHeadNet, Task
 
+from .backbones import EFFICIENTNET_MEAN, EFFICIENTNET_STD, FrozenModule, pretrained_split
 from .model import IMAGENET_MEAN, IMAGENET_STD, load_local_weights
 from .recognition_config import ModelSpec, RecognitionConfig, TaskSpec
+
+EFFICIENTNET = "efficientnet_lite0"
 
 
 def prepared_path(spec: TaskSpec, data_dir: str | Path, seed: int) -> Path:
@@ -89,6 +93,8 @@ def _to_model_input(images: Any, model: ModelSpec) -> Any:
 
 def _normalisation(model: ModelSpec) -> tuple[Any, Any]:
     kind = model.normalize
+    if kind == "auto" and model.arch == EFFICIENTNET:  # the backbone's own standardisation, [−1, 1]
+        return torch.tensor(EFFICIENTNET_MEAN).view(-1, 1, 1), torch.tensor(EFFICIENTNET_STD).view(-1, 1, 1)
     if kind == "auto":
         kind = "unit" if model.arch == "small_cnn" else "imagenet"
     if kind == "imagenet":
@@ -104,11 +110,14 @@ def build_tasks(config: RecognitionConfig, *, log: Callable[[str], None] | None 
     """The :class:`mas_core.sequence.Task` list of ``config`` (``importance_data`` left unset).
 
     Without cropping the inputs are precomputed float tensors in a ``TensorDataset``; with
-    ``model.resize`` they are uint8 tensors cropped and normalised per item.
+    ``model.resize`` they are uint8 tensors cropped and normalised per item. With
+    ``model.cache_features`` the ``TensorDataset`` holds the frozen prefix's output instead
+    (:func:`prefix_features`), what :func:`make_trunk`'s suffix-only trunk reads.
     """
 
     emit = log or (lambda message: None)
     mean, std = _normalisation(config.model)
+    prefix = _frozen_prefix(config.model) if config.model.cache_features else None
     tasks = []
     for index, spec in enumerate(config.tasks):
         path = ensure_prepared(spec, config.data_dir, config.seed, emit)
@@ -120,6 +129,9 @@ def build_tasks(config: RecognitionConfig, *, log: Callable[[str], None] | None 
             labels = torch.from_numpy(view.labels.copy())
             if config.model.resize is None:
                 inputs = (images.float().div_(255.0) - mean) / std
+                if prefix is not None:
+                    emit(f"{spec.name}: the frozen prefix's features of {len(inputs)} {split} images")
+                    inputs = prefix_features(prefix, inputs)
                 parts[split] = TensorDataset(inputs, labels)
             else:
                 parts[split] = _CropDataset(images, labels, config.model.input_size, mean, std,
@@ -136,8 +148,40 @@ def unlabeled_inputs(dataset: Any) -> Any:
     return TensorDataset(torch.stack([dataset[i][0] for i in range(len(dataset))]))
 
 
+class GlobalMeanPool(nn.Module):
+    """``[B, C, H, W] → [B, C]``: ``mean_{h,w} x`` (EfficientNet-Lite0's pooled features)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.mean(dim=(2, 3))
+
+
+def _freeze_batch_norms(module: nn.Module) -> None:
+    """Replace every batch norm below ``module`` by ``FrozenModule(bn)`` (statistics and affine fixed)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(module, name, FrozenModule(child))
+        else:
+            _freeze_batch_norms(child)
+
+
+def _frozen_prefix(model: ModelSpec) -> nn.Module:
+    """The efficientnet_lite0 prefix (stem + the first ``trunk_blocks`` blocks) in eval mode, frozen."""
+    return FrozenModule(pretrained_split(EFFICIENTNET, model.pretrained_weights, model.frozen_blocks,
+                                         key="model.pretrained_weights").prefix)
+
+
+def prefix_features(prefix: nn.Module, inputs: Tensor, batch_size: int = 256) -> Tensor:
+    """``prefix(inputs)`` (standardised images ``[N, 3, S, S]``) batch by batch without gradients."""
+    prefix.eval()
+    with torch.no_grad():
+        return torch.cat([prefix(chunk) for chunk in inputs.split(batch_size)]) if len(inputs) else inputs
+
+
 def make_trunk(model: ModelSpec) -> tuple[Any, int]:
-    """Build the shared trunk and return ``(trunk, feature_dim)``; pretrained weights only from a local file."""
+    """Build the shared trunk and return ``(trunk, feature_dim)``; pretrained weights only from a
+    local file, or (efficientnet_lite0) the installed package's. efficientnet_lite0: the frozen
+    prefix (``FrozenModule``), the trainable suffix and the global mean pool, 1280 features; with
+    ``cache_features`` the suffix and the pool alone (the inputs are the prefix's output)."""
     if model.arch == "small_cnn":
         side = model.input_size // 4
         trunk = nn.Sequential(
@@ -146,6 +190,14 @@ def make_trunk(model: ModelSpec) -> tuple[Any, int]:
             nn.Flatten(), nn.Linear(2 * model.width * side * side, model.feature_dim), nn.ReLU(),
         )
         return trunk, model.feature_dim
+    if model.arch == EFFICIENTNET:
+        split = pretrained_split(EFFICIENTNET, model.pretrained_weights, model.frozen_blocks,
+                                 key="model.pretrained_weights")
+        if model.freeze_batch_norm:
+            _freeze_batch_norms(split.suffix)
+        if model.cache_features:  # the tasks hold the prefix's output (build_tasks)
+            return nn.Sequential(split.suffix, GlobalMeanPool()), split.feature_dim
+        return nn.Sequential(FrozenModule(split.prefix), split.suffix, GlobalMeanPool()), split.feature_dim
     network = tv_models.alexnet(weights=None) if model.arch == "alexnet" else tv_models.resnet18(weights=None)
     if model.pretrained_weights:
         load_local_weights(network, model.pretrained_weights, arch=model.arch, key="model.pretrained_weights")
@@ -167,4 +219,4 @@ def model_factory(model: ModelSpec) -> Callable[[], Any]:
     return make_model
 
 
-__all__ = ["build_tasks", "ensure_prepared", "make_trunk", "model_factory", "prepared_path", "unlabeled_inputs"]
+__all__ = ["GlobalMeanPool", "build_tasks", "ensure_prepared", "make_trunk", "prefix_features", "model_factory", "prepared_path", "unlabeled_inputs"]

@@ -217,6 +217,23 @@ def labels_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def ridge_table(results: dict[str, Any]) -> str:
+    """The strength ``λ`` the ridge baseline chose per task (:mod:`mas_core.ridge`; its records
+    under ``ridge``), one row per ridge method; ``""`` when there is none."""
+    chosen = {name: entry["ridge"] for name, entry in results["methods"].items()
+              if isinstance(entry.get("ridge"), list) and entry["ridge"]}
+    if not chosen:
+        return ""
+    tasks = _task_names(results)
+    lines = ["Ridge strength λ chosen per task (α = λ·tr(C)/d; the lowest mean squared error on a validation part "
+             "of the task's own training samples; results.json's ridge holds every try):", "",
+             "| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for name, records in chosen.items():
+        cells = {int(record["task"]): f"{float(record['strength']):g}" for record in records}
+        lines.append(f"| {name} | " + " | ".join(cells.get(j, "—") for j in range(len(tasks))) + " |")
+    return "\n".join(lines)
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     """The whole results.md text."""
     parts = ["# Results", "",
@@ -228,12 +245,9 @@ def render_markdown(results: dict[str, Any]) -> str:
              "whose final metrics those are; the row above it is the models as trained. mAP: fact → image mean "
              "average precision, averaged over tasks.", "",
              comparison_table(results), ""]
-    searched = search_table(results)
-    if searched:
-        parts += [searched, ""]
-    labelled = labels_table(results)
-    if labelled:
-        parts += [labelled, ""]
+    for table in (search_table(results), labels_table(results), ridge_table(results)):
+        if table:
+            parts += [table, ""]
     for name, entry in results["methods"].items():
         parts += [f"## {name}: accuracy matrix R (standard top-5, %)", "", matrix_table(_matrix(entry, name)), ""]
         if entry.get("accuracy_matrix_merged") is not None:
@@ -386,12 +400,9 @@ def recognition_markdown(results: dict[str, Any]) -> str:
     for name, _, R, last in finals:
         cells = [f"{_percent(last[j])} ({100.0 * (last[j] - R[j][j]):+.1f})" for j in range(len(tasks))]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    searched = search_table(results)
-    if searched:
-        lines += ["", searched]
-    labelled = labels_table(results)
-    if labelled:
-        lines += ["", labelled]
+    for table in (search_table(results), labels_table(results), ridge_table(results)):
+        if table:
+            lines += ["", table]
     diverged = results.get("diverged") or {}
     if diverged:
         lines += ["", "Diverged (not in the tables; `--resume` trains them again):", ""]

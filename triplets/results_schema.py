@@ -31,7 +31,9 @@ average accuracy, forgetting (Chaudhry et al. 2018: mean over ``j < T-1`` of
 ``R[T-1][j] - R[j][j]``). A method whose ``after_task`` changes the weights (IMM's merge) also
 has ``accuracy_matrix_merged`` (row ``i``: the model after ``after_task`` of task ``i``) and
 ``merged``: the metrics of the final merged model against the models as trained
-(:func:`mas_core.metrics.with_final_row`). Extras: the fact embedding's ``final`` (per mode and
+(:func:`mas_core.metrics.with_final_row`). Extras: ``ridge`` (the closed-form baseline,
+:mod:`mas_core.ridge`: per task the strengths tried with their validation MSE, the one chosen and
+its penalties ``alpha``; it has no ``lr`` or strength of an optimizer), the fact embedding's ``final`` (per mode and
 task the final retrieval metrics, of the final model: for IMM the merged one), the recognition
 sequence's ``importance_data``; both, when the config's ``search`` is enabled,
 ``hparam_search``: one record per task of what :mod:`mas_core.hparam_search` chose and why::

@@ -40,6 +40,7 @@ from mas_core.errors import CheckpointMismatchError, did_you_mean
 from .config import MAX_CONFIG_BYTES, from_dict, read_yaml, to_dict
 from .errors import ConfigError, RunFolderError
 from .fact_data import DATA_SHA_KEY, fact_file_fingerprint, file_identity, open_fact_file
+from .fact_ridge_model import rebuild_saved_model
 from .model import FactEmbeddingNet, ModelConfig, build_model
 from .report import write_report
 from .results_schema import results_document
@@ -300,9 +301,11 @@ class Run:
             raise RunFolderError(
                 f"{self.fact_file.path} has another fact vocabulary than the one {method!r} in {self.dir} was "
                 "trained on; use the run's own fact file")
-        model_config = from_dict(ModelConfig, state["model_config"], f"{path}: model_config")
-        model = build_model(model_config, int(state["slot_dim"]), int(state["image_size"]))
-        model.load_state_dict(state["model"])
+        model = rebuild_saved_model(state)  # the ridge baseline's model, else the config's
+        if model is None:
+            model_config = from_dict(ModelConfig, state["model_config"], f"{path}: model_config")
+            model = build_model(model_config, int(state["slot_dim"]), int(state["image_size"]))
+            model.load_state_dict(state["model"])
         return model.to(device).eval()
 
     def close(self) -> None:

@@ -1,6 +1,7 @@
 """Task-by-task training of the fact embedding, one run folder per experiment.
 
-For every method of the config (finetune, joint, mas, lmas, ewc, si, lwf, …) a fresh
+For every method of the config (finetune, joint, mas, lmas, ewc, si, lwf, …; ``ridge``, the
+closed-form baseline on the frozen EfficientNet-Lite0, :mod:`triplets.fact_ridge`) a fresh
 model is built with the same seed and trained on the tasks in order by the task loop
 (:func:`mas_core.loop.train_tasks`) on :class:`triplets.fact_experiment.FactExperiment`:
 the loss, importance data and per-task evaluation (standard top-5) are the experiment's; the
@@ -60,6 +61,7 @@ from mas_core.distributed import current, is_main_process, local_device, run_on_
 from mas_core.errors import MASCoreError
 from mas_core.loop import JOINT, OptimSettings, checkpoint_config, resolved_options, train_tasks
 from mas_core.regularizers import make_regularizer
+from mas_core.ridge import RIDGE
 
 from .config import to_dict
 from .errors import ConfigError, RunFolderError
@@ -73,6 +75,8 @@ from .fact_data import (
     vocabulary_fingerprint,
 )
 from .fact_experiment import FactContext, FactExperiment, fact_context
+from .fact_ridge import train_ridge_method
+from .fact_ridge_model import rebuild_saved_model, split_options
 from .feature_cache import FEATURE_DATASET, feature_cache_fingerprint, write_feature_cache
 from .index import build_index, model_fingerprint
 from .model import FactEmbeddingNet, build_model
@@ -113,6 +117,9 @@ def _check_method(method: MethodConfig) -> None:
     if method.name == JOINT:
         if method.options:
             raise ConfigError(f"method {method.key!r}: joint takes no options, got {sorted(method.options)}")
+        return
+    if method.name == RIDGE:
+        split_options(dict(method.options))
         return
     make_regularizer(method.name, **method.options)
 
@@ -194,7 +201,10 @@ def train_method(ctx: FactContext, method: MethodConfig, method_dir: Path, *, pr
     """Train one method over all tasks (the first ``stop_after_task``) with the task loop (resuming
     from its checkpoint if there is one, the last task's Ω replaced as ``online_importance`` says)
     and write ``model.pt`` and ``result.json`` (rank 0). A method whose ``result.json`` and
-    checkpoint exist and that has nothing left to train is not retrained: its saved result is returned."""
+    checkpoint exist and that has nothing left to train is not retrained: its saved result is returned.
+    ``ridge`` is the closed-form baseline on the frozen backbone (:mod:`triplets.fact_ridge`)."""
+    if method.name == RIDGE:
+        return train_ridge_method(ctx, method, method_dir, progress=progress, stop_after_task=stop_after_task)
     main = is_main_process()
     result_path = method_dir / "result.json"
     with same_on_every_rank():  # every rank reads the same files (written before this run)
@@ -254,8 +264,10 @@ def _write_index(out_dir: Path, config: TrainConfig, ctx: FactContext) -> None:
         if not model_path.exists():
             continue
         state = load_checkpoint(model_path, map_location="cpu")
-        model = build_model(config.model, ctx.slot_dim, ctx.image_size)
-        model.load_state_dict(state["model"])
+        model = rebuild_saved_model(state)  # the ridge baseline's model, else the config's
+        if model is None:
+            model = build_model(config.model, ctx.slot_dim, ctx.image_size)
+            model.load_state_dict(state["model"])
         build_run_indexes(out_dir / method.key / "index", model.eval(), ctx.fact_file, kind=config.eval.index,
                           device=str(ctx.device), batch_size=config.eval.batch_size)
 

@@ -1,0 +1,92 @@
+"""The fact embedding's ridge baseline (triplets.fact_ridge): per-slot masked ridge on the frozen
+EfficientNet-Lite0's pooled features, run by the fact runner with the same results, model file and
+resume as every method."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from test_train import SMALL_MODEL, make_tiny_fact_file
+from triplets.errors import ConfigError
+from triplets.model import slot_targets
+from triplets.train import DataConfig, EvalConfig, MethodConfig, OptimSettings, TrainConfig, load_run, train_run
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def facts(tmp_path_factory) -> Path:
+    return make_tiny_fact_file(tmp_path_factory.mktemp("ridge") / "facts.h5", num_tasks=2, facts_per_task=6,
+                               train_per_fact=4, test_per_fact=2)
+
+
+def _config(fact_file: Path, methods: list[MethodConfig], index: str = "none") -> TrainConfig:
+    return TrainConfig(data=DataConfig(fact_file=str(fact_file)), model=SMALL_MODEL,
+                       optim=OptimSettings(epochs=1, batch_size=16), methods=methods,
+                       eval=EvalConfig(index=index), num_threads=1)
+
+
+RIDGE = MethodConfig("ridge", {"strengths": [1e-4, 1e-2, 1.0]})
+
+
+def _comparable(result: dict) -> dict:
+    result = json.loads(json.dumps(result))
+    result.pop("wall_time_s")
+    return result
+
+
+def test_the_fact_ridge_is_masked_ridge_on_all_tasks_and_works_as_a_run_model(facts: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    results = train_run(_config(facts, [RIDGE, MethodConfig("finetune")], index="flat"), out, progress=False)
+    entry = results["methods"]["ridge"]
+    assert entry["method"] == "ridge" and len(entry["accuracy_matrix"]) == 2 and entry["accuracy_matrix"][0][1] is None
+    assert len(entry["final"]["generalized"]) == 2 and len(entry["ridge"]) == 2
+    assert entry["avg_acc"] == pytest.approx(np.mean(entry["accuracy_matrix"][1]))
+    assert "| ridge |" in (out / "results.md").read_text()
+    assert (out / "ridge" / "index" / "images.faiss").is_file()
+    with load_run(out) as run:
+        model = run.load_model("ridge")
+        fact_file = run.fact_file
+        targets = slot_targets(torch.as_tensor(np.asarray(fact_file.fact_embeddings)), unit_norm=True).double()
+        masks = torch.as_tensor(np.asarray(fact_file.slot_masks)).double()
+        indices = np.concatenate([fact_file.sample_indices(task=t, split=0) for t in range(2)])
+        images = torch.from_numpy(np.asarray(fact_file.pixels(np.sort(indices)))).permute(0, 3, 1, 2).float() / 255
+        fact_ids = torch.as_tensor(np.asarray(fact_file.sample_fact)[np.sort(indices)])
+        with torch.no_grad():
+            x = model.trunk_features(images).double()
+        design = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], 1)
+        alphas = entry["ridge"][1]["alpha"]
+        d = model.slot_dim
+        branch = torch.cat([model.subject_branch.weight, model.predicate_object_branch.weight]).double()
+        bias = torch.cat([model.subject_branch.bias, model.predicate_object_branch.bias]).double()
+        for k in range(3):  # each slot: weighted ridge with an unpenalised bias on both tasks' samples
+            w = masks[fact_ids, k]
+            penalty = alphas[k] * torch.eye(1281, dtype=torch.float64)
+            penalty[-1, -1] = 0
+            y = targets[fact_ids, k * d:(k + 1) * d]
+            solution = torch.linalg.solve(design.T @ (design * w[:, None]) + penalty, design.T @ (y * w[:, None]))
+            scale = float(solution.abs().max())
+            assert torch.allclose(branch[k * d:(k + 1) * d].T, solution[:-1], atol=1e-4 * scale, rtol=0)
+            assert torch.allclose(bias[k * d:(k + 1) * d], solution[-1], atol=1e-4 * scale, rtol=0)
+    assert 0.0 < entry["accuracy_matrix"][1][0] <= 1.0
+
+
+def test_a_resumed_fact_ridge_equals_an_uninterrupted_one(facts: Path, tmp_path: Path) -> None:
+    whole = train_run(_config(facts, [RIDGE]), tmp_path / "whole", progress=False)
+    config = _config(facts, [RIDGE])
+    train_run(config, tmp_path / "part", progress=False, stop_after_task=1)
+    resumed = train_run(config, tmp_path / "part", progress=False, resume=True)
+    assert _comparable(resumed["methods"]["ridge"]) == _comparable(whole["methods"]["ridge"])
+    first = torch.load(tmp_path / "whole" / "ridge" / "model.pt", weights_only=True)["model"]
+    second = torch.load(tmp_path / "part" / "ridge" / "model.pt", weights_only=True)["model"]
+    assert all(torch.equal(first[key], second[key]) for key in first)
+
+
+def test_bad_ridge_options_fail_before_training(facts: Path, tmp_path: Path) -> None:
+    for options in ({"lam": 1.0}, {"input_size": 4}, {"strengths": [-1.0]}):
+        with pytest.raises(ConfigError):
+            train_run(_config(facts, [MethodConfig("ridge", options)]), tmp_path / "bad", progress=False)
