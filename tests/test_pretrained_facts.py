@@ -127,3 +127,22 @@ def test_anchored_mas_in_the_recognition_loop_penalises_task_one():
                               progress=False)
         moved[anchor] = float((result.model.trunk[0].weight.detach() - start).norm())
     assert moved["start"] < 0.5 * moved["none"]
+
+
+def test_the_cache_written_in_channels_last_equals_the_trunk_in_the_default_layout(facts, tmp_path):
+    from triplets.fact_data import open_fact_file
+    from triplets.feature_cache import write_feature_cache
+
+    model = build_model(_model_config(), SLOT_DIM, 32).eval()
+    fact_file = open_fact_file(facts)
+    path = write_feature_cache(tmp_path / "features.h5", model, fact_file, fingerprint="x", batch_size=8)
+    import h5py
+    import numpy as np
+
+    with h5py.File(path) as handle:
+        cached = torch.from_numpy(handle["features"][:6])
+    pixels = torch.from_numpy(np.asarray(fact_file.pixels(np.arange(6)))).permute(0, 3, 1, 2).contiguous()
+    with torch.no_grad():
+        direct = model.trunk_features(pixels)
+    torch.testing.assert_close(cached, direct, rtol=1e-4, atol=1e-4)  # float32 rounding of another kernel order
+    assert all(p.is_contiguous() for p in model.trunk.parameters())  # the trunk is back in the default layout

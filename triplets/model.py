@@ -65,6 +65,7 @@ from .backbones import EFFICIENTNET_BLOCKS, SCRATCH, load_local_weights, pretrai
 from .errors import ConfigError
 
 BACKBONES = ("small_cnn", "resnet18", "vgg16", "alexnet", "efficientnet_lite0")
+EFFICIENTNET_PRETRAINED_DEPTH = 3  # an efficientnet_lite0 branch: suffix copy, pooling, flatten, then the projection
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -367,7 +368,7 @@ def _torchvision_backbone(config: ModelConfig, slot_dim: int) -> FactEmbeddingNe
             )
         model = FactEmbeddingNet(trunk, branch(slot_dim), branch(2 * slot_dim), slot_dim,
                                  mean=split.mean, std=split.std, input_size=config.input_size)
-        model.pretrained_depth = 3  # suffix copy, pooling, flatten
+        model.pretrained_depth = EFFICIENTNET_PRETRAINED_DEPTH
         return model
     else:  # pragma: no cover - validate() rejects other names
         raise ConfigError(f"model.backbone: unknown backbone {config.backbone!r}; use one of {list(BACKBONES)}")
