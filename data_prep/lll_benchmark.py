@@ -94,8 +94,8 @@ def layout_text(root: str | os.PathLike, split: str) -> str:
     """The expected layout in one line, for error messages."""
     match = SPLIT_NAME.match(str(split))
     tasks = match.group(1) if match else "T"
-    return (f"{Path(root) / 'splits' / split}/B<k>_train.csv, B<k>_test.csv, B<k>_facts.csv (k = 1..{tasks}), "
-            f"images under {Path(root) / 'images'}/, 900-float files under {Path(root) / 'NLP_feat'}/")
+    return (f"{Path(root)}/ holding splits/{split}/B<k>_train.csv, B<k>_test.csv, B<k>_facts.csv (k = 1..{tasks}), "
+            "images under images/, 900-float files under NLP_feat/")
 
 
 def find_task_files(root: str | os.PathLike, split: str) -> list[TaskFiles]:
@@ -134,9 +134,10 @@ def missing_fact_file_hint(path: str | os.PathLike) -> str | None:
     scale, num_tasks, kind = match.groups()
     split = f"{num_tasks}tasks_{kind}"
     root = path.parent.parent / SCALE_FOLDERS[scale]
-    return (f"data.fact_file: no file {path}; it is the lifelong-fact-learning benchmark ({SCALE_FOLDERS[scale]}, "
-            f"split {split}) prepared from {layout_text(root, split)}: run `mas-triplets prepare lll --root {root} "
-            f"--split {split} --out {path} --text-encoder native --image-size 224` first")
+    # the command first: the CLI shortens a line over 600 characters in its middle
+    return (f"data.fact_file: no file {path}; run `mas-triplets prepare lll --root {root} --split {split} "
+            f"--out {path} --text-encoder native --image-size 224` first: it is the lifelong-fact-learning "
+            f"benchmark ({SCALE_FOLDERS[scale]}, split {split}) prepared from {layout_text(root, split)}")
 
 
 # ---------------------------------------------------------------------------- CSV reading

@@ -312,7 +312,7 @@ def test_a_diverged_method_resumed_with_the_lower_strength_its_error_advises(tmp
                                                                              capsys: pytest.CaptureFixture) -> None:
     """The error advises a lower strength; resuming with it trains the method from the start (its
     checkpoint holds the diverged setting) and the record then says complete, nothing diverged."""
-    config = tiny_digits_config(tmp_path, ["finetune", "mas"], {"mas": {"lam": 1e12}})
+    config = tiny_digits_config(tmp_path, ["finetune", "mas"], {"mas": {"lam": 1e12, "penalty_step": "gradient"}})
     out = tmp_path / "run"
     assert main(["recognition", "--config", str(config), "--out", str(out), "--quiet"]) == 1
     finetune = (out / "finetune" / "result.json").read_bytes()
@@ -324,7 +324,7 @@ def test_a_diverged_method_resumed_with_the_lower_strength_its_error_advises(tmp
     assert not results.get("diverged") and results["methods"]["mas"]["options"]["lam"] == 1.0
     assert (out / "finetune" / "result.json").read_bytes() == finetune  # the finished method is kept as it was
     (tmp_path / "fresh").mkdir()
-    fresh = tiny_digits_config(tmp_path / "fresh", ["mas"], {"mas": {"lam": 1.0}})
+    fresh = tiny_digits_config(tmp_path / "fresh", ["mas"], {"mas": {"lam": 1.0, "penalty_step": "gradient"}})
     assert main(["recognition", "--config", str(fresh), "--out", str(tmp_path / "fresh" / "run"), "--quiet"]) == 0
     alone = json.loads((tmp_path / "fresh" / "run" / "results.json").read_text())["methods"]["mas"]
     assert alone["accuracy_matrix"] == results["methods"]["mas"]["accuracy_matrix"]  # the same as a fresh run
