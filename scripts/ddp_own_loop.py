@@ -71,6 +71,7 @@ def main() -> None:
             x = dataset.tensors[0][distributed.shard_positions(len(dataset), info)]
             probe(x).pow(2).sum().backward()
             naive = sum(float(p.grad.abs().sum()) for p in probe.parameters()) * world / len(dataset)
+            del probe  # a DDP wrapper must not outlive the process group (its destructor needs it)
         if distributed.is_main_process():
             with torch.no_grad():
                 accuracy = ", ".join(f"{(model(d.tensors[0]).argmax(1) == d.tensors[1]).float().mean():.3f}"
