@@ -21,8 +21,8 @@ from torch.utils.data import TensorDataset
 from data_prep.images import open_image_dataset, prepare_image_dataset
 from mas_core.sequence import MultiHeadNet, Task
 
-from .backbones import EFFICIENTNET_MEAN, EFFICIENTNET_STD, FrozenModule, pretrained_split
-from .model import IMAGENET_MEAN, IMAGENET_STD, load_local_weights
+from .backbones import EFFICIENTNET_MEAN, EFFICIENTNET_STD, FrozenModule, load_local_weights, pretrained_split
+from .model import IMAGENET_MEAN, IMAGENET_STD
 from .recognition_config import ModelSpec, RecognitionConfig, TaskSpec
 
 EFFICIENTNET = "efficientnet_lite0"
