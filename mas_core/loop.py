@@ -211,6 +211,9 @@ def train_tasks(experiment: Experiment, method: str | Regularizer, optim: OptimS
                                               joint, label, emit if log_epochs else (lambda message: None))
                 model.eval()
                 trained.eval()
+                collapsed = search.real_run_collapsed(experiment, trained, searched[-1], seed) if search else None
+                if collapsed is not None:  # ended below the bar the search accepted its strength by (§14.1)
+                    raise divergence(reg, task_optim, label, task, experiment.task_names[task], None, None, collapsed)
                 if changes_model:  # R[t] is the model as trained on task t, before after_task changes it
                     row = _evaluate_row(experiment, model, task, num_tasks)
                 _after_task_of_trained(experiment, model, trained, reg, task, device, task_optim, label)
