@@ -65,7 +65,7 @@ from mas_core.ridge import RIDGE
 
 from .config import to_dict
 from .errors import ConfigError, RunFolderError
-from .evaluate import embed_images
+from .evaluate import embed_images, stale_index_metrics
 from .fact_data import (
     DATA_SHA_KEY,
     check_fact_file,
@@ -92,6 +92,7 @@ from .run_folder import (
     results_dict,
 )
 from .results_schema import method_summary
+from .retrieval_report import summary_extras
 from .train_config import (
     DataConfig,
     EvalConfig,
@@ -214,6 +215,8 @@ def train_method(ctx: FactContext, method: MethodConfig, method_dir: Path, *, pr
     if main:
         method_dir.mkdir(parents=True, exist_ok=True)
     experiment = FactExperiment(ctx)
+    if ctx.config.eval.stale_index:  # the test-region embeddings after every task (triplets.stale_index)
+        experiment.stale_index_dir = method_dir
     checkpoint_path = method_dir / "checkpoint.pt"
     # a checkpoint written before checkpoints recorded the data is resumed as it was written
     experiment.record_data = not checkpoint_path.is_file() or recorded_data_sha256(checkpoint_path) is not None
@@ -240,7 +243,11 @@ def train_method(ctx: FactContext, method: MethodConfig, method_dir: Path, *, pr
     history = online_importance_history(result_path, queried.records)
     if history:
         extras["online_importance"] = history
+    if ctx.config.eval.stale_index:
+        extras["stale_index"] = stale_index_metrics(method_dir, ctx.fact_file, extras["final"]["standard"],
+                                                    len(outcome.accuracy))
     result = method_summary(outcome, method.name, method.options, **extras)
+    result.update(summary_extras(result))
     if main:
         atomic_write_json(result_path, result, checksum=True)
     return result
