@@ -133,3 +133,15 @@ def test_a_damaged_file_and_a_bad_option_are_refused(stale_run, tmp_path):
 
     with pytest.raises(ConfigError):
         from_dict(TrainConfig, {"eval": {"stale_index": "yes"}}, "test")
+
+
+def test_turning_the_option_on_when_resuming_a_started_method_is_refused_before_training(two_tasks, tmp_path):
+    out = tmp_path / "run"
+    config = dataclasses.replace(_config(two_tasks, stale=False), methods=[METHODS[1]])
+    train_run(config, out, progress=False, stop_after_task=1)
+    checkpoint = (out / "mas" / "checkpoint.pt").read_bytes()
+    with pytest.raises(RunFolderError, match="without eval.stale_index"):
+        train_run(dataclasses.replace(_config(two_tasks), methods=[METHODS[1]]), out, resume=True, progress=False)
+    assert (out / "mas" / "checkpoint.pt").read_bytes() == checkpoint     # nothing trained
+    finished = train_run(config, out, resume=True, progress=False)       # without it the run goes on
+    assert len(finished["methods"]["mas"]["accuracy_matrix"]) == 2

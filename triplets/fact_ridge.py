@@ -46,7 +46,7 @@ from .fact_data import FactSamples
 from .fact_ridge_model import SAVED_KEY, build_ridge_model, split_options
 from .results_schema import method_summary
 from .retrieval_report import summary_extras
-from .stale_index import save_task_embeddings
+from .stale_index import check_resume, save_task_embeddings
 
 class FactRidge:
     """A :class:`mas_core.ridge.RidgeExperiment` over a fact file (see the module docs)."""
@@ -142,6 +142,8 @@ def train_ridge_method(ctx: Any, method: Any, method_dir: Path, *, progress: boo
         method_dir.mkdir(parents=True, exist_ok=True)
     experiment = FactRidge(ctx, method.options)
     if ctx.config.eval.stale_index:
+        num_tasks = int(ctx.fact_file.num_tasks)
+        check_resume(method_dir, num_tasks if stop_after_task is None else min(int(stop_after_task), num_tasks))
         experiment.stale_index_dir = method_dir
     log = (lambda line: print(line, flush=True)) if progress and main else None
     outcome, records = run_ridge(experiment, ridge_settings(experiment.settings_options), seed=ctx.config.seed,

@@ -49,7 +49,7 @@ FIELD_KS = (1, 5, 10)
 IMAGE_TO_FACT_FIELD_KEYS = ("i2f_r1", "i2f_r5", "i2f_r10", "i2f_mrr")
 FACT_TO_IMAGE_FIELD_KEYS = ("f2i_r1", "f2i_r5", "f2i_r10")
 FIELD_KEYS = IMAGE_TO_FACT_FIELD_KEYS + FACT_TO_IMAGE_FIELD_KEYS
-BLOCK_BYTES = 1 << 27   # float32 scores of one block (128 MiB)
+BLOCK_BYTES = 1 << 26   # float32 scores of one block (64 MiB; the masks and comparisons add at most as much again)
 
 
 def row_hashes(vectors: np.ndarray) -> np.ndarray:

@@ -86,7 +86,8 @@ def retrieval_tables(results: dict[str, Any], rows: Sequence[dict[str, Any]]) ->
                  f"{mode} mode: {'each task’s own facts' if continual else 'the facts of all tasks'} as candidates"
                  + ("; diagonal mean: the standard top-5 right after learning each task (plasticity)" if continual
                     else "") + "):")
-        head = "| method | " + ("diagonal mean | forgetting (pts) | BWT (pts) | " if continual else "") + metric_header + " |"
+        continual_header = "diagonal mean | forgetting (pts) | BWT (pts) | " if continual else ""
+        head = "| method | " + continual_header + metric_header + " |"
         columns = 8 + (3 if continual else 0)
         lines = [title, "", head, "|---|" + "---:|" * columns]
         for name, entry in results["methods"].items():

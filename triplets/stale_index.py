@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
 from mas_core.checkpoint import atomic_write_bytes
 
@@ -97,6 +98,27 @@ def check_saved(method_dir: str | Path, tasks_trained: int) -> None:
             "(--set eval.stale_index=true) from its first task to evaluate a stale index")
 
 
+def check_resume(method_dir: str | Path, last_task: int) -> None:
+    """Before a method resumes with ``eval.stale_index`` on: refuse (one line) a checkpoint whose
+    finished tasks were trained without it when tasks up to ``last_task`` are still to train (their
+    rows could never be reported); a method with nothing left to train is not refused."""
+    path = Path(method_dir) / "checkpoint.pt"
+    if not path.is_file():
+        return
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        completed = len(state["accuracy"])
+    except Exception:  # noqa: BLE001 - a damaged checkpoint is reported by the loop's full load
+        return
+    if completed >= int(last_task):
+        return
+    missing = [s + 1 for s in range(completed) if not embeddings_path(method_dir, s).is_file()]
+    if missing:
+        raise RunFolderError(
+            f"{method_dir} finished task(s) {', '.join(map(str, missing))} without eval.stale_index, so its stale "
+            "index cannot be reported; resume without eval.stale_index or train the method in a new run folder")
+
+
 def load_task_embeddings(method_dir: str | Path, task: int, *, vocabulary: str,
                          test_sizes: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
     """The embeddings :func:`save_task_embeddings` wrote after ``task``, checked: its checksum, its
@@ -149,5 +171,5 @@ def stale_index_entry(rows: Sequence[Sequence[dict[str, Any]]], final_standard: 
     return {"metric": "standard", "rows": entry_rows}
 
 
-__all__ = ["STALE_FOLDER", "STALE_FORMAT", "STALE_KEYS", "check_saved", "embeddings_path", "load_task_embeddings",
+__all__ = ["STALE_FOLDER", "STALE_FORMAT", "STALE_KEYS", "check_resume", "check_saved", "embeddings_path", "load_task_embeddings",
            "save_task_embeddings", "stale_index_entry"]

@@ -66,6 +66,7 @@ from mas_core.ridge import RIDGE
 from .config import to_dict
 from .errors import ConfigError, RunFolderError
 from .evaluate import embed_images, stale_index_metrics
+from .stale_index import check_resume as check_stale_resume
 from .fact_data import (
     DATA_SHA_KEY,
     check_fact_file,
@@ -212,6 +213,8 @@ def train_method(ctx: FactContext, method: MethodConfig, method_dir: Path, *, pr
         if result_path.exists() and not (method_dir / "checkpoint.pt").exists():
             raise RunFolderError(f"{method_dir} has a result but no checkpoint; delete the folder to retrain "
                                  f"{method.key}")
+        if ctx.config.eval.stale_index:
+            check_stale_resume(method_dir, _last_task(ctx, stop_after_task))
     if main:
         method_dir.mkdir(parents=True, exist_ok=True)
     experiment = FactExperiment(ctx)
@@ -251,6 +254,12 @@ def train_method(ctx: FactContext, method: MethodConfig, method_dir: Path, *, pr
     if main:
         atomic_write_json(result_path, result, checksum=True)
     return result
+
+
+def _last_task(ctx: FactContext, stop_after_task: int | None) -> int:
+    """How many tasks a method has trained when this run ends (``stop_after_task`` or all)."""
+    num_tasks = int(ctx.fact_file.num_tasks)
+    return num_tasks if stop_after_task is None else min(int(stop_after_task), num_tasks)
 
 
 def _check_one_gpu_per_process(name: str, device: torch.device) -> None:
