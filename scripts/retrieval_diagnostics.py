@@ -18,6 +18,9 @@ Per method, over every task's test regions (standard mode: each task's own regio
   only the true fact a hit (no Sherlock group), averaged over the regions (as ``mrr``), over the
   facts (each fact's mean over its regions: every fact counts once, as in mAP), and over the rarer
   half of the facts;
+- ``map_masked`` / ``map_csls`` / ``map_zscored``: fact → image mAP with three corrections of a
+  per-region bias: the cosine over the fact's present slots only; CSLS, ``2·cos − r_x`` with ``r_x``
+  the region's mean cosine with its 10 nearest facts; each region's scores z-scored over the facts;
 - ``top1_on_frequent_facts``: the share of regions whose top-ranked fact is one of the 10 % of facts
   most often ranked first (1.0: every region answered with a few facts).
 """
@@ -41,7 +44,9 @@ def diagnose(model, fact_file, num_tasks: int, *, seed: int = 0) -> dict:
     table = fact_table(fact_file)
     rng = np.random.default_rng(seed)
     totals = {"map": [], "mrr": [], "slot_share": [], "mean_cosine": [], "within": [], "n10": [], "ap": [],
-              "positives": [], "rr_regions": [], "rr_facts": [], "rr_rare": [], "top1_frequent": []}
+              "positives": [], "rr_regions": [], "rr_facts": [], "rr_rare": [], "top1_frequent": [],
+              "masked": [], "csls": [], "zscored": []}
+    slot_mask = np.asarray(fact_file.slot_masks, dtype=np.float32)
     for task in range(num_tasks):
         images, truth = embed_images(model, fact_file.dataset(task, "test"))
         metrics = evaluate_embeddings(images, truth, fact_file, task, mode="standard")
@@ -71,6 +76,13 @@ def diagnose(model, fact_file, num_tasks: int, *, seed: int = 0) -> dict:
         totals["rr_facts"].append(per_fact.mean())
         totals["rr_rare"].append(per_fact[np.argsort(-counts, kind="stable")[len(ids) - len(ids) // 2:]].mean())
         first = np.bincount(ranked.argmax(0), minlength=len(candidates))
+        present = np.repeat(slot_mask[facts], d, axis=1)                     # [facts, D]: the fact's slots
+        totals["masked"].append(average_precision(scores / np.sqrt(np.maximum(present @ (images ** 2).T, 1e-12)),
+                                                  labels))
+        nearest = np.sort(ranked, axis=0)[-10:].mean(0)
+        totals["csls"].append(average_precision(2 * scores - nearest[None, :], labels))
+        rows = np.searchsorted(candidates, facts)
+        totals["zscored"].append(average_precision(((ranked - ranked.mean(0)) / ranked.std(0))[rows], labels))
         totals["top1_frequent"].append(np.sort(first)[::-1][:max(1, len(candidates) // 10)].sum() / len(truth))
     n10 = np.concatenate(totals["n10"]).astype(np.float64)
     ordered = np.sort(n10)[::-1]
@@ -95,6 +107,7 @@ def diagnose(model, fact_file, num_tasks: int, *, seed: int = 0) -> dict:
         "strict_mrr_facts": float(np.mean(totals["rr_facts"])),
         "strict_mrr_rarest_half": float(np.mean(totals["rr_rare"])),
         "top1_on_frequent_facts": float(np.mean(totals["top1_frequent"])),
+        **{f"map_{key}": float(np.mean(np.concatenate(totals[key]))) for key in ("masked", "csls", "zscored")},
     }
 
 

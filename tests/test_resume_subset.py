@@ -6,8 +6,10 @@ import dataclasses
 import json
 
 import torch
+import yaml
 
 from mas_core.hparam_search import SearchSettings
+from triplets.run_folder import load_run
 from triplets.train import MethodConfig, method_search, select_methods, train_run
 
 from test_train import _config, make_tiny_fact_file
@@ -36,6 +38,11 @@ def test_a_run_of_two_methods_resumes_with_one_and_equals_an_uninterrupted_run(t
     assert saved["start"] == 2.0                                               # its own start, not a mapping
     recorded = json.loads((tmp_path / "run" / "results.json").read_text())
     assert recorded["methods"]["mas"]["hparam_search"][1]["tries"][0]["value"] == 2.0
+    # the run folder still records ewc's start, and loads (ewc is among its methods)
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["search"]["start"] == {"mas": 2.0,
+                                                                                              "ewc": 4.0}
+    with load_run(tmp_path / "run") as run:
+        assert run.methods == ["mas", "ewc"]                   # ewc: its model after task 1 (--stop-after-task)
 
 
 def test_a_checkpoint_written_with_the_whole_mapping_resumes_with_it(tmp_path) -> None:

@@ -204,6 +204,15 @@ def same_search(saved: TrainConfig, config: TrainConfig) -> bool:
     return True
 
 
+def _merged_search(saved: TrainConfig, config: TrainConfig) -> Any:
+    """The search section to record on resume: ``config``'s, with a ``start`` mapping holding the
+    recorded entries too (``--methods`` keeps only the selected methods' entries; the recorded
+    methods that were not selected keep theirs)."""
+    if isinstance(saved.search.start, dict) and isinstance(config.search.start, dict):
+        return dataclasses.replace(config.search, start={**saved.search.start, **config.search.start})
+    return config.search
+
+
 def _has_start(config: TrainConfig, method: Any) -> bool:
     try:
         config.search.start_for(method.name, method.key)
@@ -235,7 +244,7 @@ def prepare_run_folder(config: TrainConfig, out_dir: Path, resume: bool) -> Trai
                 raise CheckpointMismatchError(
                     f"method {method.key!r} in {out_dir} was trained with options {old.options}; "
                     "resume with the original config or give the new setting another label")
-        recorded = dataclasses.replace(config, methods=methods)
+        recorded = dataclasses.replace(config, methods=methods, search=_merged_search(saved, config))
         for method in config.methods:  # damaged files are refused before anything is written
             for name in ("checkpoint.pt", "model.pt"):
                 if (out_dir / method.key / name).is_file():
