@@ -7,7 +7,7 @@ import argparse
 import sys
 from typing import Any
 
-from mas_core.distributed import same_on_every_rank
+from mas_core.distributed import process_group_session, same_on_every_rank
 
 from ..recognition import load_recognition_config, run_recognition
 from ..report import recognition_markdown
@@ -38,8 +38,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Load the config, run every method, print the results table; exit status 1 when a method
     diverged (the others' results are written, the diverged ones listed)."""
-    from ..cli import distributed_session  # noqa: PLC0415 - cli imports this module to register it
-
     with same_on_every_rank():  # read by every rank alike: rank 0 alone reports a bad config
         config = load_recognition_config(args.config, args.overrides)
         check_output_folder(args.out, "recognition", resume=args.resume)  # before any work (nothing written)
@@ -47,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     if args.methods:
         methods = [item.strip() for item in args.methods.split(",") if item.strip()]
     # under torchrun: gloo for a CPU train.device, nccl for cuda (every rank its LOCAL_RANK's GPU)
-    with distributed_session(config.train.device) as info:
+    with process_group_session(config.train.device) as info:
         results = run_recognition(config, args.out, methods=methods, resume=args.resume, progress=not args.quiet)
     diverged = results.get("diverged") or {}
     if info is None or info.is_main:

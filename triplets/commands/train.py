@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from mas_core.distributed import same_on_every_rank
+from mas_core.distributed import process_group_session, same_on_every_rank
 
 from ..errors import ConfigError
 from ..run_folder import check_output_folder
@@ -35,8 +35,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Read the config, join ``torchrun``'s process group when launched by it (the config's
     device picks gloo or nccl), train, and print the summary (rank 0 only)."""
-    from ..cli import distributed_session  # noqa: PLC0415 - cli imports this module to register it
-
     with same_on_every_rank():  # read by every rank alike: rank 0 alone reports a bad config
         config = load_train_config(args.config, args.overrides)
         if args.methods:
@@ -45,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         if args.stop_after_task is not None and args.stop_after_task < 1:
             raise ConfigError(f"--stop-after-task must be a positive number of tasks, got {args.stop_after_task}")
         check_output_folder(args.out, "facts", resume=args.resume)  # before any work: nothing is written on refusal
-    with distributed_session(device) as info:
+    with process_group_session(device) as info:
         results = train_run(config, args.out, resume=args.resume, progress=not args.no_progress,
                             stop_after_task=args.stop_after_task)
     if info is None or info.is_main:
