@@ -421,11 +421,11 @@ def test_a_divergence_after_the_search_names_what_the_search_chose(monkeypatch) 
 
     original = loop_module.train_task_epochs
 
-    def diverging_outside_the_search(experiment, trained, model, data, task, reg, optim, seed, *args):
-        if seed == SEED and task == 1:   # the loop's own training of task 2; the search uses derived seeds
+    def diverging_outside_the_search(experiment, trained, model, data, task, reg, settings):
+        if settings.seed == SEED and task == 1:   # the loop's own training of task 2; the search uses derived seeds
             raise DivergenceError(f"training diverged at task {task + 1}: the loss is nan; lower the learning "
-                                  f"rate (optim.lr, now {optim.lr})")
-        return original(experiment, trained, model, data, task, reg, optim, seed, *args)
+                                  f"rate (optim.lr, now {settings.optim.lr})")
+        return original(experiment, trained, model, data, task, reg, settings)
 
     monkeypatch.setattr(loop_module, "train_task_epochs", diverging_outside_the_search)
     settings = SearchSettings(enabled=True, lr_grid=GRID, start=4.0, max_tries=2, epochs=1)
