@@ -52,8 +52,10 @@ class TrainingInterrupted(Exception):
                  checkpoint: str | None = None) -> None:
         self.method, self.completed_tasks, self.num_tasks = method, completed_tasks, num_tasks
         self.task, self.checkpoint = task, checkpoint
-        where = (f"during task {task + 1}/{num_tasks} (it is trained again from its start on resume)"
-                 if task is not None else f"after task {completed_tasks}/{num_tasks}")
+        if task is not None:
+            where = f"during task {task + 1}/{num_tasks} (it is trained again from its start on resume)"
+        else:
+            where = f"after task {completed_tasks}/{num_tasks}" if completed_tasks else "before its first task"
         saved = (f"{checkpoint} holds tasks 1..{completed_tasks}" if checkpoint is not None and completed_tasks
                  else "no task was finished, nothing is saved")
         super().__init__(f"[{method}] interrupted {where}; {saved}")

@@ -128,12 +128,12 @@ def train_tasks(experiment: Experiment, method: str | Regularizer, optim: OptimS
     if first_task == 0 and run.last_task > 0 and run.reg.anchors_at_start:
         anchor_at_start(experiment, state.model, state.trained, run.reg, run.device, run.label, run.emit)
     for task in range(first_task, run.last_task):
+        if _stop_requested(run):  # a stop asked between two tasks (or before the first)
+            raise _interrupted(run, state, None)
         try:
             _finish_task(run, state, task, *train_one_task(run, state, task))
         except TrainingInterrupted:
             raise _interrupted(run, state, task) from None
-        if task + 1 < run.last_task and _stop_requested(run):
-            raise _interrupted(run, state, None)
     state.model.eval()
     return state.result(run, first_task)
 

@@ -55,6 +55,7 @@ from typing import Any
 from mas_core.checkpoint import atomic_write_json, atomic_write_text, read_json, remove_stale_temporaries
 from mas_core.distributed import is_main_process, run_on_main_process, same_on_every_rank
 from mas_core.errors import CheckpointMismatchError, DivergenceError
+from mas_core.experiment import LoopHooks
 from mas_core.loop import OptimSettings
 from mas_core.ridge import RIDGE, ridge_settings
 from mas_core.sequence import Task, run_sequence
@@ -100,11 +101,12 @@ def _importance_choice(config: RecognitionConfig, method: str) -> str:
 
 
 def run_recognition(config: RecognitionConfig, out: str | Path, *, methods: Sequence[str] | None = None,
-                    resume: bool = False, progress: bool = True,
-                    log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                    resume: bool = False, progress: bool = True, log: Callable[[str], None] | None = None,
+                    hooks: LoopHooks | None = None) -> dict[str, Any]:
     """Train the sequence once per method, write results.json / results.md / plots; return the results dict.
 
-    Under ``torchrun`` every rank calls it; rank 0 alone writes (see the module docs)."""
+    Under ``torchrun`` every rank calls it; rank 0 alone writes (see the module docs). ``hooks``: the
+    task loop's :class:`~mas_core.experiment.LoopHooks` for every method (:mod:`triplets.run_log`)."""
 
     with same_on_every_rank():
         try:
@@ -172,7 +174,8 @@ def run_recognition(config: RecognitionConfig, out: str | Path, *, methods: Sequ
                     make_model, run_tasks, base, optim, seed=config.seed, device=config.train.device,
                     eval_batch_size=config.train.eval_batch_size, num_workers=config.train.num_workers,
                     method_options=options or None, checkpoint_dir=method_dir, resume=from_checkpoint, progress=progress,
-                    log=log, search=config.search.resolved_for(base, method) if config.search.enabled else None)
+                    log=log, search=config.search.resolved_for(base, method) if config.search.enabled else None,
+                    hooks=hooks)
 
             try:  # the loop all-reduces a divergence, so every rank lands here alike
                 try:
