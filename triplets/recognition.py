@@ -77,6 +77,7 @@ from .recognition_ridge import run_recognition_ridge
 from .recognition_data import build_tasks, ensure_prepared, make_trunk, model_factory, prepared_path, unlabeled_inputs
 from .report import recognition_markdown, write_recognition_plots
 from .results_schema import method_summary, results_document
+from .run_log import run_hooks
 from .run_folder import (
     DATA_IDENTITY_NAME, check_output_folder, identity_as_recorded, package_versions, read_data_identity,
 )
@@ -106,7 +107,8 @@ def run_recognition(config: RecognitionConfig, out: str | Path, *, methods: Sequ
     """Train the sequence once per method, write results.json / results.md / plots; return the results dict.
 
     Under ``torchrun`` every rank calls it; rank 0 alone writes (see the module docs). ``hooks``: the
-    task loop's :class:`~mas_core.experiment.LoopHooks` for every method (:mod:`triplets.run_log`)."""
+    task loop's :class:`~mas_core.experiment.LoopHooks` for every method (:mod:`triplets.run_log`; by
+    default the metrics log ``OUT/metrics.csv`` alone)."""
 
     with same_on_every_rank():
         try:
@@ -136,6 +138,7 @@ def run_recognition(config: RecognitionConfig, out: str | Path, *, methods: Sequ
 
     # rank 0 converts the datasets once; the others wait for it, then read the same files
     run_on_main_process(prepare_folder_and_data)
+    hooks = run_hooks(out, hooks, main=main)  # OUT/metrics.csv at the least
     tasks = build_tasks(config, log=emit)
     test_inputs = [unlabeled_inputs(task.test) for task in tasks]
     optim = OptimSettings(**{f.name: getattr(config.train, f.name) for f in dataclasses.fields(OptimSettings)})

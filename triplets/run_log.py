@@ -233,6 +233,13 @@ class RunComforts:
         return True
 
 
+def run_hooks(run_dir: str | Path, hooks: LoopHooks | None, *, main: bool) -> LoopHooks:
+    """The hooks a runner gives the task loop for ``run_dir``: ``hooks`` when the command made them
+    (:class:`RunComforts`), else a :class:`MetricsLog` of the run folder (no TensorBoard, no Ctrl-C
+    handler: a library call installs no signal handler), so every run folder has its metrics log."""
+    return hooks if hooks is not None else MetricsLog(run_dir, main=main)
+
+
 def check_log_option(log: str) -> None:
     """Refuse, before any work, a ``--log`` the installation cannot write (one line naming the extra)."""
     if log == "tensorboard":
@@ -240,4 +247,4 @@ def check_log_option(log: str) -> None:
 
 
 __all__ = ["COLUMNS", "INTERRUPTED_EXIT", "LOG_CHOICES", "METRICS_NAME", "MetricsLog", "InterruptRequest",
-           "RunComforts", "check_log_option", "read_metrics", "resume_command", "tensorboard_writer_class"]
+           "RunComforts", "check_log_option", "read_metrics", "resume_command", "run_hooks", "tensorboard_writer_class"]

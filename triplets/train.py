@@ -82,6 +82,7 @@ from .feature_cache import FEATURE_DATASET, feature_cache_fingerprint, write_fea
 from .index import build_index, model_fingerprint
 from .model import FactEmbeddingNet, build_model
 from .online_importance import QueriedImportanceOnResume, check_queried_importance, online_importance_history
+from .run_log import run_hooks
 from .run_folder import (
     Run,
     collect_results,
@@ -155,7 +156,7 @@ def train_run(config: TrainConfig, out_dir: str | Path, *, resume: bool = False,
     written for the model after task ``k``); ``resume=True`` later continues with task ``k + 1``,
     the last task protected as ``config.online_importance`` says (:mod:`triplets.online_importance`).
     ``hooks``: the task loop's :class:`~mas_core.experiment.LoopHooks` for every method (the metrics
-    log and the Ctrl-C of :mod:`triplets.run_log`)."""
+    log and the Ctrl-C of :mod:`triplets.run_log`; by default the metrics log ``RUN/metrics.csv`` alone)."""
     with same_on_every_rank():  # the checks before training fail alike on every rank
         config = dataclasses.replace(config, data=dataclasses.replace(
             config.data, fact_file=str(Path(config.data.fact_file).expanduser().resolve())))
@@ -186,6 +187,7 @@ def train_run(config: TrainConfig, out_dir: str | Path, *, resume: bool = False,
         recorded = run_on_main_process(lambda: prepare_run_folder(config, out_dir, resume))
         ctx.data_sha256 = (read_data_identity(out_dir) or {}).get("fact_file", {}).get("sha256")
         finished: dict[str, Any] = {}
+        hooks = run_hooks(out_dir, hooks, main=is_main_process())  # RUN/metrics.csv at the least
         for method in config.methods:
             finished[method.key] = train_method(ctx, method, out_dir / method.key, progress=progress,
                                                 stop_after_task=stop_after_task, hooks=hooks)
