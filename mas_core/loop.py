@@ -46,6 +46,17 @@ Resume: the checkpoint holds the model (unwrapped), the regularizer's state, the
 accuracy matrix, the log and the RNG states; the per-task seed and the per-epoch order depend
 only on ``(seed, t, e)``, so a resumed run equals an uninterrupted one bit for bit, on any
 number of processes.
+
+The parts: :func:`train_tasks` checks its arguments into a :class:`~mas_core.loop_state.LoopRun`
+(what does not change from task to task) and builds a :class:`~mas_core.loop_state.LoopState`
+(what a checkpoint holds: ``from_checkpoint`` / ``to_checkpoint``); :func:`train_one_task` trains one
+task and owns the search's back-off; its epochs are :func:`mas_core.epochs.train_task_epochs`'s, with
+one :class:`~mas_core.epochs.EpochSettings`; :mod:`mas_core.task_end` holds ``after_task``, the
+anchor at the start and the task's row. A caller may watch and stop the loop through
+:class:`~mas_core.experiment.LoopHooks` (``hooks=``): a record after every epoch and every task
+(rank 0), and after every step the question whether to stop (all ranks' answers combined, carried by
+the step's loss all-reduce), answered with :class:`~mas_core.errors.TrainingInterrupted`; the
+checkpoint of the last finished task stays as it was, so a resumed run equals an uninterrupted one.
 """
 from __future__ import annotations
 
