@@ -216,15 +216,14 @@ def _without_seconds(rows: list[dict[str, str]]) -> list[dict[str, str]]:
 
 
 @pytest.mark.slow
-def test_ctrl_c_mid_task_exits_130_and_resume_equals_an_uninterrupted_run(tmp_path) -> None:
+def test_ctrl_c_mid_task_exits_130_and_resume_equals_an_uninterrupted_run(tmp_path, capsys) -> None:
     """SIGINT, sent to `mas-triplets train` once MAS's second task has logged an epoch: exit 130, the
     printed --resume command finishes the run, and results.json and metrics.csv (wall times aside)
     equal an uninterrupted run's."""
     config = _fact_config(tmp_path)
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "triplets.cli", "train", "--config", str(config), "--no-progress"]
-    reference = subprocess.run(command + ["--out", str(tmp_path / "whole")], env=env, capture_output=True, text=True)
-    assert reference.returncode == 0, reference.stderr
+    assert main(["train", "--config", str(config), "--no-progress", "--out", str(tmp_path / "whole")]) == 0
     out = tmp_path / "stopped"
     process = subprocess.Popen(command + ["--out", str(out)], env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
@@ -242,9 +241,7 @@ def test_ctrl_c_mid_task_exits_130_and_resume_equals_an_uninterrupted_run(tmp_pa
     words = resume_line.removeprefix("continue with: ").split()
     assert words[:2] == ["mas-triplets", "train"] and words[-1] == "--resume"
     assert (out / "finetune" / "result.json").is_file() and not (out / "results.json").exists()
-    resumed = subprocess.run([sys.executable, "-m", "triplets.cli", *words[1:]], env=env, capture_output=True,
-                             text=True)
-    assert resumed.returncode == 0, resumed.stderr
+    assert main(words[1:]) == 0  # the printed command, as a user would paste it (in this process)
     whole = json.loads((tmp_path / "whole" / "results.json").read_text())
     again = json.loads((out / "results.json").read_text())
     for document in (whole, again):
@@ -254,3 +251,30 @@ def test_ctrl_c_mid_task_exits_130_and_resume_equals_an_uninterrupted_run(tmp_pa
     reference_rows = _without_seconds(read_metrics(tmp_path / "whole" / METRICS_NAME))
     assert _without_seconds(read_metrics(out / METRICS_NAME)) == reference_rows
     assert len(reference_rows) == 2 * 3 * 20 + 2 * (1 + 2 + 3)
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
+                    reason="Debian dataset-fashion-mnist not installed (make test-data)")
+def test_recognition_writes_the_same_metrics_log(tmp_path, capsys) -> None:
+    """`mas-triplets recognition` goes through the same comforts: rows per epoch and per evaluation,
+    IMM's merged rows, none for ridge (no epochs)."""
+    config = {"name": "r", "seed": 0, "data_dir": str(tmp_path / "data"),
+              "tasks": [{"name": "a", "dataset": "fashion_mnist", "classes": [0, 2], "max_train_per_class": 20,
+                         "max_test_per_class": 10},
+                        {"name": "b", "dataset": "fashion_mnist", "classes": [1, 3], "max_train_per_class": 20,
+                         "max_test_per_class": 10}],
+              "model": {"arch": "small_cnn", "input_size": 28, "channels": 1, "width": 4, "feature_dim": 16},
+              "train": {"epochs": 2, "lr": 0.05, "momentum": 0.9, "batch_size": 16},
+              "methods": ["finetune", "imm", "ridge"]}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["recognition", "--config", str(path), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    rows = read_metrics(tmp_path / "run" / METRICS_NAME)
+    epochs = [(r["method"], r["task"], r["epoch"]) for r in rows if r["epoch"]]
+    assert epochs == [(m, t, e) for m in ("finetune", "imm") for t in "12" for e in "12"]
+    evaluations = [(r["method"], r["task"], r["evaluated_task"], r["metric"]) for r in rows if r["metric"]]
+    assert ("finetune", "2", "2", "accuracy") in evaluations and ("imm", "2", "1", "accuracy (merged)") in evaluations
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    final = {(r["method"], r["evaluated_task"]): float(r["value"]) for r in rows if r["task"] == "2" and r["metric"] == "accuracy"}
+    assert final[("finetune", "1")] == results["methods"]["finetune"]["accuracy_matrix"][1][0]
+    assert not any(r["method"] == "ridge" for r in rows)
