@@ -11,9 +11,12 @@ The loop (:func:`mas_core.loop.train_task_epochs`) stops a task with a
 
    (checked only when ``L̄_1 > 0``; a task of one epoch is checked for NaN/Inf only);
 3. the method's ``after_task`` raises :class:`~mas_core.errors.NonFiniteError` on the trained model
-   (e.g. MAS's importance of a model whose outputs exploded; the loop converts it).
+   (e.g. MAS's importance of a model whose outputs exploded; the loop converts it);
+4. with a search, the task's real training ended below the bar its strength passed, on the search's
+   own validation samples (:meth:`mas_core.hparam_search.SearchSettings.real_run_collapsed`): a
+   collapse at a bounded loss.
 
-All three are the same event for the hyperparameter search's back-off (``docs/method.md`` §14).
+All four are the same event for the hyperparameter search's back-off (``docs/method.md`` §14).
 Why ``k = 100`` (``docs/method.md`` §14.1): in the 215 runs of ``benchmarks/loss_collapse_survey.py``
 that finished with a working model (split digits; an MLP and a small CNN with BatchNorm; MAS, EWC, SI,
 IMM; both penalty steps; λ from 1e-3 to 1e4; two learning rates; ``docs/loss_collapse_survey*.jsonl``)

@@ -216,9 +216,11 @@ class TaskSearch(Protocol):
     (:class:`mas_core.hparam_search.SearchSettings`): ``choose`` returns a record whose ``"lr"``
     and ``"strength"`` (a dict for :meth:`Regularizer.set_strength`) the task is trained with;
     ``back_off(record, error)`` gives the smaller strength to retrain the task with when that
-    training diverged (and records it in ``record``), or ``None`` when there is none. ``choose`` is
-    given ``stop`` (a callable, see :class:`LoopHooks`) only when the loop has hooks: a search may
-    pass it to its trial runs' :class:`~mas_core.epochs.EpochSettings`."""
+    training diverged (and records it in ``record``), or ``None`` when there is none;
+    ``real_run_collapsed(experiment, trained, record, seed)`` says, after the real training, whether
+    the task ended below the bar its strength was accepted by (a divergence too), else ``None``.
+    ``choose`` is given ``stop`` (a callable, see :class:`LoopHooks`) only when the loop has hooks: a
+    search may pass it to its trial runs' :class:`~mas_core.epochs.EpochSettings`."""
 
     def identity(self) -> dict[str, Any]: ...
 
@@ -227,6 +229,9 @@ class TaskSearch(Protocol):
                log: Callable[[str], None]) -> dict[str, Any]: ...
 
     def back_off(self, record: dict[str, Any], error: str) -> dict[str, float] | None: ...
+
+    def real_run_collapsed(self, experiment: Any, trained: nn.Module, record: dict[str, Any],
+                           seed: int) -> str | None: ...
 
 
 # --------------------------------------------------------------------------- what the loop tells while it runs

@@ -84,6 +84,7 @@ from .regularizers.base import Finetune, Regularizer, TaskInfo, describe_strengt
 DEFAULT_KEY = "default"
 
 
+
 class SearchableExperiment(Experiment, Protocol):
     """An :class:`~mas_core.loop.Experiment` the search can run on: it also scores a module on
     some of a task's own training samples.
@@ -231,6 +232,40 @@ class SearchSettings:
                 f"is no better than chance ({record['chance_level']:.3f}); see the reason below")
         log(f"[{label}] task {task + 1} search: {describe_choice(record)}; {record['reason']}")
         return record
+
+    def real_run_collapsed(self, experiment: SearchableExperiment, trained: nn.Module, record: dict[str, Any],
+                           seed: int) -> str | None:
+        """The fourth divergence event (``docs/method.md`` §14.1): ``None``, or what to say when the
+        task's **real** training ended below the bar its strength was accepted by.
+
+        With ``T = (1 − tolerance)·A*`` the record's threshold (the strength passed it on ``V_t``
+        after ``E`` epochs on ``S_t``) and ``A_real`` the metric of ``trained`` after the real run on
+        the same ``V_t`` (module docs, step 1), which the real run **trained on**, for more or as many
+        epochs, the run has collapsed when
+
+            A_real < T − 2·√(T(1 − T)/|V_t|)      (or A_real is not finite)
+
+        A healthy real run scores at least what the accepted search run scored on samples it had not
+        seen; one that ends below that bar, by more than two standard errors of a proportion measured
+        on ``|V_t|`` samples (so that a small validation split's noise does not trip it), on its own
+        training samples has lost the task (LwF at a large λ_o ends every task at chance with a
+        bounded loss, which no loss rule sees). Checked
+        only where the stability phase ran (a ``threshold`` and a searched strength to back off
+        from); the loop then backs off as from a NaN."""
+        threshold = record.get("threshold")
+        if threshold is None or not record.get("tries"):
+            return None
+        _, positions = split_positions(len(experiment.train_data([record["task"]])), self.val_fraction, seed,
+                                       record["task"])
+        value = float(experiment.validation_score(trained, record["task"], positions))
+        bar = float(threshold)
+        bound = bar - 2.0 * math.sqrt(max(bar * (1.0 - bar), 0.0) / len(positions))
+        if math.isfinite(value) and value >= bound:
+            return None
+        return (f"the task's own validation score after training, {value:.3f}, is below the bar "
+                f"{bar:.3f} = (1 − {self.tolerance:g})·{record['reference_acc']:.3f} its strength passed in "
+                f"the search, by more than two standard errors on {len(positions)} samples (bound {bound:.3f}): "
+                f"a collapse at a bounded loss")
 
     def back_off(self, record: dict[str, Any], error: str) -> dict[str, float] | None:
         """The strength to retrain a task with after its real training diverged at ``record``'s

@@ -70,7 +70,7 @@ from torch import nn
 
 from . import distributed
 from .checkpoint import atomic_write_text, save_checkpoint, seed_everything
-from .divergence import searched_divergence
+from .divergence import divergence, searched_divergence
 from .epochs import EpochSettings, derived_seed, epoch_shares, train_task_epochs
 from .errors import DivergenceError, EmptyDataError, MASCoreError, TrainingInterrupted
 from .experiment import (Experiment, ImportanceSource, LoopHooks, OptimSettings, SequenceResult, TaskRecord,
@@ -236,12 +236,18 @@ def train_one_task(run: LoopRun, state: LoopState, task: int) -> tuple[float, li
 
 def _attempt(run: LoopRun, state: LoopState, task: int, data: TrainData,
              settings: EpochSettings) -> tuple[float, list[float | None]]:
-    """One attempt at task ``task`` (after ``reg.before_task``): its epochs, then (evaluated before it
-    when it changes the weights) the method's ``after_task``."""
+    """One attempt at task ``task`` (after ``reg.before_task``): its epochs, with a search the check that
+    the real run did not end below the bar its strength passed (``search.real_run_collapsed``: a
+    divergence, backed off like a NaN), then (evaluated before it when it changes the weights) the
+    method's ``after_task``."""
     experiment, model, trained = run.experiment, state.model, state.trained
     mean_loss = train_task_epochs(experiment, trained, model, data, task, run.reg, settings)
     model.eval()
     trained.eval()
+    search = run.search
+    collapsed = search.real_run_collapsed(experiment, trained, state.searched[-1], run.seed) if search else None
+    if collapsed is not None:  # ended below the bar the search accepted its strength by (§14.1)
+        raise divergence(run.reg, settings.optim, run.label, task, experiment.task_names[task], None, None, collapsed)
     row: list[float | None] = []
     if run.changes_model:  # R[t] is the model as trained on task t, before after_task changes it
         row = evaluate_row(experiment, model, task, run.num_tasks)

@@ -3,6 +3,8 @@ after_task (issue 28 item 10): the loop stops the task with a one-line Divergenc
 search it backs off exactly as from a NaN (mas_core.divergence, docs/method.md §14.1)."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from sklearn.datasets import load_digits
@@ -145,3 +147,55 @@ def test_the_real_finite_collapse_of_the_survey_is_caught() -> None:
     with pytest.raises(DivergenceError, match="collapse at a finite loss"):
         run_sequence(_digit_model, _digit_tasks(), "mas", OptimSettings(epochs=5, lr=0.01, batch_size=32), seed=0,
                      method_options={"lam": 1000.0, "penalty_step": "gradient"}, progress=False)
+
+
+def test_a_searched_task_that_ends_at_chance_at_a_bounded_loss_is_backed_off() -> None:
+    """LwF at λ_o 16, lr 0.05 on split digits: task 2 ends at chance (0.43 on a two-way task; λ_o 4
+    learns it, 0.99) with every epoch's loss bounded, the case of the searched split Fashion-MNIST
+    (λ_o 2048) that no loss rule sees. Since issue 23 (§14.1, event 4) a searched task's own
+    validation score after the real run is checked against the search's bar: below it, the task is backed off like a NaN
+    until it learns (16 → 8 here: 0.83 on the test split). Fails without the check (no back-off, task 2 at 0.43)."""
+    optim = OptimSettings(epochs=5, lr=0.05, batch_size=32)
+    tasks = _digit_tasks()[:2]
+    plain = run_sequence(_digit_model, tasks, "lwf", optim, seed=0, method_options={"lam": 16.0}, progress=False)
+    assert plain.accuracy[1][1] < 0.5  # the collapse, without the search: nothing fires
+    lines: list[str] = []
+    settings = _Forced(enabled=True, lr_grid=[0.05], start=1.0, decay=0.5, max_tries=8, forced={1: 16.0})
+    experiment = ClassificationExperiment(_digit_model, tasks, importance_batch_size=32)
+    result = train_tasks(experiment, "lwf", optim, seed=0, search=settings, method_options={"lam": 16.0},
+                         log=lines.append)
+    record = result.hparam_search[1]
+    assert record["reference_acc"] > 0.9 and not record["reference_collapsed"]
+    assert record["backoff"] and all("below the bar" in entry["error"] and "bounded loss" in entry["error"]
+                                     for entry in record["backoff"])
+    assert record["backoff"][0]["strength"] == {"lam": 16.0}
+    assert record["strength"] == {"lam": 8.0} and result.accuracy[1][1] > 0.8  # 0.83 against 0.43
+    assert any("task 2 (23): training diverged at lam=16" in line for line in lines)
+
+
+def test_the_real_run_rule_is_the_search_bar_on_the_task_own_validation_samples() -> None:
+    """``real_run_collapsed``: the real run's score on V_t against the record's threshold
+    T = (1 − tolerance)·A*, less two standard errors of a proportion on |V_t| samples; off where the stability phase did not run (no threshold or no tries)."""
+    from mas_core.hparam_search import SearchSettings
+
+    class _Scored:
+        def __init__(self, value: float) -> None:
+            self.value = value
+
+        def train_data(self, tasks):
+            return list(range(50))
+
+        def validation_score(self, module, task, positions):
+            assert len(positions) == 10  # the search's V_t: 20 % of 50
+            return self.value
+
+    settings = SearchSettings(enabled=True)
+    record = {"task": 1, "threshold": 0.72, "reference_acc": 0.9, "tries": [{"value": 4.0, "val_acc": 0.8}]}
+    bound = 0.72 - 2.0 * math.sqrt(0.72 * 0.28 / 10)  # two standard errors below the bar on |V_t| = 10
+    assert settings.real_run_collapsed(_Scored(bound), None, record, 0) is None
+    said = settings.real_run_collapsed(_Scored(bound - 0.01), None, record, 0)
+    assert f"is below the bar 0.720 = (1 − 0.2)·0.900" in said and f"on 10 samples (bound {bound:.3f})" in said
+    assert "bounded loss" in said
+    assert settings.real_run_collapsed(_Scored(float("nan")), None, record, 0) is not None
+    assert settings.real_run_collapsed(_Scored(0.1), None, {**record, "threshold": None}, 0) is None
+    assert settings.real_run_collapsed(_Scored(0.1), None, {**record, "tries": []}, 0) is None

@@ -356,7 +356,7 @@ def _recognition_yaml(root: Path, search: dict) -> Path:
 
 
 def test_the_recognition_command_records_and_prints_the_choices(tmp_path, capsys) -> None:
-    config = _recognition_yaml(tmp_path, {"enabled": True, "lr_grid": [0.1, 0.01],
+    config = _recognition_yaml(tmp_path, {"enabled": True, "lr_grid": [0.03, 0.01],
                                           "start": {"mas": 4.0, "mas@test": 2.0}, "max_tries": 3, "epochs": 1})
     assert main(["recognition", "--config", str(config), "--out", str(tmp_path / "run"), "--quiet"]) == 0
     printed = capsys.readouterr().out
@@ -364,7 +364,7 @@ def test_the_recognition_command_records_and_prints_the_choices(tmp_path, capsys
     assert results["config"]["search"]["enabled"] is True
     for method in ("finetune", "mas", "mas@test"):
         records = results["methods"][method]["hparam_search"]
-        assert [r["task"] for r in records] == [0, 1] and all(r["lr"] in (0.1, 0.01) for r in records)
+        assert [r["task"] for r in records] == [0, 1] and all(r["lr"] in (0.03, 0.01) for r in records)
         assert all(r["train_samples"] == 24 and r["val_samples"] == 6 for r in records)
     mas = results["methods"]["mas"]["hparam_search"][1]
     assert mas["strength"]["lam"] in [t["value"] for t in mas["tries"]] and mas["reason"]

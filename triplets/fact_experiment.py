@@ -32,7 +32,7 @@ from mas_core.loop import ImportanceSource
 
 from .config import to_dict
 from .errors import ConfigError, RunFolderError
-from .evaluate import MODES, evaluate_embeddings, evaluate_task, final_metrics
+from .evaluate import MODES, candidate_facts, evaluate_embeddings, evaluate_task, final_metrics
 from .fact_data import DATA_SHA_KEY, FactSamples, open_fact_file
 from .feature_cache import (
     FeatureSamples,
@@ -220,6 +220,13 @@ class FactExperiment:
         embeddings = torch.cat(vectors).numpy().astype("float32")
         return float(evaluate_embeddings(embeddings, torch.cat(fact_ids).numpy().astype("int64"), self.ctx.fact_file,
                                          task, mode="standard")["top5"])
+
+    def chance_score(self, task: int) -> float:
+        """``min(5, C)/C`` with ``C`` the task's candidate facts (standard mode): the top-5 of a
+        uniformly random ranking, the level at or below which the search's plasticity reference counts as
+        collapsed (:mod:`mas_core.hparam_search`)."""
+        count = len(candidate_facts(self.ctx.fact_file, task, "standard"))
+        return min(5, count) / max(count, 1)
 
     def _top5(self, model: FactEmbeddingNet, task: int) -> float:
         ctx = self.ctx
