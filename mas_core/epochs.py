@@ -116,19 +116,12 @@ class _TaskSteps:
         optim = settings.optim
         self.optimizer = torch.optim.SGD(_parameter_groups(experiment, trained, self.parameters, data, task, settings),
                                          lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
-        self.penalties: list[Tensor] | None = [] if settings.events is not None else None
+        self.penalties: list[Tensor | float] | None = [] if settings.events is not None else None
+        self.step_loss = _step_loss(experiment, reg, task, self.penalties)  # holds nothing that holds it: no cycle
         find_unused = True
         if self.info is not None and not settings.joint:  # probe once whether every trained parameter takes part
             find_unused = _some_parameter_unused(trained, self.parameters, data, self.step_loss, task, settings)
         self.wrapped = distributed.wrap_for_training(trained, self.step_loss, find_unused_parameters=find_unused)
-
-    def step_loss(self, module: nn.Module, batch: Any, scale: float) -> Tensor:
-        """``scale·experiment.loss + reg.penalty`` of one batch (the penalty term kept for the epoch record)."""
-        task_loss = scale * self.experiment.loss(module, batch, self.task)
-        penalty = self.reg.penalty(module, batch_input(batch))
-        if self.penalties is not None:
-            self.penalties.append(penalty.detach())
-        return task_loss + penalty
 
     def diverged(self, epoch: int, step: int | None, what: str) -> Exception:
         """The task's :class:`~mas_core.errors.DivergenceError` at ``epoch`` (and ``step``)."""
@@ -152,7 +145,8 @@ class _TaskSteps:
                 raise self.diverged(epoch, step, f"the penalty is not finite ({exc})") from None
             # Σ_r loss_r / N: the global-batch loss, the same number (and decision) on every rank
             reduced = loss.detach().to(torch.float64).reshape(1).clone()
-            if settings.stop is not None:  # the stop request travels with the loss: every rank stops alike
+            asked = self.info is not None and settings.stop is not None
+            if asked:  # several processes: the stop request travels with the loss, so every rank stops alike
                 reduced = torch.cat([reduced, reduced.new_tensor([1.0 if settings.stop() else 0.0])])
             reduced = distributed.all_reduce_tensor(reduced)
             value = float(reduced[0]) / world_size
@@ -167,7 +161,7 @@ class _TaskSteps:
             if reg.uses_step_hook:
                 reg.after_step(self.trained)
             epoch_total += value
-            if settings.stop is not None and float(reduced[1]) > 0:
+            if settings.stop is not None and (float(reduced[1]) > 0 if asked else settings.stop()):
                 raise TrainingInterrupted(settings.label, 0, len(self.experiment.task_names), task=self.task)
         return epoch_total, len(shares), self._mean_penalty(len(shares), world_size)
 
@@ -175,10 +169,29 @@ class _TaskSteps:
         """The epoch's mean penalty term over its steps and the ranks (one all-reduce per epoch)."""
         if self.penalties is None:
             return math.nan
-        total = torch.zeros(1, dtype=torch.float64, device=self.settings.device)
-        for value in self.penalties:
-            total += value.to(torch.float64)
+        tensors = [value for value in self.penalties if isinstance(value, Tensor)]
+        total = torch.tensor([sum(value for value in self.penalties if not isinstance(value, Tensor))],
+                             dtype=torch.float64, device=self.settings.device)
+        if tensors:  # one stack and one sum per epoch, not one per step
+            total += torch.stack([value.reshape(()) for value in tensors]).to(torch.float64).sum()
         return float(distributed.all_reduce_tensor(total)[0]) / world_size / max(steps, 1)
+
+
+def _step_loss(experiment: Experiment, reg: Regularizer, task: int,
+               penalties: list[Tensor | float] | None) -> Callable[[nn.Module, Any, float], Tensor]:
+    """``step_loss(module, batch, scale) = scale·experiment.loss + reg.penalty`` of one batch (the penalty
+    term appended to ``penalties`` for the epoch record, when given). A closure over the task's parts
+    only, so that the DDP wrapper holding it forms no reference cycle (the model and the optimizer's
+    state are freed as soon as the task's epochs end, not at the next garbage collection)."""
+
+    def step_loss(module: nn.Module, batch: Any, scale: float) -> Tensor:
+        task_loss = scale * experiment.loss(module, batch, task)
+        penalty = reg.penalty(module, batch_input(batch))
+        if penalties is not None:
+            penalties.append(penalty.detach() if isinstance(penalty, Tensor) else float(penalty))
+        return task_loss + penalty
+
+    return step_loss
 
 
 def epoch_shares(n: int, batch_size: int, seed: int, task: int, epoch: int,
