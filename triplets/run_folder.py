@@ -185,6 +185,33 @@ def check_recorded_data(identity: dict[str, Any], records: list[tuple[str, str |
                 f"{identity['sha256'][:16]}…, {where} records {recorded[:16]}…; restore that file or start a new run")
 
 
+def same_search(saved: TrainConfig, config: TrainConfig) -> bool:
+    """Whether ``config``'s search is the recorded one for the methods it trains: every setting equal,
+    and a ``start`` mapping compared by each of ``config``'s methods' own start (``--methods`` keeps
+    only the selected methods' entries, so a subset resumes a run started with more)."""
+    old, new = to_dict(saved.search), to_dict(config.search)
+    old.pop("start", None)
+    new.pop("start", None)
+    if old != new:
+        return False
+    for method in config.methods:
+        try:
+            if saved.search.start_for(method.name, method.key) != config.search.start_for(method.name, method.key):
+                return False
+        except ValueError:  # no start for this method in one of them: equal only if in neither
+            if _has_start(saved, method) or _has_start(config, method):
+                return False
+    return True
+
+
+def _has_start(config: TrainConfig, method: Any) -> bool:
+    try:
+        config.search.start_for(method.name, method.key)
+    except ValueError:
+        return False
+    return True
+
+
 def prepare_run_folder(config: TrainConfig, out_dir: Path, resume: bool) -> TrainConfig:
     """Create or check the run folder (:func:`check_output_folder`; on ``resume`` the config and the
     fact file's content must be the recorded ones); return the config whose methods are recorded
@@ -195,6 +222,8 @@ def prepare_run_folder(config: TrainConfig, out_dir: Path, resume: bool) -> Trai
     if config_path.exists():
         saved = read_run_config(config_path)
         for section in ("data", "model", "optim", "loss", "search", "seed"):
+            if section == "search" and same_search(saved, config):
+                continue
             if to_dict(getattr(saved, section)) != to_dict(getattr(config, section)):
                 raise CheckpointMismatchError(
                     f"{out_dir} was trained with another {section!r} section; resume with the original config "

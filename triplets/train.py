@@ -99,6 +99,7 @@ from .train_config import (
     EvalConfig,
     LossConfig,
     MethodConfig,
+    SearchSettings,
     TrainConfig,
     load_train_config,
     select_methods,
@@ -136,8 +137,25 @@ def method_checkpoint_config(config: TrainConfig, method: MethodConfig, data_sha
     recorded = checkpoint_config(ctx_identity, method.name, method.name == JOINT,
                                  resolved_options(method.name, dict(method.options)), config.optim, config.seed)
     if config.search.enabled:
-        recorded["search"] = config.search.identity()
+        recorded["search"] = method_search(config, method).identity()
     return recorded
+
+
+def method_search(config: TrainConfig, method: MethodConfig, saved: dict[str, Any] | None = None) -> SearchSettings:
+    """The search settings one method trains with: a ``search.start`` mapping replaced by the
+    method's own start, so that its checkpoint does not depend on which other methods ``--methods``
+    selected. ``saved``: the ``"search"`` identity of the method's existing checkpoint; one written
+    with the whole mapping (before this rule) is resumed with that mapping when it gives this method
+    the same start (the training is the same either way)."""
+    own = config.search.resolved_for(method.name, method.key)
+    if saved and isinstance(saved.get("start"), dict) and not isinstance(own.start, dict):
+        legacy = dataclasses.replace(config.search, start=dict(saved["start"]))
+        try:
+            if legacy.start_for(method.name, method.key) == own.start:
+                return legacy
+        except ValueError:
+            pass
+    return own
 
 
 def train_run(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
@@ -201,6 +219,17 @@ def train_run(config: TrainConfig, out_dir: str | Path, *, resume: bool = False,
         fact_file.close()
 
 
+def _method_search(config: TrainConfig, method: MethodConfig, checkpoint_path: Path) -> SearchSettings | None:
+    """:func:`method_search`, reading the search identity of an existing checkpoint; ``None`` when
+    the search is off."""
+    if not config.search.enabled:
+        return None
+    saved = None
+    if checkpoint_path.is_file():
+        saved = (load_checkpoint(checkpoint_path, map_location="cpu").get("config") or {}).get("search")
+    return method_search(config, method, saved)
+
+
 def train_method(ctx: FactContext, method: MethodConfig, method_dir: Path, *, progress: bool = True,
                  stop_after_task: int | None = None, hooks: LoopHooks | None = None) -> dict[str, Any]:
     """Train one method over all tasks (the first ``stop_after_task``) with the task loop (resuming
@@ -231,7 +260,7 @@ def train_method(ctx: FactContext, method: MethodConfig, method_dir: Path, *, pr
                               method_options=dict(method.options), label=method.key, checkpoint_dir=method_dir,
                               resume=True, log=log, log_epochs=False, stop_after_task=stop_after_task,
                               after_resume=queried if ctx.config.online_importance.use != "none" else None,
-                              search=ctx.config.search if ctx.config.search.enabled else None, hooks=hooks)
+                              search=_method_search(ctx.config, method, checkpoint_path), hooks=hooks)
     if outcome.trained_tasks == 0 and result_path.exists():
         return read_json(result_path, what="method result")
     model = outcome.model
