@@ -126,10 +126,10 @@ def train_tasks(experiment: Experiment, method: str | Regularizer, optim: OptimS
     started = time.perf_counter()
     seed_everything(seed)
     model = experiment.build_model().to(run.device)
-    state = LoopState.fresh(run, model, experiment.trained_module(model), started)
-    path = run.checkpoint_path
+    trained, path = experiment.trained_module(model), run.checkpoint_path
+    state = LoopState.fresh(run, model, trained, started)
     if resume and path is not None and path.is_file():
-        state.load_checkpoint(run, read_checkpoint(path, run.config, run.device))
+        state = LoopState.from_checkpoint(run, model, trained, started, read_checkpoint(path, run.config, run.device))
         run.emit(f"[{run.label}] resumed from {path} after task {state.completed_tasks}/{run.num_tasks}")
         if after_resume is not None and state.completed_tasks < run.last_task:
             after_resume(state.model, state.trained, run.reg, state.completed_tasks)
