@@ -13,7 +13,13 @@ Per method, over every task's test regions (standard mode: each task's own regio
 - ``hub_share_top1pc``: the share of all facts' top-10 region lists held by the 1 % of regions
   that appear in the most lists (hubness; 0.01 when no region is a hub), and ``n10_skewness``, the
   skewness of that count N₁₀ (Radovanović et al., JMLR 2010);
-- ``ap_by_positives``: mean per-fact AP for facts with 1, 2–4, 5–19 and ≥ 20 test regions.
+- ``ap_by_positives``: mean per-fact AP for facts with 1, 2–4, 5–19 and ≥ 20 test regions;
+- ``strict_mrr_regions`` / ``strict_mrr_facts`` / ``strict_mrr_rarest_half``: image → fact MRR with
+  only the true fact a hit (no Sherlock group), averaged over the regions (as ``mrr``), over the
+  facts (each fact's mean over its regions: every fact counts once, as in mAP), and over the rarer
+  half of the facts;
+- ``top1_on_frequent_facts``: the share of regions whose top-ranked fact is one of the 10 % of facts
+  most often ranked first (1.0: every region answered with a few facts).
 """
 from __future__ import annotations
 
@@ -35,7 +41,7 @@ def diagnose(model, fact_file, num_tasks: int, *, seed: int = 0) -> dict:
     table = fact_table(fact_file)
     rng = np.random.default_rng(seed)
     totals = {"map": [], "mrr": [], "slot_share": [], "mean_cosine": [], "within": [], "n10": [], "ap": [],
-              "positives": []}
+              "positives": [], "rr_regions": [], "rr_facts": [], "rr_rare": [], "top1_frequent": []}
     for task in range(num_tasks):
         images, truth = embed_images(model, fact_file.dataset(task, "test"))
         metrics = evaluate_embeddings(images, truth, fact_file, task, mode="standard")
@@ -55,6 +61,17 @@ def diagnose(model, fact_file, num_tasks: int, *, seed: int = 0) -> dict:
         labels = truth[None, :] == facts[:, None]
         totals["ap"].append(average_precision(scores, labels))
         totals["positives"].append(labels.sum(1))
+        candidates = candidate_facts(fact_file, task, "standard")
+        ranked = table.unit_rows(candidates) @ images.T                     # [candidates, regions]
+        own = ranked[np.searchsorted(candidates, truth), np.arange(len(truth))]
+        reciprocal = 1.0 / (1 + (ranked > own[None, :]).sum(0))
+        ids, inverse, counts = np.unique(truth, return_inverse=True, return_counts=True)
+        per_fact = np.bincount(inverse, weights=reciprocal) / counts
+        totals["rr_regions"].append(reciprocal.mean())
+        totals["rr_facts"].append(per_fact.mean())
+        totals["rr_rare"].append(per_fact[np.argsort(-counts, kind="stable")[len(ids) - len(ids) // 2:]].mean())
+        first = np.bincount(ranked.argmax(0), minlength=len(candidates))
+        totals["top1_frequent"].append(np.sort(first)[::-1][:max(1, len(candidates) // 10)].sum() / len(truth))
     n10 = np.concatenate(totals["n10"]).astype(np.float64)
     ordered = np.sort(n10)[::-1]
     top_count = max(1, len(ordered) // 100)
@@ -74,6 +91,10 @@ def diagnose(model, fact_file, num_tasks: int, *, seed: int = 0) -> dict:
         "n10_skewness": float(((n10 - n10.mean()) ** 3).mean() / n10.std() ** 3),
         "ap_by_positives": by_positives,
         "map_per_task": [float(v) for v in totals["map"]],
+        "strict_mrr_regions": float(np.mean(totals["rr_regions"])),
+        "strict_mrr_facts": float(np.mean(totals["rr_facts"])),
+        "strict_mrr_rarest_half": float(np.mean(totals["rr_rare"])),
+        "top1_on_frequent_facts": float(np.mean(totals["top1_frequent"])),
     }
 
 

@@ -43,7 +43,7 @@ def _config(fact_file: Path, *, methods, cache: bool) -> TrainConfig:
     return TrainConfig(
         data=DataConfig(fact_file=str(fact_file)), model=model,
         optim=OptimSettings(epochs=1, batch_size=8, lr=0.01),
-        methods=methods, eval=EvalConfig(index="none", batch_size=16), num_threads=1,
+        methods=methods, eval=EvalConfig(index="none", batch_size=16, stale_index=cache), num_threads=1,
     )
 
 
@@ -93,6 +93,8 @@ def test_cached_run_equals_frozen_trunk_run_and_the_cache_is_reused(facts, tmp_p
         assert np.allclose(np.array(R_frozen, dtype=float), np.array(R_cached, dtype=float), atol=1e-9, equal_nan=True)
         assert cached["methods"][method]["final"]["generalized"][1]["top5"] == pytest.approx(
             frozen["methods"][method]["final"]["generalized"][1]["top5"])
+        rows = cached["methods"][method]["stale_index"]["rows"]  # the cached path's stale index: C[T] = fresh
+        assert rows[-1]["stale"] == rows[-1]["fresh"] and [row["index_after_task"] for row in rows] == [1, 2]
         a = torch.load(tmp_path / "frozen" / method / "model.pt", weights_only=True)["model"]
         b = torch.load(cached_dir / method / "model.pt", weights_only=True)["model"]
         assert a.keys() == b.keys()

@@ -24,10 +24,10 @@ def facts(tmp_path_factory) -> Path:
                                train_per_fact=4, test_per_fact=2)
 
 
-def _config(fact_file: Path, methods: list[MethodConfig], index: str = "none") -> TrainConfig:
+def _config(fact_file: Path, methods: list[MethodConfig], index: str = "none", stale: bool = False) -> TrainConfig:
     return TrainConfig(data=DataConfig(fact_file=str(fact_file)), model=SMALL_MODEL,
                        optim=OptimSettings(epochs=1, batch_size=16), methods=methods,
-                       eval=EvalConfig(index=index), num_threads=1)
+                       eval=EvalConfig(index=index, stale_index=stale), num_threads=1)
 
 
 RIDGE = MethodConfig("ridge", {"strengths": [1e-4, 1e-2, 1.0]})
@@ -76,11 +76,18 @@ def test_the_fact_ridge_is_masked_ridge_on_all_tasks_and_works_as_a_run_model(fa
 
 
 def test_a_resumed_fact_ridge_equals_an_uninterrupted_one(facts: Path, tmp_path: Path) -> None:
-    whole = train_run(_config(facts, [RIDGE]), tmp_path / "whole", progress=False)
-    config = _config(facts, [RIDGE])
+    whole = train_run(_config(facts, [RIDGE], stale=True), tmp_path / "whole", progress=False)
+    config = _config(facts, [RIDGE], stale=True)
     train_run(config, tmp_path / "part", progress=False, stop_after_task=1)
     resumed = train_run(config, tmp_path / "part", progress=False, resume=True)
     assert _comparable(resumed["methods"]["ridge"]) == _comparable(whole["methods"]["ridge"])
+    # the stale-index embeddings (triplets.stale_index): the same files; the last row is the fresh figure
+    for name in ("after_task_1.npz", "after_task_2.npz"):
+        assert ((tmp_path / "part" / "ridge" / "stale_index" / name).read_bytes()
+                == (tmp_path / "whole" / "ridge" / "stale_index" / name).read_bytes())
+    rows = whole["methods"]["ridge"]["stale_index"]["rows"]
+    assert rows[-1]["stale"] == rows[-1]["fresh"] and rows[-1]["stale"]["top5"] == whole["methods"]["ridge"]["avg_acc"]
+    assert [task["top5"] for task in rows[0]["per_task"]] == whole["methods"]["ridge"]["accuracy_matrix"][0][:1]
     first = torch.load(tmp_path / "whole" / "ridge" / "model.pt", weights_only=True)["model"]
     second = torch.load(tmp_path / "part" / "ridge" / "model.pt", weights_only=True)["model"]
     assert all(torch.equal(first[key], second[key]) for key in first)

@@ -48,7 +48,10 @@ the facts of all tasks. The fact vectors are ``fact_file.fact_embeddings``.
 In ``RUN/results.json`` each method's ``"final"`` entry (:func:`final_metrics`) is
 ``{"standard": [m_0, …, m_{T−1}], "generalized": [m_0, …]}`` with, per task t,
 ``m_t = {"top1", "top5", "top10", "mrr", "map", "map_at_10", "map_at_100", "num_images",
-"num_candidates"}`` measured on task t's test images after the last task.
+"num_candidates"}`` measured on task t's test images after the last task, plus the strict
+retrieval figures of :mod:`triplets.retrieval_metrics` (``i2f_r1``, ``i2f_r5``, ``i2f_r10``,
+``i2f_mrr``, ``f2i_r1``, ``f2i_r5``, ``f2i_r10``). With ``eval.stale_index`` a method also has
+``"stale_index"`` (:func:`stale_index_metrics`, :mod:`triplets.stale_index`).
 """
 from __future__ import annotations
 
@@ -68,7 +71,11 @@ from .errors import RunFolderError, TripletsError
 from .fact_data import fact_file_fingerprint
 from .index import normalize_rows, score_blocks
 from .report import render_markdown, write_report
+from .retrieval_report import summary_extras
+from .retrieval_metrics import average_precision, average_precision_at_k, field_metrics, row_hashes  # noqa: F401
+from .retrieval_metrics import first_equal_rows as _first_equal_rows
 from .run_folder import load_run
+from .stale_index import check_saved, load_task_embeddings, stale_index_entry
 
 Mode = Literal["standard", "generalized"]
 MODES = ("standard", "generalized")
@@ -119,35 +126,6 @@ def _check_ids(ids: np.ndarray, count: int, name: str) -> np.ndarray:
     if array.size and (array.min() < 0 or array.max() >= count):
         raise TripletsError(f"{name} hold fact ids outside 0..{count - 1}; the data and the fact list disagree")
     return array
-
-
-def row_hashes(vectors: np.ndarray) -> np.ndarray:
-    """int64 [n]: a hash of each row's bytes (equal rows, equal hashes; within this process)."""
-    return np.fromiter((hash(row.tobytes()) for row in np.ascontiguousarray(vectors)), dtype=np.int64,
-                       count=len(vectors))
-
-
-def _first_equal_rows(vectors: np.ndarray, rows: np.ndarray | None = None,
-                      hashes: np.ndarray | None = None) -> torch.Tensor | None:
-    """For each of ``rows`` (default: all) of ``vectors``, the position in ``rows`` of the first one
-    with exactly the same values (int64 [len(rows)]), or None when all differ. ``hashes``:
-    :func:`row_hashes` of those rows, when known. Equal vectors must score equal: a blocked GEMM
-    may round the products of two equal columns differently (by their place in a block), so
-    their scores are copied from one."""
-    rows = np.arange(len(vectors)) if rows is None else rows
-    if len(rows) < 2:
-        return None
-    hashes = row_hashes(vectors[rows]) if hashes is None else hashes
-    _, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
-    representative = first[inverse.reshape(-1)]
-    copies = np.flatnonzero(representative != np.arange(len(rows)))
-    if copies.size == 0:
-        return None
-    same = (vectors[rows[copies]] == vectors[rows[representative[copies]]]).all(axis=1)  # not a collision?
-    representative[copies[~same]] = copies[~same]
-    if (representative == np.arange(len(rows))).all():
-        return None
-    return torch.from_numpy(representative.astype(np.int64))
 
 
 def _group_members(candidate_keys: np.ndarray, level: np.ndarray,
@@ -371,47 +349,6 @@ def _ap_from_positive_ranks(scores: torch.Tensor, by_fact: np.ndarray, first: np
     return float(ap.sum()), sums[0], sums[1]
 
 
-def average_precision(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Row-wise AP = Σ_thresholds (R_n − R_{n−1}) P_n (sklearn's definition; ties share a threshold).
-
-    ``scores``, ``labels`` (bool): [q, n]. Rows without positives give 0.
-    """
-    scores = np.atleast_2d(scores)
-    labels = np.atleast_2d(labels).astype(bool)
-    count = scores.shape[1]
-    order = np.argsort(-scores, axis=1, kind="stable")
-    sorted_scores = np.take_along_axis(scores, order, axis=1)
-    sorted_labels = np.take_along_axis(labels, order, axis=1)
-    true_positives = np.cumsum(sorted_labels, axis=1)
-    is_group_end = np.ones_like(sorted_labels)
-    is_group_end[:, :-1] = sorted_scores[:, :-1] != sorted_scores[:, 1:]
-    column = np.broadcast_to(np.arange(count), sorted_scores.shape)
-    end_of_group = np.where(is_group_end, column, count)
-    end_of_group = np.minimum.accumulate(end_of_group[:, ::-1], axis=1)[:, ::-1]   # next group end at or after i
-    group_precision = np.take_along_axis(true_positives, end_of_group, axis=1) / (end_of_group + 1.0)
-    positives = sorted_labels.sum(axis=1)
-    summed = (sorted_labels * group_precision).sum(axis=1)
-    return np.divide(summed, positives, out=np.zeros(len(scores)), where=positives > 0)
-
-
-def average_precision_at_k(scores: np.ndarray, labels: np.ndarray, k: int, positives: np.ndarray | None = None,
-                           positions: np.ndarray | None = None) -> np.ndarray:
-    """Row-wise AP@k = (1 / min(k, #positives)) Σ_{i ≤ k, label_i} precision@i (ties against positives)."""
-    scores = np.atleast_2d(scores)
-    labels = np.atleast_2d(labels).astype(bool)
-    if positives is None:
-        positives = labels.sum(axis=1).astype(np.float64)
-    top = min(int(k), scores.shape[1])
-    if positions is None:
-        positions = np.arange(1, scores.shape[1] + 1, dtype=np.float64)
-    order = np.lexsort((labels, -scores), axis=1)[:, :top]     # primary: score desc; ties: negatives first
-    hits = np.take_along_axis(labels, order, axis=1)
-    precision = np.cumsum(hits, axis=1) / positions[:top]
-    denominator = np.minimum(float(k), positives)
-    summed = (hits * precision).sum(axis=1)
-    return np.divide(summed, denominator, out=np.zeros(len(scores)), where=denominator > 0)
-
-
 # ----------------------------------------------------------------------------- models and fact files
 def embed_images(model: Any, dataset: Any, *, batch_size: int = 256, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """Embed every image of ``dataset`` (items ``(image tensor (3,S,S), fact_id)``) with ``model``.
@@ -470,13 +407,16 @@ def candidate_facts(fact_file: Any, task: int, mode: Mode) -> np.ndarray:
 
 
 def evaluate_embeddings(image_embeddings: np.ndarray, image_fact_ids: np.ndarray, fact_file: Any, task: int, *,
-                        mode: Mode = "standard") -> dict[str, float]:
-    """All metrics of one task from already computed image embeddings (see :func:`evaluate_task`)."""
+                        mode: Mode = "standard", field: bool = False) -> dict[str, float]:
+    """All metrics of one task from already computed image embeddings (see :func:`evaluate_task`);
+    ``field=True`` adds the strict R@K and MRR of :mod:`triplets.retrieval_metrics` (``i2f_r1``, …)."""
     candidates = candidate_facts(fact_file, task, mode)
     table = fact_table(fact_file)
     metrics: dict[str, float] = image_to_fact_metrics(image_embeddings, image_fact_ids, None, fact_file.facts,
                                                       candidates, table=table)
     metrics.update(fact_to_image_metrics(image_embeddings, image_fact_ids, None, candidates, table=table))
+    if field:
+        metrics.update(field_metrics(image_embeddings, image_fact_ids, table, candidates))
     metrics["num_images"] = int(len(image_fact_ids))
     metrics["num_candidates"] = int(len(candidates))
     return metrics
@@ -507,7 +447,8 @@ def final_metrics(model: Any, fact_file: Any, *, split: int | str = "test", devi
         image_embeddings, image_fact_ids = embed_images(model, fact_file.dataset(task, split),
                                                         batch_size=batch_size, device=device)
         for mode in MODES:
-            final[mode].append(evaluate_embeddings(image_embeddings, image_fact_ids, fact_file, task, mode=mode))
+            final[mode].append(evaluate_embeddings(image_embeddings, image_fact_ids, fact_file, task, mode=mode,
+                                                   field=True))
     return final
 
 
@@ -548,11 +489,31 @@ def load_results(run_dir: str | Path) -> dict[str, Any]:
     return results
 
 
-def evaluate_run(run_dir: str | Path, *, device: str = "cpu", batch_size: int = 256) -> dict[str, Any]:
+def stale_index_metrics(method_dir: str | Path, fact_file: Any, final_standard: Sequence[dict[str, Any]],
+                        tasks_trained: int) -> dict[str, Any]:
+    """The ``stale_index`` entry of a method (:mod:`triplets.stale_index`): for every task s it
+    trained, the standard metrics (``field=True``) of tasks 0..s from the test-region embeddings
+    saved after task s, against ``final_standard`` (the final model's per-task standard metrics)."""
+    check_saved(method_dir, tasks_trained)
+    vocabulary = fact_vocabulary_fingerprint(fact_file)
+    sizes = [len(fact_file.sample_indices(task=j, split=1)) for j in range(int(tasks_trained))]
+    rows = []
+    for after in range(int(tasks_trained)):
+        embedded = load_task_embeddings(method_dir, after, vocabulary=vocabulary, test_sizes=sizes)
+        rows.append([evaluate_embeddings(vectors, fact_ids, fact_file, j, mode="standard", field=True)
+                     for j, (vectors, fact_ids) in enumerate(embedded)])
+    return stale_index_entry(rows, final_standard)
+
+
+def evaluate_run(run_dir: str | Path, *, device: str = "cpu", batch_size: int = 256,
+                 stale_index: bool | None = None) -> dict[str, Any]:
     """Re-evaluate every trained method of a run on every task, in both modes.
 
-    Replaces each method's ``"final"`` entry of RUN/results.json (see :func:`final_metrics`),
-    then rewrites results.json, results.md and the plots. Everything is computed before
+    Replaces each method's ``"final"`` entry of RUN/results.json (see :func:`final_metrics`) and its
+    summaries (``diagonal_mean``, ``retrieval``: :func:`triplets.retrieval_report.summary_extras`);
+    with ``stale_index`` (None: as the run's ``eval.stale_index``) also its ``"stale_index"`` entry
+    (:func:`stale_index_metrics`; a method without the saved embeddings is refused in one line).
+    Then rewrites results.json, results.md and the plots. Everything is computed before
     anything is written, so an error leaves the run folder unchanged. Returns the results.
     """
     run_dir = Path(run_dir)
@@ -561,21 +522,31 @@ def evaluate_run(run_dir: str | Path, *, device: str = "cpu", batch_size: int = 
     with load_run(run_dir) as run:
         results = load_results(run_dir)
         fact_file = run.fact_file
+        stale = bool(run.config.eval.stale_index) if stale_index is None else bool(stale_index)
         finals: dict[str, Any] = {}
+        stales: dict[str, Any] = {}
         timings: dict[str, float] = {}
         for method in run.methods:
             if method not in results["methods"]:
                 raise RunFolderError(f"{run_dir}/results.json has no entry for method {method!r}; finish the run "
                                      "with mas-triplets train --resume")
             check_run_matches_fact_file(run_dir, method, fact_file)
+            if stale:
+                check_saved(run_dir / method, len(results["methods"][method].get("accuracy_matrix") or []))
         for method in run.methods:
             started = time.perf_counter()
             model = run.load_model(method, device=device)
             finals[method] = final_metrics(model, fact_file, device=device, batch_size=batch_size)
+            if stale:
+                stales[method] = stale_index_metrics(run_dir / method, fact_file, finals[method]["standard"],
+                                                     len(results["methods"][method]["accuracy_matrix"]))
             timings[method] = time.perf_counter() - started
     for method, final in finals.items():
         entry = results["methods"].setdefault(method, {})
         entry["final"] = final
+        entry.update(summary_extras(entry))
+        if method in stales:
+            entry["stale_index"] = stales[method]
         entry["eval_time_s"] = timings[method]
     render_markdown(results)  # validates the results before anything is written
     atomic_write_json(run_dir / "results.json", results, checksum=True)

@@ -27,12 +27,12 @@ import torch
 from torch import Tensor, nn
 
 from mas_core.batches import batch_input
-from mas_core.distributed import current, run_on_main_process
+from mas_core.distributed import current, is_main_process, run_on_main_process
 from mas_core.loop import ImportanceSource
 
 from .config import to_dict
 from .errors import ConfigError, RunFolderError
-from .evaluate import MODES, candidate_facts, evaluate_embeddings, evaluate_task, final_metrics
+from .evaluate import MODES, candidate_facts, embed_images, evaluate_embeddings, final_metrics
 from .fact_data import DATA_SHA_KEY, FactSamples, open_fact_file
 from .feature_cache import (
     FeatureSamples,
@@ -43,6 +43,7 @@ from .feature_cache import (
 )
 from .fact_data import fact_file_fingerprint
 from .model import FactEmbeddingNet, build_model, contrastive_loss, slot_loss, slot_targets
+from .stale_index import save_task_embeddings
 from .train_config import TrainConfig
 
 
@@ -117,6 +118,7 @@ class FactExperiment:
         self.record_data = True  # False: resuming a checkpoint written before checkpoints recorded the data
         self.task_names = [f"t{task + 1}" for task in range(int(ctx.fact_file.num_tasks))]
         self.features: Path | None = None
+        self.stale_index_dir: Path | None = None  # the method's folder: save the stale-index embeddings there
 
     def identity(self) -> dict[str, Any]:
         identity = self.identity_of(self.ctx.config)
@@ -200,7 +202,19 @@ class FactExperiment:
         return module.pretrained_output(batch_input(batch))
 
     def evaluate(self, model: nn.Module, task: int) -> list[float]:
-        return [self._top5(model, j) for j in range(task + 1)]
+        """The row ``R[task]``: standard top-5 of tasks ``0..task``. With ``stale_index_dir`` set
+        (``eval.stale_index``) the test-region embeddings it ranked are saved there as the index
+        after ``task`` (:func:`triplets.stale_index.save_task_embeddings`; rank 0; the loop evaluates
+        before each checkpoint, the model it delivers last)."""
+        row, kept = [], []
+        for j in range(task + 1):
+            vectors, fact_ids = self._test_embeddings(model, j)
+            if self.stale_index_dir is not None:
+                kept.append((vectors, fact_ids))
+            row.append(float(evaluate_embeddings(vectors, fact_ids, self.ctx.fact_file, j, mode="standard")["top5"]))
+        if kept and is_main_process():
+            save_task_embeddings(self.stale_index_dir, task, kept, self.ctx.fingerprint)
+        return row
 
     def validation_score(self, module: nn.Module, task: int, positions: Tensor) -> float:
         """Standard top-5 of ``module`` (the network, or its branches on cached features) on the
@@ -228,15 +242,15 @@ class FactExperiment:
         count = len(candidate_facts(self.ctx.fact_file, task, "standard"))
         return min(5, count) / max(count, 1)
 
-    def _top5(self, model: FactEmbeddingNet, task: int) -> float:
+    def _test_embeddings(self, model: FactEmbeddingNet, task: int) -> tuple[np.ndarray, np.ndarray]:
+        """Unit embeddings [n, D] and true fact ids [n] of ``task``'s test regions (cached trunk
+        features through the branches, or the images through the whole model)."""
         ctx = self.ctx
         if self.features is not None:
             samples = ctx.samples(("test", task, None), [(task, 1)], None, self.features)
-            vectors, fact_ids = cached_embeddings(model.branch_head(), samples, ctx.device, ctx.config.eval.batch_size)
-            return float(evaluate_embeddings(vectors, fact_ids, ctx.fact_file, task, mode="standard")["top5"])
-        metrics = evaluate_task(model, ctx.fact_file, task, mode="standard", split="test", device=str(ctx.device),
-                                batch_size=ctx.config.eval.batch_size)
-        return float(metrics["top5"])
+            return cached_embeddings(model.branch_head(), samples, ctx.device, ctx.config.eval.batch_size)
+        return embed_images(model, ctx.fact_file.dataset(task, "test"), batch_size=ctx.config.eval.batch_size,
+                            device=str(ctx.device))
 
     def final_metrics(self, model: FactEmbeddingNet) -> dict[str, Any]:
         """Per mode and task the retrieval metrics of the final model (:func:`triplets.evaluate.final_metrics`)."""
@@ -250,7 +264,7 @@ class FactExperiment:
             samples = ctx.samples(("test", task, None), [(task, 1)], None, self.features)
             vectors, fact_ids = cached_embeddings(head, samples, ctx.device, ctx.config.eval.batch_size)
             for mode in MODES:
-                final[mode].append(evaluate_embeddings(vectors, fact_ids, ctx.fact_file, task, mode=mode))
+                final[mode].append(evaluate_embeddings(vectors, fact_ids, ctx.fact_file, task, mode=mode, field=True))
         return final
 
 

@@ -41,10 +41,12 @@ from mas_core.distributed import is_main_process
 from mas_core.ridge import RIDGE, RidgeProblem, RidgeStatistics, ridge_settings, run_ridge
 
 from .config import to_dict
-from .evaluate import MODES, evaluate_embeddings
+from .evaluate import MODES, evaluate_embeddings, stale_index_metrics
 from .fact_data import FactSamples
 from .fact_ridge_model import SAVED_KEY, build_ridge_model, split_options
 from .results_schema import method_summary
+from .retrieval_report import summary_extras
+from .stale_index import check_resume, save_task_embeddings
 
 class FactRidge:
     """A :class:`mas_core.ridge.RidgeExperiment` over a fact file (see the module docs)."""
@@ -60,6 +62,7 @@ class FactRidge:
         self.task_names = [f"t{task + 1}" for task in range(int(ctx.fact_file.num_tasks))]
         self._statistics: list[RidgeStatistics] = []
         self._test: dict[int, tuple[Tensor, np.ndarray]] = {}
+        self.stale_index_dir: Path | None = None  # the method's folder when eval.stale_index
 
     def identity(self) -> dict[str, Any]:
         plain = to_dict(self.ctx.config)
@@ -108,10 +111,13 @@ class FactRidge:
         return vectors.float().cpu().numpy(), fact_ids.numpy().astype("int64")
 
     def evaluate(self, task: int) -> list[float]:
-        rows = []
+        rows, kept = [], []
         for j in range(task + 1):
             vectors, fact_ids = self._test_embeddings(j)
+            kept.append((vectors, fact_ids))
             rows.append(float(evaluate_embeddings(vectors, fact_ids, self.ctx.fact_file, j, mode="standard")["top5"]))
+        if self.stale_index_dir is not None and is_main_process():  # eval.stale_index: triplets.stale_index
+            save_task_embeddings(self.stale_index_dir, task, kept, self.ctx.fingerprint)
         return rows
 
     def final_metrics(self) -> dict[str, list[dict[str, float]]]:
@@ -120,7 +126,8 @@ class FactRidge:
         for task in range(len(self.task_names)):
             vectors, fact_ids = self._test_embeddings(task)
             for mode in MODES:
-                final[mode].append(evaluate_embeddings(vectors, fact_ids, self.ctx.fact_file, task, mode=mode))
+                final[mode].append(evaluate_embeddings(vectors, fact_ids, self.ctx.fact_file, task, mode=mode,
+                                                       field=True))
         return final
 
 
@@ -134,6 +141,10 @@ def train_ridge_method(ctx: Any, method: Any, method_dir: Path, *, progress: boo
     if main:
         method_dir.mkdir(parents=True, exist_ok=True)
     experiment = FactRidge(ctx, method.options)
+    if ctx.config.eval.stale_index:
+        num_tasks = int(ctx.fact_file.num_tasks)
+        check_resume(method_dir, num_tasks if stop_after_task is None else min(int(stop_after_task), num_tasks))
+        experiment.stale_index_dir = method_dir
     log = (lambda line: print(line, flush=True)) if progress and main else None
     outcome, records = run_ridge(experiment, ridge_settings(experiment.settings_options), seed=ctx.config.seed,
                                  checkpoint_dir=method_dir, resume=True, stop_after_task=stop_after_task, log=log,
@@ -146,7 +157,11 @@ def train_ridge_method(ctx: Any, method: Any, method_dir: Path, *, progress: boo
             SAVED_KEY: dict(experiment.backbone), "slot_dim": ctx.slot_dim, "image_size": ctx.image_size,
             "encoder_name": ctx.fact_file.encoder_name, "fact_file_sha": ctx.fingerprint,
         })
-    result = method_summary(outcome, RIDGE, method.options, final=experiment.final_metrics(), ridge=records)
+    final = experiment.final_metrics()
+    result = method_summary(outcome, RIDGE, method.options, final=final, ridge=records)
+    result.update(summary_extras(result))
+    if ctx.config.eval.stale_index:
+        result["stale_index"] = stale_index_metrics(method_dir, ctx.fact_file, final["standard"], len(outcome.accuracy))
     if main:
         atomic_write_json(result_path, result, checksum=True)
     return result

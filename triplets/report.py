@@ -7,7 +7,9 @@ Fact embedding, ``write_report(results, out_dir)`` writes
   the accuracy matrix R, standard mode), forgetting (Chaudhry et al. 2018: mean over j < T−1 of
   max_{j≤l<T−1} R[l][j] − R[T−1][j]), BWT (mean over j < T−1 of R[T−1][j] − R[j][j]), final
   generalized top-5, final MRR (standard and generalized) and final mAP (means over tasks of the
-  ``final`` entries), then each method's
+  ``final`` entries); the field's retrieval figures (:func:`triplets.retrieval_report.retrieval_tables`:
+  R@1/5/10 both ways, MRR, mAP@10, standard and generalized, the diagonal mean beside forgetting
+  and BWT) and, when the run has them, the stale-index rows (:mod:`triplets.stale_index`); then each method's
   task × task matrix. A method whose ``after_task`` changes the weights (IMM's merge) has R of the
   models as trained and a second row "(merged)" for the model it delivers (R with its last row
   from ``accuracy_matrix_merged``; the ``final`` metrics are that model's);
@@ -44,6 +46,7 @@ from mas_core.hparam_search import describe_choice
 
 from .errors import TripletsError
 from .results_schema import SEARCH_KEY
+from .retrieval_report import diagonal_mean, retrieval_tables, stale_index_tables
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
@@ -106,8 +109,8 @@ def final_mean(entry: dict[str, Any], mode: str, key: str) -> float | None:
 
 def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Per method: name, avg_acc, forgetting, bwt, final generalized top-5, final MRR (standard,
-    ``mrr``; generalized, ``generalized_mrr``) and mAP (fractions or
-    None), recomputed from the accuracy matrix (the stored values where it is incomplete), so a
+    ``mrr``; generalized, ``generalized_mrr``), mAP and the diagonal mean of R (``diagonal_mean``,
+    plasticity; fractions or None), recomputed from the accuracy matrix (the stored values where it is incomplete), so a
     results.json written before forgetting followed Chaudhry et al. is reported with it. A method
     with ``accuracy_matrix_merged`` also has ``merged``: the delivered model's avg_acc,
     forgetting, bwt (:func:`merged_metrics`)."""
@@ -127,6 +130,7 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
             "mrr": final_mean(entry, "standard", "mrr"),
             "generalized_mrr": final_mean(entry, "generalized", "mrr"),
             "map": final_mean(entry, "standard", "map"),
+            "diagonal_mean": diagonal_mean(matrix),
         }
         merged = merged_metrics(entry, name)
         if merged is not None:
@@ -244,8 +248,8 @@ def render_markdown(results: dict[str, Any]) -> str:
              "just-after top-5 (Lopez-Paz & Ranzato 2017). A \"(merged)\" row: the model IMM delivers (its merge), "
              "whose final metrics those are; the row above it is the models as trained. mAP: fact → image mean "
              "average precision, averaged over tasks.", "",
-             comparison_table(results), ""]
-    for table in (search_table(results), labels_table(results), ridge_table(results)):
+             comparison_table(results), "", retrieval_tables(results, summary_rows(results)), ""]
+    for table in (stale_index_tables(results), search_table(results), labels_table(results), ridge_table(results)):
         if table:
             parts += [table, ""]
     for name, entry in results["methods"].items():

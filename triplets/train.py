@@ -66,7 +66,8 @@ from mas_core.ridge import RIDGE
 
 from .config import to_dict
 from .errors import ConfigError, RunFolderError
-from .evaluate import embed_images
+from .evaluate import embed_images, stale_index_metrics
+from .stale_index import check_resume as check_stale_resume
 from .fact_data import (
     DATA_SHA_KEY,
     check_fact_file,
@@ -94,6 +95,7 @@ from .run_folder import (
     results_dict,
 )
 from .results_schema import method_summary
+from .retrieval_report import summary_extras
 from .train_config import (
     DataConfig,
     EvalConfig,
@@ -245,9 +247,13 @@ def train_method(ctx: FactContext, method: MethodConfig, method_dir: Path, *, pr
         if result_path.exists() and not (method_dir / "checkpoint.pt").exists():
             raise RunFolderError(f"{method_dir} has a result but no checkpoint; delete the folder to retrain "
                                  f"{method.key}")
+        if ctx.config.eval.stale_index:
+            check_stale_resume(method_dir, _last_task(ctx, stop_after_task))
     if main:
         method_dir.mkdir(parents=True, exist_ok=True)
     experiment = FactExperiment(ctx)
+    if ctx.config.eval.stale_index:  # the test-region embeddings after every task (triplets.stale_index)
+        experiment.stale_index_dir = method_dir
     checkpoint_path = method_dir / "checkpoint.pt"
     # a checkpoint written before checkpoints recorded the data is resumed as it was written
     experiment.record_data = not checkpoint_path.is_file() or recorded_data_sha256(checkpoint_path) is not None
@@ -274,10 +280,20 @@ def train_method(ctx: FactContext, method: MethodConfig, method_dir: Path, *, pr
     history = online_importance_history(result_path, queried.records)
     if history:
         extras["online_importance"] = history
+    if ctx.config.eval.stale_index:
+        extras["stale_index"] = stale_index_metrics(method_dir, ctx.fact_file, extras["final"]["standard"],
+                                                    len(outcome.accuracy))
     result = method_summary(outcome, method.name, method.options, **extras)
+    result.update(summary_extras(result))
     if main:
         atomic_write_json(result_path, result, checksum=True)
     return result
+
+
+def _last_task(ctx: FactContext, stop_after_task: int | None) -> int:
+    """How many tasks a method has trained when this run ends (``stop_after_task`` or all)."""
+    num_tasks = int(ctx.fact_file.num_tasks)
+    return num_tasks if stop_after_task is None else min(int(stop_after_task), num_tasks)
 
 
 def _check_one_gpu_per_process(name: str, device: torch.device) -> None:

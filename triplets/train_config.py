@@ -87,15 +87,20 @@ class EvalConfig:
     exact (flat) searches run, see :func:`triplets.index.choose_exact_backend` (``auto``: FAISS
     where the index is on a GPU, else ``faiss-rescored``: FAISS's brute-force candidates re-scored
     in float64; ``blas`` and ``torch`` compute the candidates by blocked products instead;
-    ``faiss`` is FAISS's own float32 ranking; any of them forces one)."""
+    ``faiss`` is FAISS's own float32 ranking; any of them forces one). ``stale_index``: save the
+    test-region embeddings after every task and report the stale-index rows
+    (:mod:`triplets.stale_index`; off by default, it costs 4·D bytes per region and task kept)."""
 
     batch_size: int = 256
     index: Literal["flat", "ivf", "ivfpq", "hnsw", "none"] = "flat"
     exact_backend: Literal["auto", "faiss-rescored", "blas", "torch", "faiss"] = "auto"
+    stale_index: bool = False
 
     def validate(self) -> None:
         if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
             raise ValueError(f"eval.batch_size must be in 1..{MAX_BATCH_SIZE:,}, got {self.batch_size}")
+        if not isinstance(self.stale_index, bool):
+            raise ValueError(f"eval.stale_index must be true or false, got {self.stale_index!r}")
 
 
 @dataclass
