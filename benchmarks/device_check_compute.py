@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from mas_core.importance import mas_importance
-from mas_core.loop import OptimSettings, train_task_epochs
+from mas_core.loop import EpochSettings, OptimSettings, train_task_epochs
 from mas_core.regularizers import make_regularizer
 from triplets.index import build_index, gpu_available, normalize_rows
 from triplets.index.exact import (QUERY_BLOCK, RESCORE_MARGIN, SCORE_BLOCK_BYTES, TopKAccumulator,
@@ -228,8 +228,8 @@ def throughput_part(section: Section, sizes: Sizes, device: torch.device) -> Non
 
                 def run(count: int) -> float:
                     model.train()
-                    return train_task_epochs(experiment, model, model, _Pool(images, ids, count), 0, reg, optim, 0,
-                                             device, False, backbone, lambda line: None)
+                    return train_task_epochs(experiment, model, model, _Pool(images, ids, count), 0, reg,
+                                             EpochSettings(optim=optim, seed=0, device=device, label=backbone))
                 run(2 * batch)   # warm-up: kernels, cuDNN's choice of algorithms, the allocator
                 seconds, loss = timed(lambda: run(batch * steps), device)
                 figures.update(image_size=size, batch_size=batch, steps=steps, seconds=round(seconds, 4),

@@ -91,14 +91,14 @@ def read_cells(path: Path) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- the experiments
 
 def _fmnist_runner() -> Callable[[dict[str, Any]], dict[str, Any]]:
-    from scripts.split_fashion_mnist import make_mlp, split_tasks
+    from triplets.recognition_data import fashion_mnist_mlp, split_fashion_mnist
 
-    tasks = split_tasks(num_tasks=5, train_per_class=1000, test_per_class=500, seed=0)
+    tasks = split_fashion_mnist(num_tasks=5, train_per_class=1000, test_per_class=500, seed=0)
 
     def run(cell: dict[str, Any]) -> dict[str, Any]:
         reg = MAS(lam=cell["lam"], penalty_step=cell["penalty_step"], lam_scale=cell["lam_scale"])
         optim = OptimSettings(epochs=2, lr=cell["lr"], momentum=0.9, batch_size=128)
-        return _sequence_outcome(lambda: run_sequence(make_mlp, tasks, reg, optim, seed=0, progress=False), reg)
+        return _sequence_outcome(lambda: run_sequence(fashion_mnist_mlp, tasks, reg, optim, seed=0, progress=False), reg)
 
     return run
 

@@ -135,9 +135,9 @@ class RecordingMAS(MAS):
 # --------------------------------------------------------------------------- the experiments
 
 def fmnist_experiment(epochs: int | None) -> dict[str, Any]:
-    from scripts.split_fashion_mnist import make_mlp, split_tasks
+    from triplets.recognition_data import fashion_mnist_mlp, split_fashion_mnist
 
-    return {"tasks": split_tasks(num_tasks=5, seed=0), "make_model": make_mlp, "lam": 0.5, "seed": 0,
+    return {"tasks": split_fashion_mnist(num_tasks=5, seed=0), "make_model": fashion_mnist_mlp, "lam": 0.5, "seed": 0,
             "mas_options": {}, "eval_batch_size": 512,
             "optim": OptimSettings(epochs=epochs or 5, lr=0.05, momentum=0.9, batch_size=128)}
 

@@ -11,7 +11,8 @@ Public API (the formulas are in ``docs/method.md``):
   :class:`QuadraticAnchorRegularizer` (Ω, θ*, the penalty ``λ Σ Ω (θ − θ*)²``);
 * the task loop (:mod:`mas_core.loop`): :func:`train_tasks` on any :class:`Experiment`, with
   :class:`OptimSettings` → :class:`SequenceResult` (per-task hyperparameters by the search of
-  :mod:`mas_core.hparam_search`, :class:`SearchSettings`); the multi-head classification sequence on it:
+  :mod:`mas_core.hparam_search`, :class:`SearchSettings`; watched and stopped through :class:`LoopHooks`,
+  :class:`TrainingInterrupted`); the multi-head classification sequence on it:
   :class:`MultiHeadNet`, :class:`Task`, :func:`run_sequence`;
 * metrics on an accuracy matrix: :func:`average_accuracy`, :func:`average_forgetting`,
   :func:`backward_transfer`, :func:`average_drop`;
@@ -32,6 +33,7 @@ from .errors import (
     MASCoreError,
     NonFiniteError,
     NoTrainableParametersError,
+    TrainingInterrupted,
     UnknownMethodError,
 )
 from .importance import OnlineImportance, fisher_importance, hebbian_importance, mas_importance, mix_importance
@@ -53,6 +55,7 @@ from .regularizers import (
     make_regularizer,
     method_options,
 )
+from .experiment import EpochRecord, LoopHooks, TaskRecord
 from .loop import Experiment, ImportanceSource, OptimSettings, SequenceResult, TrainData, train_tasks
 from .hparam_search import SearchSettings
 from .sequence import MultiHeadNet, Task, evaluate, run_sequence
@@ -61,13 +64,14 @@ __all__ = [
     "batch_input", "batch_target",
     "atomic_write_json", "atomic_write_text", "load_checkpoint", "save_checkpoint",
     "CheckpointMismatchError", "DivergenceError", "EmptyDataError", "InvalidOutputError", "MASCoreError",
-    "NonFiniteError", "NoTrainableParametersError", "UnknownMethodError", "UnknownOptionError",
+    "NonFiniteError", "NoTrainableParametersError", "TrainingInterrupted", "UnknownMethodError", "UnknownOptionError",
     "fisher_importance", "hebbian_importance", "mas_importance", "OnlineImportance", "mix_importance",
     "average_accuracy", "average_drop", "average_forgetting", "backward_transfer",
     "EBLL", "EWC", "IMM", "MAS", "METHODS", "SI", "Finetune", "LocalMAS", "LwF", "QuadraticAnchorRegularizer", "Regularizer",
     "TaskInfo",
     "make_regularizer", "method_options",
     "Experiment", "ImportanceSource", "OptimSettings", "SequenceResult", "TrainData", "train_tasks",
+    "EpochRecord", "LoopHooks", "TaskRecord",
     "SearchSettings",
     "MultiHeadNet", "Task", "evaluate", "run_sequence",
 ]

@@ -47,6 +47,7 @@ import contextlib
 import datetime
 import os
 import pickle
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -70,6 +71,7 @@ __all__ = [
     "is_main_process",
     "local_device",
     "parameters_in_graph",
+    "process_group_session",
     "rank_share",
     "run_on_main_process",
     "same_on_every_rank",
@@ -366,6 +368,31 @@ def same_on_every_rank() -> Iterator[None]:
         except AttributeError:  # an exception type that takes no attributes
             pass
         raise
+
+
+@contextlib.contextmanager
+def process_group_session(device: str | torch.device | None = None) -> Iterator[ProcessInfo | None]:
+    """Join ``torchrun``'s process group for a piece of work and leave it afterwards.
+
+    Yields :func:`init_from_environment`'s answer: ``None`` in a plain process (nothing
+    happens), else this rank's :class:`ProcessInfo` (backend ``gloo`` on a CPU ``device``,
+    ``nccl`` on a GPU). Ranks other than 0 run with Python warnings silenced. The group is
+    destroyed on the way out, error or not (unless it existed before: then it is left as it was)."""
+    joined_before = dist.is_available() and dist.is_initialized()
+    with same_on_every_rank():
+        info = init_from_environment(device)
+    leave = info is not None and not joined_before
+    try:
+        with warnings.catch_warnings():
+            if info is not None and not info.is_main:
+                warnings.simplefilter("ignore")
+            yield info
+    except BaseException:
+        if leave:
+            leave_process_group(wait=False)  # the other ranks may never reach a barrier
+        raise
+    if leave:
+        leave_process_group()  # every rank done before any tears the connections down
 
 
 def run_on_main_process(function: Callable[[], Any]) -> Any:

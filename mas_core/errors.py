@@ -39,6 +39,28 @@ class CheckpointMismatchError(MASCoreError, ValueError):
     """A checkpoint was written by a run with another configuration, or is corrupt."""
 
 
+class TrainingInterrupted(Exception):
+    """Training stopped because the caller asked it to (:meth:`mas_core.experiment.LoopHooks.stop_requested`,
+    e.g. on Ctrl-C) after a finished batch. Not a :class:`MASCoreError`: nothing was wrong.
+
+    ``method``: the label; ``completed_tasks``: the tasks the checkpoint ``checkpoint`` holds
+    (``None``: no checkpoint folder, or no task finished yet: nothing is saved); ``task``: the
+    0-based task in progress, abandoned and trained again from its start on resume (``None``
+    when the stop came between two tasks)."""
+
+    def __init__(self, method: str, completed_tasks: int, num_tasks: int, *, task: int | None = None,
+                 checkpoint: str | None = None) -> None:
+        self.method, self.completed_tasks, self.num_tasks = method, completed_tasks, num_tasks
+        self.task, self.checkpoint = task, checkpoint
+        if task is not None:
+            where = f"during task {task + 1}/{num_tasks} (it is trained again from its start on resume)"
+        else:
+            where = f"after task {completed_tasks}/{num_tasks}" if completed_tasks else "before its first task"
+        saved = (f"{checkpoint} holds tasks 1..{completed_tasks}" if checkpoint is not None and completed_tasks
+                 else "no task was finished, nothing is saved")
+        super().__init__(f"[{method}] interrupted {where}; {saved}")
+
+
 class InvalidArgumentError(MASCoreError, ValueError):
     """An argument of an estimator or a regularizer has a value it does not accept."""
 

@@ -5,7 +5,9 @@
   implements so that :func:`mas_core.loop.train_tasks` can train it task by task;
 - :class:`SequenceResult`: the accuracy matrix ``R[i][j]`` (task ``j`` after training task
   ``i``) with its metrics (:mod:`mas_core.metrics`) and the trained model;
-- :class:`TaskSearch`: what a per-task hyperparameter search provides (:mod:`mas_core.hparam_search`).
+- :class:`TaskSearch`: what a per-task hyperparameter search provides (:mod:`mas_core.hparam_search`);
+- :class:`LoopHooks`, :class:`EpochRecord`, :class:`TaskRecord`: what the loop tells a caller
+  while it runs (a metrics log, TensorBoard) and the one thing it asks (whether to stop).
 """
 from __future__ import annotations
 
@@ -216,7 +218,9 @@ class TaskSearch(Protocol):
     ``back_off(record, error)`` gives the smaller strength to retrain the task with when that
     training diverged (and records it in ``record``), or ``None`` when there is none;
     ``real_run_collapsed(experiment, trained, record, seed)`` says, after the real training, whether
-    the task ended below the bar its strength was accepted by (a divergence too), else ``None``."""
+    the task ended below the bar its strength was accepted by (a divergence too), else ``None``.
+    ``choose`` is given ``stop`` (a callable, see :class:`LoopHooks`) only when the loop has hooks: a
+    search may pass it to its trial runs' :class:`~mas_core.epochs.EpochSettings`."""
 
     def identity(self) -> dict[str, Any]: ...
 
@@ -228,3 +232,74 @@ class TaskSearch(Protocol):
 
     def real_run_collapsed(self, experiment: Any, trained: nn.Module, record: dict[str, Any],
                            seed: int) -> str | None: ...
+
+
+# --------------------------------------------------------------------------- what the loop tells while it runs
+
+@dataclass(frozen=True)
+class EpochRecord:
+    """One finished epoch of the loop's training of a task (not of the search's trial runs).
+
+    ``method``: the label; ``task``: 0-based; ``attempt``: 0, then ``k`` after ``k`` back-offs of
+    the search (the task trained again from its start); ``epoch``: 0-based, of ``epochs``;
+    ``loss``: the mean over the epoch's steps of the global-batch objective the loop minimises,
+    logs and checks (the task loss plus the penalty term); ``penalty``: the mean of the penalty
+    term in it (0 for a method without one, and under ``penalty_step="proximal"``, which applies
+    the penalty as a step after the optimizer's, outside the loss); ``seconds``: the epoch's wall time."""
+
+    method: str
+    task: int
+    task_name: str
+    attempt: int
+    epoch: int
+    epochs: int
+    loss: float
+    penalty: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    """One finished task: ``row`` is ``R[task]`` (``experiment.evaluate``, ``None`` beyond ``task``),
+    ``merged_row`` the row after a weight-changing ``after_task`` (IMM's merge) or ``None``;
+    ``metric`` the experiment's ``metric_name``; ``seconds`` the task's wall time (its search included)."""
+
+    method: str
+    task: int
+    task_name: str
+    metric: str
+    row: list[float | None]
+    merged_row: list[float | None] | None
+    seconds: float
+
+
+class LoopHooks:
+    """What a caller of :func:`mas_core.loop.train_tasks` may observe and ask while the loop runs;
+    every method is optional (this base class does nothing). Model-agnostic: a metrics log, a
+    TensorBoard writer or a Ctrl-C handler live with the caller.
+
+    Give the same kind of hooks on every rank: ``stop_requested`` is asked on every rank and the
+    answers are combined (any rank asking stops all, after the same batch); the events are sent on
+    rank 0 only.
+
+    - ``run_started(method, completed_tasks, num_tasks)``: before the first task this call trains;
+      ``completed_tasks`` is what a resumed checkpoint held (0 for a fresh run), so a log may drop
+      what it wrote after that point in an interrupted run;
+    - ``epoch_ended(record)``: :class:`EpochRecord`, after every epoch of the real training;
+    - ``task_ended(record)``: :class:`TaskRecord`, after a task's evaluation, before its checkpoint;
+    - ``stop_requested() -> bool``: asked after every training step and after every checkpoint; when
+      true the loop raises :class:`~mas_core.errors.TrainingInterrupted` (the checkpoint of the last
+      finished task stays as it was written)."""
+
+    def run_started(self, method: str, completed_tasks: int, num_tasks: int) -> None:
+        """A call of the loop starts (after a resumed checkpoint was read)."""
+
+    def epoch_ended(self, record: EpochRecord) -> None:
+        """An epoch of a task's real training ended."""
+
+    def task_ended(self, record: TaskRecord) -> None:
+        """A task was trained and evaluated."""
+
+    def stop_requested(self) -> bool:
+        """Whether the loop should stop after the current step."""
+        return False

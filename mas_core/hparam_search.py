@@ -77,7 +77,7 @@ from torch import Tensor, nn
 from .checkpoint import get_rng_states, set_rng_states
 from .errors import DivergenceError, EmptyDataError, MASCoreError, did_you_mean
 from .experiment import Experiment, OptimSettings, TrainData
-from .loop import derived_seed, train_task_epochs
+from .epochs import EpochSettings, derived_seed, train_task_epochs
 from .regularizers import METHODS, make_regularizer
 from .regularizers.base import Finetune, Regularizer, TaskInfo, describe_strength_values
 
@@ -207,10 +207,13 @@ class SearchSettings:
 
     def choose(self, experiment: SearchableExperiment, model: nn.Module, trained: nn.Module, reg: Regularizer, *,
                task: int, head: int | None, optim: OptimSettings, seed: int, device: torch.device, method: str,
-               label: str, log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
+               label: str, log: Callable[[str], None] = lambda message: None,
+               stop: Callable[[], bool] | None = None) -> dict[str, Any]:
         """Run the protocol for ``task`` on copies of ``model``/``trained``/``reg`` (their state
         after ``experiment.begin_task``); return the record, whose ``"lr"`` and ``"strength"``
-        the loop trains the task with. The global RNG states are left as they were."""
+        the loop trains the task with. The global RNG states are left as they were. ``stop``: asked
+        after every step of the trial runs (:class:`~mas_core.epochs.EpochSettings`), so that a
+        Ctrl-C does not wait for the search to end."""
         score = getattr(experiment, "validation_score", None)
         if not callable(score):
             raise MASCoreError(f"the hyperparameter search needs {type(experiment).__name__}.validation_score(module, "
@@ -219,7 +222,8 @@ class SearchSettings:
         started = time.perf_counter()
         states = get_rng_states()
         try:
-            record = _Search(self, experiment, model, trained, reg, task, head, optim, seed, device, label).run(method)
+            record = _Search(self, experiment, model, trained, reg, task=task, head=head, optim=optim, seed=seed,
+                             device=device, label=label, stop=stop).run(method)
         finally:
             set_rng_states(states)
         record["seconds"] = time.perf_counter() - started
@@ -401,11 +405,11 @@ class _Search:
     """One task's search (the module docs' steps 1–3)."""
 
     def __init__(self, settings: SearchSettings, experiment: SearchableExperiment, model: nn.Module,
-                 trained: nn.Module, reg: Regularizer, task: int, head: int | None, optim: OptimSettings, seed: int,
-                 device: torch.device, label: str) -> None:
+                 trained: nn.Module, reg: Regularizer, *, task: int, head: int | None, optim: OptimSettings, seed: int,
+                 device: torch.device, label: str, stop: Callable[[], bool] | None = None) -> None:
         self.settings, self.experiment, self.task, self.head = settings, experiment, task, head
         self.model, self.trained, self.reg = model, trained, reg
-        self.seed, self.device, self.label = seed, device, label
+        self.seed, self.device, self.label, self.stop = seed, device, label, stop
         self.optim = dataclasses.replace(optim, epochs=settings.epochs or optim.epochs_of(task),
                                          first_task_epochs=None)
         data = experiment.train_data([task])
@@ -495,8 +499,9 @@ class _Search:
             reg = Finetune()
         optim = dataclasses.replace(self.optim, lr=lr)
         try:
-            train_task_epochs(self.experiment, trained, model, self.train_split, self.task, reg, optim,
-                              derived_seed(self.seed, "search"), self.device, False, self.label, lambda message: None)
+            train_task_epochs(self.experiment, trained, model, self.train_split, self.task, reg,
+                              EpochSettings(optim=optim, seed=derived_seed(self.seed, "search"), device=self.device,
+                                            label=self.label, stop=self.stop))
         except DivergenceError:
             return None
         model.eval()

@@ -36,7 +36,8 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, TensorD
 from . import distributed
 from .batches import batch_input, batch_target, move_to
 from .errors import EmptyDataError, MASCoreError
-from .loop import CHECKPOINT_NAME, JOINT, ImportanceSource, OptimSettings, SequenceResult, TaskSearch, train_tasks
+from .loop import (CHECKPOINT_NAME, JOINT, ImportanceSource, LoopHooks, OptimSettings, SequenceResult, TaskSearch,
+                   train_tasks)
 from .regularizers.base import Regularizer
 
 TASK_KEY = "task"
@@ -316,7 +317,8 @@ def run_sequence(make_model: Callable[[], nn.Module], tasks: list[Task], method:
                  optim: OptimSettings, *, seed: int = 0, device: str | torch.device = "cpu",
                  eval_batch_size: int = 512, num_workers: int = 0, method_options: dict | None = None,
                  checkpoint_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
-                 log: Callable[[str], None] | None = None, search: TaskSearch | None = None) -> SequenceResult:
+                 log: Callable[[str], None] | None = None, search: TaskSearch | None = None,
+                 hooks: LoopHooks | None = None) -> SequenceResult:
     """Train ``tasks`` in order with ``method`` on the task loop; return the accuracy matrix.
 
     ``method``: ``"joint"``, a registry name (:data:`mas_core.regularizers.METHODS`, built
@@ -325,14 +327,15 @@ def run_sequence(make_model: Callable[[], nn.Module], tasks: list[Task], method:
     ``active_head``) with no heads yet; it is called after seeding. Checkpoints, resume and
     divergence as in :func:`mas_core.loop.train_tasks`; ``progress`` prints the log lines to
     stderr when no ``log`` is given. ``search``: the per-task hyperparameter search
-    (:class:`mas_core.hparam_search.SearchSettings`), or ``None`` for the given settings.
+    (:class:`mas_core.hparam_search.SearchSettings`), or ``None`` for the given settings. ``hooks``:
+    the loop's :class:`~mas_core.experiment.LoopHooks` (per-epoch records, a stop request).
     """
     experiment = ClassificationExperiment(make_model, tasks, importance_batch_size=optim.batch_size,
                                           eval_batch_size=eval_batch_size, num_workers=num_workers)
     if log is None and progress:
         log = _print_to_stderr
     return train_tasks(experiment, method, optim, seed=seed, device=device, method_options=method_options,
-                       checkpoint_dir=checkpoint_dir, resume=resume, log=log, search=search)
+                       checkpoint_dir=checkpoint_dir, resume=resume, log=log, search=search, hooks=hooks)
 
 
 def _print_to_stderr(message: str) -> None:

@@ -23,15 +23,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch import nn
-from torch.utils.data import TensorDataset
 
-from data_prep.idx import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, load_fashion_mnist
-from mas_core import (DivergenceError, MASCoreError, MultiHeadNet, OptimSettings, SequenceResult, Task, atomic_write_json,
+from data_prep.idx import FASHION_MNIST_DIR
+from mas_core import (DivergenceError, MASCoreError, OptimSettings, SequenceResult, Task, atomic_write_json,
                       run_sequence)
 from mas_core.hparam_search import SearchSettings
+from triplets.recognition_data import FASHION_MNIST_PAIRS, fashion_mnist_mlp, split_fashion_mnist
 
 #: method -> (registry name, options). Each λ was the best of a sweep on this full protocol scored on the
 #: test set (model selection on test data: use --search for a fair choice) with an earlier version of the
@@ -55,45 +53,6 @@ EXTRA_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
 #: new task's validation accuracy is within the tolerance of fine-tuning's.
 SEARCH_STARTS: dict[str, float] = {"mas": 2.0, "lmas": 2.0, "ewc": 4000.0, "si": 1000.0, "lwf": 4.0, "ebll": 4.0,
                                    "imm": 1.0}
-ALL_PAIRS = [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]
-
-
-def split_tasks(root: str | Path = FASHION_MNIST_DIR, *, num_tasks: int = 5, train_per_class: int | None = None,
-                test_per_class: int | None = None, seed: int = 0) -> list[Task]:
-    """The first ``num_tasks`` class-pair tasks; labels ``2t, 2t+1`` become 0, 1; inputs ``[N, 784]`` in [0, 1].
-
-    ``train_per_class`` / ``test_per_class`` keep the first so many images of each class
-    after a seeded shuffle (``None``: all 6,000 / 1,000).
-    """
-    if not 1 <= num_tasks <= len(ALL_PAIRS):
-        raise SystemExit(f"--tasks must be between 1 and {len(ALL_PAIRS)}, got {num_tasks}")
-    splits = {split: load_fashion_mnist(root, split) for split in ("train", "test")}
-    rng = np.random.default_rng(seed)
-    tasks = []
-    for t, pair in enumerate(ALL_PAIRS[:num_tasks]):
-        datasets = {}
-        for split, limit in (("train", train_per_class), ("test", test_per_class)):
-            images, labels = splits[split]
-            chosen = []
-            for cls in pair:
-                index = np.flatnonzero(labels == cls)
-                index = rng.permutation(index) if limit is not None else index
-                chosen.append(index[:limit] if limit is not None else index)
-            index = np.sort(np.concatenate(chosen))
-            inputs = torch.from_numpy(images[index].reshape(len(index), -1).astype(np.float32) / 255.0)
-            targets = torch.from_numpy(labels[index] - pair[0])
-            datasets[split] = TensorDataset(inputs, targets)
-        name = f"{FASHION_MNIST_CLASSES[pair[0]]}/{FASHION_MNIST_CLASSES[pair[1]]}"
-        tasks.append(Task(name=name, train=datasets["train"], test=datasets["test"], num_classes=2))
-    return tasks
-
-
-def make_mlp() -> MultiHeadNet:
-    """The shared trunk 784-256-256 (ReLU); heads are added by the runner."""
-    trunk = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU())
-    return MultiHeadNet(trunk, 256)
-
-
 def run_methods(tasks: list[Task], methods: dict[str, tuple[str, dict[str, Any]]], settings: OptimSettings,
                 progress: bool = False, *, seed: int = 0, device: str = "cpu",
                 search: SearchSettings | None = None) -> dict[str, SequenceResult | DivergenceError]:
@@ -103,7 +62,7 @@ def run_methods(tasks: list[Task], methods: dict[str, tuple[str, dict[str, Any]]
     results: dict[str, SequenceResult | DivergenceError] = {}
     for label, (name, options) in methods.items():
         try:
-            results[label] = run_sequence(make_mlp, tasks, name, settings, seed=seed, device=device,
+            results[label] = run_sequence(fashion_mnist_mlp, tasks, name, settings, seed=seed, device=device,
                                           method_options=options, progress=progress,
                                           search=None if search is None else search.resolved_for(name, label))
         except DivergenceError as error:
@@ -174,9 +133,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--lam expects METHOD=VALUE with METHOD among {list(methods)}, got {item!r}")
         methods[label][1]["lam"] = float(value)
 
+    if not 1 <= args.tasks <= len(FASHION_MNIST_PAIRS):
+        parser.error(f"--tasks must be between 1 and {len(FASHION_MNIST_PAIRS)}, got {args.tasks}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    tasks = split_tasks(args.data, num_tasks=args.tasks, train_per_class=args.train_per_class, seed=args.seed)
+    tasks = split_fashion_mnist(args.data, num_tasks=args.tasks, train_per_class=args.train_per_class, seed=args.seed)
     settings = OptimSettings(epochs=args.epochs, lr=args.lr, momentum=0.9, batch_size=args.batch_size)
     search = None
     if args.search:

@@ -19,6 +19,7 @@ import torch
 from data_prep.errors import MissingDatasetError
 from data_prep.idx import FASHION_MNIST_DIR, IDXFormatError, fashion_mnist_available, load_fashion_mnist, read_idx
 from mas_core import OptimSettings
+from triplets.recognition_data import split_fashion_mnist
 
 needs_fashion_mnist = pytest.mark.skipif(
     not fashion_mnist_available(FASHION_MNIST_DIR),
@@ -43,7 +44,7 @@ def _script():
 @needs_fashion_mnist
 def test_mas_forgets_at_most_a_fifth_of_finetuning_on_split_fashion_mnist() -> None:
     script = _script()
-    tasks = script.split_tasks(FASHION_MNIST_DIR, num_tasks=NUM_TASKS, train_per_class=TRAIN_PER_CLASS,
+    tasks = split_fashion_mnist(FASHION_MNIST_DIR, num_tasks=NUM_TASKS, train_per_class=TRAIN_PER_CLASS,
                                test_per_class=TEST_PER_CLASS, seed=0)
     settings = OptimSettings(epochs=5, lr=0.05, momentum=0.9, batch_size=128)
     methods = {"finetune": ("finetune", {}), "mas": ("mas", {"lam": MAS_LAMBDA})}
@@ -90,7 +91,7 @@ def test_fashion_mnist_split_sizes_and_labels() -> None:
     images, labels = load_fashion_mnist(FASHION_MNIST_DIR, "test")
     assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
     assert np.bincount(labels).tolist() == [1000] * 10
-    tasks = _script().split_tasks(FASHION_MNIST_DIR, num_tasks=2, train_per_class=100, test_per_class=50)
+    tasks = split_fashion_mnist(FASHION_MNIST_DIR, num_tasks=2, train_per_class=100, test_per_class=50)
     assert [len(task.train) for task in tasks] == [200, 200] and len(tasks[1].test) == 100
     inputs, targets = tasks[1].train.tensors
     assert inputs.shape == (200, 784) and 0.0 <= float(inputs.min()) and float(inputs.max()) <= 1.0

@@ -14,6 +14,7 @@ import yaml
 from torch import nn
 
 import mas_core.loop as loop_module
+from mas_core.experiment import LoopHooks
 from mas_core.errors import InvalidArgumentError, MASCoreError
 from mas_core.hparam_search import (
     SearchSettings,
@@ -421,11 +422,11 @@ def test_a_divergence_after_the_search_names_what_the_search_chose(monkeypatch) 
 
     original = loop_module.train_task_epochs
 
-    def diverging_outside_the_search(experiment, trained, model, data, task, reg, optim, seed, *args):
-        if seed == SEED and task == 1:   # the loop's own training of task 2; the search uses derived seeds
+    def diverging_outside_the_search(experiment, trained, model, data, task, reg, settings):
+        if settings.seed == SEED and task == 1:   # the loop's own training of task 2; the search uses derived seeds
             raise DivergenceError(f"training diverged at task {task + 1}: the loss is nan; lower the learning "
-                                  f"rate (optim.lr, now {optim.lr})")
-        return original(experiment, trained, model, data, task, reg, optim, seed, *args)
+                                  f"rate (optim.lr, now {settings.optim.lr})")
+        return original(experiment, trained, model, data, task, reg, settings)
 
     monkeypatch.setattr(loop_module, "train_task_epochs", diverging_outside_the_search)
     settings = SearchSettings(enabled=True, lr_grid=GRID, start=4.0, max_tries=2, epochs=1)
@@ -465,9 +466,19 @@ def test_a_searched_strength_that_diverges_is_backed_off_and_equals_the_direct_r
     big, decay = 1e6, 0.01
     settings = dict(enabled=True, lr_grid=[SETTINGS.lr], start=1.0, decay=decay, max_tries=4, epochs=1)
     lines: list[str] = []
+    epochs: list = []
+
+    class Epochs(LoopHooks):
+        def epoch_ended(self, record):
+            epochs.append(record)
+
     backed = train_tasks(ClassificationExperiment(_make_model, _tasks(), importance_batch_size=32), method, SETTINGS,
                          seed=SEED, search=_Forced(**settings, forced={1: big}), log=lines.append, method_options=GRADIENT,
-                         checkpoint_dir=tmp_path)
+                         checkpoint_dir=tmp_path, hooks=Epochs())
+    # the epoch records say which attempt they belong to (a diverged attempt may end before its first epoch)
+    attempts = [record.attempt for record in epochs if record.task == 1]
+    assert attempts == sorted(attempts) and attempts[-SETTINGS.epochs:] == [diverging] * SETTINGS.epochs
+    assert {record.attempt for record in epochs if record.task != 1} == {0}
     final = big
     for _ in range(diverging):
         final *= decay

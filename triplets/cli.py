@@ -8,7 +8,7 @@ and keeps its traceback.
 
 Several processes: ``torchrun --nproc_per_node=N -m triplets.cli train ...`` (or
 ``recognition``) starts N copies of this script; the command joins their process group
-(:func:`distributed_session`) once its config is read. Rank 0 prints the results and the
+(:func:`mas_core.distributed.process_group_session`) once its config is read. Rank 0 prints the results and the
 progress lines; the other ranks print nothing but their own errors (warnings silenced). An
 error that every rank raises alike (a bad config, a refused run folder, a diverged loss:
 marked by :func:`mas_core.distributed.same_on_every_rank`) is printed by rank 0 alone; every rank
@@ -23,8 +23,7 @@ import io
 import os
 import shlex
 import sys
-import warnings
-from typing import Any, Iterator, Sequence
+from typing import Sequence
 
 MAX_ERROR_LINE = 600
 COMMANDS = ("synth", "prepare", "train", "evaluate", "query", "recognition")
@@ -86,35 +85,6 @@ def launched_rank() -> int:
     except ValueError:
         pass
     return 0
-
-
-@contextlib.contextmanager
-def distributed_session(device: Any = None) -> Iterator[Any]:
-    """Join ``torchrun``'s process group for a command's work and leave it afterwards.
-
-    Yields :func:`mas_core.distributed.init_from_environment`'s answer: ``None`` in a plain
-    process (nothing happens), else this rank's ``ProcessInfo`` (backend ``gloo`` on a CPU
-    ``device``, ``nccl`` on a GPU). Ranks other than 0 run with Python warnings silenced. The
-    group is destroyed on the way out, error or not (unless it existed before)."""
-    import torch.distributed as dist
-
-    from mas_core.distributed import init_from_environment, leave_process_group, same_on_every_rank
-
-    joined_before = dist.is_available() and dist.is_initialized()
-    with same_on_every_rank():
-        info = init_from_environment(device)
-    leave = info is not None and not joined_before
-    try:
-        with warnings.catch_warnings():
-            if info is not None and not info.is_main:
-                warnings.simplefilter("ignore")
-            yield info
-    except BaseException:
-        if leave:
-            leave_process_group(wait=False)  # the other ranks may never reach a barrier
-        raise
-    if leave:
-        leave_process_group()  # every rank done before any tears the connections down
 
 
 def _report(command: str | None, message: str, exc: BaseException | None = None) -> None:

@@ -55,6 +55,7 @@ from typing import Any
 from mas_core.checkpoint import atomic_write_json, atomic_write_text, read_json, remove_stale_temporaries
 from mas_core.distributed import is_main_process, run_on_main_process, same_on_every_rank
 from mas_core.errors import CheckpointMismatchError, DivergenceError
+from mas_core.experiment import LoopHooks
 from mas_core.loop import OptimSettings
 from mas_core.ridge import RIDGE, ridge_settings
 from mas_core.sequence import Task, run_sequence
@@ -76,6 +77,7 @@ from .recognition_ridge import run_recognition_ridge
 from .recognition_data import build_tasks, ensure_prepared, make_trunk, model_factory, prepared_path, unlabeled_inputs
 from .report import recognition_markdown, write_recognition_plots
 from .results_schema import method_summary, results_document
+from .run_log import run_hooks
 from .run_folder import (
     DATA_IDENTITY_NAME, check_output_folder, identity_as_recorded, package_versions, read_data_identity,
 )
@@ -100,11 +102,13 @@ def _importance_choice(config: RecognitionConfig, method: str) -> str:
 
 
 def run_recognition(config: RecognitionConfig, out: str | Path, *, methods: Sequence[str] | None = None,
-                    resume: bool = False, progress: bool = True,
-                    log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                    resume: bool = False, progress: bool = True, log: Callable[[str], None] | None = None,
+                    hooks: LoopHooks | None = None) -> dict[str, Any]:
     """Train the sequence once per method, write results.json / results.md / plots; return the results dict.
 
-    Under ``torchrun`` every rank calls it; rank 0 alone writes (see the module docs)."""
+    Under ``torchrun`` every rank calls it; rank 0 alone writes (see the module docs). ``hooks``: the
+    task loop's :class:`~mas_core.experiment.LoopHooks` for every method (:mod:`triplets.run_log`; by
+    default the metrics log ``OUT/metrics.csv`` alone)."""
 
     with same_on_every_rank():
         try:
@@ -134,6 +138,7 @@ def run_recognition(config: RecognitionConfig, out: str | Path, *, methods: Sequ
 
     # rank 0 converts the datasets once; the others wait for it, then read the same files
     run_on_main_process(prepare_folder_and_data)
+    hooks = run_hooks(out, hooks, main=main)  # OUT/metrics.csv at the least
     tasks = build_tasks(config, log=emit)
     test_inputs = [unlabeled_inputs(task.test) for task in tasks]
     optim = OptimSettings(**{f.name: getattr(config.train, f.name) for f in dataclasses.fields(OptimSettings)})
@@ -172,7 +177,8 @@ def run_recognition(config: RecognitionConfig, out: str | Path, *, methods: Sequ
                     make_model, run_tasks, base, optim, seed=config.seed, device=config.train.device,
                     eval_batch_size=config.train.eval_batch_size, num_workers=config.train.num_workers,
                     method_options=options or None, checkpoint_dir=method_dir, resume=from_checkpoint, progress=progress,
-                    log=log, search=config.search.resolved_for(base, method) if config.search.enabled else None)
+                    log=log, search=config.search.resolved_for(base, method) if config.search.enabled else None,
+                    hooks=hooks)
 
             try:  # the loop all-reduces a divergence, so every rank lands here alike
                 try:

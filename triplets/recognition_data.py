@@ -18,14 +18,18 @@ import torchvision.models as tv_models
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
+from data_prep.idx import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, load_fashion_mnist
 from data_prep.images import open_image_dataset, prepare_image_dataset
 from mas_core.sequence import MultiHeadNet, Task
 
+from .errors import ConfigError
 from .backbones import EFFICIENTNET_MEAN, EFFICIENTNET_STD, FrozenModule, load_local_weights, pretrained_split
 from .model import IMAGENET_MEAN, IMAGENET_STD
 from .recognition_config import ModelSpec, RecognitionConfig, TaskSpec
 
 EFFICIENTNET = "efficientnet_lite0"
+#: the class pairs of split Fashion-MNIST, one task each (issue 2, point 5)
+FASHION_MNIST_PAIRS = [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]
 
 
 def prepared_path(spec: TaskSpec, data_dir: str | Path, seed: int) -> Path:
@@ -219,4 +223,44 @@ def model_factory(model: ModelSpec) -> Callable[[], Any]:
     return make_model
 
 
-__all__ = ["GlobalMeanPool", "build_tasks", "ensure_prepared", "make_trunk", "prefix_features", "model_factory", "prepared_path", "unlabeled_inputs"]
+# --------------------------------------------------------------------------- split Fashion-MNIST
+
+def split_fashion_mnist(root: str | Path = FASHION_MNIST_DIR, *, num_tasks: int = 5, train_per_class: int | None = None,
+                        test_per_class: int | None = None, seed: int = 0) -> list[Task]:
+    """The first ``num_tasks`` class-pair tasks of Fashion-MNIST (:data:`FASHION_MNIST_PAIRS`);
+    labels ``2t, 2t+1`` become 0, 1; inputs ``[N, 784]`` in [0, 1] (pixels / 255).
+
+    ``train_per_class`` / ``test_per_class`` keep the first so many images of each class
+    after a shuffle seeded by ``seed`` (``None``: all 6,000 / 1,000, in file order)."""
+    if not 1 <= num_tasks <= len(FASHION_MNIST_PAIRS):
+        raise ConfigError(f"split Fashion-MNIST has 1 to {len(FASHION_MNIST_PAIRS)} tasks, got {num_tasks}")
+    splits = {split: load_fashion_mnist(root, split) for split in ("train", "test")}
+    rng = np.random.default_rng(seed)
+    tasks = []
+    for pair in FASHION_MNIST_PAIRS[:num_tasks]:
+        datasets = {}
+        for split, limit in (("train", train_per_class), ("test", test_per_class)):
+            images, labels = splits[split]
+            chosen = []
+            for cls in pair:
+                index = np.flatnonzero(labels == cls)
+                index = rng.permutation(index) if limit is not None else index
+                chosen.append(index[:limit] if limit is not None else index)
+            index = np.sort(np.concatenate(chosen))
+            inputs = torch.from_numpy(images[index].reshape(len(index), -1).astype(np.float32) / 255.0)
+            targets = torch.from_numpy(labels[index] - pair[0])
+            datasets[split] = TensorDataset(inputs, targets)
+        name = f"{FASHION_MNIST_CLASSES[pair[0]]}/{FASHION_MNIST_CLASSES[pair[1]]}"
+        tasks.append(Task(name=name, train=datasets["train"], test=datasets["test"], num_classes=2))
+    return tasks
+
+
+def fashion_mnist_mlp() -> MultiHeadNet:
+    """Split Fashion-MNIST's network: the shared trunk 784-256-256 (ReLU), no heads yet (the task
+    loop adds one 2-way head per task)."""
+    trunk = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU())
+    return MultiHeadNet(trunk, 256)
+
+
+__all__ = ["FASHION_MNIST_PAIRS", "GlobalMeanPool", "build_tasks", "ensure_prepared", "fashion_mnist_mlp", "make_trunk",
+           "model_factory", "prefix_features", "prepared_path", "split_fashion_mnist", "unlabeled_inputs"]

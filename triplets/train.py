@@ -59,6 +59,7 @@ import torch
 from mas_core.checkpoint import atomic_write_json, load_checkpoint, read_json, save_checkpoint
 from mas_core.distributed import current, is_main_process, local_device, run_on_main_process, same_on_every_rank
 from mas_core.errors import MASCoreError
+from mas_core.experiment import LoopHooks
 from mas_core.loop import JOINT, OptimSettings, checkpoint_config, resolved_options, train_tasks
 from mas_core.regularizers import make_regularizer
 from mas_core.ridge import RIDGE
@@ -82,6 +83,7 @@ from .feature_cache import FEATURE_DATASET, feature_cache_fingerprint, write_fea
 from .index import build_index, model_fingerprint
 from .model import FactEmbeddingNet, build_model
 from .online_importance import QueriedImportanceOnResume, check_queried_importance, online_importance_history
+from .run_log import run_hooks
 from .run_folder import (
     Run,
     collect_results,
@@ -159,7 +161,7 @@ def method_search(config: TrainConfig, method: MethodConfig, saved: dict[str, An
 
 
 def train_run(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
-              stop_after_task: int | None = None) -> dict:
+              stop_after_task: int | None = None, hooks: LoopHooks | None = None) -> dict:
     """Train every method of ``config`` task by task into the run folder ``out_dir``; return
     the results dictionary also written to ``RUN/results.json`` (schema in ``docs/run_folder.md``:
     per method the accuracy matrix R, ``avg_acc``, ``forgetting``,
@@ -172,7 +174,9 @@ def train_run(config: TrainConfig, out_dir: str | Path, *, resume: bool = False,
 
     ``stop_after_task=k`` trains the first ``k`` tasks only (model, result and indexes are
     written for the model after task ``k``); ``resume=True`` later continues with task ``k + 1``,
-    the last task protected as ``config.online_importance`` says (:mod:`triplets.online_importance`)."""
+    the last task protected as ``config.online_importance`` says (:mod:`triplets.online_importance`).
+    ``hooks``: the task loop's :class:`~mas_core.experiment.LoopHooks` for every method (the metrics
+    log and the Ctrl-C of :mod:`triplets.run_log`; by default the metrics log ``RUN/metrics.csv`` alone)."""
     with same_on_every_rank():  # the checks before training fail alike on every rank
         config = dataclasses.replace(config, data=dataclasses.replace(
             config.data, fact_file=str(Path(config.data.fact_file).expanduser().resolve())))
@@ -203,9 +207,10 @@ def train_run(config: TrainConfig, out_dir: str | Path, *, resume: bool = False,
         recorded = run_on_main_process(lambda: prepare_run_folder(config, out_dir, resume))
         ctx.data_sha256 = (read_data_identity(out_dir) or {}).get("fact_file", {}).get("sha256")
         finished: dict[str, Any] = {}
+        hooks = run_hooks(out_dir, hooks, main=is_main_process())  # RUN/metrics.csv at the least
         for method in config.methods:
             finished[method.key] = train_method(ctx, method, out_dir / method.key, progress=progress,
-                                                stop_after_task=stop_after_task)
+                                                stop_after_task=stop_after_task, hooks=hooks)
         if not is_main_process():  # rank 0 alone writes results, report, plots and indexes
             return results_dict(out_dir, recorded, fact_file, json.loads(json.dumps(finished)))
         results = collect_results(out_dir, recorded, fact_file)
@@ -228,7 +233,7 @@ def _method_search(config: TrainConfig, method: MethodConfig, checkpoint_path: P
 
 
 def train_method(ctx: FactContext, method: MethodConfig, method_dir: Path, *, progress: bool = True,
-                 stop_after_task: int | None = None) -> dict[str, Any]:
+                 stop_after_task: int | None = None, hooks: LoopHooks | None = None) -> dict[str, Any]:
     """Train one method over all tasks (the first ``stop_after_task``) with the task loop (resuming
     from its checkpoint if there is one, the last task's Ω replaced as ``online_importance`` says)
     and write ``model.pt`` and ``result.json`` (rank 0). A method whose ``result.json`` and
@@ -261,7 +266,7 @@ def train_method(ctx: FactContext, method: MethodConfig, method_dir: Path, *, pr
                               method_options=dict(method.options), label=method.key, checkpoint_dir=method_dir,
                               resume=True, log=log, log_epochs=False, stop_after_task=stop_after_task,
                               after_resume=queried if ctx.config.online_importance.use != "none" else None,
-                              search=_method_search(ctx.config, method, checkpoint_path))
+                              search=_method_search(ctx.config, method, checkpoint_path), hooks=hooks)
     if outcome.trained_tasks == 0 and result_path.exists():
         return read_json(result_path, what="method result")
     model = outcome.model

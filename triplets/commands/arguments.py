@@ -22,3 +22,12 @@ def add_max_image_pixels(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-image-pixels", type=positive_int, default=DEFAULT_MAX_IMAGE_PIXELS,
                         help="refuse an image whose header declares more than this many pixels (width x height) "
                         f"before decoding it (default {DEFAULT_MAX_IMAGE_PIXELS:,})")
+
+
+def add_log_option(parser: argparse.ArgumentParser) -> None:
+    """``--log``: what a training run logs beside ``RUN/metrics.csv`` (:mod:`triplets.run_log`)."""
+    parser.add_argument("--log", choices=("csv", "tensorboard"), default="csv",
+                        help="csv (default): the per-epoch metrics log RUN/metrics.csv; tensorboard: also TensorBoard "
+                        "event files in RUN/tensorboard/ (needs the optional extra: pip install "
+                        "'mas-triplets[tensorboard]'). Ctrl-C stops after the current batch and prints the --resume "
+                        "command (exit status 130)")

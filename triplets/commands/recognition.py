@@ -7,11 +7,13 @@ import argparse
 import sys
 from typing import Any
 
-from mas_core.distributed import same_on_every_rank
+from mas_core.distributed import process_group_session, same_on_every_rank
 
 from ..recognition import load_recognition_config, run_recognition
 from ..report import recognition_markdown
 from ..run_folder import check_output_folder
+from ..run_log import RunComforts, check_log_option
+from .arguments import add_log_option
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -32,23 +34,30 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (dotted for nested keys, e.g. train.epochs=2); repeatable")
     parser.add_argument("--quiet", action="store_true", help="no per-epoch progress on stderr")
+    add_log_option(parser)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     """Load the config, run every method, print the results table; exit status 1 when a method
-    diverged (the others' results are written, the diverged ones listed)."""
-    from ..cli import distributed_session  # noqa: PLC0415 - cli imports this module to register it
-
+    diverged (the others' results are written, the diverged ones listed); 130 after a Ctrl-C, with the
+    ``--resume`` command (:class:`triplets.run_log.RunComforts`)."""
     with same_on_every_rank():  # read by every rank alike: rank 0 alone reports a bad config
+        check_log_option(args.log)  # an extra that is not installed: one line before any work
         config = load_recognition_config(args.config, args.overrides)
         check_output_folder(args.out, "recognition", resume=args.resume)  # before any work (nothing written)
     methods = None
     if args.methods:
         methods = [item.strip() for item in args.methods.split(",") if item.strip()]
     # under torchrun: gloo for a CPU train.device, nccl for cuda (every rank its LOCAL_RANK's GPU)
-    with distributed_session(config.train.device) as info:
-        results = run_recognition(config, args.out, methods=methods, resume=args.resume, progress=not args.quiet)
+    with process_group_session(config.train.device) as info:
+        main = info is None or info.is_main
+        with RunComforts(args.out, log=args.log, command_line=args.command_line, main=main,
+                         command="recognition") as comforts:
+            results = run_recognition(config, args.out, methods=methods, resume=args.resume, progress=not args.quiet,
+                                      hooks=comforts.hooks)
+    if comforts.interrupted:
+        return comforts.exit_code
     diverged = results.get("diverged") or {}
     if info is None or info.is_main:
         print(recognition_markdown(results), end="")

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import argparse
 
-from mas_core.distributed import same_on_every_rank
+from mas_core.distributed import process_group_session, same_on_every_rank
 
 from ..errors import ConfigError
 from ..run_folder import check_output_folder
+from ..run_log import RunComforts, check_log_option
 from ..train import load_train_config, resolve_device, select_methods, train_run
+from .arguments import add_log_option
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -29,15 +31,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--stop-after-task", type=int, default=None, metavar="K",
                         help="train the first K tasks only (the model after task K is saved and can be queried); "
                         "continue later with --resume (online_importance in the config: docs/method.md §12)")
+    add_log_option(parser)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     """Read the config, join ``torchrun``'s process group when launched by it (the config's
-    device picks gloo or nccl), train, and print the summary (rank 0 only)."""
-    from ..cli import distributed_session  # noqa: PLC0415 - cli imports this module to register it
-
+    device picks gloo or nccl), train, and print the summary (rank 0 only). Ctrl-C: exit status 130
+    after the current batch, with the ``--resume`` command (:class:`triplets.run_log.RunComforts`)."""
     with same_on_every_rank():  # read by every rank alike: rank 0 alone reports a bad config
+        check_log_option(args.log)  # an extra that is not installed: one line before any work
         config = load_train_config(args.config, args.overrides)
         if args.methods:
             config = select_methods(config, [name.strip() for name in args.methods.split(",") if name.strip()])
@@ -45,9 +48,13 @@ def run(args: argparse.Namespace) -> int:
         if args.stop_after_task is not None and args.stop_after_task < 1:
             raise ConfigError(f"--stop-after-task must be a positive number of tasks, got {args.stop_after_task}")
         check_output_folder(args.out, "facts", resume=args.resume)  # before any work: nothing is written on refusal
-    with distributed_session(device) as info:
-        results = train_run(config, args.out, resume=args.resume, progress=not args.no_progress,
-                            stop_after_task=args.stop_after_task)
+    with process_group_session(device) as info:
+        main = info is None or info.is_main
+        with RunComforts(args.out, log=args.log, command_line=args.command_line, main=main) as comforts:
+            results = train_run(config, args.out, resume=args.resume, progress=not args.no_progress,
+                                stop_after_task=args.stop_after_task, hooks=comforts.hooks)
+    if comforts.interrupted:
+        return comforts.exit_code
     if info is None or info.is_main:
         print(format_summary(results))
         print(f"run folder: {args.out} (results.json, results.md, plots/)")
