@@ -14,6 +14,7 @@ import yaml
 
 from test_train import make_tiny_fact_file
 from triplets.errors import ConfigError
+from triplets.fingerprint import feature_cache_fingerprint
 from triplets.model import ModelConfig, build_model
 from triplets.train import (
     DataConfig,
@@ -21,7 +22,6 @@ from triplets.train import (
     MethodConfig,
     OptimSettings,
     TrainConfig,
-    feature_cache_fingerprint,
     load_run,
     load_train_config,
     train_run,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-import triplets.fact_data as fact_data
+import triplets.fingerprint as fingerprint
 from mas_core.checkpoint import json_checksum, load_checkpoint, save_checkpoint
 from triplets.cli import main
 
@@ -58,8 +58,8 @@ def damage_in_place(path: Path, position: float = 0.5) -> None:
 
 def forge_data_record(run: Path, facts: Path) -> None:
     """``data.json`` rewritten for the fact file as it is now, with its checksum updated."""
-    record = {"fact_file": {"path": str(facts), "sha256": fact_data.file_sha256(facts),
-                            **{k: v for k, v in fact_data.file_identity(facts).items() if k not in ("path", "sha256")}}}
+    record = {"fact_file": {"path": str(facts), "sha256": fingerprint.file_sha256(facts),
+                            **{k: v for k, v in fingerprint.file_identity(facts).items() if k not in ("path", "sha256")}}}
     record["sha256"] = json_checksum(record)
     (run / "data.json").write_text(json.dumps(record))
 
@@ -103,14 +103,14 @@ def test_resume_without_data_json_on_the_same_fact_file_goes_on(world, tmp_path)
     (partial / "data.json").unlink()
     assert main(["train", "--config", str(world["config"]), "--out", str(partial), "--resume", "--no-progress"]) == 0
     record = json.loads((partial / "data.json").read_text())
-    assert record["fact_file"]["sha256"] == fact_data.file_sha256(world["facts"])
+    assert record["fact_file"]["sha256"] == fingerprint.file_sha256(world["facts"])
 
 
 def test_a_checkpoint_of_an_earlier_version_without_the_data_record_still_resumes(world, tmp_path):
     partial = copy_of_the_killed_run(world, tmp_path)
     path = partial / "finetune" / "checkpoint.pt"
     state = load_checkpoint(path)
-    assert state["config"]["experiment"]["fact_file_sha256"] == fact_data.file_sha256(world["facts"])
+    assert state["config"]["experiment"]["fact_file_sha256"] == fingerprint.file_sha256(world["facts"])
     del state["config"]["experiment"]["fact_file_sha256"]
     save_checkpoint(path, state)
     assert main(["train", "--config", str(world["config"]), "--out", str(partial), "--resume", "--no-progress"]) == 0
@@ -163,14 +163,14 @@ def test_resume_fact_file_damaged_in_place_with_its_time_restored(own, capsys):
 def test_a_large_file_reuses_its_hash_only_while_the_sample_matches(tmp_path, monkeypatch):
     path = tmp_path / "big.bin"
     path.write_bytes(os.urandom(1 << 20))
-    recorded = fact_data.file_identity(path)
-    monkeypatch.setattr(fact_data, "FULL_HASH_BELOW", 0)  # as for a file of gigabytes
+    recorded = fingerprint.file_identity(path)
+    monkeypatch.setattr(fingerprint, "FULL_HASH_BELOW", 0)  # as for a file of gigabytes
     hashed = []
-    real = fact_data.file_sha256
-    monkeypatch.setattr(fact_data, "file_sha256", lambda p: hashed.append(p) or real(p))
-    assert fact_data.file_identity(path, recorded)["sha256"] == recorded["sha256"] and not hashed  # unchanged
+    real = fingerprint.file_sha256
+    monkeypatch.setattr(fingerprint, "file_sha256", lambda p: hashed.append(p) or real(p))
+    assert fingerprint.file_identity(path, recorded)["sha256"] == recorded["sha256"] and not hashed  # unchanged
     damage_in_place(path, 0.5)  # a sampled block: the middle one
-    assert fact_data.file_identity(path, recorded)["sha256"] != recorded["sha256"] and hashed
+    assert fingerprint.file_identity(path, recorded)["sha256"] != recorded["sha256"] and hashed
 
 
 # --------------------------------------------------------------------------- damaged fact files the records do not see

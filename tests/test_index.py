@@ -9,7 +9,8 @@ import torch
 
 import triplets.index.common as index_module
 from triplets.errors import RunFolderError, TripletsError
-from triplets.index import build_index, default_nlist, load_index, model_fingerprint, normalize_rows, sidecar_path
+from triplets.fingerprint import model_fingerprint
+from triplets.index import build_index, default_nlist, load_index, normalize_rows, sidecar_path
 
 
 def _clustered(rng, count, dim, clusters=40, spread=0.35, extra_queries=0):

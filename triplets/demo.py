@@ -49,7 +49,7 @@ from . import query
 from .cli import _user_errors
 from .config import load_config, to_dict
 from .errors import TripletsError
-from .index import file_sha256 as _file_sha256
+from .fingerprint import file_sha256
 from .language import embed_facts, load_text_encoder
 from .query_show import write_query_picture
 from .train import TrainConfig, train_run
@@ -131,7 +131,7 @@ def ensure_fact_file(settings: PrepareSettings, world: Path, world_settings: Syn
     SHA-256) says the same file is already there. Returns ``(path, reused)``."""
     stamp = path.parent / f"{path.name}.json"
     wanted = {"prepare": to_dict(settings), "synth": to_dict(world_settings)}
-    if path.is_file() and _stamp_matches(stamp, {**wanted, "sha256": _file_sha256(path)}):
+    if path.is_file() and _stamp_matches(stamp, {**wanted, "sha256": file_sha256(path)}):
         with open_facts(path):  # raises FactFileError for a damaged file
             return path, True
     encoder = load_text_encoder(settings.text_encoder)
@@ -148,7 +148,7 @@ def ensure_fact_file(settings: PrepareSettings, world: Path, world_settings: Syn
                           seed=settings.seed, text_encoder=embed,
                           encoder_name=getattr(encoder, "name", settings.text_encoder), progress=progress,
                           command_line="python -m triplets.demo")
-    atomic_write_json(stamp, {**wanted, "sha256": _file_sha256(path)})
+    atomic_write_json(stamp, {**wanted, "sha256": file_sha256(path)})
     return path, False
 
 

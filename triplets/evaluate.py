@@ -68,7 +68,7 @@ from mas_core.checkpoint import atomic_write_json, read_json
 from mas_core.errors import MASCoreError
 
 from .errors import RunFolderError, TripletsError
-from .fact_data import fact_file_fingerprint
+from .fingerprint import VOCABULARY_KEY, fact_vocabulary_fingerprint
 from .index import normalize_rows, score_blocks
 from .report import render_markdown, write_report
 from .retrieval_report import summary_extras
@@ -461,18 +461,12 @@ def check_run_matches_fact_file(run_dir: Path, method: str, fact_file: Any) -> N
     if not model_path.is_file():
         raise RunFolderError(f"run {run_dir} has no final model for method {method!r} ({model_path}); "
                              "finish training with mas-triplets train --resume")
-    saved = load_checkpoint(model_path).get("fact_file_sha")
+    saved = load_checkpoint(model_path).get(VOCABULARY_KEY)
     current = fact_vocabulary_fingerprint(fact_file)
     if saved is not None and str(saved) != current:
         raise RunFolderError(f"method {method!r} of run {run_dir} was trained on fact vocabulary {saved}, "
                              f"but {getattr(fact_file, 'path', 'the fact file')} has vocabulary {current}; "
                              "use the fact file the run was trained on")
-
-
-def fact_vocabulary_fingerprint(fact_file: Any) -> str:
-    """The fingerprint of a fact file's vocabulary, as training stores it in model.pt
-    (``triplets.train.fact_file_fingerprint``: SHA-256 of the fact list in id order)."""
-    return str(fact_file_fingerprint(fact_file))
 
 
 def load_results(run_dir: str | Path) -> dict[str, Any]:

@@ -33,15 +33,14 @@ from mas_core.loop import ImportanceSource
 from .config import to_dict
 from .errors import ConfigError, RunFolderError
 from .evaluate import MODES, candidate_facts, embed_images, evaluate_embeddings, final_metrics
-from .fact_data import DATA_SHA_KEY, FactSamples, open_fact_file
+from .fact_data import FactSamples, open_fact_file
 from .feature_cache import (
     FeatureSamples,
     cached_embeddings,
     ensure_feature_cache,
-    feature_cache_fingerprint,
     feature_cache_path,
 )
-from .fact_data import fact_file_fingerprint
+from .fingerprint import DATA_SHA_KEY, fact_vocabulary_fingerprint, feature_cache_fingerprint
 from .model import FactEmbeddingNet, build_model, contrastive_loss, slot_loss, slot_targets
 from .stale_index import save_task_embeddings
 from .train_config import TrainConfig
@@ -89,7 +88,7 @@ def fact_context(config: TrainConfig, fact_file: Any, device: torch.device, run_
         targets=slot_targets(embeddings, unit_norm=config.loss.unit_norm_targets).to(device),
         masks=torch.as_tensor(np.asarray(fact_file.slot_masks), dtype=torch.float32).to(device),
         slot_dim=embeddings.shape[1] // 3, image_size=int(fact_file.image_size),
-        fingerprint=fact_file_fingerprint(fact_file), run_dir=run_dir)
+        fingerprint=fact_vocabulary_fingerprint(fact_file), run_dir=run_dir)
 
 
 class _ThroughTrunk:

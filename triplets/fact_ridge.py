@@ -43,6 +43,7 @@ from mas_core.ridge import RIDGE, RidgeProblem, RidgeStatistics, ridge_settings,
 from .config import to_dict
 from .evaluate import MODES, evaluate_embeddings, stale_index_metrics
 from .fact_data import FactSamples
+from .fingerprint import VOCABULARY_KEY
 from .fact_ridge_model import SAVED_KEY, build_ridge_model, split_options
 from .results_schema import method_summary
 from .retrieval_report import summary_extras
@@ -155,7 +156,7 @@ def train_ridge_method(ctx: Any, method: Any, method_dir: Path, *, progress: boo
         save_checkpoint(method_dir / "model.pt", {
             "model": experiment.model.state_dict(), "model_config": to_dict(ctx.config.model),
             SAVED_KEY: dict(experiment.backbone), "slot_dim": ctx.slot_dim, "image_size": ctx.image_size,
-            "encoder_name": ctx.fact_file.encoder_name, "fact_file_sha": ctx.fingerprint,
+            "encoder_name": ctx.fact_file.encoder_name, VOCABULARY_KEY: ctx.fingerprint,
         })
     final = experiment.final_metrics()
     result = method_summary(outcome, RIDGE, method.options, final=final, ridge=records)

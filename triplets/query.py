@@ -37,8 +37,9 @@ from data_prep.image_decode import (
 )
 
 from .errors import RunFolderError, TripletsError
-from .evaluate import embed_images, fact_vocabulary_fingerprint
-from .index import build_index, check_exact_backend, load_index, model_fingerprint
+from .evaluate import embed_images
+from .fingerprint import VOCABULARY_KEY, fact_vocabulary_fingerprint, model_fingerprint
+from .index import build_index, check_exact_backend, load_index
 from .run_folder import load_run
 
 Fact = tuple[str, "str | None", "str | None"]
@@ -222,7 +223,7 @@ class QueryEngine:
         path = self.index_dir / f"{name}.faiss"
         if path.is_file():
             index = load_index(path, expected_fingerprint=self.fingerprint, exact_backend=self.exact_backend)
-            saved = index.metadata.get("fact_file_sha")
+            saved = index.metadata.get(VOCABULARY_KEY)
             current = self._vocabulary_fingerprint()
             if saved is not None and current is not None and saved != current:
                 raise RunFolderError(f"index {path} was built for fact vocabulary {saved}, the run's fact file has "

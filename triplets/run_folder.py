@@ -10,7 +10,7 @@ The rules every command that writes a run folder follows (:func:`check_output_fo
 writes only into a new folder, an empty one or a run of its own kind (``--resume``), and
 refuses anything else (a file, another kind of run, a folder of other files, a folder it
 cannot write to) before any work, in one line, changing nothing. ``RUN/data.json`` records
-the SHA-256 of the data the run was trained on (:func:`triplets.fact_data.file_identity`);
+the SHA-256 of the data the run was trained on (:func:`triplets.fingerprint.file_identity`);
 ``--resume``, ``evaluate`` and ``query`` refuse a file whose bytes differ.
 """
 from __future__ import annotations
@@ -39,7 +39,8 @@ from mas_core.errors import CheckpointMismatchError, did_you_mean
 
 from .config import MAX_CONFIG_BYTES, from_dict, read_yaml, to_dict
 from .errors import ConfigError, RunFolderError
-from .fact_data import DATA_SHA_KEY, fact_file_fingerprint, file_identity, open_fact_file
+from .fact_data import open_fact_file
+from .fingerprint import DATA_SHA_KEY, VOCABULARY_KEY, fact_vocabulary_fingerprint, file_identity
 from .fact_ridge_model import rebuild_saved_model
 from .model import FactEmbeddingNet, ModelConfig, build_model
 from .report import write_report
@@ -335,7 +336,7 @@ class Run:
             state = load_checkpoint(path, map_location=device)
         except (CheckpointMismatchError, FileNotFoundError) as exc:
             raise RunFolderError(f"cannot read {path} ({exc}); retrain with `mas-triplets train --resume`") from None
-        if state.get("fact_file_sha") != fact_file_fingerprint(self.fact_file):
+        if state.get(VOCABULARY_KEY) != fact_vocabulary_fingerprint(self.fact_file):
             raise RunFolderError(
                 f"{self.fact_file.path} has another fact vocabulary than the one {method!r} in {self.dir} was "
                 "trained on; use the run's own fact file")

@@ -68,19 +68,13 @@ from .config import to_dict
 from .errors import ConfigError, RunFolderError
 from .evaluate import embed_images, stale_index_metrics
 from .stale_index import check_resume as check_stale_resume
-from .fact_data import (
-    DATA_SHA_KEY,
-    check_fact_file,
-    fact_file_fingerprint,
-    file_sha256,
-    open_fact_file,
-    vocabulary_fingerprint,
-)
+from .fact_data import check_fact_file, open_fact_file
 from .fact_experiment import FactContext, FactExperiment, fact_context
 from .fact_ridge import train_ridge_method
 from .fact_ridge_model import rebuild_saved_model, split_options
-from .feature_cache import FEATURE_DATASET, feature_cache_fingerprint, write_feature_cache
-from .index import build_index, model_fingerprint
+from .feature_cache import FEATURE_DATASET, write_feature_cache
+from .fingerprint import DATA_SHA_KEY, VOCABULARY_KEY, fact_vocabulary_fingerprint, file_sha256, model_fingerprint
+from .index import build_index
 from .model import FactEmbeddingNet, build_model
 from .online_importance import QueriedImportanceOnResume, check_queried_importance, online_importance_history
 from .run_log import run_hooks
@@ -273,7 +267,7 @@ def train_method(ctx: FactContext, method: MethodConfig, method_dir: Path, *, pr
     if main:
         save_checkpoint(method_dir / "model.pt", {
             "model": model.state_dict(), "model_config": to_dict(ctx.config.model), "slot_dim": ctx.slot_dim,
-            "image_size": ctx.image_size, "encoder_name": ctx.fact_file.encoder_name, "fact_file_sha": ctx.fingerprint,
+            "image_size": ctx.image_size, "encoder_name": ctx.fact_file.encoder_name, VOCABULARY_KEY: ctx.fingerprint,
             DATA_SHA_KEY: ctx.data_sha256,
         })
     extras: dict[str, Any] = {"final": experiment.final_metrics(model)}
@@ -342,14 +336,14 @@ def build_run_indexes(index_dir: str | Path, model: FactEmbeddingNet, fact_file,
         chosen = kind if kind == "flat" or len(vectors) >= enough else "flat"
         index = build_index(vectors, kind=chosen, ids=ids, fingerprint=fingerprint, use_gpu="auto",
                             metadata={"contents": name, "encoder_name": fact_file.encoder_name,
-                                      "fact_file_sha": fact_file_fingerprint(fact_file)})
+                                      VOCABULARY_KEY: fact_vocabulary_fingerprint(fact_file)})
         written[name] = index.save(index_dir / f"{name}.faiss")
     return written
 
 
 __all__ = [
     "DataConfig", "EvalConfig", "FEATURE_DATASET", "LossConfig", "MethodConfig", "OptimSettings", "Run", "TrainConfig",
-    "build_run_indexes", "collect_results", "fact_file_fingerprint", "feature_cache_fingerprint", "load_run",
+    "build_run_indexes", "collect_results", "load_run",
     "load_train_config", "method_checkpoint_config", "package_versions", "resolve_device", "select_methods",
-    "train_method", "train_run", "vocabulary_fingerprint", "write_feature_cache",
+    "train_method", "train_run", "write_feature_cache",
 ]

@@ -49,7 +49,7 @@ from __future__ import annotations
 from .common import (
     DEFAULT_ROWS_PER_SHARD, GPU_MAX_K, INDEX_FORMAT, INDEX_FORMAT_VERSION, IVF_KINDS, KINDS, MANIFEST_NAME,
     SHARDED_FORMAT, SHARDED_FORMAT_VERSION, SHARDED_KINDS, VECTORS_FILE, IndexKind, default_nlist, default_pq_m,
-    file_sha256, gpu_available, model_fingerprint, normalize_rows, pq_m_choices,
+    gpu_available, normalize_rows, pq_m_choices,
 )
 from .exact import (EXACT_BACKENDS, SCORERS, check_exact_backend, choose_exact_backend, exact_search,
                     multiply_transposed, score_blocks)
@@ -63,7 +63,7 @@ __all__ = [
     "KINDS", "MANIFEST_NAME", "SHARDED_FORMAT", "SHARDED_FORMAT_VERSION", "SHARDED_KINDS", "VECTORS_FILE",
     "FactIndex", "IndexKind", "ShardedFactIndex", "build_index", "build_sharded_index", "calibrate_nprobe_by_cells",
     "calibration_rows", "check_exact_backend", "choose_exact_backend", "default_nlist", "default_pq_m",
-    "exact_search", "file_sha256", "gpu_available", "load_index", "load_sharded_index", "model_fingerprint",
+    "exact_search", "gpu_available", "load_index", "load_sharded_index",
     "multiply_transposed",
     "normalize_rows", "pq_m_choices", "rerank_exact", "score_blocks", "shard_bounds", "shard_file_name",
     "sidecar_path", "training_rows",

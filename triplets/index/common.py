@@ -2,7 +2,6 @@
 recall, JSON conversion and the checks of the IVF / PQ parameters."""
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -67,34 +66,6 @@ def normalize_rows(vectors: np.ndarray, *, name: str = "vectors") -> np.ndarray:
     norms = np.linalg.norm(out, axis=1, keepdims=True)
     np.divide(out, norms, out=out, where=norms > 0)
     return out
-
-
-def model_fingerprint(model: Any) -> str:
-    """A short SHA-256 fingerprint (16 hex digits) of a torch module's ``state_dict``.
-
-    Hashes every entry's name, dtype, shape and values in name order, so two models give
-    the same fingerprint exactly when their weights and buffers are identical.
-    """
-    digest = hashlib.sha256()
-    state = model.state_dict()
-    for name in sorted(state):
-        tensor = state[name].detach().cpu().contiguous()
-        digest.update(name.encode("utf-8"))
-        digest.update(str(tensor.dtype).encode("ascii"))
-        digest.update(repr(tuple(tensor.shape)).encode("ascii"))
-        if tensor.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
-            tensor = tensor.to(torch.float32)
-        digest.update(tensor.reshape(-1).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 (hex) of a file's bytes, read 4 MiB at a time."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def default_nlist(count: int) -> int:

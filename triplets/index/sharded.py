@@ -14,10 +14,11 @@ import numpy as np
 from mas_core import checkpoint
 
 from ..errors import RunFolderError, TripletsError
+from ..fingerprint import file_sha256
 from . import common
 from .common import (
     DEFAULT_ROWS_PER_SHARD, MANIFEST_NAME, METRIC, SHARDED_FORMAT, SHARDED_FORMAT_VERSION, SHARDED_KINDS, VECTORS_FILE,
-    checked_nlist, checked_nprobe, checked_pq, checked_refine_factor, file_sha256, jsonable, wants_gpu,
+    checked_nlist, checked_nprobe, checked_pq, checked_refine_factor, jsonable, wants_gpu,
     normalize_rows,
 )
 from .fact_index import FactIndex
