@@ -420,7 +420,8 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     embeddings of a synthetic world of ``--facts`` facts, and of ``mas-triplets evaluate`` on
     ``--run`` when given. Works with the evaluate module of any version of the tree (run it
     with the old tree first on PYTHONPATH for a before/after)."""
-    from triplets.evaluate import MODES, evaluate_embeddings
+    from triplets.evaluate import evaluate_embeddings
+    from triplets.retrieval_report import RETRIEVAL_MODES
 
     report: dict[str, Any] = {"case": "evaluate", "facts": args.facts, "dim": args.dim, "tasks": args.tasks,
                               "images_per_task": args.eval_images, "spread": args.eval_spread, "repeats": args.repeats,
@@ -434,7 +435,7 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         def evaluation() -> list[dict[str, float]]:
             fact_file = SyntheticFactFile(facts, embeddings, task_facts)  # a fresh file: nothing cached
             return [evaluate_embeddings(vectors, truth, fact_file, task, mode=mode)
-                    for task, (vectors, truth) in enumerate(images) for mode in MODES]
+                    for task, (vectors, truth) in enumerate(images) for mode in RETRIEVAL_MODES]
 
         seconds, metrics = timed(evaluation, args.repeats)
         report["synthetic_evaluate_s"] = seconds
@@ -461,7 +462,7 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
             def ranking() -> None:
                 fact_file = run.fact_file
                 for number, (vectors, truth) in enumerate(embedded):
-                    for mode in MODES:
+                    for mode in RETRIEVAL_MODES:
                         evaluate_embeddings(vectors, truth, fact_file, number % int(fact_file.num_tasks), mode=mode)
 
             report["run_ranking_s"] = timed(ranking, args.repeats)[0]

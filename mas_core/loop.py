@@ -76,12 +76,9 @@ from .errors import DivergenceError, EmptyDataError, MASCoreError, TrainingInter
 from .experiment import (Experiment, ImportanceSource, LoopHooks, OptimSettings, SequenceResult, TaskRecord,
                          TaskSearch, TrainData)
 from .loop_state import CHECKPOINT_FORMAT, CHECKPOINT_NAME, LOG_NAME, LoopRun, LoopState, TaskStart, read_checkpoint
-from .regularizers import make_regularizer, method_options, option_default
+from .regularizers import JOINT, make_regularizer, method_options, option_default
 from .regularizers.base import Finetune, Regularizer, TaskInfo, describe_strength_values
 from .task_end import after_task_of_trained, anchor_at_start, evaluate_row
-
-JOINT = "joint"
-
 
 # --------------------------------------------------------------------------- the loop
 

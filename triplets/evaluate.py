@@ -71,14 +71,13 @@ from .errors import RunFolderError, TripletsError
 from .fingerprint import VOCABULARY_KEY, fact_vocabulary_fingerprint
 from .index import normalize_rows, score_blocks
 from .report import render_markdown, write_report
-from .retrieval_report import summary_extras
+from .retrieval_report import RETRIEVAL_MODES, summary_extras
 from .retrieval_metrics import average_precision, average_precision_at_k, field_metrics, row_hashes  # noqa: F401
 from .retrieval_metrics import first_equal_rows as _first_equal_rows
 from .run_folder import load_run
 from .stale_index import check_saved, load_task_embeddings, stale_index_entry
 
 Mode = Literal["standard", "generalized"]
-MODES = ("standard", "generalized")
 IMAGE_TO_FACT_KEYS = ("top1", "top5", "top10", "mrr")
 FACT_TO_IMAGE_KEYS = ("map", "map_at_10", "map_at_100")
 SCORE_BLOCK_BYTES = 1 << 27   # float32 scores of one image → fact block (128 MiB)
@@ -396,7 +395,7 @@ def _fact_vectors(fact_file: Any) -> np.ndarray:
 
 def candidate_facts(fact_file: Any, task: int, mode: Mode) -> np.ndarray:
     """The fact ids ranked for ``task``: its own facts ("standard") or every task's ("generalized")."""
-    if mode not in MODES:
+    if mode not in RETRIEVAL_MODES:
         raise TripletsError(f"unknown evaluation mode {mode!r}; use 'standard' or 'generalized'")
     num_tasks = int(fact_file.num_tasks)
     if not 0 <= int(task) < num_tasks:
@@ -442,11 +441,11 @@ def final_metrics(model: Any, fact_file: Any, *, split: int | str = "test", devi
 
     Each task's images are embedded once and scored in both modes (see :func:`evaluate_task`).
     """
-    final: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
+    final: dict[str, list[dict[str, float]]] = {mode: [] for mode in RETRIEVAL_MODES}
     for task in range(int(fact_file.num_tasks)):
         image_embeddings, image_fact_ids = embed_images(model, fact_file.dataset(task, split),
                                                         batch_size=batch_size, device=device)
-        for mode in MODES:
+        for mode in RETRIEVAL_MODES:
             final[mode].append(evaluate_embeddings(image_embeddings, image_fact_ids, fact_file, task, mode=mode,
                                                    field=True))
     return final

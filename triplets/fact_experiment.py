@@ -32,7 +32,8 @@ from mas_core.loop import ImportanceSource
 
 from .config import to_dict
 from .errors import ConfigError, RunFolderError
-from .evaluate import MODES, candidate_facts, embed_images, evaluate_embeddings, final_metrics
+from .retrieval_report import RETRIEVAL_MODES
+from .evaluate import candidate_facts, embed_images, evaluate_embeddings, final_metrics
 from .fact_data import FactSamples, open_fact_file
 from .feature_cache import (
     FeatureSamples,
@@ -257,12 +258,12 @@ class FactExperiment:
         if self.features is None:
             return final_metrics(model, ctx.fact_file, split="test", device=str(ctx.device),
                                  batch_size=ctx.config.eval.batch_size)
-        final: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
+        final: dict[str, list[dict[str, float]]] = {mode: [] for mode in RETRIEVAL_MODES}
         head = model.branch_head()
         for task in range(int(ctx.fact_file.num_tasks)):
             samples = ctx.samples(("test", task, None), [(task, 1)], None, self.features)
             vectors, fact_ids = cached_embeddings(head, samples, ctx.device, ctx.config.eval.batch_size)
-            for mode in MODES:
+            for mode in RETRIEVAL_MODES:
                 final[mode].append(evaluate_embeddings(vectors, fact_ids, ctx.fact_file, task, mode=mode, field=True))
         return final
 

@@ -41,7 +41,8 @@ from mas_core.distributed import is_main_process
 from mas_core.ridge import RIDGE, RidgeProblem, RidgeStatistics, ridge_settings, run_ridge
 
 from .config import to_dict
-from .evaluate import MODES, evaluate_embeddings, stale_index_metrics
+from .retrieval_report import RETRIEVAL_MODES
+from .evaluate import evaluate_embeddings, stale_index_metrics
 from .fact_data import FactSamples
 from .fingerprint import VOCABULARY_KEY
 from .fact_ridge_model import SAVED_KEY, build_ridge_model, split_options
@@ -123,10 +124,10 @@ class FactRidge:
 
     def final_metrics(self) -> dict[str, list[dict[str, float]]]:
         """Per mode and task the retrieval metrics of the final model (as :func:`triplets.evaluate.final_metrics`)."""
-        final: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
+        final: dict[str, list[dict[str, float]]] = {mode: [] for mode in RETRIEVAL_MODES}
         for task in range(len(self.task_names)):
             vectors, fact_ids = self._test_embeddings(task)
-            for mode in MODES:
+            for mode in RETRIEVAL_MODES:
                 final[mode].append(evaluate_embeddings(vectors, fact_ids, self.ctx.fact_file, task, mode=mode,
                                                        field=True))
         return final

@@ -18,7 +18,8 @@ import math
 from typing import Any, Sequence
 
 SUMMARY_KEYS = ("i2f_r1", "i2f_r5", "i2f_r10", "i2f_mrr", "f2i_r1", "f2i_r5", "f2i_r10", "map_at_10")
-MODES = ("standard", "generalized")
+RETRIEVAL_MODES = ("standard", "generalized")
+"""The two retrieval evaluations: "standard" ranks the task's own facts, "generalized" every task's."""
 
 
 def _number(value: Any) -> float | None:
@@ -41,7 +42,7 @@ def retrieval_summary(final: Any) -> dict[str, dict[str, float]] | None:
     if not isinstance(final, dict):
         return None
     summary: dict[str, dict[str, float]] = {}
-    for mode in MODES:
+    for mode in RETRIEVAL_MODES:
         tasks = final.get(mode)
         if not isinstance(tasks, list) or not tasks or not all(isinstance(task, dict) for task in tasks):
             continue
@@ -78,7 +79,7 @@ def retrieval_tables(results: dict[str, Any], rows: Sequence[dict[str, Any]]) ->
     by_name = {row["method"]: row for row in rows}
     metric_header = "I→F R@1 | I→F R@5 | I→F R@10 | I→F MRR | F→I R@1 | F→I R@5 | F→I R@10 | F→I mAP@10"
     parts = []
-    for mode in MODES:
+    for mode in RETRIEVAL_MODES:
         continual = mode == "standard"
         title = ("Retrieval as continual vision–language papers report it (final model, mean over tasks, %; "
                  "I→F: each test region ranks the candidate facts and only its true fact counts; F→I: each fact "
@@ -126,5 +127,5 @@ def stale_index_tables(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["MODES", "SUMMARY_KEYS", "diagonal_mean", "retrieval_summary", "retrieval_tables", "stale_index_tables",
+__all__ = ["RETRIEVAL_MODES", "SUMMARY_KEYS", "diagonal_mean", "retrieval_summary", "retrieval_tables", "stale_index_tables",
            "summary_extras"]

@@ -48,6 +48,7 @@ METHODS: dict[str, type[Regularizer]] = {
 }
 
 JOINT = "joint"
+"""The name of the loop's joint mode (every task's data at once; no regularizer): accepted wherever a method is."""
 
 
 def method_options(name: str) -> list[str]:

@@ -47,7 +47,7 @@ from .common import (
 )
 from .quadratic import QuadraticAnchorRegularizer
 
-MODES = ("mean", "mode")
+IMM_MODES = ("mean", "mode")
 
 
 def merge_mean(task_parameters: list[dict[str, Tensor]], names: Iterable[str]) -> dict[str, Tensor]:
@@ -95,8 +95,8 @@ class IMM(QuadraticAnchorRegularizer):
                  loss_fn: Callable[[nn.Module, Any], Tensor] | None = None, eps: float = 1e-8,
                  penalty_step: str = "proximal") -> None:
         super().__init__(lam_l2, penalty_step=penalty_step)
-        if mode not in MODES:
-            raise InvalidArgumentError(f"IMM mode must be one of {MODES}, got {mode!r}")
+        if mode not in IMM_MODES:
+            raise InvalidArgumentError(f"IMM mode must be one of {IMM_MODES}, got {mode!r}")
         if output_fn is not None and loss_fn is not None:
             raise InvalidArgumentError("IMM takes output_fn (logits, cross-entropy) or loss_fn (per-sample losses), not both")
         self.mode = mode

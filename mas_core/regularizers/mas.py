@@ -44,12 +44,12 @@ from ..importance import OnlineImportance, OutputFn, hebbian_importance, mas_imp
 from .common import check_max_samples, counting_samples
 from .quadratic import QuadraticAnchorRegularizer, check_choice
 
-MODES = ("exact", "batch", "hebbian")
+IMPORTANCE_MODES = ("exact", "batch", "hebbian")
 ACCUMULATIONS = ("sum", "ema", "alpha")
 ANCHORS = ("none", "start")
 """``anchor`` values: no anchor before task 1, or Ω₀ and θ* at the starting (pretrained) weights."""
 
-__all__ = ["ACCUMULATIONS", "ANCHORS", "MODES", "MAS", "LocalMAS", "MASStateError"]
+__all__ = ["ACCUMULATIONS", "ANCHORS", "IMPORTANCE_MODES", "MAS", "LocalMAS", "MASStateError"]
 
 
 class MAS(QuadraticAnchorRegularizer):
@@ -88,8 +88,8 @@ class MAS(QuadraticAnchorRegularizer):
         super().__init__(lam, penalty_step=penalty_step, lam_scale=lam_scale)
         self.anchor = check_choice("anchor", anchor, ANCHORS)
         self.anchors_at_start = self.anchor == "start"
-        if mode not in MODES:
-            raise InvalidArgumentError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode not in IMPORTANCE_MODES:
+            raise InvalidArgumentError(f"mode must be one of {IMPORTANCE_MODES}, got {mode!r}")
         if accumulate not in ACCUMULATIONS:
             raise InvalidArgumentError(f"accumulate must be one of {ACCUMULATIONS}, got {accumulate!r}")
         if isinstance(ema_alpha, bool) or not isinstance(ema_alpha, (int, float)) or not 0.0 <= ema_alpha <= 1.0:
