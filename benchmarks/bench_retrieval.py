@@ -421,6 +421,7 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     ``--run`` when given. Works with the evaluate module of any version of the tree (run it
     with the old tree first on PYTHONPATH for a before/after)."""
     from triplets.evaluate import evaluate_embeddings
+    from triplets.fact_data import fact_image_dataset
     from triplets.retrieval_report import RETRIEVAL_MODES
 
     report: dict[str, Any] = {"case": "evaluate", "facts": args.facts, "dim": args.dim, "tasks": args.tasks,
@@ -456,7 +457,7 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
             embedded = []
             for method in run.methods:
                 model = run.load_model(method)
-                embedded += [embed_images(model, run.fact_file.dataset(task, "test"))
+                embedded += [embed_images(model, fact_image_dataset(run.fact_file, task, "test"))
                              for task in range(int(run.fact_file.num_tasks))]
 
             def ranking() -> None:

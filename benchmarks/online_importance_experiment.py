@@ -164,7 +164,7 @@ def facts(seed: int, out: Path, args: argparse.Namespace) -> list[dict[str, Any]
     from triplets.config import from_dict, load_config, to_dict
     from triplets.demo import DemoConfig
     from triplets.evaluate import embed_images, evaluate_embeddings
-    from triplets.fact_data import open_fact_file
+    from triplets.fact_data import fact_image_dataset, open_fact_file
     from triplets.online_importance import ACCUMULATOR_NAME
     from triplets.query_importance import record_query_pixels
     from triplets.run_folder import load_run
@@ -191,7 +191,7 @@ def facts(seed: int, out: Path, args: argparse.Namespace) -> list[dict[str, Any]
     def group_top5(run_dir: Path) -> dict[str, float]:
         with load_run(run_dir) as run:
             model = run.load_model("mas")
-        dataset = fact_file.dataset(0, "test")
+        dataset = fact_image_dataset(fact_file, 0, "test")
         vectors, fact_ids = embed_images(model, dataset, batch_size=256)
         vectors, fact_ids = vectors[measured], fact_ids[measured]
         return {name: float(evaluate_embeddings(vectors[mask], fact_ids[mask], fact_file, 0, mode="standard")["top5"])

@@ -282,7 +282,8 @@ class FactFile:
     """A fact file opened for reading (see :func:`open_facts`).
 
     Small arrays are read into memory at open time; the pixels stay on disk and are
-    read on demand by :meth:`pixels` and the :meth:`dataset` views.
+    read on demand by :meth:`pixels` (a torch view of them:
+    :func:`triplets.fact_data.fact_image_dataset`; ``data_prep`` never imports torch).
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -427,13 +428,6 @@ class FactFile:
             ) from None
         return block[inverse]
 
-    def dataset(self, task: int | None, split: int | str) -> Any:
-        """A torch ``Dataset`` of ``(image float32 (3,S,S) in [0,1], fact_id)`` for ``task`` (None: all) and ``split``."""
-        if not self.has_pixels:
-            raise FactFileError(f"fact file {self.path} has no pixels (prepared with --no-images); prepare it with images")
-        indices = self.sample_indices(task, split)
-        return _dataset_class()(self.path, indices, self.sample_fact[indices])
-
     def close(self) -> None:
         """Close the HDF5 handle (idempotent)."""
         handle = getattr(self, "_handle", None)
@@ -452,76 +446,6 @@ class FactFile:
     def __repr__(self) -> str:
         return (f"FactFile({str(self.path)!r}, facts={self.num_facts}, samples={self.num_samples}, "
                 f"tasks={self.num_tasks}, image_size={self.image_size})")
-
-
-_DATASET_CLASS: type | None = None
-
-
-def _dataset_class() -> type:
-    """Build (once) the torch ``Dataset`` subclass; torch is imported only when a dataset is asked for."""
-    global _DATASET_CLASS
-    if _DATASET_CLASS is not None:
-        return _DATASET_CLASS
-    import torch
-    import torch.utils.data
-
-    class FactImageDataset(torch.utils.data.Dataset):
-        """Samples of a fact file as ``(image float32 tensor (3,S,S) in [0,1], fact_id int)``.
-
-        Each process (DataLoader worker) opens its own read-only HDF5 handle on first use.
-        """
-
-        def __init__(self, path: Path, sample_indices: np.ndarray, sample_facts: np.ndarray) -> None:
-            self.path = Path(path)
-            self.sample_indices = np.asarray(sample_indices, dtype=np.int64)
-            self.sample_facts = np.asarray(sample_facts, dtype=np.int64)
-            self._handle: Any = None
-            self._pid: int | None = None
-
-        def __len__(self) -> int:
-            return int(self.sample_indices.shape[0])
-
-        def _pixels(self) -> Any:
-            if self._handle is None or self._pid != os.getpid():
-                self._handle = h5py.File(self.path, "r")
-                self._pid = os.getpid()
-            return self._handle["samples/pixels"]
-
-        def __getitem__(self, position: int) -> tuple[torch.Tensor, int]:
-            if not -len(self) <= position < len(self):
-                raise IndexError(position)
-            index = int(self.sample_indices[position])
-            region = self._pixels()[index]
-            image = torch.from_numpy(np.ascontiguousarray(region)).permute(2, 0, 1).float().div_(255.0)
-            return image, int(self.sample_facts[position])
-
-        def __getitems__(self, positions: Sequence[int]) -> list[tuple[torch.Tensor, int]]:
-            """A DataLoader's whole batch at once: the rows read by :func:`read_rows`."""
-            chosen = np.asarray(positions, dtype=np.int64)
-            if chosen.size and not (chosen.min() >= -len(self) and chosen.max() < len(self)):
-                raise IndexError(positions)
-            indices = self.sample_indices[chosen]
-            unique, inverse = np.unique(indices, return_inverse=True)
-            images = torch.from_numpy(read_rows(self._pixels(), unique)[inverse]).permute(0, 3, 1, 2).float().div_(255.0)
-            return [(image, int(fact)) for image, fact in zip(images, self.sample_facts[chosen])]
-
-        def __getstate__(self) -> dict[str, Any]:
-            state = dict(self.__dict__)
-            state["_handle"] = None
-            state["_pid"] = None
-            return state
-
-    FactImageDataset.__module__ = __name__
-    FactImageDataset.__qualname__ = "FactImageDataset"
-    _DATASET_CLASS = FactImageDataset
-    return FactImageDataset
-
-
-def __getattr__(name: str) -> Any:
-    # ``data_prep.facts_h5.FactImageDataset`` (also what pickle looks up in DataLoader workers).
-    if name == "FactImageDataset":
-        return _dataset_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def open_facts(path: str | os.PathLike) -> FactFile:

@@ -34,6 +34,7 @@ import numpy as np
 
 from triplets.evaluate import (average_precision, candidate_facts, embed_images, evaluate_embeddings,
                                fact_table)
+from triplets.fact_data import fact_image_dataset
 from triplets.run_folder import load_run
 
 BINS = ((1, 1), (2, 4), (5, 19), (20, None))
@@ -48,7 +49,7 @@ def diagnose(model, fact_file, num_tasks: int, *, seed: int = 0) -> dict:
               "masked": [], "csls": [], "zscored": []}
     slot_mask = np.asarray(fact_file.slot_masks, dtype=np.float32)
     for task in range(num_tasks):
-        images, truth = embed_images(model, fact_file.dataset(task, "test"))
+        images, truth = embed_images(model, fact_image_dataset(fact_file, task, "test"))
         metrics = evaluate_embeddings(images, truth, fact_file, task, mode="standard")
         totals["map"].append(metrics["map"])
         totals["mrr"].append(metrics["mrr"])

@@ -6,6 +6,7 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score
 
+import triplets.evaluate
 from triplets.errors import TripletsError
 from triplets.evaluate import (
     average_precision,
@@ -284,7 +285,8 @@ class _Identity(torch.nn.Module):
         return torch.nn.functional.normalize(self.forward(x), dim=1)
 
 
-def test_evaluate_task_standard_and_generalized():
+def test_evaluate_task_standard_and_generalized(monkeypatch):
+    monkeypatch.setattr(triplets.evaluate, "fact_image_dataset", lambda fact_file, task, split: fact_file.dataset(task, split))
     fact_file = _FactFile(np.random.default_rng(7))
     model = _Identity().train()
     running_mean = model.norm.running_mean.clone()

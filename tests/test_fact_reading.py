@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from data_prep import facts_h5
 from data_prep.facts_h5 import open_facts, read_rows, write_fact_file
-from triplets.fact_data import FactSamples
+from triplets.fact_data import FactSamples, fact_image_dataset
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_pixels_dataset_batches_and_streamed_samples_agree(fact_path: Path) -> N
         wanted = np.array([400, 3, 3, 250, 0, 17])
         everything = facts._handle["samples/pixels"][:]
         assert np.array_equal(facts.pixels(wanted), everything[wanted])
-        dataset = facts.dataset(None, "train")
+        dataset = fact_image_dataset(facts, None, "train")
         batched = next(iter(DataLoader(dataset, batch_size=len(dataset))))
         one_by_one = [dataset[i] for i in range(len(dataset))]
         assert torch.equal(batched[0], torch.stack([image for image, _ in one_by_one]))

@@ -70,6 +70,13 @@ def test_no_package_or_benchmark_imports_library_code_from_scripts() -> None:
     assert not offenders, f"library code imported from scripts/ (move it into a package): {offenders}"
 
 
+def test_data_prep_never_imports_torch() -> None:
+    """``data_prep`` reads and writes files with numpy and h5py only; torch views of its files live in triplets."""
+    offenders = {str(path.relative_to(ROOT)): found for path in sorted((ROOT / "data_prep").rglob("*.py"))
+                 if (found := [name for name in _imported_modules(path) if name == "torch" or name.startswith("torch.")])}
+    assert not offenders, f"data_prep imports torch: {offenders}"
+
+
 def _function_sizes(path: Path) -> list[tuple[str, int, int]]:
     """``(qualified name, lines, positional parameters)`` of every function of ``path``."""
     found = []

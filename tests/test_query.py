@@ -16,6 +16,7 @@ from triplets.cli import main
 from triplets.errors import RunFolderError, TripletsError
 from triplets.index import build_index, load_index, normalize_rows
 from triplets.query import crop_and_resize, open_query, parse_box, parse_fact_text, query_image, query_text
+from triplets.fact_data import fact_image_dataset
 
 SLOT_DIM = 8
 IMAGE_SIZE = 16
@@ -143,7 +144,7 @@ def test_text_query_ranks_images_and_facts(run_dir):
     result = query_text(run_dir, "man riding horse", k=6)
     with load_run(run_dir) as run:
         model = run.load_model("finetune")
-        images, _ = embed_images(model, run.fact_file.dataset(None, "test"))
+        images, _ = embed_images(model, fact_image_dataset(run.fact_file, None, "test"))
         test_samples = run.fact_file.sample_indices(None, "test")
         query = np.asarray(run.fact_file.fact_embeddings)[1]
         scores = normalize_rows(images) @ normalize_rows(query[None])[0]

@@ -12,6 +12,7 @@ from PIL import Image
 from data_prep import open_facts
 from data_prep.errors import DataPrepError
 from data_prep.sgg_h5 import prepare_sgg
+from triplets.fact_data import fact_image_dataset
 
 RED = (220, 20, 20)
 
@@ -109,7 +110,7 @@ def test_crops_come_from_the_rescaled_boxes(tmp_path: Path) -> None:
         man = facts.facts.index(("man", None, None))
         index = int(np.flatnonzero(facts.sample_fact == man)[0])
         np.testing.assert_allclose(facts.pixels([index])[0].reshape(-1, 3).mean(axis=0), RED, atol=25)
-        assert len(facts.dataset(None, "test")) == 1
+        assert len(fact_image_dataset(facts, None, "test")) == 1
 
 
 def test_missing_dataset_is_named(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from triplets.errors import ConfigError, RunFolderError
 from triplets.evaluate import embed_images, evaluate_run, image_to_fact_metrics
 from triplets.stale_index import STALE_KEYS, embeddings_path
 from triplets.train import DataConfig, EvalConfig, MethodConfig, OptimSettings, TrainConfig, load_run, train_run
+from triplets.fact_data import fact_image_dataset
 
 METHODS = [MethodConfig("finetune"), MethodConfig("mas", {"lam": 1.0}), MethodConfig("imm", {"mode": "mean"})]
 
@@ -66,7 +67,7 @@ def test_stale_rows_are_the_saved_embeddings_ranked_and_the_last_is_the_fresh_fi
             model = run.load_model(name)
             with np.load(embeddings_path(out / name, 1)) as saved:
                 for j in range(2):
-                    vectors, ids = embed_images(model, fact_file.dataset(j, "test"))
+                    vectors, ids = embed_images(model, fact_image_dataset(fact_file, j, "test"))
                     np.testing.assert_allclose(saved[f"embeddings_{j}"], vectors, atol=1e-6)
                     assert saved[f"fact_ids_{j}"].tolist() == ids.tolist()
     # the field's figures and the diagonal mean are in results.json and results.md

@@ -13,6 +13,7 @@ from data_prep.errors import DataPrepError
 from data_prep.text_clean import AliasMap, clean_phrase
 from data_prep.splits import split_by_image
 from data_prep.visual_genome import prepare_visual_genome
+from triplets.fact_data import fact_image_dataset
 
 RED, GREEN, BLUE, WHITE = (220, 20, 20), (20, 200, 20), (20, 20, 220), (240, 240, 240)
 
@@ -153,7 +154,7 @@ def test_boxes_trust_the_decoded_image_and_crops_match(tmp_path: Path) -> None:
         mean_colour = facts.pixels([cafe, horse]).reshape(2, -1, 3).mean(axis=1)
         np.testing.assert_allclose(mean_colour[0], BLUE, atol=25)
         np.testing.assert_allclose(mean_colour[1], GREEN, atol=25)
-        image, fact_id = facts.dataset(None, "train")[0]
+        image, fact_id = fact_image_dataset(facts, None, "train")[0]
         assert tuple(image.shape) == (3, 8, 8) and 0.0 <= float(image.min()) and float(image.max()) <= 1.0
         assert fact_id == int(facts.sample_fact[facts.sample_indices(None, 0)[0]])
 

@@ -68,6 +68,7 @@ from mas_core.checkpoint import atomic_write_json, read_json
 from mas_core.errors import MASCoreError
 
 from .errors import RunFolderError, TripletsError
+from .fact_data import fact_image_dataset
 from .fingerprint import VOCABULARY_KEY, fact_vocabulary_fingerprint
 from .index import normalize_rows, score_blocks
 from .report import render_markdown, write_report
@@ -430,7 +431,7 @@ def evaluate_task(model: Any, fact_file: Any, task: int, *, mode: Mode = "standa
     the facts of all tasks ("generalized"); fact → image ranks the same images.
     """
     candidate_facts(fact_file, task, mode)  # validates task and mode before any work
-    image_embeddings, image_fact_ids = embed_images(model, fact_file.dataset(int(task), split),
+    image_embeddings, image_fact_ids = embed_images(model, fact_image_dataset(fact_file, int(task), split),
                                                     batch_size=batch_size, device=device)
     return evaluate_embeddings(image_embeddings, image_fact_ids, fact_file, task, mode=mode)
 
@@ -443,7 +444,7 @@ def final_metrics(model: Any, fact_file: Any, *, split: int | str = "test", devi
     """
     final: dict[str, list[dict[str, float]]] = {mode: [] for mode in RETRIEVAL_MODES}
     for task in range(int(fact_file.num_tasks)):
-        image_embeddings, image_fact_ids = embed_images(model, fact_file.dataset(task, split),
+        image_embeddings, image_fact_ids = embed_images(model, fact_image_dataset(fact_file, task, split),
                                                         batch_size=batch_size, device=device)
         for mode in RETRIEVAL_MODES:
             final[mode].append(evaluate_embeddings(image_embeddings, image_fact_ids, fact_file, task, mode=mode,

@@ -4,13 +4,17 @@ Its fingerprints (the vocabulary's, the bytes') live in :mod:`triplets.fingerpri
 from __future__ import annotations
 
 from pathlib import Path
+import os
 from typing import Any, Iterator, Sequence
+
+import h5py
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from data_prep.facts_h5 import open_facts
+from data_prep.errors import FactFileError
+from data_prep.facts_h5 import open_facts, read_rows
 from data_prep.lll_benchmark import missing_fact_file_hint
 
 from .errors import ConfigError
@@ -90,4 +94,61 @@ class FactSamples:
         return self.batches(list(torch.arange(len(self)).split(batch_size)))
 
 
-__all__ = ["FactSamples", "check_fact_file", "open_fact_file", "sample_indices"]
+class FactImageDataset(torch.utils.data.Dataset):
+    """Samples of a fact file as ``(image float32 tensor (3,S,S) in [0,1], fact_id int)``
+    (:func:`fact_image_dataset`).
+
+    Each process (DataLoader worker) opens its own read-only HDF5 handle on first use.
+    """
+
+    def __init__(self, path: str | Path, sample_indices: np.ndarray, sample_facts: np.ndarray) -> None:
+        self.path = Path(path)
+        self.sample_indices = np.asarray(sample_indices, dtype=np.int64)
+        self.sample_facts = np.asarray(sample_facts, dtype=np.int64)
+        self._handle: Any = None
+        self._pid: int | None = None
+
+    def __len__(self) -> int:
+        return int(self.sample_indices.shape[0])
+
+    def _pixels(self) -> Any:
+        if self._handle is None or self._pid != os.getpid():
+            self._handle = h5py.File(self.path, "r")
+            self._pid = os.getpid()
+        return self._handle["samples/pixels"]
+
+    def __getitem__(self, position: int) -> tuple[Tensor, int]:
+        if not -len(self) <= position < len(self):
+            raise IndexError(position)
+        index = int(self.sample_indices[position])
+        region = self._pixels()[index]
+        image = torch.from_numpy(np.ascontiguousarray(region)).permute(2, 0, 1).float().div_(255.0)
+        return image, int(self.sample_facts[position])
+
+    def __getitems__(self, positions: Sequence[int]) -> list[tuple[Tensor, int]]:
+        """A DataLoader's whole batch at once: the rows read by :func:`data_prep.facts_h5.read_rows`."""
+        chosen = np.asarray(positions, dtype=np.int64)
+        if chosen.size and not (chosen.min() >= -len(self) and chosen.max() < len(self)):
+            raise IndexError(positions)
+        indices = self.sample_indices[chosen]
+        unique, inverse = np.unique(indices, return_inverse=True)
+        images = torch.from_numpy(read_rows(self._pixels(), unique)[inverse]).permute(0, 3, 1, 2).float().div_(255.0)
+        return [(image, int(fact)) for image, fact in zip(images, self.sample_facts[chosen])]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_handle"] = None
+        state["_pid"] = None
+        return state
+
+
+def fact_image_dataset(fact_file: Any, task: int | None, split: int | str) -> FactImageDataset:
+    """A torch ``Dataset`` of ``(image float32 (3,S,S) in [0,1], fact_id)`` of an opened fact file's
+    samples of ``task`` (None: all) and ``split``."""
+    if not fact_file.has_pixels:
+        raise FactFileError(f"fact file {fact_file.path} has no pixels (prepared with --no-images); prepare it with images")
+    indices = fact_file.sample_indices(task, split)
+    return FactImageDataset(fact_file.path, indices, fact_file.sample_fact[indices])
+
+
+__all__ = ["FactImageDataset", "FactSamples", "check_fact_file", "fact_image_dataset", "open_fact_file", "sample_indices"]

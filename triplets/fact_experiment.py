@@ -34,7 +34,7 @@ from .config import to_dict
 from .errors import ConfigError, RunFolderError
 from .retrieval_report import RETRIEVAL_MODES
 from .evaluate import candidate_facts, embed_images, evaluate_embeddings, final_metrics
-from .fact_data import FactSamples, open_fact_file
+from .fact_data import FactSamples, fact_image_dataset, open_fact_file
 from .feature_cache import (
     FeatureSamples,
     cached_embeddings,
@@ -249,7 +249,7 @@ class FactExperiment:
         if self.features is not None:
             samples = ctx.samples(("test", task, None), [(task, 1)], None, self.features)
             return cached_embeddings(model.branch_head(), samples, ctx.device, ctx.config.eval.batch_size)
-        return embed_images(model, ctx.fact_file.dataset(task, "test"), batch_size=ctx.config.eval.batch_size,
+        return embed_images(model, fact_image_dataset(ctx.fact_file, task, "test"), batch_size=ctx.config.eval.batch_size,
                             device=str(ctx.device))
 
     def final_metrics(self, model: FactEmbeddingNet) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from data_prep.image_decode import (
 )
 
 from .errors import RunFolderError, TripletsError
+from .fact_data import fact_image_dataset
 from .evaluate import embed_images
 from .fingerprint import VOCABULARY_KEY, fact_vocabulary_fingerprint, model_fingerprint
 from .index import build_index, check_exact_backend, load_index
@@ -273,7 +274,7 @@ class QueryEngine:
         """The index of the model's embeddings of every test image (ids = sample indices)."""
         if self._image_index is None:
             def embed_test_images():
-                vectors, _ = embed_images(self.model, self.fact_file.dataset(None, "test"), device=self.device)
+                vectors, _ = embed_images(self.model, fact_image_dataset(self.fact_file, None, "test"), device=self.device)
                 return vectors, self.fact_file.sample_indices(None, "test")
 
             self._image_index = self._load_or_build("images", embed_test_images)

@@ -68,7 +68,7 @@ from .config import to_dict
 from .errors import ConfigError, RunFolderError
 from .evaluate import embed_images, stale_index_metrics
 from .stale_index import check_resume as check_stale_resume
-from .fact_data import check_fact_file, open_fact_file
+from .fact_data import check_fact_file, fact_image_dataset, open_fact_file
 from .fact_experiment import FactContext, FactExperiment, fact_context
 from .fact_ridge import train_ridge_method
 from .fact_ridge_model import rebuild_saved_model, split_options
@@ -328,7 +328,7 @@ def build_run_indexes(index_dir: str | Path, model: FactEmbeddingNet, fact_file,
     fingerprint = model_fingerprint(model)
     fact_vectors = np.asarray(fact_file.fact_embeddings, dtype=np.float32)
     test_indices = fact_file.sample_indices(None, "test")
-    image_vectors, _ = embed_images(model, fact_file.dataset(None, "test"), batch_size=batch_size, device=device)
+    image_vectors, _ = embed_images(model, fact_image_dataset(fact_file, None, "test"), batch_size=batch_size, device=device)
     written = {}
     for name, vectors, ids in (("facts", fact_vectors, np.arange(len(fact_vectors))),
                                ("images", image_vectors, test_indices)):
