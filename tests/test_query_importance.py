@@ -25,7 +25,7 @@ from triplets.cli import main
 from triplets.config import from_dict
 from triplets.errors import ConfigError
 from triplets.fact_data import open_fact_file
-from triplets.online_importance import ACCUMULATOR_NAME, SIDECAR_NAME, QueriedImportanceOnResume
+from triplets.online_importance import ACCUMULATOR_NAME, SIDECAR_NAME, OnlineImportanceOnResume
 from triplets.query import crop_and_resize, load_image
 from triplets.query_importance import record_query_pixels
 from triplets.run_folder import load_run
@@ -140,7 +140,7 @@ def _resume_capturing(run: Path, monkeypatch, **online) -> tuple[dict, dict]:
     """Resume the run for task 2 with ``online_importance`` set; return the MAS regularizer's Ω right
     after the resume hook and the results."""
     captured: dict = {}
-    original = QueriedImportanceOnResume.__call__
+    original = OnlineImportanceOnResume.__call__
 
     def spy(self, model, trained, reg, completed):
         original(self, model, trained, reg, completed)
@@ -148,13 +148,13 @@ def _resume_capturing(run: Path, monkeypatch, **online) -> tuple[dict, dict]:
             captured["omega"] = {name: value.clone() for name, value in reg.importance.items()}
             captured["trained"] = copy.deepcopy(trained)  # θ as resumed (training moves it afterwards)
 
-    monkeypatch.setattr(QueriedImportanceOnResume, "__call__", spy)
+    monkeypatch.setattr(OnlineImportanceOnResume, "__call__", spy)
     config = _config(run / "facts.h5", **online)
     results = train_run(config, run / "run", resume=True, progress=False, stop_after_task=2)
     return captured, results
 
 
-def _queried_importance(run: Path) -> dict:
+def _online_importance(run: Path) -> dict:
     with load_run(run / "run") as opened:
         model = opened.load_model("mas")
     from triplets.query_importance import new_accumulator
@@ -164,9 +164,9 @@ def _queried_importance(run: Path) -> dict:
     return accumulator.importance()
 
 
-def test_resume_with_queries_uses_exactly_the_queried_importance(run, monkeypatch):
+def test_resume_with_queries_uses_exactly_the_online_importance(run, monkeypatch):
     assert _query(run, run / "query0.png") == 0 and _query(run, run / "query2.png") == 0
-    queried = _queried_importance(run)
+    queried = _online_importance(run)
     captured, results = _resume_capturing(run, monkeypatch, use="queries")
     assert set(captured["omega"]) == set(queried)
     for name, value in queried.items():
@@ -181,7 +181,7 @@ def test_resume_with_queries_uses_exactly_the_queried_importance(run, monkeypatc
 
 def test_resume_mixed_uses_the_stated_mix(run, monkeypatch):
     assert _query(run, run / "query1.png") == 0
-    queried = _queried_importance(run)
+    queried = _online_importance(run)
     captured, results = _resume_capturing(run, monkeypatch, use="mixed", query_weight=0.3)
     facts = open_fact_file(run / "facts.h5")
     try:
@@ -253,7 +253,7 @@ def test_stale_accumulator_is_refused_and_is_replaced_by_a_new_query(run, monkey
     captured, results = _resume_capturing(run, monkeypatch, use="queries")  # nothing left to train up to task 2
     assert captured == {} and "online_importance" not in results["methods"]["mas"]
     lines: list[str] = []
-    hook = QueriedImportanceOnResume(_config(run / "facts.h5", use="queries").online_importance, "mas",
+    hook = OnlineImportanceOnResume(_config(run / "facts.h5", use="queries").online_importance, "mas",
                                      run / "run" / "mas", lambda *a: None, torch.device("cpu"), lines.append)
     state = load_checkpoint(run / "run" / "mas" / "checkpoint.pt")
     with load_run(run / "run") as opened:
@@ -333,7 +333,7 @@ def test_script_query_accumulates_a_stored_test_region(run, capsys):
     assert "image queries only" in capsys.readouterr().err
 
 
-def test_cached_features_run_takes_the_queried_importance_of_its_branches(tmp_path, monkeypatch):
+def test_cached_features_run_takes_the_online_importance_of_its_branches(tmp_path, monkeypatch):
     """With model.cache_features the loop trains the branches on cached trunk features; the query
     side measures the full network on images. Both give Ω over the same (branch) parameters."""
     from triplets.model import ModelConfig
@@ -361,13 +361,13 @@ def test_cached_features_run_takes_the_queried_importance_of_its_branches(tmp_pa
     assert all(name.startswith(("subject_branch.", "predicate_object_branch.")) for name in accumulator.importance())
     assert _relative_error(accumulator.importance(), mas_importance(model, [_images(pixels)])) <= 1e-6
     captured: dict = {}
-    original = QueriedImportanceOnResume.__call__
+    original = OnlineImportanceOnResume.__call__
 
     def spy(self, model, trained, reg, completed):
         original(self, model, trained, reg, completed)
         captured["omega"] = {name: value.clone() for name, value in reg.importance.items()}
 
-    monkeypatch.setattr(QueriedImportanceOnResume, "__call__", spy)
+    monkeypatch.setattr(OnlineImportanceOnResume, "__call__", spy)
     resumed = dataclasses.replace(config, online_importance=dataclasses.replace(config.online_importance, use="queries"))
     results = train_run(resumed, tmp_path / "run", resume=True, progress=False)
     assert results["methods"]["mas"]["online_importance"][0]["query_samples"] == 3

@@ -20,7 +20,7 @@ Which queries: those of the accumulator whose fingerprint equals the parameters 
 from (the model that answered them is the model that continues). An accumulator that cannot apply
 (another model's: queried after an earlier task and already used, or the run has moved on; or
 recorded after another task than the one resumed) is refused in one line before any training
-(:func:`check_queried_importance`), naming why: answer queries with the model the run resumes
+(:func:`check_online_importance`), naming why: answer queries with the model the run resumes
 from, delete the file, or set ``use: none``. A method with no accumulator keeps Ω_train. What was used is recorded per method in
 ``result.json`` / ``results.json`` under ``"online_importance"`` (one entry per replaced task:
 ``after_task``, ``use``, ``query_weight`` ρ, ``query_samples``, ``query_calls``, ``train_samples``).
@@ -93,10 +93,10 @@ class OnlineImportanceConfig:
         return {"none": 0.0, "queries": 1.0, "mixed": float(self.query_weight)}[self.use]
 
 
-def check_queried_importance(config: OnlineImportanceConfig, run_dir: Path, method_keys: list[str],
+def check_online_importance(config: OnlineImportanceConfig, run_dir: Path, method_keys: list[str],
                              last_task: int | None = None) -> None:
     """Before a resume of a run with checkpoints: with ``use`` other than ``none`` some method of the
-    run must hold queried importance, and every accumulator of a method that will train a next task
+    run must hold online importance, and every accumulator of a method that will train a next task
     (its checkpoint has fewer than ``last_task`` tasks) must apply to it: recorded after the task
     the checkpoint holds, on its parameters. Else :class:`ConfigError`, one line naming why (the
     setting would silently do nothing)."""
@@ -104,7 +104,7 @@ def check_queried_importance(config: OnlineImportanceConfig, run_dir: Path, meth
         return  # nothing to resume: a fresh run (or one resumed before its first task finished)
     if not any((run_dir / key / ACCUMULATOR_NAME).is_file() for key in method_keys):
         raise ConfigError(
-            f"online_importance.use={config.use} but no method of {run_dir} holds queried importance "
+            f"online_importance.use={config.use} but no method of {run_dir} holds online importance "
             f"({ACCUMULATOR_NAME}); answer queries with `mas-triplets query --accumulate-importance` first, "
             "or set online_importance.use: none")
     for key in method_keys:
@@ -142,14 +142,14 @@ def why_not_applicable(saved: dict[str, Any], model_state: Any, completed: int) 
 
 
 def not_applicable_message(config: OnlineImportanceConfig, path: Path, why: str, completed: int) -> str:
-    """The one line refusing an accumulator that cannot apply (see :func:`check_queried_importance`)."""
+    """The one line refusing an accumulator that cannot apply (see :func:`check_online_importance`)."""
     return (f"online_importance.use={config.use}: {path} cannot be used: {why}; answer queries with the model after "
             f"task {completed} (`mas-triplets query --accumulate-importance`), delete the file, or set "
             "online_importance.use: none")
 
 
 @dataclass
-class QueriedImportanceOnResume:
+class OnlineImportanceOnResume:
     """The loop's ``after_resume`` hook of one method (:func:`mas_core.loop.train_tasks`): replaces
     the last task's Ω as the config says and keeps a record of it in :attr:`records`.
 
@@ -170,17 +170,17 @@ class QueriedImportanceOnResume:
         prefix = f"[{self.method_key}] online_importance.use={self.config.use}:"
         path = self.method_dir / ACCUMULATOR_NAME
         if not path.is_file():
-            self.log(f"{prefix} no queried importance ({path}); task {completed_tasks} keeps its training-data Ω")
+            self.log(f"{prefix} no online importance ({path}); task {completed_tasks} keeps its training-data Ω")
             return
         if not isinstance(reg, MAS):
-            raise ConfigError(f"{path}: method {self.method_key!r} does not take a queried importance (MAS or l-MAS "
+            raise ConfigError(f"{path}: method {self.method_key!r} does not take online importance (MAS or l-MAS "
                               "only); delete the file or set online_importance.use: none")
         state = read_accumulator_file(path)
         accumulator = OnlineImportance(trained, estimator=str(state["accumulator"].get("estimator", "mas")),
                                        output_label=OUTPUT_LABEL)
         try:
             accumulator.load_state_dict(state["accumulator"])
-        except CheckpointMismatchError as exc:  # check_queried_importance refuses it before training
+        except CheckpointMismatchError as exc:  # check_online_importance refuses it before training
             raise ConfigError(not_applicable_message(self.config, path, f"it was accumulated on another model "
                                                      f"({str(exc).splitlines()[0]})", completed_tasks)) from None
         queried = reg.importance_from_accumulator(trained, accumulator)
@@ -230,6 +230,6 @@ def online_importance_history(result_path: Path, new_records: list[dict[str, Any
 
 
 __all__ = ["ACCUMULATOR_NAME", "FILE_FORMAT", "LOCK_NAME", "OUTPUT_LABEL", "SIDECAR_NAME", "USES",
-           "OnlineImportanceConfig", "QueriedImportanceOnResume", "check_queried_importance", "not_applicable_message",
+           "OnlineImportanceConfig", "OnlineImportanceOnResume", "check_online_importance", "not_applicable_message",
            "why_not_applicable",
            "online_importance_history", "read_accumulator_file"]

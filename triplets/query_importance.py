@@ -131,7 +131,7 @@ def locked(method_dir: Path) -> Iterator[None]:
 
 
 @dataclass
-class QueryImportanceRecord:
+class OnlineImportanceRecord:
     """What one call added: ``added`` samples, ``samples`` in the accumulator now, over
     ``query_calls`` calls, for the model after ``after_task`` tasks; ``path`` of the accumulator;
     ``replaced_stale``: samples of another model's accumulator that this call dropped."""
@@ -154,7 +154,7 @@ class QueryImportanceRecord:
 
 
 def record_query_pixels(run_dir: str | os.PathLike, method: Any, model: nn.Module, pixels: np.ndarray,
-                        *, device: str | torch.device = "cpu") -> QueryImportanceRecord:
+                        *, device: str | torch.device = "cpu") -> OnlineImportanceRecord:
     """Add the MAS importance of the regions ``pixels`` (uint8 ``[k, S, S, 3]``), answered by
     ``model`` (the method's saved model, as loaded by :meth:`triplets.run_folder.Run.load_model`),
     to ``RUN/<method>/online_importance.pt`` and its sidecar; return what was recorded.
@@ -187,12 +187,12 @@ def record_query_pixels(run_dir: str | os.PathLike, method: Any, model: nn.Modul
             "samples": accumulator.count, "query_calls": calls + 1, "parameters": len(accumulator.fingerprint),
             "replaced_stale": stale,
         }, checksum=True)
-    return QueryImportanceRecord(method=method.key, added=added, samples=accumulator.count, query_calls=calls + 1,
+    return OnlineImportanceRecord(method=method.key, added=added, samples=accumulator.count, query_calls=calls + 1,
                                  after_task=after_task, path=path, replaced_stale=stale)
 
 
 def record_image_queries(engine: Any, images: Sequence[Any], *, box: Sequence[float] | None = None
-                         ) -> QueryImportanceRecord:
+                         ) -> OnlineImportanceRecord:
     """:func:`record_query_pixels` for image queries answered by a
     :class:`~triplets.query.QueryEngine`: each image (a path, PIL image or uint8 array) is cropped
     to ``box`` and resized exactly as :meth:`~triplets.query.QueryEngine.image_to_facts` does."""
@@ -203,7 +203,7 @@ def record_image_queries(engine: Any, images: Sequence[Any], *, box: Sequence[fl
     return record_query_pixels(engine.run.dir, run_method(engine), engine.model, pixels, device=engine.device)
 
 
-def record_sample_queries(engine: Any, samples: Sequence[int]) -> QueryImportanceRecord:
+def record_sample_queries(engine: Any, samples: Sequence[int]) -> OnlineImportanceRecord:
     """:func:`record_query_pixels` for regions stored in the run's fact file (sample indices)."""
     pixels = engine.fact_file.pixels([int(sample) for sample in samples])
     return record_query_pixels(engine.run.dir, run_method(engine), engine.model, pixels, device=engine.device)
@@ -224,5 +224,5 @@ def check_accumulate_flags(*, accumulate: bool, image: Any, text: Any = None) ->
                             "the trained visual side (the language side is fixed), so it adds no importance")
 
 
-__all__ = ["QueryImportanceRecord", "check_accumulate_flags", "completed_tasks", "new_accumulator", "pixels_to_batch",
+__all__ = ["OnlineImportanceRecord", "check_accumulate_flags", "completed_tasks", "new_accumulator", "pixels_to_batch",
            "query_estimator", "record_image_queries", "record_query_pixels", "record_sample_queries", "run_method"]

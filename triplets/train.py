@@ -76,7 +76,7 @@ from .feature_cache import FEATURE_DATASET, write_feature_cache
 from .fingerprint import DATA_SHA_KEY, VOCABULARY_KEY, fact_vocabulary_fingerprint, file_sha256, model_fingerprint
 from .index import build_index
 from .model import FactEmbeddingNet, build_model
-from .online_importance import QueriedImportanceOnResume, check_queried_importance, online_importance_history
+from .online_importance import OnlineImportanceOnResume, check_online_importance, online_importance_history
 from .run_log import run_hooks
 from .run_folder import (
     Run,
@@ -195,7 +195,7 @@ def train_run(config: TrainConfig, out_dir: str | Path, *, resume: bool = False,
         if resume:  # an accumulator that cannot apply is refused before anything is written
             with same_on_every_rank():
                 last_task = fact_file.num_tasks if stop_after_task is None else min(stop_after_task, fact_file.num_tasks)
-                check_queried_importance(config.online_importance, out_dir, [method.key for method in config.methods],
+                check_online_importance(config.online_importance, out_dir, [method.key for method in config.methods],
                                          last_task=last_task)
         # rank 0 creates or checks the folder; its answer (or its error) reaches every rank
         recorded = run_on_main_process(lambda: prepare_run_folder(config, out_dir, resume))
@@ -252,7 +252,7 @@ def train_method(ctx: FactContext, method: MethodConfig, method_dir: Path, *, pr
     # a checkpoint written before checkpoints recorded the data is resumed as it was written
     experiment.record_data = not checkpoint_path.is_file() or recorded_data_sha256(checkpoint_path) is not None
     log = (lambda line: print(line, flush=True)) if progress else None
-    queried = QueriedImportanceOnResume(ctx.config.online_importance, method.key, method_dir,
+    queried = OnlineImportanceOnResume(ctx.config.online_importance, method.key, method_dir,
                                         experiment.importance_data, ctx.device,
                                         log if log is not None and main else (lambda line: None))
     with same_on_every_rank():  # a refused checkpoint or an all-reduced divergence: every rank alike
