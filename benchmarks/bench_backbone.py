@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from triplets.backbones import efficientnet_lite0  # noqa: E402
-from triplets.model import ModelConfig, build_model  # noqa: E402
+from triplets.facts.model import ModelConfig, build_model  # noqa: E402
 
 
 def median_rate(step: Callable[[], None], samples: int, repeats: int) -> float:

@@ -3,8 +3,8 @@
 Run:  .venv/bin/python benchmarks/bench_loop.py [--repeats 5] [--samples 1024] [--epochs 2]
 
 For two models — the recognition sequence's multi-head small CNN (1×28×28 inputs, width 32,
-128 features; :func:`triplets.recognition_data.make_trunk`) and the fact-embedding small CNN
-(3×32×32 images, slot loss; :func:`triplets.model.build_model`) — and two methods (fine-tuning
+128 features; :func:`triplets.recognition.data.make_trunk`) and the fact-embedding small CNN
+(3×32×32 images, slot loss; :func:`triplets.facts.model.build_model`) — and two methods (fine-tuning
 and MAS, λ = 1, exact Ω) it trains two tasks of ``--samples`` random samples each, batch 64,
 ``--epochs`` epochs, one CPU thread, and times the training steps of the second task (MAS
 then has Ω and θ* from the first):
@@ -41,9 +41,9 @@ from mas_core.loop import ImportanceSource, OptimSettings, derived_seed, epoch_s
 from mas_core.regularizers import make_regularizer
 from mas_core.regularizers.base import TaskInfo
 from mas_core.sequence import IndexedData, MultiHeadNet
-from triplets.model import ModelConfig, build_model, slot_loss
-from triplets.recognition_config import ModelSpec
-from triplets.recognition_data import make_trunk
+from triplets.facts.model import ModelConfig, build_model, slot_loss
+from triplets.recognition.config import ModelSpec
+from triplets.recognition.data import make_trunk
 
 BATCH_SIZE = 64
 SLOT_DIM = 16

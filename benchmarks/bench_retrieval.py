@@ -49,11 +49,11 @@ separately and not part of the speedups), all in one run:
   ``hnsw_vs_fastest_exact_speedup``, ``hnsw_recall_at_10`` (M = 32, efSearch = 128;
   clustered data only; ``--skip-hnsw``).
 
-``--case evaluate``: seconds per evaluation (:func:`triplets.evaluate.evaluate_embeddings` on
+``--case evaluate``: seconds per evaluation (:func:`triplets.facts.evaluate.evaluate_embeddings` on
 every task, standard and generalized; a fresh fact file each time, so nothing is cached) on a
 synthetic world of ``--facts`` facts in ``--tasks`` tasks with ``--eval-images`` test images per
 task (:func:`synthetic_evaluation`; ``--facts 0`` skips it), and, with ``--run``, seconds per ``evaluate_run`` of that
-run folder (which also embeds the images). Only public functions of :mod:`triplets.evaluate`
+run folder (which also embeds the images). Only public functions of :mod:`triplets.facts.evaluate`
 are called, so the same command with an older tree on ``PYTHONPATH`` gives the "before".
 
 ``--case million``: 1,000,000 clustered unit vectors (``--vectors``, ``--dim`` default 384:
@@ -420,9 +420,9 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     embeddings of a synthetic world of ``--facts`` facts, and of ``mas-triplets evaluate`` on
     ``--run`` when given. Works with the evaluate module of any version of the tree (run it
     with the old tree first on PYTHONPATH for a before/after)."""
-    from triplets.evaluate import evaluate_embeddings
-    from triplets.fact_data import fact_image_dataset
-    from triplets.retrieval_report import RETRIEVAL_MODES
+    from triplets.facts.evaluate import evaluate_embeddings
+    from triplets.facts.data import fact_image_dataset
+    from triplets.facts.retrieval_report import RETRIEVAL_MODES
 
     report: dict[str, Any] = {"case": "evaluate", "facts": args.facts, "dim": args.dim, "tasks": args.tasks,
                               "images_per_task": args.eval_images, "spread": args.eval_spread, "repeats": args.repeats,
@@ -443,15 +443,15 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         report["synthetic_metrics"] = metrics
         print(f"[evaluate] synthetic: {seconds:.2f} s per evaluation", file=sys.stderr, flush=True)
     if args.run:
-        from triplets.evaluate import evaluate_run
+        from triplets.facts.evaluate import evaluate_run
 
         run_seconds, results = timed(lambda: evaluate_run(args.run), args.repeats)
         report["run"] = str(args.run)
         report["run_evaluate_s"] = run_seconds
         report["run_final"] = {method: entry.get("final") for method, entry in results["methods"].items()}
         print(f"[evaluate] run {args.run}: {run_seconds:.2f} s per evaluate_run", file=sys.stderr, flush=True)
-        from triplets.evaluate import embed_images
-        from triplets.train import load_run
+        from triplets.facts.evaluate import embed_images
+        from triplets.facts.train import load_run
 
         with load_run(args.run) as run:  # the ranking alone: every method's test embeddings computed once
             embedded = []

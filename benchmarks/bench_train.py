@@ -14,7 +14,7 @@ trained on them), on the training samples of task 1, it measures:
 * ``step_sps``: samples per second of the model's training step alone (forward, the run's loss
   — slot distance + in-batch InfoNCE —, backward, SGD step) on batches already in memory;
 * ``data_sps``: samples per second of the data path alone, as ``train`` runs it
-  (:class:`triplets.fact_data.FactSamples` / :class:`triplets.feature_cache.FeatureSamples`):
+  (:class:`triplets.facts.data.FactSamples` / :class:`triplets.facts.feature_cache.FeatureSamples`):
   reading the task's samples from the file (``load_s``) plus one epoch of shuffled batches,
   each turned into tensors. Modes: ``memory`` (``data.in_memory: true``, the default: the
   task's pixels read once), ``stream`` (``data.in_memory: false``: each batch read from the
@@ -48,17 +48,17 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from data_prep.idx import fashion_mnist_available  # noqa: E402
-from data_prep.prepare_options import PrepareOptions  # noqa: E402
-from data_prep.real_world import generate_real_world  # noqa: E402
-from data_prep.visual_genome import prepare_visual_genome  # noqa: E402
+from data_prep.image_sets.idx import fashion_mnist_available  # noqa: E402
+from data_prep.facts.options import PrepareOptions  # noqa: E402
+from data_prep.worlds.real import generate_real_world  # noqa: E402
+from data_prep.sources.visual_genome import prepare_visual_genome  # noqa: E402
 from triplets.config import from_dict  # noqa: E402
-from triplets.fact_data import FactSamples, check_fact_file, open_fact_file  # noqa: E402
-from triplets.fact_experiment import FactContext, FactExperiment, fact_context  # noqa: E402
-from triplets.feature_cache import FeatureSamples  # noqa: E402
-from triplets.language import embed_facts, load_text_encoder  # noqa: E402
-from triplets.train import train_run  # noqa: E402
-from triplets.train_config import TrainConfig  # noqa: E402
+from triplets.facts.data import FactSamples, check_fact_file, open_fact_file  # noqa: E402
+from triplets.facts.experiment import FactContext, FactExperiment, fact_context  # noqa: E402
+from triplets.facts.feature_cache import FeatureSamples  # noqa: E402
+from triplets.facts.language import embed_facts, load_text_encoder  # noqa: E402
+from triplets.facts.train import train_run  # noqa: E402
+from triplets.facts.train_config import TrainConfig  # noqa: E402
 
 IMAGE_SIZE = 32
 BATCH_SIZE = 64

@@ -14,7 +14,7 @@ each sub-part ``ok``, ``skipped (why)`` or ``failed (one line)`` in its own ``tr
 * ``training`` (:mod:`benchmarks.device_check_train`): the fact embedding trained a few hundred
   steps with exact MAS by the project's task loop on a synthetic fact file: small CNN, resnet18
   (``weights: null``) and the pretrained ``efficientnet_lite0`` (skipped while
-  ``triplets.model.BACKBONES`` lacks it), trunk frozen and features cached or not, float32 then bf16
+  ``triplets.facts.model.BACKBONES`` lacks it), trunk frozen and features cached or not, float32 then bf16
   autocast; every loss finite; plus ``train_run`` end to end;
 * ``equality``: a fixed tiny case on the CPU and on the device, TF32 off: losses, weights and Ω
   within ``FLOAT32_RTOL`` (1e-4) relative;

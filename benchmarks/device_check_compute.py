@@ -43,7 +43,7 @@ from mas_core.regularizers import make_regularizer
 from triplets.index import build_index, gpu_available, normalize_rows
 from triplets.index.exact import (QUERY_BLOCK, RESCORE_MARGIN, SCORE_BLOCK_BYTES, TopKAccumulator,
                                   float32_dot_error_bound, rescore)
-from triplets.model import BACKBONES, ModelConfig, build_model, slot_loss
+from triplets.facts.model import BACKBONES, ModelConfig, build_model, slot_loss
 
 from .device_check_common import (FLOAT32_RTOL, CheckFailed, Section, Sizes, Skip, float32_exact, per_second,
                                   relative_error, timed, within)

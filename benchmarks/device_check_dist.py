@@ -175,7 +175,7 @@ def _world_one(backend: str, device: torch.device, sizes: Sizes) -> dict[str, An
 
     from mas_core.distributed import LossModule
     from mas_core.importance import mas_importance
-    from triplets.model import ModelConfig, build_model, slot_loss
+    from triplets.facts.model import ModelConfig, build_model, slot_loss
 
     from .device_check_train import model_section
 

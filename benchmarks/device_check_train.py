@@ -1,17 +1,17 @@
 """The device check's training parts: the fact embedding trained with MAS by the project's task loop.
 
 Data: :func:`write_check_fact_file`, a synthetic fact file written with
-:func:`data_prep.facts_h5.write_fact_file` (random word vectors as the language side, so no text
+:func:`data_prep.facts.fact_file.write_fact_file` (random word vectors as the language side, so no text
 encoder is needed): ``tasks`` tasks of ``facts_per_task`` facts mixing ⟨S⟩, ⟨S,P⟩ and ⟨S,P,O⟩;
 each fact's images are its own colour plus a coarse 4×4 pattern plus Gaussian noise (σ = 0.12).
 
 Training (:func:`training_part`): every variant runs :func:`mas_core.loop.train_tasks` on a
-:class:`triplets.fact_experiment.FactExperiment` (the code path of ``mas-triplets train``) with
+:class:`triplets.facts.experiment.FactExperiment` (the code path of ``mas-triplets train``) with
 exact MAS (λ = 1): ``loss = slot_loss(model(x), L[f], w[f])`` per step, Ω after each task,
 standard top-5 per task. :class:`CheckedExperiment` runs the loss's forward under
 ``torch.autocast(dtype=bfloat16)`` for the bf16 variants (backward, Ω and evaluation stay
 float32, the usual mixed-precision split) and keeps every step's loss, so the check can assert
-that all are finite. One more sub-part runs :func:`triplets.train.train_run` end to end
+that all are finite. One more sub-part runs :func:`triplets.facts.train.train_run` end to end
 (run folder, evaluation, FAISS indexes with ``use_gpu="auto"``).
 
 Equality (:func:`equality_part`): a fixed tiny case (one task, a few steps of SGD, Ω after it)
@@ -29,15 +29,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from data_prep.facts_h5 import write_fact_file
+from data_prep.facts.fact_file import write_fact_file
 from mas_core.loop import train_tasks
 from mas_core.regularizers import make_regularizer
 from triplets.config import from_dict
-from triplets.fact_data import open_fact_file
-from triplets.fact_experiment import FactExperiment, fact_context
-from triplets.model import BACKBONES
-from triplets.train import train_run
-from triplets.train_config import TrainConfig
+from triplets.facts.data import open_fact_file
+from triplets.facts.experiment import FactExperiment, fact_context
+from triplets.facts.model import BACKBONES
+from triplets.facts.train import train_run
+from triplets.facts.train_config import TrainConfig
 
 from .device_check_common import (FLOAT32_RTOL, Budget, CheckFailed, Section, Sizes, Skip, float32_exact,
                                   per_second, relative_error, replace_sizes, within)

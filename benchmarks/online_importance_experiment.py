@@ -22,7 +22,7 @@ first, accuracy is measured on the second.
     shapes world's batch size 32, four semantic tasks; ``--fact-file`` is that world's fact file, e.g.
     ``python -m triplets.demo --out runs/shapes_demo --set synth.world=shapes --set synth.num_images=600
     --set train.optim.batch_size=32`` writes it to ``runs/shapes_demo_data/facts.h5``), MAS λ = 15, through the application itself: ``train_run(stop_after_task=1)``,
-    the query code's :func:`~triplets.query_importance.record_query_pixels`, and
+    the query code's :func:`~triplets.query.online_importance.record_query_pixels`, and
     ``train_run(resume=True)`` with the ``online_importance`` section; accuracy = standard top-5
     (task 1's facts as candidates) per test image.
 
@@ -93,8 +93,8 @@ def compare(queried: dict[str, torch.Tensor], trained: dict[str, torch.Tensor]) 
 # --------------------------------------------------------------------------- (a) recognition
 
 def recognition(seed: int, out: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
-    from triplets.recognition_config import load_recognition_config
-    from triplets.recognition_data import build_tasks, model_factory
+    from triplets.recognition.config import load_recognition_config
+    from triplets.recognition.data import build_tasks, model_factory
 
     config = load_recognition_config(ROOT / "configs" / "recognition_offline.yaml",
                                      [f"data_dir={args.data_dir}", f"seed={seed}"])
@@ -163,12 +163,12 @@ def recognition(seed: int, out: Path, args: argparse.Namespace) -> list[dict[str
 def facts(seed: int, out: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     from triplets.config import from_dict, load_config, to_dict
     from triplets.demo import DemoConfig
-    from triplets.evaluate import embed_images, evaluate_embeddings
-    from triplets.fact_data import fact_image_dataset, open_fact_file
-    from triplets.online_importance import ACCUMULATOR_NAME
-    from triplets.query_importance import record_query_pixels
+    from triplets.facts.evaluate import embed_images, evaluate_embeddings
+    from triplets.facts.data import fact_image_dataset, open_fact_file
+    from triplets.query.online_resume import ACCUMULATOR_NAME
+    from triplets.query.online_importance import record_query_pixels
     from triplets.run_folder import load_run
-    from triplets.train import TrainConfig, train_run
+    from triplets.facts.train import TrainConfig, train_run
 
     demo = load_config(ROOT / "configs" / "demo.yaml", DemoConfig,
                        [f"train.data.fact_file={args.fact_file}", "train.optim.batch_size=32"])

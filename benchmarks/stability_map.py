@@ -91,7 +91,7 @@ def read_cells(path: Path) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- the experiments
 
 def _fmnist_runner() -> Callable[[dict[str, Any]], dict[str, Any]]:
-    from triplets.recognition_data import fashion_mnist_mlp, split_fashion_mnist
+    from triplets.recognition.data import fashion_mnist_mlp, split_fashion_mnist
 
     tasks = split_fashion_mnist(num_tasks=5, train_per_class=1000, test_per_class=500, seed=0)
 
@@ -104,8 +104,8 @@ def _fmnist_runner() -> Callable[[dict[str, Any]], dict[str, Any]]:
 
 
 def _recog_runner() -> Callable[[dict[str, Any]], dict[str, Any]]:
-    from triplets.recognition_config import load_recognition_config
-    from triplets.recognition_data import build_tasks, ensure_prepared, model_factory
+    from triplets.recognition.config import load_recognition_config
+    from triplets.recognition.data import build_tasks, ensure_prepared, model_factory
 
     config = load_recognition_config(ROOT / "configs" / "recognition_offline.yaml",
                                      [f"data_dir={ROOT / 'runs' / 'data_cache'}"])
@@ -133,8 +133,8 @@ SHAPES_DEMO = ["synth.world=shapes", "synth.num_images=600", "train.optim.batch_
 def _facts_runner(work: Path) -> Callable[[dict[str, Any]], dict[str, Any]]:
     from triplets.config import load_config
     from triplets.demo import DEFAULT_CONFIG, DemoConfig, ensure_fact_file, ensure_world
-    from triplets.train import train_run
-    from triplets.train_config import MethodConfig
+    from triplets.facts.train import train_run
+    from triplets.facts.train_config import MethodConfig
 
     data_dir = work / "facts_data"
     demo = load_config(DEFAULT_CONFIG, DemoConfig, [f"train.data.fact_file={data_dir / 'facts.h5'}", *SHAPES_DEMO])

@@ -135,7 +135,7 @@ class RecordingMAS(MAS):
 # --------------------------------------------------------------------------- the experiments
 
 def fmnist_experiment(epochs: int | None) -> dict[str, Any]:
-    from triplets.recognition_data import fashion_mnist_mlp, split_fashion_mnist
+    from triplets.recognition.data import fashion_mnist_mlp, split_fashion_mnist
 
     return {"tasks": split_fashion_mnist(num_tasks=5, seed=0), "make_model": fashion_mnist_mlp, "lam": 0.5, "seed": 0,
             "mas_options": {}, "eval_batch_size": 512,
@@ -143,8 +143,8 @@ def fmnist_experiment(epochs: int | None) -> dict[str, Any]:
 
 
 def recog_experiment(epochs: int | None) -> dict[str, Any]:
-    from triplets.recognition_config import load_recognition_config
-    from triplets.recognition_data import build_tasks, ensure_prepared, model_factory
+    from triplets.recognition.config import load_recognition_config
+    from triplets.recognition.data import build_tasks, ensure_prepared, model_factory
 
     config = load_recognition_config(ROOT / "configs" / "recognition_offline.yaml",
                                      [f"data_dir={ROOT / 'runs' / 'data_cache'}"])

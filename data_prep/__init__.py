@@ -3,12 +3,12 @@ image-classification datasets into image HDF5; the synthetic Visual-Genome-style
 
 Public entry points (imported lazily, so ``import data_prep`` stays light):
 
-* :func:`open_facts`, :func:`write_fact_file`, :class:`FactFile` (:mod:`data_prep.facts_h5`);
-* :func:`prepare_visual_genome` (:mod:`data_prep.visual_genome`), :func:`prepare_sgg` (:mod:`data_prep.sgg_h5`),
-  both taking one :class:`PrepareOptions` (:mod:`data_prep.prepare_options`) and returning a
-  :class:`PrepareReport` (:mod:`data_prep.fact_pipeline`);
-* :func:`prepare_lll` (:mod:`data_prep.lll_benchmark`: the lifelong-fact-learning benchmark's split files);
-* :func:`random_split`, :func:`semantic_split`, :func:`task_statistics` (:mod:`data_prep.splits`).
+* :func:`open_facts`, :func:`write_fact_file`, :class:`FactFile` (:mod:`data_prep.facts.fact_file`);
+* :func:`prepare_visual_genome` (:mod:`data_prep.sources.visual_genome`), :func:`prepare_sgg` (:mod:`data_prep.sources.sgg_h5`),
+  both taking one :class:`PrepareOptions` (:mod:`data_prep.facts.options`) and returning a
+  :class:`PrepareReport` (:mod:`data_prep.facts.pipeline`);
+* :func:`prepare_lll` (:mod:`data_prep.sources.lll_benchmark`: the lifelong-fact-learning benchmark's split files);
+* :func:`random_split`, :func:`semantic_split`, :func:`task_statistics` (:mod:`data_prep.facts.splits`).
 
 Where each step lives, for the fact file: a source reader (``visual_genome``, ``sgg_h5``;
 JSON streamed by ``json_stream``) fills a ``fact_collector.FactCollector``;
@@ -28,18 +28,18 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "open_facts": "data_prep.facts_h5",
-    "write_fact_file": "data_prep.facts_h5",
-    "FactFile": "data_prep.facts_h5",
-    "FORMAT_VERSION": "data_prep.facts_h5",
-    "prepare_visual_genome": "data_prep.visual_genome",
-    "PrepareReport": "data_prep.fact_pipeline",
-    "PrepareOptions": "data_prep.prepare_options",
-    "prepare_sgg": "data_prep.sgg_h5",
-    "prepare_lll": "data_prep.lll_benchmark",
-    "random_split": "data_prep.splits",
-    "semantic_split": "data_prep.splits",
-    "task_statistics": "data_prep.splits",
+    "open_facts": "data_prep.facts.fact_file",
+    "write_fact_file": "data_prep.facts.fact_file",
+    "FactFile": "data_prep.facts.fact_file",
+    "FORMAT_VERSION": "data_prep.facts.fact_file",
+    "prepare_visual_genome": "data_prep.sources.visual_genome",
+    "PrepareReport": "data_prep.facts.pipeline",
+    "PrepareOptions": "data_prep.facts.options",
+    "prepare_sgg": "data_prep.sources.sgg_h5",
+    "prepare_lll": "data_prep.sources.lll_benchmark",
+    "random_split": "data_prep.facts.splits",
+    "semantic_split": "data_prep.facts.splits",
+    "task_statistics": "data_prep.facts.splits",
 }
 
 __all__ = sorted(_EXPORTS)

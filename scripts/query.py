@@ -1,4 +1,4 @@
-"""Query a trained run from Python: a worked example over ``triplets.query``.
+"""Query a trained run from Python: a worked example over ``triplets.query.engine``.
 
     python scripts/query.py runs/demo --text "man riding horse"
     python scripts/query.py runs/demo --image photo.jpg --box 10,20,64,48
@@ -8,7 +8,7 @@
 
 The same calls from your own code::
 
-    from triplets.query import open_query, query_image, query_text
+    from triplets.query.engine import open_query, query_image, query_text
     facts = query_image("runs/demo", "photo.jpg", box=(10, 20, 64, 48), k=5)   # [(fact, score)]
     found = query_text("runs/demo", "man riding horse", k=5)                    # {"images": [...], "facts": [...]}
     with open_query("runs/demo", method="mas") as engine:                       # keep the model loaded
@@ -26,9 +26,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the text encoder is read from lo
 
 def main(argv: list[str] | None = None) -> int:
     from triplets.errors import TripletsError
-    from triplets.query import fact_text, open_query, parse_box
-    from triplets.query_importance import check_accumulate_flags, record_image_queries, record_sample_queries
-    from triplets.query_show import check_show_path, write_query_picture
+    from triplets.query.engine import fact_text, open_query, parse_box
+    from triplets.query.online_importance import check_accumulate_flags, record_image_queries, record_sample_queries
+    from triplets.query.show import check_show_path, write_query_picture
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="run folder written by mas-triplets train")

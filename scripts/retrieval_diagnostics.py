@@ -32,9 +32,9 @@ import sys
 
 import numpy as np
 
-from triplets.evaluate import (average_precision, candidate_facts, embed_images, evaluate_embeddings,
+from triplets.facts.evaluate import (average_precision, candidate_facts, embed_images, evaluate_embeddings,
                                fact_table)
-from triplets.fact_data import fact_image_dataset
+from triplets.facts.data import fact_image_dataset
 from triplets.run_folder import load_run
 
 BINS = ((1, 1), (2, 4), (5, 19), (20, None))

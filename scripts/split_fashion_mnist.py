@@ -25,11 +25,11 @@ from typing import Any
 
 import torch
 
-from data_prep.idx import FASHION_MNIST_DIR
+from data_prep.image_sets.idx import FASHION_MNIST_DIR
 from mas_core import (DivergenceError, MASCoreError, OptimSettings, SequenceResult, Task, atomic_write_json,
                       run_sequence)
 from mas_core.hparam_search import SearchSettings
-from triplets.recognition_data import FASHION_MNIST_PAIRS, fashion_mnist_mlp, split_fashion_mnist
+from triplets.recognition.data import FASHION_MNIST_PAIRS, fashion_mnist_mlp, split_fashion_mnist
 
 #: method -> (registry name, options). Each λ was the best of a sweep on this full protocol scored on the
 #: test set (model selection on test data: use --search for a fair choice) with an earlier version of the

@@ -15,8 +15,8 @@ import yaml
 from test_train import make_tiny_fact_file
 from triplets.errors import ConfigError
 from triplets.fingerprint import feature_cache_fingerprint
-from triplets.model import ModelConfig, build_model
-from triplets.train import (
+from triplets.facts.model import ModelConfig, build_model
+from triplets.facts.train import (
     DataConfig,
     EvalConfig,
     MethodConfig,
@@ -62,7 +62,7 @@ def _tensors(state, prefix=""):
 
 
 def test_cached_run_equals_frozen_trunk_run_and_the_cache_is_reused(facts, tmp_path, monkeypatch):
-    import triplets.feature_cache as train_module
+    import triplets.facts.feature_cache as train_module
 
     finetune, mas = MethodConfig("finetune"), MethodConfig("mas", {"lam": 1.0, "mode": "exact"})
     frozen = train_run(_config(facts, methods=[finetune, mas], cache=False), tmp_path / "frozen", progress=False)
@@ -136,7 +136,7 @@ def test_cached_run_equals_frozen_trunk_run_and_the_cache_is_reused(facts, tmp_p
 
 
 def test_fingerprint_changes_with_the_trunk_and_the_fact_file(facts, tmp_path):
-    from data_prep.facts_h5 import open_facts
+    from data_prep.facts.fact_file import open_facts
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(backbone="resnet18", hidden_dim=16, cache_features=True), SLOT_DIM, IMAGE_SIZE)

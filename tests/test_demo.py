@@ -6,14 +6,14 @@ import json
 import pytest
 from PIL import Image
 
-pytest.importorskip("triplets.language", reason="the demo embeds facts with triplets.language")
+pytest.importorskip("triplets.facts.language", reason="the demo embeds facts with triplets.facts.language")
 
 from data_prep.errors import MissingDatasetError  # noqa: E402
-from data_prep.facts_h5 import open_facts  # noqa: E402
+from data_prep.facts.fact_file import open_facts  # noqa: E402
 from triplets import demo as demo_module  # noqa: E402
 from triplets.config import load_config  # noqa: E402
 from triplets.demo import SHOW_FILE, SHOW_K, DemoConfig, main, run_demo  # noqa: E402
-from triplets.query_show import sheet_size_pixels  # noqa: E402
+from triplets.query.show import sheet_size_pixels  # noqa: E402
 
 TINY_MODEL = [
     "prepare.min_fact_count=3",

@@ -2,7 +2,7 @@
 
 The dry run is a real launch (``python benchmarks/device_check.py --dry-run`` in a temporary
 folder): every part must end ``ok``; a sub-part may be skipped only where it cannot run on a
-CPU (FAISS on a GPU without faiss-gpu, a backbone triplets.model does not have yet). The
+CPU (FAISS on a GPU without faiss-gpu, a backbone triplets.facts.model does not have yet). The
 comparisons must really compare: every error is a finite number at most its tolerance (on the
 CPU the "device" is the CPU, so the training and Ω comparisons come out 0; two processes
 against one differ by float32 rounding only).
@@ -31,7 +31,7 @@ def _environment() -> dict[str, str]:
 
 def _allowed_skip(part: str, name: str) -> bool:
     """The sub-parts that truly cannot run on a CPU-only machine."""
-    from triplets.model import BACKBONES
+    from triplets.facts.model import BACKBONES
 
     if part == "retrieval" and name == "faiss_gpu":
         return True

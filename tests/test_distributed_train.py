@@ -88,7 +88,7 @@ def _succeeded(result: subprocess.CompletedProcess) -> None:
 
 
 def _single_process(config_path: Path, out: Path, *, resume: bool = False) -> dict:
-    from triplets.train import load_train_config, train_run
+    from triplets.facts.train import load_train_config, train_run
 
     return train_run(load_train_config(config_path), out, resume=resume, progress=False)
 
@@ -215,8 +215,8 @@ def _whole(samples, batch_size: int, seed: int):
 
 @pytest.mark.parametrize("in_memory", [True, False], ids=["in_memory", "streamed"])
 def test_every_global_batch_is_split_across_ranks_without_loss_or_padding(facts, in_memory):
-    from data_prep.facts_h5 import open_facts
-    from triplets.fact_data import FactSamples
+    from data_prep.facts.fact_file import open_facts
+    from triplets.facts.data import FactSamples
 
     with open_facts(facts) as fact_file:
         samples = FactSamples(fact_file, [(0, 0)], in_memory=in_memory)
@@ -248,8 +248,8 @@ def test_cached_features_are_split_like_images(tmp_path, facts):
     import h5py
     import numpy as np
 
-    from data_prep.facts_h5 import open_facts
-    from triplets.feature_cache import FEATURE_DATASET, FeatureSamples
+    from data_prep.facts.fact_file import open_facts
+    from triplets.facts.feature_cache import FEATURE_DATASET, FeatureSamples
 
     with open_facts(facts) as fact_file:
         stored = np.random.default_rng(0).normal(size=(int(fact_file.num_samples), 2, 1, 1)).astype(np.float32)

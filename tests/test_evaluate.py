@@ -6,9 +6,9 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score
 
-import triplets.evaluate
+import triplets.facts.evaluate
 from triplets.errors import TripletsError
-from triplets.evaluate import (
+from triplets.facts.evaluate import (
     average_precision,
     average_precision_at_k,
     embed_images,
@@ -286,7 +286,7 @@ class _Identity(torch.nn.Module):
 
 
 def test_evaluate_task_standard_and_generalized(monkeypatch):
-    monkeypatch.setattr(triplets.evaluate, "fact_image_dataset", lambda fact_file, task, split: fact_file.dataset(task, split))
+    monkeypatch.setattr(triplets.facts.evaluate, "fact_image_dataset", lambda fact_file, task, split: fact_file.dataset(task, split))
     fact_file = _FactFile(np.random.default_rng(7))
     model = _Identity().train()
     running_mean = model.norm.running_mean.clone()
@@ -321,7 +321,7 @@ def test_blocked_rankings_equal_dense_float64_reference_with_exact_ties():
     """Vectors of 0 / 0.5 entries (4 non-zero: unit norm) make every float32 product exact, so many
     images and facts tie exactly; both rankings equal the dense float64 definitions, across
     score blocks of a few rows."""
-    import triplets.evaluate as evaluate_module
+    import triplets.facts.evaluate as evaluate_module
 
     rng = np.random.default_rng(8)
     patterns = np.zeros((6, 8))

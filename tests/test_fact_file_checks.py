@@ -1,5 +1,5 @@
 """open_facts refuses a fact file whose version, dtypes, shapes or ids are wrong, naming the dataset and
-what it expected (data_prep.fact_file_checks); valid files of every writer still open. The CLI case
+what it expected (data_prep.facts.checks); valid files of every writer still open. The CLI case
 (`mas-triplets train` on a tampered file) is one line, exit 2, and writes nothing."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from data_prep.errors import DataPrepError, FactFileError
-from data_prep.facts_h5 import FORMAT_VERSION, open_facts, write_fact_file
+from data_prep.facts.fact_file import FORMAT_VERSION, open_facts, write_fact_file
 
 REPO = Path(__file__).resolve().parent.parent
 FACTS = [("man", None, None), ("man", "tall", None), ("man", "riding", "horse"), ("horse", None, None)]

@@ -1,4 +1,4 @@
-"""Reading rows of a fact file by slices (data_prep.facts_h5.read_rows) gives exactly what h5py's
+"""Reading rows of a fact file by slices (data_prep.facts.fact_file.read_rows) gives exactly what h5py's
 point selection gives, for FactFile.pixels, the torch dataset's batched reads and streamed training batches."""
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from data_prep import facts_h5
-from data_prep.facts_h5 import open_facts, read_rows, write_fact_file
-from triplets.fact_data import FactSamples, fact_image_dataset
+from data_prep.facts import fact_file as facts_h5
+from data_prep.facts.fact_file import open_facts, read_rows, write_fact_file
+from triplets.facts.data import FactSamples, fact_image_dataset
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The fact embedding's ridge baseline (triplets.fact_ridge): per-slot masked ridge on the frozen
+"""The fact embedding's ridge baseline (triplets.facts.ridge): per-slot masked ridge on the frozen
 EfficientNet-Lite0's pooled features, run by the fact runner with the same results, model file and
 resume as every method."""
 from __future__ import annotations
@@ -12,8 +12,8 @@ import torch
 
 from test_train import SMALL_MODEL, make_tiny_fact_file
 from triplets.errors import ConfigError
-from triplets.model import slot_targets
-from triplets.train import DataConfig, EvalConfig, MethodConfig, OptimSettings, TrainConfig, load_run, train_run
+from triplets.facts.model import slot_targets
+from triplets.facts.train import DataConfig, EvalConfig, MethodConfig, OptimSettings, TrainConfig, load_run, train_run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -81,7 +81,7 @@ def test_a_resumed_fact_ridge_equals_an_uninterrupted_one(facts: Path, tmp_path:
     train_run(config, tmp_path / "part", progress=False, stop_after_task=1)
     resumed = train_run(config, tmp_path / "part", progress=False, resume=True)
     assert _comparable(resumed["methods"]["ridge"]) == _comparable(whole["methods"]["ridge"])
-    # the stale-index embeddings (triplets.stale_index): the same files; the last row is the fresh figure
+    # the stale-index embeddings (triplets.facts.stale_index): the same files; the last row is the fresh figure
     for name in ("after_task_1.npz", "after_task_2.npz"):
         assert ((tmp_path / "part" / "ridge" / "stale_index" / name).read_bytes()
                 == (tmp_path / "whole" / "ridge" / "stale_index" / name).read_bytes())

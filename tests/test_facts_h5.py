@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import data_prep
-from data_prep import facts_h5
+from data_prep.facts import fact_file as facts_h5
 from data_prep.errors import FactFileError
-from data_prep.facts_h5 import FORMAT_VERSION, open_facts, write_fact_file
-from triplets.fact_data import fact_image_dataset
+from data_prep.facts.fact_file import FORMAT_VERSION, open_facts, write_fact_file
+from triplets.facts.data import fact_image_dataset
 
 FACTS = [("man", None, None), ("man", "tall", None), ("man", "riding", "horse"), ("horse", None, None)]
 
@@ -168,6 +168,6 @@ def test_import_is_light() -> None:
     import subprocess
     import sys
 
-    code = "import sys, data_prep.facts_h5, data_prep.visual_genome; print('torch' in sys.modules)"
+    code = "import sys, data_prep.facts.fact_file, data_prep.sources.visual_genome; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["False"]  # data_prep never imports torch (h5py is a hard dependency)

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from data_prep.errors import MissingDatasetError
-from data_prep.idx import FASHION_MNIST_DIR, IDXFormatError, fashion_mnist_available, load_fashion_mnist, read_idx
+from data_prep.image_sets.idx import FASHION_MNIST_DIR, IDXFormatError, fashion_mnist_available, load_fashion_mnist, read_idx
 from mas_core import OptimSettings
-from triplets.recognition_data import split_fashion_mnist
+from triplets.recognition.data import split_fashion_mnist
 
 needs_fashion_mnist = pytest.mark.skipif(
     not fashion_mnist_available(FASHION_MNIST_DIR),

@@ -374,7 +374,7 @@ def test_resume_cleans_the_temporary_files_a_kill_left(world, tmp_path):
 # --------------------------------------------------------------------------- the Python API
 
 def test_api_train_run_into_a_file(world, tmp_path):
-    from triplets.train import load_train_config, train_run
+    from triplets.facts.train import load_train_config, train_run
 
     target = tmp_path / "out"
     target.write_text("mine")
@@ -383,7 +383,7 @@ def test_api_train_run_into_a_file(world, tmp_path):
 
 
 def test_api_load_run_of_a_user_folder(tmp_path):
-    from triplets.train import load_run
+    from triplets.facts.train import load_run
 
     folder = users_folder(tmp_path)
     raises_one_line(RunFolderError, "not a run folder", lambda: load_run(folder), folder)
@@ -405,7 +405,7 @@ def test_api_read_json_edited(own):
 
 
 def test_api_open_query_with_an_unknown_method(world):
-    from triplets.query import open_query
+    from triplets.query.engine import open_query
 
     raises_one_line(RunFolderError, "did you mean 'finetune'", lambda: open_query(world["run"], method="finetuned"),
                     world["run"])

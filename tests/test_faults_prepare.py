@@ -216,10 +216,10 @@ def sources(tmp_path_factory) -> dict[str, list[str]]:
 
 def _no_reading(monkeypatch) -> None:
     """Any attempt to read a source fails loudly: the output check must come first."""
-    import data_prep.images as images
-    import data_prep.lll_benchmark as lll_benchmark
-    import data_prep.sgg_h5 as sgg_h5
-    import data_prep.visual_genome as visual_genome
+    import data_prep.image_sets.prepare as images
+    import data_prep.sources.lll_benchmark as lll_benchmark
+    import data_prep.sources.sgg_h5 as sgg_h5
+    import data_prep.sources.visual_genome as visual_genome
 
     def boom(*args, **kwargs):
         raise AssertionError("a source was read before the output was checked")
@@ -296,7 +296,7 @@ def test_synth_out_in_a_read_only_folder_is_refused(tmp_path, capsys, monkeypatc
 ])
 def test_synth_sizes_counts_and_seed_in_range_before_any_allocation(tmp_path, capsys, monkeypatch, option, value,
                                                                     pattern):
-    import data_prep.synthetic as synthetic
+    import data_prep.worlds.synthetic as synthetic
 
     def boom(*args, **kwargs):
         raise AssertionError("rendering started before the arguments were checked")
@@ -376,9 +376,9 @@ def test_ctrl_c_inside_hdf5_clean_up_during_the_write_is_honoured(lll, tmp_path)
 def test_library_entry_points_check_their_output_first(lll, tmp_path) -> None:
     """The Python API refuses as the commands do (the check lives in data_prep, not only in the CLI)."""
     from data_prep.errors import DataPrepError
-    from data_prep.images import prepare_image_dataset
-    from data_prep.lll_benchmark import prepare_lll
-    from data_prep.synthetic import generate_world
+    from data_prep.image_sets.prepare import prepare_image_dataset
+    from data_prep.sources.lll_benchmark import prepare_lll
+    from data_prep.worlds.synthetic import generate_world
 
     folder = tmp_path / "a_folder"
     folder.mkdir()

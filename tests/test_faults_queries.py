@@ -10,8 +10,8 @@ import pytest
 
 from mas_core.checkpoint import load_checkpoint, save_checkpoint
 from triplets.cli import main
-from triplets.online_importance import ACCUMULATOR_NAME
-from triplets.train import train_run
+from triplets.query.online_resume import ACCUMULATOR_NAME
+from triplets.facts.train import train_run
 
 from test_faults import refused
 from test_query_importance import _config, _query, run, stopped_run  # noqa: F401 - fixtures are found by name
@@ -63,7 +63,7 @@ def test_show_with_a_bad_path_records_no_importance(run, capsys):
 
 
 def test_importance_is_recorded_only_after_the_picture_is_written(run, capsys, monkeypatch):
-    import triplets.query_show as query_show
+    import triplets.query.show as query_show
     from triplets.errors import TripletsError
 
     def cannot_draw(*args, **kwargs):
@@ -80,8 +80,8 @@ def test_importance_is_recorded_only_after_the_picture_is_written(run, capsys, m
 
 def test_show_into_a_folder_that_cannot_be_written_is_refused_before_the_query(run, capsys, monkeypatch):
     """As root, chmod does not stop a write: the probe fails as on a read-only file system."""
-    import triplets.query as query_module
-    import triplets.query_show as query_show
+    import triplets.query.engine as query_module
+    import triplets.query.show as query_show
 
     def read_only(*args, **kwargs):
         raise OSError(30, "Read-only file system")
@@ -97,7 +97,7 @@ def test_show_into_a_folder_that_cannot_be_written_is_refused_before_the_query(r
 
 
 def test_show_draws_at_most_the_capped_number_of_panels(run, monkeypatch):
-    import triplets.query_show as query_show
+    import triplets.query.show as query_show
     from PIL import Image
 
     monkeypatch.setattr(query_show, "MAX_PANELS", 2, raising=False)
@@ -108,7 +108,7 @@ def test_show_draws_at_most_the_capped_number_of_panels(run, monkeypatch):
 
 
 def test_show_cap_is_fifty_panels():
-    import triplets.query_show as query_show
+    import triplets.query.show as query_show
 
     assert query_show.MAX_PANELS == 50 and query_show.MAX_FACT_LINES == 40
 
@@ -135,7 +135,7 @@ def test_query_of_a_too_large_image_does_not_advise_an_option_query_lacks(run, c
 
 def test_a_text_encoder_typo_names_native(run, capsys):
     from triplets.errors import TripletsError
-    from triplets.language import load_text_encoder
+    from triplets.facts.language import load_text_encoder
 
     with pytest.raises(TripletsError, match="did you mean 'native'"):
         load_text_encoder("nativ")

@@ -23,7 +23,7 @@ from test_sgg_h5 import write_sgg_fixture  # noqa: E402
 from test_visual_genome import write_vg_fixture  # noqa: E402
 
 from data_prep.errors import DataPrepError  # noqa: E402
-from data_prep.json_stream import DepthLimitedReader, stream_json_array  # noqa: E402
+from data_prep.sources.json_stream import DepthLimitedReader, stream_json_array  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 COMMON = ["--no-text", "--no-progress", "--tasks", "2", "--min-fact-count", "1", "--image-size", "8"]
@@ -92,7 +92,7 @@ def test_deep_json_refused_by_the_reader_with_small_peak_memory(tmp_path: Path) 
     path.write_text("[" * 100_000 + "]" * 100_000)
     code = ("import sys\n"
             "from pathlib import Path\n"
-            "from data_prep.json_stream import stream_json_array\n"
+            "from data_prep.sources.json_stream import stream_json_array\n"
             "from data_prep.errors import DataPrepError\n"
             "try:\n"
             f"    list(stream_json_array(Path({str(path)!r})))\n"

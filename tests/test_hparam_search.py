@@ -30,8 +30,8 @@ from mas_core.regularizers import MAS, Finetune, Regularizer, make_regularizer
 from mas_core.sequence import ClassificationExperiment, run_sequence
 from triplets.cli import main
 from triplets.errors import ConfigError
-from triplets.recognition_config import load_recognition_config
-from triplets.train import MethodConfig, train_run
+from triplets.recognition.config import load_recognition_config
+from triplets.facts.train import MethodConfig, train_run
 
 from test_sequence import SETTINGS, _make_model, _tasks
 from test_recognition import tiny_digits_config
@@ -571,7 +571,7 @@ def test_the_chance_level_is_one_over_the_classes_and_optional() -> None:
 def test_methods_filter_keeps_the_search_starts_of_the_kept_methods(tmp_path) -> None:
     """`train --methods` on a config whose search.start names other methods too: the filtered
     config is valid and keeps the kept methods' starts (configs/synth4_search.yaml with --methods)."""
-    from triplets.train_config import select_methods
+    from triplets.facts.train_config import select_methods
 
     facts = make_tiny_fact_file(tmp_path / "facts.h5", num_tasks=2, facts_per_task=6, train_per_fact=5,
                                 test_per_fact=2)

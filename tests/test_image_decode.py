@@ -15,10 +15,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from test_visual_genome import write_vg_fixture  # noqa: E402
 
-from data_prep import image_decode, region_images  # noqa: E402
+from data_prep import image_decode  # noqa: E402
+from data_prep.facts import regions as region_images
 from data_prep.errors import DataPrepError  # noqa: E402
 from data_prep.image_decode import ALPHA_BACKGROUND, ImageTooLargeError, check_image, decode_rgb, to_rgb8  # noqa: E402
-from data_prep.visual_genome import prepare_visual_genome  # noqa: E402
+from data_prep.sources.visual_genome import prepare_visual_genome  # noqa: E402
 
 WHITE = ALPHA_BACKGROUND
 

@@ -1,4 +1,4 @@
-"""data_prep.images: conversion to HDF5 and the views read back, on real offline sources."""
+"""data_prep.image_sets.prepare: conversion to HDF5 and the views read back, on real offline sources."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from data_prep.errors import DataPrepError, MissingDatasetError
-from data_prep.idx import fashion_mnist_available, load_fashion_mnist
-from data_prep.images import (
+from data_prep.image_sets.idx import fashion_mnist_available, load_fashion_mnist
+from data_prep.image_sets.prepare import (
     SOURCES,
     ImageFormatError,
     list_fonts,

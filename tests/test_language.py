@@ -1,4 +1,4 @@
-"""Tests of triplets.language: MiniLM offline, a local model folder, word2vec readers, fact embeddings."""
+"""Tests of triplets.facts.language: MiniLM offline, a local model folder, word2vec readers, fact embeddings."""
 from __future__ import annotations
 
 import gzip
@@ -9,9 +9,9 @@ import struct
 import numpy as np
 import pytest
 
-from triplets import language
+from triplets.facts import language
 from triplets.errors import TripletsError
-from triplets.language import (
+from triplets.facts.language import (
     TextEncoder,
     embed_facts,
     load_text_encoder,

@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from data_prep import open_facts
-from data_prep.lll_benchmark import missing_fact_file_hint, prepare_lll, read_native_vector
+from data_prep.sources.lll_benchmark import missing_fact_file_hint, prepare_lll, read_native_vector
 from triplets.cli import main
-from triplets.train import load_train_config
+from triplets.facts.train import load_train_config
 
 SPLIT = "2tasks_random"
 SAMPLE_HEADER = ["image_links", "NLP_links", "SPO", "id", "w_s", "w_p", "w_o"]
@@ -152,7 +152,7 @@ def test_prepare_lll_native_keeps_tasks_splits_ids_masks_and_vectors(
 
 
 def test_pixels_stream_in_blocks_across_boundaries(lll_root: Path, tmp_path: Path, monkeypatch) -> None:
-    from data_prep import lll_benchmark
+    from data_prep.sources import lll_benchmark
 
     monkeypatch.setattr(lll_benchmark, "PIXEL_BLOCK", 4)  # 13 samples: blocks of 4, 4, 4, 1
     blocks: list[tuple[int, int]] = []
@@ -190,7 +190,7 @@ def test_prepare_lll_no_images_and_library_call(lll_root: Path, tmp_path: Path) 
 
 
 def test_prepare_lll_reembeds_with_minilm(lll_root: Path, tmp_path: Path) -> None:
-    from triplets.language import embed_facts, load_text_encoder
+    from triplets.facts.language import embed_facts, load_text_encoder
 
     out = tmp_path / "minilm.h5"
     assert _prepare(lll_root, out) == 0  # minilm is the default encoder

@@ -1,4 +1,4 @@
-"""The two-branch fact embedding network and its losses (triplets.model)."""
+"""The two-branch fact embedding network and its losses (triplets.facts.model)."""
 from __future__ import annotations
 
 import math
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from triplets.errors import ConfigError
-from triplets.model import (
+from triplets.facts.model import (
     FactEmbeddingNet,
     ModelConfig,
     build_model,

@@ -14,8 +14,10 @@ from test_sgg_h5 import write_sgg_fixture  # noqa: E402
 from test_visual_genome import EXPECTED_FACTS, write_vg_fixture  # noqa: E402
 
 from data_prep import open_facts  # noqa: E402
-from data_prep import fact_pipeline, synthetic, visual_genome  # noqa: E402
-from triplets import language  # noqa: E402
+from data_prep.facts import pipeline as fact_pipeline  # noqa: E402
+from data_prep.worlds import synthetic
+from data_prep.sources import visual_genome
+from triplets.facts import language  # noqa: E402
 from triplets.cli import main  # noqa: E402
 
 COMMON = ["--no-text", "--no-progress", "--tasks", "2", "--min-fact-count", "1", "--image-size", "8"]
@@ -180,7 +182,7 @@ def test_synth_world_round_trip_recovers_exact_fact_counts(tmp_path: Path) -> No
 
 
 def test_text_encoder_is_composed_by_the_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The command loads the encoder from triplets.language and hands data_prep an embed function."""
+    """The command loads the encoder from triplets.facts.language and hands data_prep an embed function."""
     calls: list[str] = []
 
     class HashEncoder:

@@ -1,4 +1,4 @@
-"""PrepareOptions: the one validated set of options of `prepare vg` / `prepare sgg` (data_prep.prepare_options)."""
+"""PrepareOptions: the one validated set of options of `prepare vg` / `prepare sgg` (data_prep.facts.options)."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from data_prep.errors import DataPrepError
-from data_prep.prepare_options import DEFAULT_MIN_FACT_COUNT, PrepareOptions
-from data_prep.sgg_h5 import prepare_sgg
-from data_prep.splits import TEST_FRACTION
-from data_prep.visual_genome import prepare_visual_genome
+from data_prep.facts.options import DEFAULT_MIN_FACT_COUNT, PrepareOptions
+from data_prep.sources.sgg_h5 import prepare_sgg
+from data_prep.facts.splits import TEST_FRACTION
+from data_prep.sources.visual_genome import prepare_visual_genome
 
 
 def _embed(facts: list) -> np.ndarray:

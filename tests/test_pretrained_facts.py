@@ -12,8 +12,8 @@ from mas_core.regularizers import make_regularizer
 from test_train import make_tiny_fact_file
 from triplets.backbones import efficientnet_lite0
 from triplets.errors import ConfigError
-from triplets.model import ModelConfig, build_model
-from triplets.train import DataConfig, EvalConfig, MethodConfig, OptimSettings, TrainConfig, train_run
+from triplets.facts.model import ModelConfig, build_model
+from triplets.facts.train import DataConfig, EvalConfig, MethodConfig, OptimSettings, TrainConfig, train_run
 
 SLOT_DIM = 8
 
@@ -75,8 +75,8 @@ def test_anchored_mas_measures_omega0_at_the_pretrained_weights(facts, tmp_path)
     omega_anchored = state["mas_anchored"]["regularizer"]["accumulated"]
     # by hand: Ω₀ of the pretrained output at θ₀ on task 1's training features
     model = build_model(_model_config(), SLOT_DIM, 32).eval()
-    from triplets.fact_data import open_fact_file
-    from triplets.feature_cache import FeatureSamples
+    from triplets.facts.data import open_fact_file
+    from triplets.facts.feature_cache import FeatureSamples
 
     cache = next((tmp_path / "run" / "features").glob("*.h5"))
     samples = FeatureSamples(cache, open_fact_file(facts), [(0, 0)]).inputs_only()
@@ -130,8 +130,8 @@ def test_anchored_mas_in_the_recognition_loop_penalises_task_one():
 
 
 def test_the_cache_written_in_channels_last_equals_the_trunk_in_the_default_layout(facts, tmp_path):
-    from triplets.fact_data import open_fact_file
-    from triplets.feature_cache import write_feature_cache
+    from triplets.facts.data import open_fact_file
+    from triplets.facts.feature_cache import write_feature_cache
 
     model = build_model(_model_config(), SLOT_DIM, 32).eval()
     fact_file = open_fact_file(facts)

@@ -429,8 +429,8 @@ def test_proximal_is_the_default_everywhere_and_gradient_stays_selectable():
 
 
 def test_the_fact_config_refuses_a_bad_value_before_training():
-    from triplets.train import _check_method
-    from triplets.train_config import MethodConfig
+    from triplets.facts.train import _check_method
+    from triplets.facts.train_config import MethodConfig
 
     _check_method(MethodConfig("mas", {"lam": 1.0, "penalty_step": "proximal", "lam_scale": "mean"}))
     with pytest.raises(InvalidArgumentError, match="did you mean 'proximal'"):
@@ -438,7 +438,7 @@ def test_the_fact_config_refuses_a_bad_value_before_training():
 
 
 def test_the_recognition_config_carries_the_options_to_the_loop(tmp_path):
-    from triplets.recognition_config import load_recognition_config
+    from triplets.recognition.config import load_recognition_config
 
     path = tmp_path / "r.yaml"
     path.write_text(Path("configs/recognition_offline.yaml").read_text(encoding="utf-8"), encoding="utf-8")
@@ -451,7 +451,7 @@ def test_the_recognition_config_carries_the_options_to_the_loop(tmp_path):
 
 def test_the_recognition_config_refuses_a_bad_value_when_loaded(tmp_path):
     from triplets.errors import ConfigError
-    from triplets.recognition_config import load_recognition_config
+    from triplets.recognition.config import load_recognition_config
 
     path = tmp_path / "r.yaml"
     path.write_text(Path("configs/recognition_offline.yaml").read_text(encoding="utf-8"), encoding="utf-8")

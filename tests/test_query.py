@@ -11,12 +11,12 @@ import torch
 import yaml
 from PIL import Image
 
-from data_prep.facts_h5 import write_fact_file
+from data_prep.facts.fact_file import write_fact_file
 from triplets.cli import main
 from triplets.errors import RunFolderError, TripletsError
 from triplets.index import build_index, load_index, normalize_rows
-from triplets.query import crop_and_resize, open_query, parse_box, parse_fact_text, query_image, query_text
-from triplets.fact_data import fact_image_dataset
+from triplets.query.engine import crop_and_resize, open_query, parse_box, parse_fact_text, query_image, query_text
+from triplets.facts.data import fact_image_dataset
 
 SLOT_DIM = 8
 IMAGE_SIZE = 16
@@ -60,7 +60,7 @@ def make_fact_file(path: Path, facts, *, seed: int = 0) -> Path:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     from triplets.config import from_dict
-    from triplets.train import TrainConfig, train_run
+    from triplets.facts.train import TrainConfig, train_run
 
     root = tmp_path_factory.mktemp("query")
     fact_path = make_fact_file(root / "facts.h5", VOCABULARY)
@@ -117,7 +117,7 @@ def test_box_parsing_and_cropping():
 
 # ----------------------------------------------------------------------------- queries on a trained run
 def test_image_query_equals_brute_force(run_dir, tmp_path):
-    from triplets.train import load_run
+    from triplets.facts.train import load_run
 
     with load_run(run_dir) as run:
         sample = int(run.fact_file.sample_indices(None, "test")[5])
@@ -138,8 +138,8 @@ def test_image_query_equals_brute_force(run_dir, tmp_path):
 
 
 def test_text_query_ranks_images_and_facts(run_dir):
-    from triplets.evaluate import embed_images
-    from triplets.train import load_run
+    from triplets.facts.evaluate import embed_images
+    from triplets.facts.train import load_run
 
     result = query_text(run_dir, "man riding horse", k=6)
     with load_run(run_dir) as run:
@@ -158,7 +158,7 @@ def test_text_query_ranks_images_and_facts(run_dir):
 
 
 def test_zero_shot_text_query_uses_the_text_encoder(run_dir):
-    from triplets.language import embed_facts
+    from triplets.facts.language import embed_facts
 
     words = _word_vectors({w for fact in VOCABULARY for w in fact if w}, 0)
     encoder_calls = []
@@ -264,8 +264,8 @@ def test_fact_file_of_another_vocabulary_is_refused(run_dir, tmp_path, capsys):
 
 
 def test_evaluate_command_rewrites_final_entries(run_dir, tmp_path, capsys):
-    from triplets.evaluate import final_metrics
-    from triplets.train import load_run
+    from triplets.facts.evaluate import final_metrics
+    from triplets.facts.train import load_run
 
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
@@ -290,6 +290,6 @@ def test_evaluate_command_rewrites_final_entries(run_dir, tmp_path, capsys):
     assert main(["evaluate", "--run", str(copy)]) == 0
     assert "avg top-5" in capsys.readouterr().out
     with pytest.raises(RunFolderError):
-        from triplets.evaluate import evaluate_run
+        from triplets.facts.evaluate import evaluate_run
 
         evaluate_run(tmp_path / "missing")

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from triplets.errors import TripletsError
-from triplets.query import load_image
+from triplets.query.engine import load_image
 
 
 def test_a_16_bit_grey_png_gives_a_gradient_not_white(tmp_path):

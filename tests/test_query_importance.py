@@ -24,12 +24,12 @@ from mas_core.errors import MASStateError
 from triplets.cli import main
 from triplets.config import from_dict
 from triplets.errors import ConfigError
-from triplets.fact_data import open_fact_file
-from triplets.online_importance import ACCUMULATOR_NAME, SIDECAR_NAME, OnlineImportanceOnResume
-from triplets.query import crop_and_resize, load_image
-from triplets.query_importance import record_query_pixels
+from triplets.facts.data import open_fact_file
+from triplets.query.online_resume import ACCUMULATOR_NAME, SIDECAR_NAME, OnlineImportanceOnResume
+from triplets.query.engine import crop_and_resize, load_image
+from triplets.query.online_importance import record_query_pixels
 from triplets.run_folder import load_run
-from triplets.train import TrainConfig, train_run
+from triplets.facts.train import TrainConfig, train_run
 
 from test_train import make_tiny_fact_file
 
@@ -109,7 +109,7 @@ def test_query_flag_accumulates_exactly_mas_importance(run, capsys):
     assert sidecar["samples"] == 2 and sidecar["query_calls"] == 2 and sidecar["estimator"] == "mas"
     with load_run(run / "run") as opened:
         model = opened.load_model("mas")
-    from triplets.query_importance import new_accumulator
+    from triplets.query.online_importance import new_accumulator
 
     accumulator = new_accumulator(model, "mas")
     accumulator.load_state_dict(state["accumulator"])
@@ -157,7 +157,7 @@ def _resume_capturing(run: Path, monkeypatch, **online) -> tuple[dict, dict]:
 def _online_importance(run: Path) -> dict:
     with load_run(run / "run") as opened:
         model = opened.load_model("mas")
-    from triplets.query_importance import new_accumulator
+    from triplets.query.online_importance import new_accumulator
 
     accumulator = new_accumulator(model, "mas")
     accumulator.load_state_dict(load_checkpoint(run / "run" / "mas" / ACCUMULATOR_NAME)["accumulator"])
@@ -336,9 +336,9 @@ def test_script_query_accumulates_a_stored_test_region(run, capsys):
 def test_cached_features_run_takes_the_online_importance_of_its_branches(tmp_path, monkeypatch):
     """With model.cache_features the loop trains the branches on cached trunk features; the query
     side measures the full network on images. Both give Ω over the same (branch) parameters."""
-    from triplets.model import ModelConfig
-    from triplets.query_importance import new_accumulator
-    from triplets.train import DataConfig, EvalConfig, MethodConfig, OptimSettings
+    from triplets.facts.model import ModelConfig
+    from triplets.query.online_importance import new_accumulator
+    from triplets.facts.train import DataConfig, EvalConfig, MethodConfig, OptimSettings
 
     fact_path = make_tiny_fact_file(tmp_path / "facts.h5", num_tasks=2, facts_per_task=4, train_per_fact=4,
                                     test_per_fact=2, image_size=32, slot_dim=8)

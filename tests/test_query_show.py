@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep.facts_h5 import open_facts, write_fact_file
+from data_prep.facts.fact_file import open_facts, write_fact_file
 from triplets.cli import main
 from triplets.errors import TripletsError
-from triplets.query_show import (BOX_COLOUR, IMAGE_QUERY_SIZE_IN, PANEL_SIZE_IN, SHEET_COLUMNS, SHEET_TITLE_IN,
+from triplets.query.show import (BOX_COLOUR, IMAGE_QUERY_SIZE_IN, PANEL_SIZE_IN, SHEET_COLUMNS, SHEET_TITLE_IN,
                                  check_show_path, region_view, sheet_size_pixels)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,7 +32,7 @@ def world(tmp_path_factory) -> dict:
     """A fact file whose samples are boxes of images on disk (the even image ids; the odd ones
     are gone), and a one-method run trained on it."""
     from triplets.config import from_dict
-    from triplets.train import TrainConfig, train_run
+    from triplets.facts.train import TrainConfig, train_run
 
     root = tmp_path_factory.mktemp("show")
     (root / "vg" / "VG_100K").mkdir(parents=True)

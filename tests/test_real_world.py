@@ -1,4 +1,4 @@
-"""Tests of the real-image world (data_prep.real_world, `mas-triplets synth --world real`).
+"""Tests of the real-image world (data_prep.worlds.real, `mas-triplets synth --world real`).
 
 Most tests use a cut of digits + letters (always available); the clothing tests need Debian's
 dataset-fashion-mnist (`make test` installs it when it can) and are skipped otherwise.
@@ -18,12 +18,12 @@ from PIL import Image
 
 from data_prep import open_facts
 from data_prep.errors import DataPrepError, MissingDatasetError
-from data_prep.facts_h5 import fact_order
-from data_prep.idx import fashion_mnist_available, load_fashion_mnist
-from data_prep.real_world import COLOURS, PREDICATES, WorldPlanner, generate_real_world, plan_fact_counts
-from data_prep.real_world_sources import (CLOTHING_NAMES, DIGIT_NAMES, LETTER_NAMES, load_category_pools,
+from data_prep.facts.fact_file import fact_order
+from data_prep.image_sets.idx import fashion_mnist_available, load_fashion_mnist
+from data_prep.worlds.real import COLOURS, PREDICATES, WorldPlanner, generate_real_world, plan_fact_counts
+from data_prep.worlds.real_sources import (CLOTHING_NAMES, DIGIT_NAMES, LETTER_NAMES, load_category_pools,
                                          ranked_categories)
-from data_prep.visual_genome import prepare_visual_genome
+from data_prep.sources.visual_genome import prepare_visual_genome
 from triplets.cli import main as cli_main
 
 CUT_IMAGES = 90
@@ -135,7 +135,7 @@ def test_prepare_vg_reads_the_world_unchanged_and_the_fact_file_passes_the_check
     fact_file = tmp_path / "facts.h5"
     prepared = prepare_visual_genome(out, fact_file, num_tasks=2, min_fact_count=1, image_size=16,
                                      test_fraction=0.0, progress=False)
-    with open_facts(fact_file) as facts:  # open_facts runs data_prep.fact_file_checks
+    with open_facts(fact_file) as facts:  # open_facts runs data_prep.facts.checks
         counts = dict(zip(facts.facts, np.bincount(facts.sample_fact, minlength=facts.num_facts).tolist()))
         assert counts == report.fact_counts
         assert facts.pixels(np.arange(8)).shape == (8, 16, 16, 3)
@@ -258,7 +258,7 @@ def test_clothing_world_draws_fashion_mnist_images(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- configs
 def test_realworld8_configs_load_random_and_semantic() -> None:
-    from triplets.train_config import load_train_config
+    from triplets.facts.train_config import load_train_config
 
     configs = Path(__file__).resolve().parents[1] / "configs"
     random_split = load_train_config(configs / "realworld8.yaml")

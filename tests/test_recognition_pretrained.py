@@ -1,5 +1,5 @@
 """The recognition sequence on EfficientNet-Lite0 (frozen prefix, trainable suffix, cached prefix
-features) and its ridge baseline (triplets.recognition_ridge over mas_core.ridge)."""
+features) and its ridge baseline (triplets.recognition.ridge over mas_core.ridge)."""
 from __future__ import annotations
 
 import json
@@ -14,10 +14,10 @@ from mas_core.loop import OptimSettings
 from mas_core.ridge import RidgeSettings, RidgeStatistics, run_ridge
 from mas_core.sequence import Task, run_sequence
 from triplets.backbones import efficientnet_lite0, pretrained_split
-from triplets.recognition import load_recognition_config, run_recognition
-from triplets.recognition_config import ModelSpec
-from triplets.recognition_data import build_tasks, model_factory, prefix_features
-from triplets.recognition_ridge import RecognitionRidge, run_recognition_ridge
+from triplets.recognition.run import load_recognition_config, run_recognition
+from triplets.recognition.config import ModelSpec
+from triplets.recognition.data import build_tasks, model_factory, prefix_features
+from triplets.recognition.ridge import RecognitionRidge, run_recognition_ridge
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -10,7 +10,7 @@ import yaml
 
 from mas_core.hparam_search import SearchSettings
 from triplets.run_folder import load_run
-from triplets.train import MethodConfig, method_search, select_methods, train_run
+from triplets.facts.train import MethodConfig, method_search, select_methods, train_run
 
 from test_train import _config, make_tiny_fact_file
 

@@ -1,4 +1,4 @@
-"""The field's retrieval metrics (triplets.retrieval_metrics, triplets.retrieval_report) against
+"""The field's retrieval metrics (triplets.facts.retrieval_metrics, triplets.facts.retrieval_report) against
 explicit Python loops over their definitions."""
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from triplets.errors import TripletsError
-from triplets.evaluate import FactTable, average_precision_at_k, evaluate_embeddings, fact_to_image_metrics
-from triplets.retrieval_metrics import FIELD_KEYS, fact_to_image_recall, field_metrics, image_to_fact_recall
-from triplets.retrieval_report import diagonal_mean, retrieval_summary, retrieval_tables, summary_extras
+from triplets.facts.evaluate import FactTable, average_precision_at_k, evaluate_embeddings, fact_to_image_metrics
+from triplets.facts.retrieval_metrics import FIELD_KEYS, fact_to_image_recall, field_metrics, image_to_fact_recall
+from triplets.facts.retrieval_report import diagonal_mean, retrieval_summary, retrieval_tables, summary_extras
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> float:

@@ -21,7 +21,7 @@ from mas_core.experiment import EpochRecord, LoopHooks, TaskRecord
 from mas_core.sequence import MultiHeadNet, Task, run_sequence
 from mas_core.loop import OptimSettings
 from triplets.cli import main
-from triplets.recognition import comparable
+from triplets.recognition.run import comparable
 from triplets.run_log import COLUMNS, METRICS_NAME, MetricsLog, read_metrics, resume_command
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,8 +11,8 @@ from PIL import Image
 
 from data_prep import open_facts
 from data_prep.errors import DataPrepError
-from data_prep.sgg_h5 import prepare_sgg
-from triplets.fact_data import fact_image_dataset
+from data_prep.sources.sgg_h5 import prepare_sgg
+from triplets.facts.data import fact_image_dataset
 
 RED = (220, 20, 20)
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from data_prep.errors import DataPrepError
-from data_prep.splits import filter_rare_facts, format_task_table, random_split, semantic_split, task_statistics
+from data_prep.facts.splits import filter_rare_facts, format_task_table, random_split, semantic_split, task_statistics
 
 
 def test_random_split_is_balanced_seeded_and_complete() -> None:

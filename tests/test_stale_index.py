@@ -1,4 +1,4 @@
-"""Stale-index retrieval (triplets.stale_index, eval.stale_index, evaluate --stale-index) on a
+"""Stale-index retrieval (triplets.facts.stale_index, eval.stale_index, evaluate --stale-index) on a
 2-task run of the tiny fact world: the saved embeddings, C[s] by hand, C[T] = fresh, resume."""
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import pytest
 
 from test_train import SMALL_MODEL, make_tiny_fact_file
 from triplets.errors import ConfigError, RunFolderError
-from triplets.evaluate import embed_images, evaluate_run, image_to_fact_metrics
-from triplets.stale_index import STALE_KEYS, embeddings_path
-from triplets.train import DataConfig, EvalConfig, MethodConfig, OptimSettings, TrainConfig, load_run, train_run
-from triplets.fact_data import fact_image_dataset
+from triplets.facts.evaluate import embed_images, evaluate_run, image_to_fact_metrics
+from triplets.facts.stale_index import STALE_KEYS, embeddings_path
+from triplets.facts.train import DataConfig, EvalConfig, MethodConfig, OptimSettings, TrainConfig, load_run, train_run
+from triplets.facts.data import fact_image_dataset
 
 METHODS = [MethodConfig("finetune"), MethodConfig("mas", {"lam": 1.0}), MethodConfig("imm", {"mode": "mean"})]
 

@@ -1,4 +1,4 @@
-"""Tests of the embedded Visual-Genome-style world (data_prep.synthetic) and `mas-triplets synth`."""
+"""Tests of the embedded Visual-Genome-style world (data_prep.worlds.synthetic) and `mas-triplets synth`."""
 from __future__ import annotations
 
 import hashlib
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep import synthetic
+from data_prep.worlds import synthetic
 from data_prep.errors import DataPrepError
-from data_prep.synthetic import CATEGORIES, COLOURS, PREDICATES, generate_world, load_manifest_fact_counts
+from data_prep.worlds.synthetic import CATEGORIES, COLOURS, PREDICATES, generate_world, load_manifest_fact_counts
 from triplets.cli import main as cli_main
 
 LEARN_IMAGES = 400

@@ -1,4 +1,4 @@
-"""Task-by-task training of the fact embedding (triplets.train, `mas-triplets train`)."""
+"""Task-by-task training of the fact embedding (triplets.facts.train, `mas-triplets train`)."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from data_prep.facts_h5 import write_fact_file
+from data_prep.facts.fact_file import write_fact_file
 from mas_core.errors import CheckpointMismatchError
 from triplets.config import to_dict
 from triplets.errors import ConfigError, RunFolderError
@@ -68,8 +68,8 @@ def make_tiny_fact_file(path: Path, *, num_tasks: int = 4, facts_per_task: int =
     )
 
 
-from triplets.model import ModelConfig  # noqa: E402
-from triplets.train import (  # noqa: E402
+from triplets.facts.model import ModelConfig  # noqa: E402
+from triplets.facts.train import (  # noqa: E402
     DataConfig,
     EvalConfig,
     MethodConfig,
@@ -148,7 +148,7 @@ def test_a_changed_config_cannot_resume_and_a_used_folder_is_not_overwritten(sma
         train_run(changed_lam, tmp_path / "run", resume=True, progress=False)
     # the method checkpoint itself also refuses another configuration
     from mas_core.checkpoint import load_checkpoint
-    from triplets.train import method_checkpoint_config
+    from triplets.facts.train import method_checkpoint_config
 
     with pytest.raises(CheckpointMismatchError, match="lam"):
         load_checkpoint(tmp_path / "run" / "mas" / "checkpoint.pt",
@@ -261,7 +261,7 @@ def test_mas_forgets_clearly_less_than_finetuning(tmp_path):
 def test_importance_data_test_hands_the_tasks_unlabeled_test_images_to_after_task(small_facts, tmp_path, monkeypatch):
     import dataclasses
 
-    from data_prep.facts_h5 import open_facts
+    from data_prep.facts.fact_file import open_facts
     from mas_core.regularizers.mas import MAS
 
     seen: list[tuple[int, bool]] = []

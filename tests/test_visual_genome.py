@@ -11,9 +11,9 @@ from PIL import Image
 from data_prep import open_facts
 from data_prep.errors import DataPrepError
 from data_prep.text_clean import AliasMap, clean_phrase
-from data_prep.splits import split_by_image
-from data_prep.visual_genome import prepare_visual_genome
-from triplets.fact_data import fact_image_dataset
+from data_prep.facts.splits import split_by_image
+from data_prep.sources.visual_genome import prepare_visual_genome
+from triplets.facts.data import fact_image_dataset
 
 RED, GREEN, BLUE, WHITE = (220, 20, 20), (20, 200, 20), (20, 20, 220), (240, 240, 240)
 

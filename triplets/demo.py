@@ -3,14 +3,14 @@
     python -m triplets.demo --out runs/demo [--config configs/demo.yaml] [--set train.optim.epochs=4]
 
 1. **synth**: write the first ``synth.num_images`` images of the real-image world
-   (``data_prep.real_world``: Fashion-MNIST clothing, handwritten digits and font letters in
+   (``data_prep.worlds.real``: Fashion-MNIST clothing, handwritten digits and font letters in
    Visual-Genome-style scenes; ``synth.world: shapes`` gives the drawn-shapes world of
-   ``data_prep.synthetic``) into ``DATA/synth`` (``DATA`` = ``--data-dir``, by default ``OUT`` + ``_data``).
+   ``data_prep.worlds.synthetic``) into ``DATA/synth`` (``DATA`` = ``--data-dir``, by default ``OUT`` + ``_data``).
 2. **prepare**: read it as Visual Genome, embed every fact's S, P, O with the text encoder
-   (MiniLM by default, ``triplets.language``), split the facts into tasks (semantic by default:
+   (MiniLM by default, ``triplets.facts.language``), split the facts into tasks (semantic by default:
    configs/demo.yaml says why) and store 32×32 region crops: ``DATA/facts.h5``.
 3. **train**: every method of the config's ``train.methods`` (finetune and MAS) on the same
-   tasks, in order, into the run folder ``OUT`` (``triplets.train.train_run``), which evaluates
+   tasks, in order, into the run folder ``OUT`` (``triplets.facts.train.train_run``), which evaluates
    every task after every task (standard top-5) and writes ``OUT/results.json`` with, per
    method, ``avg_acc`` (average standard top-5) and ``forgetting`` (fractions), ``results.md`` and plots.
 4. **query**: the trained MAS model answers one image → facts and one text → images query, and
@@ -38,21 +38,21 @@ from typing import Any, Literal, Sequence
 import yaml
 
 from data_prep.errors import MissingDatasetError
-from data_prep.facts_h5 import open_facts
-from data_prep.real_world import generate_real_world
-from data_prep.real_world_sources import SOURCE_NAMES
-from data_prep.synthetic import generate_world
-from data_prep.visual_genome import prepare_visual_genome
+from data_prep.facts.fact_file import open_facts
+from data_prep.worlds.real import generate_real_world
+from data_prep.worlds.real_sources import SOURCE_NAMES
+from data_prep.worlds.synthetic import generate_world
+from data_prep.sources.visual_genome import prepare_visual_genome
 from mas_core.checkpoint import atomic_write_json
 
-from . import query
+from .query import engine as query
 from .cli import _user_errors
 from .config import load_config, to_dict
 from .errors import TripletsError
 from .fingerprint import file_sha256
-from .language import embed_facts, load_text_encoder
-from .query_show import write_query_picture
-from .train import TrainConfig, train_run
+from .facts.language import embed_facts, load_text_encoder
+from .query.show import write_query_picture
+from .facts.train import TrainConfig, train_run
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 SHOW_FILE = "query_show.png"  # the demo's picture, in the run folder
@@ -61,8 +61,8 @@ SHOW_K = 10                   # regions on the picture's contact sheet (two rows
 
 @dataclass
 class SynthSettings:
-    """``synth:`` the world (``real``: real object images, :mod:`data_prep.real_world`; ``shapes``:
-    drawn shapes, :mod:`data_prep.synthetic`), its first ``num_images`` images, seed, image width
+    """``synth:`` the world (``real``: real object images, :mod:`data_prep.worlds.real`; ``shapes``:
+    drawn shapes, :mod:`data_prep.worlds.synthetic`), its first ``num_images`` images, seed, image width
     and height in pixels, and for ``real`` the object sources (comma-separated)."""
 
     world: Literal["real", "shapes"] = "real"
@@ -180,7 +180,7 @@ def example_queries(out_dir: Path, method: str, *, k: int = 5, show: Path | None
     most exposed to forgetting) and one text → images query (that image's fact, as text), answered
     by ``method``'s model; returned as text. With ``show``, the
     text query's ``show_k`` nearest test regions are also drawn as a contact sheet into that PNG
-    (:func:`triplets.query_show.write_query_picture`, as ``mas-triplets query --show``)."""
+    (:func:`triplets.query.show.write_query_picture`, as ``mas-triplets query --show``)."""
     lines: list[str] = []
     with query.open_query(out_dir, method=method) as engine:
         image_index = int(engine.fact_file.sample_indices(0, "test")[0])

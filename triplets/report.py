@@ -7,9 +7,9 @@ Fact embedding, ``write_report(results, out_dir)`` writes
   the accuracy matrix R, standard mode), forgetting (Chaudhry et al. 2018: mean over j < T−1 of
   max_{j≤l<T−1} R[l][j] − R[T−1][j]), BWT (mean over j < T−1 of R[T−1][j] − R[j][j]), final
   generalized top-5, final MRR (standard and generalized) and final mAP (means over tasks of the
-  ``final`` entries); the field's retrieval figures (:func:`triplets.retrieval_report.retrieval_tables`:
+  ``final`` entries); the field's retrieval figures (:func:`triplets.facts.retrieval_report.retrieval_tables`:
   R@1/5/10 both ways, MRR, mAP@10, standard and generalized, the diagonal mean beside forgetting
-  and BWT) and, when the run has them, the stale-index rows (:mod:`triplets.stale_index`); then each method's
+  and BWT) and, when the run has them, the stale-index rows (:mod:`triplets.facts.stale_index`); then each method's
   task × task matrix. A method whose ``after_task`` changes the weights (IMM's merge) has R of the
   models as trained and a second row "(merged)" for the model it delivers (R with its last row
   from ``accuracy_matrix_merged``; the ``final`` metrics are that model's);
@@ -46,7 +46,7 @@ from mas_core.hparam_search import describe_choice
 
 from .errors import TripletsError
 from .results_schema import SEARCH_KEY
-from .retrieval_report import diagonal_mean, retrieval_tables, stale_index_tables
+from .facts.retrieval_report import diagonal_mean, retrieval_tables, stale_index_tables
 
 
 def _mean(values: Sequence[float | None]) -> float | None:

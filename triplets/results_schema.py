@@ -35,8 +35,8 @@ has ``accuracy_matrix_merged`` (row ``i``: the model after ``after_task`` of tas
 :mod:`mas_core.ridge`: per task the strengths tried with their validation MSE, the one chosen and
 its penalties ``alpha``; it has no ``lr`` or strength of an optimizer), the fact embedding's ``final`` (per mode and
 task the final retrieval metrics, of the final model: for IMM the merged one), ``diagonal_mean`` and
-``retrieval`` (:mod:`triplets.retrieval_report`) and, with ``eval.stale_index``, ``stale_index``
-(:mod:`triplets.stale_index`), the recognition
+``retrieval`` (:mod:`triplets.facts.retrieval_report`) and, with ``eval.stale_index``, ``stale_index``
+(:mod:`triplets.facts.stale_index`), the recognition
 sequence's ``importance_data``; both, when the config's ``search`` is enabled,
 ``hparam_search``: one record per task of what :mod:`mas_core.hparam_search` chose and why::
 

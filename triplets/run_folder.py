@@ -39,13 +39,13 @@ from mas_core.errors import CheckpointMismatchError, did_you_mean
 
 from .config import MAX_CONFIG_BYTES, from_dict, read_yaml, to_dict
 from .errors import ConfigError, RunFolderError
-from .fact_data import open_fact_file
+from .facts.data import open_fact_file
 from .fingerprint import DATA_SHA_KEY, VOCABULARY_KEY, fact_vocabulary_fingerprint, file_identity
-from .fact_ridge_model import rebuild_saved_model
-from .model import FactEmbeddingNet, ModelConfig, build_model
+from .facts.ridge_model import rebuild_saved_model
+from .facts.model import FactEmbeddingNet, ModelConfig, build_model
 from .report import write_report
 from .results_schema import results_document
-from .train_config import TrainConfig
+from .facts.train_config import TrainConfig
 
 
 DATA_IDENTITY_NAME = "data.json"

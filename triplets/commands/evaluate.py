@@ -26,9 +26,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import TripletsError
-    from ..evaluate import evaluate_run
+    from ..facts.evaluate import evaluate_run
     from ..report import comparison_table, summary_rows
-    from ..retrieval_report import stale_index_tables
+    from ..facts.retrieval_report import stale_index_tables
 
     if args.batch_size < 1:
         raise TripletsError(f"--batch-size must be positive, got {args.batch_size}")

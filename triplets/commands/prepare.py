@@ -1,7 +1,7 @@
 """``mas-triplets prepare vg|sgg|images``: build the fact HDF5 from Visual Genome or VG-SGG.h5.
 
 This command composes the three steps the packages keep apart: reading and writing
-(:mod:`data_prep`) and the language embeddings of the facts (:mod:`triplets.language`),
+(:mod:`data_prep`) and the language embeddings of the facts (:mod:`triplets.facts.language`),
 passed to data_prep as a callable so that data_prep never imports the model side.
 """
 from __future__ import annotations
@@ -10,12 +10,12 @@ import argparse
 from typing import Any, Callable
 
 from data_prep.atomic import check_output_file
-from data_prep.json_stream import DEFAULT_MAX_JSON_DEPTH
-from data_prep.prepare_options import DEFAULT_MIN_FACT_COUNT, PrepareOptions
-from data_prep.sgg_h5 import prepare_sgg
-from data_prep.visual_genome import prepare_visual_genome
+from data_prep.sources.json_stream import DEFAULT_MAX_JSON_DEPTH
+from data_prep.facts.options import DEFAULT_MIN_FACT_COUNT, PrepareOptions
+from data_prep.sources.sgg_h5 import prepare_sgg
+from data_prep.sources.visual_genome import prepare_visual_genome
 
-from .. import language
+from ..facts import language
 from ..errors import TripletsError
 from . import prepare_images, prepare_lll
 from .arguments import add_max_image_pixels, positive_int

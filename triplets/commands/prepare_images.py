@@ -1,12 +1,12 @@
 """``mas-triplets prepare images``: convert an image-classification dataset once to HDF5
-(see :mod:`data_prep.images` for the sources and the layout each expects)."""
+(see :mod:`data_prep.image_sets.prepare` for the sources and the layout each expects)."""
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
 from data_prep.errors import DataPrepError
-from data_prep.images import SOURCES, open_image_dataset, prepare_image_dataset
+from data_prep.image_sets.prepare import SOURCES, open_image_dataset, prepare_image_dataset
 
 from .arguments import add_max_image_pixels
 

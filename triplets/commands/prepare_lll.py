@@ -1,7 +1,7 @@
 """``mas-triplets prepare lll``: the lifelong-fact-learning benchmark's split files → fact HDF5.
 
-Composes reading and writing (:func:`data_prep.lll_benchmark.prepare_lll`) with the language
-side (:mod:`triplets.language`): ``--text-encoder native`` keeps the benchmark's own 900-d
+Composes reading and writing (:func:`data_prep.sources.lll_benchmark.prepare_lll`) with the language
+side (:mod:`triplets.facts.language`): ``--text-encoder native`` keeps the benchmark's own 900-d
 word2vec vectors; any other spec (``minilm``, a model folder, a word2vec file) re-embeds the
 S, P, O strings of the facts.
 """
@@ -37,11 +37,11 @@ def add_parser(prepare_subparsers: Any) -> argparse.ArgumentParser:
 
 def _embedder(spec: str) -> tuple[Callable[[list], Any] | str, str | None]:
     """``"native"`` (kept by data_prep) or an embed function over facts, with the encoder's name."""
-    from data_prep.lll_benchmark import NATIVE
+    from data_prep.sources.lll_benchmark import NATIVE
 
     if spec.strip().lower() == NATIVE:
         return NATIVE, None
-    from ..language import embed_facts, load_text_encoder
+    from ..facts.language import embed_facts, load_text_encoder
 
     encoder = load_text_encoder(spec)
 
@@ -54,7 +54,7 @@ def _embedder(spec: str) -> tuple[Callable[[list], Any] | str, str | None]:
 
 def run(args: argparse.Namespace) -> int:
     """Prepare the fact file and print the report (kept, dropped, notes, task table)."""
-    from data_prep.lll_benchmark import find_task_files, prepare_lll
+    from data_prep.sources.lll_benchmark import find_task_files, prepare_lll
 
     find_task_files(args.root, args.split)  # a bad layout fails before the text encoder loads
     text_encoder, encoder_name = _embedder(args.text_encoder)

@@ -50,8 +50,8 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import TripletsError
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a text encoder is only ever read from local files
-    from ..query import open_query, parse_box
-    from ..query_importance import check_accumulate_flags, record_image_queries
+    from ..query.engine import open_query, parse_box
+    from ..query.online_importance import check_accumulate_flags, record_image_queries
 
     if args.k < 1:
         raise TripletsError(f"--k must be a positive integer, got {args.k}")
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     box = parse_box(args.box) if args.box is not None else None
     check_accumulate_flags(accumulate=args.accumulate_importance, image=args.image, text=args.text)
     if args.show is not None:  # a picture that cannot be written is refused before the query runs
-        from ..query_show import check_show_path
+        from ..query.show import check_show_path
 
         check_show_path(args.show, writable=True)
     with open_query(args.run, method=args.method, device=args.device, encoder=args.encoder) as engine:
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
             query = {"text": args.text, "parsed_fact": list(parsed)}
         method = engine.method
         if args.show is not None:
-            from ..query_show import write_query_picture
+            from ..query.show import write_query_picture
 
             write_query_picture(args.show, engine, query, facts=facts, images=images)
         if args.accumulate_importance:  # the one step that cannot be undone comes last
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(payload, indent=2))
         return 0
     if images is not None:
-        from ..query import fact_text
+        from ..query.engine import fact_text
 
         print(f"query {args.text!r} parsed as {fact_text(query['parsed_fact'])} (method {method})")
         print(_table("test images (cosine with the model's image embedding):", ["rank", "sample", "image", "true fact", "score"],

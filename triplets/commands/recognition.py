@@ -1,6 +1,6 @@
 """``mas-triplets recognition``: train an object-recognition task sequence once per method
 and write results.json, results.md and bar plots into the run folder (see
-:mod:`triplets.recognition`)."""
+:mod:`triplets.recognition.run`)."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,7 @@ from typing import Any
 
 from mas_core.distributed import process_group_session, same_on_every_rank
 
-from ..recognition import load_recognition_config, run_recognition
+from ..recognition.run import load_recognition_config, run_recognition
 from ..report import recognition_markdown
 from ..run_folder import check_output_folder
 from ..run_log import RunComforts, check_log_option

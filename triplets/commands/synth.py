@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 
-from data_prep.idx import FASHION_MNIST_DIR
-from data_prep.real_world import DEFAULT_NUM_IMAGES, generate_real_world
-from data_prep.real_world_sources import SOURCE_NAMES
-from data_prep.synthetic import generate_world, iter_fact_counts_table
-from data_prep.world_arguments import MAX_IMAGE_SIDE, MAX_IMAGES, MAX_SEED
+from data_prep.image_sets.idx import FASHION_MNIST_DIR
+from data_prep.worlds.real import DEFAULT_NUM_IMAGES, generate_real_world
+from data_prep.worlds.real_sources import SOURCE_NAMES
+from data_prep.worlds.synthetic import generate_world, iter_fact_counts_table
+from data_prep.worlds.arguments import MAX_IMAGE_SIDE, MAX_IMAGES, MAX_SEED
 
 from ..errors import TripletsError
 

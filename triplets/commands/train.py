@@ -8,7 +8,7 @@ from mas_core.distributed import process_group_session, same_on_every_rank
 from ..errors import ConfigError
 from ..run_folder import check_output_folder
 from ..run_log import RunComforts, check_log_option
-from ..train import load_train_config, resolve_device, select_methods, train_run
+from ..facts.train import load_train_config, resolve_device, select_methods, train_run
 from .arguments import add_log_option
 
 

@@ -1,0 +1,1 @@
+"""The fact embedding: its config, data, model, training run, evaluation and retrieval metrics."""

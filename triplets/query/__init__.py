@@ -1,0 +1,1 @@
+"""Queries against a trained run, their pictures, and online importance (Ω from the queries' inputs)."""
