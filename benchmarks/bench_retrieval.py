@@ -451,7 +451,7 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         report["run_final"] = {method: entry.get("final") for method, entry in results["methods"].items()}
         print(f"[evaluate] run {args.run}: {run_seconds:.2f} s per evaluate_run", file=sys.stderr, flush=True)
         from triplets.facts.evaluate import embed_images
-        from triplets.facts.train import load_run
+        from triplets.run_folder import load_run
 
         with load_run(args.run) as run:  # the ranking alone: every method's test embeddings computed once
             embedded = []

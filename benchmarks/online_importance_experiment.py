@@ -168,7 +168,8 @@ def facts(seed: int, out: Path, args: argparse.Namespace) -> list[dict[str, Any]
     from triplets.query.online_resume import ACCUMULATOR_NAME
     from triplets.query.online_importance import record_query_pixels
     from triplets.run_folder import load_run
-    from triplets.facts.train import TrainConfig, train_run
+    from triplets.facts.train import train_run
+    from triplets.facts.train_config import TrainConfig
 
     demo = load_config(ROOT / "configs" / "demo.yaml", DemoConfig,
                        [f"train.data.fact_file={args.fact_file}", "train.optim.batch_size=32"])

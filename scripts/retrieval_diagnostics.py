@@ -32,8 +32,8 @@ import sys
 
 import numpy as np
 
-from triplets.facts.evaluate import (average_precision, candidate_facts, embed_images, evaluate_embeddings,
-                               fact_table)
+from triplets.facts.evaluate import candidate_facts, embed_images, evaluate_embeddings, fact_table
+from triplets.facts.retrieval_metrics import average_precision
 from triplets.facts.data import fact_image_dataset
 from triplets.run_folder import load_run
 

@@ -16,16 +16,10 @@ from test_train import make_tiny_fact_file
 from triplets.errors import ConfigError
 from triplets.fingerprint import feature_cache_fingerprint
 from triplets.facts.model import ModelConfig, build_model
-from triplets.facts.train import (
-    DataConfig,
-    EvalConfig,
-    MethodConfig,
-    OptimSettings,
-    TrainConfig,
-    load_run,
-    load_train_config,
-    train_run,
-)
+from triplets.facts.train import train_run
+from mas_core.loop import OptimSettings
+from triplets.facts.train_config import DataConfig, EvalConfig, MethodConfig, TrainConfig, load_train_config
+from triplets.run_folder import load_run
 
 IMAGE_SIZE = 32
 SLOT_DIM = 8

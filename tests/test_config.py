@@ -123,7 +123,7 @@ def test_the_paper_presets_extend_one_base():
     from pathlib import Path
 
     from triplets.config import read_preset
-    from triplets.facts.train import load_train_config
+    from triplets.facts.train_config import load_train_config
 
     configs = Path(__file__).resolve().parents[1] / "configs"
     for name, fact_file, epochs in (("vg_random8", "data/vg_random8.h5", 5), ("vg_semantic8", "data/vg_semantic8.h5", 5),

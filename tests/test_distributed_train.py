@@ -88,7 +88,8 @@ def _succeeded(result: subprocess.CompletedProcess) -> None:
 
 
 def _single_process(config_path: Path, out: Path, *, resume: bool = False) -> dict:
-    from triplets.facts.train import load_train_config, train_run
+    from triplets.facts.train import train_run
+    from triplets.facts.train_config import load_train_config
 
     return train_run(load_train_config(config_path), out, resume=resume, progress=False)
 

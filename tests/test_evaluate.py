@@ -8,9 +8,8 @@ from sklearn.metrics import average_precision_score
 
 import triplets.facts.evaluate
 from triplets.errors import TripletsError
+from triplets.facts.retrieval_metrics import average_precision, average_precision_at_k
 from triplets.facts.evaluate import (
-    average_precision,
-    average_precision_at_k,
     embed_images,
     evaluate_embeddings,
     evaluate_task,

@@ -184,7 +184,7 @@ def test_flat_index_backends_agree_and_survive_save_and_load(tmp_path):
 
 def test_eval_config_exact_backend_is_validated():
     from triplets.config import ConfigError, from_dict
-    from triplets.facts.train import TrainConfig
+    from triplets.facts.train_config import TrainConfig
 
     config = from_dict(TrainConfig, {"eval": {"exact_backend": "faiss"}})
     assert config.eval.exact_backend == "faiss" and TrainConfig().eval.exact_backend == "auto"

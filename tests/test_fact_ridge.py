@@ -13,7 +13,10 @@ import torch
 from test_train import SMALL_MODEL, make_tiny_fact_file
 from triplets.errors import ConfigError
 from triplets.facts.model import slot_targets
-from triplets.facts.train import DataConfig, EvalConfig, MethodConfig, OptimSettings, TrainConfig, load_run, train_run
+from triplets.facts.train import train_run
+from mas_core.loop import OptimSettings
+from triplets.facts.train_config import DataConfig, EvalConfig, MethodConfig, TrainConfig
+from triplets.run_folder import load_run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

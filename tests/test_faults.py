@@ -374,7 +374,8 @@ def test_resume_cleans_the_temporary_files_a_kill_left(world, tmp_path):
 # --------------------------------------------------------------------------- the Python API
 
 def test_api_train_run_into_a_file(world, tmp_path):
-    from triplets.facts.train import load_train_config, train_run
+    from triplets.facts.train import train_run
+    from triplets.facts.train_config import load_train_config
 
     target = tmp_path / "out"
     target.write_text("mine")
@@ -383,7 +384,7 @@ def test_api_train_run_into_a_file(world, tmp_path):
 
 
 def test_api_load_run_of_a_user_folder(tmp_path):
-    from triplets.facts.train import load_run
+    from triplets.run_folder import load_run
 
     folder = users_folder(tmp_path)
     raises_one_line(RunFolderError, "not a run folder", lambda: load_run(folder), folder)

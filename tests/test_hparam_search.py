@@ -31,7 +31,8 @@ from mas_core.sequence import ClassificationExperiment, run_sequence
 from triplets.cli import main
 from triplets.errors import ConfigError
 from triplets.recognition.config import load_recognition_config
-from triplets.facts.train import MethodConfig, train_run
+from triplets.facts.train import train_run
+from triplets.facts.train_config import MethodConfig
 
 from test_sequence import SETTINGS, _make_model, _tasks
 from test_recognition import tiny_digits_config

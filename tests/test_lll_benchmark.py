@@ -13,7 +13,7 @@ from PIL import Image
 from data_prep import open_facts
 from data_prep.sources.lll_benchmark import missing_fact_file_hint, prepare_lll, read_native_vector
 from triplets.cli import main
-from triplets.facts.train import load_train_config
+from triplets.facts.train_config import load_train_config
 
 SPLIT = "2tasks_random"
 SAMPLE_HEADER = ["image_links", "NLP_links", "SPO", "id", "w_s", "w_p", "w_o"]

@@ -12,7 +12,8 @@ import torch
 import mas_core.loop as loop_module
 from mas_core.checkpoint import load_checkpoint
 from mas_core.loop import CHECKPOINT_NAME
-from triplets.facts.train import MethodConfig, train_run
+from triplets.facts.train import train_run
+from triplets.facts.train_config import MethodConfig
 
 from test_sequence import SETTINGS, _make_model, _run, _tasks
 from test_train import _config, make_tiny_fact_file

@@ -13,7 +13,9 @@ from test_train import make_tiny_fact_file
 from triplets.backbones import efficientnet_lite0
 from triplets.errors import ConfigError
 from triplets.facts.model import ModelConfig, build_model
-from triplets.facts.train import DataConfig, EvalConfig, MethodConfig, OptimSettings, TrainConfig, train_run
+from triplets.facts.train import train_run
+from mas_core.loop import OptimSettings
+from triplets.facts.train_config import DataConfig, EvalConfig, MethodConfig, TrainConfig
 
 SLOT_DIM = 8
 

@@ -60,7 +60,8 @@ def make_fact_file(path: Path, facts, *, seed: int = 0) -> Path:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     from triplets.config import from_dict
-    from triplets.facts.train import TrainConfig, train_run
+    from triplets.facts.train import train_run
+    from triplets.facts.train_config import TrainConfig
 
     root = tmp_path_factory.mktemp("query")
     fact_path = make_fact_file(root / "facts.h5", VOCABULARY)
@@ -117,7 +118,7 @@ def test_box_parsing_and_cropping():
 
 # ----------------------------------------------------------------------------- queries on a trained run
 def test_image_query_equals_brute_force(run_dir, tmp_path):
-    from triplets.facts.train import load_run
+    from triplets.run_folder import load_run
 
     with load_run(run_dir) as run:
         sample = int(run.fact_file.sample_indices(None, "test")[5])
@@ -139,7 +140,7 @@ def test_image_query_equals_brute_force(run_dir, tmp_path):
 
 def test_text_query_ranks_images_and_facts(run_dir):
     from triplets.facts.evaluate import embed_images
-    from triplets.facts.train import load_run
+    from triplets.run_folder import load_run
 
     result = query_text(run_dir, "man riding horse", k=6)
     with load_run(run_dir) as run:
@@ -265,7 +266,7 @@ def test_fact_file_of_another_vocabulary_is_refused(run_dir, tmp_path, capsys):
 
 def test_evaluate_command_rewrites_final_entries(run_dir, tmp_path, capsys):
     from triplets.facts.evaluate import final_metrics
-    from triplets.facts.train import load_run
+    from triplets.run_folder import load_run
 
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)

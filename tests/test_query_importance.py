@@ -29,7 +29,8 @@ from triplets.query.online_resume import ACCUMULATOR_NAME, SIDECAR_NAME, OnlineI
 from triplets.query.engine import crop_and_resize, load_image
 from triplets.query.online_importance import record_query_pixels
 from triplets.run_folder import load_run
-from triplets.facts.train import TrainConfig, train_run
+from triplets.facts.train import train_run
+from triplets.facts.train_config import TrainConfig
 
 from test_train import make_tiny_fact_file
 
@@ -338,7 +339,8 @@ def test_cached_features_run_takes_the_online_importance_of_its_branches(tmp_pat
     side measures the full network on images. Both give Ω over the same (branch) parameters."""
     from triplets.facts.model import ModelConfig
     from triplets.query.online_importance import new_accumulator
-    from triplets.facts.train import DataConfig, EvalConfig, MethodConfig, OptimSettings
+    from mas_core.loop import OptimSettings
+    from triplets.facts.train_config import DataConfig, EvalConfig, MethodConfig
 
     fact_path = make_tiny_fact_file(tmp_path / "facts.h5", num_tasks=2, facts_per_task=4, train_per_fact=4,
                                     test_per_fact=2, image_size=32, slot_dim=8)

@@ -32,7 +32,8 @@ def world(tmp_path_factory) -> dict:
     """A fact file whose samples are boxes of images on disk (the even image ids; the odd ones
     are gone), and a one-method run trained on it."""
     from triplets.config import from_dict
-    from triplets.facts.train import TrainConfig, train_run
+    from triplets.facts.train import train_run
+    from triplets.facts.train_config import TrainConfig
 
     root = tmp_path_factory.mktemp("show")
     (root / "vg" / "VG_100K").mkdir(parents=True)

@@ -10,7 +10,8 @@ import yaml
 
 from mas_core.hparam_search import SearchSettings
 from triplets.run_folder import load_run
-from triplets.facts.train import MethodConfig, method_search, select_methods, train_run
+from triplets.facts.train import method_search, train_run
+from triplets.facts.train_config import MethodConfig, select_methods
 
 from test_train import _config, make_tiny_fact_file
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from triplets.errors import TripletsError
-from triplets.facts.evaluate import FactTable, average_precision_at_k, evaluate_embeddings, fact_to_image_metrics
-from triplets.facts.retrieval_metrics import FIELD_KEYS, fact_to_image_recall, field_metrics, image_to_fact_recall
+from triplets.facts.evaluate import FactTable, evaluate_embeddings, fact_to_image_metrics
+from triplets.facts.retrieval_metrics import FIELD_KEYS, average_precision_at_k, fact_to_image_recall, field_metrics, image_to_fact_recall
 from triplets.facts.retrieval_report import diagonal_mean, retrieval_summary, retrieval_tables, summary_extras
 
 

@@ -13,7 +13,10 @@ from test_train import SMALL_MODEL, make_tiny_fact_file
 from triplets.errors import ConfigError, RunFolderError
 from triplets.facts.evaluate import embed_images, evaluate_run, image_to_fact_metrics
 from triplets.facts.stale_index import STALE_KEYS, embeddings_path
-from triplets.facts.train import DataConfig, EvalConfig, MethodConfig, OptimSettings, TrainConfig, load_run, train_run
+from triplets.facts.train import train_run
+from mas_core.loop import OptimSettings
+from triplets.facts.train_config import DataConfig, EvalConfig, MethodConfig, TrainConfig
+from triplets.run_folder import load_run
 from triplets.facts.data import fact_image_dataset
 
 METHODS = [MethodConfig("finetune"), MethodConfig("mas", {"lam": 1.0}), MethodConfig("imm", {"mode": "mean"})]

@@ -69,16 +69,10 @@ def make_tiny_fact_file(path: Path, *, num_tasks: int = 4, facts_per_task: int =
 
 
 from triplets.facts.model import ModelConfig  # noqa: E402
-from triplets.facts.train import (  # noqa: E402
-    DataConfig,
-    EvalConfig,
-    MethodConfig,
-    OptimSettings,
-    TrainConfig,
-    load_run,
-    load_train_config,
-    train_run,
-)
+from triplets.facts.train import train_run  # noqa: E402
+from mas_core.loop import OptimSettings  # noqa: E402
+from triplets.facts.train_config import DataConfig, EvalConfig, MethodConfig, TrainConfig, load_train_config  # noqa: E402
+from triplets.run_folder import load_run  # noqa: E402
 
 SMALL_MODEL = ModelConfig(trunk_channels=[8, 16], branch_channels=16, hidden_dim=32)
 

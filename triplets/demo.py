@@ -52,7 +52,8 @@ from .errors import TripletsError
 from .fingerprint import file_sha256
 from .facts.language import embed_facts, load_text_encoder
 from .query.show import write_query_picture
-from .facts.train import TrainConfig, train_run
+from .facts.train import train_run
+from .facts.train_config import TrainConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 SHOW_FILE = "query_show.png"  # the demo's picture, in the run folder

@@ -8,7 +8,8 @@ from mas_core.distributed import process_group_session, same_on_every_rank
 from ..errors import ConfigError
 from ..run_folder import check_output_folder
 from ..run_log import RunComforts, check_log_option
-from ..facts.train import load_train_config, resolve_device, select_methods, train_run
+from ..facts.train import resolve_device, train_run
+from ..facts.train_config import load_train_config, select_methods
 from .arguments import add_log_option
 
 

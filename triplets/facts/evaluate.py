@@ -73,7 +73,7 @@ from ..fingerprint import VOCABULARY_KEY, fact_vocabulary_fingerprint
 from ..index import normalize_rows, score_blocks
 from ..report import render_markdown, write_report
 from .retrieval_report import RETRIEVAL_MODES, summary_extras
-from .retrieval_metrics import average_precision, average_precision_at_k, field_metrics, row_hashes  # noqa: F401
+from .retrieval_metrics import field_metrics, row_hashes
 from .retrieval_metrics import first_equal_rows as _first_equal_rows
 from ..run_folder import load_run
 from .stale_index import check_saved, load_task_embeddings, stale_index_entry

@@ -58,9 +58,8 @@ import torch
 
 from mas_core.checkpoint import atomic_write_json, load_checkpoint, read_json, save_checkpoint
 from mas_core.distributed import current, is_main_process, local_device, run_on_main_process, same_on_every_rank
-from mas_core.errors import MASCoreError
 from mas_core.experiment import LoopHooks
-from mas_core.loop import JOINT, OptimSettings, checkpoint_config, resolved_options, train_tasks
+from mas_core.loop import JOINT, checkpoint_config, resolved_options, train_tasks
 from mas_core.regularizers import make_regularizer
 from mas_core.ridge import RIDGE
 
@@ -72,7 +71,6 @@ from .data import check_fact_file, fact_image_dataset, open_fact_file
 from .experiment import FactContext, FactExperiment, fact_context
 from .ridge import train_ridge_method
 from .ridge_model import rebuild_saved_model, split_options
-from .feature_cache import FEATURE_DATASET, write_feature_cache
 from ..fingerprint import DATA_SHA_KEY, VOCABULARY_KEY, fact_vocabulary_fingerprint, file_sha256, model_fingerprint
 from ..index import build_index
 from .model import FactEmbeddingNet, build_model
@@ -81,8 +79,6 @@ from ..run_log import run_hooks
 from ..run_folder import (
     Run,
     collect_results,
-    load_run,
-    package_versions,
     prepare_run_folder,
     read_data_identity,
     recorded_data_sha256,
@@ -90,16 +86,7 @@ from ..run_folder import (
 )
 from ..results_schema import method_summary
 from .retrieval_report import summary_extras
-from .train_config import (
-    DataConfig,
-    EvalConfig,
-    LossConfig,
-    MethodConfig,
-    SearchSettings,
-    TrainConfig,
-    load_train_config,
-    select_methods,
-)
+from .train_config import MethodConfig, SearchSettings, TrainConfig
 
 
 def resolve_device(name: str) -> torch.device:
@@ -341,9 +328,4 @@ def build_run_indexes(index_dir: str | Path, model: FactEmbeddingNet, fact_file,
     return written
 
 
-__all__ = [
-    "DataConfig", "EvalConfig", "FEATURE_DATASET", "LossConfig", "MethodConfig", "OptimSettings", "Run", "TrainConfig",
-    "build_run_indexes", "collect_results", "load_run",
-    "load_train_config", "method_checkpoint_config", "package_versions", "resolve_device", "select_methods",
-    "train_method", "train_run", "write_feature_cache",
-]
+__all__ = ["build_run_indexes", "method_checkpoint_config", "resolve_device", "train_method", "train_run"]

@@ -1,14 +1,12 @@
-"""What every index module shares: the faiss handle, row normalisation, fingerprints, checksums,
-recall, JSON conversion and the checks of the IVF / PQ parameters."""
+"""What every index module shares: the faiss handle, row normalisation (fingerprints and checksums:
+:mod:`triplets.fingerprint`), recall, JSON conversion and the checks of the IVF / PQ parameters."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Literal
 
 import faiss
 import numpy as np
-import torch
 
 from ..errors import TripletsError
 
