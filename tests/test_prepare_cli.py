@@ -136,14 +136,14 @@ def test_interrupted_prepare_leaves_no_file(tmp_path: Path, monkeypatch: pytest.
                                             progress=False)
     assert not out.exists()
 
-    real_crops = fact_pipeline.region_images.crop_blocks
+    real_crops = fact_pipeline.regions.crop_blocks
 
     def crops_then_interrupt(*args, **kwargs):
         blocks = real_crops(*args, **kwargs)
         yield next(blocks)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(fact_pipeline.region_images, "crop_blocks", crops_then_interrupt)
+    monkeypatch.setattr(fact_pipeline.regions, "crop_blocks", crops_then_interrupt)
     code = main(["prepare", "vg", "--vg-dir", str(root), "--out", str(out), *COMMON])
     assert code == 130
     assert not out.exists() and list(out.parent.iterdir()) == []

@@ -45,7 +45,7 @@ from data_prep.worlds.synthetic import generate_world
 from data_prep.sources.visual_genome import prepare_visual_genome
 from mas_core.checkpoint import atomic_write_json
 
-from .query import engine as query
+from .query.engine import open_query
 from .cli import _user_errors
 from .config import load_config, to_dict
 from .errors import TripletsError
@@ -183,7 +183,7 @@ def example_queries(out_dir: Path, method: str, *, k: int = 5, show: Path | None
     text query's ``show_k`` nearest test regions are also drawn as a contact sheet into that PNG
     (:func:`triplets.query.show.write_query_picture`, as ``mas-triplets query --show``)."""
     lines: list[str] = []
-    with query.open_query(out_dir, method=method) as engine:
+    with open_query(out_dir, method=method) as engine:
         image_index = int(engine.fact_file.sample_indices(0, "test")[0])
         true_fact = engine.fact_file.facts[int(engine.fact_file.sample_fact[image_index])]
         lines.append(f"image → facts ({method}): test sample {image_index}, true fact "

@@ -34,7 +34,7 @@ from typing import Any, Iterable, Sequence
 import h5py
 import numpy as np
 
-from . import checks as fact_file_checks
+from . import checks
 from ..atomic import atomic_output, interruption_point
 from ..errors import FactFileError
 
@@ -315,11 +315,11 @@ class FactFile:
 
     def _load(self) -> None:
         attrs = self._handle.attrs
-        fact_file_checks.check_attributes(attrs, self.path, FORMAT_VERSION)
+        checks.check_attributes(attrs, self.path, FORMAT_VERSION)
         for name in _REQUIRED_DATASETS:
             if name not in self._handle:
                 raise FactFileError(f"fact file {self.path} is missing the dataset '{name}'; prepare it again")
-        layout = fact_file_checks.check_layout(self._handle, self.path)
+        layout = checks.check_layout(self._handle, self.path)
 
         def strings(name: str) -> list[str]:
             try:
@@ -340,8 +340,8 @@ class FactFile:
         raw = {name: self._read(name) for name in _NUMERIC_DATASETS if name != "facts/embedding"}
         if "facts/embedding" in self._handle:
             raw["facts/embedding"] = self._read("facts/embedding")
-        self.num_tasks: int = fact_file_checks.check_values(raw, attrs, self.path, layout)
-        fact_file_checks.check_orders(raw["facts/order"], np.array([fact_order(f) for f in self.facts], np.int64),
+        self.num_tasks: int = checks.check_values(raw, attrs, self.path, layout)
+        checks.check_orders(raw["facts/order"], np.array([fact_order(f) for f in self.facts], np.int64),
                                       self.path)
         self.fact_order: np.ndarray = raw["facts/order"].astype(np.int8)
         self.slot_masks: np.ndarray = raw["facts/slot_mask"].astype(np.float32)

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from . import regions as region_images
+from . import regions
 from ..errors import DataPrepError
 from .collector import FactCollector
 from .fact_file import FORMAT_VERSION, Fact, fact_order, write_fact_file
@@ -169,7 +169,7 @@ def finish_prepare(collector: FactCollector, source: CollectedSource, out: str |
     with_images = source.image_paths is not None
     pixels = None
     if source.image_paths is not None:
-        pixels = region_images.crop_blocks(samples.image, samples.box, source.image_paths, options.image_size,
+        pixels = regions.crop_blocks(samples.image, samples.box, source.image_paths, options.image_size,
                                            options.max_image_pixels, options.progress)
     write_fact_file(
         out, facts=facts, sample_fact=samples.fact, sample_image_id=samples.image, sample_box=samples.box,
@@ -199,7 +199,7 @@ def _keep_samples_in_readable_images(samples: _Samples, collector: FactCollector
     dropped, notes = collector.dropped, collector.notes
     image_ids = np.unique(samples.image)
     if source.image_paths is not None:
-        sizes = region_images.checked_image_sizes(image_ids, source.image_paths, notes, source.listed_sizes,
+        sizes = regions.checked_image_sizes(image_ids, source.image_paths, notes, source.listed_sizes,
                                                   options.max_image_pixels, options.progress)
         reason_unknown = "samples in images missing on disk or that do not decode"
     else:
