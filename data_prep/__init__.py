@@ -10,17 +10,18 @@ Public entry points (imported lazily, so ``import data_prep`` stays light):
 * :func:`prepare_lll` (:mod:`data_prep.sources.lll_benchmark`: the lifelong-fact-learning benchmark's split files);
 * :func:`random_split`, :func:`semantic_split`, :func:`task_statistics` (:mod:`data_prep.facts.splits`).
 
-Where each step lives, for the fact file: a source reader (``visual_genome``, ``sgg_h5``;
-JSON streamed by ``json_stream``) fills a ``fact_collector.FactCollector``;
-``fact_pipeline.finish_prepare`` checks the images and crops the regions (``region_images``),
-splits train/test and tasks (``splits``) and writes the file (``facts_h5``, atomically via
-``atomic``); ``open_facts`` checks what it reads (``fact_file_checks``). Every image file any
-command reads is opened by ``image_decode`` (the pixel limit from the header, every mode to
-8-bit by scaling); JSON is streamed under a nesting-depth limit (``json_stream``). Images:
-``images.prepare_image_dataset`` reads a source (``image_sources``, ``idx``) and writes
-``image_h5``. The synthetic world: ``synthetic`` writes the dump of the scenes ``synthetic_scenes``
-renders; the real-image world: ``real_world`` plans and draws scenes of the real object images
-``real_world_sources`` loads, written by the same writer.
+Where each step lives, for the fact file: a source reader (``sources.visual_genome``,
+``sources.sgg_h5``, ``sources.lll_benchmark``; JSON streamed by ``sources.json_stream``) fills a
+``facts.collector.FactCollector``; ``facts.pipeline.finish_prepare`` checks the images and crops the
+regions (``facts.regions``), splits train/test and tasks (``facts.splits``) and writes the file
+(``facts.fact_file``, atomically via ``atomic``); ``open_facts`` checks what it reads
+(``facts.checks``). Every image file any command reads is opened by ``image_decode`` (the pixel
+limit from the header, every mode to 8-bit by scaling); JSON is streamed under a nesting-depth
+limit (``sources.json_stream``). Images: ``image_sets.prepare.prepare_image_dataset`` reads a
+source (``image_sets.sources``, ``image_sets.idx``) and writes ``image_sets.image_file``. The
+synthetic world: ``worlds.synthetic`` writes the dump of the scenes ``worlds.scenes`` renders; the
+real-image world: ``worlds.real`` plans and draws scenes of the real object images
+``worlds.real_sources`` loads, written by the same writer. Nothing here imports torch.
 """
 from __future__ import annotations
 
