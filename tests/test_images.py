@@ -10,13 +10,9 @@ from PIL import Image
 
 from data_prep.errors import DataPrepError, MissingDatasetError
 from data_prep.image_sets.idx import fashion_mnist_available, load_fashion_mnist
-from data_prep.image_sets.prepare import (
-    SOURCES,
-    ImageFormatError,
-    list_fonts,
-    open_image_dataset,
-    prepare_image_dataset,
-)
+from data_prep.image_sets.prepare import prepare_image_dataset
+from data_prep.image_sets.image_file import ImageFormatError, open_image_dataset
+from data_prep.image_sets.sources import SOURCES, list_fonts
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 

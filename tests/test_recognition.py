@@ -19,12 +19,9 @@ from data_prep.image_sets.idx import fashion_mnist_available
 from triplets.cli import main
 from triplets.errors import ConfigError
 from triplets.report import recognition_markdown as results_markdown
-from triplets.recognition.run import (
-    build_tasks,
-    comparable,
-    load_recognition_config,
-    run_recognition,
-)
+from triplets.recognition.run import comparable, run_recognition
+from triplets.recognition.config import load_recognition_config
+from triplets.recognition.data import build_tasks
 
 REPO = Path(__file__).resolve().parents[1]
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -203,7 +200,7 @@ def test_prepare_images_bad_input_exits_2_with_one_line(tmp_path: Path, capsys: 
 def test_prepare_images_command_writes_a_readable_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     code = main(["prepare", "images", "--dataset", "digits", "--out", str(tmp_path / "d.h5"), "--image-size", "12"])
     assert code == 0 and "10 classes" in capsys.readouterr().out
-    from data_prep.image_sets.prepare import open_image_dataset
+    from data_prep.image_sets.image_file import open_image_dataset
 
     assert open_image_dataset(tmp_path / "d.h5").image_shape == (12, 12, 1)
 
@@ -213,7 +210,8 @@ def test_pretrained_trunk_loads_local_weights_only(tmp_path: Path) -> None:
     import torchvision
 
     from triplets.errors import RunFolderError
-    from triplets.recognition.run import ModelSpec, make_trunk
+    from triplets.recognition.config import ModelSpec
+    from triplets.recognition.data import make_trunk
 
     reference = torchvision.models.resnet18(weights=None)
     torch.save(reference.state_dict(), tmp_path / "r18.pth")

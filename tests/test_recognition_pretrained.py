@@ -14,7 +14,8 @@ from mas_core.loop import OptimSettings
 from mas_core.ridge import RidgeSettings, RidgeStatistics, run_ridge
 from mas_core.sequence import Task, run_sequence
 from triplets.backbones import efficientnet_lite0, pretrained_split
-from triplets.recognition.run import load_recognition_config, run_recognition
+from triplets.recognition.run import run_recognition
+from triplets.recognition.config import load_recognition_config
 from triplets.recognition.config import ModelSpec
 from triplets.recognition.data import build_tasks, model_factory, prefix_features
 from triplets.recognition.ridge import RecognitionRidge, run_recognition_ridge

@@ -14,7 +14,8 @@ from PIL import Image
 
 from data_prep.worlds import synthetic
 from data_prep.errors import DataPrepError
-from data_prep.worlds.synthetic import CATEGORIES, COLOURS, PREDICATES, generate_world, load_manifest_fact_counts
+from data_prep.worlds.synthetic import generate_world, load_manifest_fact_counts
+from data_prep.worlds.scenes import CATEGORIES, COLOURS, PREDICATES
 from triplets.cli import main as cli_main
 
 LEARN_IMAGES = 400

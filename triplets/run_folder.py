@@ -377,7 +377,7 @@ def load_run(run_dir: str | Path) -> Run:
     return Run(dir=run_dir, config=config, methods=methods, fact_file=open_fact_file(config.data.fact_file))
 
 
-__all__ = ["DATA_IDENTITY_NAME", "DATA_SHA_KEY", "RUN_MARKERS", "Run", "check_data_identity", "check_recorded_data",
+__all__ = ["DATA_IDENTITY_NAME", "RUN_MARKERS", "Run", "check_data_identity", "check_recorded_data",
            "recorded_data_sha256", "check_output_folder", "identity_as_recorded", "collect_results",
            "load_run", "package_versions", "prepare_run_folder", "read_data_identity", "read_run_config",
            "results_dict"]

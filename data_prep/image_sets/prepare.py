@@ -40,21 +40,10 @@ from pathlib import Path
 from ..atomic import check_output_file
 from ..errors import DataPrepError, MissingDatasetError
 from ..image_decode import DEFAULT_MAX_IMAGE_PIXELS, check_max_pixels, check_stored_image_size, transparency_tally
-from .image_file import (
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    SPLITS,
-    ImageFormatError,
-    ImageH5,
-    ImageSplitView,
-    open_image_dataset,
-    write_image_h5,
-)
-from .sources import READERS, SOURCES, SourceSpec, list_fonts, render_character, resize_all, unknown_source_message
+from .image_file import FORMAT_VERSION, SPLITS, ImageH5, open_image_dataset, write_image_h5
+from .sources import READERS, SOURCES, resize_all, unknown_source_message
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "PHOTO_DEFAULT_SIZE", "SOURCES", "SPLITS", "ImageFormatError", "ImageH5",
-           "ImageSplitView", "SourceSpec", "list_fonts", "open_image_dataset", "prepare_image_dataset",
-           "render_character"]
+__all__ = ["PHOTO_DEFAULT_SIZE", "prepare_image_dataset"]
 
 PHOTO_DEFAULT_SIZE = 256
 

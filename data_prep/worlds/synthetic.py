@@ -58,11 +58,11 @@ from tqdm import tqdm
 
 from ..errors import DataPrepError
 from ..facts.fact_file import Fact, fact_order
-from .scenes import CATEGORIES, COLOURS, PREDICATES, SceneSampler, render_scene
-from .arguments import MIN_IMAGE_SIZE, check_world_arguments, prepare_destination  # noqa: F401
+from .scenes import SceneSampler, render_scene
+from .arguments import check_world_arguments, prepare_destination
 
-__all__ = ["CATEGORIES", "COLOURS", "PREDICATES", "SynthReport", "WorldNaming", "WorldSpec", "generate_world",
-           "iter_fact_counts_table", "load_manifest_fact_counts", "write_world_dump"]
+__all__ = ["SynthReport", "WorldNaming", "WorldSpec", "generate_world", "iter_fact_counts_table",
+           "load_manifest_fact_counts", "write_world_dump"]
 
 
 CATEGORY_SYNSETS = {

@@ -6,7 +6,9 @@ import argparse
 from typing import Any
 
 from data_prep.errors import DataPrepError
-from data_prep.image_sets.prepare import SOURCES, open_image_dataset, prepare_image_dataset
+from data_prep.image_sets.prepare import prepare_image_dataset
+from data_prep.image_sets.image_file import open_image_dataset
+from data_prep.image_sets.sources import SOURCES
 
 from .arguments import add_max_image_pixels
 

@@ -9,7 +9,8 @@ from typing import Any
 
 from mas_core.distributed import process_group_session, same_on_every_rank
 
-from ..recognition.run import load_recognition_config, run_recognition
+from ..recognition.run import run_recognition
+from ..recognition.config import load_recognition_config
 from ..report import recognition_markdown
 from ..run_folder import check_output_folder
 from ..run_log import RunComforts, check_log_option

@@ -59,6 +59,7 @@ import torch
 from mas_core.checkpoint import atomic_write_json, load_checkpoint, read_json, save_checkpoint
 from mas_core.distributed import current, is_main_process, local_device, run_on_main_process, same_on_every_rank
 from mas_core.experiment import LoopHooks
+from mas_core.hparam_search import SearchSettings
 from mas_core.loop import JOINT, checkpoint_config, resolved_options, train_tasks
 from mas_core.regularizers import make_regularizer
 from mas_core.ridge import RIDGE
@@ -86,7 +87,7 @@ from ..run_folder import (
 )
 from ..results_schema import method_summary
 from .retrieval_report import summary_extras
-from .train_config import MethodConfig, SearchSettings, TrainConfig
+from .train_config import MethodConfig, TrainConfig
 
 
 def resolve_device(name: str) -> torch.device:

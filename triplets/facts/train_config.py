@@ -170,5 +170,5 @@ def select_methods(config: TrainConfig, names: list[str]) -> TrainConfig:
     return dataclasses.replace(config, methods=kept, search=search)
 
 
-__all__ = ["DataConfig", "EvalConfig", "LossConfig", "MethodConfig", "OptimSettings", "SearchSettings", "TrainConfig",
-           "load_train_config", "select_methods"]
+__all__ = ["DataConfig", "EvalConfig", "LossConfig", "MethodConfig", "TrainConfig", "load_train_config",
+           "select_methods"]

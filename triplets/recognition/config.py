@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from data_prep.image_decode import MAX_STORED_IMAGE_SIZE
-from data_prep.image_sets.prepare import SOURCES
+from data_prep.image_sets.sources import SOURCES
 from mas_core.errors import MASCoreError, did_you_mean
 from mas_core.hparam_search import SearchSettings
 from mas_core.loop import JOINT, OptimSettings

@@ -19,7 +19,8 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from data_prep.image_sets.idx import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, load_fashion_mnist
-from data_prep.image_sets.prepare import open_image_dataset, prepare_image_dataset
+from data_prep.image_sets.prepare import prepare_image_dataset
+from data_prep.image_sets.image_file import open_image_dataset
 from mas_core.sequence import MultiHeadNet, Task
 
 from ..errors import ConfigError

@@ -61,20 +61,10 @@ from mas_core.ridge import RIDGE, ridge_settings
 from mas_core.sequence import Task, run_sequence
 
 from ..config import to_dict
-from ..errors import ConfigError, RunFolderError
-from .config import (
-    ALL_METHODS,
-    ModelSpec,
-    OptimSpec,
-    RecognitionConfig,
-    TaskSpec,
-    importance_from_inputs,
-    known_methods,
-    load_recognition_config,
-    parse_methods,
-)
+from ..errors import ConfigError
+from .config import RecognitionConfig, TaskSpec, importance_from_inputs, parse_methods
 from .ridge import run_recognition_ridge
-from .data import build_tasks, ensure_prepared, make_trunk, model_factory, prepared_path, unlabeled_inputs
+from .data import build_tasks, ensure_prepared, model_factory, unlabeled_inputs
 from ..report import recognition_markdown, write_recognition_plots
 from ..results_schema import method_summary, results_document
 from ..run_log import run_hooks
@@ -255,8 +245,4 @@ def comparable(results: dict[str, Any]) -> dict[str, Any]:
     return copy
 
 
-__all__ = [
-    "ALL_METHODS", "ModelSpec", "OptimSpec", "RecognitionConfig", "TaskSpec", "build_tasks", "comparable",
-    "ensure_prepared", "load_recognition_config", "make_trunk", "model_factory", "parse_methods",
-    "prepared_path", "run_recognition",
-]
+__all__ = ["comparable", "run_recognition"]
