@@ -14,6 +14,8 @@
 - **A model's weights**: :func:`model_fingerprint` (16 hex digits of the whole ``state_dict``;
   the indexes' ``fingerprint``) and :func:`trunk_fingerprint` (the frozen trunk and its input
   handling), with :func:`feature_cache_fingerprint`, the key of a cached-feature file.
+- **Conversion options**: :func:`options_fingerprint`, the name of a recognition task's cached
+  image HDF5 (``<dataset>-<10 hex>.h5``).
 - **A text encoder's files** (cheap, path-independent, part of the encoder's name stored in the
   fact file): :func:`transformers_folder_fingerprint`, :func:`word2vec_file_fingerprint`.
 
@@ -149,6 +151,11 @@ def feature_cache_fingerprint(model: Any, fact_file: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode("utf-8")).hexdigest()
 
 
+def options_fingerprint(options: dict[str, Any]) -> str:
+    """sha1 of ``options`` as JSON with sorted keys (10 hex digits): equal options, equal name."""
+    return hashlib.sha1(json.dumps(options, sort_keys=True).encode()).hexdigest()[:10]
+
+
 def transformers_folder_fingerprint(model_dir: Path) -> str:
     """sha1 of config.json plus the sizes of the weight files (cheap, path-independent; 12 hex digits)."""
     digest = hashlib.sha1((model_dir / "config.json").read_bytes())
@@ -168,5 +175,5 @@ def word2vec_file_fingerprint(path: Path) -> str:
 
 
 __all__ = ["DATA_SHA_KEY", "FULL_HASH_BELOW", "TRANSFORMERS_WEIGHT_FILES", "VOCABULARY_KEY", "content_sample",
-           "fact_vocabulary_fingerprint", "feature_cache_fingerprint", "file_identity", "file_sha256", "model_fingerprint",
+           "fact_vocabulary_fingerprint", "feature_cache_fingerprint", "file_identity", "file_sha256", "model_fingerprint", "options_fingerprint",
            "transformers_folder_fingerprint", "trunk_fingerprint", "vocabulary_fingerprint", "word2vec_file_fingerprint"]

@@ -5,8 +5,6 @@ efficientnet_lite0 from the installed weights package; nothing is downloaded).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from data_prep.image_sets.image_file import open_image_dataset
 from mas_core.sequence import MultiHeadNet, Task
 
 from ..errors import ConfigError
+from ..fingerprint import options_fingerprint
 from ..backbones import EFFICIENTNET_MEAN, EFFICIENTNET_STD, FrozenModule, load_local_weights, pretrained_split
 from ..facts.model import IMAGENET_MEAN, IMAGENET_STD
 from .config import ModelSpec, RecognitionConfig, TaskSpec
@@ -40,8 +39,7 @@ def prepared_path(spec: TaskSpec, data_dir: str | Path, seed: int) -> Path:
     options = {"dataset": spec.dataset, "root": str(Path(spec.root).resolve()) if spec.root else None,
                "image_size": spec.image_size, "renders_per_class": spec.renders_per_class,
                "seed": seed if spec.dataset in ("font_letters", "digits", "chars74k") else 0}
-    digest = hashlib.sha1(json.dumps(options, sort_keys=True).encode()).hexdigest()[:10]
-    return Path(data_dir) / f"{spec.dataset}-{digest}.h5"
+    return Path(data_dir) / f"{spec.dataset}-{options_fingerprint(options)}.h5"
 
 
 def ensure_prepared(spec: TaskSpec, data_dir: str | Path, seed: int, log: Callable[[str], None]) -> Path:
