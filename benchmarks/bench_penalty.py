@@ -82,7 +82,7 @@ def main() -> int:
     model = make_model()
     inputs = torch.randn(args.batch_size, 1024)
     targets = torch.randint(0, 10, (args.batch_size,))
-    reg = MAS(lam=1.0)
+    reg = MAS(lam=1.0, penalty_step="gradient")  # the fused gradient penalty (the default is the proximal step)
     reg.after_task(model, [torch.randn(256, 1024)])  # real Ω and θ*
     flat_anchors = torch.cat([reg._anchors[n].reshape(-1) for n in reg._gradient_scales])
     flat_weights = torch.cat([w.reshape(-1) for w in reg._gradient_scales.values()])
