@@ -174,32 +174,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=1024)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cases", default="recognition/finetune,recognition/mas,facts/finetune,facts/mas",
+                        help="comma-separated KIND/METHOD cases to run (default: all four)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     optim = OptimSettings(epochs=args.epochs, lr=0.01, momentum=0.9, batch_size=BATCH_SIZE)
     cases: dict[str, dict[str, float]] = {}
-    for kind in ("recognition", "facts"):
-        for method in ("finetune", "mas"):
-            runs: dict[str, list[float]] = {"loop": [], "bare": []}
-            cpu_runs: dict[str, list[float]] = {"loop": [], "bare": []}
-            for repeat in range(args.repeats):  # interleaved, alternating which goes first
-                order = ("bare", "loop") if repeat % 2 == 0 else ("loop", "bare")
-                for which in order:
-                    measure = bare_steps_per_second if which == "bare" else loop_steps_per_second
-                    per_second, per_cpu_second = measure(kind, method, args.samples, optim)
-                    runs[which].append(per_second)
-                    cpu_runs[which].append(per_cpu_second)
-            loop, bare = statistics.median(runs["loop"]), statistics.median(runs["bare"])
-            best = max(runs["bare"]) / max(runs["loop"])  # the fastest repeat of each: least hit by other load
-            cpu_loop, cpu_bare = statistics.median(cpu_runs["loop"]), statistics.median(cpu_runs["bare"])
-            cases[f"{kind}/{method}"] = {"loop_steps_per_s": round(loop, 2), "bare_steps_per_s": round(bare, 2),
-                                         "overhead": round(bare / loop, 4), "overhead_fastest": round(best, 4),
-                                         "loop_steps_per_cpu_s": round(cpu_loop, 2),
-                                         "bare_steps_per_cpu_s": round(cpu_bare, 2),
-                                         "cpu_overhead": round(cpu_bare / cpu_loop, 4)}
-            print(f"{kind:<12} {method:<9} loop {loop:8.2f} steps/s   bare {bare:8.2f} steps/s   "
-                  f"overhead {bare / loop:.3f} (fastest repeats: {best:.3f}; CPU seconds: {cpu_bare / cpu_loop:.3f})",
-                  flush=True)
+    for case in args.cases.split(","):
+        kind, method = case.strip().split("/")
+        runs: dict[str, list[float]] = {"loop": [], "bare": []}
+        cpu_runs: dict[str, list[float]] = {"loop": [], "bare": []}
+        for repeat in range(args.repeats):  # interleaved, alternating which goes first
+            order = ("bare", "loop") if repeat % 2 == 0 else ("loop", "bare")
+            for which in order:
+                measure = bare_steps_per_second if which == "bare" else loop_steps_per_second
+                per_second, per_cpu_second = measure(kind, method, args.samples, optim)
+                runs[which].append(per_second)
+                cpu_runs[which].append(per_cpu_second)
+        loop, bare = statistics.median(runs["loop"]), statistics.median(runs["bare"])
+        best = max(runs["bare"]) / max(runs["loop"])  # the fastest repeat of each: least hit by other load
+        cpu_loop, cpu_bare = statistics.median(cpu_runs["loop"]), statistics.median(cpu_runs["bare"])
+        cases[f"{kind}/{method}"] = {"loop_steps_per_s": round(loop, 2), "bare_steps_per_s": round(bare, 2),
+                                     "overhead": round(bare / loop, 4), "overhead_fastest": round(best, 4),
+                                     "loop_steps_per_cpu_s": round(cpu_loop, 2),
+                                     "bare_steps_per_cpu_s": round(cpu_bare, 2),
+                                     "cpu_overhead": round(cpu_bare / cpu_loop, 4)}
+        print(f"{kind:<12} {method:<9} loop {loop:8.2f} steps/s   bare {bare:8.2f} steps/s   "
+              f"overhead {bare / loop:.3f} (fastest repeats: {best:.3f}; CPU seconds: {cpu_bare / cpu_loop:.3f})",
+              flush=True)
     summary = {"loop_overhead": max(case["overhead"] for case in cases.values()),
                "loop_overhead_fastest": max(case["overhead_fastest"] for case in cases.values()),
                "loop_cpu_overhead": max(case["cpu_overhead"] for case in cases.values()), "cases": cases,
