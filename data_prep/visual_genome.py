@@ -254,7 +254,7 @@ def _collect_relationships(path: Path, collector: FactCollector, names: _PhraseI
     """Stream relationships.json into ``collector``; return the number of relationships read.
 
     This is the hot loop of a 2.3M-relationship dump, so it inlines the memo lookups of
-    :class:`_PhraseIds` (of the predicate, and of a ``name`` string or the first of ``names``), the box rule of :func:`_box`
+    :class:`_PhraseIds` (of the predicate, and of a ``name`` string), the box rule of :func:`_box`
     (same results) and the collector's appends.
     """
     drop = collector.dropped
@@ -283,17 +283,11 @@ def _collect_relationships(path: Path, collector: FactCollector, names: _PhraseI
                 drop["relationships: no predicate"] += 1
                 continue
             raw = subject.get("name")  # the memo first, inline (the hot path); name_of_end for the rest
-            if raw is None:  # the `names` (list) variant, as name_of_end reads it
-                raw = subject.get("names")
-                raw = raw[0] if raw.__class__ is list and raw else None
             subject_name = (name_cache.get(raw) if raw.__class__ is str else None) or name_of_end(subject)
             if not subject_name:
                 drop["relationships: subject without name"] += 1
                 continue
             raw = obj.get("name")
-            if raw is None:
-                raw = obj.get("names")
-                raw = raw[0] if raw.__class__ is list and raw else None
             object_name = (name_cache.get(raw) if raw.__class__ is str else None) or name_of_end(obj)
             if not object_name:
                 drop["relationships: object without name"] += 1
