@@ -3,7 +3,9 @@
 Run:  .venv/bin/python benchmarks/bench_backbone.py [--threads 2] [--repeats 5] [--batch 64]
 
 Three measurements, each side by side in one run (medians of ``--repeats`` timed passes after a
-warm-up pass; ratios are what count on a shared machine):
+warm-up pass, the variants of a figure timed round by round; every rate also per CPU second,
+``*_cpu``, which leaves out the time spent waiting for a core on a shared machine; ratios are what
+count there):
 
 * ``extract``: images per second of the whole network's forward pass (no gradients, eval mode)
   at 64, 96 and 128 pixels, ours against an independent implementation holding the same weights
@@ -21,6 +23,7 @@ The last line printed is a JSON object. This is a benchmark script, never a time
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -39,17 +42,6 @@ from triplets.backbones import efficientnet_lite0  # noqa: E402
 from triplets.facts.model import ModelConfig, build_model  # noqa: E402
 
 
-def median_rate(step: Callable[[], None], samples: int, repeats: int) -> float:
-    """``samples`` / the median wall time of ``step`` over ``repeats`` timed calls (after one warm-up)."""
-    step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return samples / statistics.median(times)
-
-
 def _timm_twin(net: torch.nn.Module) -> torch.nn.Module | None:
     try:
         import timm
@@ -61,29 +53,58 @@ def _timm_twin(net: torch.nn.Module) -> torch.nn.Module | None:
     return reference
 
 
+def interleaved_rates(steps: dict[str, Callable[[], None]], samples: int, repeats: int) -> dict[str, float]:
+    """``{name: samples / median wall s, name + "_cpu": samples / median CPU s}`` of each step, timed
+    round by round (each step once per round, after one warm-up call each), so that a change of the
+    machine's load hits all of them alike; CPU seconds leave out the time spent waiting for a core."""
+    for step in steps.values():
+        step()
+    wall: dict[str, list[float]] = {name: [] for name in steps}
+    cpu: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start, start_cpu = time.perf_counter(), time.process_time()
+            step()
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    rates = {}
+    for name in steps:
+        rates[name] = samples / statistics.median(wall[name])
+        rates[f"{name}_cpu"] = samples / statistics.median(cpu[name])
+    return rates
+
+
 def extraction(batch: int, repeats: int) -> dict:
     ours = efficientnet_lite0()
     theirs = _timm_twin(ours)
+    copies = {"ours": ours, "timm": theirs}
+    # one copy per memory format, so that no conversion runs inside the timed calls
+    for label in ("ours", "timm"):
+        if copies[label] is not None:
+            copies[f"{label}_cl"] = copy.deepcopy(copies[label]).to(memory_format=torch.channels_last)
     report = {}
     for size in (64, 96, 128):
         images = torch.rand(batch, 3, size, size) * 2 - 1
-        row = {}
-        for label, net in (("ours", ours), ("timm", theirs)):
-            if net is None:
+        steps: dict[str, Callable[[], None]] = {}
+        for label in ("ours", "timm"):
+            if copies[label] is None:
                 continue
-            for fmt_name, fmt in (("contiguous", torch.contiguous_format), ("channels_last", torch.channels_last)):
-                net.to(memory_format=fmt)
+            for fmt_name, net, fmt in (("contiguous", copies[label], torch.contiguous_format),
+                                       ("channels_last", copies[f"{label}_cl"], torch.channels_last)):
                 inputs = images.contiguous(memory_format=fmt)
 
                 def forward(net=net, inputs=inputs) -> None:
                     with torch.no_grad():
                         net(inputs)
-                row[f"{label}_{fmt_name}_ips"] = round(median_rate(forward, batch, repeats), 1)
-            net.to(memory_format=torch.contiguous_format)
-        best_ours = max(row["ours_contiguous_ips"], row["ours_channels_last_ips"])
-        row["channels_last_speedup"] = round(row["ours_channels_last_ips"] / row["ours_contiguous_ips"], 3)
-        if theirs is not None:
-            row["ours_vs_timm"] = round(best_ours / max(row["timm_contiguous_ips"], row["timm_channels_last_ips"]), 3)
+                steps[f"{label}_{fmt_name}_ips"] = forward
+        row = {name: round(rate, 1) for name, rate in interleaved_rates(steps, batch, repeats).items()}
+        for suffix in ("", "_cpu"):
+            best_ours = max(row[f"ours_contiguous_ips{suffix}"], row[f"ours_channels_last_ips{suffix}"])
+            row[f"channels_last_speedup{suffix}"] = round(
+                row[f"ours_channels_last_ips{suffix}"] / row[f"ours_contiguous_ips{suffix}"], 3)
+            if theirs is not None:
+                row[f"ours_vs_timm{suffix}"] = round(
+                    best_ours / max(row[f"timm_contiguous_ips{suffix}"], row[f"timm_channels_last_ips{suffix}"]), 3)
         report[f"{size}px"] = row
     return report
 
@@ -98,7 +119,7 @@ def training(batch: int, repeats: int) -> dict:
         with torch.no_grad():
             features = model.trunk_features(images)
         head = model.branch_head()
-        rates = {}
+        steps: dict[str, Callable[[], None]] = {}
         for label, module, inputs in (("cached", head, features), ("uncached", model, images)):
             module.train()
             optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=1e-3)
@@ -108,8 +129,10 @@ def training(batch: int, repeats: int) -> dict:
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-            rates[f"{label}_sps"] = round(median_rate(step, batch, repeats), 1)
+            steps[f"{label}_sps"] = step
+        rates = {name: round(rate, 1) for name, rate in interleaved_rates(steps, batch, repeats).items()}
         rates["cached_vs_uncached"] = round(rates["cached_sps"] / rates["uncached_sps"], 2)
+        rates["cached_vs_uncached_cpu"] = round(rates["cached_sps_cpu"] / rates["uncached_sps_cpu"], 2)
         rates["trained_parameters"] = sum(p.numel() for p in head.parameters() if p.requires_grad)
         report[f"trunk_blocks_{trunk_blocks}"] = rates
     return report
@@ -125,7 +148,8 @@ def main() -> None:
     torch.manual_seed(0)
     report = {"threads": args.threads, "batch": args.batch, "repeats": args.repeats, "torch": torch.__version__,
               "parameters": sum(p.numel() for p in efficientnet_lite0().parameters()),
-              "extract": extraction(args.batch, args.repeats), "train": training(args.batch, args.repeats)}
+              "extract": extraction(args.batch, args.repeats), "train": training(args.batch, args.repeats),
+              "load_average_1min": os.getloadavg()[0]}
     for size, row in report["extract"].items():
         print(f"extract {size}: " + ", ".join(f"{key} {value}" for key, value in row.items()), flush=True)
     for name, row in report["train"].items():

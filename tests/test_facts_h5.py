@@ -171,3 +171,17 @@ def test_import_is_light() -> None:
     code = "import sys, data_prep.facts.fact_file, data_prep.sources.visual_genome; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["False"]  # data_prep never imports torch (h5py is a hard dependency)
+
+
+def test_console_script_prepare_does_not_import_torch() -> None:
+    """`prepare` streams Visual Genome in bounded memory; torch alone is ~0.9 GB resident (issue 27:
+    an import of mas_core from triplets.language brought it back, 0.08 -> 1.47 of json.load's peak)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom triplets import cli\n"
+            "for command in (['prepare', 'vg', '--help'], ['prepare', 'lll', '--help'], ['synth', '--help']):\n"
+            "    try:\n        cli.main(command)\n    except SystemExit:\n        pass\n"
+            "print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split()[-1] == "False"

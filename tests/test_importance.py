@@ -166,6 +166,24 @@ def test_both_per_sample_conv_paths_are_exact(monkeypatch, patch_limit):
     assert_close(mas_importance(model, batches(x, 5)), brute_mas(model, x))
 
 
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("kernel,padding,padding_mode",
+                         [(3, 1, "zeros"), ((3, 1), (1, 0), "zeros"), (3, 1, "circular")])
+@pytest.mark.parametrize("chunk_elements", [1, 2**30])
+def test_per_sample_conv_paths_chunks_and_padding_are_exact(monkeypatch, grouped, kernel, padding, padding_mode,
+                                                            chunk_elements):
+    """Both per-sample Conv2d paths, the grouped one given the padding as the convolution's argument
+    (zeros) or a padded copy (other modes; the model's last conv pads "same"), in chunks of one sample
+    or the whole batch; every conv of the model takes the path."""
+    monkeypatch.setattr(importance_layers, "_GROUPED_PATCH_ROWS", (0, 10**9) if grouped else (-2, -1))
+    monkeypatch.setattr(importance_layers, "_STRIDED_PATCH_LIMIT", 10**9)
+    monkeypatch.setattr(importance_layers, "_CONV_CHUNK_ELEMENTS", chunk_elements)
+    model, x = model_and_data("cnn")
+    model.features[3] = nn.Conv2d(4, 6, kernel, stride=2, padding=padding, padding_mode=padding_mode).to(DTYPE)
+    assert importance_layers.per_sample_conv_by_groups(model.features[3], 9) is grouped
+    assert_close(mas_importance(model, batches(x, 5)), brute_mas(model, x))
+
+
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 def test_exact_path_handles_mlp_and_cnn_without_the_fallback(monkeypatch):
     def forbidden(*args, **kwargs):

@@ -7,9 +7,9 @@ parameters is used exactly once and by that module; :func:`exact_accumulate` the
 
 * Linear on a 2-D input: ``Σ_n φ(δ_n a_nᵀ) = φ(Δ)ᵀ φ(A)`` (exact for φ = ``|·|`` and ``(·)²``, which
   are multiplicative), bias ``Σ_n φ(δ_n)``;
-* Conv2d: per-sample weight gradients for a bounded chunk of samples at a time, by ``bmm`` over
-  strided input patches (small patch matrices) or by one weight-gradient convolution that runs
-  the samples as extra groups (:func:`conv_weight_gradient`);
+* Conv2d: per-sample weight gradients for a cache-sized chunk of samples at a time, by ``bmm`` over
+  strided input patches or by one weight-gradient convolution that runs the samples as extra
+  groups (:func:`conv_weight_gradient`, :func:`per_sample_conv_by_groups`);
 * BatchNorm in eval mode: ``Σ_positions δ·x̂`` and ``Σ_positions δ`` per sample.
 """
 from __future__ import annotations
@@ -30,6 +30,17 @@ _ELEMENT_BUDGET = 2**24
 # Per-sample Conv2d weight gradients: patch matrices up to this many elements per sample
 # go through strided patches + bmm, larger ones through a grouped weight-gradient conv.
 _STRIDED_PATCH_LIMIT = 16384
+
+# ... and so do patch rows of ``in_channels/groups · kh · kw`` in this range whatever their size:
+# there the small per-sample products run below the grouped convolution on a CPU (the stride-2 CNN's
+# 16→32 layer: 3.1 against 4.1 ms per 256 samples, chunked), while below it (first layers, 1×1) and
+# above it (3×3 over 64 channels and more) the patches win (docs/benchmarks.md, issue 27).
+_GROUPED_PATCH_ROWS = (64, 256)
+
+# Per-sample Conv2d work runs in chunks of samples whose per-sample gradients and patches hold about
+# this many elements (4 MiB of float32): they stay in the cache between the product, φ and the sum
+# over samples (the whole batch of 256 at once was 1.3-1.5x slower, benchmarks/bench_importance.py).
+_CONV_CHUNK_ELEMENTS = 2**20
 
 
 @dataclass
@@ -149,24 +160,37 @@ def conv_padded_input(module: nn.Conv2d, layer_input: Tensor) -> Tensor:
     return F.pad(layer_input, pads, mode=mode)
 
 
-def conv_weight_gradient(module: nn.Conv2d, padded_input: Tensor, grad_output: Tensor, *, per_sample: bool) -> Tensor:
-    """``∂/∂W`` of ``⟨grad_output, conv(padded_input)⟩``: summed over the batch, or per sample
-    (``[batch, *weight.shape]``).
+def per_sample_conv_by_groups(module: nn.Conv2d, positions: int) -> bool:
+    """Whether :func:`conv_weight_gradient` forms ``module``'s per-sample weight gradients by one
+    grouped weight-gradient convolution (else by ``bmm`` over strided patches), for ``positions``
+    output positions per sample. Both are exact; the rule only picks the faster one on a CPU."""
+    patch_rows = module.weight[0].numel()  # in_channels/groups · kh · kw
+    low, high = _GROUPED_PATCH_ROWS
+    return patch_rows * positions > _STRIDED_PATCH_LIMIT or low <= patch_rows <= high
 
-    Per sample, small patch matrices (``in_channels/groups · kh · kw · positions`` up to
-    ``_STRIDED_PATCH_LIMIT``) are gathered with a strided view and multiplied with ``bmm``;
-    larger ones run the batch as extra groups of one weight-gradient convolution. Both are
-    exact; the switch only picks the faster one on CPU (``benchmarks/bench_importance.py``)."""
+
+def conv_weight_gradient(module: nn.Conv2d, padded_input: Tensor, grad_output: Tensor, *, per_sample: bool,
+                         padding: tuple[int, int] = (0, 0)) -> Tensor:
+    """``∂/∂W`` of ``⟨grad_output, conv(padded_input)⟩``: summed over the batch, or per sample
+    (``[batch, *weight.shape]``). ``padding`` (zeros) is what ``padded_input`` still lacks; the
+    ``bmm`` path needs it applied (0).
+
+    Per sample (:func:`per_sample_conv_by_groups` decides), patch matrices are gathered with a
+    strided view and multiplied with ``bmm``, or the batch runs as extra groups of one
+    weight-gradient convolution. Both are exact; the switch only picks the faster one on CPU
+    (``benchmarks/bench_importance.py``)."""
     weight_shape = module.weight.shape
     if not per_sample:
         return torch.nn.grad.conv2d_weight(
-            padded_input, weight_shape, grad_output, module.stride, 0, module.dilation, module.groups
+            padded_input, weight_shape, grad_output, module.stride, padding, module.dilation, module.groups
         )
     size = padded_input.shape[0]
     out_channels, group_in, kernel_h, kernel_w = weight_shape
     groups = module.groups
     positions = grad_output.shape[2] * grad_output.shape[3]
-    if group_in * kernel_h * kernel_w * positions <= _STRIDED_PATCH_LIMIT:
+    if not per_sample_conv_by_groups(module, positions):
+        if any(padding):
+            raise ValueError("the bmm path of conv_weight_gradient needs the padded input")
         padded_input = padded_input.contiguous()
         s_batch, s_channel, s_row, s_column = padded_input.stride()
         patches = padded_input.as_strided(
@@ -180,9 +204,17 @@ def conv_weight_gradient(module: nn.Conv2d, padded_input: Tensor, grad_output: T
         padded_input.reshape(1, -1, *padded_input.shape[2:]),
         (size * weight_shape[0], *weight_shape[1:]),
         grad_output.reshape(1, -1, *grad_output.shape[2:]),
-        module.stride, 0, module.dilation, module.groups * size,
+        module.stride, padding, module.dilation, module.groups * size,
     )
     return grads.reshape(size, *weight_shape)
+
+
+def _zero_padding(module: nn.Conv2d) -> tuple[int, int] | None:
+    """``module``'s padding as the convolution's own ``padding`` argument, when it pads with zeros
+    by a number of pixels (no copy of the input); ``None`` when :func:`conv_padded_input` must pad."""
+    if module.padding_mode != "zeros" or isinstance(module.padding, str):
+        return None
+    return (int(module.padding[0]), int(module.padding[1]))
 
 
 def chunk_samples(total: int, per_sample_elements: int, requested: int | None = None) -> int:
@@ -219,13 +251,16 @@ def exact_accumulate(layer: Layer, layer_input: Tensor, grad: Tensor, phi: Eleme
         if "bias" in names:
             sums[names["bias"]] += phi(grad.reshape(size, grad.shape[1], -1).sum(dim=2)).sum(dim=0)
         if "weight" in names:
-            padded = conv_padded_input(module, layer_input)
             positions = grad.shape[2] * grad.shape[3]
-            step = chunk_samples(size, module.weight.numel() + module.weight[0].numel() * module.groups * positions)
+            padding = _zero_padding(module) if per_sample_conv_by_groups(module, positions) else None
+            padded = conv_padded_input(module, layer_input) if padding is None else layer_input
+            per_sample_elements = module.weight.numel() + module.weight[0].numel() * module.groups * positions
+            step = max(1, min(size, _CONV_CHUNK_ELEMENTS // per_sample_elements))
             total = sums[names["weight"]]
             for start in range(0, size, step):
                 per_sample_grad = conv_weight_gradient(
-                    module, padded[start:start + step], grad[start:start + step], per_sample=True
+                    module, padded[start:start + step], grad[start:start + step], per_sample=True,
+                    padding=padding or (0, 0),
                 )
                 total += _phi_in_place(phi, per_sample_grad).sum(dim=0)
         return

@@ -39,8 +39,6 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from mas_core.errors import did_you_mean
-
 from ..errors import TripletsError
 from ..fingerprint import transformers_folder_fingerprint, word2vec_file_fingerprint
 
@@ -356,6 +354,8 @@ def load_text_encoder(spec: str = "minilm", *, device: str = "cpu", word2vec_lim
             path, name=f"transformers:{path.name}:{transformers_folder_fingerprint(path)}", device=device)
     if path.is_file():
         return load_word2vec(path, limit=word2vec_limit)
+    from mas_core.errors import did_you_mean  # here: importing mas_core imports torch, which `prepare` must not
+
     hint = did_you_mean(str(spec).strip()[:100].lower(), ["minilm", "native"])
     if "native" in hint:
         hint += " ('native', the benchmark's own vectors, is for `prepare lll --text-encoder` only)"
