@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -364,8 +365,11 @@ def test_ctrl_c_inside_hdf5_clean_up_during_the_write_is_honoured(lll, tmp_path)
     out = tmp_path / "new" / "facts.h5"
     env = {**os.environ, "PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     before = snapshot(*watched(lll))
+    # a shell's background job (`cmd &` without job control) runs with SIGINT ignored, and a child
+    # inherits that: give the child Ctrl-C's default disposition, as a terminal's command has
     result = subprocess.run([sys.executable, "-c", INTERRUPT_DURING_WRITE, *lll_argv(lll, out)], capture_output=True,
-                            text=True, env=env, cwd=repo, timeout=300)
+                            text=True, env=env, cwd=repo, timeout=300,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert result.returncode == 130, (result.returncode, result.stderr[-2000:])
     assert "Exception ignored" not in result.stderr
     assert result.stderr.strip().splitlines() == ["mas-triplets prepare: interrupted; finished work is checkpointed"]
