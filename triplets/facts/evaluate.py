@@ -73,7 +73,7 @@ from ..fingerprint import VOCABULARY_KEY, fact_vocabulary_fingerprint
 from ..index import normalize_rows, score_blocks
 from ..report import render_markdown, write_report
 from .retrieval_report import RETRIEVAL_MODES, summary_extras
-from .retrieval_metrics import field_metrics, row_hashes
+from .retrieval_metrics import checked_fact_ids, field_metrics, row_hashes
 from .retrieval_metrics import first_equal_rows as _first_equal_rows
 from ..run_folder import load_run
 from .stale_index import check_saved, load_task_embeddings, stale_index_entry
@@ -116,16 +116,6 @@ def group_keys(facts: Sequence[Sequence[Any]]) -> tuple[np.ndarray, np.ndarray]:
             keys[level, index] = tables[level].setdefault(key, len(tables[level]))
         order[index] = fact_order(slots)
     return keys, order
-
-
-def _check_ids(ids: np.ndarray, count: int, name: str) -> np.ndarray:
-    array = np.asarray(ids)
-    if array.ndim != 1 or not (array.size == 0 or np.issubdtype(array.dtype, np.integer)):
-        raise TripletsError(f"{name} must be a 1-D array of integer fact ids, got dtype {array.dtype} shape {array.shape}")
-    array = array.astype(np.int64)
-    if array.size and (array.min() < 0 or array.max() >= count):
-        raise TripletsError(f"{name} hold fact ids outside 0..{count - 1}; the data and the fact list disagree")
-    return array
 
 
 def _group_members(candidate_keys: np.ndarray, level: np.ndarray,
@@ -221,13 +211,12 @@ def image_to_fact_metrics(image_embeddings: np.ndarray, image_fact_ids: np.ndarr
     if images.shape[1] != table.vectors.shape[1]:
         raise TripletsError(f"image embeddings are {images.shape[1]}-d but fact embeddings {table.vectors.shape[1]}-d; "
                             "the model's slot size must match the fact file's language vectors")
-    truth = _check_ids(image_fact_ids, fact_count, "image fact ids")
+    truth = checked_fact_ids(image_fact_ids, fact_count, "image fact ids")
     if len(truth) != len(images):
         raise TripletsError(f"{len(images)} image embeddings but {len(truth)} fact ids")
     if len(images) == 0:
         raise TripletsError("no images to evaluate")
-    candidates = _check_ids(np.asarray(list(candidate_fact_ids) if not isinstance(candidate_fact_ids, np.ndarray)
-                                       else candidate_fact_ids), fact_count, "candidate fact ids")
+    candidates = checked_fact_ids(candidate_fact_ids, fact_count, "candidate fact ids")
     candidates = np.unique(candidates)
     if candidates.size == 0:
         raise TripletsError("no candidate facts to rank")
@@ -287,11 +276,10 @@ def fact_to_image_metrics(image_embeddings: np.ndarray, image_fact_ids: np.ndarr
     fact_count = len(table.vectors)
     if images.shape[1] != table.vectors.shape[1]:
         raise TripletsError(f"image embeddings are {images.shape[1]}-d but fact embeddings {table.vectors.shape[1]}-d")
-    truth = _check_ids(image_fact_ids, fact_count, "image fact ids")
+    truth = checked_fact_ids(image_fact_ids, fact_count, "image fact ids")
     if len(truth) != len(images):
         raise TripletsError(f"{len(images)} image embeddings but {len(truth)} fact ids")
-    queries = _check_ids(np.asarray(list(fact_ids) if not isinstance(fact_ids, np.ndarray) else fact_ids),
-                         fact_count, "fact ids")
+    queries = checked_fact_ids(fact_ids, fact_count, "fact ids")
     queries = np.unique(queries)
     queries = queries[np.isin(queries, truth)]
     if queries.size == 0:

@@ -81,10 +81,12 @@ def first_equal_rows(vectors: np.ndarray, rows: np.ndarray | None = None,
     return torch.from_numpy(representative.astype(np.int64))
 
 
-def _ids(values: Any, count: int, name: str) -> np.ndarray:
+def checked_fact_ids(values: Any, count: int, name: str) -> np.ndarray:
+    """``values`` (an array or any iterable) as int64 fact ids in ``0..count−1``; ``TripletsError``
+    naming ``name`` otherwise (both retrieval directions and :mod:`triplets.facts.evaluate` check ids so)."""
     array = np.asarray(list(values) if not isinstance(values, np.ndarray) else values)
     if array.ndim != 1 or not (array.size == 0 or np.issubdtype(array.dtype, np.integer)):
-        raise TripletsError(f"{name} must be a 1-D array of integer fact ids, got shape {array.shape}")
+        raise TripletsError(f"{name} must be a 1-D array of integer fact ids, got dtype {array.dtype} shape {array.shape}")
     array = array.astype(np.int64)
     if array.size and (array.min() < 0 or array.max() >= count):
         raise TripletsError(f"{name} hold fact ids outside 0..{count - 1}; the data and the fact list disagree")
@@ -95,7 +97,7 @@ def _checked(image_embeddings: np.ndarray, image_fact_ids: np.ndarray, table: An
     images = normalize_rows(image_embeddings, name="image embeddings")
     if images.shape[1] != table.vectors.shape[1]:
         raise TripletsError(f"image embeddings are {images.shape[1]}-d but fact embeddings {table.vectors.shape[1]}-d")
-    truth = _ids(image_fact_ids, len(table.vectors), "image fact ids")
+    truth = checked_fact_ids(image_fact_ids, len(table.vectors), "image fact ids")
     if len(truth) != len(images) or len(images) == 0:
         raise TripletsError(f"{len(images)} image embeddings and {len(truth)} fact ids: need as many, at least one")
     return images, truth
@@ -107,7 +109,7 @@ def image_to_fact_ranks(image_embeddings: np.ndarray, image_fact_ids: np.ndarray
     ``1 + #{c ≠ g : s(i, c) ≥ s(i, g)}``). ``table``: a :class:`triplets.facts.evaluate.FactTable`
     (``vectors`` [F, D], ``inverse_norms`` [F], ``hashes()``), indexed by fact id."""
     images, truth = _checked(image_embeddings, image_fact_ids, table)
-    candidates = np.unique(_ids(candidate_fact_ids, len(table.vectors), "candidate fact ids"))
+    candidates = np.unique(checked_fact_ids(candidate_fact_ids, len(table.vectors), "candidate fact ids"))
     position = np.searchsorted(candidates, truth)
     if (position >= len(candidates)).any() or (candidates[np.minimum(position, len(candidates) - 1)] != truth).any():
         raise TripletsError("some ground-truth facts are not among the candidates; use the task's facts or "
@@ -142,7 +144,7 @@ def fact_to_image_ranks(image_embeddings: np.ndarray, image_fact_ids: np.ndarray
     (sorted) and, per fact, the rank of its best-ranked positive among the images
     (``1 + #{negatives scoring ≥ the best positive}``)."""
     images, truth = _checked(image_embeddings, image_fact_ids, table)
-    queries = np.unique(_ids(fact_ids, len(table.vectors), "fact ids"))
+    queries = np.unique(checked_fact_ids(fact_ids, len(table.vectors), "fact ids"))
     queries = queries[np.isin(queries, truth)]
     if queries.size == 0:
         raise TripletsError("none of the facts has a positive image; evaluate on a split with images of these facts")
