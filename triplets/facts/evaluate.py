@@ -73,7 +73,7 @@ from ..fingerprint import VOCABULARY_KEY, fact_vocabulary_fingerprint
 from ..index import normalize_rows, score_blocks
 from ..report import render_markdown, write_report
 from .retrieval_report import RETRIEVAL_MODES, summary_extras
-from .retrieval_metrics import checked_fact_ids, field_metrics, row_hashes
+from .retrieval_metrics import candidate_score_blocks, checked_fact_ids, field_metrics, row_hashes
 from .retrieval_metrics import first_equal_rows as _first_equal_rows
 from ..run_folder import load_run
 from .stale_index import check_saved, load_task_embeddings, stale_index_entry
@@ -232,15 +232,8 @@ def image_to_fact_metrics(image_embeddings: np.ndarray, image_fact_ids: np.ndarr
         raise TripletsError("image → fact ranking needs the facts (S, P, O) for Sherlock's groups; pass them")
     level = order[truth].astype(np.int64) - 1                  # [n]
     group_start, group_size, members = _group_members(keys[:, candidates], level, keys[level, truth])
-    every_fact = len(candidates) == fact_count                  # candidates = 0..F−1: no copy
-    candidate_rows = torch.from_numpy(table.vectors if every_fact else table.vectors[candidates])
-    scale = torch.from_numpy(table.inverse_norms if every_fact else table.inverse_norms[candidates])
-    equal_facts = _first_equal_rows(table.vectors, candidates, table.hashes()[candidates])
     rank = np.empty(len(images), dtype=np.int64)
-    for start, stop, scores in score_blocks(torch.from_numpy(images), candidate_rows, block_bytes=SCORE_BLOCK_BYTES):
-        scores.mul_(scale)                                      # (image · v) / ‖v‖: the cosine
-        if equal_facts is not None:
-            scores = scores.index_select(1, equal_facts)
+    for start, stop, scores in candidate_score_blocks(images, table, candidates, SCORE_BLOCK_BYTES):
         sizes = group_size[start:stop]
         row = np.repeat(np.arange(stop - start), sizes)
         within = np.arange(row.size) - np.repeat(np.cumsum(sizes) - sizes, sizes)

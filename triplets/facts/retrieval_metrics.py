@@ -37,7 +37,7 @@ definitions (numpy, one row per query) that the blocked computations are tested 
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -93,6 +93,21 @@ def checked_fact_ids(values: Any, count: int, name: str) -> np.ndarray:
     return array
 
 
+def candidate_score_blocks(images: np.ndarray, table: Any, candidates: np.ndarray,
+                           block_bytes: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """``(start, stop, scores)`` blocks of the cosines [stop − start, |candidates|] of unit ``images``
+    with the candidate facts of ``table`` ((image · v)/‖v‖), equal fact vectors given equal columns
+    (:func:`first_equal_rows`), computed by :func:`triplets.index.score_blocks`."""
+    every_fact = len(candidates) == len(table.vectors)          # candidates = 0..F−1: no copy
+    rows = torch.from_numpy(table.vectors if every_fact else np.ascontiguousarray(table.vectors[candidates]))
+    scale = torch.from_numpy(table.inverse_norms if every_fact
+                             else np.ascontiguousarray(table.inverse_norms[candidates]))
+    equal_facts = first_equal_rows(table.vectors, candidates, table.hashes()[candidates])
+    for start, stop, scores in score_blocks(torch.from_numpy(images), rows, block_bytes=block_bytes):
+        scores.mul_(scale)
+        yield start, stop, (scores if equal_facts is None else scores.index_select(1, equal_facts))
+
+
 def _checked(image_embeddings: np.ndarray, image_fact_ids: np.ndarray, table: Any) -> tuple[np.ndarray, np.ndarray]:
     images = normalize_rows(image_embeddings, name="image embeddings")
     if images.shape[1] != table.vectors.shape[1]:
@@ -114,14 +129,8 @@ def image_to_fact_ranks(image_embeddings: np.ndarray, image_fact_ids: np.ndarray
     if (position >= len(candidates)).any() or (candidates[np.minimum(position, len(candidates) - 1)] != truth).any():
         raise TripletsError("some ground-truth facts are not among the candidates; use the task's facts or "
                             "generalized mode")
-    rows = torch.from_numpy(np.ascontiguousarray(table.vectors[candidates]))
-    scale = torch.from_numpy(np.ascontiguousarray(table.inverse_norms[candidates]))
-    equal_facts = first_equal_rows(table.vectors, candidates, table.hashes()[candidates])
     rank = np.empty(len(images), dtype=np.int64)
-    for start, stop, scores in score_blocks(torch.from_numpy(images), rows, block_bytes=BLOCK_BYTES):
-        scores.mul_(scale)                                   # (image · v) / ‖v‖: the cosine
-        if equal_facts is not None:
-            scores = scores.index_select(1, equal_facts)
+    for start, stop, scores in candidate_score_blocks(images, table, candidates, BLOCK_BYTES):
         truth_scores = scores[torch.arange(stop - start), torch.from_numpy(position[start:stop])]
         rank[start:stop] = (scores >= truth_scores[:, None]).sum(dim=1).numpy()   # the truth counts itself: 1 + …
     return rank
