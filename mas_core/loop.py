@@ -92,8 +92,9 @@ def train_tasks(experiment: Experiment, method: str | Regularizer, optim: OptimS
     """Train ``experiment``'s tasks in order with ``method``; return the accuracy matrix and the model.
 
     ``method``: ``"joint"`` (the loop's joint mode), a registry name of
-    :mod:`mas_core.regularizers` (built with ``method_options``; a labelled estimator gets
-    ``experiment.importance_loss`` as its ``loss_fn`` unless one is given) or a
+    :mod:`mas_core.regularizers` (built with ``method_options``; a method that declares
+    ``importance_from_loss`` gets ``experiment.importance_loss`` as its ``loss_fn`` unless one is
+    given) or a
     :class:`Regularizer` instance. ``label`` names the method in messages (default: its name).
     With ``checkpoint_dir`` the checkpoint ``CHECKPOINT_NAME`` and ``log.txt`` are written there
     after every task; ``resume=True`` continues after the last finished task (a fresh run when
@@ -340,7 +341,8 @@ def _make_method(method: str | Regularizer, options: dict[str, Any],
         return True, JOINT, Finetune(), options
     reg = make_regularizer(method, **options)
     loss_fn = getattr(experiment, "importance_loss", None)
-    if reg.after_task_data == "labelled" and loss_fn is not None and "loss_fn" not in options:
+    if reg.after_task_data == "labelled" and reg.importance_from_loss and loss_fn is not None \
+            and "loss_fn" not in options:
         if "loss_fn" not in method_options(method):
             raise MASCoreError(f"method {method!r} takes no loss_fn, so it cannot estimate importance on this "
                                "experiment's loss; choose another method")

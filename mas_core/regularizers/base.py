@@ -64,6 +64,11 @@ class Regularizer:
       may pass an empty iterable), ``"inputs"`` (unlabelled input batches: MAS, l-MAS;
       these may come from any unlabelled source such as test-condition data) or
       ``"labelled"`` (``(inputs, targets)`` batches: EWC's Fisher, EBLL's autoencoder);
+    - ``importance_from_loss``: :meth:`after_task` estimates importance from a per-sample loss of
+      its labelled batches (EWC's Fisher, mode-IMM's), so on an experiment with an
+      ``importance_loss`` the loop builds it with that ``loss_fn``; a method that reads labelled
+      data for something else (EBLL trains its autoencoder on the features) leaves it ``False``
+      and runs on any experiment;
     - ``importance_from_inputs``: its importance Ω is estimated from unlabelled inputs
       alone, so it may be computed on another data source than the training set (MAS,
       l-MAS; the paper's test-condition experiment);
@@ -91,6 +96,7 @@ class Regularizer:
 
     name = "finetune"
     after_task_data: str = "none"
+    importance_from_loss: bool = False
     importance_from_inputs: bool = False
     uses_step_hook: bool = False
     uses_optimizer_step_hook: bool = False

@@ -24,7 +24,12 @@ plus the preservation of every old task's codes:
 taken at the task start (see :mod:`mas_core.regularizers.lwf`). The encoders ``(E_t, b_E)`` are kept for every
 task (their memory grows by ``code_dim × feature_dim`` per task) and saved in
 ``state_dict``; decoders are only needed while training the autoencoder.
-The model must expose ``features(x)`` (as :class:`~mas_core.sequence.MultiHeadNet` does).
+The model must expose ``features(x)`` (as :class:`~mas_core.sequence.MultiHeadNet` does). A model
+without ``heads`` is distilled as in LwF (``λ_o · mean((out − out_old)²)``) with the code term above
+on its ``features``; when it also has ``output_from_features(f)`` (``model(x) =
+output_from_features(features(x))``, as the fact model's), the output is computed from the features,
+so the penalty costs one forward of the model. The labelled batches ``after_task`` reads then need
+only their inputs (``batch_input``: whatever ``model.features`` takes).
 """
 from __future__ import annotations
 
@@ -142,7 +147,8 @@ class EBLL(LwF):
     """
 
     name = "ebll"
-    after_task_data = "labelled"  # the autoencoder's loss reads the task's labels
+    after_task_data = "labelled"  # the autoencoder's loss reads the task's labels (with heads)
+    importance_from_loss = False  # it trains an autoencoder on the features, estimates no importance from a loss
 
     def __init__(self, lam: float = 1.0, *, code_dim: int = 100, ae_lam: float = 1e-3, ae_rec_lam: float = 1e-6,
                  ae_epochs: int = 20, ae_lr: float = 1e-3, ae_batch_size: int = 128, temperature: float = 2.0,
@@ -233,6 +239,9 @@ class EBLL(LwF):
         )
         self.encoders.append({name: value.detach().clone() for name, value in autoencoder.encoder.state_dict().items()})
         self.reconstruction_errors.append(errors)
+
+    def _has_feature_penalty(self) -> bool:
+        return bool(self.encoders) and self.ae_lam != 0
 
     def _feature_penalty(self, new_features: Tensor, old_features: Tensor) -> Tensor:
         """``ae_lam Σ_t (1/B) Σ_k ‖σ(E_t f_k) − σ(E_t f_old,k)‖²`` over the stored encoders."""

@@ -45,6 +45,7 @@ class EWC(QuadraticAnchorRegularizer):
     display_name = "EWC"
     importance_estimator = "fisher"
     after_task_data = "labelled"
+    importance_from_loss = True  # the Fisher of the experiment's per-sample loss (loss_fn)
     importance_state_key = "fisher"
     required_extra_keys = ("tasks_seen",)
 

@@ -101,6 +101,7 @@ class IMM(QuadraticAnchorRegularizer):
             raise InvalidArgumentError("IMM takes output_fn (logits, cross-entropy) or loss_fn (per-sample losses), not both")
         self.mode = mode
         self.after_task_data = "labelled" if mode == "mode" else "none"  # mode-IMM's Fisher reads the labels
+        self.importance_from_loss = mode == "mode"  # ... as the per-sample loss's Fisher (loss_fn)
         self.max_samples = check_max_samples(max_samples)
         self.output_fn = output_fn
         self.loss_fn = loss_fn

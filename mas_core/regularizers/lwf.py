@@ -19,7 +19,9 @@ Multi-head models (with a ``heads`` attribute; the runner's
 :class:`~mas_core.sequence.MultiHeadNet`) distill every head except the one of the
 current task. A model without ``heads`` (a single-output model such as the triplet
 embedding) distills its whole output with the mean squared error
-``λ · mean((model(x) − old(x))²)``.
+``λ · mean((model(x) − old(x))²)``; a subclass with a penalty on the shared features (EBLL) adds
+it there too, on ``model.features(x)`` against the snapshot's (the output then computed from those
+features by ``model.output_from_features`` when the model offers it, so one forward serves both).
 
 The copy is rebuilt lazily from the stored ``state_dict`` of the old model and the
 current model's structure, so the regularizer's own ``state_dict`` holds tensors
@@ -129,6 +131,8 @@ class LwF(Regularizer):
         old = self.old_model(model)
         assert old is not None
         if getattr(model, "heads", None) is None:
+            if self._has_feature_penalty() and callable(getattr(model, "features", None)):
+                return self._single_output_terms(model, old, inputs)
             with torch.no_grad():
                 target = old(inputs)
             return self.lam * F.mse_loss(model(inputs), target)
@@ -150,6 +154,28 @@ class LwF(Regularizer):
         if new_features is not None:
             total = total + self._feature_penalty(new_features, old_features)
         return total
+
+    def _single_output_terms(self, model: nn.Module, old: nn.Module, inputs: Any) -> Tensor:
+        """A model without heads, with ``features``: ``λ · mean((out − out_old)²)`` plus
+        :meth:`_feature_penalty` of ``features(x)`` against the snapshot's. The outputs come from the
+        features through ``output_from_features`` when the model has it (one forward), else from a
+        second forward."""
+        new_features, old_features = self._features(model, old, inputs)
+        assert new_features is not None and old_features is not None
+        if callable(getattr(model, "output_from_features", None)):
+            output = model.output_from_features(new_features)
+            with torch.no_grad():
+                target = old.output_from_features(old_features)
+        else:
+            output = model(inputs)
+            with torch.no_grad():
+                target = old(inputs)
+        return self.lam * F.mse_loss(output, target) + self._feature_penalty(new_features, old_features)
+
+    def _has_feature_penalty(self) -> bool:
+        """Whether :meth:`_feature_penalty` can be non-zero (never for LwF, whose single-output
+        penalty then stays the plain output MSE; EBLL once it holds an encoder)."""
+        return False
 
     def _feature_penalty(self, new_features: Tensor, old_features: Tensor) -> Tensor:
         """Extra penalty on the shared features (0 for LwF; EBLL's code preservation)."""

@@ -217,6 +217,15 @@ class FactEmbeddingNet(nn.Module):
         """F₀: the pretrained network's own output, ``pretrained_features(trunk_features(images))``."""
         return pretrained_features(self, self.trunk_features(images))
 
+    def features(self, images: Tensor) -> Tensor:
+        """The shared representation EBLL's autoencoders encode: :func:`branch_features` of
+        ``trunk_features(images)``, ``[B, 2·D]``."""
+        return branch_features(self, self.trunk_features(images))
+
+    def output_from_features(self, features: Tensor) -> Tensor:
+        """``S‖P‖O`` from :meth:`features`: ``forward(x) = output_from_features(features(x))``."""
+        return output_from_branch_features(self, features)
+
     def embed(self, images: Tensor) -> Tensor:
         """The retrieval embedding: ``F.normalize(forward(images), dim=1)`` (unit L2 norm)."""
         return F.normalize(self.forward(images), dim=1)
@@ -239,6 +248,48 @@ def pretrained_features(module: FactEmbeddingNet | BranchHead, features: Tensor)
     return torch.cat([module.subject_branch[:depth](features), module.predicate_object_branch[:depth](features)], dim=1)
 
 
+def feature_depth(module: FactEmbeddingNet | BranchHead) -> int:
+    """How many leading modules of each branch :func:`branch_features` runs: the index of the branch's
+    first top-level ``nn.Linear`` (its projection MLP), the same in both branches. For the pretrained
+    backbones it equals ``pretrained_depth`` (efficientnet_lite0 3, resnet18/vgg16/alexnet 4); the
+    small_cnn's is 3 (its conv block, pooling and flatten)."""
+    depths = []
+    for branch in (module.subject_branch, module.predicate_object_branch):
+        depth = next((index for index, layer in enumerate(branch) if isinstance(layer, nn.Linear)), None)
+        if depth is None:
+            raise ConfigError(f"{type(module).__name__}: a branch without a Linear projection has no features before it")
+        depths.append(depth)
+    if depths[0] != depths[1]:
+        raise ConfigError(f"{type(module).__name__}: the two branches have their projections at {depths[0]} and "
+                          f"{depths[1]}; features needs branches of one architecture")
+    return depths[0]
+
+
+def branch_features(module: FactEmbeddingNet | BranchHead, features: Tensor) -> Tensor:
+    """The representation each branch's projection MLP reads, on trunk ``features``: each branch's
+    modules before its first top-level ``nn.Linear`` (:func:`feature_depth`), flattened and
+    concatenated (subject branch first), ``[B, 2·D]``. For the pretrained backbones this is
+    exactly :func:`pretrained_features` (the copied pretrained blocks and the pooling; D = 1280 for
+    efficientnet_lite0); for the small_cnn, each branch's conv block, 4×4 pooling and flatten
+    (D = 16·branch_channels). What EBLL's autoencoders encode (``docs/method.md`` §9): with a
+    frozen trunk the trunk's output never changes, these features do."""
+    depth = feature_depth(module)
+    return torch.cat([module.subject_branch[:depth](features).flatten(1),
+                      module.predicate_object_branch[:depth](features).flatten(1)], dim=1)
+
+
+def output_from_branch_features(module: FactEmbeddingNet | BranchHead, features: Tensor) -> Tensor:
+    """``S‖P‖O`` from :func:`branch_features` ``[B, 2·D]``: the rest of each branch (its projection MLP)
+    on its half, concatenated; equal to the module's ``forward`` on the input the features came from."""
+    depth = feature_depth(module)
+    width = module.subject_branch[depth].in_features  # the subject branch's D: its projection's input width
+    if features.ndim != 2 or features.shape[1] != width + module.predicate_object_branch[depth].in_features:
+        raise ValueError(f"branch features must be [B, D_S + D_PO], got {tuple(features.shape)}")
+    subject, predicate_object = features[:, :width], features[:, width:]
+    return torch.cat([module.subject_branch[depth:](subject),
+                      module.predicate_object_branch[depth:](predicate_object)], dim=1)
+
+
 class BranchHead(nn.Module):
     """The subject and predicate+object branches of a :class:`FactEmbeddingNet`, run on trunk
     features: ``forward(features)`` is the pre-normalisation ``S‖P‖O`` ``[B, 3·slot_dim]``.
@@ -255,6 +306,15 @@ class BranchHead(nn.Module):
     def pretrained_output(self, features: Tensor) -> Tensor:
         """F₀ on trunk features: :func:`pretrained_features`."""
         return pretrained_features(self, features)
+
+    def features(self, features: Tensor) -> Tensor:
+        """What EBLL encodes, on trunk ``features``: :func:`branch_features` (as
+        :meth:`FactEmbeddingNet.features` on the images those features came from)."""
+        return branch_features(self, features)
+
+    def output_from_features(self, features: Tensor) -> Tensor:
+        """``S‖P‖O`` from :meth:`features`: ``forward(x) = output_from_features(features(x))``."""
+        return output_from_branch_features(self, features)
 
     def forward(self, features: Tensor) -> Tensor:
         """``S‖P‖O`` before normalisation, ``[B, 3·slot_dim]``."""
