@@ -103,8 +103,9 @@ class Experiment(Protocol):
     - ``importance_data(model, task, kind) -> ImportanceSource``: the data for ``after_task``,
       ``kind`` being the regularizer's ``after_task_data`` (``"inputs"``: batches whose input is
       what the trained module reads; ``"labelled"``: ``(inputs, targets)`` batches).
-    - ``importance_loss``: the per-sample loss ``f(module, batch) -> Tensor[B]`` a labelled
-      estimator (EWC) uses, or ``None`` for the regularizer's default.
+    - ``importance_loss``: the per-sample loss ``f(module, batch) -> Tensor[B]`` a method that
+      declares ``importance_from_loss`` (EWC, mode-IMM) gets as its ``loss_fn``, or ``None`` for the
+      regularizer's default.
     - ``evaluate(model, task) -> list[float]``: the row ``R[task][0..task]`` of the accuracy
       matrix (every rank calls it; an experiment that shards its test sets reduces itself).
     - ``metric_name``: what ``evaluate`` measures, for the log (e.g. ``"accuracy"``).
