@@ -100,3 +100,34 @@ def test_bad_ridge_options_fail_before_training(facts: Path, tmp_path: Path) -> 
     for options in ({"lam": 1.0}, {"input_size": 4}, {"strengths": [-1.0]}):
         with pytest.raises(ConfigError):
             train_run(_config(facts, [MethodConfig("ridge", options)]), tmp_path / "bad", progress=False)
+
+
+def test_the_ridge_reads_the_runs_feature_cache_and_gets_the_whole_networks_features(facts: Path, tmp_path: Path) -> None:
+    """On a run that caches its trunk (efficientnet_lite0, cache_features) the ridge's features are
+    pool(suffix(cache)): the whole network's pooled features to float rounding, so the same ridge."""
+    from triplets.facts.data import open_fact_file
+    from triplets.facts.experiment import fact_context
+    from triplets.facts.model import ModelConfig
+    from triplets.facts.ridge import FactRidge
+
+    def config(cache: bool) -> TrainConfig:
+        model = ModelConfig(backbone="efficientnet_lite0", trunk_blocks=13, input_size=48, hidden_dim=16,
+                            cache_features=cache)
+        return TrainConfig(data=DataConfig(fact_file=str(facts)), model=model, optim=OptimSettings(epochs=1, batch_size=16),
+                           methods=[RIDGE], eval=EvalConfig(index="none"), num_threads=1)
+
+    cached, direct = train_run(config(True), tmp_path / "cached", progress=False), train_run(
+        config(False), tmp_path / "direct", progress=False)
+    assert list((tmp_path / "cached" / "features").glob("*.h5")), "the ridge wrote the run's feature cache"
+    assert not (tmp_path / "direct" / "features").exists()
+    with open_fact_file(facts) as fact_file:
+        ctx = fact_context(config(True), fact_file, torch.device("cpu"), tmp_path / "cached")
+        reading, computing = FactRidge(ctx, RIDGE.options), FactRidge(ctx, RIDGE.options)
+        assert reading.use_feature_cache() and reading.cache is not None and computing.cache is None
+        for split in (0, 1):
+            (from_cache, ids), (from_images, same_ids) = reading._features(1, split), computing._features(1, split)
+            assert torch.equal(ids, same_ids) and from_cache.shape == from_images.shape == (len(ids), 1280)
+            assert torch.allclose(from_cache, from_images, atol=1e-4, rtol=1e-4)
+    one, other = cached["methods"]["ridge"], direct["methods"]["ridge"]
+    assert [r["strength"] for r in one["ridge"]] == [r["strength"] for r in other["ridge"]]
+    assert np.allclose(np.array(one["accuracy_matrix"][1]), np.array(other["accuracy_matrix"][1]), atol=0.05)

@@ -20,6 +20,14 @@ MSE summed over the three slots, :func:`mas_core.ridge.choose_strength`). The mo
 model; ``RUN/ridge/model.pt`` says how to rebuild it (:mod:`triplets.facts.ridge_model`). Nothing is
 trained by gradient: the optimizer settings, ``online_importance`` and the search do not apply.
 
+On a run whose fact model caches its trunk (``model.cache_features`` on efficientnet_lite0 with the
+ridge's own weights and input size) the ridge reads that cache instead of running the whole network
+on every region again: ``φ(region) = pool(suffix(cache[region]))`` with ``suffix`` the pretrained
+blocks after ``model.trunk_blocks`` and the head convolution (:func:`triplets.backbones.pretrained_split`),
+the same function as ``pooled_features`` (the cache was computed in channels-last layout, so the
+features agree to float rounding, not bit for bit). The cache is written by the first method that
+needs it (:func:`triplets.facts.experiment.shared_feature_cache`).
+
 Options of ``{name: ridge, options: {...}}``: ``strengths``, ``val_fraction``
 (:class:`mas_core.ridge.RidgeSettings`), ``weights`` (null: the installed package's ImageNet
 weights; a path; ``scratch``; default: ``model.weights`` when ``model.backbone`` is
@@ -44,6 +52,10 @@ from ..config import to_dict
 from .retrieval_report import RETRIEVAL_MODES
 from .evaluate import evaluate_embeddings, stale_index_metrics
 from .data import FactSamples
+from .experiment import shared_feature_cache
+from .feature_cache import FeatureSamples
+from .model import build_model
+from ..backbones import pretrained_split
 from ..fingerprint import VOCABULARY_KEY
 from .ridge_model import SAVED_KEY, build_ridge_model, split_options
 from ..results_schema import method_summary
@@ -65,6 +77,21 @@ class FactRidge:
         self._statistics: list[RidgeStatistics] = []
         self._test: dict[int, tuple[Tensor, np.ndarray]] = {}
         self.stale_index_dir: Path | None = None  # the method's folder when eval.stale_index
+        self.cache: tuple[Path, nn.Module] | None = None  # (feature cache, pooled suffix): use_feature_cache
+
+    def use_feature_cache(self) -> bool:
+        """Read the run's trunk-feature cache when it holds this ridge's features (module docs):
+        write it when missing, and return whether the ridge now reads it."""
+        model = self.ctx.config.model
+        if (self.ctx.run_dir is None or not getattr(model, "cache_features", False)
+                or getattr(model, "backbone", None) != "efficientnet_lite0"
+                or self.backbone.get("weights") != model.weights or self.backbone.get("input_size") != model.input_size):
+            return False
+        path = shared_feature_cache(self.ctx, build_model(model, self.ctx.slot_dim, self.ctx.image_size))
+        suffix = pretrained_split("efficientnet_lite0", model.weights, model.trunk_blocks).suffix
+        pooled = nn.Sequential(suffix, nn.AdaptiveAvgPool2d(1), nn.Flatten()).to(self.ctx.device).eval()
+        self.cache = (path, pooled)
+        return True
 
     def identity(self) -> dict[str, Any]:
         plain = to_dict(self.ctx.config)
@@ -73,6 +100,12 @@ class FactRidge:
 
     def _features(self, task: int, split: int) -> tuple[Tensor, Tensor]:
         """``(features [n, 1280], fact ids [n])`` of a task's split, in file order."""
+        if self.cache is not None:
+            path, pooled = self.cache
+            cached = FeatureSamples(path, self.ctx.fact_file, [(task, split)], with_labels=False)
+            with torch.no_grad():
+                chunks = [pooled(batch.to(self.ctx.device)).cpu() for batch in cached.in_order(self.ctx.config.eval.batch_size)]
+            return (torch.cat(chunks) if chunks else torch.zeros(0, 1280)), cached.fact_ids
         samples = FactSamples(self.ctx.fact_file, [(task, split)], in_memory=self.ctx.config.data.in_memory)
         features, fact_ids = [], []
         with torch.no_grad():
@@ -143,6 +176,7 @@ def train_ridge_method(ctx: Any, method: Any, method_dir: Path, *, progress: boo
     if main:
         method_dir.mkdir(parents=True, exist_ok=True)
     experiment = FactRidge(ctx, method.options)
+    experiment.use_feature_cache()
     if ctx.config.eval.stale_index:
         num_tasks = int(ctx.fact_file.num_tasks)
         check_resume(method_dir, num_tasks if stop_after_task is None else min(int(stop_after_task), num_tasks))
