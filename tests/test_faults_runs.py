@@ -174,7 +174,7 @@ def test_recognition_into_a_facts_run(recognition_run, world, tmp_path, capsys):
 def test_recognition_resume_result_json_edited(recognition_run, rec_copy, capsys):
     path = rec_copy / "finetune" / "result.json"
     saved = json.loads(path.read_text())
-    saved["result"]["avg_acc"] = 0.123456
+    saved["avg_acc"] = 0.123456
     path.write_text(json.dumps(saved))
     refused(capsys, ["recognition", "--config", str(recognition_run["config"]), "--out", str(rec_copy), "--resume",
                      "--quiet"], "changed after it was written", rec_copy)

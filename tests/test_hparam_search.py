@@ -396,9 +396,8 @@ def test_the_search_config_extends_the_offline_one() -> None:
     assert config.search.enabled and not base.search.enabled
     assert config.tasks == base.tasks and config.methods == base.methods and config.train == base.train
     for method in config.methods:  # every method with a strength has its start
-        name = method.split("@")[0]
-        if name != "joint" and make_regularizer(name).strength:
-            assert config.search.start_for(name, method) > 0
+        if method.name != "joint" and make_regularizer(method.name).strength:
+            assert config.search.start_for(method.name, method.key) > 0
 
 
 @pytest.mark.parametrize("method", ["mas", "ewc"])  # EWC holds the experiment's importance_loss (an open HDF5 file)

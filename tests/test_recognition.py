@@ -149,7 +149,7 @@ def test_offline_config_loads_with_enough_tasks_and_sources() -> None:
     config = load_recognition_config(REPO / "configs" / "recognition_offline.yaml")
     assert len(config.tasks) >= 4 and len({task.dataset for task in config.tasks}) >= 2
     assert config.model.arch == "small_cnn"
-    assert {"finetune", "mas", "lmas", "mas@test", "joint"} <= set(config.methods)
+    assert {"finetune", "mas", "lmas", "mas@test", "joint"} <= {method.key for method in config.methods}
 
 
 @pytest.mark.parametrize("name", PAPER_CONFIGS)

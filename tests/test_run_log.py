@@ -240,7 +240,9 @@ def test_ctrl_c_mid_task_exits_130_and_resume_equals_an_uninterrupted_run(tmp_pa
     resume_line = next(line for line in err.splitlines() if line.startswith("continue with: "))
     words = resume_line.removeprefix("continue with: ").split()
     assert words[:2] == ["mas-triplets", "train"] and words[-1] == "--resume"
-    assert (out / "finetune" / "result.json").is_file() and not (out / "results.json").exists()
+    assert (out / "finetune" / "result.json").is_file()
+    partial = json.loads((out / "results.json").read_text())  # rewritten after every finished method
+    assert partial["complete"] is False and list(partial["methods"]) == ["finetune"]
     assert main(words[1:]) == 0  # the printed command, as a user would paste it (in this process)
     whole = json.loads((tmp_path / "whole" / "results.json").read_text())
     again = json.loads((out / "results.json").read_text())

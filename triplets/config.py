@@ -238,6 +238,8 @@ def _refuse_nan(raw: Any, where: str) -> None:
 def to_dict(obj: Any) -> Any:
     """A dataclass (possibly nested) as plain dicts and lists, ready for YAML/JSON."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        if callable(getattr(obj, "to_plain", None)):  # a dataclass with a shorthand (triplets.runner.MethodSpec)
+            return obj.to_plain()
         return {field.name: to_dict(getattr(obj, field.name)) for field in dataclasses.fields(obj)}
     if isinstance(obj, (list, tuple)):
         return [to_dict(item) for item in obj]
@@ -268,9 +270,16 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: {quote(value)} is not one of {list(args)}{did_you_mean(str(value)[:200], args)}")
         return value
     if dataclasses.is_dataclass(tp):
+        if isinstance(value, str) and callable(getattr(tp, "from_string", None)):  # a shorthand ("mas@test")
+            try:
+                shorthand = tp.from_string(value)
+                shorthand.validate()
+            except ValueError as exc:
+                raise ConfigError(f"{where}: {_cut(str(exc))}") from None
+            return shorthand
         return from_dict(tp, value if value is not None else {}, where)
     if origin in (list, tuple):
-        if isinstance(value, str) and args and args[0] is str:
+        if isinstance(value, str) and args and (args[0] is str or callable(getattr(args[0], "from_string", None))):
             value = [part.strip() for part in value.split(",") if part.strip()]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {quote(value)}")

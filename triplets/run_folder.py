@@ -43,13 +43,38 @@ from .facts.data import open_fact_file
 from .fingerprint import DATA_SHA_KEY, VOCABULARY_KEY, fact_vocabulary_fingerprint, file_identity
 from .facts.ridge_model import rebuild_saved_model
 from .facts.model import FactEmbeddingNet, ModelConfig, build_model
-from .report import write_report
 from .results_schema import results_document
+from .runner import (
+    CONFIG_NAME,
+    LEGACY_CONFIG_NAME,
+    RESULT_NAME,
+    MethodSpec,
+    diverged_before,
+    method_folder,
+    read_method_result,
+    read_saved_config,
+    resume_config,
+    saved_config_text,
+)
 from .facts.train_config import TrainConfig
 
 
 DATA_IDENTITY_NAME = "data.json"
-RUN_MARKERS = {"facts": ("config.yaml", "mas-triplets train"), "recognition": ("config.json", "mas-triplets recognition")}
+RUN_COMMANDS = {"facts": "mas-triplets train", "recognition": "mas-triplets recognition"}
+
+
+def run_kind(folder: Path) -> str | None:
+    """The kind of run ``folder`` holds: ``"recognition"`` for a ``config.yaml`` whose first line
+    names ``mas-triplets recognition`` (:func:`triplets.runner.saved_config_text`) or a legacy
+    ``config.json``; ``"facts"`` for any other ``config.yaml``; ``None`` without either."""
+    if (folder / CONFIG_NAME).is_file():
+        try:
+            with open(folder / CONFIG_NAME, "rb") as file:
+                first = file.readline(200).decode("utf-8", errors="replace")
+        except OSError:
+            return "facts"  # reading it in full says why
+        return "recognition" if RUN_COMMANDS["recognition"] in first else "facts"
+    return "recognition" if (folder / LEGACY_CONFIG_NAME).is_file() else None
 
 
 def _is_temporary(path: Path) -> bool:
@@ -63,21 +88,21 @@ def check_output_folder(out_dir: str | Path, kind: str, *, resume: bool, option:
     this kind without ``resume``; a folder (or, for a new one, its nearest existing parent)
     that cannot be written to. Raises :class:`RunFolderError` (one line, nothing written)."""
     out = Path(out_dir)
-    marker, command = RUN_MARKERS[kind]
+    command = RUN_COMMANDS[kind]
     if out.exists() and not out.is_dir():
         raise RunFolderError(f"{option} {out} is a file, not a folder; choose a folder (nothing was written)")
     if out.is_dir():
-        own = (out / marker).is_file()
-        for other, (other_marker, other_command) in RUN_MARKERS.items():
-            if other != kind and not own and (out / other_marker).is_file():
-                raise RunFolderError(f"{out} holds a {other} run (made by `{other_command}`), not a {kind} run; "
-                                     f"choose another {option} (nothing was written)")
+        found = run_kind(out)
+        own = found == kind
+        if found is not None and not own:
+            raise RunFolderError(f"{out} holds a {found} run (made by `{RUN_COMMANDS[found]}`), not a {kind} run; "
+                                 f"choose another {option} (nothing was written)")
         if own and not resume:
             raise RunFolderError(f"{out} already holds a run; pass --resume to continue it or choose a new {option} "
                                  "(nothing was overwritten)")
         if not own and any(not _is_temporary(entry) for entry in out.iterdir()):
             if resume:
-                raise RunFolderError(f"{out} is not a run folder of `{command}` (no {marker}) and is not empty; "
+                raise RunFolderError(f"{out} is not a run folder of `{command}` (no {CONFIG_NAME}) and is not empty; "
                                      f"--resume continues only such a run: choose its folder or a new {option} "
                                      "(nothing was written)")
             raise RunFolderError(f"{out} exists and is not empty; choose a new {option} (nothing was overwritten)")
@@ -105,21 +130,8 @@ def _check_writable(folder: Path, out: Path, option: str) -> None:
 
 
 def read_run_config(config_path: Path) -> TrainConfig:
-    """The :class:`TrainConfig` of ``RUN/config.yaml``; :class:`RunFolderError` (one line) for one
-    that cannot be read, is not YAML or not a training config."""
-    try:
-        if config_path.stat().st_size > MAX_CONFIG_BYTES:
-            raise ConfigError(f"{config_path.stat().st_size:,} bytes, more than a config may hold")
-        raw = read_yaml(config_path.read_text(encoding="utf-8"), str(config_path))
-    except (OSError, UnicodeDecodeError, ConfigError) as exc:
-        reason = getattr(exc, "strerror", None) or (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        raise RunFolderError(f"{config_path} is not a readable run config ({reason}); restore it or use a new "
-                             "run folder") from None
-    try:
-        return from_dict(TrainConfig, raw, str(config_path))
-    except ConfigError as exc:
-        raise RunFolderError(f"{config_path} is not a valid run config ({str(exc).splitlines()[0]}); restore it or "
-                             "use a new run folder") from None
+    """The :class:`TrainConfig` of ``RUN/config.yaml`` (:func:`triplets.runner.read_saved_config`)."""
+    return read_saved_config(config_path, TrainConfig)
 
 
 def read_data_identity(run_dir: Path) -> dict[str, Any] | None:
@@ -222,38 +234,36 @@ def _has_start(config: TrainConfig, method: Any) -> bool:
     return True
 
 
-def prepare_run_folder(config: TrainConfig, out_dir: Path, resume: bool) -> TrainConfig:
-    """Create or check the run folder (:func:`check_output_folder`; on ``resume`` the config and the
-    fact file's content must be the recorded ones); return the config whose methods are recorded
-    there. Removes the hidden temporary files a killed run left."""
+def resolved_fact_method(config: TrainConfig, method: MethodSpec) -> MethodSpec:
+    """``method`` with its importance data filled in (``data.importance_data`` unless it names its own)."""
+    return dataclasses.replace(method, importance_data=method.importance_data or config.data.importance_data)
+
+
+def prepare_run_folder(config: TrainConfig, out_dir: Path, resume: bool) -> tuple[TrainConfig, set[str]]:
+    """Create or check the run folder (:func:`check_output_folder`; on ``resume`` the resume rule of
+    :func:`triplets.runner.resume_config` over the sections ``data``, ``model``, ``optim``, ``loss``,
+    ``search``, ``seed`` and the methods, and the fact file's content must be the recorded one); return
+    the config whose methods are recorded there and the methods to train again from their start.
+    Removes the hidden temporary files a killed run left."""
     check_output_folder(out_dir, "facts", resume=resume)
-    config_path = out_dir / "config.yaml"
+    config_path = out_dir / CONFIG_NAME
     payload_records: list[tuple[str, str | None]] = []
+    restart: set[str] = set()
     if config_path.exists():
         saved = read_run_config(config_path)
-        for section in ("data", "model", "optim", "loss", "search", "seed"):
-            if section == "search" and same_search(saved, config):
-                continue
-            if to_dict(getattr(saved, section)) != to_dict(getattr(config, section)):
-                raise CheckpointMismatchError(
-                    f"{out_dir} was trained with another {section!r} section; resume with the original config "
-                    "or use a new --out")
-        methods = list(saved.methods) + [m for m in config.methods if m.key not in {s.key for s in saved.methods}]
-        for method in config.methods:
-            old = next(s for s in methods if s.key == method.key)
-            if to_dict(old) != to_dict(method):
-                raise CheckpointMismatchError(
-                    f"method {method.key!r} in {out_dir} was trained with options {old.options}; "
-                    "resume with the original config or give the new setting another label")
-        recorded = dataclasses.replace(config, methods=methods, search=_merged_search(saved, config))
+        recorded, restart = resume_config(
+            saved, config, out_dir, sections=("data", "model", "optim", "loss", "search", "seed"),
+            resolve=resolved_fact_method, diverged=diverged_before(out_dir),
+            same_section=lambda section, old, new: section == "search" and same_search(old, new))
+        recorded = dataclasses.replace(recorded, search=_merged_search(saved, config))
         for method in config.methods:  # damaged files are refused before anything is written
             for name in ("checkpoint.pt", "model.pt"):
-                if (out_dir / method.key / name).is_file():
-                    state = load_checkpoint(out_dir / method.key / name, map_location="cpu")
-                    payload_records.append((str(out_dir / method.key / name), _data_sha_of(state)))
+                if (out_dir / method.folder / name).is_file():
+                    state = load_checkpoint(out_dir / method.folder / name, map_location="cpu")
+                    payload_records.append((str(out_dir / method.folder / name), _data_sha_of(state)))
                     del state
-            if (out_dir / method.key / "result.json").is_file():
-                read_json(out_dir / method.key / "result.json", what="method result")
+            if (out_dir / method.folder / RESULT_NAME).is_file():
+                read_method_result(out_dir / method.folder / RESULT_NAME)
     else:
         recorded = config
     identity = check_data_identity(out_dir, config.data.fact_file)
@@ -261,9 +271,9 @@ def prepare_run_folder(config: TrainConfig, out_dir: Path, resume: bool) -> Trai
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out_dir)
     atomic_write_json(out_dir / DATA_IDENTITY_NAME, {"fact_file": identity}, checksum=True)
-    atomic_write_text(config_path, yaml.safe_dump(to_dict(recorded), sort_keys=False))
+    atomic_write_text(config_path, saved_config_text(recorded, RUN_COMMANDS["facts"]))
     atomic_write_json(out_dir / "versions.json", package_versions())
-    return recorded
+    return recorded, restart
 
 
 def package_versions() -> dict[str, str | None]:
@@ -282,26 +292,20 @@ def package_versions() -> dict[str, str | None]:
     return found
 
 
-def collect_results(out_dir: Path, config: TrainConfig, fact_file) -> dict:
-    """Gather every finished method's ``result.json`` into ``RUN/results.json`` and write the
-    Markdown table and plots (:func:`triplets.report.write_report`)."""
-    results = results_dict(out_dir, config, fact_file)
-    atomic_write_json(out_dir / "results.json", results, checksum=True)
-    write_report(results, out_dir)
-    return results
-
-
-def results_dict(out_dir: Path, config: TrainConfig, fact_file, known: dict[str, Any] | None = None) -> dict:
+def results_dict(out_dir: Path, config: TrainConfig, fact_file, known: dict[str, Any] | None = None,
+                 diverged: dict[str, str] | None = None, complete: bool = True) -> dict:
     """The contents of ``RUN/results.json`` (:mod:`triplets.results_schema`): the methods' results
-    (``known`` ones as given, the others from their ``result.json``), the tasks' sizes and the config."""
+    (``known`` ones as given, the others from their ``result.json``), the tasks' sizes, the config and
+    the methods that ``diverged``; complete when ``complete``, every method has a result and every
+    result every task (not a run stopped by ``--stop-after-task``)."""
     known = known or {}
     methods: dict[str, Any] = {}
     for method in config.methods:
-        path = out_dir / method.key / "result.json"
+        path = out_dir / method.folder / RESULT_NAME
         if method.key in known:
             methods[method.key] = known[method.key]
-        elif path.exists():
-            methods[method.key] = read_json(path, what="method result")
+        elif path.exists() and method.key not in (diverged or {}):
+            methods[method.key] = read_method_result(path)
     tasks = [{
         "index": task, "name": f"t{task + 1}",
         "num_facts": int(len(fact_file.facts_of_task(task))),
@@ -309,11 +313,10 @@ def results_dict(out_dir: Path, config: TrainConfig, fact_file, known: dict[str,
         "num_test": int(len(fact_file.sample_indices(task=task, split=1))),
     } for task in range(fact_file.num_tasks)]
     return results_document(experiment="facts", name=out_dir.name, metric="standard top-5",
-                            complete=len(methods) == len(config.methods) and all(
+                            complete=complete and len(methods) == len(config.methods) and all(
                                 len(entry.get("accuracy_matrix", [])) == fact_file.num_tasks
                                 for entry in methods.values()),  # a run stopped early (--stop-after-task)
-                            tasks=tasks, methods=methods,
-                            config=to_dict(config))
+                            tasks=tasks, methods=methods, config=to_dict(config), diverged=diverged)
 
 
 @dataclass
@@ -331,7 +334,7 @@ class Run:
         if method not in self.methods:
             raise RunFolderError(f"{self.dir} has no trained method {method!r}{did_you_mean(method, self.methods)} "
                                  f"(trained: {', '.join(self.methods)})")
-        path = self.dir / method / "model.pt"
+        path = self.dir / method_folder(method) / "model.pt"
         try:
             state = load_checkpoint(path, map_location=device)
         except (CheckpointMismatchError, FileNotFoundError) as exc:
@@ -362,22 +365,26 @@ def load_run(run_dir: str | Path) -> Run:
     """Open the run folder ``run_dir``. Raises RunFolderError for a folder that is not a run,
     has no finished method, or whose fact file is gone."""
     run_dir = Path(run_dir)
-    config_path = run_dir / "config.yaml"
+    config_path = run_dir / CONFIG_NAME
+    if run_kind(run_dir) == "recognition":
+        raise RunFolderError(f"{run_dir} holds a recognition run (made by `mas-triplets recognition`); evaluate and "
+                             "query open fact runs (made by `mas-triplets train`)")
     if not config_path.is_file():
         raise RunFolderError(f"{run_dir} is not a run folder (no config.yaml); train one with `mas-triplets train`")
     config = read_run_config(config_path)
-    methods = [m.key for m in config.methods if (run_dir / m.key / "model.pt").is_file()]
+    methods = [m.key for m in config.methods if (run_dir / m.folder / "model.pt").is_file()]
     if not methods:
         raise RunFolderError(f"{run_dir} has no finished method yet; finish it with `mas-triplets train --resume`")
     if not Path(config.data.fact_file).is_file():
         raise RunFolderError(f"the run's fact file {config.data.fact_file} is gone; restore it to use {run_dir}")
     identity = check_data_identity(run_dir, config.data.fact_file)
-    check_recorded_data(identity, [(str(run_dir / m / "model.pt"), recorded_data_sha256(run_dir / m / "model.pt"))
+    check_recorded_data(identity, [(str(run_dir / method_folder(m) / "model.pt"),
+                                    recorded_data_sha256(run_dir / method_folder(m) / "model.pt"))
                                    for m in methods], run_dir)
     return Run(dir=run_dir, config=config, methods=methods, fact_file=open_fact_file(config.data.fact_file))
 
 
-__all__ = ["DATA_IDENTITY_NAME", "RUN_MARKERS", "Run", "check_data_identity", "check_recorded_data",
-           "recorded_data_sha256", "check_output_folder", "identity_as_recorded", "collect_results",
-           "load_run", "package_versions", "prepare_run_folder", "read_data_identity", "read_run_config",
-           "results_dict"]
+__all__ = ["DATA_IDENTITY_NAME", "RUN_COMMANDS", "Run", "check_data_identity", "check_output_folder",
+           "check_recorded_data", "identity_as_recorded", "load_run", "package_versions", "prepare_run_folder",
+           "read_data_identity", "read_run_config", "recorded_data_sha256", "resolved_fact_method", "results_dict",
+           "run_kind"]

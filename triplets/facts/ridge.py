@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mas_core.checkpoint import atomic_write_json, read_json, save_checkpoint
+from mas_core.checkpoint import save_checkpoint
 from mas_core.distributed import is_main_process
 from mas_core.ridge import RIDGE, RidgeProblem, RidgeStatistics, ridge_settings, run_ridge
 
@@ -59,6 +59,7 @@ from ..backbones import pretrained_split
 from ..fingerprint import VOCABULARY_KEY
 from .ridge_model import SAVED_KEY, build_ridge_model, split_options
 from ..results_schema import method_summary
+from ..runner import read_method_result, write_method_result
 from .retrieval_report import summary_extras
 from .stale_index import check_resume, save_task_embeddings
 
@@ -186,7 +187,7 @@ def train_ridge_method(ctx: Any, method: Any, method_dir: Path, *, progress: boo
                                  checkpoint_dir=method_dir, resume=True, stop_after_task=stop_after_task, log=log,
                                  write=main)
     if outcome.trained_tasks == 0 and result_path.exists():
-        return read_json(result_path, what="method result")
+        return read_method_result(result_path)
     if main:
         save_checkpoint(method_dir / "model.pt", {
             "model": experiment.model.state_dict(), "model_config": to_dict(ctx.config.model),
@@ -198,8 +199,7 @@ def train_ridge_method(ctx: Any, method: Any, method_dir: Path, *, progress: boo
     result.update(summary_extras(result))
     if ctx.config.eval.stale_index:
         result["stale_index"] = stale_index_metrics(method_dir, ctx.fact_file, final["standard"], len(outcome.accuracy))
-    if main:
-        atomic_write_json(result_path, result, checksum=True)
+    write_method_result(method_dir, result)
     return result
 
 

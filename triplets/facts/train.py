@@ -56,12 +56,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from mas_core.checkpoint import atomic_write_json, load_checkpoint, read_json, save_checkpoint
+from mas_core.checkpoint import load_checkpoint, save_checkpoint
 from mas_core.distributed import current, is_main_process, local_device, run_on_main_process, same_on_every_rank
 from mas_core.experiment import LoopHooks
 from mas_core.hparam_search import SearchSettings
 from mas_core.loop import JOINT, checkpoint_config, resolved_options, train_tasks
-from mas_core.regularizers import make_regularizer
 from mas_core.ridge import RIDGE
 
 from ..config import to_dict
@@ -71,23 +70,18 @@ from .stale_index import check_resume as check_stale_resume
 from .data import check_fact_file, fact_image_dataset, open_fact_file
 from .experiment import FactContext, FactExperiment, fact_context
 from .ridge import train_ridge_method
-from .ridge_model import rebuild_saved_model, split_options
+from .ridge_model import rebuild_saved_model
 from ..fingerprint import DATA_SHA_KEY, VOCABULARY_KEY, fact_vocabulary_fingerprint, file_sha256, model_fingerprint
 from ..index import build_index
 from .model import FactEmbeddingNet, build_model
 from ..query.online_resume import OnlineImportanceOnResume, check_online_importance, online_importance_history
 from ..run_log import run_hooks
-from ..run_folder import (
-    Run,
-    collect_results,
-    prepare_run_folder,
-    read_data_identity,
-    recorded_data_sha256,
-    results_dict,
-)
+from ..report import write_report
+from ..run_folder import prepare_run_folder, read_data_identity, recorded_data_sha256, results_dict
+from ..runner import MethodSpec, read_method_result, run_methods, write_method_result
 from ..results_schema import method_summary
 from .retrieval_report import summary_extras
-from .train_config import MethodConfig, TrainConfig
+from .train_config import TrainConfig
 
 
 def resolve_device(name: str) -> torch.device:
@@ -99,19 +93,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _check_method(method: MethodConfig) -> None:
-    """Build ``method``'s regularizer once, so a bad name or option fails before any training."""
-    if method.name == JOINT:
-        if method.options:
-            raise ConfigError(f"method {method.key!r}: joint takes no options, got {sorted(method.options)}")
-        return
-    if method.name == RIDGE:
-        split_options(dict(method.options))
-        return
-    make_regularizer(method.name, **method.options)
-
-
-def method_checkpoint_config(config: TrainConfig, method: MethodConfig, data_sha256: str | None = None
+def method_checkpoint_config(config: TrainConfig, method: MethodSpec, data_sha256: str | None = None
                              ) -> dict[str, Any]:
     """What ``RUN/<method>/checkpoint.pt`` must agree on to be resumed (see
     :func:`mas_core.loop.checkpoint_config`): data (the config's section and the fact file's
@@ -125,7 +107,7 @@ def method_checkpoint_config(config: TrainConfig, method: MethodConfig, data_sha
     return recorded
 
 
-def method_search(config: TrainConfig, method: MethodConfig, saved: dict[str, Any] | None = None) -> SearchSettings:
+def method_search(config: TrainConfig, method: MethodSpec, saved: dict[str, Any] | None = None) -> SearchSettings:
     """The search settings one method trains with: a ``search.start`` mapping replaced by the
     method's own start, so that its checkpoint does not depend on which other methods ``--methods``
     selected. ``saved``: the ``"search"`` identity of the method's existing checkpoint; one written
@@ -178,32 +160,56 @@ def train_run(config: TrainConfig, out_dir: str | Path, *, resume: bool = False,
             _check_one_gpu_per_process(config.device, device)
             ctx = fact_context(config, fact_file, device, out_dir)
             build_model(config.model, ctx.slot_dim, ctx.image_size)  # fail fast on a bad model config
-            for method in config.methods:
-                _check_method(method)  # fail fast on an unknown method or bad options
         if resume:  # an accumulator that cannot apply is refused before anything is written
             with same_on_every_rank():
                 last_task = fact_file.num_tasks if stop_after_task is None else min(stop_after_task, fact_file.num_tasks)
-                check_online_importance(config.online_importance, out_dir, [method.key for method in config.methods],
+                check_online_importance(config.online_importance, out_dir, [method.folder for method in config.methods],
                                          last_task=last_task)
         # rank 0 creates or checks the folder; its answer (or its error) reaches every rank
-        recorded = run_on_main_process(lambda: prepare_run_folder(config, out_dir, resume))
+        recorded, restart = run_on_main_process(lambda: prepare_run_folder(config, out_dir, resume))
         ctx.data_sha256 = (read_data_identity(out_dir) or {}).get("fact_file", {}).get("sha256")
-        finished: dict[str, Any] = {}
         hooks = run_hooks(out_dir, hooks, main=is_main_process())  # RUN/metrics.csv at the least
-        for method in config.methods:
-            finished[method.key] = train_method(ctx, method, out_dir / method.key, progress=progress,
-                                                stop_after_task=stop_after_task, hooks=hooks)
-        if not is_main_process():  # rank 0 alone writes results, report, plots and indexes
-            return results_dict(out_dir, recorded, fact_file, json.loads(json.dumps(finished)))
-        results = collect_results(out_dir, recorded, fact_file)
-        _write_index(out_dir, recorded, ctx)
-        return results
+        trainer = FactRun(ctx, out_dir, recorded, progress=progress, stop_after_task=stop_after_task, hooks=hooks)
+        return run_methods(trainer, config.methods, out_dir, restart=restart,
+                           log=(lambda line: print(line, flush=True)) if progress else None)
     finally:
         torch.set_num_threads(threads_before)
         fact_file.close()
 
 
-def _method_search(config: TrainConfig, method: MethodConfig, checkpoint_path: Path) -> SearchSettings | None:
+class FactRun:
+    """The fact embedding's part of :func:`triplets.runner.run_methods` (a :class:`MethodTrainer`):
+    :func:`train_method` per method, :func:`triplets.run_folder.results_dict` for the document, the
+    report and the FAISS indexes at the end."""
+
+    def __init__(self, ctx: FactContext, out_dir: Path, recorded: TrainConfig, *, progress: bool,
+                 stop_after_task: int | None, hooks: LoopHooks | None) -> None:
+        self.ctx, self.out_dir, self.recorded = ctx, out_dir, recorded
+        self.progress, self.stop_after_task, self.hooks = progress, stop_after_task, hooks
+
+    def train_method(self, method: MethodSpec, method_dir: Path, *, restart: bool) -> dict[str, Any]:
+        return train_method(method_context(self.ctx, method), method, method_dir, progress=self.progress,
+                            stop_after_task=self.stop_after_task, hooks=self.hooks, restart=restart)
+
+    def results(self, per_method: dict[str, Any], diverged: dict[str, str], complete: bool) -> dict[str, Any]:
+        known = json.loads(json.dumps(per_method))  # as read back from the files
+        return results_dict(self.out_dir, self.recorded, self.ctx.fact_file, known, diverged, complete)
+
+    def finish(self, results: dict[str, Any]) -> None:
+        write_report(results, self.out_dir)
+        _write_index(self.out_dir, self.recorded, self.ctx)
+
+
+def method_context(ctx: FactContext, method: MethodSpec) -> FactContext:
+    """``ctx`` for ``method``: its own ``importance_data`` (``mas@test``) in place of the config's
+    ``data.importance_data`` (the same caches)."""
+    if method.importance_data is None or method.importance_data == ctx.config.data.importance_data:
+        return ctx
+    data = dataclasses.replace(ctx.config.data, importance_data=method.importance_data)
+    return dataclasses.replace(ctx, config=dataclasses.replace(ctx.config, data=data))
+
+
+def _method_search(config: TrainConfig, method: MethodSpec, checkpoint_path: Path) -> SearchSettings | None:
     """:func:`method_search`, reading the search identity of an existing checkpoint; ``None`` when
     the search is off."""
     if not config.search.enabled:
@@ -214,8 +220,9 @@ def _method_search(config: TrainConfig, method: MethodConfig, checkpoint_path: P
     return method_search(config, method, saved)
 
 
-def train_method(ctx: FactContext, method: MethodConfig, method_dir: Path, *, progress: bool = True,
-                 stop_after_task: int | None = None, hooks: LoopHooks | None = None) -> dict[str, Any]:
+def train_method(ctx: FactContext, method: MethodSpec, method_dir: Path, *, progress: bool = True,
+                 stop_after_task: int | None = None, hooks: LoopHooks | None = None,
+                 restart: bool = False) -> dict[str, Any]:
     """Train one method over all tasks (the first ``stop_after_task``) with the task loop (resuming
     from its checkpoint if there is one, the last task's Ω replaced as ``online_importance`` says)
     and write ``model.pt`` and ``result.json`` (rank 0). A method whose ``result.json`` and
@@ -246,11 +253,11 @@ def train_method(ctx: FactContext, method: MethodConfig, method_dir: Path, *, pr
     with same_on_every_rank():  # a refused checkpoint or an all-reduced divergence: every rank alike
         outcome = train_tasks(experiment, method.name, ctx.config.optim, seed=ctx.config.seed, device=ctx.device,
                               method_options=dict(method.options), label=method.key, checkpoint_dir=method_dir,
-                              resume=True, log=log, log_epochs=False, stop_after_task=stop_after_task,
+                              resume=not restart, log=log, log_epochs=False, stop_after_task=stop_after_task,
                               after_resume=queried if ctx.config.online_importance.use != "none" else None,
                               search=_method_search(ctx.config, method, checkpoint_path), hooks=hooks)
     if outcome.trained_tasks == 0 and result_path.exists():
-        return read_json(result_path, what="method result")
+        return read_method_result(result_path)
     model = outcome.model
     if main:
         save_checkpoint(method_dir / "model.pt", {
@@ -267,8 +274,7 @@ def train_method(ctx: FactContext, method: MethodConfig, method_dir: Path, *, pr
                                                     len(outcome.accuracy))
     result = method_summary(outcome, method.name, method.options, **extras)
     result.update(summary_extras(result))
-    if main:
-        atomic_write_json(result_path, result, checksum=True)
+    write_method_result(method_dir, result)
     return result
 
 
@@ -292,7 +298,7 @@ def _write_index(out_dir: Path, config: TrainConfig, ctx: FactContext) -> None:
     if config.eval.index == "none":
         return
     for method in config.methods:
-        model_path = out_dir / method.key / "model.pt"
+        model_path = out_dir / method.folder / "model.pt"
         if not model_path.exists():
             continue
         state = load_checkpoint(model_path, map_location="cpu")
@@ -300,7 +306,7 @@ def _write_index(out_dir: Path, config: TrainConfig, ctx: FactContext) -> None:
         if model is None:
             model = build_model(config.model, ctx.slot_dim, ctx.image_size)
             model.load_state_dict(state["model"])
-        build_run_indexes(out_dir / method.key / "index", model.eval(), ctx.fact_file, kind=config.eval.index,
+        build_run_indexes(out_dir / method.folder / "index", model.eval(), ctx.fact_file, kind=config.eval.index,
                           device=str(ctx.device), batch_size=config.eval.batch_size)
 
 

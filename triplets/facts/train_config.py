@@ -14,7 +14,9 @@ from mas_core.loop import OptimSettings
 
 from ..config import load_config
 from ..errors import ConfigError
+from ..runner import MethodSpec, check_methods
 from .model import ModelConfig
+from .ridge_model import split_options
 from ..query.online_resume import OnlineImportanceConfig
 
 
@@ -60,22 +62,7 @@ class LossConfig:
             raise ValueError("loss.contrastive_weight must be ≥ 0 and loss.temperature > 0")
 
 
-@dataclass
-class MethodConfig:
-    """One entry of ``methods:``: a registered method ``name`` (finetune, joint, mas, lmas,
-    ewc, si, lwf, …) with its ``options`` (e.g. ``{lam: 1.0, mode: exact}``; the quadratic-anchor
-    methods run ``penalty_step: proximal`` unless the options say ``gradient``, the papers' form,
-    ``docs/method.md`` §13) and an optional
-    ``label`` naming it in the run folder (to compare two settings of one method)."""
-
-    name: str = "finetune"
-    options: dict[str, Any] = field(default_factory=dict)
-    label: str | None = None
-
-    @property
-    def key(self) -> str:
-        """The name of this method in the run folder and results: ``label`` or ``name``."""
-        return self.label or self.name
+MethodConfig = MethodSpec  # one entry of ``methods:`` (:class:`triplets.runner.MethodSpec`; ``mas@test`` accepted)
 
 
 @dataclass
@@ -120,7 +107,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimSettings = field(default_factory=OptimSettings)
     loss: LossConfig = field(default_factory=LossConfig)
-    methods: list[MethodConfig] = field(default_factory=lambda: [MethodConfig("finetune"), MethodConfig("mas")])
+    methods: list[MethodSpec] = field(default_factory=lambda: [MethodSpec("finetune"), MethodSpec("mas")])
     eval: EvalConfig = field(default_factory=EvalConfig)
     online_importance: OnlineImportanceConfig = field(default_factory=OnlineImportanceConfig)
     search: SearchSettings = field(default_factory=SearchSettings)
@@ -134,15 +121,7 @@ class TrainConfig:
                              f"got {self.num_threads}")
         if not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be an integer in 0..{MAX_SEED} (2^63 - 1), got {self.seed}")
-        if not self.methods:
-            raise ValueError("methods: list at least one method (e.g. finetune, mas)")
-        keys = [method.key for method in self.methods]
-        duplicates = sorted({key for key in keys if keys.count(key) > 1})
-        if duplicates:
-            raise ValueError(f"methods: {duplicates} appear twice; give one of them a distinct label")
-        for key in keys:
-            if not key.replace("_", "").replace("-", "").isalnum():
-                raise ValueError(f"methods: {key!r} is not a folder-safe name; use letters, digits, '_' or '-'")
+        check_methods(self.methods, check_ridge=split_options)
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         self.search.validate()

@@ -163,7 +163,7 @@ def record_query_pixels(run_dir: str | os.PathLike, method: Any, model: nn.Modul
     batch = pixels_to_batch(pixels, device)
     if batch.shape[0] == 0:
         raise TripletsError("no query images to add")
-    method_dir = Path(run_dir) / method.key
+    method_dir = Path(run_dir) / method.folder
     path = method_dir / ACCUMULATOR_NAME
     with locked(method_dir):
         for name in (ACCUMULATOR_NAME, SIDECAR_NAME):  # what a write killed before its rename left

@@ -1,18 +1,20 @@
 """The configuration of the object-recognition sequence (``mas-triplets recognition --config``):
 tasks, the shared trunk, the optimizer, the methods and their options.
 
-Method names: ``finetune``, ``joint``, ``mas``, ``lmas``, ``ewc``, ``si``, ``lwf``, ``imm``,
-``ebll`` (and any name :mod:`mas_core.regularizers` registers), and ``ridge``: ridge regression from
-the frozen initial trunk's features to the one-hot labels (:mod:`triplets.recognition.ridge`; its
-options ``strengths`` and ``val_fraction``, :class:`mas_core.ridge.RidgeSettings`; the optimizer
-settings do not apply to it). A suffix ``@test`` or
-``@train`` (e.g. ``mas@test``) overrides ``importance_data`` for that run: ``test`` estimates
-importance on the unlabelled test inputs of each task (the paper's Table 3); only methods whose
-regularizer declares ``importance_from_inputs`` (mas, lmas) accept ``@test``.
+Methods (``methods:``, :class:`triplets.runner.MethodSpec`: a name such as ``mas@test`` or a mapping
+``{name, options, label, importance_data}``): ``finetune``, ``joint``, ``mas``, ``lmas``, ``ewc``,
+``si``, ``lwf``, ``imm``, ``ebll`` (and any name :mod:`mas_core.regularizers` registers), and
+``ridge``: ridge regression from the frozen initial trunk's features to the one-hot labels
+(:mod:`triplets.recognition.ridge`; its options ``strengths`` and ``val_fraction``,
+:class:`mas_core.ridge.RidgeSettings`; the optimizer settings do not apply to it). A suffix
+``@test`` or ``@train`` (e.g. ``mas@test``) overrides ``importance_data`` for that method: ``test``
+estimates importance on the unlabelled test inputs of each task (the paper's Table 3); only
+methods whose regularizer declares ``importance_from_inputs`` (mas, lmas) accept ``@test``.
+A method's options (:func:`resolved_method`): ``method_options[key]`` or else
+``method_options[name]``, updated with the spec's own ``options``.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +28,7 @@ from mas_core.regularizers import METHODS, make_regularizer
 from mas_core.ridge import RIDGE, ridge_settings
 
 from ..config import load_config
+from ..runner import MethodSpec, check_methods, importance_from_inputs, known_methods as registered_methods
 
 MAX_SEED = (1 << 63) - 1
 MAX_SIDE = 4096          # model.input_size / resize, pixels
@@ -190,7 +193,7 @@ class RecognitionConfig:
     tasks: list[TaskSpec] = field(default_factory=list)
     model: ModelSpec = field(default_factory=ModelSpec)
     train: OptimSpec = field(default_factory=OptimSpec)
-    methods: list[str] = field(default_factory=lambda: list(ALL_METHODS))
+    methods: list[MethodSpec] = field(default_factory=lambda: [MethodSpec(name) for name in ALL_METHODS])
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     importance_data: Literal["train", "test"] = "train"
     search: SearchSettings = field(default_factory=SearchSettings)
@@ -206,7 +209,7 @@ class RecognitionConfig:
         if len(set(names)) != len(names):
             raise ValueError(f"tasks: names must be distinct, got {names}")
         self.train.validate()
-        parse_methods(self.methods)
+        check_methods([resolved_method(self, method) for method in self.methods])
         known = set(known_methods())
         for key in self.method_options:
             if key.split("@")[0] not in known:
@@ -219,43 +222,23 @@ class RecognitionConfig:
                 except MASCoreError as exc:
                     raise ValueError(f"method_options.{key}: {exc}") from None
         self.search.validate()
-        self.search.check_methods([(method.split("@")[0], method) for method in self.methods])
+        self.search.check_methods([(method.name, method.key) for method in self.methods])
 
 
 def known_methods() -> list[str]:
-    """The method names accepted: the paper's set, ``ridge`` (:mod:`mas_core.ridge`, closed form on the
-    frozen trunk) and what :mod:`mas_core.regularizers` registers."""
-    return list(ALL_METHODS) + [RIDGE] + [name for name in METHODS if name not in ALL_METHODS]
+    """The method names accepted: the paper's set first, then ``ridge`` and the rest of the registry."""
+    return list(ALL_METHODS) + [name for name in registered_methods() if name not in ALL_METHODS]
 
 
-def importance_from_inputs(method: str) -> bool:
-    """Whether ``method`` (a name, optionally ``name@variant``) estimates importance from
-    unlabelled inputs alone (its regularizer's ``importance_from_inputs``: MAS, l-MAS)."""
-    base = method.split("@")[0]
-    return base in METHODS and bool(METHODS[base].importance_from_inputs)
-
-
-def parse_methods(methods: Sequence[str] | str) -> list[str]:
-    """Validate a method list (``"a,b"`` or a list); ``name@test``/``name@train`` allowed for mas/lmas."""
-    items = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else [m.strip() for m in methods]
-    items = [m for m in items if m]
-    if not items:
-        raise ValueError("methods: give at least one method")
-    known = known_methods()
-    for item in items:
-        base, _, variant = item.partition("@")
-        if base not in known:
-            raise ValueError(f"unknown method {base!r}{did_you_mean(base, known)} "
-                             f"(known: {', '.join(known)})")
-        if variant and variant not in ("train", "test"):
-            raise ValueError(f"method {item!r}: the suffix after @ must be 'train' or 'test'")
-        if variant == "test" and not importance_from_inputs(base):
-            label_free = [name for name in METHODS if importance_from_inputs(name)]
-            raise ValueError(f"method {item!r}: only {label_free} estimate importance "
-                             "without labels; drop '@test'")
-    if len(set(items)) != len(items):
-        raise ValueError(f"methods: {items} names a method twice")
-    return items
+def resolved_method(config: RecognitionConfig, method: MethodSpec) -> MethodSpec:
+    """``method`` with its options (``method_options[key]``, else ``method_options[name]``, then the
+    spec's own) and its importance data (its own, else ``config.importance_data`` for a label-free
+    method, else ``train``) filled in."""
+    base = config.method_options.get(method.key, config.method_options.get(method.name, {}))
+    importance = method.importance_data or (config.importance_data if importance_from_inputs(method.name)
+                                            else "train")
+    return MethodSpec(name=method.name, options={**base, **method.options}, label=method.label,
+                      importance_data=importance)
 
 
 def load_recognition_config(path: str | Path, overrides: list[str] | None = None) -> RecognitionConfig:
@@ -263,5 +246,5 @@ def load_recognition_config(path: str | Path, overrides: list[str] | None = None
     return load_config(path, RecognitionConfig, overrides)
 
 
-__all__ = ["ALL_METHODS", "DEFAULT_TRUNK_BLOCKS", "ModelSpec", "OptimSpec", "RecognitionConfig", "TaskSpec", "importance_from_inputs",
-           "known_methods", "load_recognition_config", "parse_methods"]
+__all__ = ["ALL_METHODS", "DEFAULT_TRUNK_BLOCKS", "ModelSpec", "OptimSpec", "RecognitionConfig", "TaskSpec",
+           "known_methods", "load_recognition_config", "resolved_method"]

@@ -52,9 +52,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from mas_core.checkpoint import atomic_write_json, atomic_write_text, read_json, remove_stale_temporaries
+from mas_core.checkpoint import atomic_write_json, atomic_write_text, remove_stale_temporaries
 from mas_core.distributed import is_main_process, run_on_main_process, same_on_every_rank
-from mas_core.errors import CheckpointMismatchError, DivergenceError
 from mas_core.experiment import LoopHooks
 from mas_core.loop import OptimSettings
 from mas_core.ridge import RIDGE, ridge_settings
@@ -62,154 +61,137 @@ from mas_core.sequence import Task, run_sequence
 
 from ..config import to_dict
 from ..errors import ConfigError
-from .config import RecognitionConfig, TaskSpec, importance_from_inputs, parse_methods
+from .config import RecognitionConfig, TaskSpec, resolved_method
 from .ridge import run_recognition_ridge
 from .data import build_tasks, ensure_prepared, model_factory, unlabeled_inputs
 from ..report import recognition_markdown, write_recognition_plots
 from ..results_schema import method_summary, results_document
 from ..run_log import run_hooks
 from ..run_folder import (
-    DATA_IDENTITY_NAME, check_output_folder, identity_as_recorded, package_versions, read_data_identity,
+    DATA_IDENTITY_NAME, RUN_COMMANDS, check_output_folder, identity_as_recorded, package_versions, read_data_identity,
+)
+from ..runner import (
+    CONFIG_NAME, LEGACY_CONFIG_NAME, RESULT_NAME, MethodSpec, check_methods, diverged_before, importance_from_inputs,
+    parse_methods, read_method_result, read_saved_config, resume_config, run_methods, saved_config_path,
+    saved_config_text, write_method_result,
 )
 
-
-def method_dir_name(method: str) -> str:
-    """Folder of a method's checkpoints (``mas@test`` → ``mas_at_test``)."""
-    return method.replace("@", "_at_")
-
-
-def _method_options(config: RecognitionConfig, method: str) -> dict[str, Any]:
-    if method in config.method_options:
-        return dict(config.method_options[method])
-    return dict(config.method_options.get(method.split("@")[0], {}))
+#: what a resumed run must share with the recorded config (the methods are compared one by one)
+RESUME_SECTIONS = ("tasks", "model", "train", "search", "seed")
+RUN_ONLY_TRAIN_KEYS = ("device", "num_workers")  # where and how fast, not what is computed
 
 
-def _importance_choice(config: RecognitionConfig, method: str) -> str:
-    base, _, variant = method.partition("@")
-    if variant:
-        return variant
-    return config.importance_data if importance_from_inputs(base) else "train"
-
-
-def run_recognition(config: RecognitionConfig, out: str | Path, *, methods: Sequence[str] | None = None,
-                    resume: bool = False, progress: bool = True, log: Callable[[str], None] | None = None,
-                    hooks: LoopHooks | None = None) -> dict[str, Any]:
-    """Train the sequence once per method, write results.json / results.md / plots; return the results dict.
+def run_recognition(config: RecognitionConfig, out: str | Path, *,
+                    methods: Sequence[str | MethodSpec] | None = None, resume: bool = False, progress: bool = True,
+                    log: Callable[[str], None] | None = None, hooks: LoopHooks | None = None) -> dict[str, Any]:
+    """Train the sequence once per method (``methods``: a subset or others, default the config's) through
+    :func:`triplets.runner.run_methods`; write results.json / results.md / plots; return the results dict.
 
     Under ``torchrun`` every rank calls it; rank 0 alone writes (see the module docs). ``hooks``: the
     task loop's :class:`~mas_core.experiment.LoopHooks` for every method (:mod:`triplets.run_log`; by
     default the metrics log ``OUT/metrics.csv`` alone)."""
-
     with same_on_every_rank():
         try:
-            method_list = parse_methods(list(methods) if methods is not None else config.methods)
-            every = list(config.methods) + [method for method in method_list if method not in config.methods]
-            config.search.check_methods([(method.split("@")[0], method) for method in every])
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+            method_list = parse_methods(methods) if methods is not None else list(config.methods)
+            check_methods([resolved_method(config, method) for method in method_list])
+            every = list(config.methods) + [m for m in method_list if m.key not in {c.key for c in config.methods}]
+            config.search.check_methods([(method.name, method.key) for method in every])
+        except (ValueError, ConfigError) as exc:
+            raise ConfigError(str(exc).splitlines()[0]) from None
     main = is_main_process()
     out = Path(out)
     emit = log or ((lambda message: print(message, file=sys.stderr, flush=True)) if progress else (lambda m: None))
     if not main:
         emit = lambda message: None  # noqa: E731 - rank 0 alone logs
-    config_dict = to_dict(config)
-    results_path = out / "results.json"
+    this_run = dataclasses.replace(config, methods=[_with_options(config, method) for method in method_list])
 
-    def prepare_folder_and_data() -> list[Path]:
+    def prepare_folder_and_data() -> set[str]:
         check_output_folder(out, "recognition", resume=resume)
+        recorded, restart = this_run, set()
+        saved_path = saved_config_path(out) if out.is_dir() else None
+        if saved_path is not None:
+            saved = read_saved_config(saved_path, RecognitionConfig)
+            saved = dataclasses.replace(saved, methods=[_with_options(saved, method) for method in saved.methods])
+            recorded, restart = resume_config(saved, this_run, out, sections=RESUME_SECTIONS, resolve=resolved_method,
+                                              diverged=diverged_before(out), same_section=_same_train)
         paths = [ensure_prepared(spec, config.data_dir, config.seed, emit) for spec in config.tasks]
         identity = _check_prepared_data(out, config.tasks, paths)
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out)
         atomic_write_json(out / DATA_IDENTITY_NAME, {"tasks": identity}, checksum=True)
-        atomic_write_json(out / "config.json", config_dict)
+        atomic_write_text(out / CONFIG_NAME, saved_config_text(recorded, RUN_COMMANDS["recognition"]))
+        (out / LEGACY_CONFIG_NAME).unlink(missing_ok=True)  # a folder of the older layout, now recorded as YAML
         atomic_write_json(out / "versions.json", package_versions())
-        return paths
+        return restart
 
     # rank 0 converts the datasets once; the others wait for it, then read the same files
-    run_on_main_process(prepare_folder_and_data)
-    hooks = run_hooks(out, hooks, main=main)  # OUT/metrics.csv at the least
-    tasks = build_tasks(config, log=emit)
-    test_inputs = [unlabeled_inputs(task.test) for task in tasks]
-    optim = OptimSettings(**{f.name: getattr(config.train, f.name) for f in dataclasses.fields(OptimSettings)})
-    make_model = model_factory(config.model)
-    per_method: dict[str, Any] = {}
-    diverged: dict[str, str] = {}
-    diverged_before = _diverged_before(results_path) if resume else {}
-    first_divergence: DivergenceError | None = None
-    for method in method_list:
-        method_dir = out / method_dir_name(method)
-        options = _method_options(config, method)
-        importance = _importance_choice(config, method)
-        identity = {"method": method, "options": options, "importance_data": importance,
-                    "config": {k: v for k, v in config_dict.items() if k not in ("methods", "method_options")}}
-        saved_path = method_dir / "result.json"
-        if resume and saved_path.is_file():
-            with same_on_every_rank():
-                saved = read_json(saved_path, what="method result")
-            if isinstance(saved, dict) and saved.get("identity") == identity:
-                emit(f"[{method}] finished earlier; loaded {saved_path}")
-                per_method[method] = saved["result"]
-                continue
+    restart = run_on_main_process(prepare_folder_and_data)
+    trainer = RecognitionRun(config, out, build_tasks(config, log=emit), progress=progress, log=log, emit=emit,
+                             hooks=run_hooks(out, hooks, main=main))  # OUT/metrics.csv at the least
+    return run_methods(trainer, method_list, out, restart=restart, log=emit)
+
+
+def _with_options(config: RecognitionConfig, method: MethodSpec) -> MethodSpec:
+    """``method`` holding its resolved options (what ``method_options`` gave it), so that the recorded
+    config keeps each method's own options whatever a later ``method_options`` says."""
+    return dataclasses.replace(method, options=resolved_method(config, method).options)
+
+
+def _same_train(section: str, saved: RecognitionConfig, config: RecognitionConfig) -> bool:
+    """The ``train`` sections agree but for where and how fast the run goes (``device``, ``num_workers``)."""
+    if section != "train":
+        return False
+    old, new = to_dict(saved.train), to_dict(config.train)
+    return all(old.get(key) == new.get(key) for key in set(old) | set(new) if key not in RUN_ONLY_TRAIN_KEYS)
+
+
+class RecognitionRun:
+    """The recognition sequence's part of :func:`triplets.runner.run_methods` (a ``MethodTrainer``):
+    one method through :func:`mas_core.sequence.run_sequence` (``ridge``: in closed form), the results
+    document, ``results.md`` and the plots."""
+
+    def __init__(self, config: RecognitionConfig, out: Path, tasks: list[Task], *, progress: bool,
+                 log: Callable[[str], None] | None, emit: Callable[[str], None], hooks: LoopHooks) -> None:
+        self.config, self.out, self.tasks = config, out, tasks
+        self.progress, self.log, self.emit, self.hooks = progress, log, emit, hooks
+        self.test_inputs = [unlabeled_inputs(task.test) for task in tasks]
+        self.optim = OptimSettings(**{f.name: getattr(config.train, f.name) for f in dataclasses.fields(OptimSettings)})
+        self.make_model = model_factory(config.model)
+        self.config_dict = to_dict(config)
+
+    def train_method(self, method: MethodSpec, method_dir: Path, *, restart: bool) -> dict[str, Any]:
+        config, spec = self.config, resolved_method(self.config, method)
         run_tasks = [Task(name=t.name, train=t.train, test=t.test, num_classes=t.num_classes,
-                          importance_data=test_inputs[i] if importance == "test" else None)
-                     for i, t in enumerate(tasks)]
-        base = method.split("@")[0]
-        if base == RIDGE:  # closed form on the frozen trunk: no optimizer, nothing to diverge
-            sequence_result, records = run_recognition_ridge(
-                make_model, run_tasks, ridge_settings(options), seed=config.seed, batch_size=config.train.batch_size,
+                          importance_data=self.test_inputs[i] if spec.importance_data == "test" else None)
+                     for i, t in enumerate(self.tasks)]
+        extras: dict[str, Any] = {}
+        if method.name == RIDGE:  # closed form on the frozen trunk: no optimizer, nothing to diverge
+            outcome, extras["ridge"] = run_recognition_ridge(
+                self.make_model, run_tasks, ridge_settings(spec.options), seed=config.seed,
+                batch_size=config.train.batch_size, eval_batch_size=config.train.eval_batch_size,
+                num_workers=config.train.num_workers, checkpoint_dir=method_dir, resume=not restart, log=self.emit,
+                write=is_main_process())
+        else:  # the loop all-reduces a divergence, so every rank raises it alike
+            outcome = run_sequence(
+                self.make_model, run_tasks, method.name, self.optim, seed=config.seed, device=config.train.device,
                 eval_batch_size=config.train.eval_batch_size, num_workers=config.train.num_workers,
-                checkpoint_dir=method_dir, resume=resume, log=emit, write=main)
-            summary = method_summary(sequence_result, base, options, ridge=records)
-        else:
-            def train(from_checkpoint: bool) -> Any:
-                return run_sequence(
-                    make_model, run_tasks, base, optim, seed=config.seed, device=config.train.device,
-                    eval_batch_size=config.train.eval_batch_size, num_workers=config.train.num_workers,
-                    method_options=options or None, checkpoint_dir=method_dir, resume=from_checkpoint, progress=progress,
-                    log=log, search=config.search.resolved_for(base, method) if config.search.enabled else None,
-                    hooks=hooks)
+                method_options=spec.options or None, checkpoint_dir=method_dir, resume=not restart,
+                progress=self.progress, log=self.log, hooks=self.hooks,
+                search=config.search.resolved_for(method.name, method.key) if config.search.enabled else None)
+            extras["importance_data"] = spec.importance_data if importance_from_inputs(method.name) else None
+        if outcome.trained_tasks == 0 and (method_dir / RESULT_NAME).is_file():
+            self.emit(f"[{method.key}] finished earlier; loaded {method_dir / RESULT_NAME}")
+            return read_method_result(method_dir / RESULT_NAME)
+        summary = method_summary(outcome, method.name, spec.options, **extras)
+        write_method_result(method_dir, summary)
+        return summary
 
-            try:  # the loop all-reduces a divergence, so every rank lands here alike
-                try:
-                    sequence_result = train(resume)
-                except CheckpointMismatchError as exc:
-                    if method not in diverged_before or "another configuration" not in str(exc):
-                        raise
-                    # it diverged with other settings (the ones its error advised changing): start it over
-                    emit(f"[{method}] diverged before with other settings ({str(exc).splitlines()[0]}); "
-                         "training it from the start")
-                    sequence_result = train(False)
-            except DivergenceError as exc:
-                emit(f"[{method}] stopped: {exc}")
-                diverged[method] = str(exc)
-                first_divergence = first_divergence or exc
-                continue
-            summary = method_summary(sequence_result, base, options,
-                                     importance_data=importance if importance_from_inputs(base) else None)
-        per_method[method] = summary
-        if main:
-            atomic_write_json(saved_path, {"identity": identity, "result": summary}, checksum=True)
-            atomic_write_json(results_path, _results(config, config_dict, tasks, per_method, diverged,
-                                                      complete=False), checksum=True)
-    if not per_method and first_divergence is not None:
-        raise first_divergence  # nothing to report: every method diverged
-    results = _results(config, config_dict, tasks, per_method, diverged, complete=not diverged)
-    if main:
-        atomic_write_json(results_path, results, checksum=True)
-        atomic_write_text(out / "results.md", recognition_markdown(results))
-        write_recognition_plots(results, out / "plots")
-    return results
+    def results(self, per_method: dict[str, Any], diverged: dict[str, str], complete: bool) -> dict[str, Any]:
+        return _results(self.config, self.config_dict, self.tasks, per_method, diverged, complete)
 
-
-def _diverged_before(results_path: Path) -> dict[str, str]:
-    """The methods an earlier run of this folder listed under ``diverged`` (with their errors)."""
-    if not results_path.is_file():
-        return {}
-    with same_on_every_rank():
-        saved = read_json(results_path, what="results document")
-    found = saved.get("diverged") if isinstance(saved, dict) else None
-    return dict(found) if isinstance(found, dict) else {}
+    def finish(self, results: dict[str, Any]) -> None:
+        atomic_write_text(self.out / "results.md", recognition_markdown(results))
+        write_recognition_plots(results, self.out / "plots")
 
 
 def _check_prepared_data(out: Path, specs: Sequence[TaskSpec], paths: Sequence[Path]) -> dict[str, Any]:
