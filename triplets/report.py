@@ -257,7 +257,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         if entry.get("accuracy_matrix_merged") is not None:
             parts += [f"## {name}: the merged model after each task (standard top-5, %)", "",
                       matrix_table(_matrix({"accuracy_matrix": entry["accuracy_matrix_merged"]}, name)), ""]
-    return "\n".join(parts)
+    return "\n".join(parts + diverged_lines(results))
 
 
 def _safe_name(name: str) -> str:
@@ -407,11 +407,17 @@ def recognition_markdown(results: dict[str, Any]) -> str:
     for table in (search_table(results), labels_table(results), ridge_table(results)):
         if table:
             lines += ["", table]
+    return "\n".join(lines + diverged_lines(results)) + "\n"
+
+
+def diverged_lines(results: dict[str, Any]) -> list[str]:
+    """The methods under ``diverged`` with their errors (:mod:`triplets.runner`), as Markdown lines
+    (none when no method diverged)."""
     diverged = results.get("diverged") or {}
-    if diverged:
-        lines += ["", "Diverged (not in the tables; `--resume` trains them again):", ""]
-        lines += [f"- {name}: {message}" for name, message in diverged.items()]
-    return "\n".join(lines) + "\n"
+    if not diverged:
+        return []
+    return ["", "Diverged (not in the tables; `--resume` trains them again):", "",
+            *[f"- {name}: {message}" for name, message in diverged.items()]]
 
 
 def write_recognition_plots(results: dict[str, Any], folder: str | Path) -> list[Path]:

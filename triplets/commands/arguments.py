@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from typing import Any
 
 from data_prep.image_decode import DEFAULT_MAX_IMAGE_PIXELS
 
@@ -31,3 +33,12 @@ def add_log_option(parser: argparse.ArgumentParser) -> None:
                         "event files in RUN/tensorboard/ (needs the optional extra: pip install "
                         "'mas-triplets[tensorboard]'). Ctrl-C stops after the current batch and prints the --resume "
                         "command (exit status 130)")
+
+
+def diverged_exit_status(results: dict[str, Any], command: str) -> int:
+    """The exit status of a finished run (:mod:`triplets.runner`'s divergence policy): 1 when some
+    method diverged (each named on stderr with its error), else 0."""
+    diverged = results.get("diverged") or {}
+    for method, message in diverged.items():
+        print(f"mas-triplets {command}: method {method} diverged: {message}", file=sys.stderr)
+    return 1 if diverged else 0

@@ -4,7 +4,6 @@ and write results.json, results.md and bar plots into the run folder (see
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 from mas_core.distributed import process_group_session, same_on_every_rank
@@ -14,7 +13,7 @@ from ..recognition.config import load_recognition_config
 from ..report import recognition_markdown
 from ..run_folder import check_output_folder
 from ..run_log import RunComforts, check_log_option
-from .arguments import add_log_option
+from .arguments import add_log_option, diverged_exit_status
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -59,10 +58,8 @@ def run(args: argparse.Namespace) -> int:
                                       hooks=comforts.hooks)
     if comforts.interrupted:
         return comforts.exit_code
-    diverged = results.get("diverged") or {}
     if info is None or info.is_main:
         print(recognition_markdown(results), end="")
         print(f"\nwritten: {args.out}/results.json, {args.out}/results.md, {args.out}/plots/")
-        for method, message in diverged.items():
-            print(f"mas-triplets recognition: method {method} diverged: {message}", file=sys.stderr)
-    return 1 if diverged else 0
+        return diverged_exit_status(results, "recognition")
+    return 1 if results.get("diverged") else 0

@@ -10,7 +10,7 @@ from ..run_folder import check_output_folder
 from ..run_log import RunComforts, check_log_option
 from ..facts.train import resolve_device, train_run
 from ..facts.train_config import load_train_config, select_methods
-from .arguments import add_log_option
+from .arguments import add_log_option, diverged_exit_status
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -38,7 +38,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Read the config, join ``torchrun``'s process group when launched by it (the config's
-    device picks gloo or nccl), train, and print the summary (rank 0 only). Ctrl-C: exit status 130
+    device picks gloo or nccl), train, and print the summary (rank 0 only). Exit status 1 when a
+    method diverged (listed with its error; the others trained, :mod:`triplets.runner`). Ctrl-C: exit status 130
     after the current batch, with the ``--resume`` command (:class:`triplets.run_log.RunComforts`)."""
     with same_on_every_rank():  # read by every rank alike: rank 0 alone reports a bad config
         check_log_option(args.log)  # an extra that is not installed: one line before any work
@@ -59,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     if info is None or info.is_main:
         print(format_summary(results))
         print(f"run folder: {args.out} (results.json, results.md, plots/)")
-    return 0
+        return diverged_exit_status(results, "train")
+    return 1 if results.get("diverged") else 0
 
 
 def format_summary(results: dict) -> str:
