@@ -17,28 +17,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import platform
 import tempfile
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from mas_core.checkpoint import (
-    TEMPORARY_SUFFIX,
-    atomic_write_json,
-    atomic_write_text,
-    load_checkpoint,
-    read_json,
-    remove_stale_temporaries,
-)
+from mas_core.checkpoint import TEMPORARY_SUFFIX, load_checkpoint, read_json
 from mas_core.errors import CheckpointMismatchError, did_you_mean
 
-from .config import MAX_CONFIG_BYTES, from_dict, read_yaml, to_dict
-from .errors import ConfigError, RunFolderError
+from .config import from_dict, to_dict
+from .errors import RunFolderError
 from .facts.data import open_fact_file
 from .fingerprint import DATA_SHA_KEY, VOCABULARY_KEY, fact_vocabulary_fingerprint, file_identity
 from .facts.ridge_model import rebuild_saved_model
@@ -46,20 +36,21 @@ from .facts.model import FactEmbeddingNet, ModelConfig, build_model
 from .results_schema import results_document
 from .runner import (
     CONFIG_NAME,
+    DATA_IDENTITY_NAME,
     LEGACY_CONFIG_NAME,
     RESULT_NAME,
     MethodSpec,
     diverged_before,
     method_folder,
+    package_versions,
     read_method_result,
     read_saved_config,
     resume_config,
-    saved_config_text,
+    write_run_records,
 )
 from .facts.train_config import TrainConfig
 
 
-DATA_IDENTITY_NAME = "data.json"
 RUN_COMMANDS = {"facts": "mas-triplets train", "recognition": "mas-triplets recognition"}
 
 
@@ -268,28 +259,8 @@ def prepare_run_folder(config: TrainConfig, out_dir: Path, resume: bool) -> tupl
         recorded = config
     identity = check_data_identity(out_dir, config.data.fact_file)
     check_recorded_data(identity, payload_records, out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out_dir)
-    atomic_write_json(out_dir / DATA_IDENTITY_NAME, {"fact_file": identity}, checksum=True)
-    atomic_write_text(config_path, saved_config_text(recorded, RUN_COMMANDS["facts"]))
-    atomic_write_json(out_dir / "versions.json", package_versions())
+    write_run_records(out_dir, recorded, RUN_COMMANDS["facts"], {"fact_file": identity})
     return recorded, restart
-
-
-def package_versions() -> dict[str, str | None]:
-    """Versions of the packages a run depends on (None for one that is not installed)."""
-    found: dict[str, str | None] = {"python": platform.python_version()}
-    for name, distributions in (("torch", ["torch"]), ("torchvision", ["torchvision"]),
-                                ("transformers", ["transformers"]), ("faiss", ["faiss-cpu", "faiss-gpu", "faiss"]),
-                                ("numpy", ["numpy"]), ("h5py", ["h5py"]), ("mas-triplets", ["mas-triplets"])):
-        found[name] = None
-        for dist in distributions:
-            try:
-                found[name] = version(dist)
-                break
-            except PackageNotFoundError:
-                continue
-    return found
 
 
 def results_dict(out_dir: Path, config: TrainConfig, fact_file, known: dict[str, Any] | None = None,

@@ -41,14 +41,16 @@ The rules, the same for both experiments:
 from __future__ import annotations
 
 import dataclasses
+import platform
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import yaml
 
-from mas_core.checkpoint import atomic_write_json, read_json
+from mas_core.checkpoint import atomic_write_json, atomic_write_text, read_json, remove_stale_temporaries
 from mas_core.distributed import is_main_process, same_on_every_rank
 from mas_core.errors import CheckpointMismatchError, DivergenceError, MASCoreError, did_you_mean
 from mas_core.loop import JOINT
@@ -61,6 +63,7 @@ from .errors import ConfigError, RunFolderError
 CONFIG_NAME = "config.yaml"
 LEGACY_CONFIG_NAME = "config.json"  # recognition folders written before the one runner
 RESULTS_NAME = "results.json"
+DATA_IDENTITY_NAME = "data.json"  # the SHA-256 of the data the run trained on (triplets.run_folder)
 RESULT_NAME = "result.json"
 IMPORTANCE_CHOICES = ("train", "test")
 
@@ -192,6 +195,35 @@ def parse_methods(items: Iterable[str | MethodSpec | dict[str, Any]] | str) -> l
 
 
 # ---------------------------------------------------------------------------------------------- run folder
+
+def write_run_records(out_dir: Path, recorded: Any, command: str, data_identity: dict[str, Any]) -> None:
+    """Create ``out_dir`` (removing the hidden temporaries a killed run left) and write, atomically,
+    ``data.json`` (``data_identity``, with a checksum), ``config.yaml`` (``recorded``, its first line
+    naming ``command``) and ``versions.json`` (:func:`package_versions`); a legacy ``config.json`` is
+    removed once ``config.yaml`` holds the config."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out_dir)
+    atomic_write_json(out_dir / DATA_IDENTITY_NAME, data_identity, checksum=True)
+    atomic_write_text(out_dir / CONFIG_NAME, saved_config_text(recorded, command))
+    (out_dir / LEGACY_CONFIG_NAME).unlink(missing_ok=True)
+    atomic_write_json(out_dir / "versions.json", package_versions())
+
+
+def package_versions() -> dict[str, str | None]:
+    """Versions of the packages a run depends on (None for one that is not installed)."""
+    found: dict[str, str | None] = {"python": platform.python_version()}
+    for name, distributions in (("torch", ["torch"]), ("torchvision", ["torchvision"]),
+                                ("transformers", ["transformers"]), ("faiss", ["faiss-cpu", "faiss-gpu", "faiss"]),
+                                ("numpy", ["numpy"]), ("h5py", ["h5py"]), ("mas-triplets", ["mas-triplets"])):
+        found[name] = None
+        for dist in distributions:
+            try:
+                found[name] = version(dist)
+                break
+            except PackageNotFoundError:
+                continue
+    return found
+
 
 def saved_config_text(config: Any, command: str) -> str:
     """``RUN/config.yaml``: a first line naming ``command``, then the config as YAML."""
@@ -331,7 +363,7 @@ def write_method_result(method_dir: Path, result: dict[str, Any]) -> None:
         atomic_write_json(method_dir / RESULT_NAME, result, checksum=True)
 
 
-__all__ = ["CONFIG_NAME", "IMPORTANCE_CHOICES", "LEGACY_CONFIG_NAME", "MethodSpec", "MethodTrainer", "RESULTS_NAME",
+__all__ = ["CONFIG_NAME", "DATA_IDENTITY_NAME", "IMPORTANCE_CHOICES", "LEGACY_CONFIG_NAME", "MethodSpec", "MethodTrainer", "RESULTS_NAME",
            "RESULT_NAME", "check_methods", "diverged_before", "importance_from_inputs", "known_methods",
-           "method_folder", "parse_methods", "read_method_result", "read_saved_config", "resume_config",
-           "run_methods", "saved_config_path", "saved_config_text", "write_method_result"]
+           "method_folder", "package_versions", "parse_methods", "read_method_result", "read_saved_config", "resume_config",
+           "run_methods", "saved_config_path", "saved_config_text", "write_method_result", "write_run_records"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from mas_core.errors import did_you_mean
 from mas_core.hparam_search import DEFAULT_KEY, SearchSettings

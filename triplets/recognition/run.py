@@ -52,7 +52,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from mas_core.checkpoint import atomic_write_json, atomic_write_text, remove_stale_temporaries
+from mas_core.checkpoint import atomic_write_text
 from mas_core.distributed import is_main_process, run_on_main_process, same_on_every_rank
 from mas_core.experiment import LoopHooks
 from mas_core.loop import OptimSettings
@@ -67,13 +67,11 @@ from .data import build_tasks, ensure_prepared, model_factory, unlabeled_inputs
 from ..report import recognition_markdown, write_recognition_plots
 from ..results_schema import method_summary, results_document
 from ..run_log import run_hooks
-from ..run_folder import (
-    DATA_IDENTITY_NAME, RUN_COMMANDS, check_output_folder, identity_as_recorded, package_versions, read_data_identity,
-)
+from ..run_folder import RUN_COMMANDS, check_output_folder, identity_as_recorded, read_data_identity
 from ..runner import (
-    CONFIG_NAME, LEGACY_CONFIG_NAME, RESULT_NAME, MethodSpec, check_methods, diverged_before, importance_from_inputs,
-    parse_methods, read_method_result, read_saved_config, resume_config, run_methods, saved_config_path,
-    saved_config_text, write_method_result,
+    RESULT_NAME, MethodSpec, check_methods, diverged_before, importance_from_inputs, parse_methods,
+    read_method_result, read_saved_config, resume_config, run_methods, saved_config_path, write_method_result,
+    write_run_records,
 )
 
 #: what a resumed run must share with the recorded config (the methods are compared one by one)
@@ -116,12 +114,7 @@ def run_recognition(config: RecognitionConfig, out: str | Path, *,
                                               diverged=diverged_before(out), same_section=_same_train)
         paths = [ensure_prepared(spec, config.data_dir, config.seed, emit) for spec in config.tasks]
         identity = _check_prepared_data(out, config.tasks, paths)
-        out.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(out)
-        atomic_write_json(out / DATA_IDENTITY_NAME, {"tasks": identity}, checksum=True)
-        atomic_write_text(out / CONFIG_NAME, saved_config_text(recorded, RUN_COMMANDS["recognition"]))
-        (out / LEGACY_CONFIG_NAME).unlink(missing_ok=True)  # a folder of the older layout, now recorded as YAML
-        atomic_write_json(out / "versions.json", package_versions())
+        write_run_records(out, recorded, RUN_COMMANDS["recognition"], {"tasks": identity})
         return restart
 
     # rank 0 converts the datasets once; the others wait for it, then read the same files
