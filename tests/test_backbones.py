@@ -108,3 +108,25 @@ def test_frozen_module_keeps_its_statistics():
     assert not frozen.module.training
     assert all(not p.requires_grad for p in frozen.parameters())
     assert all(torch.equal(before[k], v) for k, v in frozen.state_dict().items())
+
+
+def test_both_model_sections_name_one_backbone_spec() -> None:
+    """The fact embedding's model section (backbone, weights) and the recognition sequence's (arch,
+    pretrained_weights) are read as one BackboneSpec, checked by one rule (issue 25)."""
+    from triplets.backbones import BackboneSpec
+    from triplets.facts.model import ModelConfig
+    from triplets.recognition.config import ModelSpec
+
+    facts = ModelConfig(backbone="efficientnet_lite0", weights="w.pth", trunk_blocks=12).backbone_spec
+    recognition = ModelSpec(arch="efficientnet_lite0", channels=3, pretrained_weights="w.pth",
+                            trunk_blocks=12).backbone_spec
+    assert (facts.name, facts.weights, facts.trunk_blocks) == (recognition.name, recognition.weights, 12)
+    assert ModelSpec(arch="efficientnet_lite0", channels=3).backbone_spec == BackboneSpec(
+        "efficientnet_lite0", None, 16, weights_key="model.pretrained_weights")
+    with pytest.raises(ValueError, match="model.pretrained_weights: scratch is for efficientnet_lite0"):
+        ModelSpec(arch="alexnet", channels=3, pretrained_weights="scratch").validate()
+    with pytest.raises(ValueError, match="model.weights: scratch is for efficientnet_lite0"):
+        ModelConfig(backbone="resnet18", weights="scratch").validate()
+    for bad in (17, True):
+        with pytest.raises(ValueError, match="trunk_blocks must be an integer from 0 to 16"):
+            ModelSpec(arch="efficientnet_lite0", channels=3, trunk_blocks=bad).validate()

@@ -234,13 +234,18 @@ def efficientnet_lite0(weights: str | Path | None = None, *, key: str = "model.w
     return net.eval()
 
 
+def check_trunk_blocks(trunk_blocks: object) -> None:
+    """:class:`ConfigError` (a ``ValueError``) unless ``trunk_blocks`` is an integer from 0 to 16."""
+    if isinstance(trunk_blocks, bool) or not isinstance(trunk_blocks, int) or not 0 <= trunk_blocks <= EFFICIENTNET_BLOCKS:
+        raise ConfigError(f"model.trunk_blocks must be an integer from 0 to {EFFICIENTNET_BLOCKS} "
+                          f"(the EfficientNet-Lite0 blocks in the frozen trunk), got {trunk_blocks!r}")
+
+
 def split_efficientnet(net: EfficientNetLite0, trunk_blocks: int) -> BackboneSplit:
     """Cut ``net`` after block ``trunk_blocks − 1``: prefix = stem + blocks ``0..trunk_blocks−1``,
     suffix = blocks ``trunk_blocks..15`` + the head convolution (modules shared with ``net``;
     deep-copy the suffix for each branch that trains its own). ``trunk_blocks`` is 0..16."""
-    if isinstance(trunk_blocks, bool) or not isinstance(trunk_blocks, int) or not 0 <= trunk_blocks <= EFFICIENTNET_BLOCKS:
-        raise ConfigError(f"model.trunk_blocks must be an integer from 0 to {EFFICIENTNET_BLOCKS} "
-                          f"(the EfficientNet-Lite0 blocks in the frozen trunk), got {trunk_blocks!r}")
+    check_trunk_blocks(trunk_blocks)
     blocks = list(net._blocks)
     prefix = nn.Sequential(_Stem(net), *blocks[:trunk_blocks])
     suffix = nn.Sequential(*blocks[trunk_blocks:], _Head(net))
@@ -256,6 +261,35 @@ def pretrained_split(name: str, weights: str | Path | None, trunk_blocks: int, *
     if name != "efficientnet_lite0":
         raise ConfigError(f"unknown pretrained backbone {name!r}; use one of {list(PRETRAINED_BACKBONES)}")
     return split_efficientnet(efficientnet_lite0(weights, key=key), trunk_blocks)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """One backbone as both experiments' ``model:`` sections name it (the fact embedding's
+    ``backbone`` / ``weights`` / ``trunk_blocks``, the recognition sequence's ``arch`` /
+    ``pretrained_weights`` / ``trunk_blocks``; :attr:`ModelConfig.backbone_spec`,
+    :attr:`ModelSpec.backbone_spec`): the architecture ``name``, its ``weights`` (null: the
+    installed package's ImageNet weights for efficientnet_lite0, none for the others; a path: a
+    local state_dict; ``scratch``: random weights, efficientnet_lite0 only) and, for
+    efficientnet_lite0, the ``trunk_blocks`` of its 16 blocks in the frozen prefix.
+    ``weights_key``: the config key that names the weights (for messages)."""
+
+    name: str
+    weights: str | None = None
+    trunk_blocks: int = EFFICIENTNET_BLOCKS
+    weights_key: str = "model.weights"
+
+    def validate(self) -> None:
+        """``ValueError`` (one line) for ``scratch`` weights on an architecture other than
+        efficientnet_lite0, or efficientnet_lite0's ``trunk_blocks`` outside 0..16."""
+        if self.weights == SCRATCH and self.name != "efficientnet_lite0":
+            raise ValueError(f"{self.weights_key}: {SCRATCH} is for efficientnet_lite0; for {self.name} leave it null")
+        if self.name == "efficientnet_lite0":
+            check_trunk_blocks(self.trunk_blocks)
+
+    def split(self) -> BackboneSplit:
+        """The pretrained network cut in two (:func:`pretrained_split`)."""
+        return pretrained_split(self.name, self.weights, self.trunk_blocks, key=self.weights_key)
 
 
 class FrozenModule(nn.Module):

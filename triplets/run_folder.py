@@ -1,9 +1,11 @@
-"""The run folder of a fact-embedding run: creating or checking it, gathering the results,
-reading a run back (:func:`load_run`). The layout and the results schema: ``docs/run_folder.md``.
+"""Run folders: the rules every command that writes one follows, the data's identity, and the
+fact-embedding run's folder (creating or checking it, its results document, reading a run back:
+:func:`load_run`). The layout and the results schema: ``docs/run_folder.md``; the saved config,
+the resume rule and the divergence policy of both experiments: :mod:`triplets.runner`.
 
     RUN/config.yaml  RUN/versions.json  RUN/data.json  RUN/results.json  RUN/results.md  RUN/plots/*.png
-    RUN/<method>/checkpoint.pt  RUN/<method>/log.txt  RUN/<method>/model.pt
-    RUN/<method>/result.json    RUN/<method>/index/
+    RUN/<folder>/checkpoint.pt  RUN/<folder>/log.txt  RUN/<folder>/model.pt
+    RUN/<folder>/result.json    RUN/<folder>/index/
     RUN/features/<fingerprint>.h5            # only with model.cache_features
 
 The rules every command that writes a run folder follows (:func:`check_output_folder`): it

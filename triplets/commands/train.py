@@ -39,8 +39,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Read the config, join ``torchrun``'s process group when launched by it (the config's
     device picks gloo or nccl), train, and print the summary (rank 0 only). Exit status 1 when a
-    method diverged (listed with its error; the others trained, :mod:`triplets.runner`). Ctrl-C: exit status 130
-    after the current batch, with the ``--resume`` command (:class:`triplets.run_log.RunComforts`)."""
+    method diverged (listed with its error; the others trained, :mod:`triplets.runner`). Ctrl-C:
+    exit status 130 after the current batch, with the ``--resume`` command
+    (:class:`triplets.run_log.RunComforts`)."""
     with same_on_every_rank():  # read by every rank alike: rank 0 alone reports a bad config
         check_log_option(args.log)  # an extra that is not installed: one line before any work
         config = load_train_config(args.config, args.overrides)

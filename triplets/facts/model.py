@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..backbones import EFFICIENTNET_BLOCKS, SCRATCH, load_local_weights, pretrained_split
+from ..backbones import BackboneSpec, check_trunk_blocks, load_local_weights
 from ..errors import ConfigError
 
 BACKBONES = ("small_cnn", "resnet18", "vgg16", "alexnet", "efficientnet_lite0")
@@ -108,6 +108,11 @@ class ModelConfig:
     input_size: int | None = None
 
     @property
+    def backbone_spec(self) -> BackboneSpec:
+        """The backbone as :class:`triplets.backbones.BackboneSpec` (``backbone``, ``weights``, ``trunk_blocks``)."""
+        return BackboneSpec(self.backbone, self.weights, self.trunk_blocks, weights_key="model.weights")
+
+    @property
     def trunk_frozen(self) -> bool:
         """True when the shared trunk does not train (``freeze_trunk`` or ``cache_features``)."""
         return bool(self.freeze_trunk or self.cache_features)
@@ -126,17 +131,13 @@ class ModelConfig:
             raise ValueError("model.dropout must be in [0, 1)")
         if self.weights is not None and self.backbone == "small_cnn":
             raise ValueError("model.weights is for pretrained backbones; the small_cnn trains from scratch")
-        if self.weights == SCRATCH and self.backbone != "efficientnet_lite0":
-            raise ValueError(f"model.weights: {SCRATCH} is for efficientnet_lite0; for {self.backbone} leave it null")
+        self.backbone_spec.validate()  # scratch weights, trunk_blocks: the one backbone spec
         if self.trunk_frozen and self.backbone == "small_cnn":
             key = "model.cache_features" if self.cache_features else "model.freeze_trunk"
             raise ConfigError(
                 f"{key} needs a pretrained architecture with a frozen shared trunk (efficientnet_lite0, resnet18, "
                 "vgg16, alexnet); the small_cnn trains end to end: set model.backbone=efficientnet_lite0 or drop the key")
-        if isinstance(self.trunk_blocks, bool) or not isinstance(self.trunk_blocks, int) \
-                or not 0 <= self.trunk_blocks <= EFFICIENTNET_BLOCKS:
-            raise ValueError(f"model.trunk_blocks must be an integer from 0 to {EFFICIENTNET_BLOCKS} (the blocks in "
-                             f"the shared trunk; each branch copies the rest and the head), got {self.trunk_blocks!r}")
+        check_trunk_blocks(self.trunk_blocks)  # for every backbone, as before
         if self.input_size is not None and (isinstance(self.input_size, bool) or not isinstance(self.input_size, int)
                                             or not 8 <= self.input_size <= 1024):
             raise ValueError(f"model.input_size must be an integer from 8 to 1024 pixels or null, got {self.input_size!r}")
@@ -417,7 +418,7 @@ def _torchvision_backbone(config: ModelConfig, slot_dim: int) -> FactEmbeddingNe
                 copy.deepcopy(net.classifier[:-1]), nn.Linear(4096, out_dim),
             )
     elif config.backbone == "efficientnet_lite0":
-        split = pretrained_split("efficientnet_lite0", config.weights, config.trunk_blocks)
+        split = config.backbone_spec.split()
         trunk = split.prefix
 
         def branch(out_dim: int) -> nn.Sequential:

@@ -7,14 +7,17 @@ model is built with the same seed and trained on the tasks in order by the task 
 the loss, importance data and per-task evaluation (standard top-5) are the experiment's; the
 epochs, seeding, optimizer, hooks, divergence check, checkpoints and resume are the loop's.
 ``joint`` is the loop's joint mode (the union of tasks 0..t at step t, the upper bound).
-A killed run continues with ``resume=True`` after its last finished task and gives the
-same result as an uninterrupted one; a finished method is skipped.
+The methods run through :func:`triplets.runner.run_methods` (:class:`FactRun`): a killed run
+continues with ``resume=True`` after its last finished task and gives the same result as an
+uninterrupted one; a finished method is loaded; a method whose training diverges is listed under
+``diverged`` and the others go on (:mod:`triplets.runner`). ``mas@test`` in ``methods:`` is MAS
+with this method's ``data.importance_data`` set to ``test`` (:func:`method_context`).
 
 Run folder (:mod:`triplets.run_folder`, ``docs/run_folder.md``)::
 
     RUN/config.yaml  RUN/versions.json  RUN/results.json  RUN/results.md  RUN/plots/*.png
-    RUN/<method>/checkpoint.pt  RUN/<method>/model.pt  RUN/<method>/log.txt
-    RUN/<method>/result.json    RUN/<method>/index/
+    RUN/<folder>/checkpoint.pt  RUN/<folder>/model.pt  RUN/<folder>/log.txt
+    RUN/<folder>/result.json    RUN/<folder>/index/          # <folder>: the method's key, @ → _at_
     RUN/features/<fingerprint>.h5            # only with model.cache_features
 
 Cached trunk features (``model.cache_features: true``): :mod:`triplets.facts.feature_cache`. The
@@ -129,7 +132,9 @@ def train_run(config: TrainConfig, out_dir: str | Path, *, resume: bool = False,
     """Train every method of ``config`` task by task into the run folder ``out_dir``; return
     the results dictionary also written to ``RUN/results.json`` (schema in ``docs/run_folder.md``:
     per method the accuracy matrix R, ``avg_acc``, ``forgetting``,
-    ``bwt``, ``final`` metrics and ``wall_time_s``; accuracies are fractions in [0, 1]).
+    ``bwt``, ``final`` metrics and ``wall_time_s``; accuracies are fractions in [0, 1]; a diverged
+    method under ``diverged``, :func:`triplets.runner.run_methods`; when every method diverged the
+    first :class:`~mas_core.errors.DivergenceError` is raised).
 
     Under ``torchrun`` (a process group joined beforehand, as ``mas-triplets train`` does with
     :func:`mas_core.distributed.init_from_environment`) every rank calls it with the same

@@ -30,7 +30,8 @@ class DataConfig:
     """``data:``. ``fact_file``: the prepared fact HDF5. ``importance_data``: the images a
     method's ``after_task`` estimates importance on: ``"train"`` (the task's training images),
     ``"test"`` (the task's test images, unlabeled: the MAS paper's test-condition adaptation) or
-    the path of another fact file (its images of the same task index, all splits).
+    the path of another fact file (its images of the same task index, all splits); a method's own
+    ``importance_data`` (``mas@test``, :class:`triplets.runner.MethodSpec`) overrides it for that method.
     ``importance_max_samples`` caps that set (first N in file order). ``in_memory`` loads each
     task's pixels once into RAM (fast for small images); false streams them from the HDF5."""
 

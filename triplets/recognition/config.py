@@ -27,6 +27,7 @@ from mas_core.loop import JOINT, OptimSettings
 from mas_core.regularizers import METHODS, make_regularizer
 from mas_core.ridge import RIDGE, ridge_settings
 
+from ..backbones import BackboneSpec
 from ..config import load_config
 from ..runner import MethodSpec, check_methods, importance_from_inputs, known_methods as registered_methods
 
@@ -125,7 +126,14 @@ class ModelSpec:
     @property
     def frozen_blocks(self) -> int:
         """The efficientnet_lite0 blocks in the frozen prefix (``trunk_blocks`` or the default)."""
-        return DEFAULT_TRUNK_BLOCKS if self.trunk_blocks is None else int(self.trunk_blocks)
+        return DEFAULT_TRUNK_BLOCKS if self.trunk_blocks is None else self.trunk_blocks
+
+    @property
+    def backbone_spec(self) -> BackboneSpec:
+        """The trunk as :class:`triplets.backbones.BackboneSpec` (``arch``, ``pretrained_weights``,
+        ``trunk_blocks``)."""
+        return BackboneSpec(self.arch, self.pretrained_weights, self.frozen_blocks,
+                            weights_key="model.pretrained_weights")
 
     def validate(self) -> None:
         if self.channels not in (1, 3):
@@ -143,13 +151,12 @@ class ModelSpec:
             value = getattr(self, key)
             if value is not None and value > most:
                 raise ValueError(f"model.{key} must be at most {most:,}, got {value}")
+        self.backbone_spec.validate()  # scratch weights, trunk_blocks: the one backbone spec
         if self.arch != "efficientnet_lite0":
             for key in ("trunk_blocks", "cache_features", "freeze_batch_norm"):
                 if getattr(self, key) not in (None, False):
                     raise ValueError(f"model.{key} is for arch efficientnet_lite0; drop it for {self.arch}")
             return
-        if isinstance(self.trunk_blocks, bool) or not 0 <= self.frozen_blocks <= 16:
-            raise ValueError(f"model.trunk_blocks must be an integer from 0 to 16, got {self.trunk_blocks!r}")
         if self.cache_features and (self.resize is not None or self.pretrained_weights == "scratch"):
             raise ValueError("model.cache_features needs the images at input_size (resize: null) and fixed "
                              "pretrained weights (not scratch); drop cache_features or those keys")
@@ -178,7 +185,9 @@ class OptimSpec(OptimSettings):
 class RecognitionConfig:
     """A recognition experiment: tasks, model, optimisation, methods and their options.
 
-    ``method_options`` maps a method name (or ``name@variant``) to its keyword options,
+    ``methods``: :class:`triplets.runner.MethodSpec` entries (``mas``, ``mas@test`` or
+    ``{name, options, label, importance_data}``). ``method_options`` maps a method's key or name
+    (e.g. ``mas@test``, ``mas``) to its keyword options (a spec's own ``options`` update them),
     e.g. ``{"mas": {"lam": 1.0}}``; the quadratic-anchor methods (mas, lmas, ewc, si, imm) run
     ``penalty_step: proximal`` unless an entry says ``penalty_step: gradient`` (the papers' form;
     ``docs/method.md`` §13). ``importance_data``: ``train`` or ``test`` (unlabeled

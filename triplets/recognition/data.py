@@ -23,7 +23,7 @@ from mas_core.sequence import MultiHeadNet, Task
 
 from ..errors import ConfigError
 from ..fingerprint import options_fingerprint
-from ..backbones import EFFICIENTNET_MEAN, EFFICIENTNET_STD, FrozenModule, load_local_weights, pretrained_split
+from ..backbones import EFFICIENTNET_MEAN, EFFICIENTNET_STD, FrozenModule, load_local_weights
 from ..facts.model import IMAGENET_MEAN, IMAGENET_STD
 from .config import ModelSpec, RecognitionConfig, TaskSpec
 
@@ -169,8 +169,7 @@ def _freeze_batch_norms(module: nn.Module) -> None:
 
 def _frozen_prefix(model: ModelSpec) -> nn.Module:
     """The efficientnet_lite0 prefix (stem + the first ``trunk_blocks`` blocks) in eval mode, frozen."""
-    return FrozenModule(pretrained_split(EFFICIENTNET, model.pretrained_weights, model.frozen_blocks,
-                                         key="model.pretrained_weights").prefix)
+    return FrozenModule(model.backbone_spec.split().prefix)
 
 
 def prefix_features(prefix: nn.Module, inputs: Tensor, batch_size: int = 256) -> Tensor:
@@ -194,8 +193,7 @@ def make_trunk(model: ModelSpec) -> tuple[Any, int]:
         )
         return trunk, model.feature_dim
     if model.arch == EFFICIENTNET:
-        split = pretrained_split(EFFICIENTNET, model.pretrained_weights, model.frozen_blocks,
-                                 key="model.pretrained_weights")
+        split = model.backbone_spec.split()
         if model.freeze_batch_norm:
             _freeze_batch_norms(split.suffix)
         if model.cache_features:  # the tasks hold the prefix's output (build_tasks)

@@ -3,8 +3,9 @@ network learns a sequence of classification datasets, every method from the same
 
 :func:`run_recognition` builds the tasks of a :class:`RecognitionConfig` (converting
 each raw dataset once to HDF5 with :func:`data_prep.image_sets.prepare.prepare_image_dataset`),
-trains the sequence once per method with :func:`mas_core.sequence.run_sequence` (the task
-loop; checkpoints in ``OUT/<method>/``), and writes
+and hands :func:`triplets.runner.run_methods` a :class:`RecognitionRun`, which trains the sequence
+once per method with :func:`mas_core.sequence.run_sequence` (the task loop; checkpoints in
+``OUT/<folder>/``, ``mas@test`` → ``mas_at_test``); the run writes
 
 * ``OUT/results.json`` (schema version 1, :mod:`triplets.results_schema`): per method the
   accuracy matrix ``R[i][j]`` (fraction of the test set of task ``j`` classified correctly
@@ -16,18 +17,17 @@ loop; checkpoints in ``OUT/<method>/``), and writes
 * ``OUT/results.md`` and ``OUT/plots/accuracy.png``, ``OUT/plots/drop.png``
   (:func:`triplets.report.recognition_markdown`, :func:`triplets.report.write_recognition_plots`).
 
-A method whose training diverges (:class:`~mas_core.errors.DivergenceError`) does not stop the
-others: it is listed under ``diverged`` in ``results.json`` (with the error) and under the tables
-of ``results.md``, ``results.json`` says ``"complete": false``, and ``--resume`` trains it again:
-from its checkpoint with the same settings, or from the start when the settings that its error
-advises changing (its strength in ``method_options``, say) now differ from its checkpoint's. Only
-when every method diverged is the first error raised.
-
-All files are written atomically. A method finished earlier is loaded from
-``OUT/<method>/result.json`` on ``resume``; an interrupted one continues from its
-last task checkpoint, so the final results equal those of an uninterrupted run
-(``wall_time_s`` aside). ``OUT`` must be new, empty, or (with ``resume``) a recognition run:
-anything else, and a finished run without ``resume``, is refused before any work
+Resume, divergence and the files are the runner's (:mod:`triplets.runner`, one rule for both
+experiments): ``OUT/config.yaml`` records the config (a folder of the older layout, with
+``OUT/config.json``, is read and rewritten as ``config.yaml``); on ``resume`` the sections
+:data:`RESUME_SECTIONS` (``train`` but its ``device`` and ``num_workers``) and every method's
+settings must be the recorded ones; a finished method is loaded from ``OUT/<folder>/result.json``,
+an interrupted one continues from its last task checkpoint, so the final results equal those of an
+uninterrupted run (``wall_time_s`` aside); a method whose training diverges is listed under
+``diverged`` (``"complete": false``, exit status 1) and the others go on, and ``--resume`` trains
+it again, from the start when the settings its error advises changing (its strength in
+``method_options``, say) now differ. ``OUT`` must be new, empty, or (with ``resume``) a
+recognition run: anything else, and a finished run without ``resume``, is refused before any work
 (:func:`triplets.run_folder.check_output_folder`). ``OUT/data.json`` records the SHA-256 of
 every task's prepared HDF5 file; ``resume`` refuses a run whose prepared data changed.
 
@@ -35,13 +35,13 @@ Several processes (``torchrun --nproc_per_node=N -m triplets.cli recognition ...
 rank calls :func:`run_recognition` with the same arguments; the training itself is
 :func:`mas_core.sequence.run_sequence`'s (global batches split across ranks, DDP, Ω reduced
 across ranks, rank-0 checkpoints). Rank 0 alone converts the raw datasets (the others wait,
-then read its HDF5 files), and writes ``config.json``, ``versions.json``, the per-method ``result.json``,
+then read its HDF5 files), and writes ``config.yaml``, ``versions.json``, the per-method ``result.json``,
 ``results.json``, ``results.md`` and the plots; the other ranks return the same results
 dictionary without writing anything. ``data_dir`` and ``OUT`` must be on a file system every
 rank sees.
 
-Method names and the ``@test`` suffix: :mod:`triplets.recognition.config`. The results schema and
-the run folder: ``docs/run_folder.md``.
+Method specs and the ``@test`` shorthand: :mod:`triplets.runner`, :mod:`triplets.recognition.config`.
+The results schema and the run folder: ``docs/run_folder.md``.
 """
 from __future__ import annotations
 
