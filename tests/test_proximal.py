@@ -429,12 +429,12 @@ def test_proximal_is_the_default_everywhere_and_gradient_stays_selectable():
 
 
 def test_the_fact_config_refuses_a_bad_value_before_training():
-    from triplets.facts.train import _check_method
     from triplets.facts.train_config import MethodConfig
+    from triplets.runner import check_methods
 
-    _check_method(MethodConfig("mas", {"lam": 1.0, "penalty_step": "proximal", "lam_scale": "mean"}))
-    with pytest.raises(InvalidArgumentError, match="did you mean 'proximal'"):
-        _check_method(MethodConfig("mas", {"penalty_step": "proximel"}))
+    check_methods([MethodConfig("mas", {"lam": 1.0, "penalty_step": "proximal", "lam_scale": "mean"})])
+    with pytest.raises(ValueError, match="method 'mas': .*did you mean 'proximal'"):
+        check_methods([MethodConfig("mas", {"penalty_step": "proximel"})])
 
 
 def test_the_recognition_config_carries_the_options_to_the_loop(tmp_path):
