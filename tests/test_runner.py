@@ -38,11 +38,11 @@ def facts(tmp_path_factory) -> Path:
                                train_per_fact=4, test_per_fact=2)
 
 
-def fact_config(path: Path, facts: Path, methods: list, **data) -> Path:
+def fact_config(path: Path, facts: Path, methods: list, index: str = "none", **data) -> Path:
     path.write_text(yaml.safe_dump({
         "data": {"fact_file": str(facts), **data}, "model": MODEL,
         "optim": {"epochs": 2, "batch_size": 8, "lr": 0.05}, "methods": methods,
-        "eval": {"index": "none"}, "num_threads": 1, "device": "cpu"}, sort_keys=False))
+        "eval": {"index": index}, "num_threads": 1, "device": "cpu"}, sort_keys=False))
     return path
 
 
@@ -120,7 +120,7 @@ def test_a_diverged_fact_method_is_listed_the_others_finish_and_a_resume_retrain
 def test_mas_at_test_in_a_fact_config_is_mas_on_the_test_images(facts: Path, tmp_path: Path) -> None:
     """``mas@test`` (the config's importance data: train) trains as ``mas`` with ``data.importance_data:
     test``: the same accuracy matrix, in the folder ``mas_at_test``, queried as ``mas@test``."""
-    one = fact_config(tmp_path / "one.yaml", facts, ["mas", "mas@test"])
+    one = fact_config(tmp_path / "one.yaml", facts, ["mas", "mas@test"], index="flat")
     two = fact_config(tmp_path / "two.yaml", facts, ["mas"], importance_data="test")
     assert main(["train", "--config", str(one), "--out", str(tmp_path / "one"), "--no-progress"]) == 0
     assert main(["train", "--config", str(two), "--out", str(tmp_path / "two"), "--no-progress"]) == 0
@@ -137,6 +137,9 @@ def test_mas_at_test_in_a_fact_config_is_mas_on_the_test_images(facts: Path, tmp
                                                                            MethodSpec.from_string("mas@test")]
     with load_run(tmp_path / "one") as run:
         assert run.methods == ["mas", "mas@test"] and run.load_model("mas@test") is not None
+    assert (tmp_path / "one" / "mas_at_test" / "index" / "images.faiss").is_file()
+    assert main(["evaluate", "--run", str(tmp_path / "one")]) == 0  # evaluate and query find its folder
+    assert main(["query", "--run", str(tmp_path / "one"), "--method", "mas@test", "--text", "subj0_0"]) == 0
 
 
 # ------------------------------------------------------------------------------------------ recognition folders

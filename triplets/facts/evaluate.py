@@ -76,6 +76,7 @@ from .retrieval_report import RETRIEVAL_MODES, summary_extras
 from .retrieval_metrics import candidate_score_blocks, checked_fact_ids, field_metrics, row_hashes
 from .retrieval_metrics import first_equal_rows as _first_equal_rows
 from ..run_folder import load_run
+from ..runner import method_folder
 from .stale_index import check_saved, load_task_embeddings, stale_index_entry
 
 Mode = Literal["standard", "generalized"]
@@ -438,7 +439,7 @@ def check_run_matches_fact_file(run_dir: Path, method: str, fact_file: Any) -> N
     """Refuse a model trained on another fact vocabulary than ``fact_file`` (RunFolderError)."""
     from mas_core.checkpoint import load_checkpoint  # noqa: PLC0415
 
-    model_path = Path(run_dir) / method / "model.pt"
+    model_path = Path(run_dir) / method_folder(method) / "model.pt"
     if not model_path.is_file():
         raise RunFolderError(f"run {run_dir} has no final model for method {method!r} ({model_path}); "
                              "finish training with mas-triplets train --resume")
@@ -507,13 +508,13 @@ def evaluate_run(run_dir: str | Path, *, device: str = "cpu", batch_size: int = 
                                      "with mas-triplets train --resume")
             check_run_matches_fact_file(run_dir, method, fact_file)
             if stale:
-                check_saved(run_dir / method, len(results["methods"][method].get("accuracy_matrix") or []))
+                check_saved(run_dir / method_folder(method), len(results["methods"][method].get("accuracy_matrix") or []))
         for method in run.methods:
             started = time.perf_counter()
             model = run.load_model(method, device=device)
             finals[method] = final_metrics(model, fact_file, device=device, batch_size=batch_size)
             if stale:
-                stales[method] = stale_index_metrics(run_dir / method, fact_file, finals[method]["standard"],
+                stales[method] = stale_index_metrics(run_dir / method_folder(method), fact_file, finals[method]["standard"],
                                                      len(results["methods"][method]["accuracy_matrix"]))
             timings[method] = time.perf_counter() - started
     for method, final in finals.items():

@@ -42,6 +42,7 @@ from ..facts.evaluate import embed_images
 from ..fingerprint import VOCABULARY_KEY, fact_vocabulary_fingerprint, model_fingerprint
 from ..index import build_index, check_exact_backend, load_index
 from ..run_folder import load_run
+from ..runner import method_folder
 
 Fact = tuple[str, "str | None", "str | None"]
 
@@ -215,7 +216,7 @@ class QueryEngine:
     @property
     def index_dir(self) -> Path:
         """Where the run keeps this method's FAISS indexes."""
-        return Path(self.run.dir) / self.method / "index"
+        return Path(self.run.dir) / method_folder(self.method) / "index"
 
     def _vocabulary_fingerprint(self) -> str | None:
         return fact_vocabulary_fingerprint(self.fact_file)
