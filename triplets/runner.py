@@ -25,11 +25,11 @@ The rules, the same for both experiments:
 * **resume** (:func:`resume_config`): the sections that change a method's numbers must equal the
   recorded ones, and every method's settings (:meth:`MethodSpec.settings`: name, resolved options,
   importance data) its recorded settings; otherwise refused in one line
-  (:class:`~mas_core.errors.CheckpointMismatchError`), nothing written. The one exception: a
+  (:class:`~mas_core.errors.CheckpointMismatchError`), nothing written. The exceptions: a
   method listed under ``diverged`` whose settings changed (what its error advised) trains again
-  from its start. Within a method the checkpoint decides (the loop refuses one of another
-  configuration); a method whose checkpoint holds every task and whose ``result.json`` exists is
-  loaded, not retrained.
+  from its start, and one whose folder holds nothing yet takes its new settings. Within a method
+  the checkpoint decides (the loop refuses one of another configuration); a method whose
+  checkpoint holds every task and whose ``result.json`` exists is loaded, not retrained.
 * **divergence** (:class:`~mas_core.errors.DivergenceError`): the method is listed under
   ``diverged`` in ``RUN/results.json`` with its one-line error, the others go on, the document says
   ``"complete": false`` and the command exits with status 1; only when every method diverged does
@@ -262,7 +262,8 @@ def resume_config(saved: Any, config: Any, out_dir: Path, *, sections: Sequence[
                   same_section: Callable[[str, Any, Any], bool] | None = None) -> tuple[Any, set[str]]:
     """The resume rule (module docs): ``config`` checked against the ``saved`` one; return the config
     to record (its methods: the saved ones, then the new ones) and the keys of the methods to train
-    again from their start (listed in ``diverged``, their settings changed). ``sections``: the
+    again from their start (listed in ``diverged``, their settings changed). A method whose folder
+    holds nothing yet may change its settings freely. ``sections``: the
     attributes that must be equal (``same_section(name, saved, config)`` may decide one);
     ``resolve(config, spec)``: the spec with its options and importance data filled in."""
     for section in sections:
@@ -278,6 +279,9 @@ def resume_config(saved: Any, config: Any, out_dir: Path, *, sections: Sequence[
         old = recorded.get(method.key)
         if old is None or resolve(saved, old).settings() == resolve(config, method).settings():
             continue
+        folder = out_dir / method.folder
+        if not (folder.is_dir() and any(folder.iterdir())):
+            continue  # nothing trained with the old settings yet: the new ones are recorded
         if method.key not in diverged:
             raise CheckpointMismatchError(
                 f"method {method.key!r} in {out_dir} was trained with {resolve(saved, old).settings()}; resume "
