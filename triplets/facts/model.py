@@ -242,11 +242,10 @@ def pretrained_features(module: FactEmbeddingNet | BranchHead, features: Tensor)
     ``[B, 2·D]`` (D = 1280 for efficientnet_lite0). What MAS anchored at the pretrained weights
     measures Ω₀ on (``anchor: start``). Raises :class:`ConfigError` for the small_cnn, which has no
     pretrained part."""
-    depth = module.pretrained_depth
-    if depth is None:
+    if module.pretrained_depth is None:
         raise ConfigError("anchor: start needs a pretrained backbone (efficientnet_lite0, resnet18, vgg16, alexnet); "
                           "the small_cnn has no pretrained weights to anchor at")
-    return torch.cat([module.subject_branch[:depth](features), module.predicate_object_branch[:depth](features)], dim=1)
+    return branch_features(module, features)  # the pretrained part ends where each branch's projection starts
 
 
 def feature_depth(module: FactEmbeddingNet | BranchHead) -> int:

@@ -23,7 +23,8 @@ trained by gradient: the optimizer settings, ``online_importance`` and the searc
 On a run whose fact model caches its trunk (``model.cache_features`` on efficientnet_lite0 with the
 ridge's own weights and input size) the ridge reads that cache instead of running the whole network
 on every region again: ``φ(region) = pool(suffix(cache[region]))`` with ``suffix`` the pretrained
-blocks after ``model.trunk_blocks`` and the head convolution (:func:`triplets.backbones.pretrained_split`),
+blocks after ``model.trunk_blocks`` and the head convolution (a fresh fact model's branch before its
+projection, :func:`triplets.facts.model.pretrained_features`),
 the same function as ``pooled_features`` (the cache was computed in channels-last layout, so the
 features agree to float rounding, not bit for bit). The cache is written by the first method that
 needs it (:func:`triplets.facts.experiment.shared_feature_cache`).
@@ -55,7 +56,6 @@ from .data import FactSamples
 from .experiment import shared_feature_cache
 from .feature_cache import FeatureSamples
 from .model import build_model
-from ..backbones import pretrained_split
 from ..fingerprint import VOCABULARY_KEY
 from .ridge_model import SAVED_KEY, build_ridge_model, split_options
 from ..results_schema import method_summary
@@ -88,10 +88,10 @@ class FactRidge:
                 or getattr(model, "backbone", None) != "efficientnet_lite0"
                 or self.backbone.get("weights") != model.weights or self.backbone.get("input_size") != model.input_size):
             return False
-        path = shared_feature_cache(self.ctx, build_model(model, self.ctx.slot_dim, self.ctx.image_size))
-        suffix = pretrained_split("efficientnet_lite0", model.weights, model.trunk_blocks).suffix
-        pooled = nn.Sequential(suffix, nn.AdaptiveAvgPool2d(1), nn.Flatten()).to(self.ctx.device).eval()
-        self.cache = (path, pooled)
+        fact_model = build_model(model, self.ctx.slot_dim, self.ctx.image_size).to(self.ctx.device).eval()
+        path = shared_feature_cache(self.ctx, fact_model)
+        # a fresh branch's pretrained part is the pretrained suffix, pooling and flatten (pretrained_features)
+        self.cache = (path, fact_model.subject_branch[:fact_model.pretrained_depth])
         return True
 
     def identity(self) -> dict[str, Any]:
