@@ -73,12 +73,12 @@ def test_cached_run_equals_frozen_trunk_run_and_the_cache_is_reused(facts, tmp_p
     cached_dir = tmp_path / "cached"
     train_run(_config(facts, methods=[finetune], cache=True), cached_dir, progress=False)
     assert len(writes) == 1
-    cache_files = sorted((cached_dir / "features").iterdir())
+    cache_files = sorted((cached_dir / "features").glob("*.h5"))
     assert cache_files == writes and cache_files[0].suffix == ".h5"
     mtime = os.stat(cache_files[0]).st_mtime_ns
     # resume with a second method: the same cache is read, not recomputed
     cached = train_run(_config(facts, methods=[finetune, mas], cache=True), cached_dir, resume=True, progress=False)
-    assert len(writes) == 1 and sorted((cached_dir / "features").iterdir()) == cache_files
+    assert len(writes) == 1 and sorted((cached_dir / "features").glob("*.h5")) == cache_files
     assert os.stat(cache_files[0]).st_mtime_ns == mtime
 
     for method in ("finetune", "mas"):
@@ -165,3 +165,80 @@ def test_cache_and_frozen_trunk_are_refused_for_the_small_cnn(facts, tmp_path):
     with pytest.raises(ConfigError, match="small_cnn"):
         train_run(config, tmp_path / "never", progress=False)
     assert not (tmp_path / "never").exists()
+
+
+def test_a_shared_cache_folder_is_computed_once_for_several_run_folders(facts, tmp_path, monkeypatch):
+    """``feature_cache_dir``: two run folders (one method each) share one cache file, the second run
+    reads it, and its figures equal a run that kept its own cache in ``RUN/features``."""
+    import triplets.facts.feature_cache as cache_module
+
+    writes: list[Path] = []
+    real_write = cache_module.write_feature_cache
+
+    def counting_write(path, *args, **kwargs):
+        writes.append(Path(path))
+        return real_write(path, *args, **kwargs)
+
+    monkeypatch.setattr(cache_module, "write_feature_cache", counting_write)
+    shared = tmp_path / "shared_cache"
+    finetune, mas = MethodConfig("finetune"), MethodConfig("mas", {"lam": 1.0, "mode": "exact"})
+    results = {}
+    for method, folder in ((finetune, "run_finetune"), (mas, "run_mas")):
+        config = dataclasses.replace(_config(facts, methods=[method], cache=True), feature_cache_dir=str(shared))
+        results[method.name] = train_run(config, tmp_path / folder, progress=False)
+        assert not (tmp_path / folder / "features").exists()
+    assert len(writes) == 1 and writes[0].parent == shared
+    assert sorted(path.name for path in shared.glob("*.h5")) == [writes[0].name]
+    own = train_run(_config(facts, methods=[mas], cache=True), tmp_path / "own", progress=False)
+    assert len(writes) == 2 and writes[1].parent == tmp_path / "own" / "features"
+    assert writes[1].name == writes[0].name  # the same fingerprint: the same trunk and fact file
+    shared_matrix = results["mas"]["methods"]["mas"]["accuracy_matrix"]
+    assert np.allclose(np.array(shared_matrix, dtype=float), np.array(own["methods"]["mas"]["accuracy_matrix"],
+                                                                      dtype=float), equal_nan=True)
+
+
+def test_concurrent_requests_for_one_shared_cache_compute_it_once(facts, tmp_path, monkeypatch):
+    """Two threads asking for the same missing cache: one computes it under the lock, the other waits
+    and reads it (no second write)."""
+    import threading
+
+    import triplets.facts.feature_cache as cache_module
+    from data_prep.facts.fact_file import open_facts
+
+    writes: list[Path] = []
+    real_write = cache_module.write_feature_cache
+    entered = threading.Event()
+
+    def slow_write(path, *args, **kwargs):
+        writes.append(Path(path))
+        entered.set()
+        threading.Event().wait(0.3)  # the other thread arrives while this one holds the lock
+        return real_write(path, *args, **kwargs)
+
+    monkeypatch.setattr(cache_module, "write_feature_cache", slow_write)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="resnet18", hidden_dim=16, cache_features=True), SLOT_DIM, IMAGE_SIZE)
+    found: list[Path] = []
+    with open_facts(facts) as fact_file:
+        def request() -> None:
+            found.append(cache_module.ensure_feature_cache(tmp_path / "shared", model, fact_file, batch_size=16))
+
+        first = threading.Thread(target=request)
+        first.start()
+        assert entered.wait(10)
+        request()
+        first.join()
+    assert len(writes) == 1 and found[0] == found[1] == writes[0] and writes[0].is_file()
+    assert sorted(p.name for p in (tmp_path / "shared").iterdir() if not p.name.startswith(".")) == [writes[0].name]
+
+
+def test_a_cache_folder_that_is_a_file_is_refused(facts, tmp_path):
+    from data_prep.facts.fact_file import open_facts
+    from triplets.facts.feature_cache import ensure_feature_cache
+
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("x")
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="resnet18", hidden_dim=16, cache_features=True), SLOT_DIM, IMAGE_SIZE)
+    with open_facts(facts) as fact_file, pytest.raises(ConfigError, match="is a file, not a folder"):
+        ensure_feature_cache(blocker, model, fact_file)

@@ -39,6 +39,7 @@ from .feature_cache import (
     FeatureSamples,
     cached_embeddings,
     ensure_feature_cache,
+    feature_cache_folder,
     feature_cache_path,
 )
 from ..fingerprint import DATA_SHA_KEY, fact_vocabulary_fingerprint, feature_cache_fingerprint
@@ -274,11 +275,12 @@ def shared_feature_cache(ctx: FactContext, model: FactEmbeddingNet) -> Path:
     that rank 0's file is the one they expect."""
     assert ctx.run_dir is not None
     batch_size = ctx.config.eval.batch_size
+    folder = feature_cache_folder(ctx.run_dir, ctx.config.feature_cache_dir)
     if current() is None:
-        return ensure_feature_cache(ctx.run_dir, model, ctx.fact_file, batch_size=batch_size, device=ctx.device)
-    written = run_on_main_process(lambda: ensure_feature_cache(ctx.run_dir, model, ctx.fact_file,
+        return ensure_feature_cache(folder, model, ctx.fact_file, batch_size=batch_size, device=ctx.device)
+    written = run_on_main_process(lambda: ensure_feature_cache(folder, model, ctx.fact_file,
                                                                batch_size=batch_size, device=ctx.device))
-    path = feature_cache_path(ctx.run_dir, feature_cache_fingerprint(model, ctx.fact_file))
+    path = feature_cache_path(folder, feature_cache_fingerprint(model, ctx.fact_file))
     if Path(written) != path or not path.is_file():
         raise RunFolderError(f"this rank cannot read the feature cache {written} that rank 0 wrote; the run "
                              "folder must be on a file system every process sees, with the same model on every rank")

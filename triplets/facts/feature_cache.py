@@ -8,12 +8,16 @@ training on the cache gives the same numbers as running the frozen trunk on the 
 fingerprint (:func:`feature_cache_fingerprint`) hashes the trunk's weights and input
 standardisation, the fact file (resolved path, size, modification time, fact vocabulary, sample
 count) and the image size, so a stale cache is never read; a matching file is reused by every
-method of the run and on ``--resume``. The cache holds ``N · C · h · w · 4`` bytes (resnet18 at
+method of the run and on ``--resume``. ``feature_cache_dir`` (a run setting) puts the file in a
+folder that several run folders share instead (one method per process, in parallel): the first
+process to need it computes it while the others wait on a lock (``.<fingerprint>.lock``), and
+every later one reads it. The cache holds ``N · C · h · w · 4`` bytes (resnet18 at
 32 px: 8 KiB per sample; at 224 px: 392 KiB) and each task's features are read into memory.
 """
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -34,9 +38,32 @@ FEATURE_CACHE_DIR = "features"
 FEATURE_DATASET = "features"
 
 
-def feature_cache_path(run_dir: str | Path, fingerprint: str) -> Path:
-    """``RUN/features/<fingerprint>.h5``."""
-    return Path(run_dir) / FEATURE_CACHE_DIR / f"{fingerprint}.h5"
+def feature_cache_folder(run_dir: str | Path, shared: str | Path | None = None) -> Path:
+    """Where a run keeps its feature caches: the ``shared`` folder when given (the run setting
+    ``feature_cache_dir``), else ``RUN/features``."""
+    return Path(shared) if shared is not None else Path(run_dir) / FEATURE_CACHE_DIR
+
+
+def feature_cache_path(folder: str | Path, fingerprint: str) -> Path:
+    """``FOLDER/<fingerprint>.h5`` (``FOLDER``: :func:`feature_cache_folder`)."""
+    return Path(folder) / f"{fingerprint}.h5"
+
+
+@contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_path`` (created when missing) so that processes sharing
+    a cache folder compute a cache once; a no-op where ``fcntl`` is missing."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: each process may compute its own copy; the rename stays atomic
+        yield
+        return
+    with open(lock_path, "a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def write_feature_cache(path: str | Path, model: FactEmbeddingNet, fact_file, *, fingerprint: str,
@@ -85,22 +112,36 @@ def write_feature_cache(path: str | Path, model: FactEmbeddingNet, fact_file, *,
     return path
 
 
-def ensure_feature_cache(run_dir: str | Path, model: FactEmbeddingNet, fact_file, *, batch_size: int = 256,
+def _agrees(path: Path, fingerprint: str, num_samples: int) -> bool:
+    """Whether ``path`` is a readable cache with this ``fingerprint`` and sample count."""
+    if not path.is_file():
+        return False
+    try:
+        with h5py.File(path, "r") as handle:
+            return handle.attrs.get("fingerprint") == fingerprint and handle[FEATURE_DATASET].shape[0] == num_samples
+    except (OSError, KeyError):
+        return False  # unreadable or foreign: recomputed
+
+
+def ensure_feature_cache(folder: str | Path, model: FactEmbeddingNet, fact_file, *, batch_size: int = 256,
                          device: str | torch.device = "cpu") -> Path:
-    """The feature cache of ``model``'s trunk on ``fact_file`` in ``run_dir``: reused when
-    ``RUN/features/<fingerprint>.h5`` exists and agrees (fingerprint attribute, sample
-    count), computed by :func:`write_feature_cache` otherwise."""
+    """The feature cache of ``model``'s trunk on ``fact_file`` in ``folder``
+    (:func:`feature_cache_folder`): reused when ``FOLDER/<fingerprint>.h5`` exists and agrees
+    (fingerprint attribute, sample count), computed by :func:`write_feature_cache` otherwise, under
+    a lock so that processes sharing the folder compute it once."""
     fingerprint = feature_cache_fingerprint(model, fact_file)
-    path = feature_cache_path(run_dir, fingerprint)
-    if path.is_file():
-        try:
-            with h5py.File(path, "r") as handle:
-                if (handle.attrs.get("fingerprint") == fingerprint
-                        and handle[FEATURE_DATASET].shape[0] == int(fact_file.num_samples)):
-                    return path
-        except (OSError, KeyError):
-            pass  # unreadable or foreign: recomputed below
-    return write_feature_cache(path, model, fact_file, fingerprint=fingerprint, batch_size=batch_size, device=device)
+    path = feature_cache_path(folder, fingerprint)
+    num_samples = int(fact_file.num_samples)
+    if _agrees(path, fingerprint, num_samples):
+        return path
+    if path.parent.exists() and not path.parent.is_dir():
+        raise ConfigError(f"the feature cache folder {path.parent} is a file, not a folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(path.with_name(f".{fingerprint}.lock")):
+        if _agrees(path, fingerprint, num_samples):  # another process wrote it while this one waited
+            return path
+        return write_feature_cache(path, model, fact_file, fingerprint=fingerprint, batch_size=batch_size,
+                                   device=device)
 
 
 class FeatureSamples:
@@ -155,4 +196,4 @@ def cached_embeddings(head: BranchHead, samples: FeatureSamples, device: torch.d
 
 
 __all__ = ["FEATURE_CACHE_DIR", "FEATURE_DATASET", "FeatureSamples", "cached_embeddings", "ensure_feature_cache",
-           "feature_cache_path", "write_feature_cache"]
+           "feature_cache_folder", "feature_cache_path", "write_feature_cache"]

@@ -101,8 +101,11 @@ class TrainConfig:
     ``device``: ``auto`` (CUDA when available), ``cpu`` or ``cuda[:N]``. ``num_threads``: CPU
     threads torch may use during the run (null: torch's default; 1 is much faster on a
     machine whose cores are busy with other work). ``online_importance``: what protects the last
-    task when a stopped run resumes with the next one (:mod:`triplets.query.online_resume`). None
-    of these three changes what a checkpoint must agree on to be resumed."""
+    task when a stopped run resumes with the next one (:mod:`triplets.query.online_resume`).
+    ``feature_cache_dir``: the folder of the trunk-feature cache (``model.cache_features``; null:
+    ``RUN/features``); a folder shared by several run folders of the same fact file and backbone
+    (one method each, in parallel) computes the cache once (:mod:`triplets.facts.feature_cache`).
+    None of these four changes what a checkpoint must agree on to be resumed."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -115,8 +118,11 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     num_threads: int | None = None
+    feature_cache_dir: str | None = None
 
     def validate(self) -> None:
+        if self.feature_cache_dir is not None and not str(self.feature_cache_dir).strip():
+            raise ValueError("feature_cache_dir must be a folder path or null (RUN/features)")
         if self.num_threads is not None and not 1 <= self.num_threads <= MAX_THREADS:
             raise ValueError(f"num_threads must be an integer in 1..{MAX_THREADS} or null (torch's default), "
                              f"got {self.num_threads}")
