@@ -217,3 +217,65 @@ def test_recognition_learning_rate_nan(recognition_run, tmp_path, capsys):
 def test_recognition_unknown_key(recognition_run, tmp_path, capsys):
     refused(capsys, ["recognition", "--config", str(recognition_run["config"]), "--out", str(tmp_path / "r"),
                      "--set", "train.lerning_rate=0.1"], "did you mean 'lr'", tmp_path)
+
+
+# --------------------------------------------------------------------------- a full disk
+
+def test_a_full_disk_during_training_is_one_line_and_resume_finishes_the_run(world, tmp_path, capsys):
+    """The second checkpoint meets a full disk (a real ENOSPC from /dev/full): exit 2 with one line,
+    no temporary file left, the first task's checkpoint kept; ``--resume`` with space again gives
+    the uninterrupted run's figures."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this system")
+    from triplets.cli import main
+    import mas_core.loop as loop_module
+
+    real_save = loop_module.save_checkpoint
+    calls: list[Path] = []
+
+    def save_until_the_disk_fills(path, state):
+        calls.append(Path(path))
+        if len(calls) == 2:
+            with open("/dev/full", "wb") as full:  # the kernel's own "No space left on device"
+                full.write(b"\0" * (1 << 16))
+        real_save(path, state)
+
+    run = tmp_path / "run"
+    argv = ["train", "--config", str(world["config"]), "--out", str(run), "--no-progress"]
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop_module, "save_checkpoint", save_until_the_disk_fills)
+        code = main(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert "no space left on the device" in lines[0] and "--resume" in lines[0], lines
+    assert len(calls) == 2 and calls[0].is_file()
+    assert not [p for p in run.rglob("*") if p.name.endswith(".tmp") or ".tmp-" in p.name]
+    assert main(argv + ["--resume"]) == 0
+    resumed = json.loads((run / "results.json").read_text())["methods"]
+    uninterrupted = json.loads((world["run"] / "results.json").read_text())["methods"]
+    assert resumed.keys() == uninterrupted.keys()
+    for method in resumed:
+        assert resumed[method]["accuracy_matrix"] == uninterrupted[method]["accuracy_matrix"], method
+
+
+def test_disk_full_error_reads_errno_text_and_causes():
+    import errno
+
+    from triplets.cli import disk_full_error
+
+    assert "writing /data/run/x.pt" in disk_full_error(OSError(errno.ENOSPC, "No space left on device", "/data/run/x.pt"))
+    assert disk_full_error(OSError(errno.EDQUOT, "Disk quota exceeded")) is not None
+    h5py_text = ("Can't synchronously write data (file write failed: time = Mon Dec 7, filename = "
+                 "'/tmp/run/.facts.h5.tmp', file descriptor = 11, errno = 28, error message = 'No space left')")
+    assert "writing /tmp/run/.facts.h5.tmp" in disk_full_error(OSError(h5py_text))
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as inner:
+            raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed") from inner
+    except RuntimeError as outer:
+        assert disk_full_error(outer) is not None
+    assert disk_full_error(OSError(errno.EACCES, "Permission denied", "/x")) is None
+    assert disk_full_error(RuntimeError("errno = 280 in some other text")) is None
+    assert disk_full_error(RuntimeError("shape mismatch")) is None

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import importlib
 import io
 import os
+import re
 import shlex
 import sys
 from typing import Sequence
@@ -100,6 +102,33 @@ def _report(command: str | None, message: str, exc: BaseException | None = None)
         print(f"mas-triplets {command} (rank {rank}): {message}", file=sys.stderr)
 
 
+_DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_DISK_FULL_TEXT = re.compile(r"no space left on device|disk quota exceeded|errno = (?:%s)\b" % "|".join(
+    str(number) for number in sorted(_DISK_FULL_ERRNOS)), re.IGNORECASE)
+_HDF5_FILENAME = re.compile(r"filename = '([^']+)'")
+
+
+def disk_full_error(exc: BaseException) -> str | None:
+    """One line for a write that failed because the disk (or the user's quota) is full: an
+    ``OSError`` with ``ENOSPC``/``EDQUOT``, or an error from h5py or torch whose text says so, in
+    ``exc`` or the exceptions it was raised from; ``None`` for any other error."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = str(current)
+        if (isinstance(current, OSError) and current.errno in _DISK_FULL_ERRNOS) or _DISK_FULL_TEXT.search(text):
+            filename = getattr(current, "filename", None)
+            if not filename:
+                found = _HDF5_FILENAME.search(text)
+                filename = found.group(1) if found else None
+            where = f" writing {filename}" if filename else ""
+            return (f"no space left on the device{where}: free some space and run the command again "
+                    "(train and recognition: with --resume; finished tasks are checkpointed)")
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def hdf5_read_error(exc: OSError) -> str | None:
     """One line for an ``OSError`` that h5py raised reading a damaged HDF5 file (a fact file, a
     prepared task), naming the file when a frame of h5py knows it; ``None`` for any other."""
@@ -142,8 +171,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as exc:
         _report(args.command, f"error: file not found: {exc.filename or exc}", exc)
         return 2
-    except OSError as exc:
-        message = hdf5_read_error(exc)
+    except (OSError, RuntimeError) as exc:  # a full disk first: h5py's write errors are OSErrors too
+        message = disk_full_error(exc)
+        if message is None and isinstance(exc, OSError):
+            message = hdf5_read_error(exc)
         if message is None:
             raise
         _report(args.command, f"error: {message}", exc)
