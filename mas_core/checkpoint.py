@@ -21,6 +21,7 @@ separators=(",", ":"), ensure_ascii=False)``, UTF-8); :func:`read_json` checks i
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -29,7 +30,7 @@ import struct
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -64,6 +65,24 @@ def _atomic_write(path: Path, write) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+@contextlib.contextmanager
+def exclusive_file_lock(lock_path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive POSIX advisory lock (``flock``) on ``lock_path``, created when missing (its
+    folder must exist), so that processes serialise a load-modify-save or compute a file once; a
+    no-op where ``fcntl`` is missing (not POSIX), where the writes stay atomic but unserialised."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(lock_path, "a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -55,21 +55,27 @@ def _tensors(state, prefix=""):
     return found
 
 
-def test_cached_run_equals_frozen_trunk_run_and_the_cache_is_reused(facts, tmp_path, monkeypatch):
-    import triplets.facts.feature_cache as train_module
-
-    finetune, mas = MethodConfig("finetune"), MethodConfig("mas", {"lam": 1.0, "mode": "exact"})
-    frozen = train_run(_config(facts, methods=[finetune, mas], cache=False), tmp_path / "frozen", progress=False)
-    assert not (tmp_path / "frozen" / "features").exists()
+def count_cache_writes(monkeypatch) -> list[Path]:
+    """Record the path of every feature cache written from now on (the write still happens)."""
+    import triplets.facts.feature_cache as cache_module
 
     writes: list[Path] = []
-    real_write = train_module.write_feature_cache
+    real_write = cache_module.write_feature_cache
 
     def counting_write(path, *args, **kwargs):
         writes.append(Path(path))
         return real_write(path, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "write_feature_cache", counting_write)
+    monkeypatch.setattr(cache_module, "write_feature_cache", counting_write)
+    return writes
+
+
+def test_cached_run_equals_frozen_trunk_run_and_the_cache_is_reused(facts, tmp_path, monkeypatch):
+    finetune, mas = MethodConfig("finetune"), MethodConfig("mas", {"lam": 1.0, "mode": "exact"})
+    frozen = train_run(_config(facts, methods=[finetune, mas], cache=False), tmp_path / "frozen", progress=False)
+    assert not (tmp_path / "frozen" / "features").exists()
+
+    writes = count_cache_writes(monkeypatch)
     cached_dir = tmp_path / "cached"
     train_run(_config(facts, methods=[finetune], cache=True), cached_dir, progress=False)
     assert len(writes) == 1
@@ -170,16 +176,7 @@ def test_cache_and_frozen_trunk_are_refused_for_the_small_cnn(facts, tmp_path):
 def test_a_shared_cache_folder_is_computed_once_for_several_run_folders(facts, tmp_path, monkeypatch):
     """``feature_cache_dir``: two run folders (one method each) share one cache file, the second run
     reads it, and its figures equal a run that kept its own cache in ``RUN/features``."""
-    import triplets.facts.feature_cache as cache_module
-
-    writes: list[Path] = []
-    real_write = cache_module.write_feature_cache
-
-    def counting_write(path, *args, **kwargs):
-        writes.append(Path(path))
-        return real_write(path, *args, **kwargs)
-
-    monkeypatch.setattr(cache_module, "write_feature_cache", counting_write)
+    writes = count_cache_writes(monkeypatch)
     shared = tmp_path / "shared_cache"
     finetune, mas = MethodConfig("finetune"), MethodConfig("mas", {"lam": 1.0, "mode": "exact"})
     results = {}

@@ -17,7 +17,6 @@ every later one reads it. The cache holds ``N · C · h · w · 4`` bytes (resne
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from data_prep.facts.fact_file import read_rows
+from mas_core.checkpoint import exclusive_file_lock
 
 from ..errors import ConfigError
 from .data import sample_indices
@@ -47,23 +47,6 @@ def feature_cache_folder(run_dir: str | Path, shared: str | Path | None = None) 
 def feature_cache_path(folder: str | Path, fingerprint: str) -> Path:
     """``FOLDER/<fingerprint>.h5`` (``FOLDER``: :func:`feature_cache_folder`)."""
     return Path(folder) / f"{fingerprint}.h5"
-
-
-@contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``lock_path`` (created when missing) so that processes sharing
-    a cache folder compute a cache once; a no-op where ``fcntl`` is missing."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: each process may compute its own copy; the rename stays atomic
-        yield
-        return
-    with open(lock_path, "a+b") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def write_feature_cache(path: str | Path, model: FactEmbeddingNet, fact_file, *, fingerprint: str,
@@ -137,7 +120,7 @@ def ensure_feature_cache(folder: str | Path, model: FactEmbeddingNet, fact_file,
     if path.parent.exists() and not path.parent.is_dir():
         raise ConfigError(f"the feature cache folder {path.parent} is a file, not a folder")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(path.with_name(f".{fingerprint}.lock")):
+    with exclusive_file_lock(path.with_name(f".{fingerprint}.lock")):
         if _agrees(path, fingerprint, num_samples):  # another process wrote it while this one waited
             return path
         return write_feature_cache(path, model, fact_file, fingerprint=fingerprint, batch_size=batch_size,

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mas_core.checkpoint import TEMPORARY_SUFFIX, atomic_write_json, read_json, save_checkpoint
+from mas_core.checkpoint import TEMPORARY_SUFFIX, atomic_write_json, exclusive_file_lock, read_json, save_checkpoint
 from mas_core.errors import CheckpointMismatchError, MASCoreError
 from mas_core.importance import OnlineImportance
 from mas_core.loop import JOINT
@@ -61,10 +61,6 @@ from .online_resume import (
 )
 from .engine import crop_and_resize, load_image
 
-try:  # POSIX advisory locks; elsewhere concurrent query processes are not serialised
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
 
 
 
@@ -117,17 +113,11 @@ def completed_tasks(method_dir: Path) -> int | None:
 
 @contextlib.contextmanager
 def locked(method_dir: Path) -> Iterator[None]:
-    """Hold the method's advisory lock (POSIX ``flock``) for a load-add-save of its accumulator."""
-    if fcntl is None:
-        yield
-        return
+    """Hold the method's advisory lock (POSIX ``flock``; elsewhere concurrent query processes are not
+    serialised) for a load-add-save of its accumulator."""
     method_dir.mkdir(parents=True, exist_ok=True)
-    with open(method_dir / LOCK_NAME, "a+b") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    with exclusive_file_lock(method_dir / LOCK_NAME):
+        yield
 
 
 @dataclass
